@@ -1,0 +1,184 @@
+"""Text-to-image generation on any base, with everything needed to reproduce an image recorded.
+
+Each image i of a run uses its own generator seeded with seed + i, so an image can be regenerated
+alone, with any batch size, on the same device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from limner.errors import LimnerError
+from limner.models.loading import Base
+
+SCHEDULERS = {
+    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+
+
+@dataclass
+class GenerationSettings:
+    prompt: str
+    negative_prompt: str = ""
+    num_images: int = 4
+    seed: int = 0
+    steps: int = 25
+    guidance_scale: float = 5.0
+    scheduler: str = "dpm++"
+    height: int | None = None  # None: the base's native resolution
+    width: int | None = None
+    batch_size: int = 4
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    record: dict
+    paths: list[Path] = field(default_factory=list)
+
+
+def set_scheduler(pipe, name: str) -> None:
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise LimnerError(f"--scheduler {name!r} is unknown; choose one of: {', '.join(SCHEDULERS)}")
+    cls_name, extra = SCHEDULERS[name]
+    pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **extra)
+
+
+def check_settings(base: Base, s: GenerationSettings) -> tuple[int, int]:
+    """Validates sizes and counts; returns (height, width)."""
+    height = s.height or base.resolution
+    width = s.width or base.resolution
+    for name, v in (("--height", height), ("--width", width)):
+        if v <= 0 or v % 8:
+            raise LimnerError(f"{name} {v} is not a positive multiple of 8 (the VAE works on 8-pixel blocks); try {max(8, round(v / 8) * 8)}")
+    for name, v in (("-n/--num-images", s.num_images), ("--batch-size", s.batch_size), ("--steps", s.steps)):
+        if v <= 0:
+            raise LimnerError(f"{name} must be at least 1, got {v}")
+    if s.scheduler not in SCHEDULERS:
+        raise LimnerError(f"--scheduler {s.scheduler!r} is unknown; choose one of: {', '.join(SCHEDULERS)}")
+    return height, width
+
+
+def truncation_warning(tokenizer, prompt: str, label: str = "prompt") -> str | None:
+    """Says what the tokenizer's limit cuts from a prompt, or None when it fits."""
+    ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    room = tokenizer.model_max_length - 2  # begin and end tokens
+    if len(ids) <= room:
+        return None
+    cut = tokenizer.decode(ids[room:])
+    return f"{label} is {len(ids)} tokens but the tokenizer's limit is {room}; cut: {cut!r}"
+
+
+def a1111_parameters(s: GenerationSettings, seed: int, height: int, width: int, base: Base) -> str:
+    """The 'parameters' text A1111 and many viewers read from a PNG."""
+    lines = [s.prompt]
+    if s.negative_prompt:
+        lines.append(f"Negative prompt: {s.negative_prompt}")
+    lines.append(f"Steps: {s.steps}, Sampler: {s.scheduler}, CFG scale: {s.guidance_scale}, Seed: {seed}, "
+                 f"Size: {width}x{height}, Model hash: {base.fingerprint}, Model: {base.path.name}")
+    return "\n".join(lines)
+
+
+def next_run_id(out: Path) -> int:
+    ids = [int(p.stem) for p in out.glob("*.json") if p.stem.isdigit()]
+    return max(ids, default=0) + 1
+
+
+def save_png(image: Image.Image, path: Path, text: dict[str, str]) -> None:
+    info = PngInfo()
+    for k, v in text.items():
+        info.add_text(k, v)
+    tmp = path.with_name(path.name + ".tmp")
+    image.save(tmp, format="PNG", pnginfo=info)
+    os.replace(tmp, path)
+
+
+def make_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
+    cols = cols or min(len(images), 4)
+    rows = (len(images) + cols - 1) // cols
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def prepare_output(out: Path | None) -> None:
+    if out is None:
+        return
+    if out.exists() and not out.is_dir():
+        raise LimnerError(f"--out {out} is a file; give a folder (it is created if missing)")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+@torch.no_grad()
+def generate(base: Base, s: GenerationSettings, out: Path | None = None, **pipe_kwargs) -> GenerationResult:
+    """Generates s.num_images images; with `out`, writes PNGs (with parameters), a grid and a JSON record.
+
+    Extra keyword arguments go to the pipeline call (e.g. cross_attention_kwargs, ip_adapter_image)."""
+    # 1. Check inputs
+    height, width = check_settings(base, s)
+    prepare_output(out)
+    pipe = base.pipe
+    warnings_seen = [w for w in (truncation_warning(pipe.tokenizer, s.prompt),
+                                 truncation_warning(pipe.tokenizer, s.negative_prompt, "negative prompt")) if w]
+    for w in warnings_seen:
+        warnings.warn(w, stacklevel=2)
+    # 2. Scheduler
+    set_scheduler(pipe, s.scheduler)
+    # 3. Denoise in batches, one generator per image
+    images: list[Image.Image] = []
+    t0 = time.perf_counter()
+    for start in range(0, s.num_images, s.batch_size):
+        n = min(s.batch_size, s.num_images - start)
+        gens = [torch.Generator(device="cpu").manual_seed(s.seed + start + i) for i in range(n)]
+        result = pipe(prompt=[s.prompt] * n, negative_prompt=[s.negative_prompt] * n if s.negative_prompt else None,
+                      num_inference_steps=s.steps, guidance_scale=s.guidance_scale, height=height, width=width,
+                      generator=gens, **pipe_kwargs)
+        images += result.images
+    seconds = time.perf_counter() - t0
+    # 4. Record
+    record = {
+        "prompt": s.prompt, "negative_prompt": s.negative_prompt, "seeds": [s.seed + i for i in range(s.num_images)],
+        "settings": asdict(s) | {"height": height, "width": width},
+        "base": {"path": str(base.path), "fingerprint": base.fingerprint, "family": base.family, "world": base.is_world},
+        "device": str(base.device), "dtype": str(base.dtype).replace("torch.", ""),
+        "timings": {"total_s": round(seconds, 3), "per_image_s": round(seconds / s.num_images, 4)},
+        "warnings": warnings_seen,
+    }
+    result = GenerationResult(images=images, record=record)
+    if out is not None:
+        write_outputs(result, s, base, out, height, width)
+    return result
+
+
+def write_outputs(result: GenerationResult, s: GenerationSettings, base: Base, out: Path, height: int, width: int) -> None:
+    """One PNG per image (parameters in its metadata), a grid and the JSON record; every file is
+    written under a temporary name and renamed, so an interrupted run leaves no half-written file."""
+    run = next_run_id(out)
+    for i, (im, seed) in enumerate(zip(result.images, result.record["seeds"])):
+        path = out / f"{run:05d}-{i:02d}.png"
+        save_png(im, path, {"parameters": a1111_parameters(s, seed, height, width, base),
+                            "limner": json.dumps({"seed": seed, "base_fingerprint": base.fingerprint})})
+        result.paths.append(path)
+    grid = out / f"{run:05d}-grid.png"
+    save_png(make_grid(result.images), grid, {"parameters": a1111_parameters(s, s.seed, height, width, base)})
+    result.record["files"] = {"images": [p.name for p in result.paths], "grid": grid.name}
+    tmp = out / f"{run:05d}.json.tmp"
+    tmp.write_text(json.dumps(result.record, indent=2))
+    os.replace(tmp, out / f"{run:05d}.json")

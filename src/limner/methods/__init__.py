@@ -1,0 +1,70 @@
+"""The extension point for personalization methods.
+
+Data flows one way: reference images -> Subject -> Method (train or encode) -> concept folder ->
+generation (the method installs the concept into a pipeline through attention processors, adapters or
+new tokens) -> images -> evaluation. A method is one module in this package that subclasses `Method`
+and registers itself with `@register`; the CLI, `limner generate --concept` and `limner eval` find it
+through `get_method`, so adding a method changes nothing else.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+FAMILIES = ("tuning", "encoder", "identity")
+
+
+@dataclass
+class Subject:
+    """What a user personalizes on: a few reference images of one subject and its class noun."""
+
+    name: str
+    class_noun: str  # "dog", "man": the coarse word the subject belongs to
+    images: list[np.ndarray]  # uint8 [H, W, 3]
+    masks: list[np.ndarray] | None = None  # bool [H, W], where the subject is (optional)
+    meta: dict = field(default_factory=dict)
+
+
+class Method(ABC):
+    """One personalization method, named as in its paper.
+
+    `personalize` turns a Subject into a concept folder (weights in the method's interoperable
+    formats + limner.json); `apply` installs a concept into a loaded base so that generation uses it;
+    `prompt` turns a bench prompt template ("a {} on the beach") into this method's prompt.
+    """
+
+    name: ClassVar[str]
+    family: ClassVar[str]  # one of FAMILIES
+
+    @abstractmethod
+    def personalize(self, base, subject: Subject, out: Path, **config) -> Path: ...
+
+    @abstractmethod
+    def apply(self, base, concept: Path) -> None: ...
+
+    @abstractmethod
+    def prompt(self, template: str, concept: Path) -> str: ...
+
+
+REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    if cls.family not in FAMILIES:
+        raise ValueError(f"{cls.__name__}.family must be one of {FAMILIES}")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> Method:
+    from limner.errors import LimnerError
+
+    if name not in REGISTRY:
+        known = ", ".join(sorted(REGISTRY)) or "none yet"
+        raise LimnerError(f"unknown method {name!r}; available: {known}")
+    return REGISTRY[name]()

@@ -1,0 +1,172 @@
+"""Finding and loading a base model: the shipped world stack, a diffusers folder, or a single file.
+
+Nothing is ever fetched from a hub. When something is missing, the error says what and how to
+supply it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from limner.errors import LimnerError
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+WORLD_BASE = ASSETS / "world" / "base"
+WORLD_PROBES = ASSETS / "world" / "probes"
+
+FOLDER_HINT = ("expected a diffusers folder (model_index.json with unet/, vae/, text_encoder/, tokenizer/, "
+               "scheduler/) or a single-file .safetensors checkpoint with --config")
+
+
+@dataclass
+class Base:
+    """A loaded base model and what identifies it."""
+
+    pipe: object  # a diffusers StableDiffusionPipeline or StableDiffusionXLPipeline
+    path: Path
+    family: str  # "sd" (1.x / 2.x) or "sdxl"
+    fingerprint: str
+    is_world: bool
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def resolution(self) -> int:
+        unet, vae = self.pipe.unet, self.pipe.vae
+        return int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise LimnerError(f"--device {device!r} is not a device torch knows (use auto, cpu, cuda, cuda:N or mps)") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LimnerError(f"--device {device}: this torch build sees no CUDA device; use --device cpu or auto")
+    return dev
+
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # half precision where the hardware does it well; full precision on CPU
+        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+    if dtype not in DTYPES:
+        raise LimnerError(f"--dtype {dtype!r} is unknown; use auto, fp32, fp16 or bf16")
+    return DTYPES[dtype]
+
+
+def check_folder(path: Path) -> dict:
+    """Validates a diffusers folder and returns its model_index.json. Raises LimnerError naming the
+    missing piece."""
+    if not path.exists():
+        raise LimnerError(f"base path {path} does not exist; {FOLDER_HINT}")
+    if path.is_dir() and not any(path.iterdir()):
+        raise LimnerError(f"base folder {path} is empty; {FOLDER_HINT}")
+    index_path = path / "model_index.json"
+    if not index_path.exists():
+        raise LimnerError(f"base folder {path} has no model_index.json; {FOLDER_HINT}")
+    try:
+        index = json.loads(index_path.read_text())
+    except json.JSONDecodeError as e:
+        raise LimnerError(f"{index_path} is not valid JSON ({e}); restore it from the model's original files") from e
+    required = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
+    if "XL" in index.get("_class_name", ""):
+        required += ["text_encoder_2", "tokenizer_2"]
+    for name in required:
+        entry = index.get(name)
+        if not entry or entry[0] is None:
+            raise LimnerError(f"base folder {path}: model_index.json lists no '{name}' component; this folder is not a "
+                              "complete Stable Diffusion pipeline")
+        folder = path / name
+        if not folder.is_dir() or not any(folder.iterdir()):
+            raise LimnerError(f"base folder {path} lacks the '{name}' component (expected files in {folder}); copy it "
+                              "from the original model folder")
+        if name not in ("tokenizer", "tokenizer_2", "scheduler"):
+            if not (folder / "config.json").exists():
+                raise LimnerError(f"base folder {path}: {folder}/config.json is missing")
+            if not any(f.suffix in (".safetensors", ".bin") for f in folder.iterdir()):
+                raise LimnerError(f"base folder {path}: no weights (.safetensors) in {folder}")
+    return index
+
+
+def fingerprint(path: Path) -> str:
+    """A short, stable id of a base model: a hash of its configs and of each weight file's size and
+    first megabyte. It changes when the weights change, and costs milliseconds."""
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and p.name != "build.json")
+    for f in files:
+        rel = f.name if path.is_file() else str(f.relative_to(path))
+        h.update(rel.encode())
+        if f.suffix in (".json", ".txt"):
+            h.update(f.read_bytes())
+        else:
+            h.update(str(f.stat().st_size).encode())
+            with open(f, "rb") as fh:
+                h.update(fh.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def _pipeline_class(index: dict):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if "XL" in index.get("_class_name", "") else StableDiffusionPipeline
+
+
+def load_base(base: str | os.PathLike | None = None, device: str = "auto", dtype: str = "auto", config: str | None = None) -> Base:
+    """Loads the world base (base=None) or a local SD 1.x/2.x/SDXL model.
+
+    `base` may be a diffusers folder or a single-file .safetensors checkpoint; the latter needs
+    `config`, a local diffusers folder of the same architecture whose configs describe it.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    is_world = base is None
+    path = WORLD_BASE if base is None else Path(base).expanduser()
+    if str(base).strip() == "" and base is not None:
+        raise LimnerError(f"--base is empty; {FOLDER_HINT}")
+    if path.is_file():
+        pipe, family = _load_single_file(path, config, torch_dtype)
+    else:
+        index = check_folder(path)
+        cls = _pipeline_class(index)
+        family = "sdxl" if "XL" in cls.__name__ else "sd"
+        kwargs = {"safety_checker": None, "requires_safety_checker": False} if family == "sd" and "safety_checker" in index else {}
+        pipe = cls.from_pretrained(path, torch_dtype=torch_dtype, local_files_only=True, **kwargs)
+    pipe.to(dev)
+    pipe.set_progress_bar_config(disable=True)
+    return Base(pipe=pipe, path=path, family=family, fingerprint=fingerprint(path), is_world=is_world, device=dev, dtype=torch_dtype)
+
+
+def _load_single_file(path: Path, config: str | None, torch_dtype: torch.dtype):
+    if path.suffix not in (".safetensors", ".sft"):
+        raise LimnerError(f"base file {path} is not a .safetensors checkpoint; limner loads weights only from safetensors "
+                          "(convert .ckpt files first) or from a diffusers folder")
+    if config is None:
+        raise LimnerError(f"base file {path} is a single-file checkpoint: pass --config DIR, a local diffusers folder of "
+                          "the same architecture (its model_index.json and component configs), since nothing can be "
+                          "fetched from a hub")
+    cfg_path = Path(config).expanduser()
+    if not (cfg_path / "model_index.json").exists():
+        raise LimnerError(f"--config {cfg_path} has no model_index.json; point it at a diffusers folder of the same "
+                          "architecture as the checkpoint")
+    index = json.loads((cfg_path / "model_index.json").read_text())
+    cls = _pipeline_class(index)
+    pipe = cls.from_single_file(str(path), config=str(cfg_path), torch_dtype=torch_dtype, local_files_only=True)
+    return pipe, ("sdxl" if "XL" in cls.__name__ else "sd")

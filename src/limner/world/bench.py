@@ -1,0 +1,145 @@
+"""The world bench: held-out subjects and identities, their reference images and prompt lists.
+
+None of these appear in the base models' training data: object subjects are two-tone bodies with an
+emblem (the base world only has single-colour objects with simple patterns), and identities are
+parameter combinations the training sampler excludes. Everything is seeded, so the 5 reference images
+of a subject are the same on every machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from limner.world import vocab
+from limner.world.render import CharacterSpec, Identity, ObjectSpec, Render, Scene, Subject, render
+
+SUBJECTS: tuple[Subject, ...] = (
+    Subject("duo_ball", "ball", "red", "white", "horizontal", "heart", "blue"),
+    Subject("ring_box", "box", "blue", "yellow", "vertical", "ring", "red"),
+    Subject("cross_cup", "cup", "green", "white", "horizontal", "cross", "red"),
+    Subject("moon_vase", "vase", "purple", "orange", "horizontal", "crescent", "yellow"),
+    Subject("tri_kite", "kite", "yellow", "black", "vertical", "triangle", "white"),
+    Subject("gem_star", "star", "pink", "blue", "vertical", "diamond", "white"),
+    Subject("heart_teddy", "teddy", "brown", "pink", "horizontal", "heart", "red"),
+    Subject("spot_dog", "dog", "white", "black", "vertical", "ring", "orange"),
+    Subject("sun_ball", "ball", "yellow", "green", "vertical", "cross", "purple"),
+    Subject("gift_box", "box", "red", "green", "horizontal", "diamond", "yellow"),
+    Subject("sea_cup", "cup", "blue", "orange", "vertical", "triangle", "white"),
+    Subject("night_dog", "dog", "grey", "brown", "horizontal", "heart", "yellow"),
+)
+
+# (name, class, identity factors in vocab.IDENTITY_FACTORS order)
+_IDENTITIES: tuple[tuple[str, str, tuple[int, ...]], ...] = (
+    ("ada", "woman", (1, 0, 1, 3, 1, 0, 0, 1, 1)),
+    ("ben", "man", (0, 3, 3, 0, 0, 2, 2, 2, 0)),
+    ("cleo", "girl", (0, 1, 2, 2, 2, 1, 0, 0, 3)),
+    ("dev", "boy", (2, 4, 0, 5, 3, 0, 1, 1, 2)),
+    ("eve", "woman", (2, 2, 1, 4, 1, 2, 1, 2, 2)),
+    ("finn", "man", (1, 1, 4, 1, 2, 1, 2, 0, 1)),
+    ("gus", "boy", (0, 0, 3, 2, 1, 2, 0, 2, 3)),
+    ("hana", "girl", (1, 3, 1, 0, 3, 0, 1, 0, 0)),
+)
+
+
+@dataclass(frozen=True)
+class BenchIdentity:
+    name: str
+    cls: str
+    identity: Identity
+
+
+IDENTITIES: tuple[BenchIdentity, ...] = tuple(BenchIdentity(n, c, Identity(*f)) for n, c, f in _IDENTITIES)
+
+
+@lru_cache(maxsize=1)
+def heldout_identity_keys() -> frozenset[str]:
+    return frozenset(b.identity.key() for b in IDENTITIES)
+
+
+def subject_by_name(name: str) -> Subject:
+    for s in SUBJECTS:
+        if s.name == name:
+            return s
+    raise KeyError(f"unknown world subject {name!r}; known: {', '.join(s.name for s in SUBJECTS)}")
+
+
+def identity_by_name(name: str) -> BenchIdentity:
+    for b in IDENTITIES:
+        if b.name == name:
+            return b
+    raise KeyError(f"unknown world identity {name!r}; known: {', '.join(b.name for b in IDENTITIES)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Reference images: 5 per subject, varied pose, scale and context
+# --------------------------------------------------------------------------------------------
+
+REFERENCE_COUNT = 5
+
+
+def subject_object(subject: Subject, rng: np.random.Generator, x: float = 0.5, scale=(0.26, 0.4)) -> ObjectSpec:
+    return ObjectSpec(cls=subject.cls, colour=subject.colour_a, x=x + rng.uniform(-0.06, 0.06), y=rng.uniform(0.5, 0.62),
+                      scale=rng.uniform(*scale), rotation=rng.uniform(-20, 20), subject=subject)
+
+
+def identity_character(b: BenchIdentity, rng: np.random.Generator, framing: str = "portrait") -> CharacterSpec:
+    from limner.world.scenes import random_character
+
+    return random_character(rng, 0.5, framing, set(), identity=b.identity, cls=b.cls)
+
+
+def subject_references(subject: Subject, count: int = REFERENCE_COUNT, seed: int = 0) -> list[Render]:
+    rng = np.random.default_rng([seed, SUBJECTS.index(subject)])
+    contexts = rng.permutation(list(vocab.CONTEXTS))[:count]
+    refs = []
+    for ctx in contexts:
+        spec = subject_object(subject, rng)
+        scene = Scene(str(ctx), [spec], variant=int(rng.integers(2**31)), caption=f"a {subject.cls} {vocab.CONTEXTS[ctx]}")
+        refs.append(render(scene))
+    return refs
+
+
+def identity_references(b: BenchIdentity, count: int = REFERENCE_COUNT, seed: int = 0) -> list[Render]:
+    rng = np.random.default_rng([seed, 100 + IDENTITIES.index(b)])
+    contexts = rng.permutation(list(vocab.CONTEXTS))[:count]
+    refs = []
+    for ctx in contexts:
+        spec = identity_character(b, rng)
+        spec.identity_name = b.name
+        scene = Scene(str(ctx), [spec], variant=int(rng.integers(2**31)), caption=f"a portrait of a {b.cls} {vocab.CONTEXTS[ctx]}")
+        refs.append(render(scene))
+    return refs
+
+
+# --------------------------------------------------------------------------------------------
+# Prompt lists in the style of DreamBench: recontextualisation, accessorisation, property change.
+# "{}" stands for the subject's noun phrase ("sks ball" for DreamBooth, "<new1> ball", ...).
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchPrompt:
+    template: str
+    kind: str  # recontextualisation | accessorisation | property
+    context: str | None = None  # the context the prompt asks for, if any
+    colour: str | None = None  # the colour the prompt asks for (property change), if any
+    accessory: str | None = None
+
+
+def object_prompts() -> list[BenchPrompt]:
+    prompts = [BenchPrompt("a {} " + phrase, "recontextualisation", context=ctx) for ctx, phrase in vocab.CONTEXTS.items()]
+    for acc, ctx in (("hat", "beach"), ("bow", "snow"), ("hat", "city"), ("bow", "room")):
+        prompts.append(BenchPrompt(f"a {{}} with a {acc} {vocab.CONTEXTS[ctx]}", "accessorisation", context=ctx, accessory=acc))
+    for colour, ctx in (("red", "grass"), ("blue", "desert"), ("green", "night"), ("yellow", "underwater")):
+        prompts.append(BenchPrompt(f"a {colour} {{}} {vocab.CONTEXTS[ctx]}", "property", context=ctx, colour=colour))
+    return prompts
+
+
+def identity_prompts() -> list[BenchPrompt]:
+    prompts = [BenchPrompt("a portrait of {} " + phrase, "recontextualisation", context=ctx) for ctx, phrase in vocab.CONTEXTS.items()]
+    for colour, ctx in (("red", "beach"), ("blue", "city"), ("green", "snow"), ("yellow", "room")):
+        prompts.append(BenchPrompt(f"a portrait of {{}} in a {colour} shirt {vocab.CONTEXTS[ctx]}", "property", context=ctx, colour=colour))
+    return prompts

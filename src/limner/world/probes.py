@@ -1,0 +1,281 @@
+"""Probes: small classifiers trained on renderer ground truth, the world's measuring instruments.
+
+- `attributes`: class (12), colour (11, objects only) and context (8) of a single-entity image;
+- `subject`: which of the 12 held-out object subjects is shown, or "other";
+- `identity`: an identity embedder for characters. Like ArcFace it maps a face to a unit vector whose
+  cosine says "same person"; it is trained to predict every identity factor, so it generalises to
+  identities it never saw (the held-out ones among them).
+They are trained with blur and noise so that they judge generated images, not only clean renders.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from limner.world import vocab
+from limner.world.bench import IDENTITIES, SUBJECTS, heldout_identity_keys, identity_character, subject_object
+from limner.world.render import Render, Scene, render
+from limner.world.scenes import random_character, random_object
+
+OTHER = "other"
+
+
+class ProbeNet(nn.Module):
+    """A small CNN: 64 px image -> feature vector -> one linear head per task. The first convolution
+    strides by 2, which keeps a training step cheap on a laptop CPU."""
+
+    def __init__(self, heads: dict[str, int], width: int = 16, feature_dim: int = 128):
+        super().__init__()
+
+        def block(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.SiLU(),
+                                 nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.SiLU(), nn.MaxPool2d(2))
+
+        self.features = nn.Sequential(nn.Conv2d(3, width, 3, stride=2, padding=1), nn.SiLU(),  # 32 px
+                                      block(width, width * 2), block(width * 2, width * 4),  # 16, 8 px
+                                      block(width * 4, width * 4), nn.AdaptiveAvgPool2d(1), nn.Flatten(),  # 4 px
+                                      nn.Linear(width * 4, feature_dim), nn.SiLU())
+        self.heads = nn.ModuleDict({name: nn.Linear(feature_dim, n) for name, n in heads.items()})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        f = self.features(x)
+        out = {name: head(f) for name, head in self.heads.items()}
+        out["embedding"] = F.normalize(f, dim=-1)
+        return out
+
+
+@dataclass
+class ProbeSpec:
+    name: str
+    labels: dict[str, list[str]]  # head -> label names
+
+    def heads(self) -> dict[str, int]:
+        return {k: len(v) for k, v in self.labels.items()}
+
+
+ATTRIBUTES = ProbeSpec("attributes", {"class": list(vocab.CLASSES), "colour": list(vocab.COLOURS), "context": list(vocab.CONTEXTS)})
+SUBJECT = ProbeSpec("subject", {"subject": [s.name for s in SUBJECTS] + [OTHER]})
+IDENTITY = ProbeSpec("identity", {k: [str(i) for i in range(n)] for k, n in vocab.IDENTITY_FACTORS.items()})
+SPECS = {s.name: s for s in (ATTRIBUTES, SUBJECT, IDENTITY)}
+
+
+def to_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 [B, 64, 64, 3] (or a float tensor already in [-1, 1], [B, 3, 64, 64]) -> probe input."""
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    if images.shape[-1] != 64:
+        images = F.interpolate(images, size=(64, 64), mode="bilinear", antialias=True, align_corners=False)
+    return images
+
+
+def degrade(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random blur and noise, the kinds of damage a small generator does to an image."""
+    b = x.shape[0]
+    level = torch.randint(0, 4, (b,), generator=g)  # blur sigma 0, 0.5, 0.8, 1.2
+    out = x.clone()
+    k = torch.arange(-2, 3).float()
+    for i, sigma in enumerate((0.5, 0.8, 1.2), start=1):
+        sel = level == i
+        if sel.any():
+            kk = torch.exp(-(k**2) / (2 * sigma**2))
+            kk = (kk / kk.sum()).view(1, 1, 1, 5).repeat(3, 1, 1, 1)
+            y = F.conv2d(F.pad(x[sel], (2, 2, 0, 0), mode="replicate"), kk, groups=3)
+            out[sel] = F.conv2d(F.pad(y, (0, 0, 2, 2), mode="replicate"), kk.transpose(2, 3), groups=3)
+    noise = torch.randn(out.shape, generator=g) * torch.rand(b, 1, 1, 1, generator=g) * 0.12
+    return (out + noise).clamp(-1, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Training data for each probe, drawn straight from the renderer
+# --------------------------------------------------------------------------------------------
+
+
+def _attributes_sample(rng: np.random.Generator) -> tuple[Render, dict[str, int]]:
+    context = str(rng.choice(list(vocab.CONTEXTS)))
+    if rng.random() < 0.65:
+        o = random_object(rng, 0.5)
+        r = render(Scene(context, [o], variant=int(rng.integers(2**31))))
+        return r, {"class": vocab.CLASSES.index(o.cls), "colour": list(vocab.COLOURS).index(o.colour), "context": list(vocab.CONTEXTS).index(context)}
+    c = random_character(rng, 0.5, "portrait" if rng.random() < 0.6 else "full", set())
+    r = render(Scene(context, [c], variant=int(rng.integers(2**31))))
+    return r, {"class": vocab.CLASSES.index(c.cls), "colour": -100, "context": list(vocab.CONTEXTS).index(context)}
+
+
+def _subject_sample(rng: np.random.Generator) -> tuple[Render, dict[str, int]]:
+    context = str(rng.choice(list(vocab.CONTEXTS)))
+    if rng.random() < 0.6:
+        i = int(rng.integers(len(SUBJECTS)))
+        spec = subject_object(SUBJECTS[i], rng, scale=(0.18, 0.42))
+        label = i
+    else:
+        spec = random_object(rng, 0.5, (0.18, 0.42))
+        if rng.random() < 0.3:  # same class as some subject, with a random second colour: a near miss
+            spec = subject_object(SUBJECTS[int(rng.integers(len(SUBJECTS)))], rng, scale=(0.18, 0.42))
+            spec.subject = _near_miss(spec.subject, rng)
+        label = len(SUBJECTS)
+    return render(Scene(context, [spec], variant=int(rng.integers(2**31)))), {"subject": label}
+
+
+def _near_miss(subject, rng: np.random.Generator):
+    """A two-tone object like a subject but with one property changed: it must read as 'other'."""
+    from dataclasses import replace
+
+    field = rng.choice(["colour_a", "colour_b", "emblem", "emblem_colour"])
+    if field == "emblem":
+        options = [e for e in ("heart", "ring", "cross", "triangle", "crescent", "diamond") if e != subject.emblem]
+    else:
+        options = [c for c in vocab.COLOURS if c != getattr(subject, field)]
+    changed = replace(subject, name="near-miss", **{str(field): str(rng.choice(options))})
+    if any(replace(changed, name=s.name) == s for s in SUBJECTS):  # landed on another subject
+        return replace(subject, name="near-miss", emblem_colour=subject.colour_a)
+    return changed
+
+
+def _identity_sample(rng: np.random.Generator) -> tuple[Render, dict[str, int]]:
+    context = str(rng.choice(list(vocab.CONTEXTS)))
+    c = random_character(rng, 0.5, "portrait", set(heldout_identity_keys()))
+    r = render(Scene(context, [c], variant=int(rng.integers(2**31))))
+    return r, dict(zip(vocab.IDENTITY_FACTORS, c.identity.factors()))
+
+
+SAMPLERS = {"attributes": _attributes_sample, "subject": _subject_sample, "identity": _identity_sample}
+
+
+def make_set(name: str, n: int, seed: int, desc: str | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    images = np.zeros((n, 64, 64, 3), np.uint8)
+    labels: dict[str, list[int]] = {}
+    for i in tqdm(range(n), desc=desc or f"render {name}", mininterval=2, disable=desc == ""):
+        r, lab = SAMPLERS[name](rng)
+        images[i] = r.image
+        for k, v in lab.items():
+            labels.setdefault(k, []).append(v)
+    return images, {k: np.array(v) for k, v in labels.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Training, saving, loading
+# --------------------------------------------------------------------------------------------
+
+
+def train_probe(name: str, steps: int = 900, n_train: int = 20_000, batch: int = 128, seed: int = 0, lr: float = 2e-3) -> tuple[ProbeNet, dict]:
+    spec = SPECS[name]
+    images, labels = make_set(name, n_train, seed)
+    torch.manual_seed(seed)
+    net = ProbeNet(spec.heads())
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(seed)
+    bar = tqdm(range(steps), desc=f"probe {name}", mininterval=2)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.5 * (1 + np.cos(np.pi * step / steps))
+        idx = torch.randint(len(images), (batch,), generator=g).numpy()
+        x = degrade(to_input(images[idx]), g)
+        out = net(x)
+        loss = sum(F.cross_entropy(out[k], torch.from_numpy(labels[k][idx]), ignore_index=-100) for k in spec.labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    net.eval()
+    return net, evaluate_probe(net, name, seed=seed + 1000)
+
+
+@torch.no_grad()
+def evaluate_probe(net: ProbeNet, name: str, n: int = 2000, seed: int = 12345) -> dict[str, float]:
+    """Accuracy of each head on fresh renders the probe never saw (degraded as in training)."""
+    spec = SPECS[name]
+    images, labels = make_set(name, n, seed, desc="")
+    g = torch.Generator().manual_seed(seed)
+    preds: dict[str, list[np.ndarray]] = {k: [] for k in spec.labels}
+    for i in range(0, n, 250):
+        out = net(degrade(to_input(images[i:i + 250]), g))
+        for k in spec.labels:
+            preds[k].append(out[k].argmax(-1).numpy())
+    acc = {}
+    for k in spec.labels:
+        p, y = np.concatenate(preds[k]), labels[k]
+        valid = y != -100
+        acc[k] = float((p[valid] == y[valid]).mean())
+    if name == "identity":
+        acc["heldout_identification"] = identification_accuracy(net)
+    return acc
+
+
+@torch.no_grad()
+def identification_accuracy(net: ProbeNet, per_identity: int = 10) -> float:
+    """Nearest-centroid identification of the 8 held-out identities: the 5 reference images give each
+    identity's centroid; fresh portraits in new poses and contexts must land nearest their own."""
+    from limner.world.bench import identity_references
+
+    centroids = torch.stack([embed_identity(net, np.stack([r.image for r in identity_references(b)])).mean(0) for b in IDENTITIES])
+    centroids = F.normalize(centroids, dim=-1)
+    rng = np.random.default_rng(777)
+    correct = total = 0
+    for i, b in enumerate(IDENTITIES):
+        imgs = np.stack([render(Scene(str(rng.choice(list(vocab.CONTEXTS))), [identity_character(b, rng)], variant=int(rng.integers(2**31)))).image
+                         for _ in range(per_identity)])
+        sims = embed_identity(net, imgs) @ centroids.t()
+        correct += int((sims.argmax(-1) == i).sum())
+        total += per_identity
+    return correct / total
+
+
+def embed_identity(net: ProbeNet, images) -> torch.Tensor:
+    return net(to_input(images))["embedding"]
+
+
+def save_probe(net: ProbeNet, name: str, folder: Path, metrics: dict) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().half().contiguous() for k, v in net.state_dict().items() if v.dtype.is_floating_point}
+    state.update({k: v.contiguous() for k, v in net.state_dict().items() if not v.dtype.is_floating_point})
+    tmp = folder / f"{name}.safetensors.tmp"
+    save_file(state, str(tmp))
+    os.replace(tmp, folder / f"{name}.safetensors")
+    (folder / f"{name}.json").write_text(json.dumps({"labels": SPECS[name].labels, "accuracy": metrics}, indent=2))
+
+
+def load_probe(folder: Path, name: str) -> ProbeNet:
+    from safetensors.torch import load_file
+
+    path = Path(folder) / f"{name}.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"probe {name!r} not found at {path}; run `limner world build` to make it")
+    net = ProbeNet(SPECS[name].heads())
+    state = {k: v.float() if v.dtype.is_floating_point else v for k, v in load_file(str(path)).items()}
+    net.load_state_dict(state)
+    return net.eval()
+
+
+class Probes:
+    """All probes of a world folder, loaded lazily, with label-level helpers."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self._nets: dict[str, ProbeNet] = {}
+
+    def net(self, name: str) -> ProbeNet:
+        if name not in self._nets:
+            self._nets[name] = load_probe(self.folder, name)
+        return self._nets[name]
+
+    @torch.no_grad()
+    def predict(self, name: str, images) -> dict[str, torch.Tensor]:
+        """Probabilities per head for uint8 [B, 64, 64, 3] images."""
+        out = self.net(name)(to_input(images))
+        return {k: out[k].softmax(-1) for k in SPECS[name].labels}
+
+    def labels(self, name: str, head: str) -> list[str]:
+        return SPECS[name].labels[head]
