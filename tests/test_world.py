@@ -1,0 +1,103 @@
+"""The procedural world: determinism, ground truth, captions and what is held out of training."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from limner.world import vocab
+from limner.world.bench import IDENTITIES, SUBJECTS, heldout_identity_keys, identity_references, object_prompts, subject_references
+from limner.world.render import CharacterSpec, ObjectSpec, Scene, render
+from limner.world.scenes import heldout_combos, is_heldout_combo, random_render, random_scene
+from limner.world.stack import build_tokenizer
+
+
+def test_render_is_deterministic():
+    a, b = random_render(123), random_render(123)
+    assert np.array_equal(a.image, b.image) and a.caption == b.caption
+    assert not np.array_equal(a.image, random_render(124).image)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_ground_truth_is_consistent(seed):
+    r = random_render(seed)
+    assert r.image.shape == (64, 64, 3) and r.image.dtype == np.uint8
+    for e in r.entities:
+        assert e.mask.shape == (64, 64) and e.mask.sum() > 4, "every entity is visible"
+        x0, y0, x1, y1 = e.bbox
+        ys, xs = np.nonzero(e.mask)
+        assert xs.min() == x0 and xs.max() + 1 == x1 and ys.min() == y0 and ys.max() + 1 == y1, "bbox is the mask's tight box"
+        assert e.cls in r.caption, "the caption names every entity's class"
+        if e.kind == "character":
+            fx, fy = e.face_keypoints[:, 0], e.face_keypoints[:, 1]
+            assert ((fx >= x0 - 1) & (fx <= x1 + 1) & (fy >= y0 - 1) & (fy <= y1 + 1)).all(), "face keypoints lie on the character"
+            assert e.identity is not None
+    assert vocab.CONTEXTS[r.context] in r.caption or r.context not in r.caption
+
+
+def test_entity_pixels_take_the_named_colour():
+    spec = ObjectSpec("ball", "blue", x=0.5, y=0.5, scale=0.35)
+    r = render(Scene("snow", [spec]))
+    pixels = r.image[r.entities[0].mask].astype(float)
+    assert np.abs(np.median(pixels, 0) - np.array(vocab.COLOURS["blue"])).max() < 30
+
+
+def test_two_entities_left_and_right():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        s = random_scene(rng)
+        if len(s.entities) == 2:
+            r = render(s)
+            assert "on the left" in s.caption and "on the right" in s.caption
+            cx = [np.nonzero(e.mask)[1].mean() for e in r.entities]
+            assert cx[0] < cx[1]
+
+
+def test_training_distribution_excludes_heldout_subjects_identities_and_combos():
+    rng = np.random.default_rng(1)
+    held = heldout_identity_keys()
+    assert len(heldout_combos()) > 40
+    for _ in range(3000):
+        s = random_scene(rng)
+        for e in s.entities:
+            if isinstance(e, ObjectSpec):
+                assert e.subject is None
+                if len(s.entities) == 1:
+                    assert not is_heldout_combo(e.cls, e.colour, s.context)
+            else:
+                assert e.identity.key() not in held
+
+
+def test_bench_has_references_and_prompts():
+    assert len(SUBJECTS) >= 12 and len(IDENTITIES) >= 8
+    assert len(vocab.CONTEXTS) >= 8 and len(vocab.OBJECT_CLASSES) >= 8 and len(vocab.COLOURS) >= 10 and len(vocab.PATTERNS) >= 4
+    refs = subject_references(SUBJECTS[0])
+    assert len(refs) == 5 and len({r.context for r in refs}) == 5
+    assert all(r.entities[0].attributes["subject"] == SUBJECTS[0].name for r in refs)
+    assert np.array_equal(refs[0].image, subject_references(SUBJECTS[0])[0].image)
+    ids = identity_references(IDENTITIES[0])
+    assert {r.entities[0].identity for r in ids} == {IDENTITIES[0].name}
+    kinds = {p.kind for p in object_prompts()}
+    assert kinds == {"recontextualisation", "accessorisation", "property"}
+
+
+def test_identity_is_never_named_in_captions():
+    rng = np.random.default_rng(2)
+    for _ in range(500):
+        s = random_scene(rng)
+        if any(isinstance(e, CharacterSpec) for e in s.entities):
+            for word in ("glasses", "earrings", "headband", "hair", "eyes"):
+                assert word not in s.caption
+
+
+def test_tokenizer_keeps_world_words_whole_and_round_trips(tmp_path):
+    from transformers import CLIPTokenizer
+
+    tok = build_tokenizer()
+    for w in vocab.caption_words():
+        assert len(tok(w, add_special_tokens=False).input_ids) == 1, w
+    tok.save_pretrained(tmp_path)
+    again = CLIPTokenizer.from_pretrained(tmp_path)
+    text = "a red striped ball with a hat on the left and a sks dog on the right in the desert"
+    assert again(text).input_ids == tok(text).input_ids
+    assert len(tok("a banana", add_special_tokens=False).input_ids) > 2, "unknown words still tokenize, in pieces"
