@@ -1,6 +1,7 @@
 """Probes: small classifiers trained on renderer ground truth, the world's measuring instruments.
 
-- `attributes`: class (12), colour (11, objects only) and context (8) of a single-entity image;
+- `attributes`: class (12), colour (11: an object's colour, a character's shirt), accessory (an
+  object's hat or bow) and context (8) of a single-entity image;
 - `subject`: which of the 12 held-out object subjects is shown, or "other";
 - `identity`: an identity embedder for characters. Like ArcFace it maps a face to a unit vector whose
   cosine says "same person"; it is trained to predict every identity factor, so it generalises to
@@ -62,7 +63,9 @@ class ProbeSpec:
         return {k: len(v) for k, v in self.labels.items()}
 
 
-ATTRIBUTES = ProbeSpec("attributes", {"class": list(vocab.CLASSES), "colour": list(vocab.COLOURS), "context": list(vocab.CONTEXTS)})
+ATTRIBUTES = ProbeSpec("attributes", {"class": list(vocab.CLASSES), "colour": list(vocab.COLOURS),
+                                      "accessory": ["none", *vocab.OBJECT_ACCESSORIES], "context": list(vocab.CONTEXTS)})
+IGNORE = -100  # a head with nothing to say about this image (e.g. accessory of a character)
 SUBJECT = ProbeSpec("subject", {"subject": [s.name for s in SUBJECTS] + [OTHER]})
 IDENTITY = ProbeSpec("identity", {k: [str(i) for i in range(n)] for k, n in vocab.IDENTITY_FACTORS.items()})
 SPECS = {s.name: s for s in (ATTRIBUTES, SUBJECT, IDENTITY)}
@@ -101,13 +104,17 @@ def degrade(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 def _attributes_sample(rng: np.random.Generator) -> tuple[Render, dict[str, int]]:
     context = str(rng.choice(list(vocab.CONTEXTS)))
+    ctx = list(vocab.CONTEXTS).index(context)
     if rng.random() < 0.65:
         o = random_object(rng, 0.5)
+        if rng.random() < 0.25:
+            o.accessory = str(rng.choice(vocab.OBJECT_ACCESSORIES))
         r = render(Scene(context, [o], variant=int(rng.integers(2**31))))
-        return r, {"class": vocab.CLASSES.index(o.cls), "colour": list(vocab.COLOURS).index(o.colour), "context": list(vocab.CONTEXTS).index(context)}
+        acc = 0 if o.accessory is None else 1 + vocab.OBJECT_ACCESSORIES.index(o.accessory)
+        return r, {"class": vocab.CLASSES.index(o.cls), "colour": list(vocab.COLOURS).index(o.colour), "accessory": acc, "context": ctx}
     c = random_character(rng, 0.5, "portrait" if rng.random() < 0.6 else "full", set())
     r = render(Scene(context, [c], variant=int(rng.integers(2**31))))
-    return r, {"class": vocab.CLASSES.index(c.cls), "colour": -100, "context": list(vocab.CONTEXTS).index(context)}
+    return r, {"class": vocab.CLASSES.index(c.cls), "colour": list(vocab.COLOURS).index(c.shirt_colour), "accessory": IGNORE, "context": ctx}
 
 
 def _subject_sample(rng: np.random.Generator) -> tuple[Render, dict[str, int]]:
@@ -122,6 +129,8 @@ def _subject_sample(rng: np.random.Generator) -> tuple[Render, dict[str, int]]:
             spec = subject_object(SUBJECTS[int(rng.integers(len(SUBJECTS)))], rng, scale=(0.18, 0.42))
             spec.subject = _near_miss(spec.subject, rng)
         label = len(SUBJECTS)
+    if rng.random() < 0.15:  # a subject with a hat is still the subject
+        spec.accessory = str(rng.choice(vocab.OBJECT_ACCESSORIES))
     return render(Scene(context, [spec], variant=int(rng.integers(2**31)))), {"subject": label}
 
 
@@ -181,7 +190,7 @@ def train_probe(name: str, steps: int = 900, n_train: int = 20_000, batch: int =
         idx = torch.randint(len(images), (batch,), generator=g).numpy()
         x = degrade(to_input(images[idx]), g)
         out = net(x)
-        loss = sum(F.cross_entropy(out[k], torch.from_numpy(labels[k][idx]), ignore_index=-100) for k in spec.labels)
+        loss = sum(F.cross_entropy(out[k], torch.from_numpy(labels[k][idx]), ignore_index=IGNORE) for k in spec.labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -205,7 +214,7 @@ def evaluate_probe(net: ProbeNet, name: str, n: int = 2000, seed: int = 12345) -
     acc = {}
     for k in spec.labels:
         p, y = np.concatenate(preds[k]), labels[k]
-        valid = y != -100
+        valid = y != IGNORE
         acc[k] = float((p[valid] == y[valid]).mean())
     if name == "identity":
         acc["heldout_identification"] = identification_accuracy(net)

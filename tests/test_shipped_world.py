@@ -1,0 +1,63 @@
+"""The shipped world stack: it loads in plain diffusers, its probes measure, and it draws what it's asked."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from limner.models.loading import WORLD_BASE, WORLD_PROBES, load_base
+from limner.world.probes import SPECS, evaluate_probe, load_probe
+
+
+def test_shipped_weights_are_small_fp16_safetensors():
+    files = [p for p in WORLD_BASE.rglob("*") if p.is_file()] + [p for p in WORLD_PROBES.rglob("*") if p.is_file()]
+    weights = [p for p in files if p.suffix in (".safetensors", ".bin", ".pt", ".ckpt")]
+    assert weights and all(p.suffix == ".safetensors" for p in weights)
+    assert sum(p.stat().st_size for p in files) < 60 * 2**20
+    from safetensors import safe_open
+
+    with safe_open(str(WORLD_BASE / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert f.get_slice(next(iter(f.keys()))).get_dtype() == "F16"
+    record = json.loads((WORLD_BASE / "build.json").read_text())
+    assert {"clip", "vae", "unet", "probes"} <= set(record["seconds"])
+
+
+def test_plain_diffusers_loads_and_generates():
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(WORLD_BASE)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a red ball on the beach", num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np")
+    assert out.images.shape == (1, 64, 64, 3)
+    assert out.images.std() > 0.05, "a picture, not a flat field"
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_probes_are_accurate_on_fresh_renders(name):
+    acc = evaluate_probe(load_probe(WORLD_PROBES, name), name, n=500, seed=4242)
+    heads = ["heldout_identification"] if name == "identity" else list(SPECS[name].labels)
+    for head in heads:
+        assert acc[head] >= 0.95, (head, acc)
+
+
+def test_world_check_reads_back_what_was_asked():
+    from limner.world.check import world_check
+
+    base = load_base(device="cpu")
+    report = world_check(base, n=8, steps=15)
+    assert set(report["accuracy"]) == {"class", "colour", "context"}
+    assert len(report["cases"]) == 8 and report["seconds_per_image"] > 0
+    # chance is 1/8 for context and 1/12 for class: a working model is far above it even on 8 prompts
+    assert report["accuracy"]["context"] >= 0.5 and report["accuracy"]["class"] >= 0.4
+
+
+def test_world_base_generation_is_reproducible():
+    from limner.generation import GenerationSettings, generate
+
+    base = load_base(device="cpu")
+    s = GenerationSettings("a yellow star in the snow", num_images=1, steps=8, seed=3)
+    a, b = generate(base, s).images[0], generate(base, s).images[0]
+    assert np.array_equal(np.asarray(a), np.asarray(b))
