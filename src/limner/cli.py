@@ -55,7 +55,7 @@ def generate(
     dtype: DtypeOpt = "auto",
 ) -> None:
     """Generate images from a prompt (on the world base unless --base is given)."""
-    from limner.generation import GenerationSettings, SCHEDULERS, check_settings, prepare_output
+    from limner.generation import SCHEDULERS, GenerationSettings, check_settings, prepare_output
     from limner.models.loading import load_base
 
     def go():
@@ -143,6 +143,100 @@ def world_subjects(
                 r.pil().save(folder / f"{i}.png")
             (folder / "subject.json").write_text(json.dumps({"name": name, "class_noun": cls}))
         typer.echo(f"wrote {len(SUBJECTS) + len(IDENTITIES)} subjects to {out}/")
+
+    run(go)
+
+
+@app.command("eval")
+def eval_cmd(
+    method: Annotated[Optional[list[str]], typer.Option("--method", help="A method to personalize with (repeatable).")] = None,
+    concept: Annotated[Optional[list[Path]], typer.Option("--concept", help="An existing concept folder to score (repeatable).")] = None,
+    subjects: Annotated[str, typer.Option("--subjects", help="world, world:objects, world:identities, world:NAME,..., a folder or a manifest.")] = "world:objects",
+    class_noun: Annotated[Optional[str], typer.Option("--class-noun", help="Class noun for a subject folder without subject.json.")] = None,
+    images: Annotated[int, typer.Option("-n", "--images-per-prompt")] = 4,
+    prompts: Annotated[Optional[int], typer.Option("--prompts", help="Use only the first K prompts of each subject.")] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    steps: Annotated[int, typer.Option("--steps")] = 25,
+    guidance: Annotated[float, typer.Option("--guidance")] = 5.0,
+    bounds: Annotated[bool, typer.Option("--bounds/--no-bounds", help="Include the lower/upper reference rows.")] = True,
+    clip: Annotated[Optional[Path], typer.Option("--clip", help="Local CLIPModel folder (default on the world: the world's CLIP).")] = None,
+    dino: Annotated[Optional[Path], typer.Option("--dino", help="Local DINO / DINOv2 folder.")] = None,
+    face: Annotated[Optional[Path], typer.Option("--face", help="Local insightface model folder (default on the world: its identity embedder).")] = None,
+    cache: Annotated[Path, typer.Option("--cache", help="Cache of concepts and generated images (reruns do no work twice).")] = Path(".limner-cache"),
+    out: Annotated[Path, typer.Option("--out", help="Report folder: results.json, results.md, plots, index.html.")] = Path("eval-report"),
+    base: BaseOpt = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Score methods with the DreamBench protocol (real subjects) or the world bench."""
+    from limner.evaluation.protocol import LOWER, UPPER, EvalSettings, Row, run_eval
+    from limner.evaluation.report import markdown_table, write_report
+    from limner.evaluation.subjects import load_subjects
+
+    def go():
+        subs = load_subjects(subjects, class_noun)
+        world = all(s.world is not None for s in subs)
+        rows = ([Row(LOWER)] + ([Row(UPPER)] if world else [])) if bounds else []
+        rows += [Row.parse(m) for m in method or []] + [Row.for_concept(c) for c in concept or []]
+        if not rows:
+            raise LimnerError("nothing to evaluate: give --method or --concept, or keep --bounds")
+        for r in rows:
+            if r.method:
+                from limner.methods import get_method
+
+                get_method(r.method)  # fails early, naming the available methods
+        enc = build_encoders(world, base, clip, dino, face, device)
+        settings = EvalSettings(images_per_prompt=images, seed=seed, steps=steps, guidance=guidance, max_prompts=prompts)
+        results = run_eval(rows, subs, enc, cache, settings, base=base, device=device)
+        written = write_report(results, out)
+        typer.echo(markdown_table(results))
+        typer.echo(f"report: {written['html']} ({results['seconds']:.0f} s; cache hits {results['cache']['hits']}, "
+                   f"misses {results['cache']['misses']})")
+
+    run(go)
+
+
+def build_encoders(world: bool, base: Optional[str], clip: Optional[Path], dino: Optional[Path], face: Optional[Path], device: str):
+    from limner.evaluation.encoders import CLIPEncoder, DINOEncoder, InsightFaceEmbedder, WorldCLIP, WorldFaceEmbedder
+    from limner.evaluation.protocol import Encoders
+    from limner.models.loading import WORLD_BASE, WORLD_PROBES
+    from limner.world.probes import Probes
+
+    dev = "cuda" if device in ("auto", "cuda") and __import__("torch").cuda.is_available() else "cpu"
+    if clip is None and not (world and base is None):
+        raise LimnerError("scoring real images needs --clip PATH, a local CLIPModel folder (e.g. openai/clip-vit-large-patch14 "
+                          "saved with save_pretrained)")
+    clip_enc = CLIPEncoder(clip, dev) if clip else WorldCLIP(WORLD_BASE, dev)
+    face_enc = InsightFaceEmbedder(face, dev) if face else (WorldFaceEmbedder(WORLD_PROBES) if world else None)
+    return Encoders(clip=clip_enc, dino=DINOEncoder(dino, dev) if dino else None, face=face_enc,
+                    probes=Probes(WORLD_PROBES) if world else None)
+
+
+@app.command("bench")
+def bench_cmd(
+    method: Annotated[Optional[list[str]], typer.Option("--method", help="Methods to measure (repeatable).")] = None,
+    subject: Annotated[str, typer.Option("--subject", help="One subject (world:NAME or a folder).")] = "world:duo_ball",
+    images: Annotated[int, typer.Option("-n", "--images", help="Images to time per row.")] = 8,
+    steps: Annotated[int, typer.Option("--steps")] = 25,
+    cache: Annotated[Path, typer.Option("--cache")] = Path(".limner-cache"),
+    out: Annotated[Path, typer.Option("--out", help="Report folder (bench.json, bench.md).")] = Path("eval-report"),
+    base: BaseOpt = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Time and memory per method (training and generation), each measured in its own process."""
+    from limner.evaluation.bench import markdown, run_bench
+    from limner.evaluation.protocol import LOWER
+
+    def go():
+        if method:
+            from limner.methods import get_method
+
+            for m in method:
+                get_method(m)
+        records = run_bench([LOWER] + list(method or []), subject, base, device, images, steps, cache)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench.json").write_text(json.dumps(records, indent=2))
+        (out / "bench.md").write_text(markdown(records))
+        typer.echo(markdown(records))
 
     run(go)
 

@@ -52,7 +52,7 @@ class BuildConfig:
     probe_train_size: int = 20_000
 
     @classmethod
-    def quick(cls) -> "BuildConfig":
+    def quick(cls) -> BuildConfig:
         """A tiny build that runs in a few minutes: proves the pipeline, not fit to ship."""
         return cls(dataset_size=2000, clip_steps=30, clip_batch=64, vae_steps=30, vae_batch=16, unet_steps=40,
                    unet_batch=16, unet_warmup=10, checkpoint_every=20, probe_steps=30, probe_train_size=1000)
@@ -131,8 +131,8 @@ class Stage:
 
 
 def render_dataset(n: int, seed: int, desc: str = "render") -> tuple[np.ndarray, list[str]]:
-    from limner.world.scenes import random_scene
     from limner.world.render import render
+    from limner.world.scenes import random_scene
 
     rng = np.random.default_rng(seed)
     images = np.zeros((n, 64, 64, 3), dtype=np.uint8)

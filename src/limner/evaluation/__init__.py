@@ -1,0 +1,1 @@
+"""Evaluation: the DreamBench protocol on real encoders and the world bench on the world's probes."""

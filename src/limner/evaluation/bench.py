@@ -1,0 +1,101 @@
+"""`limner bench`: time and memory per row, measured side by side in one run.
+
+Each row runs in its own subprocess, so its peak memory is its own (peak RSS on CPU, peak allocated
+memory on CUDA) and nothing one row loaded speeds up or slows down the next.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from limner.errors import LimnerError
+
+
+def peak_memory_mb(device: str) -> float:
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def measure(row: str, subject_spec: str, base: str | None, device: str, images: int, steps: int, cache: Path) -> dict:
+    """Runs in the worker: personalize (methods), then time `images` generations."""
+    from limner.evaluation.protocol import LOWER, BaseHandle, personalize_cached
+    from limner.evaluation.subjects import load_subjects
+    from limner.generation import GenerationSettings, generate
+    from limner.methods import get_method
+    from limner.models.loading import WORLD_BASE, fingerprint, load_base
+
+    subject = load_subjects(subject_spec)[0]
+    t0 = time.perf_counter()
+    b = load_base(base, device=device)
+    load_s = time.perf_counter() - t0
+    record = {"row": row, "subject": subject.name, "load_seconds": round(load_s, 3)}
+    prompt = f"a {subject.class_noun} on the beach"
+    if row != LOWER:
+        handle = BaseHandle(base, device, fingerprint(WORLD_BASE if base is None else Path(base)))
+        handle._base = b
+        t1 = time.perf_counter()
+        concept, meta = personalize_cached(row, subject, handle, cache, {})
+        record["personalize_seconds"] = round(time.perf_counter() - t1, 3)
+        record["steps"] = meta.get("steps")
+        record["time_to_fidelity"] = meta.get("time_to_fidelity")
+        b = load_base(base, device=device)
+        method = get_method(row)
+        method.apply(b, concept)
+        prompt = method.prompt("a {} on the beach", concept)
+    s = GenerationSettings(prompt, num_images=1, steps=steps, batch_size=1)
+    generate(b, s)  # warm-up
+    t2 = time.perf_counter()
+    for i in range(images):
+        s.seed = i
+        generate(b, s)
+    record["seconds_per_image"] = round((time.perf_counter() - t2) / images, 4)
+    record["generation_steps"] = steps
+    record["peak_memory_mb"] = round(peak_memory_mb(str(b.device)), 1)
+    record["device"] = str(b.device)
+    return record
+
+
+def run_bench(rows: list[str], subject_spec: str, base: str | None, device: str, images: int, steps: int, cache: Path) -> list[dict]:
+    records = []
+    for row in rows:
+        cmd = [sys.executable, "-m", "limner.evaluation.bench", "--row", row, "--subject", subject_spec, "--device", device,
+               "--images", str(images), "--steps", str(steps), "--cache", str(cache)] + (["--base", base] if base else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise LimnerError(f"bench of {row} failed:\n{proc.stderr[-2000:]}")
+        records.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return records
+
+
+def markdown(records: list[dict]) -> str:
+    lines = ["| row | personalize s | steps | s / image | peak memory MB | device |", "|---|---|---|---|---|---|"]
+    for r in records:
+        lines.append(f"| {r['row']} | {r.get('personalize_seconds', '—')} | {r.get('steps') or '—'} | {r['seconds_per_image']:.3f} | "
+                     f"{r['peak_memory_mb']:.0f} | {r['device']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _worker() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--row", required=True)
+    ap.add_argument("--subject", required=True)
+    ap.add_argument("--base")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--images", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--cache", type=Path, required=True)
+    a = ap.parse_args()
+    print(json.dumps(measure(a.row, a.subject, a.base, a.device, a.images, a.steps, a.cache)))
+
+
+if __name__ == "__main__":
+    _worker()

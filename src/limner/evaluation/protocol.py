@@ -1,0 +1,392 @@
+"""The evaluation protocol: rows (methods and reference bounds) x subjects x prompts x seeds.
+
+For every row and subject: personalize (or reuse a cached concept), generate N images per prompt
+with fixed seeds (each image cached under a key of everything that affects it), then score them.
+On the world two reference rows give every score a scale:
+- lower-bound: the base model given only the class noun ("a ball on the beach");
+- upper-bound: fresh renders of the subject itself in what the prompt asks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from limner.errors import LimnerError
+from limner.evaluation.metrics import diversity, mean_similarity_to_references, text_alignment
+from limner.evaluation.subjects import EvalSubject
+from limner.world.bench import BenchPrompt
+
+LOWER, UPPER = "lower-bound", "upper-bound"
+
+
+@dataclass
+class EvalSettings:
+    images_per_prompt: int = 4
+    seed: int = 0
+    steps: int = 25
+    guidance: float = 5.0
+    scheduler: str = "dpm++"
+    max_prompts: int | None = None  # fewer prompts per subject, for quick runs
+
+
+@dataclass
+class Encoders:
+    clip: object  # .images(list) / .texts(list) -> normalised embeddings
+    dino: object | None = None
+    face: object | None = None  # .faces(list) -> (embeddings, found)
+    probes: object | None = None  # world Probes, for ground-truth measures
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the results table: a reference bound, a method to personalize with, or an
+    existing concept folder to score."""
+
+    name: str
+    method: str | None = None
+    concept: Path | None = None
+
+    @classmethod
+    def parse(cls, name: str) -> Row:
+        return cls(name) if name in (LOWER, UPPER) else cls(name, method=name)
+
+    @classmethod
+    def for_concept(cls, folder: Path) -> Row:
+        manifest = folder / "limner.json"
+        if not manifest.exists():
+            raise LimnerError(f"--concept {folder} has no limner.json; it is not a limner concept folder")
+        method = json.loads(manifest.read_text())["method"]
+        return cls(f"{method}:{folder.name}", method=method, concept=folder)
+
+
+@dataclass
+class RowResult:
+    row: str
+    per_subject: dict[str, dict[str, float]] = field(default_factory=dict)
+    images: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # subject -> prompt -> image paths
+    concepts: dict[str, dict] = field(default_factory=dict)  # subject -> concept manifest (methods only)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+class ImageCache:
+    """Generated images stored by a key of everything that affects them."""
+
+    def __init__(self, root: Path):
+        self.root = root / "images"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.hits = self.misses = 0
+
+    def path(self, key: str) -> Path:
+        return self.root / f"{key}.png"
+
+    def put(self, key: str, image: Image.Image) -> Path:
+        p = self.path(key)
+        tmp = p.with_name(p.name + ".tmp")
+        image.save(tmp, format="PNG")
+        os.replace(tmp, p)
+        return p
+
+
+# --------------------------------------------------------------------------------------------
+# Producing images for one row
+# --------------------------------------------------------------------------------------------
+
+
+def class_prompt(template: str, subject: EvalSubject) -> str:
+    """The prompt with the subject replaced by its class noun: the lower bound's prompt, and the
+    text that CLIP-T compares against (as in DreamBench)."""
+    noun = f"a {subject.class_noun}" if subject.kind == "identity" else subject.class_noun
+    text = template.format(noun)
+    return text.replace("a a ", "a ").replace("of a a ", "of a ")
+
+
+def render_upper_bound(subject: EvalSubject, prompt: BenchPrompt, seed: int) -> Image.Image:
+    """A fresh render of the world subject doing what the prompt asks: the best any method can do."""
+    from dataclasses import replace
+
+    from limner.world import vocab
+    from limner.world.bench import identity_character, subject_object
+    from limner.world.render import Scene, render
+
+    rng = np.random.default_rng([seed, 99])
+    ctx = prompt.context or str(rng.choice(list(vocab.CONTEXTS)))
+    if subject.kind == "identity":
+        spec = identity_character(subject.world, rng)
+        if prompt.colour:
+            spec.shirt_colour = prompt.colour
+    else:
+        world_subject = subject.world
+        if prompt.colour:
+            world_subject = replace(world_subject, colour_a=prompt.colour, colour_b=prompt.colour)
+        spec = subject_object(world_subject, rng)
+        spec.accessory = prompt.accessory
+    return render(Scene(ctx, [spec], variant=int(rng.integers(2**31)))).pil()
+
+
+class BaseHandle:
+    """Loads the base only when an image is actually missing from the cache."""
+
+    def __init__(self, spec: str | None, device: str, fingerprint: str):
+        self.spec, self.device, self.fingerprint, self._base = spec, device, fingerprint, None
+
+    def get(self):
+        if self._base is None:
+            from limner.models.loading import load_base
+
+            self._base = load_base(self.spec, device=self.device)
+        return self._base
+
+    def reset(self) -> None:
+        """Drops the loaded pipeline, so the next concept starts from a clean base."""
+        self._base = None
+
+
+def generate_cached(handle: BaseHandle, cache: ImageCache, prompt: str, settings: EvalSettings, key_parts: dict,
+                    prepare=None) -> list[Path]:
+    """N images of one prompt, from the cache where possible; `prepare(base)` installs a concept."""
+    from limner.generation import GenerationSettings, generate
+
+    keys = [digest(key_parts | {"prompt": prompt, "seed": settings.seed + i, "steps": settings.steps, "guidance": settings.guidance,
+                                "scheduler": settings.scheduler}) for i in range(settings.images_per_prompt)]
+    missing = [i for i, k in enumerate(keys) if not cache.path(k).exists()]
+    cache.hits += len(keys) - len(missing)
+    cache.misses += len(missing)
+    if missing:
+        base = handle.get()
+        if prepare is not None:
+            prepare(base)
+        for i in missing:
+            s = GenerationSettings(prompt=prompt, num_images=1, seed=settings.seed + i, steps=settings.steps,
+                                   guidance_scale=settings.guidance, scheduler=settings.scheduler, batch_size=1)
+            cache.put(keys[i], generate(base, s).images[0])
+    return [cache.path(k) for k in keys]
+
+
+def row_images(row: Row, subject: EvalSubject, handle: BaseHandle, cache: ImageCache, settings: EvalSettings,
+               concept: Path | None = None) -> dict[str, list[Path]]:
+    """prompt text -> image paths, for every prompt of the subject (and the class-only drift prompt)."""
+    prompts = subject.prompts[: settings.max_prompts] if settings.max_prompts else subject.prompts
+    out: dict[str, list[Path]] = {}
+    if row.name == UPPER:
+        if subject.world is None:
+            raise LimnerError("the upper bound needs world subjects (it renders the subject itself)")
+        for p in prompts:
+            keys = [digest({"row": UPPER, "subject": subject.name, "prompt": p.template, "seed": settings.seed + i})
+                    for i in range(settings.images_per_prompt)]
+            out[class_prompt(p.template, subject)] = [
+                cache.path(k) if cache.path(k).exists() else cache.put(k, render_upper_bound(subject, p, settings.seed + i))
+                for i, k in enumerate(keys)]
+        return out
+    key = {"base": handle.fingerprint, "row": row.method or row.name}
+    method, prepare = None, None
+    if row.method is not None:
+        from limner.methods import get_method
+
+        method = get_method(row.method)
+        key["concept"] = concept_fingerprint(concept)
+        installed: list = []
+
+        def prepare(base):
+            if not installed:
+                method.apply(base, concept)
+                installed.append(True)
+
+    for p in prompts:
+        text = class_prompt(p.template, subject) if method is None else method.prompt(p.template, concept)
+        out[class_prompt(p.template, subject)] = generate_cached(handle, cache, text, settings, key, prepare)
+    # language drift: the class prompt alone, with the concept installed
+    out["__drift__"] = generate_cached(handle, cache, f"a {subject.class_noun}", settings, key, prepare)
+    handle.reset()
+    return out
+
+
+def concept_fingerprint(concept: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(concept).rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json", ".bin")):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:20]
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring
+# --------------------------------------------------------------------------------------------
+
+
+def load_rgb(paths: list[Path]) -> list[Image.Image]:
+    out = []
+    for p in paths:
+        with Image.open(p) as im:
+            out.append(im.convert("RGB"))
+    return out
+
+
+def _asked(subject: EvalSubject, prompt: BenchPrompt) -> dict[str, str]:
+    want = {}
+    if prompt.context:
+        want["context"] = prompt.context
+    if prompt.colour:
+        want["colour"] = prompt.colour
+    if prompt.accessory:
+        want["accessory"] = prompt.accessory
+    return want
+
+
+def score_subject(subject: EvalSubject, images: dict[str, list[Path]], enc: Encoders) -> dict[str, float]:
+    """Mean scores over all prompts' images of one subject; ground-truth measures on world subjects."""
+    prompts = {class_prompt(p.template, subject): p for p in subject.prompts}
+    refs_clip = enc.clip.images(subject.images)
+    refs_dino = enc.dino.images(subject.images) if enc.dino else None
+    refs_face = None
+    if enc.face is not None and subject.kind == "identity":
+        refs_face, found = enc.face.faces(subject.images)
+        refs_face = refs_face[found]
+    acc: dict[str, list[float]] = {}
+
+    def add(name, values):
+        acc.setdefault(name, []).extend([float(v) for v in np.atleast_1d(values)])
+
+    for text, paths in images.items():
+        if text == "__drift__":
+            continue
+        ims = load_rgb(paths)
+        emb = enc.clip.images(ims)
+        add("clip_i", mean_similarity_to_references(emb, refs_clip))
+        add("clip_t", text_alignment(emb, enc.clip.texts([text] * len(ims))))
+        add("diversity", diversity(emb))
+        if refs_dino is not None:
+            add("dino", mean_similarity_to_references(enc.dino.images(ims), refs_dino))
+        if refs_face is not None and len(refs_face):
+            faces, found = enc.face.faces(ims)
+            if found.any():
+                add("face_sim", mean_similarity_to_references(faces[found], refs_face))
+                add("face_div", diversity(faces[found]))
+        if enc.probes is not None and subject.world is not None:
+            fid, pf = world_measures(subject, prompts[text], ims, enc)
+            add("subject_fidelity", fid)
+            add("prompt_fidelity", pf)
+    if enc.probes is not None and subject.world is not None and "__drift__" in images:
+        drift_ims = load_rgb(images["__drift__"])
+        fid, _ = world_measures(subject, None, drift_ims, enc)
+        add("language_drift", fid)
+        cls = enc.probes.predict("attributes", _arrays(drift_ims))["class"].argmax(-1)
+        labels = enc.probes.labels("attributes", "class")
+        add("class_prompt_accuracy", [labels[int(c)] == subject.class_noun for c in cls])
+    return {k: float(np.nanmean(v)) for k, v in acc.items() if v}
+
+
+def _arrays(images: list[Image.Image]) -> np.ndarray:
+    return np.stack([np.asarray(im.convert("RGB").resize((64, 64))) for im in images])
+
+
+def world_measures(subject: EvalSubject, prompt: BenchPrompt | None, images: list[Image.Image], enc: Encoders):
+    """Subject fidelity (is it this subject?) and prompt fidelity (does it do what was asked?),
+    read by probes trained on renderer ground truth."""
+    arr = _arrays(images)
+    if subject.kind == "identity":
+        refs, _ = enc.face.faces(subject.images)
+        emb, _ = enc.face.faces(list(arr))
+        fidelity = mean_similarity_to_references(emb, refs).numpy()
+    else:
+        probs = enc.probes.predict("subject", arr)["subject"]
+        fidelity = probs[:, enc.probes.labels("subject", "subject").index(subject.name)].numpy()
+    if prompt is None:
+        return fidelity, None
+    want = _asked(subject, prompt)
+    pred = enc.probes.predict("attributes", arr)
+    hits = np.zeros(len(images))
+    for head, value in want.items():
+        labels = enc.probes.labels("attributes", head)
+        hits += (pred[head].argmax(-1).numpy() == labels.index(value)).astype(float)
+    return fidelity, hits / max(1, len(want))
+
+
+def aggregate(per_subject: dict[str, dict[str, float]]) -> dict[str, float]:
+    names = sorted({k for v in per_subject.values() for k in v})
+    return {k: float(np.nanmean([v[k] for v in per_subject.values() if k in v])) for k in names}
+
+
+# --------------------------------------------------------------------------------------------
+# The whole run
+# --------------------------------------------------------------------------------------------
+
+
+def personalize_cached(method_name: str, subject: EvalSubject, handle: BaseHandle, cache_root: Path, config: dict) -> tuple[Path, dict]:
+    """Trains (or encodes) a concept once per (method, subject, base, config); reused afterwards."""
+    from limner.methods import get_method
+
+    key = digest({"method": method_name, "subject": subject.fingerprint(), "base": handle.fingerprint, "config": config})
+    folder = cache_root / "concepts" / f"{method_name}-{subject.name}-{key}"
+    manifest = folder / "limner.json"
+    if not manifest.exists():
+        method = get_method(method_name)
+        t0 = time.perf_counter()
+        method.personalize(handle.get(), subject, folder, **config)
+        handle.reset()
+        if not manifest.exists():
+            raise LimnerError(f"method {method_name} wrote no limner.json in {folder}")
+        meta = json.loads(manifest.read_text())
+        meta.setdefault("personalize_seconds", round(time.perf_counter() - t0, 2))
+        manifest.write_text(json.dumps(meta, indent=2))
+    return folder, json.loads(manifest.read_text())
+
+
+def save_references(subject: EvalSubject, cache_root: Path) -> list[Path]:
+    folder = cache_root / "references" / f"{subject.name}-{subject.fingerprint()}"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, im in enumerate(subject.images):
+        p = folder / f"{i}.png"
+        if not p.exists():
+            Image.fromarray(im).save(p)
+        paths.append(p)
+    return paths
+
+
+def run_eval(rows: list[Row], subjects: list[EvalSubject], enc: Encoders, cache_root: Path, settings: EvalSettings,
+             base: str | None = None, device: str = "auto", method_config: dict | None = None) -> dict:
+    """Runs every row on every subject and returns the results (JSON-ready)."""
+    from limner.models.loading import WORLD_BASE, check_folder, fingerprint
+
+    base_path = WORLD_BASE if base is None else Path(base)
+    if base_path.is_dir():
+        check_folder(base_path)
+    handle = BaseHandle(base, device, fingerprint(base_path))
+    cache = ImageCache(cache_root)
+    references = {s.name: [str(p) for p in save_references(s, cache_root)] for s in subjects}
+    results: dict[str, RowResult] = {}
+    t_start = time.perf_counter()
+    for row in rows:
+        res = results[row.name] = RowResult(row.name)
+        for subject in subjects:
+            t0 = time.perf_counter()
+            concept = row.concept
+            if row.method is not None and concept is None:
+                concept, res.concepts[subject.name] = personalize_cached(row.method, subject, handle, cache_root, method_config or {})
+            images = row_images(row, subject, handle, cache, settings, concept)
+            res.per_subject[subject.name] = score_subject(subject, images, enc)
+            res.images[subject.name] = {k: [str(p) for p in v] for k, v in images.items()}
+            res.seconds[subject.name] = round(time.perf_counter() - t0, 2)
+    return {
+        "settings": asdict(settings), "base": str(base_path), "base_fingerprint": handle.fingerprint,
+        "world": all(s.world is not None for s in subjects),
+        "subjects": [{"name": s.name, "class_noun": s.class_noun, "kind": s.kind} for s in subjects],
+        "encoders": {k: getattr(getattr(enc, k), "name", None) for k in ("clip", "dino", "face")},
+        "rows": {r: {"mean": aggregate(v.per_subject), "per_subject": v.per_subject, "images": v.images,
+                     "concepts": v.concepts, "seconds": v.seconds} for r, v in results.items()},
+        "references": references,
+        "cache": {"hits": cache.hits, "misses": cache.misses},
+        "seconds": round(time.perf_counter() - t_start, 2),
+    }

@@ -1,0 +1,167 @@
+"""Writing results: JSON, a Markdown table, plots, and a static HTML report viewable offline."""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import shutil
+from pathlib import Path
+
+from limner.evaluation.protocol import LOWER, UPPER
+
+# Reported DreamBench numbers (DINO, CLIP-I, CLIP-T), from the papers; shown beside real-model runs.
+PAPER_DREAMBENCH = {
+    "Real images (DreamBooth paper)": (0.774, 0.885, None),
+    "DreamBooth (SD)": (0.668, 0.803, 0.305),
+    "Textual Inversion": (0.569, 0.780, 0.255),
+    "BLIP-Diffusion zero-shot": (0.594, 0.779, 0.300),
+    "BLIP-Diffusion fine-tuned": (0.670, 0.805, 0.302),
+}
+
+COLUMNS = [  # (key, header) in display order; a column appears when any row has it
+    ("subject_fidelity", "subject fidelity"), ("prompt_fidelity", "prompt fidelity"), ("language_drift", "language drift"),
+    ("class_prompt_accuracy", "class-prompt class acc."), ("dino", "DINO"), ("clip_i", "CLIP-I"), ("clip_t", "CLIP-T"),
+    ("face_sim", "Face-Sim"), ("face_div", "Face-Div"), ("diversity", "diversity"),
+]
+
+
+def markdown_table(results: dict) -> str:
+    rows = results["rows"]
+    cols = [(k, h) for k, h in COLUMNS if any(k in r["mean"] for r in rows.values())]
+    lines = ["| method | " + " | ".join(h for _, h in cols) + " |", "|---|" + "---|" * len(cols)]
+    for name, r in rows.items():
+        cells = [f"{r['mean'][k]:.3f}" if k in r["mean"] else "—" for k, _ in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    notes = [
+        "",
+        f"{len(results['subjects'])} subjects, {results['settings']['images_per_prompt']} images per prompt, seeds from "
+        f"{results['settings']['seed']}, {results['settings']['steps']} {results['settings']['scheduler']} steps, "
+        f"guidance {results['settings']['guidance']}. Encoders: "
+        + ", ".join(f"{k} = {v}" for k, v in results["encoders"].items() if v) + ".",
+    ]
+    if results["world"]:
+        notes.append(f"`{LOWER}`: the base model given only the class noun; `{UPPER}`: fresh renders of the subject doing what "
+                     "the prompt asks. Subject fidelity: the subject probe's probability of the right subject (objects) or "
+                     "identity-embedding cosine (characters). Prompt fidelity: share of the asked context / colour / accessory "
+                     "the attribute probe reads back. Language drift: subject fidelity of images from the class prompt alone "
+                     "(lower is better). Diversity: mean pairwise CLIP distance across seeds.")
+    else:
+        notes += ["", "Reported in the papers on DreamBench (real photos; for reference only, not this run):", "",
+                  "| paper | DINO | CLIP-I | CLIP-T |", "|---|---|---|---|"]
+        for k, (d, ci, ct) in PAPER_DREAMBENCH.items():
+            notes.append(f"| {k} | {d:.3f} | {ci:.3f} | {'—' if ct is None else f'{ct:.3f}'} |")
+    return "\n".join(lines + notes) + "\n"
+
+
+def plot_fidelity(results: dict, path: Path) -> Path | None:
+    """Subject fidelity against prompt fidelity, one point per row: the trade-off at a glance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = {n: r["mean"] for n, r in results["rows"].items() if "subject_fidelity" in r["mean"] and "prompt_fidelity" in r["mean"]}
+    x_key, y_key = ("prompt_fidelity", "subject_fidelity") if pts else ("clip_t", "clip_i")
+    pts = pts or {n: r["mean"] for n, r in results["rows"].items() if "clip_t" in r["mean"]}
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
+    for name, m in pts.items():
+        ax.scatter(m[x_key], m[y_key], s=40)
+        ax.annotate(name, (m[x_key], m[y_key]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel(x_key.replace("_", " "))
+    ax.set_ylabel(y_key.replace("_", " "))
+    ax.set_title("subject vs prompt fidelity")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_training_curves(results: dict, path: Path) -> Path | None:
+    """Loss (and subject fidelity where logged) against training time, for every row that trained."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {}
+    for name, r in results["rows"].items():
+        for meta in r.get("concepts", {}).values():
+            if meta.get("curve"):
+                curves.setdefault(name, []).append(meta["curve"])
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
+    for name, runs in curves.items():
+        for i, curve in enumerate(runs):
+            ax.plot([c["seconds"] for c in curve], [c["loss"] for c in curve], alpha=0.6, label=name if i == 0 else None)
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("training loss")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_html(results: dict, out: Path, max_prompts: int = 8) -> Path:
+    """index.html: per subject, the reference images, then per prompt one row of images per method.
+    Images are copied next to the page, so the folder works offline and can be moved."""
+    img_dir = out / "images"
+    img_dir.mkdir(parents=True, exist_ok=True)
+
+    def local(src: str) -> str:
+        dst = img_dir / Path(src).name
+        if not dst.exists():
+            shutil.copyfile(src, dst)
+        return f"images/{dst.name}"
+
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>limner eval</title><style>",
+             "body{font-family:sans-serif;margin:20px} img{image-rendering:pixelated;width:96px;height:96px;margin:1px}",
+             "td{vertical-align:top;padding:2px 6px} th{text-align:left} .p{font-size:12px;color:#444;max-width:220px}",
+             "</style></head><body><h1>limner eval</h1>"]
+    parts.append("<pre>" + html.escape(markdown_table(results)) + "</pre>")
+    for plot in ("fidelity.png", "training_curves.png"):
+        if (out / plot).exists():
+            parts.append(f"<img src='{plot}' style='width:480px;height:auto;image-rendering:auto'>")
+    rows = results["rows"]
+    for subj in results["subjects"]:
+        name = subj["name"]
+        parts.append(f"<h2>{html.escape(name)} <small>({html.escape(subj['class_noun'])})</small></h2>")
+        refs = results.get("references", {}).get(name, [])
+        if refs:
+            parts.append("<div>references: " + "".join(f"<img src='{local(p)}'>" for p in refs) + "</div>")
+        prompts = [p for p in next(iter(rows.values()))["images"].get(name, {}) if p != "__drift__"][:max_prompts]
+        parts.append("<table><tr><th>prompt</th>" + "".join(f"<th>{html.escape(r)}</th>" for r in rows) + "</tr>")
+        for prompt in prompts:
+            cells = []
+            for r in rows.values():
+                paths = r["images"].get(name, {}).get(prompt, [])
+                cells.append("<td>" + "".join(f"<img src='{local(p)}'>" for p in paths[:4]) + "</td>")
+            parts.append(f"<tr><td class='p'>{html.escape(prompt)}</td>" + "".join(cells) + "</tr>")
+        parts.append("</table>")
+    parts.append("</body></html>")
+    page = out / "index.html"
+    tmp = page.with_name("index.html.tmp")
+    tmp.write_text("\n".join(parts))
+    os.replace(tmp, page)
+    return page
+
+
+def write_report(results: dict, out: Path) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    written = {}
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    written["json"] = out / "results.json"
+    (out / "results.md").write_text(markdown_table(results))
+    written["markdown"] = out / "results.md"
+    for name, fn in (("fidelity", plot_fidelity), ("training_curves", plot_training_curves)):
+        p = fn(results, out / f"{name}.png")
+        if p:
+            written[name] = p
+    written["html"] = write_html(results, out)
+    return written

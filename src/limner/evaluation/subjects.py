@@ -1,0 +1,125 @@
+"""Where eval subjects come from: the world bench, or folders of a user's own reference images.
+
+A real subject is a folder of images (png, jpg, jpeg, webp) and, optionally, `subject.json` with
+{"class_noun": "dog", "live": true}. `--subjects` takes one such folder, a folder of them, or a JSON
+manifest [{"name": ..., "path": ..., "class_noun": ...}, ...].
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from limner.errors import LimnerError
+from limner.methods import Subject
+from limner.world.bench import IDENTITIES, SUBJECTS, BenchPrompt, identity_prompts, identity_references, object_prompts, subject_references
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+# DreamBench's prompt lists (DreamBooth paper, dataset/prompts_and_classes.txt); "{}" is the subject.
+DREAMBENCH_OBJECT = [
+    "a {} in the jungle", "a {} in the snow", "a {} on the beach", "a {} on a cobblestone street", "a {} on top of pink fabric",
+    "a {} on top of a wooden floor", "a {} with a city in the background", "a {} with a mountain in the background",
+    "a {} with a blue house in the background", "a {} on top of a purple rug in a forest", "a {} with a wheat field in the background",
+    "a {} with a tree and autumn leaves in the background", "a {} with the Eiffel Tower in the background", "a {} floating on top of water",
+    "a {} floating in an ocean of milk", "a {} on top of green grass with sunflowers around it", "a {} on top of a mirror",
+    "a {} on top of the sidewalk in a crowded street", "a {} on top of a dirt road", "a {} on top of a white rug",
+    "a red {}", "a purple {}", "a shiny {}", "a wet {}", "a cube shaped {}",
+]
+DREAMBENCH_LIVE = DREAMBENCH_OBJECT[:10] + [
+    "a {} wearing a red hat", "a {} wearing a santa hat", "a {} wearing a rainbow scarf", "a {} wearing a black top hat and a monocle",
+    "a {} in a chef outfit", "a {} in a firefighter outfit", "a {} in a police outfit", "a {} wearing pink glasses",
+    "a {} wearing a yellow shirt", "a {} in a purple wizard outfit",
+    "a red {}", "a purple {}", "a shiny {}", "a wet {}", "a cube shaped {}",
+]
+_RECONTEXT = 20  # DreamBench: the first prompts recontextualise, the rest accessorise / change properties
+
+
+def dreambench_prompts(live: bool) -> list[BenchPrompt]:
+    templates = DREAMBENCH_LIVE if live else DREAMBENCH_OBJECT
+    kinds = ["recontextualisation"] * (10 if live else _RECONTEXT) + (["accessorisation"] * 10 if live else []) + ["property"] * 5
+    return [BenchPrompt(t, k) for t, k in zip(templates, kinds, strict=True)]
+
+
+@dataclass
+class EvalSubject(Subject):
+    kind: str = "object"  # object | identity
+    prompts: list[BenchPrompt] = field(default_factory=list)
+    world: object | None = None  # the world Subject / BenchIdentity, for ground-truth measures
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(self.class_noun.encode())
+        for im in self.images:
+            h.update(np.ascontiguousarray(im).tobytes())
+        return h.hexdigest()[:16]
+
+
+def world_subjects(spec: str) -> list[EvalSubject]:
+    """'world', 'world:objects', 'world:identities' or 'world:name1,name2'."""
+    part = spec.split(":", 1)[1] if ":" in spec else "all"
+    objects = [EvalSubject(s.name, s.cls, [r.image for r in subject_references(s)], [r.entities[0].mask for r in subject_references(s)],
+                           kind="object", prompts=object_prompts(), world=s) for s in SUBJECTS]
+    people = [EvalSubject(b.name, b.cls, [r.image for r in identity_references(b)], [r.entities[0].mask for r in identity_references(b)],
+                          kind="identity", prompts=identity_prompts(), world=b) for b in IDENTITIES]
+    if part == "objects":
+        return objects
+    if part == "identities":
+        return people
+    if part == "all":
+        return objects + people
+    wanted = [n.strip() for n in part.split(",") if n.strip()]
+    by_name = {s.name: s for s in objects + people}
+    missing = [n for n in wanted if n not in by_name]
+    if missing:
+        raise LimnerError(f"--subjects {spec}: unknown world subject(s) {', '.join(missing)}; known: {', '.join(by_name)}")
+    return [by_name[n] for n in wanted]
+
+
+def load_images(folder: Path) -> list[np.ndarray]:
+    """RGB uint8 arrays of every image in a folder, EXIF orientation applied. Unreadable files are
+    an error naming the file."""
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise LimnerError(f"subject folder {folder} has no images (png, jpg, jpeg, webp, bmp); put the subject's reference images there")
+    images = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                images.append(np.asarray(ImageOps.exif_transpose(im).convert("RGB")))
+        except (OSError, SyntaxError) as e:
+            raise LimnerError(f"{f} is not a readable image ({e}); remove or replace it") from e
+    return images
+
+
+def folder_subject(folder: Path, class_noun: str | None = None, name: str | None = None) -> EvalSubject:
+    meta_path = folder / "subject.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    noun = class_noun or meta.get("class_noun")
+    if not noun:
+        raise LimnerError(f"subject folder {folder} has no class noun: add subject.json with {{\"class_noun\": \"dog\"}} or pass --class-noun")
+    live = bool(meta.get("live", False))
+    return EvalSubject(name or meta.get("name", folder.name), noun, load_images(folder), kind="object",
+                       prompts=dreambench_prompts(live), meta={"path": str(folder), "live": live})
+
+
+def load_subjects(spec: str, class_noun: str | None = None) -> list[EvalSubject]:
+    if spec.startswith("world"):
+        return world_subjects(spec)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise LimnerError(f"--subjects {path} does not exist; give a folder of reference images, a folder of such folders, "
+                          "a JSON manifest, or world[:objects|:identities]")
+    if path.is_file():
+        if path.suffix != ".json":
+            raise LimnerError(f"--subjects {path}: a file must be a JSON manifest [{{\"name\", \"path\", \"class_noun\"}}, ...]")
+        entries = json.loads(path.read_text())
+        return [folder_subject((path.parent / e["path"]).resolve(), e.get("class_noun"), e.get("name")) for e in entries]
+    subfolders = sorted(p for p in path.iterdir() if p.is_dir())
+    if any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir()) or not subfolders:
+        return [folder_subject(path, class_noun)]
+    return [folder_subject(p, class_noun) for p in subfolders]
