@@ -1,0 +1,151 @@
+"""Evaluation: encoders loaded from folders as a user would, metrics on known cases, subjects, the
+cached protocol and the report."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from limner.cli import app
+from limner.errors import LimnerError
+from limner.evaluation.encoders import CLIPEncoder, DINOEncoder
+from limner.evaluation.metrics import diversity, mean_similarity_to_references, text_alignment
+from limner.evaluation.subjects import dreambench_prompts, load_subjects
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from limner.world.stack import build_tokenizer
+
+    folder = tmp_path_factory.mktemp("clip")
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    cfg = CLIPConfig(text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                      max_position_embeddings=tok.model_max_length, eos_token_id=tok.eos_token_id),
+                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8),
+                     projection_dim=16)
+    CLIPModel(cfg).save_pretrained(folder)
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}), tokenizer=tok).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_dino(tmp_path_factory):
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    folder = tmp_path_factory.mktemp("dino")
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)).save_pretrained(folder)
+    BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def random_images(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 255, (48, 48, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def test_identical_images_score_one_and_have_no_diversity(tiny_clip, tiny_dino):
+    ims = random_images(3)
+    for enc in (CLIPEncoder(tiny_clip), DINOEncoder(tiny_dino)):
+        e = enc.images(ims)
+        assert torch.allclose(mean_similarity_to_references(e[:1], e[:1]), torch.ones(1), atol=1e-5)
+        assert diversity(torch.cat([e[:1]] * 4)) == pytest.approx(0.0, abs=1e-5)
+        assert diversity(e) > 0
+    clip = CLIPEncoder(tiny_clip)
+    t = clip.texts(["a red ball", "a blue dog"])
+    assert t.shape == (2, 16) and torch.allclose(t.norm(dim=-1), torch.ones(2), atol=1e-5)
+    assert text_alignment(t, t).allclose(torch.ones(2), atol=1e-5)
+
+
+def test_encoder_folder_of_the_wrong_kind(tiny_clip, tiny_dino, tmp_path):
+    with pytest.raises(LimnerError, match="not CLIP"):
+        CLIPEncoder(tiny_dino)
+    with pytest.raises(LimnerError, match="DINO"):
+        DINOEncoder(tiny_clip)
+    with pytest.raises(LimnerError, match="no config.json"):
+        CLIPEncoder(tmp_path)
+
+
+def test_subject_folders(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(LimnerError, match="no images"):
+        load_subjects(str(empty), "dog")
+    dog = tmp_path / "dog"
+    dog.mkdir()
+    Image.fromarray(random_images(1)[0]).save(dog / "a.png")
+    with pytest.raises(LimnerError, match="class noun"):
+        load_subjects(str(dog))
+    (dog / "subject.json").write_text(json.dumps({"class_noun": "dog", "live": True}))
+    (s,) = load_subjects(str(dog))
+    assert s.class_noun == "dog" and len(s.images) == 1 and len(s.prompts) == 25
+    assert any("wearing" in p.template for p in s.prompts)
+    (dog / "broken.jpg").write_bytes(b"not an image")
+    with pytest.raises(LimnerError, match="broken.jpg"):
+        load_subjects(str(dog))
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    folder = tmp_path / "cup"
+    folder.mkdir()
+    im = Image.fromarray(np.zeros((20, 40, 3), np.uint8))
+    exif = im.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    im.save(folder / "a.jpg", exif=exif)
+    (s,) = load_subjects(str(folder), "cup")
+    assert s.images[0].shape[:2] == (40, 20)
+
+
+def test_dreambench_prompt_lists():
+    assert len(dreambench_prompts(False)) == len(dreambench_prompts(True)) == 25
+    assert {p.kind for p in dreambench_prompts(True)} == {"recontextualisation", "accessorisation", "property"}
+
+
+def test_world_subjects_and_errors():
+    assert len(load_subjects("world:objects")) == 12 and len(load_subjects("world:identities")) == 8
+    with pytest.raises(LimnerError, match="unknown world subject"):
+        load_subjects("world:nobody")
+    with pytest.raises(LimnerError, match="does not exist"):
+        load_subjects("/no/such/folder")
+
+
+def test_cli_rejects_unknown_method_and_missing_clip(tmp_path):
+    r = runner.invoke(app, ["eval", "--method", "magic", "--out", str(tmp_path / "r")])
+    assert r.exit_code == 2 and "unknown method 'magic'" in r.output
+    folder = tmp_path / "cat"
+    folder.mkdir()
+    Image.fromarray(random_images(1)[0]).save(folder / "a.png")
+    r = runner.invoke(app, ["eval", "--subjects", str(folder), "--class-noun", "cat", "--out", str(tmp_path / "r")])
+    assert r.exit_code == 2 and "--clip" in r.output
+
+
+def test_world_bench_bounds_cache_and_report(tmp_path):
+    args = ["eval", "--subjects", "world:duo_ball,ada", "--prompts", "2", "-n", "2", "--steps", "6", "--cache", str(tmp_path / "cache"),
+            "--out", str(tmp_path / "report"), "--device", "cpu"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    results = json.loads((tmp_path / "report" / "results.json").read_text())
+    lower, upper = results["rows"]["lower-bound"]["mean"], results["rows"]["upper-bound"]["mean"]
+    assert upper["subject_fidelity"] > lower["subject_fidelity"] + 0.2, "renders of the subject are the subject; the class prompt is not"
+    assert upper["prompt_fidelity"] >= 0.9
+    for key in ("clip_i", "clip_t", "diversity", "face_sim", "language_drift"):
+        assert key in lower
+    assert results["cache"]["misses"] > 0
+    # a rerun does no work twice
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0 and json.loads((tmp_path / "report" / "results.json").read_text())["cache"]["misses"] == 0
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert page.startswith("<!doctype html>") and page.rstrip().endswith("</html>")
+    srcs = re.findall(r"src='([^']+)'", page)
+    assert len(srcs) > 10 and all((tmp_path / "report" / s).exists() for s in srcs)
+    assert (tmp_path / "report" / "fidelity.png").exists() and "| lower-bound |" in (tmp_path / "report" / "results.md").read_text()
