@@ -167,10 +167,13 @@ def generate_cached(handle: BaseHandle, cache: ImageCache, prompt: str, settings
         base = handle.get()
         if prepare is not None:
             prepare(base)
-        for i in missing:
-            s = GenerationSettings(prompt=prompt, num_images=1, seed=settings.seed + i, steps=settings.steps,
-                                   guidance_scale=settings.guidance, scheduler=settings.scheduler, batch_size=1)
-            cache.put(keys[i], generate(base, s).images[0])
+        # one batched call when the run is contiguous (the usual case); image i always has seed + i
+        runs = [missing] if missing == list(range(missing[0], missing[-1] + 1)) else [[i] for i in missing]
+        for run in runs:
+            s = GenerationSettings(prompt=prompt, num_images=len(run), seed=settings.seed + run[0], steps=settings.steps,
+                                   guidance_scale=settings.guidance, scheduler=settings.scheduler, batch_size=len(run))
+            for i, image in zip(run, generate(base, s).images):
+                cache.put(keys[i], image)
     return [cache.path(k) for k in keys]
 
 

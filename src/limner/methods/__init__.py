@@ -52,6 +52,7 @@ class Method(ABC):
 
 
 REGISTRY: dict[str, type[Method]] = {}
+BUILTIN = ("textual_inversion",)  # modules of this package that define methods
 
 
 def register(cls: type[Method]) -> type[Method]:
@@ -61,9 +62,17 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
+def load_builtin_methods() -> None:
+    import importlib
+
+    for module in BUILTIN:
+        importlib.import_module(f"limner.methods.{module}")
+
+
 def get_method(name: str) -> Method:
     from limner.errors import LimnerError
 
+    load_builtin_methods()
     if name not in REGISTRY:
         known = ", ".join(sorted(REGISTRY)) or "none yet"
         raise LimnerError(f"unknown method {name!r}; available: {known}")

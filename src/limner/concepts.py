@@ -1,0 +1,51 @@
+"""The concept: one folder per personalized subject, whatever the method.
+
+It holds the method's weights in their interoperable formats, `limner.json` (method, base
+fingerprint, tokens, class noun, training settings, steps, timings, curve) and a README model card.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from limner.errors import LimnerError
+
+MANIFEST = "limner.json"
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def read_manifest(folder: Path) -> dict:
+    path = Path(folder) / MANIFEST
+    if not path.exists():
+        raise LimnerError(f"concept {folder} has no {MANIFEST}; it is not a limner concept folder (train one with `limner train`)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise LimnerError(f"{path} is not valid JSON ({e})") from e
+
+
+def check_base(manifest: dict, folder: Path, base, force: bool = False) -> None:
+    """A concept trained on another base gets a clear error unless forced."""
+    want = manifest.get("base_fingerprint")
+    if want and want != base.fingerprint and not force:
+        raise LimnerError(f"concept {folder} was trained on base {want} ({manifest.get('base_path', '?')}) but the loaded base is "
+                          f"{base.fingerprint} ({base.path}); load that base, or pass --force to apply it anyway")
+
+
+def write_model_card(folder: Path, manifest: dict, samples: list[str] | None = None) -> None:
+    lines = [f"# {manifest.get('subject', folder.name)} ({manifest['method']})", "",
+             f"A limner concept: `{manifest['method']}` personalization of a *{manifest.get('class_noun', '?')}*.", "",
+             f"- base: `{manifest.get('base_path')}` (fingerprint `{manifest.get('base_fingerprint')}`)",
+             f"- tokens: {', '.join(f'`{t}`' for t in manifest.get('tokens', [])) or '—'}",
+             f"- steps: {manifest.get('steps')}, training time: {manifest.get('seconds', '?')} s", "",
+             "Use it:", "", "```bash", f"limner generate \"{manifest.get('example_prompt', 'a photo of it')}\" --concept {folder}", "```"]
+    for s in samples or []:
+        lines.append(f"![sample]({s})")
+    (folder / "README.md").write_text("\n".join(lines) + "\n")

@@ -1,0 +1,190 @@
+"""Textual Inversion (Gal et al., 2022): "An Image is Worth One Word".
+
+A new pseudo-word S* (optionally several vectors S*, S*_1, ...) is added to the text encoder's
+vocabulary, initialised from a coarse descriptor (the class noun). Only its embedding v* is
+optimised, with the usual denoising loss on the reference images captioned by neutral templates
+("a photo of a S*"); every other row of the embedding matrix is restored after each step, so the
+model itself never changes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from limner.concepts import MANIFEST, read_manifest, write_json_atomic, write_model_card
+from limner.errors import LimnerError
+from limner.methods import Method, Subject, register
+from limner.training import TrainConfig, TrainingTask, denoising_loss, train
+from limner.training.data import LatentCache, encode_images
+
+OBJECT_TEMPLATES = (
+    "a photo of a {}", "a rendering of a {}", "a picture of a {}", "a {}", "a photo of the {}", "a close up photo of a {}",
+    "a photo of a small {}", "a photo of a big {}", "a good photo of a {}", "a bright photo of the {}", "a dark photo of a {}",
+    "a cropped photo of the {}", "a photo of one {}", "a clean photo of a {}", "a photo of my {}", "a nice picture of the {}",
+)
+STYLE_TEMPLATES = (
+    "a painting in the style of {}", "a rendering in the style of {}", "a picture in the style of {}", "a drawing in the style of {}",
+    "a photo in the style of {}", "art in the style of {}", "a nice painting in the style of {}", "a {} style painting",
+)
+
+DIFFUSERS_FILE = "learned_embeds.safetensors"
+A1111_FILE = "embedding.safetensors"  # {"emb_params": [n, d]}: A1111 / kohya / ComfyUI
+
+
+@dataclass
+class TextualInversionConfig:
+    token: str = "<s*>"
+    num_vectors: int = 1
+    initializer: str | None = None  # default: the class noun
+    templates: str = "object"  # object | style
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=400, batch_size=4, learning_rate=5e-3,
+                                                                     weight_decay=0.0, checkpoint_every=100))
+
+
+def placeholder_tokens(token: str, num_vectors: int) -> list[str]:
+    """S*, S*_1, ...: the names diffusers' loader gives a multi-vector embedding."""
+    return [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
+
+
+def add_tokens(tokenizer, text_encoder, tokens: list[str], initializer: str) -> list[int]:
+    """Adds tokens to the vocabulary, each initialised to the mean embedding of the initializer's
+    pieces. Refuses a token the vocabulary already has (it would silently reuse a trained word)."""
+    vocab = tokenizer.get_vocab()
+    clash = [t for t in tokens if t in vocab or f"{t}</w>" in vocab]  # CLIP's BPE stores whole words with "</w>"
+    if clash:
+        raise LimnerError(f"token {clash[0]!r} is already in the tokenizer's vocabulary; choose another --token (e.g. '<{clash[0].strip('<>')}-1>')")
+    init_ids = tokenizer(initializer, add_special_tokens=False).input_ids
+    if not init_ids:
+        raise LimnerError(f"--initializer {initializer!r} tokenizes to nothing; give a word such as the class noun")
+    tokenizer.add_tokens(tokens)
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    text_encoder.resize_token_embeddings(len(tokenizer))
+    emb = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        emb[ids] = emb[init_ids].mean(0, keepdim=True)
+    return ids
+
+
+class TextualInversionTask(TrainingTask):
+    def __init__(self, pipe, token_ids: list[int], prompt_ids: torch.Tensor, latents: LatentCache, cfg: TrainConfig):
+        self.pipe, self.token_ids, self.prompt_ids, self.latents, self.cfg = pipe, token_ids, prompt_ids, latents, cfg
+        te = pipe.text_encoder
+        te.requires_grad_(False)
+        self.embedding = te.get_input_embeddings().weight
+        self.embedding.requires_grad_(True)
+        self.original = self.embedding.detach().clone()
+        self.keep = torch.ones(len(self.original), dtype=torch.bool)
+        self.keep[token_ids] = False
+        pipe.unet.requires_grad_(False)
+
+    def modules(self):
+        return {"text_encoder": self.pipe.text_encoder}
+
+    def trainable_parameters(self):
+        return [self.embedding]
+
+    def loss(self, batch, generator):
+        te = self.wrapped["text_encoder"]
+        cond = te(batch["input_ids"].to(self.embedding.device))[0]
+        latents = batch["latents"].to(cond.device, cond.dtype)
+        return denoising_loss(self.pipe.unet, self.pipe.scheduler, latents, cond, generator, self.cfg.noise_offset, self.cfg.min_snr_gamma)
+
+    @torch.no_grad()
+    def after_optimizer_step(self):
+        self.embedding[self.keep] = self.original[self.keep].to(self.embedding)
+
+    def trainable_state(self):
+        return {"embeddings": self.embedding[self.token_ids].detach().float()}
+
+    def load_trainable_state(self, state):
+        with torch.no_grad():
+            self.embedding[self.token_ids] = state["embeddings"].to(self.embedding)
+
+
+def save_embeddings(folder: Path, token: str, vectors: torch.Tensor) -> None:
+    """Writes the diffusers layout {token: [n, d]} and the A1111/kohya layout {"emb_params": [n, d]}."""
+    for name, state in ((DIFFUSERS_FILE, {token: vectors}), (A1111_FILE, {"emb_params": vectors})):
+        tmp = folder / f"{name}.tmp"
+        save_file({k: v.detach().cpu().half().contiguous() for k, v in state.items()}, str(tmp))
+        os.replace(tmp, folder / name)
+
+
+def load_embedding_file(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Reads any Textual Inversion layout into {"token"?: name, "clip_l"/"vectors": tensor}:
+    diffusers {token: [n, d]}, A1111/kohya safetensors {"emb_params"}, SDXL {"clip_l", "clip_g"},
+    and A1111 .pt {"string_to_param": {"*": ...}} only with allow_pickle (then weights_only=True)."""
+    path = Path(path)
+    if path.suffix in (".pt", ".bin"):
+        if not allow_pickle:
+            raise LimnerError(f"{path} is a pickle file; limner loads it only with --allow-pickle (read with torch.load(weights_only=True)). "
+                              "Prefer a .safetensors embedding.")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if "string_to_param" in state:
+            return {"token": state.get("name"), "vectors": state["string_to_param"]["*"]}
+    else:
+        state = load_file(str(path))
+    if "clip_l" in state:
+        return {"clip_l": state["clip_l"], "clip_g": state["clip_g"]}
+    if "emb_params" in state:
+        return {"vectors": state["emb_params"]}
+    if len(state) == 1:
+        token, vectors = next(iter(state.items()))
+        return {"token": token, "vectors": vectors}
+    raise LimnerError(f"{path}: not a Textual Inversion embedding (expected {{token: tensor}}, emb_params, clip_l/clip_g or string_to_param)")
+
+
+@register
+class TextualInversion(Method):
+    name = "textual_inversion"
+    family = "tuning"
+
+    def personalize(self, base, subject: Subject, out: Path, **overrides) -> Path:
+        cfg = TextualInversionConfig(**{k: v for k, v in overrides.items() if k != "train"})
+        if "train" in overrides:
+            cfg.train = overrides["train"]
+        if cfg.num_vectors < 1:
+            raise LimnerError(f"--num-vectors must be at least 1, got {cfg.num_vectors}")
+        pipe = base.pipe
+        tokens = placeholder_tokens(cfg.token, cfg.num_vectors)
+        ids = add_tokens(pipe.tokenizer, pipe.text_encoder, tokens, cfg.initializer or subject.class_noun)
+        templates = OBJECT_TEMPLATES if cfg.templates == "object" else STYLE_TEMPLATES
+        phrase = " ".join(tokens)
+        prompt_ids = pipe.tokenizer([t.format(phrase) for t in templates], padding="max_length", truncation=True,
+                                    max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+        latents = encode_images(pipe.vae, subject.images, base.resolution)
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+
+        def next_batch(g: torch.Generator) -> dict:
+            idx = torch.randint(len(latents.mean), (cfg.train.batch_size,), generator=g)
+            tpl = torch.randint(len(prompt_ids), (cfg.train.batch_size,), generator=g)
+            return {"latents": latents.sample(idx, g), "input_ids": prompt_ids[tpl]}
+
+        task = TextualInversionTask(pipe, ids, prompt_ids, latents, cfg.train)
+        t0 = time.perf_counter()
+        log = train(task, next_batch, cfg.train, out, desc=f"textual inversion {subject.name}")
+        vectors = task.embedding[ids].detach().float()
+        save_embeddings(out, cfg.token, vectors)
+        manifest = {"method": self.name, "subject": subject.name, "class_noun": subject.class_noun, "tokens": tokens,
+                    "token": cfg.token, "num_vectors": cfg.num_vectors, "base_fingerprint": base.fingerprint,
+                    "base_path": str(base.path), "config": asdict(cfg), "steps": log.steps, "seconds": round(log.seconds, 2),
+                    "wall_seconds": round(time.perf_counter() - t0, 2), "curve": log.curve,
+                    "files": {"diffusers": DIFFUSERS_FILE, "a1111": A1111_FILE},
+                    "example_prompt": f"a photo of a {cfg.token} on the beach"}
+        write_json_atomic(out / MANIFEST, manifest)
+        write_model_card(out, manifest)
+        return out
+
+    def apply(self, base, concept: Path) -> None:
+        m = read_manifest(concept)
+        # diffusers' own loader: the file is exactly what plain diffusers users load
+        base.pipe.load_textual_inversion(str(Path(concept) / DIFFUSERS_FILE), token=m["token"])
+
+    def prompt(self, template: str, concept: Path) -> str:
+        return template.format(read_manifest(concept)["token"])

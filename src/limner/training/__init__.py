@@ -1,0 +1,271 @@
+"""One training loop for every method that tunes weights or embeddings.
+
+A method describes *what* it trains as a `TrainingTask` (its trainable modules and parameters, and
+its loss on a batch); `train` does the rest: accelerate (devices, mixed precision, gradient
+accumulation, several processes under `accelerate launch`), the optimizer and learning-rate
+schedule, checkpoints with exact resume, CSV logs and a progress bar.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from limner.errors import LimnerError
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 400
+    batch_size: int = 4
+    learning_rate: float = 1e-4
+    lr_warmup_steps: int = 0
+    lr_schedule: str = "constant"  # constant | cosine
+    weight_decay: float = 1e-2
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    checkpoint_every: int = 100  # 0: only at the end
+    keep_checkpoints: int = 2
+    noise_offset: float = 0.0
+    min_snr_gamma: float | None = None
+    resume: str | None = None  # "latest" or a checkpoint folder
+
+
+class TrainingTask(ABC):
+    """What a method trains: its modules, its trainable parameters and its loss."""
+
+    @abstractmethod
+    def modules(self) -> dict[str, nn.Module]:
+        """The modules that hold trainable parameters (wrapped by accelerate)."""
+
+    @abstractmethod
+    def trainable_parameters(self) -> list[nn.Parameter]: ...
+
+    @abstractmethod
+    def loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor: ...
+
+    def after_optimizer_step(self) -> None:  # noqa: B027 - optional hook
+        """E.g. Textual Inversion restores every embedding row but the new tokens'."""
+
+    @abstractmethod
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The trained values, for checkpoints (small: only what is trained)."""
+
+    @abstractmethod
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None: ...
+
+
+@dataclass
+class TrainLog:
+    steps: int = 0
+    seconds: float = 0.0
+    curve: list[dict] = field(default_factory=list)  # {"step", "seconds", "loss"}
+    resumed_from: int | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# The denoising loss every tuning method shares
+# --------------------------------------------------------------------------------------------
+
+
+def denoising_loss(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor, generator: torch.Generator,
+                   noise_offset: float = 0.0, min_snr_gamma: float | None = None, mask: torch.Tensor | None = None,
+                   reduction: str = "mean", **unet_kwargs) -> torch.Tensor:
+    """Epsilon (or v) prediction MSE at random timesteps, with optional noise offset, min-SNR weighting
+    and a spatial mask (1 where the loss counts). reduction='none' gives one value per sample."""
+    b = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=generator).to(latents)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn((b, latents.shape[1], 1, 1), generator=generator).to(latents)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(latents.device)
+    noisy = scheduler.add_noise(latents, noise, t)
+    pred = unet(noisy, t, cond, **unet_kwargs).sample.float()
+    target = noise.float() if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t).float()
+    err = F.mse_loss(pred, target, reduction="none")
+    if mask is not None:
+        m = F.interpolate(mask.float(), size=err.shape[-2:], mode="nearest").to(err)
+        per_sample = (err * m).sum(dim=(1, 2, 3)) / (m.sum(dim=(1, 2, 3)) * err.shape[1]).clamp(min=1)
+    else:
+        per_sample = err.mean(dim=(1, 2, 3))
+    if min_snr_gamma:
+        alphas = scheduler.alphas_cumprod.to(t.device)[t]
+        snr = alphas / (1 - alphas)
+        weight = torch.clamp(snr, max=min_snr_gamma) / snr
+        if scheduler.config.prediction_type == "v_prediction":
+            weight = torch.clamp(snr, max=min_snr_gamma) / (snr + 1)
+        per_sample = per_sample * weight
+    return per_sample if reduction == "none" else per_sample.mean()
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints: trainable values in safetensors, optimizer and generator state as plain tensors
+# --------------------------------------------------------------------------------------------
+
+
+def _checkpoint_dirs(out: Path) -> list[Path]:
+    return sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(out: Path, step: int, task: TrainingTask, optimizer, scheduler, generator: torch.Generator,
+                    cfg: TrainConfig, log: TrainLog) -> Path:
+    from safetensors.torch import save_file
+
+    final = out / "checkpoints" / f"step-{step:06d}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in task.trainable_state().items()}, str(tmp / "trainable.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(),
+                "generator": generator.get_state(), "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
+    (tmp / "checkpoint.json").write_text(json.dumps({"step": step, "config": _resume_key(cfg), "curve": log.curve}))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in _checkpoint_dirs(out)[: -cfg.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _resume_key(cfg: TrainConfig) -> dict:
+    """The settings a resumed run must share with the run that wrote the checkpoint."""
+    d = asdict(cfg)
+    for k in ("resume", "checkpoint_every", "keep_checkpoints", "max_steps"):
+        d.pop(k)
+    return d
+
+
+def find_checkpoint(out: Path, resume: str | None) -> Path | None:
+    if not resume:
+        return None
+    if resume == "latest":
+        found = _checkpoint_dirs(out)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "checkpoint.json").exists():
+        raise LimnerError(f"--resume {resume}: not a limner checkpoint folder (no checkpoint.json); use 'latest' or a "
+                          f"folder under {out / 'checkpoints'}")
+    return path
+
+
+def load_checkpoint(path: Path, task: TrainingTask, optimizer, scheduler, generator: torch.Generator, cfg: TrainConfig) -> tuple[int, list]:
+    from safetensors.torch import load_file
+
+    meta = json.loads((path / "checkpoint.json").read_text())
+    if meta["config"] != _resume_key(cfg):
+        changed = sorted(k for k in meta["config"] if meta["config"][k] != _resume_key(cfg).get(k))
+        raise LimnerError(f"checkpoint {path} was written with other settings ({', '.join(changed)}); resume with the same "
+                          "settings, or start a new run in another output folder")
+    task.load_trainable_state(load_file(str(path / "trainable.safetensors")))
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["lr_scheduler"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    return meta["step"], meta["curve"]
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < cfg.lr_warmup_steps:
+            return (step + 1) / cfg.lr_warmup_steps
+        if cfg.lr_schedule == "cosine":
+            t = (step - cfg.lr_warmup_steps) / max(1, cfg.max_steps - cfg.lr_warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+        return 1.0
+
+    return f
+
+
+def train(task: TrainingTask, next_batch: Callable[[torch.Generator], dict], cfg: TrainConfig, out: Path,
+          desc: str = "train", on_checkpoint: Callable[[int], None] | None = None) -> TrainLog:
+    """Runs cfg.max_steps optimizer steps of task.loss on batches from next_batch(generator).
+
+    The generator that draws batches and noise is seeded from cfg.seed and the process index, saved
+    in every checkpoint and restored on resume, so a resumed run continues exactly as the
+    uninterrupted run would have."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+    out.mkdir(parents=True, exist_ok=True)
+    modules = task.modules()
+    if cfg.gradient_checkpointing:
+        for m in modules.values():
+            if hasattr(m, "enable_gradient_checkpointing"):
+                m.enable_gradient_checkpointing()
+            elif hasattr(m, "gradient_checkpointing_enable"):
+                m.gradient_checkpointing_enable()
+    params = task.trainable_parameters()
+    if not params:
+        raise LimnerError("nothing to train: the method left no parameter trainable")
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    names = list(modules)
+    prepared = accelerator.prepare(*modules.values(), optimizer, scheduler)
+    wrapped, optimizer, scheduler = dict(zip(names, prepared[:-2])), prepared[-2], prepared[-1]
+    task.wrapped = wrapped  # the accelerate-wrapped modules, for the task's forward passes
+    task.accelerator = accelerator
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + accelerator.process_index)
+    log = TrainLog()
+    start = 0
+    ckpt = find_checkpoint(out, cfg.resume)
+    if ckpt is not None:
+        start, log.curve = load_checkpoint(ckpt, task, optimizer, scheduler, generator, cfg)
+        log.resumed_from = start
+    csv_path = out / "train_log.csv"
+    t0 = time.perf_counter() - (log.curve[-1]["seconds"] if log.curve else 0.0)
+    bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc=desc, disable=not accelerator.is_main_process,
+               mininterval=1)
+    for step in bar:
+        for _ in range(cfg.gradient_accumulation_steps):
+            with accelerator.accumulate(*wrapped.values()):
+                with accelerator.autocast():
+                    loss = task.loss(next_batch(generator), generator)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm:
+                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+        task.after_optimizer_step()
+        loss_value = accelerator.gather(loss.detach().float().reshape(1)).mean().item()
+        log.curve.append({"step": step + 1, "seconds": round(time.perf_counter() - t0, 3), "loss": round(loss_value, 6)})
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        done = step + 1 == cfg.max_steps
+        if accelerator.is_main_process and ((cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or done):
+            save_checkpoint(out, step + 1, task, optimizer, scheduler, generator, cfg, log)
+            write_csv(csv_path, log.curve)
+            if on_checkpoint:
+                on_checkpoint(step + 1)
+    accelerator.wait_for_everyone()
+    log.steps = cfg.max_steps
+    log.seconds = log.curve[-1]["seconds"] if log.curve else 0.0
+    return log
+
+
+def write_csv(path: Path, curve: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["step", "seconds", "loss"])
+        w.writeheader()
+        w.writerows(curve)
+    os.replace(tmp, path)

@@ -1,0 +1,61 @@
+"""Instance data for tuning methods: reference images -> cached latents (and flips) -> batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from limner.errors import LimnerError
+
+
+def fit_square(image: np.ndarray, resolution: int) -> np.ndarray:
+    """Resize the shorter side to `resolution` and centre-crop: the usual instance preprocessing."""
+    im = Image.fromarray(image).convert("RGB")
+    w, h = im.size
+    s = resolution / min(w, h)
+    im = im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
+    w, h = im.size
+    left, top = (w - resolution) // 2, (h - resolution) // 2
+    return np.asarray(im.crop((left, top, left + resolution, top + resolution)))
+
+
+def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
+    """uint8 [H, W, 3] list -> float [B, 3, H, W] in [-1, 1]."""
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+
+
+@dataclass
+class LatentCache:
+    """Posterior mean and std of each training image (and of its mirror image when flipping is on):
+    the VAE encoder runs once, not once per step."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    scaling: float
+    source: torch.Tensor  # index of the original image for each row
+
+    def sample(self, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        eps = torch.randn(self.mean[idx].shape, generator=generator)
+        return (self.mean[idx] + self.std[idx] * eps) * self.scaling
+
+
+@torch.no_grad()
+def encode_images(vae, images: list[np.ndarray], resolution: int, flip: bool = True, batch: int = 16) -> LatentCache:
+    if not images:
+        raise LimnerError("no training images: give at least one reference image of the subject")
+    fitted = [fit_square(im, resolution) for im in images]
+    rows, source = list(fitted), list(range(len(fitted)))
+    if flip:
+        rows += [im[:, ::-1].copy() for im in fitted]
+        source += list(range(len(fitted)))
+    means, stds = [], []
+    device, dtype = vae.device, vae.dtype
+    for i in range(0, len(rows), batch):
+        d = vae.encode(to_tensor(rows[i:i + batch]).to(device, dtype)).latent_dist
+        means.append(d.mean.float().cpu())
+        stds.append(d.std.float().cpu())
+    scaling = float(vae.config.scaling_factor)
+    return LatentCache(torch.cat(means), torch.cat(stds), scaling, torch.tensor(source))

@@ -1,0 +1,72 @@
+"""The shared trainer and Textual Inversion, on a tiny random pipeline (training is the point here,
+quality is not: that is measured on the world bench)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from limner.errors import LimnerError
+from limner.methods import Subject, get_method
+from limner.models.loading import load_base
+from limner.training import TrainConfig
+
+
+def subject(n=3):
+    rng = np.random.default_rng(0)
+    return Subject("blob", "ball", [rng.integers(0, 255, (40, 48, 3), dtype=np.uint8) for _ in range(n)])
+
+
+def ti_config(steps, **kw):
+    return {"train": TrainConfig(max_steps=steps, batch_size=2, learning_rate=5e-2, weight_decay=0.0, checkpoint_every=2, **kw)}
+
+
+def test_textual_inversion_trains_only_the_new_token_and_loads_in_plain_diffusers(tiny_base, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    base = load_base(str(tiny_base), device="cpu")
+    before = base.pipe.text_encoder.get_input_embeddings().weight.detach().clone()
+    out = get_method("textual_inversion").personalize(base, subject(), tmp_path / "c", **ti_config(4))
+    after = base.pipe.text_encoder.get_input_embeddings().weight.detach()
+    assert torch.equal(after[: len(before)], before), "every other row is restored"
+    vec = load_file(str(out / "learned_embeds.safetensors"))["<s*>"]
+    assert vec.shape == (1, 32) and (load_file(str(out / "embedding.safetensors"))["emb_params"] == vec).all()
+    init = before[base.pipe.tokenizer("ball", add_special_tokens=False).input_ids].mean(0)
+    assert not torch.allclose(vec[0].float(), init, atol=1e-3), "the embedding moved"
+    assert (out / "train_log.csv").read_text().count("\n") == 5 and (out / "README.md").exists()
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_base)
+    pipe.load_textual_inversion(str(out / "learned_embeds.safetensors"))
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    with_token = pipe("a <s*> on the beach", num_inference_steps=2, generator=g(), output_type="np").images
+    plain = pipe("a ball on the beach", num_inference_steps=2, generator=g(), output_type="np").images
+    assert not np.allclose(with_token, plain)
+
+
+def test_resume_latest_gives_the_same_result_as_an_uninterrupted_run(tiny_base, tmp_path):
+    from safetensors.torch import load_file
+
+    straight = get_method("textual_inversion").personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "a", **ti_config(6))
+    # interrupted after 4 steps (checkpoint at 4), then resumed to 6
+    get_method("textual_inversion").personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "b", **ti_config(4))
+    resumed = get_method("textual_inversion").personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "b",
+                                                          **ti_config(6, resume="latest"))
+    a = load_file(str(straight / "learned_embeds.safetensors"))["<s*>"]
+    b = load_file(str(resumed / "learned_embeds.safetensors"))["<s*>"]
+    assert torch.equal(a, b)
+
+
+def test_resume_with_other_settings_is_refused(tiny_base, tmp_path):
+    get_method("textual_inversion").personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "c", **ti_config(2))
+    cfg = ti_config(4, resume="latest")
+    cfg["train"].learning_rate = 1e-3
+    with pytest.raises(LimnerError, match="learning_rate"):
+        get_method("textual_inversion").personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "c", **cfg)
+
+
+def test_placeholder_already_in_vocabulary(tiny_base, tmp_path):
+    with pytest.raises(LimnerError, match="already in the tokenizer"):
+        get_method("textual_inversion").personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "c",
+                                                    token="ball", **ti_config(1))
