@@ -70,3 +70,38 @@ def test_placeholder_already_in_vocabulary(tiny_base, tmp_path):
     with pytest.raises(LimnerError, match="already in the tokenizer"):
         get_method("textual_inversion").personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "c",
                                                     token="ball", **ti_config(1))
+
+
+def test_cli_train_then_generate_with_the_concept(tiny_base, tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from limner.cli import app
+
+    folder = tmp_path / "subj"
+    folder.mkdir()
+    for i, im in enumerate(subject(2).images):
+        Image.fromarray(im).save(folder / f"{i}.png")
+    runner = CliRunner()
+    r = runner.invoke(app, ["train", "--method", "textual_inversion", "--subject", str(folder), "--class-noun", "ball", "--steps", "2",
+                            "--batch-size", "1", "--token", "<blob>", "--base", str(tiny_base), "--out", str(tmp_path / "concept")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["generate", "a <blob> in the snow", "-n", "1", "--steps", "1", "--base", str(tiny_base),
+                            "--concept", str(tmp_path / "concept"), "--out", str(tmp_path / "img")])
+    assert r.exit_code == 0, r.output
+    # another base: refused unless --force
+    from conftest import build_tiny_pipeline
+
+    torch.manual_seed(1)
+    other = tmp_path / "other-base"
+    build_tiny_pipeline(other)
+    from safetensors.torch import load_file, save_file
+
+    unet_file = other / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(unet_file))
+    state = {k: v + 0.01 for k, v in state.items()}
+    save_file(state, str(unet_file))
+    args = ["generate", "a <blob>", "-n", "1", "--steps", "1", "--base", str(other), "--concept", str(tmp_path / "concept"), "--out", str(tmp_path / "o2")]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2 and "trained on base" in r.output
+    assert runner.invoke(app, args + ["--force"]).exit_code == 0

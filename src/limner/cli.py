@@ -49,6 +49,8 @@ def generate(
     width: Annotated[Optional[int], typer.Option("--width")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 4,
     out: Annotated[Path, typer.Option("--out", help="Folder for PNGs, grid and JSON record.")] = Path("out"),
+    concept: Annotated[Optional[list[Path]], typer.Option("--concept", help="A concept folder to apply (repeatable: concepts compose).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Apply concepts trained on another base anyway.")] = False,
     base: BaseOpt = None,
     config: ConfigOpt = None,
     device: DeviceOpt = "auto",
@@ -66,6 +68,7 @@ def generate(
                                       guidance_scale=guidance, scheduler=scheduler, height=height, width=width, batch_size=batch_size)
         b = load_base(base, device=device, dtype=dtype, config=config)
         check_settings(b, settings)
+        apply_concepts(b, concept or [], force)
         from limner.generation import generate as gen
 
         with warnings.catch_warnings(record=True) as caught:
@@ -76,6 +79,61 @@ def generate(
                 typer.echo(f"warning: {w.message}", err=True)
         t = result.record["timings"]
         typer.echo(f"wrote {len(result.paths)} images, grid and record to {out}/ ({t['per_image_s']:.2f} s per image)")
+
+    run(go)
+
+
+def apply_concepts(base, folders: list[Path], force: bool = False) -> None:
+    from limner.concepts import check_base, read_manifest
+    from limner.methods import get_method
+
+    for folder in folders:
+        manifest = read_manifest(folder)
+        check_base(manifest, folder, base, force)
+        get_method(manifest["method"]).apply(base, folder)
+
+
+@app.command("train")
+def train_cmd(
+    method: Annotated[str, typer.Option("--method", help="The method to personalize with.")],
+    subject: Annotated[str, typer.Option("--subject", help="world:NAME, or a folder of reference images.")],
+    out: Annotated[Path, typer.Option("--out", help="The concept folder to write.")],
+    class_noun: Annotated[Optional[str], typer.Option("--class-noun")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size")] = None,
+    token: Annotated[Optional[str], typer.Option("--token", help="The new token / identifier.")] = None,
+    num_vectors: Annotated[Optional[int], typer.Option("--num-vectors", help="Textual Inversion: vectors per token.")] = None,
+    mixed_precision: Annotated[str, typer.Option("--mixed-precision", help="no, fp16 or bf16.")] = "no",
+    resume: Annotated[Optional[str], typer.Option("--resume", help="'latest' or a checkpoint folder.")] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    base: BaseOpt = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Personalize a base on a subject's reference images; writes a concept folder."""
+    from dataclasses import replace
+
+    from limner.evaluation.subjects import load_subjects
+    from limner.methods import get_method
+    from limner.models.loading import load_base
+
+    def go():
+        m = get_method(method)
+        subs = load_subjects(subject, class_noun)
+        if len(subs) != 1:
+            raise LimnerError(f"--subject {subject} holds {len(subs)} subjects; train one at a time")
+        if mixed_precision not in ("no", "fp16", "bf16"):
+            raise LimnerError(f"--mixed-precision {mixed_precision!r}: use no, fp16 or bf16")
+        if out.exists() and not out.is_dir():
+            raise LimnerError(f"--out {out} is a file; give a folder")
+        overrides = {k: v for k, v in {"token": token, "num_vectors": num_vectors}.items() if v is not None}
+        train_cfg = m.default_train_config()
+        if train_cfg is not None:
+            changes = {k: v for k, v in {"max_steps": steps, "learning_rate": lr, "batch_size": batch_size}.items() if v is not None}
+            overrides["train"] = replace(train_cfg, mixed_precision=mixed_precision, resume=resume, seed=seed, **changes)
+        b = load_base(base, device=device)
+        folder = m.personalize(b, subs[0], out, **overrides)
+        typer.echo(f"concept written to {folder}")
 
     run(go)
 

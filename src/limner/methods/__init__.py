@@ -50,6 +50,10 @@ class Method(ABC):
     @abstractmethod
     def prompt(self, template: str, concept: Path) -> str: ...
 
+    def default_train_config(self):
+        """The method's default limner.training.TrainConfig; None for methods that do not train."""
+        return None
+
 
 REGISTRY: dict[str, type[Method]] = {}
 BUILTIN = ("textual_inversion",)  # modules of this package that define methods

@@ -37,14 +37,17 @@ DIFFUSERS_FILE = "learned_embeds.safetensors"
 A1111_FILE = "embedding.safetensors"  # {"emb_params": [n, d]}: A1111 / kohya / ComfyUI
 
 
+def default_train_config() -> TrainConfig:
+    return TrainConfig(max_steps=400, batch_size=4, learning_rate=5e-3, weight_decay=0.0, checkpoint_every=100)
+
+
 @dataclass
 class TextualInversionConfig:
     token: str = "<s*>"
     num_vectors: int = 1
     initializer: str | None = None  # default: the class noun
     templates: str = "object"  # object | style
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=400, batch_size=4, learning_rate=5e-3,
-                                                                     weight_decay=0.0, checkpoint_every=100))
+    train: TrainConfig = field(default_factory=default_train_config)
 
 
 def placeholder_tokens(token: str, num_vectors: int) -> list[str]:
@@ -180,6 +183,9 @@ class TextualInversion(Method):
         write_json_atomic(out / MANIFEST, manifest)
         write_model_card(out, manifest)
         return out
+
+    def default_train_config(self) -> TrainConfig:
+        return default_train_config()
 
     def apply(self, base, concept: Path) -> None:
         m = read_manifest(concept)
