@@ -107,9 +107,7 @@ class ImageCache:
 def class_prompt(template: str, subject: EvalSubject) -> str:
     """The prompt with the subject replaced by its class noun: the lower bound's prompt, and the
     text that CLIP-T compares against (as in DreamBench)."""
-    noun = f"a {subject.class_noun}" if subject.kind == "identity" else subject.class_noun
-    text = template.format(noun)
-    return text.replace("a a ", "a ").replace("of a a ", "of a ")
+    return template.format(subject.class_noun)
 
 
 def render_upper_bound(subject: EvalSubject, prompt: BenchPrompt, seed: int) -> Image.Image:

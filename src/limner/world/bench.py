@@ -116,7 +116,7 @@ def identity_references(b: BenchIdentity, count: int = REFERENCE_COUNT, seed: in
 
 # --------------------------------------------------------------------------------------------
 # Prompt lists in the style of DreamBench: recontextualisation, accessorisation, property change.
-# "{}" stands for the subject's noun phrase ("sks ball" for DreamBooth, "<new1> ball", ...).
+# "{}" stands for the subject's noun phrase ("ball" for the class, "sks ball" for DreamBooth, ...).
 # --------------------------------------------------------------------------------------------
 
 
@@ -139,7 +139,7 @@ def object_prompts() -> list[BenchPrompt]:
 
 
 def identity_prompts() -> list[BenchPrompt]:
-    prompts = [BenchPrompt("a portrait of {} " + phrase, "recontextualisation", context=ctx) for ctx, phrase in vocab.CONTEXTS.items()]
+    prompts = [BenchPrompt("a portrait of a {} " + phrase, "recontextualisation", context=ctx) for ctx, phrase in vocab.CONTEXTS.items()]
     for colour, ctx in (("red", "beach"), ("blue", "city"), ("green", "snow"), ("yellow", "room")):
-        prompts.append(BenchPrompt(f"a portrait of {{}} in a {colour} shirt {vocab.CONTEXTS[ctx]}", "property", context=ctx, colour=colour))
+        prompts.append(BenchPrompt(f"a portrait of a {{}} in a {colour} shirt {vocab.CONTEXTS[ctx]}", "property", context=ctx, colour=colour))
     return prompts

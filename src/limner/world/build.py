@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from limner.errors import LimnerError
+from limner.models.saving import save_pipeline
 from limner.world import stack
 
 
@@ -315,26 +316,10 @@ def export_pipeline(out: Path, tokenizer, text_encoder, image_encoder, text_proj
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=feature_extractor, image_encoder=image_encoder,
                                    requires_safety_checker=False)
-    pipe.to(torch.float16)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    # transformers loads a checkpoint in the dtype its config names; say float32 so that plain
-    # `StableDiffusionPipeline.from_pretrained(folder)` gets one dtype everywhere (weights stay fp16)
-    for name in ("text_encoder", "image_encoder"):
-        cfg_path = tmp / name / "config.json"
-        cfg_path.write_text(cfg_path.read_text().replace('"dtype": "float16"', '"dtype": "float32"'))
+    save_pipeline(pipe, out)
     # CLIP-T needs the text projection, which the SD text encoder (CLIPTextModel) does not carry
     save_file({"text_projection.weight": text_projection.weight.detach().half().contiguous(),
-               "logit_scale": logit_scale.reshape(1).float()}, str(tmp / "clip_text_projection.safetensors"))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-
-
-# --------------------------------------------------------------------------------------------
-# The whole build
-# --------------------------------------------------------------------------------------------
+               "logit_scale": logit_scale.reshape(1).float()}, str(out / "clip_text_projection.safetensors"))
 
 
 def stage_probes(cfg: BuildConfig, work: Path) -> dict:

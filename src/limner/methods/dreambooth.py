@@ -1,0 +1,325 @@
+"""DreamBooth (Ruiz et al., 2023): fine-tune the model itself on "a [V] [class noun]".
+
+The subject is bound to a rare identifier [V] by fine-tuning the UNet (optionally the text encoder)
+on the reference images, captioned "a [V] [class noun]". The class-specific prior preservation loss
+keeps the class: the frozen model first draws N images of "a [class noun]", and the loss adds
+w * MSE on those with the class prompt, so "a dog" still means any dog. Two variants beside the
+paper's: LoRA (low-rank adapters through peft, instead of all UNet weights), and prior preservation
+without class images (regularise against the frozen model's own prediction on the same batch).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from limner.concepts import MANIFEST, read_manifest, write_json_atomic, write_model_card
+from limner.errors import LimnerError
+from limner.methods import Method, Subject, register
+from limner.models.saving import save_pipeline
+from limner.training import TrainConfig, TrainingTask, denoising_loss, train
+from limner.training.data import LatentCache, encode_images
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+KOHYA_FILE = "lora_kohya.safetensors"
+PIPELINE_DIR = "pipeline"
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+PRIOR_MODES = ("none", "class_images", "frozen")
+
+
+def default_train_config(lora: bool) -> TrainConfig:
+    # diffusers' README recipe is lr 5e-6 (full) / 1e-4 (LoRA) for 400-800 steps at 512 px; the small
+    # world model moves less per step, so the world defaults are larger
+    return TrainConfig(max_steps=300, batch_size=4, learning_rate=5e-4 if lora else 5e-5, checkpoint_every=100)
+
+
+@dataclass
+class DreamBoothConfig:
+    identifier: str = "sks"
+    lora_rank: int | None = None  # None: full fine-tune; dreambooth_lora sets 8
+    lora_alpha: float | None = None  # default: the rank
+    train_text_encoder: bool = False
+    prior_preservation: str = "class_images"  # none | class_images | frozen
+    num_class_images: int = 50
+    prior_loss_weight: float = 1.0
+    class_image_steps: int = 25
+    class_image_cache: str | None = None  # default: ~/.cache/limner/class-images
+    train: TrainConfig | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Class images for prior preservation: drawn once by the frozen base, cached on disk, reused
+# --------------------------------------------------------------------------------------------
+
+
+def class_images(base, class_prompt: str, count: int, steps: int, cache: Path | None) -> list[np.ndarray]:
+    from limner.generation import GenerationSettings, generate
+
+    root = Path(cache or Path.home() / ".cache" / "limner" / "class-images")
+    key = hashlib.sha256(f"{base.fingerprint}|{class_prompt}|{steps}".encode()).hexdigest()[:16]
+    folder = root / f"{class_prompt.replace(' ', '_')}-{key}"
+    folder.mkdir(parents=True, exist_ok=True)
+    have = sorted(folder.glob("*.png"))
+    if len(have) < count:
+        s = GenerationSettings(class_prompt, num_images=count - len(have), seed=len(have), steps=steps, batch_size=8)
+        for i, im in enumerate(generate(base, s).images):
+            tmp = folder / f"{len(have) + i:05d}.png.tmp"
+            im.save(tmp, format="PNG")
+            os.replace(tmp, folder / f"{len(have) + i:05d}.png")
+        have = sorted(folder.glob("*.png"))
+    out = []
+    for p in have[:count]:
+        with Image.open(p) as im:
+            out.append(np.asarray(im.convert("RGB")))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+def add_lora(model, rank: int, alpha: float, targets: list[str]) -> list[torch.nn.Parameter]:
+    from peft import LoraConfig
+
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets))
+    return [p for n, p in model.named_parameters() if "lora_" in n]
+
+
+@torch.no_grad()
+def encode_prompt(pipe, prompt: str) -> torch.Tensor:
+    ids = pipe.tokenizer([prompt], padding="max_length", truncation=True, max_length=pipe.tokenizer.model_max_length,
+                         return_tensors="pt").input_ids.to(pipe.text_encoder.device)
+    return pipe.text_encoder(ids)[0]
+
+
+class DreamBoothTask(TrainingTask):
+    def __init__(self, pipe, cfg: DreamBoothConfig, instance_prompt: str, class_prompt: str):
+        self.pipe, self.cfg = pipe, cfg
+        self.train_cfg = cfg.train
+        pipe.vae.requires_grad_(False)
+        pipe.text_encoder.requires_grad_(False)
+        lora = cfg.lora_rank is not None
+        if lora:
+            pipe.unet.requires_grad_(False)
+            alpha = cfg.lora_alpha or cfg.lora_rank
+            self.params = add_lora(pipe.unet, cfg.lora_rank, alpha, UNET_TARGETS)
+            if cfg.train_text_encoder:
+                self.params += add_lora(pipe.text_encoder, cfg.lora_rank, alpha, TEXT_TARGETS)
+        else:
+            pipe.unet.requires_grad_(True)
+            self.params = list(pipe.unet.parameters())
+            if cfg.train_text_encoder:
+                pipe.text_encoder.requires_grad_(True)
+                self.params += list(pipe.text_encoder.parameters())
+        # a frozen copy of the model's prediction, for prior preservation without class images
+        self.frozen_unet = None
+        if cfg.prior_preservation == "frozen" and not lora:
+            self.frozen_unet = copy.deepcopy(pipe.unet).requires_grad_(False).eval()
+        self.tokens = {p: pipe.tokenizer([p], padding="max_length", truncation=True, max_length=pipe.tokenizer.model_max_length,
+                                         return_tensors="pt").input_ids for p in (instance_prompt, class_prompt)}
+        # text-encoder outputs are cached whenever the text encoder is frozen
+        self.cached = None if cfg.train_text_encoder else {p: encode_prompt(pipe, p) for p in (instance_prompt, class_prompt)}
+        self.instance_prompt, self.class_prompt = instance_prompt, class_prompt
+
+    def modules(self):
+        mods = {"unet": self.pipe.unet}
+        if self.cfg.train_text_encoder:
+            mods["text_encoder"] = self.pipe.text_encoder
+        return mods
+
+    def trainable_parameters(self):
+        return self.params
+
+    def cond(self, prompt: str, n: int) -> torch.Tensor:
+        if self.cached is not None:
+            return self.cached[prompt].expand(n, -1, -1)
+        te = self.wrapped["text_encoder"]
+        return te(self.tokens[prompt].to(te.device if hasattr(te, "device") else "cpu").expand(n, -1))[0]
+
+    def loss(self, batch, generator):
+        unet, sched, tc = self.wrapped["unet"], self.pipe.scheduler, self.train_cfg
+        inst = batch["instance"]
+        n = inst.shape[0]
+        if "class" in batch:  # the paper's prior preservation: instance and class images in one batch
+            latents = torch.cat([inst, batch["class"]])
+            cond = torch.cat([self.cond(self.instance_prompt, n), self.cond(self.class_prompt, batch["class"].shape[0])])
+            per = denoising_loss(unet, sched, latents.to(cond), cond, generator, tc.noise_offset, tc.min_snr_gamma, reduction="none")
+            return per[:n].mean() + self.cfg.prior_loss_weight * per[n:].mean()
+        cond = self.cond(self.instance_prompt, n)
+        loss = denoising_loss(unet, sched, inst.to(cond), cond, generator, tc.noise_offset, tc.min_snr_gamma)
+        if self.cfg.prior_preservation == "frozen":
+            loss = loss + self.cfg.prior_loss_weight * self.frozen_prior(unet, inst.to(cond), generator)
+        return loss
+
+    def frozen_prior(self, unet, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """MSE between the tuned and the frozen model's predictions for the class prompt."""
+        noise = torch.randn(latents.shape, generator=generator).to(latents)
+        t = torch.randint(0, self.pipe.scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(latents.device)
+        noisy = self.pipe.scheduler.add_noise(latents, noise, t)
+        cond = self.cond(self.class_prompt, latents.shape[0])
+        with torch.no_grad():
+            if self.frozen_unet is not None:
+                target = self.frozen_unet(noisy, t, cond).sample
+            else:  # LoRA: the frozen model is the same UNet with its adapters off
+                base_unet = self.pipe.unet
+                base_unet.disable_adapters()
+                target = base_unet(noisy, t, cond).sample
+                base_unet.enable_adapters()
+        return F.mse_loss(unet(noisy, t, cond).sample.float(), target.float())
+
+    def trainable_state(self):
+        named = dict(self.pipe.unet.named_parameters(prefix="unet"))
+        if self.cfg.train_text_encoder:
+            named.update(self.pipe.text_encoder.named_parameters(prefix="text_encoder"))
+        ids = {id(p) for p in self.params}
+        return {k: v.detach().float() for k, v in named.items() if id(v) in ids}
+
+    def load_trainable_state(self, state):
+        named = dict(self.pipe.unet.named_parameters(prefix="unet"))
+        named.update(self.pipe.text_encoder.named_parameters(prefix="text_encoder"))
+        with torch.no_grad():
+            for k, v in state.items():
+                named[k].copy_(v.to(named[k]))
+
+
+# --------------------------------------------------------------------------------------------
+# Saving: diffusers LoRA + kohya layout, or a full pipeline folder
+# --------------------------------------------------------------------------------------------
+
+
+def to_kohya(diffusers_state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """diffusers/peft LoRA keys -> kohya's (lora_unet_* / lora_te_*, lora_down / lora_up, .alpha)."""
+    out = {}
+    for key, value in diffusers_state.items():
+        prefix, _, rest = key.partition(".")
+        match = re.fullmatch(r"(.+)\.(lora_A|lora_B|lora\.down|lora\.up)\.weight", rest)
+        if match is None:
+            raise ValueError(f"not a LoRA weight key: {key}")
+        module, kind = match.groups()
+        name = ("lora_unet_" if prefix == "unet" else "lora_te_") + module.replace(".", "_")
+        part = "lora_down" if kind in ("lora_A", "lora.down") else "lora_up"
+        out[f"{name}.{part}.weight"] = value
+        out[f"{name}.alpha"] = torch.tensor(float(alpha))
+    return out
+
+
+def save_lora(pipe, out: Path, cfg: DreamBoothConfig) -> None:
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
+    te_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.text_encoder)) if cfg.train_text_encoder else None
+    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=unet_layers, text_encoder_lora_layers=te_layers,
+                                              weight_name=LORA_FILE, safe_serialization=True)
+    full = {f"unet.{k}": v for k, v in unet_layers.items()} | {f"text_encoder.{k}": v for k, v in (te_layers or {}).items()}
+    tmp = out / f"{KOHYA_FILE}.tmp"
+    save_file({k: v.detach().cpu().half().contiguous() for k, v in to_kohya(full, cfg.lora_alpha or cfg.lora_rank).items()}, str(tmp))
+    os.replace(tmp, out / KOHYA_FILE)
+
+
+@register
+class DreamBooth(Method):
+    name = "dreambooth"
+    family = "tuning"
+    lora_default = False
+
+    def default_config(self) -> DreamBoothConfig:
+        return DreamBoothConfig(lora_rank=8 if self.lora_default else None)
+
+    def default_train_config(self) -> TrainConfig:
+        return default_train_config(self.lora_default)
+
+    def personalize(self, base, subject: Subject, out: Path, **overrides) -> Path:
+        cfg = self.default_config()
+        for k, v in overrides.items():
+            if not hasattr(cfg, k):
+                raise LimnerError(f"{self.name} has no setting {k!r}")
+            setattr(cfg, k, v)
+        cfg.train = cfg.train or default_train_config(cfg.lora_rank is not None)
+        if cfg.lora_rank is not None and cfg.lora_rank <= 0:
+            raise LimnerError(f"--rank must be a positive integer, got {cfg.lora_rank}")
+        if cfg.prior_preservation not in PRIOR_MODES:
+            raise LimnerError(f"prior_preservation {cfg.prior_preservation!r}: use one of {', '.join(PRIOR_MODES)}")
+        pipe = base.pipe
+        if cfg.identifier in ("", subject.class_noun):
+            raise LimnerError(f"identifier {cfg.identifier!r} must be a rare word different from the class noun")
+        instance_prompt = f"a {cfg.identifier} {subject.class_noun}"
+        class_prompt = f"a {subject.class_noun}"
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        inst = encode_images(pipe.vae, subject.images, base.resolution)
+        cls_lat: LatentCache | None = None
+        if cfg.prior_preservation == "class_images":
+            ims = class_images(base, class_prompt, cfg.num_class_images, cfg.class_image_steps, cfg.class_image_cache)
+            cls_lat = encode_images(pipe.vae, ims, base.resolution, flip=False)
+        task = DreamBoothTask(pipe, cfg, instance_prompt, class_prompt)
+        bs = cfg.train.batch_size
+
+        def next_batch(g: torch.Generator) -> dict:
+            batch = {"instance": inst.sample(torch.randint(len(inst.mean), (bs,), generator=g), g)}
+            if cls_lat is not None:
+                batch["class"] = cls_lat.sample(torch.randint(len(cls_lat.mean), (bs,), generator=g), g)
+            return batch
+
+        t0 = time.perf_counter()
+        log = train(task, next_batch, cfg.train, out, desc=f"{self.name} {subject.name}")
+        pipe.unet.eval()
+        if cfg.lora_rank is not None:
+            save_lora(pipe, out, cfg)
+            files = {"diffusers": LORA_FILE, "kohya": KOHYA_FILE}
+        else:
+            save_pipeline(pipe, out / PIPELINE_DIR)
+            files = {"pipeline": PIPELINE_DIR}
+        manifest = {"method": self.name, "subject": subject.name, "class_noun": subject.class_noun, "tokens": [cfg.identifier],
+                    "identifier": cfg.identifier, "base_fingerprint": base.fingerprint, "base_path": str(base.path),
+                    "config": asdict(cfg), "steps": log.steps, "seconds": round(log.seconds, 2),
+                    "wall_seconds": round(time.perf_counter() - t0, 2), "curve": log.curve, "files": files,
+                    "lora": cfg.lora_rank is not None, "example_prompt": f"{instance_prompt} on the beach"}
+        write_json_atomic(out / MANIFEST, manifest)
+        write_model_card(out, manifest)
+        return out
+
+    def apply(self, base, concept: Path) -> None:
+        m = read_manifest(concept)
+        concept = Path(concept)
+        if m.get("lora"):
+            # diffusers' own loader, with an adapter name per concept so several LoRAs compose
+            name = f"{m['method']}_{concept.name}".replace(".", "_")
+            base.pipe.load_lora_weights(str(concept), weight_name=LORA_FILE, adapter_name=name)
+            active = list(dict.fromkeys(base.pipe.get_active_adapters() + [name]))
+            base.pipe.set_adapters(active)
+            return
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_pretrained(concept / PIPELINE_DIR / "unet", torch_dtype=base.dtype)
+        base.pipe.unet = unet.to(base.device)
+        if m["config"].get("train_text_encoder"):
+            from transformers import CLIPTextModel
+
+            te = CLIPTextModel.from_pretrained(concept / PIPELINE_DIR / "text_encoder", dtype=base.dtype)
+            base.pipe.text_encoder = te.to(base.device)
+
+    def prompt(self, template: str, concept: Path) -> str:
+        m = read_manifest(concept)
+        return template.format(f"{m['identifier']} {m['class_noun']}")
+
+
+@register
+class DreamBoothLoRA(DreamBooth):
+    name = "dreambooth_lora"
+    lora_default = True
+
