@@ -62,6 +62,8 @@ def test_identical_images_score_one_and_have_no_diversity(tiny_clip, tiny_dino):
         assert diversity(torch.cat([e[:1]] * 4)) == pytest.approx(0.0, abs=1e-5)
         assert diversity(e) > 0
     clip = CLIPEncoder(tiny_clip)
+    e = clip.images(ims)
+    assert mean_similarity_to_references(e[1:2], e[:1]).item() < 0.999, "different images are not identical"
     t = clip.texts(["a red ball", "a blue dog"])
     assert t.shape == (2, 16) and torch.allclose(t.norm(dim=-1), torch.ones(2), atol=1e-5)
     assert text_alignment(t, t).allclose(torch.ones(2), atol=1e-5)
@@ -148,4 +150,6 @@ def test_world_bench_bounds_cache_and_report(tmp_path):
     assert page.startswith("<!doctype html>") and page.rstrip().endswith("</html>")
     srcs = re.findall(r"src='([^']+)'", page)
     assert len(srcs) > 10 and all((tmp_path / "report" / s).exists() for s in srcs)
+    refs = re.findall(r"references: (.*?)</div>", page)
+    assert len(refs) == 2 and refs[0] != refs[1], "each subject shows its own references"
     assert (tmp_path / "report" / "fidelity.png").exists() and "| lower-bound |" in (tmp_path / "report" / "results.md").read_text()

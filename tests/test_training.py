@@ -92,7 +92,6 @@ def test_cli_train_then_generate_with_the_concept(tiny_base, tmp_path):
     # another base: refused unless --force
     from conftest import build_tiny_pipeline
 
-    torch.manual_seed(1)
     other = tmp_path / "other-base"
     build_tiny_pipeline(other)
     from safetensors.torch import load_file, save_file

@@ -131,7 +131,7 @@ def train_cmd(
         if train_cfg is not None:
             changes = {k: v for k, v in {"max_steps": steps, "learning_rate": lr, "batch_size": batch_size}.items() if v is not None}
             overrides["train"] = replace(train_cfg, mixed_precision=mixed_precision, resume=resume, seed=seed, **changes)
-        b = load_base(base, device=device)
+        b = load_base(base, device=device, dtype="fp32")  # trainable weights stay fp32; --mixed-precision speeds it up
         folder = m.personalize(b, subs[0], out, **overrides)
         typer.echo(f"concept written to {folder}")
 
@@ -149,6 +149,8 @@ def world_build(
     from limner.models.loading import ASSETS
     from limner.world.build import BuildConfig, build
 
+    if quick and out is None:
+        fail("--quick builds a toy stack that must not replace the shipped one: give --out DIR")
     cfg = BuildConfig.quick() if quick else BuildConfig()
     record = run(lambda: build(out or ASSETS / "world", work, cfg, device=device))
     typer.echo(json.dumps(record["seconds"], indent=2))
@@ -170,13 +172,17 @@ def world_check_cmd(
     from limner.world.check import format_table, world_check
 
     def go():
+        if json_out is not None and (json_out.is_dir() or not json_out.parent.is_dir()):
+            raise LimnerError(f"--json {json_out}: give a file path in an existing folder")
         b = load_base(base, device=device)
         report = world_check(b, n=n, seed=seed, steps=steps, guidance=guidance, out=out)
         typer.echo(format_table(report))
         summary = {k: report[k] for k in ("accuracy", "passes_floors", "seconds_per_image")}
         typer.echo(json.dumps(summary))
         if json_out:
-            json_out.write_text(json.dumps(report, indent=2))
+            from limner.io import write_json_atomic
+
+            write_json_atomic(json_out, report)
         if not report["passes_floors"]:
             raise typer.Exit(1)
 
@@ -231,6 +237,9 @@ def eval_cmd(
     from limner.evaluation.subjects import load_subjects
 
     def go():
+        for flag, v in (("-n/--images-per-prompt", images), ("--prompts", prompts if prompts is not None else 1), ("--steps", steps)):
+            if v < 1:
+                raise LimnerError(f"{flag} must be at least 1, got {v}")
         subs = load_subjects(subjects, class_noun)
         world = all(s.world is not None for s in subs)
         rows = ([Row(LOWER)] + ([Row(UPPER)] if world else [])) if bounds else []
@@ -256,10 +265,10 @@ def eval_cmd(
 def build_encoders(world: bool, base: Optional[str], clip: Optional[Path], dino: Optional[Path], face: Optional[Path], device: str):
     from limner.evaluation.encoders import CLIPEncoder, DINOEncoder, InsightFaceEmbedder, WorldCLIP, WorldFaceEmbedder
     from limner.evaluation.protocol import Encoders
-    from limner.models.loading import WORLD_BASE, WORLD_PROBES
+    from limner.models.loading import WORLD_BASE, WORLD_PROBES, resolve_device
     from limner.world.probes import Probes
 
-    dev = "cuda" if device in ("auto", "cuda") and __import__("torch").cuda.is_available() else "cpu"
+    dev = str(resolve_device(device))
     if clip is None and not (world and base is None):
         raise LimnerError("scoring real images needs --clip PATH, a local CLIPModel folder (e.g. openai/clip-vit-large-patch14 "
                           "saved with save_pretrained)")
@@ -273,6 +282,7 @@ def build_encoders(world: bool, base: Optional[str], clip: Optional[Path], dino:
 def bench_cmd(
     method: Annotated[Optional[list[str]], typer.Option("--method", help="Methods to measure (repeatable).")] = None,
     subject: Annotated[str, typer.Option("--subject", help="One subject (world:NAME or a folder).")] = "world:duo_ball",
+    class_noun: Annotated[Optional[str], typer.Option("--class-noun", help="Class noun for a subject folder without subject.json.")] = None,
     images: Annotated[int, typer.Option("-n", "--images", help="Images to time per row.")] = 8,
     steps: Annotated[int, typer.Option("--steps")] = 25,
     cache: Annotated[Path, typer.Option("--cache")] = Path(".limner-cache"),
@@ -285,15 +295,22 @@ def bench_cmd(
     from limner.evaluation.protocol import LOWER
 
     def go():
-        if method:
-            from limner.methods import get_method
+        from limner.evaluation.subjects import load_subjects
+        from limner.io import write_json_atomic, write_text_atomic
+        from limner.methods import get_method
 
-            for m in method:
-                get_method(m)
-        records = run_bench([LOWER] + list(method or []), subject, base, device, images, steps, cache)
+        for m in method or []:
+            get_method(m)
+        if images < 1 or steps < 1:
+            raise LimnerError("-n/--images and --steps must be at least 1")
+        if len(load_subjects(subject, class_noun)) != 1:
+            raise LimnerError(f"--subject {subject} holds several subjects; bench measures one")
+        if out.exists() and not out.is_dir():
+            raise LimnerError(f"--out {out} is a file; give a folder")
+        records = run_bench([LOWER] + list(method or []), subject, base, device, images, steps, cache, class_noun)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "bench.json").write_text(json.dumps(records, indent=2))
-        (out / "bench.md").write_text(markdown(records))
+        write_json_atomic(out / "bench.json", records)
+        write_text_atomic(out / "bench.md", markdown(records))
         typer.echo(markdown(records))
 
     run(go)

@@ -7,18 +7,12 @@ fingerprint, tokens, class noun, training settings, steps, timings, curve) and a
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from limner.errors import LimnerError
+from limner.io import write_json_atomic  # noqa: F401  (re-exported for methods)
 
 MANIFEST = "limner.json"
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def read_manifest(folder: Path) -> dict:

@@ -61,8 +61,8 @@ def set_scheduler(pipe, name: str) -> None:
 
 def check_settings(base: Base, s: GenerationSettings) -> tuple[int, int]:
     """Validates sizes and counts; returns (height, width)."""
-    height = s.height or base.resolution
-    width = s.width or base.resolution
+    height = base.resolution if s.height is None else s.height
+    width = base.resolution if s.width is None else s.width
     for name, v in (("--height", height), ("--width", width)):
         if v <= 0 or v % 8:
             raise LimnerError(f"{name} {v} is not a positive multiple of 8 (the VAE works on 8-pixel blocks); try {max(8, round(v / 8) * 8)}")
@@ -95,7 +95,9 @@ def a1111_parameters(s: GenerationSettings, seed: int, height: int, width: int, 
 
 
 def next_run_id(out: Path) -> int:
-    ids = [int(p.stem) for p in out.glob("*.json") if p.stem.isdigit()]
+    """The next free run number: after every earlier run's record and images (also those of an
+    interrupted run, which wrote images but no record)."""
+    ids = [int(p.name[:5]) for p in out.iterdir() if p.name[:5].isdigit() and p.suffix in (".json", ".png")]
     return max(ids, default=0) + 1
 
 

@@ -25,7 +25,8 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def measure(row: str, subject_spec: str, base: str | None, device: str, images: int, steps: int, cache: Path) -> dict:
+def measure(row: str, subject_spec: str, class_noun: str | None, base: str | None, device: str, images: int, steps: int,
+            cache: Path) -> dict:
     """Runs in the worker: personalize (methods), then time `images` generations."""
     from limner.evaluation.protocol import LOWER, BaseHandle, personalize_cached
     from limner.evaluation.subjects import load_subjects
@@ -33,21 +34,24 @@ def measure(row: str, subject_spec: str, base: str | None, device: str, images: 
     from limner.methods import get_method
     from limner.models.loading import WORLD_BASE, fingerprint, load_base
 
-    subject = load_subjects(subject_spec)[0]
-    t0 = time.perf_counter()
-    b = load_base(base, device=device)
-    load_s = time.perf_counter() - t0
-    record = {"row": row, "subject": subject.name, "load_seconds": round(load_s, 3)}
+    subject = load_subjects(subject_spec, class_noun)[0]
+    record = {"row": row, "subject": subject.name}
     prompt = f"a {subject.class_noun} on the beach"
+    concept = None
     if row != LOWER:
         handle = BaseHandle(base, device, fingerprint(WORLD_BASE if base is None else Path(base)))
-        handle._base = b
         t1 = time.perf_counter()
         concept, meta = personalize_cached(row, subject, handle, cache, {})
-        record["personalize_seconds"] = round(time.perf_counter() - t1, 3)
+        record["cached_concept"] = time.perf_counter() - t1 < meta.get("personalize_seconds", 0)
+        record["personalize_seconds"] = meta.get("personalize_seconds")
         record["steps"] = meta.get("steps")
         record["time_to_fidelity"] = meta.get("time_to_fidelity")
-        b = load_base(base, device=device)
+        if not record["cached_concept"]:  # training's peak is this row's peak
+            record["train_peak_memory_mb"] = round(peak_memory_mb(device), 1)
+    t0 = time.perf_counter()
+    b = load_base(base, device=device)
+    record["load_seconds"] = round(time.perf_counter() - t0, 3)
+    if concept is not None:
         method = get_method(row)
         method.apply(b, concept)
         prompt = method.prompt("a {} on the beach", concept)
@@ -64,15 +68,21 @@ def measure(row: str, subject_spec: str, base: str | None, device: str, images: 
     return record
 
 
-def run_bench(rows: list[str], subject_spec: str, base: str | None, device: str, images: int, steps: int, cache: Path) -> list[dict]:
+def run_bench(rows: list[str], subject_spec: str, base: str | None, device: str, images: int, steps: int, cache: Path,
+              class_noun: str | None = None) -> list[dict]:
+    import tempfile
+
     records = []
     for row in rows:
-        cmd = [sys.executable, "-m", "limner.evaluation.bench", "--row", row, "--subject", subject_spec, "--device", device,
-               "--images", str(images), "--steps", str(steps), "--cache", str(cache)] + (["--base", base] if base else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise LimnerError(f"bench of {row} failed:\n{proc.stderr[-2000:]}")
-        records.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        with tempfile.TemporaryDirectory() as tmp:
+            result = Path(tmp) / "result.json"
+            cmd = [sys.executable, "-m", "limner.evaluation.bench", "--row", row, "--subject", subject_spec, "--device", device,
+                   "--images", str(images), "--steps", str(steps), "--cache", str(cache), "--result", str(result)]
+            cmd += (["--base", base] if base else []) + (["--class-noun", class_noun] if class_noun else [])
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0 or not result.exists():
+                raise LimnerError(f"bench of {row} failed:\n{proc.stderr[-2000:]}")
+            records.append(json.loads(result.read_text()))
     return records
 
 
@@ -93,8 +103,10 @@ def _worker() -> None:
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--cache", type=Path, required=True)
+    ap.add_argument("--class-noun")
+    ap.add_argument("--result", type=Path, required=True)
     a = ap.parse_args()
-    print(json.dumps(measure(a.row, a.subject, a.base, a.device, a.images, a.steps, a.cache)))
+    a.result.write_text(json.dumps(measure(a.row, a.subject, a.class_noun, a.base, a.device, a.images, a.steps, a.cache)))
 
 
 if __name__ == "__main__":

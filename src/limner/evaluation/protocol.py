@@ -60,11 +60,27 @@ class Row:
 
     @classmethod
     def for_concept(cls, folder: Path) -> Row:
-        manifest = folder / "limner.json"
-        if not manifest.exists():
-            raise LimnerError(f"--concept {folder} has no limner.json; it is not a limner concept folder")
-        method = json.loads(manifest.read_text())["method"]
-        return cls(f"{method}:{folder.name}", method=method, concept=folder)
+        from limner.concepts import read_manifest
+
+        manifest = read_manifest(folder)
+        if "method" not in manifest:
+            raise LimnerError(f"--concept {folder}: limner.json names no method")
+        return cls(f"{manifest['method']}:{folder.name}", method=manifest["method"], concept=folder)
+
+    def subjects(self, subjects: list[EvalSubject]) -> list[EvalSubject]:
+        """A concept folder belongs to one subject: the one its manifest names (or the only one given)."""
+        if self.concept is None:
+            return subjects
+        from limner.concepts import read_manifest
+
+        name = read_manifest(self.concept).get("subject")
+        mine = [s for s in subjects if s.name == name]
+        if not mine and len(subjects) == 1:
+            return subjects
+        if not mine:
+            raise LimnerError(f"--concept {self.concept} was trained on subject {name!r}, which is not among --subjects "
+                              f"({', '.join(s.name for s in subjects)}); pass --subjects with that subject")
+        return mine
 
 
 @dataclass
@@ -137,7 +153,12 @@ class BaseHandle:
     """Loads the base only when an image is actually missing from the cache."""
 
     def __init__(self, spec: str | None, device: str, fingerprint: str):
+        from limner.models.loading import resolve_device, resolve_dtype
+
         self.spec, self.device, self.fingerprint, self._base = spec, device, fingerprint, None
+        dev = resolve_device(device)
+        # images made in another precision are other images: the device type and dtype are part of the key
+        self.precision = f"{dev.type}/{resolve_dtype('auto', dev)}".replace("torch.", "")
 
     def get(self):
         if self._base is None:
@@ -184,13 +205,13 @@ def row_images(row: Row, subject: EvalSubject, handle: BaseHandle, cache: ImageC
         if subject.world is None:
             raise LimnerError("the upper bound needs world subjects (it renders the subject itself)")
         for p in prompts:
-            keys = [digest({"row": UPPER, "subject": subject.name, "prompt": p.template, "seed": settings.seed + i})
+            keys = [digest({"row": UPPER, "subject": subject.fingerprint(), "prompt": p.template, "seed": settings.seed + i})
                     for i in range(settings.images_per_prompt)]
             out[class_prompt(p.template, subject)] = [
                 cache.path(k) if cache.path(k).exists() else cache.put(k, render_upper_bound(subject, p, settings.seed + i))
                 for i, k in enumerate(keys)]
         return out
-    key = {"base": handle.fingerprint, "row": row.method or row.name}
+    key = {"base": handle.fingerprint, "precision": handle.precision, "row": row.method or row.name}
     method, prepare = None, None
     if row.method is not None:
         from limner.methods import get_method
@@ -209,16 +230,19 @@ def row_images(row: Row, subject: EvalSubject, handle: BaseHandle, cache: ImageC
         out[class_prompt(p.template, subject)] = generate_cached(handle, cache, text, settings, key, prepare)
     # language drift: the class prompt alone, with the concept installed
     out["__drift__"] = generate_cached(handle, cache, f"a {subject.class_noun}", settings, key, prepare)
-    handle.reset()
+    if method is not None:
+        handle.reset()  # the next concept starts from a clean base
     return out
 
 
 def concept_fingerprint(concept: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(p for p in Path(concept).rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json", ".bin")):
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()[:20]
+    """Weights and settings of a concept; not its logs, checkpoints or timings."""
+    from limner.concepts import read_manifest
+    from limner.models.loading import fingerprint
+
+    m = read_manifest(concept)
+    stable = {k: m.get(k) for k in ("method", "subject", "base_fingerprint", "config", "steps", "tokens")}
+    return digest([stable, fingerprint(Path(concept), skip=("limner.json", "README.md", "train_log.csv"))])
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,7 +258,7 @@ def load_rgb(paths: list[Path]) -> list[Image.Image]:
     return out
 
 
-def _asked(subject: EvalSubject, prompt: BenchPrompt) -> dict[str, str]:
+def _asked(prompt: BenchPrompt) -> dict[str, str]:
     want = {}
     if prompt.context:
         want["context"] = prompt.context
@@ -297,15 +321,16 @@ def world_measures(subject: EvalSubject, prompt: BenchPrompt | None, images: lis
     read by probes trained on renderer ground truth."""
     arr = _arrays(images)
     if subject.kind == "identity":
-        refs, _ = enc.face.faces(subject.images)
-        emb, _ = enc.face.faces(list(arr))
-        fidelity = mean_similarity_to_references(emb, refs).numpy()
+        refs, ref_found = enc.face.faces(subject.images)
+        emb, found = enc.face.faces(list(arr))
+        # an image with no face found has no identity: fidelity 0
+        fidelity = (mean_similarity_to_references(emb, refs[ref_found]) * found).numpy()
     else:
         probs = enc.probes.predict("subject", arr)["subject"]
         fidelity = probs[:, enc.probes.labels("subject", "subject").index(subject.name)].numpy()
     if prompt is None:
         return fidelity, None
-    want = _asked(subject, prompt)
+    want = _asked(prompt)
     pred = enc.probes.predict("attributes", arr)
     hits = np.zeros(len(images))
     for head, value in want.items():
@@ -326,22 +351,31 @@ def aggregate(per_subject: dict[str, dict[str, float]]) -> dict[str, float]:
 
 def personalize_cached(method_name: str, subject: EvalSubject, handle: BaseHandle, cache_root: Path, config: dict) -> tuple[Path, dict]:
     """Trains (or encodes) a concept once per (method, subject, base, config); reused afterwards."""
+    from limner.concepts import read_manifest, write_json_atomic
     from limner.methods import get_method
 
     key = digest({"method": method_name, "subject": subject.fingerprint(), "base": handle.fingerprint, "config": config})
     folder = cache_root / "concepts" / f"{method_name}-{subject.name}-{key}"
-    manifest = folder / "limner.json"
-    if not manifest.exists():
+    if not (folder / "limner.json").exists():
+        # trained in a side folder (resumable after an interruption) and renamed when complete
+        work = folder.with_name(folder.name + ".partial")
         method = get_method(method_name)
         t0 = time.perf_counter()
-        method.personalize(handle.get(), subject, folder, **config)
+        train_cfg = method.default_train_config()
+        if train_cfg is not None and "train" not in config:
+            from dataclasses import replace
+
+            config = config | {"train": replace(train_cfg, resume="latest")}
+        from limner.models.loading import load_base
+
         handle.reset()
-        if not manifest.exists():
-            raise LimnerError(f"method {method_name} wrote no limner.json in {folder}")
-        meta = json.loads(manifest.read_text())
+        # trained in full precision (mixed precision is the trainer's business), whatever the device
+        method.personalize(load_base(handle.spec, device=handle.device, dtype="fp32"), subject, work, **config)
+        meta = read_manifest(work)
         meta.setdefault("personalize_seconds", round(time.perf_counter() - t0, 2))
-        manifest.write_text(json.dumps(meta, indent=2))
-    return folder, json.loads(manifest.read_text())
+        write_json_atomic(work / "limner.json", meta)
+        os.replace(work, folder)
+    return folder, read_manifest(folder)
 
 
 def save_references(subject: EvalSubject, cache_root: Path) -> list[Path]:
@@ -371,7 +405,7 @@ def run_eval(rows: list[Row], subjects: list[EvalSubject], enc: Encoders, cache_
     t_start = time.perf_counter()
     for row in rows:
         res = results[row.name] = RowResult(row.name)
-        for subject in subjects:
+        for subject in row.subjects(subjects):
             t0 = time.perf_counter()
             concept = row.concept
             if row.method is not None and concept is None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import html
 import json
-import os
 import shutil
 from pathlib import Path
 
 from limner.evaluation.protocol import LOWER, UPPER
+from limner.io import write_text_atomic
 
 # Reported DreamBench numbers (DINO, CLIP-I, CLIP-T), from the papers; shown beside real-model runs.
 PAPER_DREAMBENCH = {
@@ -115,9 +116,9 @@ def write_html(results: dict, out: Path, max_prompts: int = 8) -> Path:
     img_dir.mkdir(parents=True, exist_ok=True)
 
     def local(src: str) -> str:
-        dst = img_dir / Path(src).name
-        if not dst.exists():
-            shutil.copyfile(src, dst)
+        # named after the source's full path: references of different subjects share file names
+        dst = img_dir / (hashlib.sha256(str(Path(src).resolve()).encode()).hexdigest()[:16] + Path(src).suffix)
+        shutil.copyfile(src, dst)
         return f"images/{dst.name}"
 
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>limner eval</title><style>",
@@ -146,19 +147,16 @@ def write_html(results: dict, out: Path, max_prompts: int = 8) -> Path:
         parts.append("</table>")
     parts.append("</body></html>")
     page = out / "index.html"
-    tmp = page.with_name("index.html.tmp")
-    tmp.write_text("\n".join(parts))
-    os.replace(tmp, page)
+    write_text_atomic(page, "\n".join(parts))
     return page
+
 
 
 def write_report(results: dict, out: Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
-    written = {}
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    written["json"] = out / "results.json"
-    (out / "results.md").write_text(markdown_table(results))
-    written["markdown"] = out / "results.md"
+    written = {"json": out / "results.json", "markdown": out / "results.md"}
+    write_text_atomic(written["json"], json.dumps(results, indent=2))
+    write_text_atomic(written["markdown"], markdown_table(results))
     for name, fn in (("fidelity", plot_fidelity), ("training_curves", plot_training_curves)):
         p = fn(results, out / f"{name}.png")
         if p:

@@ -59,25 +59,35 @@ class EvalSubject(Subject):
         return h.hexdigest()[:16]
 
 
+def _world_object(s) -> EvalSubject:
+    refs = subject_references(s)
+    return EvalSubject(s.name, s.cls, [r.image for r in refs], [r.entities[0].mask for r in refs], kind="object",
+                       prompts=object_prompts(), world=s)
+
+
+def _world_identity(b) -> EvalSubject:
+    refs = identity_references(b)
+    return EvalSubject(b.name, b.cls, [r.image for r in refs], [r.entities[0].mask for r in refs], kind="identity",
+                       prompts=identity_prompts(), world=b)
+
+
 def world_subjects(spec: str) -> list[EvalSubject]:
     """'world', 'world:objects', 'world:identities' or 'world:name1,name2'."""
     part = spec.split(":", 1)[1] if ":" in spec else "all"
-    objects = [EvalSubject(s.name, s.cls, [r.image for r in subject_references(s)], [r.entities[0].mask for r in subject_references(s)],
-                           kind="object", prompts=object_prompts(), world=s) for s in SUBJECTS]
-    people = [EvalSubject(b.name, b.cls, [r.image for r in identity_references(b)], [r.entities[0].mask for r in identity_references(b)],
-                          kind="identity", prompts=identity_prompts(), world=b) for b in IDENTITIES]
-    if part == "objects":
-        return objects
-    if part == "identities":
-        return people
+    makers = {s.name: (_world_object, s) for s in SUBJECTS} | {b.name: (_world_identity, b) for b in IDENTITIES}
     if part == "all":
-        return objects + people
-    wanted = [n.strip() for n in part.split(",") if n.strip()]
-    by_name = {s.name: s for s in objects + people}
-    missing = [n for n in wanted if n not in by_name]
-    if missing:
-        raise LimnerError(f"--subjects {spec}: unknown world subject(s) {', '.join(missing)}; known: {', '.join(by_name)}")
-    return [by_name[n] for n in wanted]
+        wanted = list(makers)
+    elif part == "objects":
+        wanted = [s.name for s in SUBJECTS]
+    elif part == "identities":
+        wanted = [b.name for b in IDENTITIES]
+    else:
+        wanted = [n.strip() for n in part.split(",") if n.strip()]
+    missing = [n for n in wanted if n not in makers]
+    if missing or not wanted:
+        raise LimnerError(f"--subjects {spec}: unknown world subject(s) {', '.join(missing) or '(none given)'}; known: objects, identities, "
+                          + ", ".join(makers))
+    return [makers[n][0](makers[n][1]) for n in wanted]
 
 
 def load_images(folder: Path) -> list[np.ndarray]:
@@ -98,17 +108,25 @@ def load_images(folder: Path) -> list[np.ndarray]:
 
 def folder_subject(folder: Path, class_noun: str | None = None, name: str | None = None) -> EvalSubject:
     meta_path = folder / "subject.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    if not folder.is_dir():
+        raise LimnerError(f"subject folder {folder} does not exist or is not a folder")
+    try:
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    except json.JSONDecodeError as e:
+        raise LimnerError(f"{meta_path} is not valid JSON ({e}); it should look like {{\"class_noun\": \"dog\"}}") from e
     noun = class_noun or meta.get("class_noun")
     if not noun:
         raise LimnerError(f"subject folder {folder} has no class noun: add subject.json with {{\"class_noun\": \"dog\"}} or pass --class-noun")
     live = bool(meta.get("live", False))
-    return EvalSubject(name or meta.get("name", folder.name), noun, load_images(folder), kind="object",
+    kind = meta.get("kind", "object")
+    if kind not in ("object", "identity"):
+        raise LimnerError(f"{meta_path}: kind must be 'object' or 'identity', got {kind!r}")
+    return EvalSubject(name or meta.get("name", folder.name), noun, load_images(folder), kind=kind,
                        prompts=dreambench_prompts(live), meta={"path": str(folder), "live": live})
 
 
 def load_subjects(spec: str, class_noun: str | None = None) -> list[EvalSubject]:
-    if spec.startswith("world"):
+    if spec == "world" or spec.startswith("world:"):
         return world_subjects(spec)
     path = Path(spec).expanduser()
     if not path.exists():
@@ -117,7 +135,12 @@ def load_subjects(spec: str, class_noun: str | None = None) -> list[EvalSubject]
     if path.is_file():
         if path.suffix != ".json":
             raise LimnerError(f"--subjects {path}: a file must be a JSON manifest [{{\"name\", \"path\", \"class_noun\"}}, ...]")
-        entries = json.loads(path.read_text())
+        try:
+            entries = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise LimnerError(f"--subjects {path} is not valid JSON ({e})") from e
+        if not isinstance(entries, list) or not all(isinstance(e, dict) and "path" in e for e in entries):
+            raise LimnerError(f"--subjects {path}: a manifest is a list of {{\"path\": ..., \"class_noun\": ..., \"name\": ...}} entries")
         return [folder_subject((path.parent / e["path"]).resolve(), e.get("class_noun"), e.get("name")) for e in entries]
     subfolders = sorted(p for p in path.iterdir() if p.is_dir())
     if any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir()) or not subfolders:

@@ -75,6 +75,8 @@ def check_folder(path: Path) -> dict:
     """Validates a diffusers folder and returns its model_index.json. Raises LimnerError naming the
     missing piece."""
     if not path.exists():
+        if path == WORLD_BASE:
+            raise LimnerError(f"the world base is missing from {path}; reinstall limner or rebuild it with `limner world build`")
         raise LimnerError(f"base path {path} does not exist; {FOLDER_HINT}")
     if path.is_dir() and not any(path.iterdir()):
         raise LimnerError(f"base folder {path} is empty; {FOLDER_HINT}")
@@ -105,20 +107,34 @@ def check_folder(path: Path) -> dict:
     return index
 
 
-def fingerprint(path: Path) -> str:
-    """A short, stable id of a base model: a hash of its configs and of each weight file's size and
-    first megabyte. It changes when the weights change, and costs milliseconds."""
+WHOLE_FILE_LIMIT = 64 << 20  # hash files up to this size completely
+SAMPLES, SAMPLE_BYTES = 256, 1 << 16  # larger ones: the safetensors header + 256 strided 64 KiB samples
+
+
+def _hash_file(h, f: Path) -> None:
+    size = f.stat().st_size
+    h.update(str(size).encode())
+    with open(f, "rb") as fh:
+        if size <= WHOLE_FILE_LIMIT:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+            return
+        h.update(fh.read(1 << 20))  # the header: every tensor's name, shape and offset
+        for i in range(SAMPLES):
+            fh.seek(size * i // SAMPLES)
+            h.update(fh.read(SAMPLE_BYTES))
+
+
+def fingerprint(path: Path, skip: tuple[str, ...] = ("build.json",)) -> str:
+    """A short, stable id of a model folder or file: a hash of its configs and weights (whole files
+    up to 64 MiB; for larger ones the header and 256 samples spread over the file, so a fine-tune
+    that changes any large part of the weights changes the id). Costs well under a second."""
     h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and p.name != "build.json")
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and p.name not in skip
+                                                 and "checkpoints" not in p.relative_to(path).parts and not p.name.endswith(".tmp"))
     for f in files:
-        rel = f.name if path.is_file() else str(f.relative_to(path))
-        h.update(rel.encode())
-        if f.suffix in (".json", ".txt"):
-            h.update(f.read_bytes())
-        else:
-            h.update(str(f.stat().st_size).encode())
-            with open(f, "rb") as fh:
-                h.update(fh.read(1 << 20))
+        h.update((f.name if path.is_file() else str(f.relative_to(path))).encode())
+        _hash_file(h, f)
     return h.hexdigest()[:16]
 
 

@@ -119,7 +119,9 @@ def denoising_loss(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor, g
 
 
 def _checkpoint_dirs(out: Path) -> list[Path]:
-    return sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    """Complete checkpoints, oldest first (a half-written one is still named step-N.tmp)."""
+    found = [p for p in (out / "checkpoints").glob("step-*") if p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
 
 
 def save_checkpoint(out: Path, step: int, task: TrainingTask, optimizer, scheduler, generator: torch.Generator,

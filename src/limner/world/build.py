@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from limner.errors import LimnerError
+from limner.io import write_json_atomic, write_text_atomic
 from limner.models.saving import save_pipeline
 from limner.world import stack
 
@@ -149,9 +150,9 @@ def stage_data(cfg: BuildConfig, work: Path):
     img_path, cap_path = work / "images.npy", work / "captions.json"
     if not (img_path.exists() and cap_path.exists()):
         images, captions = render_dataset(cfg.dataset_size, cfg.seed)
+        write_text_atomic(cap_path, json.dumps(captions))
         np.save(work / "images.tmp.npy", images)
-        os.replace(work / "images.tmp.npy", img_path)
-        cap_path.write_text(json.dumps(captions))
+        os.replace(work / "images.tmp.npy", img_path)  # last: its presence marks the stage done
     return np.load(img_path, mmap_mode="r"), json.loads(cap_path.read_text())
 
 
@@ -174,7 +175,7 @@ def stage_clip(cfg: BuildConfig, work: Path, images, captions, tokenizer, device
     ids_all = tokenizer(captions, padding="max_length", truncation=True, max_length=stack.MAX_LENGTH, return_tensors="pt").input_ids
     for step, bar in stage.steps():
         for group in opt.param_groups:
-            group["lr"] = cfg.clip_lr * cosine_lr(step, cfg.clip_steps, 100)
+            group["lr"] = cfg.clip_lr * cosine_lr(step, cfg.clip_steps, min(100, cfg.clip_steps // 10 + 1))
         idx = torch.randint(len(captions), (cfg.clip_batch,), generator=g)
         pix = images_to_tensor(images[idx.numpy()]).to(device)
         ids = ids_all[idx].to(device)
@@ -207,12 +208,12 @@ def stage_vae(cfg: BuildConfig, work: Path, images, device):
     stage = Stage("vae", work, cfg.vae_steps, cfg.checkpoint_every, {"vae": vae}, opt, g)
     for step, bar in stage.steps():
         for group in opt.param_groups:
-            group["lr"] = cfg.vae_lr * cosine_lr(step, cfg.vae_steps, 100)
+            group["lr"] = cfg.vae_lr * cosine_lr(step, cfg.vae_steps, min(100, cfg.vae_steps // 10 + 1))
         idx = torch.randint(len(images), (cfg.vae_batch,), generator=g)
         x = images_to_tensor(images[idx.numpy()]).to(device)
         with autocast(device):
             posterior = vae.encode(x).latent_dist
-            recon = vae.decode(posterior.sample()).sample
+            recon = vae.decode(posterior.sample(generator=g)).sample
         recon = recon.float()
         loss = (recon - x).abs().mean() + F.mse_loss(recon, x) + cfg.vae_kl_weight * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
@@ -340,7 +341,9 @@ def stage_probes(cfg: BuildConfig, work: Path) -> dict:
 def build(out: Path, work: Path, cfg: BuildConfig, device: str = "auto") -> dict:
     """Runs every stage not yet done and writes the world folder `out` (base/: a diffusers folder,
     probes/: the probes). Returns the build record."""
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    from limner.models.loading import resolve_device
+
+    dev = resolve_device(device)
     work.mkdir(parents=True, exist_ok=True)
     record_path = work / "build.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else {"config": asdict(cfg), "seconds": {}}
@@ -351,7 +354,7 @@ def build(out: Path, work: Path, cfg: BuildConfig, device: str = "auto") -> dict
         t0 = time.time()
         result = fn(*args)
         record["seconds"][name] = round(record["seconds"].get(name, 0) + time.time() - t0, 1)
-        record_path.write_text(json.dumps(record, indent=2))
+        write_json_atomic(record_path, record)
         return result
 
     torch.manual_seed(cfg.seed)
@@ -371,6 +374,6 @@ def build(out: Path, work: Path, cfg: BuildConfig, device: str = "auto") -> dict
     shutil.copytree(work / "probes", out / "probes", dirs_exist_ok=True)
     record["device"] = str(dev)
     record["torch"] = torch.__version__
-    (out / "base" / "build.json").write_text(json.dumps(record, indent=2))
-    record_path.write_text(json.dumps(record, indent=2))
+    write_json_atomic(out / "base" / "build.json", record)
+    write_json_atomic(record_path, record)
     return record

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from limner.generation import GenerationSettings, generate
+from limner.errors import LimnerError
+from limner.generation import GenerationSettings, generate, make_grid, prepare_output
 from limner.models.loading import WORLD_PROBES, Base
 from limner.world import vocab
 from limner.world.probes import Probes
@@ -31,7 +32,10 @@ def check_prompts(n: int, seed: int = 0) -> list[tuple[str, str, str, str]]:
 
 def world_check(base: Base, n: int = 48, seed: int = 0, steps: int = 25, guidance: float = 5.0,
                 scheduler: str = "dpm++", probes_dir: Path = WORLD_PROBES, out: Path | None = None) -> dict:
+    if n < 1:
+        raise LimnerError(f"-n must be at least 1, got {n}")
     probes = Probes(probes_dir)
+    probes.net("attributes")  # fail before generating anything if the probe is missing
     cases = check_prompts(n, seed)
     images = []
     t0 = time.perf_counter()
@@ -54,11 +58,9 @@ def world_check(base: Base, n: int = 48, seed: int = 0, steps: int = 25, guidanc
               "accuracy": accuracy, "floors": FLOORS, "passes_floors": all(accuracy[k] >= f for k, f in FLOORS.items()),
               "seconds_per_image": round(seconds / n, 4), "base_fingerprint": base.fingerprint, "cases": rows}
     if out is not None:
-        from limner.generation import make_grid
-
-        out.mkdir(parents=True, exist_ok=True)
         from PIL import Image
 
+        prepare_output(out)
         make_grid([Image.fromarray(im) for im in images], cols=8).save(out / "world-check-grid.png")
     return report
 

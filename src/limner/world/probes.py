@@ -11,7 +11,6 @@ They are trained with blur and noise so that they judge generated images, not on
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from limner.io import write_json_atomic
 from limner.world import vocab
 from limner.world.bench import IDENTITIES, SUBJECTS, heldout_identity_keys, identity_character, subject_object
 from limner.world.render import Render, Scene, render
@@ -253,7 +253,7 @@ def save_probe(net: ProbeNet, name: str, folder: Path, metrics: dict) -> None:
     tmp = folder / f"{name}.safetensors.tmp"
     save_file(state, str(tmp))
     os.replace(tmp, folder / f"{name}.safetensors")
-    (folder / f"{name}.json").write_text(json.dumps({"labels": SPECS[name].labels, "accuracy": metrics}, indent=2))
+    write_json_atomic(folder / f"{name}.json", {"labels": SPECS[name].labels, "accuracy": metrics})
 
 
 def load_probe(folder: Path, name: str) -> ProbeNet:
@@ -261,7 +261,9 @@ def load_probe(folder: Path, name: str) -> ProbeNet:
 
     path = Path(folder) / f"{name}.safetensors"
     if not path.exists():
-        raise FileNotFoundError(f"probe {name!r} not found at {path}; run `limner world build` to make it")
+        from limner.errors import LimnerError
+
+        raise LimnerError(f"probe {name!r} not found at {path}; reinstall limner or run `limner world build` to make it")
     net = ProbeNet(SPECS[name].heads())
     state = {k: v.float() if v.dtype.is_floating_point else v for k, v in load_file(str(path)).items()}
     net.load_state_dict(state)

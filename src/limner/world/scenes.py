@@ -62,7 +62,7 @@ def character_phrase(c: CharacterSpec, clothes: bool, name: str | None = None) -
     phrase = f"a {name or c.cls}"
     if clothes:
         pat = "" if c.shirt_pattern == "plain" else f" {c.shirt_pattern}"
-        phrase += f" in a {c.shirt_colour}{pat} shirt"
+        phrase += f" in {with_article(f'{c.shirt_colour}{pat} shirt')}"
     return phrase
 
 
