@@ -87,7 +87,7 @@ def run_bench(rows: list[str], subject_spec: str, base: str | None, device: str,
 
 
 def markdown(records: list[dict]) -> str:
-    lines = ["| row | personalize s | steps | s / image | peak memory MB | device |", "|---|---|---|---|---|---|"]
+    lines = ["| row | personalize s | steps | s / image | peak memory MB (process) | device |", "|---|---|---|---|---|---|"]
     for r in records:
         lines.append(f"| {r['row']} | {r.get('personalize_seconds', '—')} | {r.get('steps') or '—'} | {r['seconds_per_image']:.3f} | "
                      f"{r['peak_memory_mb']:.0f} | {r['device']} |")

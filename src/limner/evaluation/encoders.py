@@ -144,6 +144,10 @@ class InsightFaceEmbedder:
         if not folder.is_dir() or not list(folder.glob("*.onnx")):
             raise LimnerError(f"--face {folder}: no .onnx models there; give a local insightface model folder (e.g. "
                               "models/buffalo_l with det_10g.onnx and w600k_r50.onnx)")
+        if folder.parent.name != "models":
+            # insightface looks for <root>/models/<name> and downloads the pack when it is not exactly there
+            raise LimnerError(f"--face {folder}: insightface needs the layout <root>/models/<name>/*.onnx (e.g. "
+                              "~/.insightface/models/buffalo_l); move the folder there so nothing is downloaded")
         try:
             from insightface.app import FaceAnalysis
         except ImportError as e:
