@@ -153,3 +153,60 @@ def test_dreambooth_full_saves_a_pipeline_that_plain_diffusers_loads(tiny_base, 
 def test_dreambooth_rejects_bad_rank(tiny_base, tmp_path):
     with pytest.raises(LimnerError, match="rank"):
         get_method("dreambooth_lora").personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "c", lora_rank=0)
+
+
+def test_closed_form_merge_meets_its_constraint_and_stays_close_elsewhere():
+    from limner.methods.custom_diffusion import closed_form
+
+    g = torch.Generator().manual_seed(0)
+    W0, C_reg, C = torch.randn(8, 16, generator=g), torch.randn(200, 16, generator=g), torch.randn(3, 16, generator=g)
+    V = torch.randn(8, 3, generator=g)
+    W = closed_form(W0, C_reg, C, V, ridge=0.0)
+    assert torch.allclose(W @ C.t(), V, atol=1e-3), "the merged W reproduces each concept's outputs"
+    # another solution of the same constraint (the minimum-norm update) disturbs the regularisation features more
+    other = W0 + (V - W0 @ C.t()) @ torch.linalg.pinv(C.t())
+    assert torch.allclose(other @ C.t(), V, atol=1e-3)
+    assert ((W - W0) @ C_reg.t()).norm() < ((other - W0) @ C_reg.t()).norm()
+
+
+def test_custom_diffusion_trains_kv_and_token_and_round_trips(tiny_base, tmp_path):
+    from safetensors.torch import load_file
+
+    from limner.methods.custom_diffusion import read_weights
+
+    base = load_base(str(tiny_base), device="cpu")
+    k_before = {n: m.to_k.weight.detach().clone() for n, m in base.pipe.unet.named_modules() if n.endswith("attn2")}
+    q_before = {n: m.to_q.weight.detach().clone() for n, m in base.pipe.unet.named_modules() if n.endswith("attn2")}
+    out = get_method("custom_diffusion").personalize(base, subject(), tmp_path / "c", prior_preservation=False, augment_variants=3,
+                                                   train=TrainConfig(max_steps=3, batch_size=2, learning_rate=1e-2, checkpoint_every=0))
+    state = load_file(str(out / "pytorch_custom_diffusion_weights.safetensors"))
+    assert len(state) == 2 * len(k_before) and all(".attn2.processor.to_" in k for k in state)
+    for n, m in base.pipe.unet.named_modules():
+        if n.endswith("attn2"):
+            assert not torch.equal(m.to_k.weight, k_before[n]) and torch.equal(m.to_q.weight, q_before[n])
+    assert load_file(str(out / "<new1>.safetensors"))["<new1>"].shape == (1, 32)
+    # the loader applies it to a fresh base, and reads the same weights from diffusers' .bin layout (opt-in)
+    fresh = load_base(str(tiny_base), device="cpu")
+    get_method("custom_diffusion").apply(fresh, out)
+    for n, m in fresh.pipe.unet.named_modules():
+        if n.endswith("attn2"):
+            assert torch.allclose(m.to_k.weight, state[f"{n}.processor.to_k_custom_diffusion.weight"].float())
+    torch.save({**state, "down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.x": torch.zeros(1)}, tmp_path / "cd.bin")
+    with pytest.raises(LimnerError, match="allow-pickle"):
+        read_weights(tmp_path / "cd.bin")
+    assert set(read_weights(tmp_path / "cd.bin", allow_pickle=True)) == set(state)
+
+
+def test_custom_diffusion_merge_of_two_concepts(tiny_base, tmp_path):
+    from limner.methods.custom_diffusion import merge
+
+    cfg = dict(prior_preservation=False, augment=False, train=TrainConfig(max_steps=2, batch_size=2, learning_rate=1e-2, checkpoint_every=0))
+    a = get_method("custom_diffusion").personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "a", **cfg)
+    b = get_method("custom_diffusion").personalize(load_base(str(tiny_base), device="cpu"), Subject("cube", "box", subject().images),
+                                                   tmp_path / "b", modifier_token="<new2>", **cfg)
+    merged = merge(load_base(str(tiny_base), device="cpu"), [a, b], tmp_path / "m")
+    fresh = load_base(str(tiny_base), device="cpu")
+    get_method("custom_diffusion").apply(fresh, merged)
+    assert {"<new1>", "<new2>"} <= set(fresh.pipe.tokenizer.get_vocab())
+    with pytest.raises(LimnerError, match="share a modifier token"):
+        merge(load_base(str(tiny_base), device="cpu"), [a, a], tmp_path / "m2")

@@ -138,6 +138,29 @@ def train_cmd(
     run(go)
 
 
+@app.command("merge")
+def merge_cmd(
+    concepts: Annotated[list[Path], typer.Argument(help="Custom Diffusion concept folders (distinct modifier tokens).")],
+    out: Annotated[Path, typer.Option("--out", help="The merged concept folder.")],
+    force: Annotated[bool, typer.Option("--force", help="Merge concepts trained on another base anyway.")] = False,
+    base: BaseOpt = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Merge separately trained Custom Diffusion concepts in closed form (no training)."""
+    from limner.methods.custom_diffusion import merge
+    from limner.models.loading import load_base
+
+    def go():
+        if len(concepts) < 2:
+            raise LimnerError("merge needs at least two concept folders")
+        if out.exists() and not out.is_dir():
+            raise LimnerError(f"--out {out} is a file; give a folder")
+        folder = merge(load_base(base, device=device, dtype="fp32"), concepts, out, force=force)
+        typer.echo(f"merged concept written to {folder}")
+
+    run(go)
+
+
 @world_app.command("build")
 def world_build(
     out: Annotated[Optional[Path], typer.Option("--out", help="World folder to write (base/ and probes/). Default: the package's assets.")] = None,

@@ -56,7 +56,7 @@ class Method(ABC):
 
 
 REGISTRY: dict[str, type[Method]] = {}
-BUILTIN = ("textual_inversion", "dreambooth")  # modules of this package that define methods
+BUILTIN = ("textual_inversion", "dreambooth", "custom_diffusion")  # modules of this package that define methods
 
 
 def register(cls: type[Method]) -> type[Method]:

@@ -1,0 +1,445 @@
+"""Custom Diffusion (Kumari et al., 2023): "Multi-Concept Customization of Text-to-Image Diffusion".
+
+Fine-tuning shows that the cross-attention key and value projections (W_k, W_v of every attn2,
+about 5% of the UNet) change most; Custom Diffusion updates only those, plus a modifier token V*
+placed before the class noun ("a V* dog"), initialised from a rare token. Regularisation images are
+real images whose captions are close to the class prompt (retrieved by CLIP similarity), trained with
+their own captions. Augmentation rescales the subject: shrunk images get "far away" / "very small"
+prompts, enlarged ones "zoomed in" / "close up", and the loss is masked to the valid region.
+
+Several concepts combine by joint training, or by a closed-form merge of separately tuned models:
+for each W in {W_k, W_v}, find W closest to the base W0 on the regularisation captions' features
+C_reg while reproducing each tuned model's outputs V on its own concept's features C:
+    W = W0 + v d^T,  d^T = C (C_reg^T C_reg)^-1,  v = (V - W0 C^T) (d^T C^T)^-1.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from limner.concepts import MANIFEST, check_base, read_manifest, write_json_atomic, write_model_card
+from limner.errors import LimnerError
+from limner.methods import Method, Subject, register
+from limner.methods.textual_inversion import add_tokens
+from limner.training import TrainConfig, TrainingTask, denoising_loss, train
+from limner.training.data import encode_images, fit_square
+
+WEIGHTS_FILE = "pytorch_custom_diffusion_weights.safetensors"
+SHRINK_PREFIXES = ("a far away", "very small")
+ENLARGE_PREFIXES = ("zoomed in", "close up")
+MODES = {"crossattn_kv": ("to_k", "to_v"), "crossattn": ("to_q", "to_k", "to_v", "to_out.0")}
+
+
+def default_train_config() -> TrainConfig:
+    # the paper: lr 1e-5 (x batch), 250 steps single-concept at 512 px; the small world model needs more
+    return TrainConfig(max_steps=250, batch_size=4, learning_rate=1e-3, weight_decay=0.0, checkpoint_every=50)
+
+
+@dataclass
+class CustomDiffusionConfig:
+    modifier_token: str = "<new1>"
+    initializer: str = "ktn"  # a rare token, as in the paper
+    mode: str = "crossattn_kv"  # or "crossattn": all of attn2
+    prior_preservation: bool = True
+    num_reg_images: int = 100
+    reg_pool: str | None = None  # folder of captioned images (x.png + x.txt); default on the world: renders
+    reg_pool_size: int = 1500  # world renders to retrieve from
+    clip: str | None = None  # CLIPModel folder for retrieval from a real pool
+    prior_loss_weight: float = 1.0
+    augment: bool = True
+    augment_variants: int = 8  # rescaled variants per reference image (their latents are cached)
+    train: TrainConfig | None = None
+
+
+def cross_attention_layers(unet) -> dict[str, torch.nn.Module]:
+    """name -> attn2 module, in the order of unet.attn_processors."""
+    return {name: m for name, m in unet.named_modules() if name.endswith("attn2")}
+
+
+# --------------------------------------------------------------------------------------------
+# Regularisation images: retrieved from a captioned pool by CLIP similarity to the class prompt
+# --------------------------------------------------------------------------------------------
+
+
+def world_pool(n: int, seed: int = 7) -> list[tuple[np.ndarray, str]]:
+    from limner.world.render import render
+    from limner.world.scenes import random_scene
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        r = render(random_scene(rng))
+        out.append((r.image, r.caption))
+    return out
+
+
+def folder_pool(folder: Path) -> list[tuple[np.ndarray, str]]:
+    from limner.evaluation.subjects import IMAGE_SUFFIXES
+
+    pairs = []
+    for img in sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        cap = img.with_suffix(".txt")
+        if cap.exists():
+            with Image.open(img) as im:
+                pairs.append((np.asarray(im.convert("RGB")), cap.read_text().strip()))
+    if not pairs:
+        raise LimnerError(f"reg_pool {folder}: no captioned images (each image needs a .txt caption beside it)")
+    return pairs
+
+
+def retrieve(pool: list[tuple[np.ndarray, str]], class_prompt: str, n: int, clip) -> list[tuple[np.ndarray, str]]:
+    """The n pool images most similar (CLIP image-text cosine) to the class prompt."""
+    embs = torch.cat([clip.images([im for im, _ in pool[i:i + 256]]) for i in range(0, len(pool), 256)])
+    sims = embs @ clip.texts([class_prompt])[0]
+    return [pool[i] for i in sims.argsort(descending=True)[:n].tolist()]
+
+
+def regularization_set(base, class_noun: str, cfg: CustomDiffusionConfig) -> list[tuple[np.ndarray, str]]:
+    from limner.evaluation.encoders import CLIPEncoder, WorldCLIP
+
+    if cfg.reg_pool:
+        if not cfg.clip:
+            raise LimnerError("retrieving regularisation images from --reg-pool needs a CLIP model: set clip to a local CLIPModel folder")
+        return retrieve(folder_pool(Path(cfg.reg_pool)), f"a photo of a {class_noun}", cfg.num_reg_images, CLIPEncoder(cfg.clip))
+    if not base.is_world:
+        raise LimnerError("Custom Diffusion's prior preservation on a real model needs reg_pool (a folder of captioned images) and "
+                          "clip; or set prior_preservation to false")
+    from limner.models.loading import WORLD_BASE
+
+    return retrieve(world_pool(cfg.reg_pool_size), f"a {class_noun}", cfg.num_reg_images, WorldCLIP(WORLD_BASE))
+
+
+# --------------------------------------------------------------------------------------------
+# Augmentation: random rescale with prompt prefixes and a mask of the valid region
+# --------------------------------------------------------------------------------------------
+
+
+def rescale(image: np.ndarray, resolution: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, str]:
+    """(image, valid-region mask, prompt prefix) for one random rescale of a reference image."""
+    im = fit_square(image, resolution)
+    r = rng.random()
+    if r < 1 / 3:  # shrink onto a blank canvas: only the pasted region counts in the loss
+        size = max(8, int(resolution * rng.uniform(1 / 3, 0.9)))
+        small = np.asarray(Image.fromarray(im).resize((size, size), Image.BICUBIC))
+        canvas = np.zeros_like(im)
+        mask = np.zeros(im.shape[:2], bool)
+        y, x = rng.integers(0, resolution - size + 1, 2)
+        canvas[y:y + size, x:x + size] = small
+        mask[y:y + size, x:x + size] = True
+        return canvas, mask, str(rng.choice(SHRINK_PREFIXES))
+    if r < 2 / 3:  # enlarge and crop
+        size = int(resolution * rng.uniform(1.2, 1.4))
+        big = np.asarray(Image.fromarray(im).resize((size, size), Image.BICUBIC))
+        y, x = rng.integers(0, size - resolution + 1, 2)
+        return big[y:y + resolution, x:x + resolution].copy(), np.ones(im.shape[:2], bool), str(rng.choice(ENLARGE_PREFIXES))
+    return im, np.ones(im.shape[:2], bool), ""
+
+
+def instance_prompt(prefix: str, token: str, class_noun: str) -> str:
+    return f"{prefix} photo of a {token} {class_noun}".strip() if prefix else f"a photo of a {token} {class_noun}"
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+class CustomDiffusionTask(TrainingTask):
+    def __init__(self, pipe, cfg: CustomDiffusionConfig, token_ids: list[int], reg_cond: torch.Tensor | None):
+        self.pipe, self.cfg, self.train_cfg, self.token_ids, self.reg_cond = pipe, cfg, cfg.train, token_ids, reg_cond
+        pipe.unet.requires_grad_(False)
+        pipe.text_encoder.requires_grad_(False)
+        self.layers = cross_attention_layers(pipe.unet)
+        self.weights = {}
+        for name, attn in self.layers.items():
+            for proj in MODES[cfg.mode]:
+                for pname, p in attn.get_submodule(proj).named_parameters():
+                    p.requires_grad_(True)
+                    self.weights[f"{name}.{proj}.{pname}"] = p
+        self.embedding = pipe.text_encoder.get_input_embeddings().weight
+        self.embedding.requires_grad_(True)
+        self.original = self.embedding.detach().clone()
+        self.keep = torch.ones(len(self.original), dtype=torch.bool)
+        self.keep[token_ids] = False
+
+    def modules(self):
+        return {"unet": self.pipe.unet, "text_encoder": self.pipe.text_encoder}
+
+    def trainable_parameters(self):
+        return list(self.weights.values()) + [self.embedding]
+
+    def loss(self, batch, generator):
+        unet, te, tc = self.wrapped["unet"], self.wrapped["text_encoder"], self.train_cfg
+        cond = te(batch["input_ids"].to(self.embedding.device))[0]
+        latents, mask = batch["latents"].to(cond), batch["mask"]
+        n = latents.shape[0]
+        if "reg_latents" in batch:
+            latents = torch.cat([latents, batch["reg_latents"].to(cond)])
+            cond = torch.cat([cond, self.reg_cond[batch["reg_idx"]].to(cond)])
+            mask = torch.cat([mask, torch.ones((latents.shape[0] - n, *mask.shape[1:]), dtype=mask.dtype)])
+        per = denoising_loss(unet, self.pipe.scheduler, latents, cond, generator, tc.noise_offset, tc.min_snr_gamma,
+                             mask=mask, reduction="none")
+        loss = per[:n].mean()
+        if per.shape[0] > n:
+            loss = loss + self.cfg.prior_loss_weight * per[n:].mean()
+        return loss
+
+    @torch.no_grad()
+    def after_optimizer_step(self):
+        self.embedding[self.keep] = self.original[self.keep].to(self.embedding)
+
+    def trainable_state(self):
+        state = {k: v.detach().float() for k, v in self.weights.items()}
+        state["token_embeddings"] = self.embedding[self.token_ids].detach().float()
+        return state
+
+    def load_trainable_state(self, state):
+        with torch.no_grad():
+            for k, p in self.weights.items():
+                p.copy_(state[k].to(p))
+            self.embedding[self.token_ids] = state["token_embeddings"].to(self.embedding)
+
+
+# --------------------------------------------------------------------------------------------
+# The weights file: diffusers' attention-processor keys, read back by limner's own loader
+# --------------------------------------------------------------------------------------------
+
+_KEY = {"to_k": "to_k_custom_diffusion", "to_v": "to_v_custom_diffusion", "to_q": "to_q_custom_diffusion",
+        "to_out.0": "to_out_custom_diffusion.0"}
+
+
+def layer_weights(unet, mode: str) -> dict[str, torch.Tensor]:
+    """diffusers' Custom Diffusion layout: '<attn2 name>.processor.to_k_custom_diffusion.weight', ..."""
+    out = {}
+    for name, attn in cross_attention_layers(unet).items():
+        for proj in MODES[mode]:
+            for pname, p in attn.get_submodule(proj).named_parameters():
+                out[f"{name}.processor.{_KEY[proj]}.{pname}"] = p.detach().cpu().float().contiguous()
+    return out
+
+
+def read_weights(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Reads limner's and diffusers' Custom Diffusion files (.safetensors; .bin only with opt-in,
+    then with weights_only=True). Entries of self-attention processors, which diffusers' trainer
+    also writes, carry no weights and are ignored."""
+    path = Path(path)
+    if path.suffix == ".bin":
+        if not allow_pickle:
+            raise LimnerError(f"{path} is a pickle file; load it only with --allow-pickle (read with torch.load(weights_only=True))")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        state = load_file(str(path))
+    return {k: v for k, v in state.items() if "_custom_diffusion" in k and ".attn2." in k}
+
+
+def install_weights(unet, state: dict[str, torch.Tensor]) -> int:
+    """Writes Custom Diffusion weights into the matching attn2 projections (equivalent to diffusers'
+    CustomDiffusionAttnProcessor with train_kv, which computes k and v with those weights)."""
+    layers = cross_attention_layers(unet)
+    reverse = {v: k for k, v in _KEY.items()}
+    n = 0
+    for key, value in state.items():
+        layer, _, rest = key.partition(".processor.")
+        proj_key, _, pname = rest.rpartition(".")
+        if layer not in layers or proj_key not in reverse:
+            raise LimnerError(f"Custom Diffusion weight {key} does not match this UNet (no layer {layer}); was it trained on another base?")
+        target = layers[layer].get_submodule(reverse[proj_key])
+        param = getattr(target, pname)
+        if param.shape != value.shape:
+            raise LimnerError(f"Custom Diffusion weight {key} has shape {tuple(value.shape)}, the UNet's is {tuple(param.shape)}")
+        with torch.no_grad():
+            param.copy_(value.to(param))
+        n += 1
+    return n
+
+
+def save_concept(pipe, folder: Path, mode: str, tokens: dict[str, torch.Tensor]) -> dict:
+    files = {"weights": WEIGHTS_FILE, "tokens": {}}
+    tmp = folder / f"{WEIGHTS_FILE}.tmp"
+    save_file({k: v.half() for k, v in layer_weights(pipe.unet, mode).items()}, str(tmp))
+    os.replace(tmp, folder / WEIGHTS_FILE)
+    for token, vec in tokens.items():
+        name = f"{token}.safetensors"
+        save_file({token: vec.detach().cpu().half().reshape(1, -1).contiguous()}, str(folder / f"{name}.tmp"))
+        os.replace(folder / f"{name}.tmp", folder / name)
+        files["tokens"][token] = name
+    return files
+
+
+@register
+class CustomDiffusion(Method):
+    name = "custom_diffusion"
+    family = "tuning"
+
+    def default_train_config(self) -> TrainConfig:
+        return default_train_config()
+
+    def config(self, overrides: dict) -> CustomDiffusionConfig:
+        cfg = CustomDiffusionConfig()
+        for k, v in overrides.items():
+            if not hasattr(cfg, k):
+                raise LimnerError(f"{self.name} has no setting {k!r}")
+            setattr(cfg, k, v)
+        cfg.train = cfg.train or default_train_config()
+        if cfg.mode not in MODES:
+            raise LimnerError(f"mode {cfg.mode!r}: use one of {', '.join(MODES)}")
+        return cfg
+
+    def personalize(self, base, subject: Subject, out: Path, **overrides) -> Path:
+        return self.personalize_jointly(base, [subject], out, **overrides)
+
+    def personalize_jointly(self, base, subjects: list[Subject], out: Path, **overrides) -> Path:
+        """One or several concepts trained together; concept i gets modifier token <new{i+1}>."""
+        cfg = self.config(overrides)
+        pipe, res = base.pipe, base.resolution
+        tokens = [cfg.modifier_token] if len(subjects) == 1 else [f"<new{i + 1}>" for i in range(len(subjects))]
+        token_ids = add_tokens(pipe.tokenizer, pipe.text_encoder, tokens, cfg.initializer)
+        rng = np.random.default_rng(cfg.train.seed)
+        images, masks, prompts = [], [], []
+        for subject, token in zip(subjects, tokens):
+            for im in subject.images:
+                for v in range(cfg.augment_variants if cfg.augment else 1):
+                    aug, mask, prefix = rescale(im, res, rng) if cfg.augment and v > 0 else (fit_square(im, res), np.ones((res, res), bool), "")
+                    images.append(aug)
+                    masks.append(mask)
+                    prompts.append(instance_prompt(prefix, token, subject.class_noun))
+        lat = encode_images(pipe.vae, images, res, flip=False)
+        mask_t = torch.from_numpy(np.stack(masks)).float()[:, None]
+        ids = self._tokenize(pipe, prompts)
+        reg_lat, reg_cond = None, None
+        if cfg.prior_preservation:
+            reg = [pair for s in subjects for pair in regularization_set(base, s.class_noun, cfg)]
+            reg_lat = encode_images(pipe.vae, [im for im, _ in reg], res, flip=False)
+            with torch.no_grad():
+                reg_cond = pipe.text_encoder(self._tokenize(pipe, [c for _, c in reg]).to(pipe.text_encoder.device))[0].cpu()
+        task = CustomDiffusionTask(pipe, cfg, token_ids, reg_cond)
+        bs = cfg.train.batch_size
+
+        def next_batch(g: torch.Generator) -> dict:
+            idx = torch.randint(len(lat.mean), (bs,), generator=g)
+            batch = {"latents": lat.sample(idx, g), "mask": mask_t[idx], "input_ids": ids[idx]}
+            if reg_lat is not None:
+                ridx = torch.randint(len(reg_lat.mean), (bs,), generator=g)
+                batch.update(reg_latents=reg_lat.sample(ridx, g), reg_idx=ridx)
+            return batch
+
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        log = train(task, next_batch, cfg.train, out, desc=f"custom diffusion {'+'.join(s.name for s in subjects)}")
+        vectors = {t: task.embedding[i].detach().float() for t, i in zip(tokens, token_ids)}
+        files = save_concept(pipe, out, cfg.mode, vectors)
+        manifest = {"method": self.name, "subject": subjects[0].name if len(subjects) == 1 else [s.name for s in subjects],
+                    "class_noun": subjects[0].class_noun, "class_nouns": [s.class_noun for s in subjects], "tokens": tokens,
+                    "base_fingerprint": base.fingerprint, "base_path": str(base.path), "config": asdict(cfg), "mode": cfg.mode,
+                    "steps": log.steps, "seconds": round(log.seconds, 2), "wall_seconds": round(time.perf_counter() - t0, 2),
+                    "curve": log.curve, "files": files, "example_prompt": f"a {tokens[0]} {subjects[0].class_noun} on the beach"}
+        write_json_atomic(out / MANIFEST, manifest)
+        write_model_card(out, manifest)
+        return out
+
+    @staticmethod
+    def _tokenize(pipe, prompts: list[str]) -> torch.Tensor:
+        return pipe.tokenizer(prompts, padding="max_length", truncation=True, max_length=pipe.tokenizer.model_max_length,
+                              return_tensors="pt").input_ids
+
+    def apply(self, base, concept: Path, allow_pickle: bool = False) -> None:
+        concept = Path(concept)
+        m = read_manifest(concept)
+        for token, name in m["files"]["tokens"].items():
+            base.pipe.load_textual_inversion(str(concept / name), token=token)
+        install_weights(base.pipe.unet, read_weights(concept / m["files"]["weights"], allow_pickle))
+
+    def prompt(self, template: str, concept: Path) -> str:
+        m = read_manifest(concept)
+        return template.format(f"{m['tokens'][0]} {m['class_noun']}")
+
+
+# --------------------------------------------------------------------------------------------
+# Closed-form merge of separately tuned concepts
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def prompt_features(pipe, prompts: list[str]) -> torch.Tensor:
+    """Text-encoder output rows of each prompt's real tokens (begin to end token), deduplicated:
+    the inputs that W_k and W_v see for these prompts."""
+    tok = pipe.tokenizer(prompts, padding="max_length", truncation=True, max_length=pipe.tokenizer.model_max_length, return_tensors="pt")
+    feats = pipe.text_encoder(tok.input_ids.to(pipe.text_encoder.device))[0].float().cpu()
+    lengths = tok.attention_mask.sum(1)
+    rows = torch.cat([feats[i, : int(n)] for i, n in enumerate(lengths)])
+    return torch.unique(rows.round(decimals=5), dim=0)
+
+
+def closed_form(W0: torch.Tensor, C_reg: torch.Tensor, C: torch.Tensor, V: torch.Tensor, ridge: float = 1e-4) -> torch.Tensor:
+    """argmin_W ||W C_reg^T - W0 C_reg^T||_F subject to W C^T = V (the paper's eq. 4-5).
+
+    W0 [out, d]; C_reg [N, d]; C [M, d]; V [out, M]."""
+    gram = C_reg.t() @ C_reg
+    gram = gram + ridge * gram.diagonal().mean() * torch.eye(gram.shape[0])
+    d_t = C @ torch.linalg.inv(gram)  # [M, d]
+    v = (V - W0 @ C.t()) @ torch.linalg.pinv(d_t @ C.t())  # [out, M]
+    return W0 + v @ d_t
+
+
+def merge(base, concepts: list[Path], out: Path, num_reg_captions: int = 200, force: bool = False) -> Path:
+    """Merges separately trained Custom Diffusion concepts (distinct modifier tokens) into one."""
+    pipe = base.pipe
+    manifests = [read_manifest(c) for c in concepts]
+    for c, m in zip(concepts, manifests):
+        if m.get("method") != CustomDiffusion.name:
+            raise LimnerError(f"{c} is a {m.get('method')} concept; only Custom Diffusion concepts merge in closed form")
+        check_base(m, c, base, force)
+    tokens = [t for m in manifests for t in m["tokens"]]
+    if len(set(tokens)) != len(tokens):
+        raise LimnerError(f"the concepts share a modifier token ({', '.join(tokens)}); train them with distinct tokens (e.g. <new1>, <new2>)")
+    modes = {m["mode"] for m in manifests}
+    if len(modes) != 1:
+        raise LimnerError("the concepts were trained in different modes (crossattn_kv vs crossattn); merge concepts of one mode")
+    mode = modes.pop()
+    for c, m in zip(concepts, manifests):
+        for token, name in m["files"]["tokens"].items():
+            pipe.load_textual_inversion(str(Path(c) / name), token=token)
+    W0 = layer_weights(pipe.unet, mode)
+    tuned = [read_weights(Path(c) / m["files"]["weights"]) for c, m in zip(concepts, manifests)]
+    # C_reg: captions of the world (or generic prompts) that must keep their meaning
+    if base.is_world:
+        captions = [c for _, c in world_pool(num_reg_captions, seed=11)]
+    else:
+        captions = [f"a photo of a {noun}" for noun in ("dog", "cat", "person", "car", "house", "tree", "cup", "chair")] * 25
+    C_reg = prompt_features(pipe, captions[:num_reg_captions])
+    per_concept = [prompt_features(pipe, [f"a photo of a {m['tokens'][0]} {m['class_noun']}", f"a {m['tokens'][0]} {m['class_noun']}"])
+                   for m in manifests]
+    merged = {}
+    for key, w0 in W0.items():
+        if not key.endswith(".weight") or not any(p in key for p in ("to_k_custom", "to_v_custom")):
+            merged[key] = torch.stack([t[key].float() for t in tuned]).mean(0)  # q/out (crossattn mode): average
+            continue
+        C = torch.cat(per_concept)
+        V = torch.cat([t[key].float() @ c.t() for t, c in zip(tuned, per_concept)], dim=1)
+        merged[key] = closed_form(w0, C_reg, C, V)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.half().contiguous() for k, v in merged.items()}, str(out / f"{WEIGHTS_FILE}.tmp"))
+    os.replace(out / f"{WEIGHTS_FILE}.tmp", out / WEIGHTS_FILE)
+    files = {"weights": WEIGHTS_FILE, "tokens": {}}
+    emb = pipe.text_encoder.get_input_embeddings().weight
+    for token in tokens:
+        vec = emb[pipe.tokenizer.convert_tokens_to_ids(token)].detach().cpu().half().reshape(1, -1).contiguous()
+        save_file({token: vec}, str(out / f"{token}.safetensors"))
+        files["tokens"][token] = f"{token}.safetensors"
+    manifest = {"method": CustomDiffusion.name, "subject": [m["subject"] for m in manifests], "class_noun": manifests[0]["class_noun"],
+                "class_nouns": [m["class_noun"] for m in manifests], "tokens": tokens, "mode": mode, "merged_from": [str(c) for c in concepts],
+                "base_fingerprint": base.fingerprint, "base_path": str(base.path), "files": files, "steps": 0,
+                "example_prompt": " and ".join(f"a {m['tokens'][0]} {m['class_noun']}" for m in manifests)}
+    write_json_atomic(out / MANIFEST, manifest)
+    write_model_card(out, manifest)
+    return out
