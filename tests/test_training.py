@@ -210,3 +210,29 @@ def test_custom_diffusion_merge_of_two_concepts(tiny_base, tmp_path):
     assert {"<new1>", "<new2>"} <= set(fresh.pipe.tokenizer.get_vocab())
     with pytest.raises(LimnerError, match="share a modifier token"):
         merge(load_base(str(tiny_base), device="cpu"), [a, a], tmp_path / "m2")
+
+
+def test_embedding_formats_load_into_a_base(tiny_base, tmp_path):
+    from safetensors.torch import save_file
+
+    from limner.methods.textual_inversion import load_embedding
+
+    vec = torch.randn(2, 32)
+    save_file({"<a>": vec}, str(tmp_path / "diffusers.safetensors"))
+    save_file({"emb_params": vec}, str(tmp_path / "kohya.safetensors"))
+    torch.save({"string_to_param": {"*": vec}, "name": "<c>", "string_to_token": {"*": 265}, "step": 100}, tmp_path / "a1111.pt")
+    save_file({"clip_l": torch.randn(1, 32), "clip_g": torch.randn(1, 64)}, str(tmp_path / "sdxl.safetensors"))
+    base = load_base(str(tiny_base), device="cpu")
+    assert load_embedding(base, tmp_path / "diffusers.safetensors") == "<a>"
+    assert load_embedding(base, tmp_path / "kohya.safetensors", token="<b>") == "<b>"
+    with pytest.raises(LimnerError, match="allow-pickle"):
+        load_embedding(base, tmp_path / "a1111.pt")
+    assert load_embedding(base, tmp_path / "a1111.pt", allow_pickle=True) == "<c>"
+    with pytest.raises(LimnerError, match="SDXL"):
+        load_embedding(base, tmp_path / "sdxl.safetensors", token="<d>")
+    save_file({"<e>": torch.randn(1, 768)}, str(tmp_path / "wide.safetensors"))
+    with pytest.raises(LimnerError, match="width 768"):
+        load_embedding(base, tmp_path / "wide.safetensors")
+    ids = base.pipe.tokenizer("<a> <b> <c>", add_special_tokens=False).input_ids
+    emb = base.pipe.text_encoder.get_input_embeddings().weight
+    assert torch.allclose(emb[ids[0]], vec[0], atol=1e-6)

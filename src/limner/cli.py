@@ -50,6 +50,8 @@ def generate(
     batch_size: Annotated[int, typer.Option("--batch-size")] = 4,
     out: Annotated[Path, typer.Option("--out", help="Folder for PNGs, grid and JSON record.")] = Path("out"),
     concept: Annotated[Optional[list[Path]], typer.Option("--concept", help="A concept folder to apply (repeatable: concepts compose).")] = None,
+    embedding: Annotated[Optional[list[str]], typer.Option("--embedding", help="A Textual Inversion file, FILE or FILE:TOKEN (diffusers, A1111/kohya, SDXL).")] = None,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow .pt/.bin embeddings (read with weights_only=True).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Apply concepts trained on another base anyway.")] = False,
     base: BaseOpt = None,
     config: ConfigOpt = None,
@@ -69,6 +71,15 @@ def generate(
         b = load_base(base, device=device, dtype=dtype, config=config)
         check_settings(b, settings)
         apply_concepts(b, concept or [], force)
+        for spec in embedding or []:
+            from limner.methods.textual_inversion import load_embedding
+
+            path, _, token = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
+            if not Path(path).exists():
+                raise LimnerError(f"--embedding {path} does not exist")
+            used = load_embedding(b, Path(path), token or None, allow_pickle)
+            if used not in prompt:
+                typer.echo(f"warning: the prompt does not contain the embedding's token {used!r}", err=True)
         from limner.generation import generate as gen
 
         with warnings.catch_warnings(record=True) as caught:
@@ -134,6 +145,24 @@ def train_cmd(
         b = load_base(base, device=device, dtype="fp32")  # trainable weights stay fp32; --mixed-precision speeds it up
         folder = m.personalize(b, subs[0], out, **overrides)
         typer.echo(f"concept written to {folder}")
+
+    run(go)
+
+
+@app.command("demo")
+def demo_cmd(
+    subject: Annotated[str, typer.Option("--subject", help="A held-out world subject (see `limner world subjects`).")] = "duo_ball",
+    method: Annotated[Optional[str], typer.Option("--method", help="Default: the best fidelity per minute on the world bench.")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Training steps (default: the method's).")] = None,
+    out: Annotated[Path, typer.Option("--out")] = Path("demo"),
+    device: DeviceOpt = "auto",
+) -> None:
+    """Personalize a held-out world subject and draw it in 4 new contexts (a few minutes on a CPU)."""
+    from limner.demo import DEFAULT_METHOD, format_summary, run_demo
+
+    def go():
+        record = run_demo(out, subject_name=subject, method_name=method or DEFAULT_METHOD, steps=steps, device=device)
+        typer.echo(format_summary(record))
 
     run(go)
 

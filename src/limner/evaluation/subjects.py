@@ -62,13 +62,13 @@ class EvalSubject(Subject):
 def _world_object(s) -> EvalSubject:
     refs = subject_references(s)
     return EvalSubject(s.name, s.cls, [r.image for r in refs], [r.entities[0].mask for r in refs], kind="object",
-                       prompts=object_prompts(), world=s)
+                       prompts=object_prompts(), world=s, meta={"contexts": [r.context for r in refs]})
 
 
 def _world_identity(b) -> EvalSubject:
     refs = identity_references(b)
     return EvalSubject(b.name, b.cls, [r.image for r in refs], [r.entities[0].mask for r in refs], kind="identity",
-                       prompts=identity_prompts(), world=b)
+                       prompts=identity_prompts(), world=b, meta={"contexts": [r.context for r in refs]})
 
 
 def world_subjects(spec: str) -> list[EvalSubject]:

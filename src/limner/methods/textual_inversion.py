@@ -142,6 +142,27 @@ def load_embedding_file(path: Path, allow_pickle: bool = False) -> dict[str, tor
     raise LimnerError(f"{path}: not a Textual Inversion embedding (expected {{token: tensor}}, emb_params, clip_l/clip_g or string_to_param)")
 
 
+def load_embedding(base, path: Path, token: str | None = None, allow_pickle: bool = False) -> str:
+    """Adds a Textual Inversion embedding in any supported layout to a loaded base; returns the token
+    to write in prompts. SDXL files (clip_l / clip_g) go into both text encoders."""
+    emb = load_embedding_file(path, allow_pickle)
+    pipe = base.pipe
+    token = token or emb.get("token") or Path(path).stem
+    if "clip_l" in emb:
+        if base.family != "sdxl":
+            raise LimnerError(f"{path} is an SDXL embedding (clip_l + clip_g); load an SDXL base to use it")
+        pipe.load_textual_inversion(emb["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+        pipe.load_textual_inversion(emb["clip_g"], token=token, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+        return token
+    vectors = emb["vectors"]
+    width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    if vectors.shape[-1] != width:
+        raise LimnerError(f"{path}: embedding width {vectors.shape[-1]} does not match this base's text encoder ({width}); "
+                          "it was trained for another model family")
+    pipe.load_textual_inversion(vectors, token=token)
+    return token
+
+
 @register
 class TextualInversion(Method):
     name = "textual_inversion"

@@ -1,0 +1,97 @@
+"""`limner demo`: personalize a held-out world subject from its 5 reference images, draw it in 4
+contexts it was never shown in, and score the result against the base model's class-only prompt."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from limner.io import write_json_atomic
+
+DEFAULT_METHOD = "dreambooth_lora"  # the best world-bench subject fidelity per minute of training (docs/world-bench.md)
+
+
+def label_strip(text: str, width: int, height: int = 14) -> Image.Image:
+    im = Image.new("RGB", (width, height), "white")
+    ImageDraw.Draw(im).text((2, 1), text, fill=(0, 0, 0))
+    return im
+
+
+def run_demo(out: Path, subject_name: str = "duo_ball", method_name: str = DEFAULT_METHOD, steps: int | None = None,
+             images_per_prompt: int = 2, device: str = "auto", seed: int = 0) -> dict:
+    from dataclasses import replace
+
+    from limner.evaluation.encoders import WorldFaceEmbedder
+    from limner.evaluation.protocol import Encoders, world_measures
+    from limner.evaluation.subjects import world_subjects
+    from limner.generation import GenerationSettings, generate, make_grid, prepare_output
+    from limner.methods import get_method
+    from limner.models.loading import WORLD_PROBES, load_base
+    from limner.world import vocab
+    from limner.world.bench import BenchPrompt
+    from limner.world.probes import Probes
+
+    prepare_output(out)
+    (subject,) = world_subjects(f"world:{subject_name}")
+    method = get_method(method_name)
+    t0 = time.perf_counter()
+    # 1. Personalize from the 5 references
+    train_cfg = method.default_train_config()
+    overrides = {}
+    if train_cfg is not None:
+        overrides["train"] = replace(train_cfg, seed=seed, max_steps=steps or train_cfg.max_steps)
+    concept = method.personalize(load_base(device=device, dtype="fp32"), subject, out / "concept", **overrides)
+    train_s = time.perf_counter() - t0
+    # 2. Four contexts the references never showed
+    contexts = [c for c in vocab.CONTEXTS if c not in subject.meta["contexts"]][:4]
+    article = "a portrait of a {} " if subject.kind == "identity" else "a {} "
+    prompts = [BenchPrompt(article + vocab.CONTEXTS[c], "recontextualisation", context=c) for c in contexts]
+    base = load_base(device=device)
+    method.apply(base, concept)
+    lower = load_base(device=device)
+    probes = Probes(WORLD_PROBES)
+    enc = Encoders(clip=None, face=WorldFaceEmbedder(WORLD_PROBES) if subject.kind == "identity" else None, probes=probes)
+    rows, scores = [], {"personalized": {"subject_fidelity": [], "prompt_fidelity": []}, "base_class_prompt": {"subject_fidelity": [], "prompt_fidelity": []}}
+    t1 = time.perf_counter()
+    for p in prompts:
+        s = GenerationSettings(method.prompt(p.template, concept), num_images=images_per_prompt, seed=seed, batch_size=images_per_prompt)
+        ims = generate(base, s).images
+        base_ims = generate(lower, replace(s, prompt=p.template.format(subject.class_noun))).images
+        for key, batch in (("personalized", ims), ("base_class_prompt", base_ims)):
+            fid, pf = world_measures(subject, p, batch, enc)
+            scores[key]["subject_fidelity"] += [float(x) for x in fid]
+            scores[key]["prompt_fidelity"] += [float(x) for x in pf]
+        rows.append((s.prompt, ims))
+    gen_s = time.perf_counter() - t1
+    # 3. A grid: references on top, then one row per new context
+    refs = [Image.fromarray(im) for im in subject.images]
+    width = max(len(refs), images_per_prompt) * refs[0].width
+    parts = [label_strip(f"{subject_name}: 5 reference images", width), make_grid(refs, cols=len(refs))]
+    for prompt, ims in rows:
+        parts += [label_strip(prompt, width), make_grid(ims, cols=images_per_prompt)]
+    grid = Image.new("RGB", (width, sum(p.height for p in parts)), "white")
+    y = 0
+    for p in parts:
+        grid.paste(p, (0, y))
+        y += p.height
+    grid = grid.resize((grid.width * 3, grid.height * 3), Image.NEAREST)
+    grid_path = out / "demo-grid.png"
+    grid.save(grid_path)
+    summary = {k: {m: round(float(np.mean(v)), 3) for m, v in d.items()} for k, d in scores.items()}
+    record = {"subject": subject_name, "method": method_name, "concept": str(concept), "prompts": [r[0] for r in rows],
+              "scores": summary, "train_seconds": round(train_s, 1), "generate_seconds": round(gen_s, 1),
+              "total_seconds": round(time.perf_counter() - t0, 1), "grid": str(grid_path)}
+    write_json_atomic(out / "scores.json", record)
+    return record
+
+
+def format_summary(record: dict) -> str:
+    s = record["scores"]
+    return (f"{record['method']} learned {record['subject']} in {record['train_seconds']:.0f} s. "
+            f"Subject fidelity {s['personalized']['subject_fidelity']:.2f} (base model, class prompt: "
+            f"{s['base_class_prompt']['subject_fidelity']:.2f}); prompt fidelity {s['personalized']['prompt_fidelity']:.2f}.\n"
+            f"Grid: {record['grid']}  Scores: {Path(record['grid']).parent / 'scores.json'}")
+
