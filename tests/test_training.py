@@ -236,3 +236,27 @@ def test_embedding_formats_load_into_a_base(tiny_base, tmp_path):
     ids = base.pipe.tokenizer("<a> <b> <c>", add_special_tokens=False).input_ids
     emb = base.pipe.text_encoder.get_input_embeddings().weight
     assert torch.allclose(emb[ids[0]], vec[0], atol=1e-6)
+
+
+def test_two_cpu_processes_under_accelerate_launch(tiny_base, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    folder = tmp_path / "subj"
+    folder.mkdir()
+    for i, im in enumerate(subject(2).images):
+        Image.fromarray(im).save(folder / f"{i}.png")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--module", "limner.cli", "train", "--method", "textual_inversion",
+           "--subject", str(folder), "--class-noun", "ball", "--steps", "3", "--batch-size", "1", "--base", str(tiny_base),
+           "--out", str(tmp_path / "c"), "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((tmp_path / "c" / "limner.json").read_text())
+    assert manifest["num_processes"] == 2 and manifest["steps"] == 3
+    assert proc.stdout.count("concept written") == 1, "one process writes the artifact"

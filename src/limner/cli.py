@@ -144,7 +144,10 @@ def train_cmd(
             overrides["train"] = replace(train_cfg, mixed_precision=mixed_precision, resume=resume, seed=seed, **changes)
         b = load_base(base, device=device, dtype="fp32")  # trainable weights stay fp32; --mixed-precision speeds it up
         folder = m.personalize(b, subs[0], out, **overrides)
-        typer.echo(f"concept written to {folder}")
+        from limner.training import is_main_process
+
+        if is_main_process():
+            typer.echo(f"concept written to {folder}")
 
     run(go)
 

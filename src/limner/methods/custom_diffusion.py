@@ -29,7 +29,7 @@ from limner.concepts import MANIFEST, check_base, read_manifest, write_json_atom
 from limner.errors import LimnerError
 from limner.methods import Method, Subject, register
 from limner.methods.textual_inversion import add_tokens
-from limner.training import TrainConfig, TrainingTask, denoising_loss, train
+from limner.training import TrainConfig, TrainingTask, denoising_loss, is_main_process, train
 from limner.training.data import encode_images, fit_square
 
 WEIGHTS_FILE = "pytorch_custom_diffusion_weights.safetensors"
@@ -335,13 +335,15 @@ class CustomDiffusion(Method):
         out.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         log = train(task, next_batch, cfg.train, out, desc=f"custom diffusion {'+'.join(s.name for s in subjects)}")
+        if not is_main_process():
+            return out
         vectors = {t: task.embedding[i].detach().float() for t, i in zip(tokens, token_ids)}
         files = save_concept(pipe, out, cfg.mode, vectors)
         manifest = {"method": self.name, "subject": subjects[0].name if len(subjects) == 1 else [s.name for s in subjects],
                     "class_noun": subjects[0].class_noun, "class_nouns": [s.class_noun for s in subjects], "tokens": tokens,
                     "base_fingerprint": base.fingerprint, "base_path": str(base.path), "config": asdict(cfg), "mode": cfg.mode,
                     "steps": log.steps, "seconds": round(log.seconds, 2), "wall_seconds": round(time.perf_counter() - t0, 2),
-                    "curve": log.curve, "files": files, "example_prompt": f"a {tokens[0]} {subjects[0].class_noun} on the beach"}
+                    "curve": log.curve, "files": files, "num_processes": log.num_processes, "example_prompt": f"a {tokens[0]} {subjects[0].class_noun} on the beach"}
         write_json_atomic(out / MANIFEST, manifest)
         write_model_card(out, manifest)
         return out

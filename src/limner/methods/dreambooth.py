@@ -27,7 +27,7 @@ from limner.concepts import MANIFEST, read_manifest, write_json_atomic, write_mo
 from limner.errors import LimnerError
 from limner.methods import Method, Subject, register
 from limner.models.saving import save_pipeline
-from limner.training import TrainConfig, TrainingTask, denoising_loss, train
+from limner.training import TrainConfig, TrainingTask, denoising_loss, is_main_process, train
 from limner.training.data import LatentCache, encode_images
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -278,6 +278,8 @@ class DreamBooth(Method):
         t0 = time.perf_counter()
         log = train(task, next_batch, cfg.train, out, desc=f"{self.name} {subject.name}")
         pipe.unet.eval()
+        if not is_main_process():
+            return out
         if cfg.lora_rank is not None:
             save_lora(pipe, out, cfg)
             files = {"diffusers": LORA_FILE, "kohya": KOHYA_FILE}
@@ -288,6 +290,7 @@ class DreamBooth(Method):
                     "identifier": cfg.identifier, "base_fingerprint": base.fingerprint, "base_path": str(base.path),
                     "config": asdict(cfg), "steps": log.steps, "seconds": round(log.seconds, 2),
                     "wall_seconds": round(time.perf_counter() - t0, 2), "curve": log.curve, "files": files,
+                    "num_processes": log.num_processes,
                     "lora": cfg.lora_rank is not None, "example_prompt": f"{instance_prompt} on the beach"}
         write_json_atomic(out / MANIFEST, manifest)
         write_model_card(out, manifest)

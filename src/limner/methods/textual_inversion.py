@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from limner.concepts import MANIFEST, read_manifest, write_json_atomic, write_model_card
 from limner.errors import LimnerError
 from limner.methods import Method, Subject, register
-from limner.training import TrainConfig, TrainingTask, denoising_loss, train
+from limner.training import TrainConfig, TrainingTask, denoising_loss, is_main_process, train
 from limner.training.data import LatentCache, encode_images
 
 OBJECT_TEMPLATES = (
@@ -193,12 +193,14 @@ class TextualInversion(Method):
         task = TextualInversionTask(pipe, ids, prompt_ids, latents, cfg.train)
         t0 = time.perf_counter()
         log = train(task, next_batch, cfg.train, out, desc=f"textual inversion {subject.name}")
+        if not is_main_process():
+            return out
         vectors = task.embedding[ids].detach().float()
         save_embeddings(out, cfg.token, vectors)
         manifest = {"method": self.name, "subject": subject.name, "class_noun": subject.class_noun, "tokens": tokens,
                     "token": cfg.token, "num_vectors": cfg.num_vectors, "base_fingerprint": base.fingerprint,
                     "base_path": str(base.path), "config": asdict(cfg), "steps": log.steps, "seconds": round(log.seconds, 2),
-                    "wall_seconds": round(time.perf_counter() - t0, 2), "curve": log.curve,
+                    "wall_seconds": round(time.perf_counter() - t0, 2), "curve": log.curve, "num_processes": log.num_processes,
                     "files": {"diffusers": DIFFUSERS_FILE, "a1111": A1111_FILE},
                     "example_prompt": f"a photo of a {cfg.token} on the beach"}
         write_json_atomic(out / MANIFEST, manifest)

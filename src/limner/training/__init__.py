@@ -77,6 +77,14 @@ class TrainLog:
     seconds: float = 0.0
     curve: list[dict] = field(default_factory=list)  # {"step", "seconds", "loss"}
     resumed_from: int | None = None
+    num_processes: int = 1
+
+
+def is_main_process() -> bool:
+    """True in the one process that writes artifacts (all processes train under `accelerate launch`)."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,9 +215,12 @@ def train(task: TrainingTask, next_batch: Callable[[torch.Generator], dict], cfg
     uninterrupted run would have."""
     from accelerate import Accelerator
 
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps)
-    out.mkdir(parents=True, exist_ok=True)
     modules = task.modules()
+    # on a CPU-only machine `accelerate launch --multi_gpu --num_processes N` runs N gloo processes
+    on_cpu = next(iter(modules.values())).device.type == "cpu"
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                              cpu=on_cpu)
+    out.mkdir(parents=True, exist_ok=True)
     if cfg.gradient_checkpointing:
         for m in modules.values():
             if hasattr(m, "enable_gradient_checkpointing"):
@@ -227,7 +238,7 @@ def train(task: TrainingTask, next_batch: Callable[[torch.Generator], dict], cfg
     task.wrapped = wrapped  # the accelerate-wrapped modules, for the task's forward passes
     task.accelerator = accelerator
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + accelerator.process_index)
-    log = TrainLog()
+    log = TrainLog(num_processes=accelerator.num_processes)
     start = 0
     ckpt = find_checkpoint(out, cfg.resume)
     if ckpt is not None:
