@@ -153,3 +153,18 @@ def test_world_bench_bounds_cache_and_report(tmp_path):
     refs = re.findall(r"references: (.*?)</div>", page)
     assert len(refs) == 2 and refs[0] != refs[1], "each subject shows its own references"
     assert (tmp_path / "report" / "fidelity.png").exists() and "| lower-bound |" in (tmp_path / "report" / "results.md").read_text()
+
+
+def test_image_modes_are_converted_faithfully(tmp_path):
+    folder = tmp_path / "modes"
+    folder.mkdir()
+    grey16 = (np.linspace(0, 65535, 32 * 32).reshape(32, 32)).astype(np.uint16)
+    Image.fromarray(grey16).save(folder / "a16.png")
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[..., 0] = 255  # red, but fully transparent
+    Image.fromarray(rgba, "RGBA").save(folder / "b_rgba.png")
+    Image.fromarray(np.full((32, 32), 128, np.uint8), "L").save(folder / "c_grey.png")
+    a, b, c = load_subjects(str(folder), "thing")[0].images
+    assert a.dtype == np.uint8 and a.shape == (32, 32, 3) and a.max() == 255 and a.min() == 0 and 100 < a.mean() < 155
+    assert (b == 255).all(), "transparent pixels become white, not their hidden colour"
+    assert (c == 128).all()

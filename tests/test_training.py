@@ -260,3 +260,25 @@ def test_two_cpu_processes_under_accelerate_launch(tiny_base, tmp_path):
     manifest = json.loads((tmp_path / "c" / "limner.json").read_text())
     assert manifest["num_processes"] == 2 and manifest["steps"] == 3
     assert proc.stdout.count("concept written") == 1, "one process writes the artifact"
+
+
+def test_validation_images_and_a_full_disk(tiny_base, tmp_path, monkeypatch):
+    import errno
+
+    import limner.methods.textual_inversion as ti
+
+    base = load_base(str(tiny_base), device="cpu")
+    cfg = ti_config(4)
+    cfg["train"].validate_every = 2
+    out = get_method("textual_inversion").personalize(base, subject(), tmp_path / "c", **cfg)
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-000002.png", "step-000004.png"]
+    before = (out / "learned_embeds.safetensors").read_bytes()
+
+    def full_disk(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ti, "save_file", full_disk)
+    with pytest.raises(LimnerError, match="disk is full"):
+        get_method("textual_inversion").personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "c",
+                                                    **ti_config(6, resume="latest"))
+    assert (out / "learned_embeds.safetensors").read_bytes() == before, "the earlier artifact is intact"

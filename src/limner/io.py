@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -16,3 +18,18 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_json_atomic(path: Path, data) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, default=str))
+
+
+@contextmanager
+def disk_guard(what: str):
+    """Turns a full disk into a clear error. Everything limner writes goes to a temporary name first,
+    so whatever was there before is intact."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            from limner.errors import LimnerError
+
+            raise LimnerError(f"the disk is full while writing {what}; earlier files are intact. Free some space and run the "
+                              "same command again (training continues with --resume latest)") from e
+        raise

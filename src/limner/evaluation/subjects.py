@@ -100,10 +100,25 @@ def load_images(folder: Path) -> list[np.ndarray]:
     for f in files:
         try:
             with Image.open(f) as im:
-                images.append(np.asarray(ImageOps.exif_transpose(im).convert("RGB")))
-        except (OSError, SyntaxError) as e:
+                images.append(to_rgb8(ImageOps.exif_transpose(im)))
+        except (OSError, SyntaxError, ValueError) as e:
             raise LimnerError(f"{f} is not a readable image ({e}); remove or replace it") from e
     return images
+
+
+def to_rgb8(im: Image.Image) -> np.ndarray:
+    """Any PIL mode -> RGB uint8: 16- and 32-bit greyscale scaled down (not clipped), transparency
+    composited over white (not over whatever colour hides under alpha 0)."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(im).astype(np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        grey = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+    return np.asarray(im.convert("RGB"))
 
 
 def folder_subject(folder: Path, class_noun: str | None = None, name: str | None = None) -> EvalSubject:

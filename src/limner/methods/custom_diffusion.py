@@ -27,9 +27,10 @@ from safetensors.torch import load_file, save_file
 
 from limner.concepts import MANIFEST, check_base, read_manifest, write_json_atomic, write_model_card
 from limner.errors import LimnerError
+from limner.io import disk_guard
 from limner.methods import Method, Subject, register
 from limner.methods.textual_inversion import add_tokens
-from limner.training import TrainConfig, TrainingTask, denoising_loss, is_main_process, train
+from limner.training import TrainConfig, TrainingTask, denoising_loss, is_main_process, make_validator, train
 from limner.training.data import encode_images, fit_square
 
 WEIGHTS_FILE = "pytorch_custom_diffusion_weights.safetensors"
@@ -334,11 +335,13 @@ class CustomDiffusion(Method):
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        log = train(task, next_batch, cfg.train, out, desc=f"custom diffusion {'+'.join(s.name for s in subjects)}")
+        validate = make_validator(base, [f"a {t} {s.class_noun} on the beach" for t, s in zip(tokens, subjects)], out)
+        log = train(task, next_batch, cfg.train, out, desc=f"custom diffusion {'+'.join(s.name for s in subjects)}", validate=validate)
         if not is_main_process():
             return out
         vectors = {t: task.embedding[i].detach().float() for t, i in zip(tokens, token_ids)}
-        files = save_concept(pipe, out, cfg.mode, vectors)
+        with disk_guard(f"the weights in {out}"):
+            files = save_concept(pipe, out, cfg.mode, vectors)
         manifest = {"method": self.name, "subject": subjects[0].name if len(subjects) == 1 else [s.name for s in subjects],
                     "class_noun": subjects[0].class_noun, "class_nouns": [s.class_noun for s in subjects], "tokens": tokens,
                     "base_fingerprint": base.fingerprint, "base_path": str(base.path), "config": asdict(cfg), "mode": cfg.mode,

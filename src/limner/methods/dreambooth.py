@@ -25,9 +25,10 @@ from PIL import Image
 
 from limner.concepts import MANIFEST, read_manifest, write_json_atomic, write_model_card
 from limner.errors import LimnerError
+from limner.io import disk_guard
 from limner.methods import Method, Subject, register
 from limner.models.saving import save_pipeline
-from limner.training import TrainConfig, TrainingTask, denoising_loss, is_main_process, train
+from limner.training import TrainConfig, TrainingTask, denoising_loss, is_main_process, make_validator, train
 from limner.training.data import LatentCache, encode_images
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -276,16 +277,18 @@ class DreamBooth(Method):
             return batch
 
         t0 = time.perf_counter()
-        log = train(task, next_batch, cfg.train, out, desc=f"{self.name} {subject.name}")
+        validate = make_validator(base, [f"{instance_prompt} on the beach", f"{instance_prompt} in the snow"], out)
+        log = train(task, next_batch, cfg.train, out, desc=f"{self.name} {subject.name}", validate=validate)
         pipe.unet.eval()
         if not is_main_process():
             return out
-        if cfg.lora_rank is not None:
-            save_lora(pipe, out, cfg)
-            files = {"diffusers": LORA_FILE, "kohya": KOHYA_FILE}
-        else:
-            save_pipeline(pipe, out / PIPELINE_DIR)
-            files = {"pipeline": PIPELINE_DIR}
+        with disk_guard(f"the weights in {out}"):
+            if cfg.lora_rank is not None:
+                save_lora(pipe, out, cfg)
+                files = {"diffusers": LORA_FILE, "kohya": KOHYA_FILE}
+            else:
+                save_pipeline(pipe, out / PIPELINE_DIR)
+                files = {"pipeline": PIPELINE_DIR}
         manifest = {"method": self.name, "subject": subject.name, "class_noun": subject.class_noun, "tokens": [cfg.identifier],
                     "identifier": cfg.identifier, "base_fingerprint": base.fingerprint, "base_path": str(base.path),
                     "config": asdict(cfg), "steps": log.steps, "seconds": round(log.seconds, 2),

@@ -19,8 +19,9 @@ from safetensors.torch import load_file, save_file
 
 from limner.concepts import MANIFEST, read_manifest, write_json_atomic, write_model_card
 from limner.errors import LimnerError
+from limner.io import disk_guard
 from limner.methods import Method, Subject, register
-from limner.training import TrainConfig, TrainingTask, denoising_loss, is_main_process, train
+from limner.training import TrainConfig, TrainingTask, denoising_loss, is_main_process, make_validator, train
 from limner.training.data import LatentCache, encode_images
 
 OBJECT_TEMPLATES = (
@@ -192,11 +193,13 @@ class TextualInversion(Method):
 
         task = TextualInversionTask(pipe, ids, prompt_ids, latents, cfg.train)
         t0 = time.perf_counter()
-        log = train(task, next_batch, cfg.train, out, desc=f"textual inversion {subject.name}")
+        validate = make_validator(base, [f"a {phrase} on the beach", f"a {phrase} in the snow"], out)
+        log = train(task, next_batch, cfg.train, out, desc=f"textual inversion {subject.name}", validate=validate)
         if not is_main_process():
             return out
         vectors = task.embedding[ids].detach().float()
-        save_embeddings(out, cfg.token, vectors)
+        with disk_guard(f"the embedding in {out}"):
+            save_embeddings(out, cfg.token, vectors)
         manifest = {"method": self.name, "subject": subject.name, "class_noun": subject.class_noun, "tokens": tokens,
                     "token": cfg.token, "num_vectors": cfg.num_vectors, "base_fingerprint": base.fingerprint,
                     "base_path": str(base.path), "config": asdict(cfg), "steps": log.steps, "seconds": round(log.seconds, 2),

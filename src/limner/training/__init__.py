@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from limner.errors import LimnerError
+from limner.io import disk_guard
 
 
 @dataclass
@@ -44,6 +45,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     noise_offset: float = 0.0
     min_snr_gamma: float | None = None
+    validate_every: int = 0  # 0: no validation images during training
     resume: str | None = None  # "latest" or a checkpoint folder
 
 
@@ -154,7 +156,7 @@ def save_checkpoint(out: Path, step: int, task: TrainingTask, optimizer, schedul
 def _resume_key(cfg: TrainConfig) -> dict:
     """The settings a resumed run must share with the run that wrote the checkpoint."""
     d = asdict(cfg)
-    for k in ("resume", "checkpoint_every", "keep_checkpoints", "max_steps"):
+    for k in ("resume", "checkpoint_every", "keep_checkpoints", "max_steps", "validate_every"):
         d.pop(k)
     return d
 
@@ -206,8 +208,34 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return f
 
 
+def make_validator(base, prompts: list[str], out: Path, images_per_prompt: int = 2, steps: int = 20) -> Callable[[int], None]:
+    """Validation images during training: a grid per call in out/validation/, made with the
+    pipeline as it is at that step (no gradients, and GPU memory freed afterwards)."""
+
+    def validate(step: int) -> None:
+        from limner.generation import GenerationSettings, generate, make_grid
+
+        images = []
+        for p in prompts:
+            s = GenerationSettings(p, num_images=images_per_prompt, seed=0, steps=steps, batch_size=images_per_prompt)
+            images += generate(base, s).images
+        (out / "validation").mkdir(parents=True, exist_ok=True)
+        make_grid(images, cols=images_per_prompt).save(out / "validation" / f"step-{step:06d}.png")
+        base.pipe.unet.train()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    return validate
+
+
+def _trackers() -> list[str]:
+    import importlib.util
+
+    return ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
+
+
 def train(task: TrainingTask, next_batch: Callable[[torch.Generator], dict], cfg: TrainConfig, out: Path,
-          desc: str = "train", on_checkpoint: Callable[[int], None] | None = None) -> TrainLog:
+          desc: str = "train", validate: Callable[[int], None] | None = None) -> TrainLog:
     """Runs cfg.max_steps optimizer steps of task.loss on batches from next_batch(generator).
 
     The generator that draws batches and noise is seeded from cfg.seed and the process index, saved
@@ -218,9 +246,11 @@ def train(task: TrainingTask, next_batch: Callable[[torch.Generator], dict], cfg
     modules = task.modules()
     # on a CPU-only machine `accelerate launch --multi_gpu --num_processes N` runs N gloo processes
     on_cpu = next(iter(modules.values())).device.type == "cpu"
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                              cpu=on_cpu)
     out.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                              cpu=on_cpu, log_with=_trackers() or None, project_dir=str(out / "logs"))
+    if accelerator.log_with:
+        accelerator.init_trackers("limner")
     if cfg.gradient_checkpointing:
         for m in modules.values():
             if hasattr(m, "enable_gradient_checkpointing"):
@@ -263,13 +293,18 @@ def train(task: TrainingTask, next_batch: Callable[[torch.Generator], dict], cfg
         loss_value = accelerator.gather(loss.detach().float().reshape(1)).mean().item()
         log.curve.append({"step": step + 1, "seconds": round(time.perf_counter() - t0, 3), "loss": round(loss_value, 6)})
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        if accelerator.log_with:
+            accelerator.log({"loss": loss_value, "lr": scheduler.get_last_lr()[0]}, step=step + 1)
         done = step + 1 == cfg.max_steps
         if accelerator.is_main_process and ((cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or done):
-            save_checkpoint(out, step + 1, task, optimizer, scheduler, generator, cfg, log)
-            write_csv(csv_path, log.curve)
-            if on_checkpoint:
-                on_checkpoint(step + 1)
+            with disk_guard(f"a checkpoint in {out / 'checkpoints'}"):
+                save_checkpoint(out, step + 1, task, optimizer, scheduler, generator, cfg, log)
+                write_csv(csv_path, log.curve)
+        if validate and accelerator.is_main_process and cfg.validate_every and ((step + 1) % cfg.validate_every == 0 or done):
+            validate(step + 1)
     accelerator.wait_for_everyone()
+    if accelerator.log_with:
+        accelerator.end_training()
     log.steps = cfg.max_steps
     log.seconds = log.curve[-1]["seconds"] if log.curve else 0.0
     return log
