@@ -29,8 +29,9 @@ from limner.concepts import MANIFEST, check_base, read_manifest, write_json_atom
 from limner.errors import LimnerError
 from limner.io import disk_guard
 from limner.methods import Method, Subject, register
-from limner.methods.textual_inversion import add_tokens
+from limner.methods.textual_inversion import NewTokenRows, add_tokens_everywhere, load_embedding
 from limner.training import TrainConfig, TrainingTask, denoising_loss, is_main_process, make_validator, train
+from limner.training.conditioning import PromptEncoder, concat, select
 from limner.training.data import encode_images, fit_square
 
 WEIGHTS_FILE = "pytorch_custom_diffusion_weights.safetensors"
@@ -154,59 +155,50 @@ def instance_prompt(prefix: str, token: str, class_noun: str) -> str:
 
 
 class CustomDiffusionTask(TrainingTask):
-    def __init__(self, pipe, cfg: CustomDiffusionConfig, token_ids: list[int], reg_cond: torch.Tensor | None):
-        self.pipe, self.cfg, self.train_cfg, self.token_ids, self.reg_cond = pipe, cfg, cfg.train, token_ids, reg_cond
+    def __init__(self, pipe, encoder: PromptEncoder, cfg: CustomDiffusionConfig, token_ids: dict[str, list[int]], reg_cond):
+        self.pipe, self.encoder, self.cfg, self.train_cfg, self.reg_cond = pipe, encoder, cfg, cfg.train, reg_cond
         pipe.unet.requires_grad_(False)
-        pipe.text_encoder.requires_grad_(False)
-        self.layers = cross_attention_layers(pipe.unet)
         self.weights = {}
-        for name, attn in self.layers.items():
+        for name, attn in cross_attention_layers(pipe.unet).items():
             for proj in MODES[cfg.mode]:
                 for pname, p in attn.get_submodule(proj).named_parameters():
                     p.requires_grad_(True)
                     self.weights[f"{name}.{proj}.{pname}"] = p
-        self.embedding = pipe.text_encoder.get_input_embeddings().weight
-        self.embedding.requires_grad_(True)
-        self.original = self.embedding.detach().clone()
-        self.keep = torch.ones(len(self.original), dtype=torch.bool)
-        self.keep[token_ids] = False
+        self.rows = NewTokenRows(encoder.text_encoders(), token_ids)
 
     def modules(self):
-        return {"unet": self.pipe.unet, "text_encoder": self.pipe.text_encoder}
+        return {"unet": self.pipe.unet} | self.encoder.text_encoders()
 
     def trainable_parameters(self):
-        return list(self.weights.values()) + [self.embedding]
+        return list(self.weights.values()) + self.rows.parameters()
 
     def loss(self, batch, generator):
-        unet, te, tc = self.wrapped["unet"], self.wrapped["text_encoder"], self.train_cfg
-        cond = te(batch["input_ids"].to(self.embedding.device))[0]
+        unet, tc = self.wrapped["unet"], self.train_cfg
+        cond, kw = self.encoder.encode(batch["input_ids"], self.wrapped)
         latents, mask = batch["latents"].to(cond), batch["mask"]
         n = latents.shape[0]
         if "reg_latents" in batch:
+            cond, kw = concat([(cond, kw), select(*self.reg_cond, batch["reg_idx"])])
             latents = torch.cat([latents, batch["reg_latents"].to(cond)])
-            cond = torch.cat([cond, self.reg_cond[batch["reg_idx"]].to(cond)])
             mask = torch.cat([mask, torch.ones((latents.shape[0] - n, *mask.shape[1:]), dtype=mask.dtype)])
         per = denoising_loss(unet, self.pipe.scheduler, latents, cond, generator, tc.noise_offset, tc.min_snr_gamma,
-                             mask=mask, reduction="none")
+                             mask=mask, reduction="none", **kw)
         loss = per[:n].mean()
         if per.shape[0] > n:
             loss = loss + self.cfg.prior_loss_weight * per[n:].mean()
         return loss
 
-    @torch.no_grad()
     def after_optimizer_step(self):
-        self.embedding[self.keep] = self.original[self.keep].to(self.embedding)
+        self.rows.restore_others()
 
     def trainable_state(self):
-        state = {k: v.detach().float() for k, v in self.weights.items()}
-        state["token_embeddings"] = self.embedding[self.token_ids].detach().float()
-        return state
+        return {k: v.detach().float() for k, v in self.weights.items()} | {f"tokens.{k}": v for k, v in self.rows.vectors().items()}
 
     def load_trainable_state(self, state):
         with torch.no_grad():
             for k, p in self.weights.items():
                 p.copy_(state[k].to(p))
-            self.embedding[self.token_ids] = state["token_embeddings"].to(self.embedding)
+        self.rows.load({k.removeprefix("tokens."): v for k, v in state.items() if k.startswith("tokens.")})
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,14 +254,18 @@ def install_weights(unet, state: dict[str, torch.Tensor]) -> int:
     return n
 
 
-def save_concept(pipe, folder: Path, mode: str, tokens: dict[str, torch.Tensor]) -> dict:
-    files = {"weights": WEIGHTS_FILE, "tokens": {}}
+def save_concept(pipe, folder: Path, mode: str, tokens: list[str], vectors: dict[str, torch.Tensor]) -> dict:
+    """The K/V weights, and one embedding file per modifier token, `<new1>.safetensors` as diffusers
+    writes it ({token: [1, d]}; on SDXL {"clip_l", "clip_g"} as A1111 does)."""
     tmp = folder / f"{WEIGHTS_FILE}.tmp"
     save_file({k: v.half() for k, v in layer_weights(pipe.unet, mode).items()}, str(tmp))
     os.replace(tmp, folder / WEIGHTS_FILE)
-    for token, vec in tokens.items():
+    files = {"weights": WEIGHTS_FILE, "tokens": {}}
+    for i, token in enumerate(tokens):
+        rows = {name: v[i:i + 1].detach().cpu().half().contiguous() for name, v in vectors.items()}
+        state = {"clip_l": rows["text_encoder"], "clip_g": rows["text_encoder_2"]} if "text_encoder_2" in rows else {token: rows["text_encoder"]}
         name = f"{token}.safetensors"
-        save_file({token: vec.detach().cpu().half().reshape(1, -1).contiguous()}, str(folder / f"{name}.tmp"))
+        save_file(state, str(folder / f"{name}.tmp"))
         os.replace(folder / f"{name}.tmp", folder / name)
         files["tokens"][token] = name
     return files
@@ -301,8 +297,9 @@ class CustomDiffusion(Method):
         """One or several concepts trained together; concept i gets modifier token <new{i+1}>."""
         cfg = self.config(overrides)
         pipe, res = base.pipe, base.resolution
+        encoder = PromptEncoder(pipe, res)
         tokens = [cfg.modifier_token] if len(subjects) == 1 else [f"<new{i + 1}>" for i in range(len(subjects))]
-        token_ids = add_tokens(pipe.tokenizer, pipe.text_encoder, tokens, cfg.initializer)
+        token_ids = add_tokens_everywhere(encoder, tokens, cfg.initializer)
         rng = np.random.default_rng(cfg.train.seed)
         images, masks, prompts = [], [], []
         for subject, token in zip(subjects, tokens):
@@ -314,14 +311,13 @@ class CustomDiffusion(Method):
                     prompts.append(instance_prompt(prefix, token, subject.class_noun))
         lat = encode_images(pipe.vae, images, res, flip=False)
         mask_t = torch.from_numpy(np.stack(masks)).float()[:, None]
-        ids = self._tokenize(pipe, prompts)
+        ids = encoder.tokenize(prompts)
         reg_lat, reg_cond = None, None
         if cfg.prior_preservation:
             reg = [pair for s in subjects for pair in regularization_set(base, s.class_noun, cfg)]
             reg_lat = encode_images(pipe.vae, [im for im, _ in reg], res, flip=False)
-            with torch.no_grad():
-                reg_cond = pipe.text_encoder(self._tokenize(pipe, [c for _, c in reg]).to(pipe.text_encoder.device))[0].cpu()
-        task = CustomDiffusionTask(pipe, cfg, token_ids, reg_cond)
+            reg_cond = encoder.encode_frozen([c for _, c in reg])  # captions without new tokens: cached once
+        task = CustomDiffusionTask(pipe, encoder, cfg, token_ids, reg_cond)
         bs = cfg.train.batch_size
 
         def next_batch(g: torch.Generator) -> dict:
@@ -339,9 +335,8 @@ class CustomDiffusion(Method):
         log = train(task, next_batch, cfg.train, out, desc=f"custom diffusion {'+'.join(s.name for s in subjects)}", validate=validate)
         if not is_main_process():
             return out
-        vectors = {t: task.embedding[i].detach().float() for t, i in zip(tokens, token_ids)}
         with disk_guard(f"the weights in {out}"):
-            files = save_concept(pipe, out, cfg.mode, vectors)
+            files = save_concept(pipe, out, cfg.mode, tokens, task.rows.vectors())
         manifest = {"method": self.name, "subject": subjects[0].name if len(subjects) == 1 else [s.name for s in subjects],
                     "class_noun": subjects[0].class_noun, "class_nouns": [s.class_noun for s in subjects], "tokens": tokens,
                     "base_fingerprint": base.fingerprint, "base_path": str(base.path), "config": asdict(cfg), "mode": cfg.mode,
@@ -351,16 +346,11 @@ class CustomDiffusion(Method):
         write_model_card(out, manifest)
         return out
 
-    @staticmethod
-    def _tokenize(pipe, prompts: list[str]) -> torch.Tensor:
-        return pipe.tokenizer(prompts, padding="max_length", truncation=True, max_length=pipe.tokenizer.model_max_length,
-                              return_tensors="pt").input_ids
-
     def apply(self, base, concept: Path, allow_pickle: bool = False) -> None:
         concept = Path(concept)
         m = read_manifest(concept)
         for token, name in m["files"]["tokens"].items():
-            base.pipe.load_textual_inversion(str(concept / name), token=token)
+            load_embedding(base, concept / name, token=token)
         install_weights(base.pipe.unet, read_weights(concept / m["files"]["weights"], allow_pickle))
 
     def prompt(self, template: str, concept: Path) -> str:
@@ -374,13 +364,13 @@ class CustomDiffusion(Method):
 
 
 @torch.no_grad()
-def prompt_features(pipe, prompts: list[str]) -> torch.Tensor:
-    """Text-encoder output rows of each prompt's real tokens (begin to end token), deduplicated:
-    the inputs that W_k and W_v see for these prompts."""
-    tok = pipe.tokenizer(prompts, padding="max_length", truncation=True, max_length=pipe.tokenizer.model_max_length, return_tensors="pt")
-    feats = pipe.text_encoder(tok.input_ids.to(pipe.text_encoder.device))[0].float().cpu()
-    lengths = tok.attention_mask.sum(1)
-    rows = torch.cat([feats[i, : int(n)] for i, n in enumerate(lengths)])
+def prompt_features(encoder: PromptEncoder, prompts: list[str]) -> torch.Tensor:
+    """Encoder-output rows of each prompt's real tokens (begin to end token), deduplicated: the inputs
+    that W_k and W_v see for these prompts."""
+    tok = encoder.tokenizers[0](prompts, padding="max_length", truncation=True, max_length=encoder.tokenizers[0].model_max_length,
+                                return_tensors="pt")
+    feats = encoder.encode(encoder.tokenize(prompts))[0].float().cpu()
+    rows = torch.cat([feats[i, : int(n)] for i, n in enumerate(tok.attention_mask.sum(1))])
     return torch.unique(rows.round(decimals=5), dim=0)
 
 
@@ -412,7 +402,8 @@ def merge(base, concepts: list[Path], out: Path, num_reg_captions: int = 200, fo
     mode = modes.pop()
     for c, m in zip(concepts, manifests):
         for token, name in m["files"]["tokens"].items():
-            pipe.load_textual_inversion(str(Path(c) / name), token=token)
+            load_embedding(base, Path(c) / name, token=token)
+    encoder = PromptEncoder(pipe, base.resolution)
     W0 = layer_weights(pipe.unet, mode)
     tuned = [read_weights(Path(c) / m["files"]["weights"]) for c, m in zip(concepts, manifests)]
     # C_reg: captions of the world (or generic prompts) that must keep their meaning
@@ -420,8 +411,8 @@ def merge(base, concepts: list[Path], out: Path, num_reg_captions: int = 200, fo
         captions = [c for _, c in world_pool(num_reg_captions, seed=11)]
     else:
         captions = [f"a photo of a {noun}" for noun in ("dog", "cat", "person", "car", "house", "tree", "cup", "chair")] * 25
-    C_reg = prompt_features(pipe, captions[:num_reg_captions])
-    per_concept = [prompt_features(pipe, [f"a photo of a {m['tokens'][0]} {m['class_noun']}", f"a {m['tokens'][0]} {m['class_noun']}"])
+    C_reg = prompt_features(encoder, captions[:num_reg_captions])
+    per_concept = [prompt_features(encoder, [f"a photo of a {m['tokens'][0]} {m['class_noun']}", f"a {m['tokens'][0]} {m['class_noun']}"])
                    for m in manifests]
     merged = {}
     for key, w0 in W0.items():
@@ -433,14 +424,11 @@ def merge(base, concepts: list[Path], out: Path, num_reg_captions: int = 200, fo
         merged[key] = closed_form(w0, C_reg, C, V)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.half().contiguous() for k, v in merged.items()}, str(out / f"{WEIGHTS_FILE}.tmp"))
-    os.replace(out / f"{WEIGHTS_FILE}.tmp", out / WEIGHTS_FILE)
-    files = {"weights": WEIGHTS_FILE, "tokens": {}}
-    emb = pipe.text_encoder.get_input_embeddings().weight
-    for token in tokens:
-        vec = emb[pipe.tokenizer.convert_tokens_to_ids(token)].detach().cpu().half().reshape(1, -1).contiguous()
-        save_file({token: vec}, str(out / f"{token}.safetensors"))
-        files["tokens"][token] = f"{token}.safetensors"
+    install_weights(pipe.unet, merged)
+    vectors = {name: te.get_input_embeddings().weight[tok.convert_tokens_to_ids(tokens)].detach().float()
+               for tok, (name, te) in zip(encoder.tokenizers, encoder.text_encoders().items())}
+    with disk_guard(f"the merged concept in {out}"):
+        files = save_concept(pipe, out, mode, tokens, vectors)
     manifest = {"method": CustomDiffusion.name, "subject": [m["subject"] for m in manifests], "class_noun": manifests[0]["class_noun"],
                 "class_nouns": [m["class_noun"] for m in manifests], "tokens": tokens, "mode": mode, "merged_from": [str(c) for c in concepts],
                 "base_fingerprint": base.fingerprint, "base_path": str(base.path), "files": files, "steps": 0,

@@ -29,6 +29,7 @@ from limner.io import disk_guard
 from limner.methods import Method, Subject, register
 from limner.models.saving import save_pipeline
 from limner.training import TrainConfig, TrainingTask, denoising_loss, is_main_process, make_validator, train
+from limner.training.conditioning import PromptEncoder, concat, select
 from limner.training.data import LatentCache, encode_images
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -98,68 +99,64 @@ def add_lora(model, rank: int, alpha: float, targets: list[str]) -> list[torch.n
     return [p for n, p in model.named_parameters() if "lora_" in n]
 
 
-@torch.no_grad()
-def encode_prompt(pipe, prompt: str) -> torch.Tensor:
-    ids = pipe.tokenizer([prompt], padding="max_length", truncation=True, max_length=pipe.tokenizer.model_max_length,
-                         return_tensors="pt").input_ids.to(pipe.text_encoder.device)
-    return pipe.text_encoder(ids)[0]
-
-
 class DreamBoothTask(TrainingTask):
-    def __init__(self, pipe, cfg: DreamBoothConfig, instance_prompt: str, class_prompt: str):
-        self.pipe, self.cfg = pipe, cfg
+    def __init__(self, pipe, encoder: PromptEncoder, cfg: DreamBoothConfig, instance_prompt: str, class_prompt: str):
+        self.pipe, self.encoder, self.cfg = pipe, encoder, cfg
         self.train_cfg = cfg.train
         pipe.vae.requires_grad_(False)
-        pipe.text_encoder.requires_grad_(False)
+        encoders = encoder.text_encoders()
+        for te in encoders.values():
+            te.requires_grad_(False)
         lora = cfg.lora_rank is not None
         if lora:
             pipe.unet.requires_grad_(False)
             alpha = cfg.lora_alpha or cfg.lora_rank
             self.params = add_lora(pipe.unet, cfg.lora_rank, alpha, UNET_TARGETS)
             if cfg.train_text_encoder:
-                self.params += add_lora(pipe.text_encoder, cfg.lora_rank, alpha, TEXT_TARGETS)
+                for te in encoders.values():
+                    self.params += add_lora(te, cfg.lora_rank, alpha, TEXT_TARGETS)
         else:
             pipe.unet.requires_grad_(True)
             self.params = list(pipe.unet.parameters())
             if cfg.train_text_encoder:
-                pipe.text_encoder.requires_grad_(True)
-                self.params += list(pipe.text_encoder.parameters())
+                for te in encoders.values():
+                    te.requires_grad_(True)
+                    self.params += list(te.parameters())
         # a frozen copy of the model's prediction, for prior preservation without class images
         self.frozen_unet = None
         if cfg.prior_preservation == "frozen" and not lora:
             self.frozen_unet = copy.deepcopy(pipe.unet).requires_grad_(False).eval()
-        self.tokens = {p: pipe.tokenizer([p], padding="max_length", truncation=True, max_length=pipe.tokenizer.model_max_length,
-                                         return_tensors="pt").input_ids for p in (instance_prompt, class_prompt)}
-        # text-encoder outputs are cached whenever the text encoder is frozen
-        self.cached = None if cfg.train_text_encoder else {p: encode_prompt(pipe, p) for p in (instance_prompt, class_prompt)}
-        self.instance_prompt, self.class_prompt = instance_prompt, class_prompt
+        self.prompts = {"instance": instance_prompt, "class": class_prompt}
+        self.tokens = {k: encoder.tokenize([p]) for k, p in self.prompts.items()}
+        # text-encoder outputs are cached whenever the text encoders are frozen
+        self.cached = None if cfg.train_text_encoder else {k: encoder.encode_frozen([p]) for k, p in self.prompts.items()}
 
     def modules(self):
         mods = {"unet": self.pipe.unet}
         if self.cfg.train_text_encoder:
-            mods["text_encoder"] = self.pipe.text_encoder
+            mods.update(self.encoder.text_encoders())
         return mods
 
     def trainable_parameters(self):
         return self.params
 
-    def cond(self, prompt: str, n: int) -> torch.Tensor:
+    def cond(self, which: str, n: int) -> tuple[torch.Tensor, dict]:
+        """Conditioning for n copies of the instance or the class prompt."""
         if self.cached is not None:
-            return self.cached[prompt].expand(n, -1, -1)
-        te = self.wrapped["text_encoder"]
-        return te(self.tokens[prompt].to(te.device if hasattr(te, "device") else "cpu").expand(n, -1))[0]
+            return select(*self.cached[which], [0] * n)
+        return self.encoder.encode(self.tokens[which].expand(n, -1, -1), self.wrapped)
 
     def loss(self, batch, generator):
         unet, sched, tc = self.wrapped["unet"], self.pipe.scheduler, self.train_cfg
         inst = batch["instance"]
         n = inst.shape[0]
         if "class" in batch:  # the paper's prior preservation: instance and class images in one batch
-            latents = torch.cat([inst, batch["class"]])
-            cond = torch.cat([self.cond(self.instance_prompt, n), self.cond(self.class_prompt, batch["class"].shape[0])])
-            per = denoising_loss(unet, sched, latents.to(cond), cond, generator, tc.noise_offset, tc.min_snr_gamma, reduction="none")
+            cond, kw = concat([self.cond("instance", n), self.cond("class", batch["class"].shape[0])])
+            latents = torch.cat([inst, batch["class"]]).to(cond)
+            per = denoising_loss(unet, sched, latents, cond, generator, tc.noise_offset, tc.min_snr_gamma, reduction="none", **kw)
             return per[:n].mean() + self.cfg.prior_loss_weight * per[n:].mean()
-        cond = self.cond(self.instance_prompt, n)
-        loss = denoising_loss(unet, sched, inst.to(cond), cond, generator, tc.noise_offset, tc.min_snr_gamma)
+        cond, kw = self.cond("instance", n)
+        loss = denoising_loss(unet, sched, inst.to(cond), cond, generator, tc.noise_offset, tc.min_snr_gamma, **kw)
         if self.cfg.prior_preservation == "frozen":
             loss = loss + self.cfg.prior_loss_weight * self.frozen_prior(unet, inst.to(cond), generator)
         return loss
@@ -169,27 +166,29 @@ class DreamBoothTask(TrainingTask):
         noise = torch.randn(latents.shape, generator=generator).to(latents)
         t = torch.randint(0, self.pipe.scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(latents.device)
         noisy = self.pipe.scheduler.add_noise(latents, noise, t)
-        cond = self.cond(self.class_prompt, latents.shape[0])
+        cond, kw = self.cond("class", latents.shape[0])
         with torch.no_grad():
             if self.frozen_unet is not None:
-                target = self.frozen_unet(noisy, t, cond).sample
+                target = self.frozen_unet(noisy, t, cond, **kw).sample
             else:  # LoRA: the frozen model is the same UNet with its adapters off
                 base_unet = self.pipe.unet
                 base_unet.disable_adapters()
-                target = base_unet(noisy, t, cond).sample
+                target = base_unet(noisy, t, cond, **kw).sample
                 base_unet.enable_adapters()
-        return F.mse_loss(unet(noisy, t, cond).sample.float(), target.float())
+        return F.mse_loss(unet(noisy, t, cond, **kw).sample.float(), target.float())
+
+    def _named(self) -> dict[str, torch.nn.Parameter]:
+        named = dict(self.pipe.unet.named_parameters(prefix="unet"))
+        for name, te in self.encoder.text_encoders().items():
+            named.update(te.named_parameters(prefix=name))
+        return named
 
     def trainable_state(self):
-        named = dict(self.pipe.unet.named_parameters(prefix="unet"))
-        if self.cfg.train_text_encoder:
-            named.update(self.pipe.text_encoder.named_parameters(prefix="text_encoder"))
         ids = {id(p) for p in self.params}
-        return {k: v.detach().float() for k, v in named.items() if id(v) in ids}
+        return {k: v.detach().float() for k, v in self._named().items() if id(v) in ids}
 
     def load_trainable_state(self, state):
-        named = dict(self.pipe.unet.named_parameters(prefix="unet"))
-        named.update(self.pipe.text_encoder.named_parameters(prefix="text_encoder"))
+        named = self._named()
         with torch.no_grad():
             for k, v in state.items():
                 named[k].copy_(v.to(named[k]))
@@ -209,7 +208,9 @@ def to_kohya(diffusers_state: dict[str, torch.Tensor], alpha: float) -> dict[str
         if match is None:
             raise ValueError(f"not a LoRA weight key: {key}")
         module, kind = match.groups()
-        name = ("lora_unet_" if prefix == "unet" else "lora_te_") + module.replace(".", "_")
+        sdxl = any(k.startswith("text_encoder_2.") for k in diffusers_state)
+        head = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if sdxl else "lora_te_", "text_encoder_2": "lora_te2_"}[prefix]
+        name = head + module.replace(".", "_")
         part = "lora_down" if kind in ("lora_A", "lora.down") else "lora_up"
         out[f"{name}.{part}.weight"] = value
         out[f"{name}.alpha"] = torch.tensor(float(alpha))
@@ -217,16 +218,22 @@ def to_kohya(diffusers_state: dict[str, torch.Tensor], alpha: float) -> dict[str
 
 
 def save_lora(pipe, out: Path, cfg: DreamBoothConfig) -> None:
-    from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
-    te_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.text_encoder)) if cfg.train_text_encoder else None
-    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=unet_layers, text_encoder_lora_layers=te_layers,
-                                              weight_name=LORA_FILE, safe_serialization=True)
-    full = {f"unet.{k}": v for k, v in unet_layers.items()} | {f"text_encoder.{k}": v for k, v in (te_layers or {}).items()}
+    def layers(model):
+        return convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+
+    unet_layers = layers(pipe.unet)
+    te = {"text_encoder_lora_layers": layers(pipe.text_encoder)} if cfg.train_text_encoder else {}
+    if cfg.train_text_encoder and getattr(pipe, "text_encoder_2", None) is not None:
+        te["text_encoder_2_lora_layers"] = layers(pipe.text_encoder_2)
+    # the pipeline class's own writer: SD and SDXL files are exactly what their loaders read
+    type(pipe).save_lora_weights(out, unet_lora_layers=unet_layers, weight_name=LORA_FILE, safe_serialization=True, **te)
+    full = {f"unet.{k}": v for k, v in unet_layers.items()}
+    for arg, prefix in (("text_encoder_lora_layers", "text_encoder"), ("text_encoder_2_lora_layers", "text_encoder_2")):
+        full |= {f"{prefix}.{k}": v for k, v in te.get(arg, {}).items()}
     tmp = out / f"{KOHYA_FILE}.tmp"
     save_file({k: v.detach().cpu().half().contiguous() for k, v in to_kohya(full, cfg.lora_alpha or cfg.lora_rank).items()}, str(tmp))
     os.replace(tmp, out / KOHYA_FILE)
@@ -267,7 +274,7 @@ class DreamBooth(Method):
         if cfg.prior_preservation == "class_images":
             ims = class_images(base, class_prompt, cfg.num_class_images, cfg.class_image_steps, cfg.class_image_cache)
             cls_lat = encode_images(pipe.vae, ims, base.resolution, flip=False)
-        task = DreamBoothTask(pipe, cfg, instance_prompt, class_prompt)
+        task = DreamBoothTask(pipe, PromptEncoder(pipe, base.resolution), cfg, instance_prompt, class_prompt)
         bs = cfg.train.batch_size
 
         def next_batch(g: torch.Generator) -> dict:
@@ -314,10 +321,10 @@ class DreamBooth(Method):
         unet = UNet2DConditionModel.from_pretrained(concept / PIPELINE_DIR / "unet", torch_dtype=base.dtype)
         base.pipe.unet = unet.to(base.device)
         if m["config"].get("train_text_encoder"):
-            from transformers import CLIPTextModel
-
-            te = CLIPTextModel.from_pretrained(concept / PIPELINE_DIR / "text_encoder", dtype=base.dtype)
-            base.pipe.text_encoder = te.to(base.device)
+            for name in ("text_encoder", "text_encoder_2"):
+                if getattr(base.pipe, name, None) is not None:
+                    cls = type(getattr(base.pipe, name))
+                    setattr(base.pipe, name, cls.from_pretrained(concept / PIPELINE_DIR / name, dtype=base.dtype).to(base.device))
 
     def prompt(self, template: str, concept: Path) -> str:
         m = read_manifest(concept)

@@ -22,7 +22,8 @@ from limner.errors import LimnerError
 from limner.io import disk_guard
 from limner.methods import Method, Subject, register
 from limner.training import TrainConfig, TrainingTask, denoising_loss, is_main_process, make_validator, train
-from limner.training.data import LatentCache, encode_images
+from limner.training.conditioning import PromptEncoder
+from limner.training.data import encode_images
 
 OBJECT_TEMPLATES = (
     "a photo of a {}", "a rendering of a {}", "a picture of a {}", "a {}", "a photo of the {}", "a close up photo of a {}",
@@ -75,48 +76,86 @@ def add_tokens(tokenizer, text_encoder, tokens: list[str], initializer: str) -> 
     return ids
 
 
-class TextualInversionTask(TrainingTask):
-    def __init__(self, pipe, token_ids: list[int], prompt_ids: torch.Tensor, latents: LatentCache, cfg: TrainConfig):
-        self.pipe, self.token_ids, self.prompt_ids, self.latents, self.cfg = pipe, token_ids, prompt_ids, latents, cfg
-        te = pipe.text_encoder
-        te.requires_grad_(False)
-        self.embedding = te.get_input_embeddings().weight
-        self.embedding.requires_grad_(True)
-        self.original = self.embedding.detach().clone()
-        self.keep = torch.ones(len(self.original), dtype=torch.bool)
-        self.keep[token_ids] = False
-        pipe.unet.requires_grad_(False)
+class NewTokenRows:
+    """The new tokens' rows of each text encoder's embedding matrix (two on SDXL): the only trainable
+    rows. The optimizer sees whole matrices, so every other row is restored after each step."""
 
-    def modules(self):
-        return {"text_encoder": self.pipe.text_encoder}
+    def __init__(self, encoders: dict[str, torch.nn.Module], token_ids: dict[str, list[int]]):
+        self.token_ids, self.embeddings, self.originals, self.keep = token_ids, {}, {}, {}
+        for name, te in encoders.items():
+            te.requires_grad_(False)
+            emb = te.get_input_embeddings().weight
+            emb.requires_grad_(True)
+            self.embeddings[name], self.originals[name] = emb, emb.detach().clone()
+            self.keep[name] = torch.ones(len(emb), dtype=torch.bool)
+            self.keep[name][token_ids[name]] = False
 
-    def trainable_parameters(self):
-        return [self.embedding]
-
-    def loss(self, batch, generator):
-        te = self.wrapped["text_encoder"]
-        cond = te(batch["input_ids"].to(self.embedding.device))[0]
-        latents = batch["latents"].to(cond.device, cond.dtype)
-        return denoising_loss(self.pipe.unet, self.pipe.scheduler, latents, cond, generator, self.cfg.noise_offset, self.cfg.min_snr_gamma)
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.embeddings.values())
 
     @torch.no_grad()
+    def restore_others(self) -> None:
+        for name, emb in self.embeddings.items():
+            emb[self.keep[name]] = self.originals[name][self.keep[name]].to(emb)
+
+    def vectors(self) -> dict[str, torch.Tensor]:
+        return {name: emb[self.token_ids[name]].detach().float() for name, emb in self.embeddings.items()}
+
+    @torch.no_grad()
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        for name, emb in self.embeddings.items():
+            emb[self.token_ids[name]] = state[name].to(emb)
+
+
+def add_tokens_everywhere(encoder: PromptEncoder, tokens: list[str], initializer: str) -> dict[str, list[int]]:
+    """The tokens added to every tokenizer / text encoder pair of the pipeline."""
+    return {name: add_tokens(tok, te, tokens, initializer) for tok, (name, te) in zip(encoder.tokenizers, encoder.text_encoders().items())}
+
+
+class TextualInversionTask(TrainingTask):
+    def __init__(self, pipe, encoder: PromptEncoder, token_ids: dict[str, list[int]], cfg: TrainConfig):
+        self.pipe, self.encoder, self.cfg = pipe, encoder, cfg
+        pipe.unet.requires_grad_(False)
+        self.rows = NewTokenRows(encoder.text_encoders(), token_ids)
+
+    def modules(self):
+        return self.encoder.text_encoders()
+
+    def trainable_parameters(self):
+        return self.rows.parameters()
+
+    def loss(self, batch, generator):
+        cond, kwargs = self.encoder.encode(batch["input_ids"], self.wrapped)
+        latents = batch["latents"].to(cond.device, cond.dtype)
+        return denoising_loss(self.pipe.unet, self.pipe.scheduler, latents, cond, generator, self.cfg.noise_offset,
+                              self.cfg.min_snr_gamma, **kwargs)
+
     def after_optimizer_step(self):
-        self.embedding[self.keep] = self.original[self.keep].to(self.embedding)
+        self.rows.restore_others()
 
     def trainable_state(self):
-        return {"embeddings": self.embedding[self.token_ids].detach().float()}
+        return self.rows.vectors()
 
     def load_trainable_state(self, state):
-        with torch.no_grad():
-            self.embedding[self.token_ids] = state["embeddings"].to(self.embedding)
+        self.rows.load(state)
 
 
-def save_embeddings(folder: Path, token: str, vectors: torch.Tensor) -> None:
-    """Writes the diffusers layout {token: [n, d]} and the A1111/kohya layout {"emb_params": [n, d]}."""
-    for name, state in ((DIFFUSERS_FILE, {token: vectors}), (A1111_FILE, {"emb_params": vectors})):
+DIFFUSERS_FILE_2 = "learned_embeds_2.safetensors"  # SDXL's second text encoder, as diffusers' SDXL script writes it
+
+
+def save_embeddings(folder: Path, token: str, vectors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """SD: diffusers {token: [n, d]} and A1111/kohya {"emb_params": [n, d]}. SDXL: diffusers' two
+    files and the A1111/ComfyUI {"clip_l": ..., "clip_g": ...}."""
+    if "text_encoder_2" in vectors:
+        layouts = {DIFFUSERS_FILE: {token: vectors["text_encoder"]}, DIFFUSERS_FILE_2: {token: vectors["text_encoder_2"]},
+                   A1111_FILE: {"clip_l": vectors["text_encoder"], "clip_g": vectors["text_encoder_2"]}}
+    else:
+        layouts = {DIFFUSERS_FILE: {token: vectors["text_encoder"]}, A1111_FILE: {"emb_params": vectors["text_encoder"]}}
+    for name, state in layouts.items():
         tmp = folder / f"{name}.tmp"
         save_file({k: v.detach().cpu().half().contiguous() for k, v in state.items()}, str(tmp))
         os.replace(tmp, folder / name)
+    return {"diffusers": DIFFUSERS_FILE, "a1111": A1111_FILE} | ({"diffusers_2": DIFFUSERS_FILE_2} if "text_encoder_2" in vectors else {})
 
 
 def load_embedding_file(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
@@ -176,12 +215,12 @@ class TextualInversion(Method):
         if cfg.num_vectors < 1:
             raise LimnerError(f"--num-vectors must be at least 1, got {cfg.num_vectors}")
         pipe = base.pipe
+        encoder = PromptEncoder(pipe, base.resolution)
         tokens = placeholder_tokens(cfg.token, cfg.num_vectors)
-        ids = add_tokens(pipe.tokenizer, pipe.text_encoder, tokens, cfg.initializer or subject.class_noun)
+        ids = add_tokens_everywhere(encoder, tokens, cfg.initializer or subject.class_noun)
         templates = OBJECT_TEMPLATES if cfg.templates == "object" else STYLE_TEMPLATES
         phrase = " ".join(tokens)
-        prompt_ids = pipe.tokenizer([t.format(phrase) for t in templates], padding="max_length", truncation=True,
-                                    max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+        prompt_ids = encoder.tokenize([t.format(phrase) for t in templates])
         latents = encode_images(pipe.vae, subject.images, base.resolution)
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -191,20 +230,19 @@ class TextualInversion(Method):
             tpl = torch.randint(len(prompt_ids), (cfg.train.batch_size,), generator=g)
             return {"latents": latents.sample(idx, g), "input_ids": prompt_ids[tpl]}
 
-        task = TextualInversionTask(pipe, ids, prompt_ids, latents, cfg.train)
+        task = TextualInversionTask(pipe, encoder, ids, cfg.train)
         t0 = time.perf_counter()
         validate = make_validator(base, [f"a {phrase} on the beach", f"a {phrase} in the snow"], out)
         log = train(task, next_batch, cfg.train, out, desc=f"textual inversion {subject.name}", validate=validate)
         if not is_main_process():
             return out
-        vectors = task.embedding[ids].detach().float()
         with disk_guard(f"the embedding in {out}"):
-            save_embeddings(out, cfg.token, vectors)
+            files = save_embeddings(out, cfg.token, task.rows.vectors())
         manifest = {"method": self.name, "subject": subject.name, "class_noun": subject.class_noun, "tokens": tokens,
                     "token": cfg.token, "num_vectors": cfg.num_vectors, "base_fingerprint": base.fingerprint,
                     "base_path": str(base.path), "config": asdict(cfg), "steps": log.steps, "seconds": round(log.seconds, 2),
                     "wall_seconds": round(time.perf_counter() - t0, 2), "curve": log.curve, "num_processes": log.num_processes,
-                    "files": {"diffusers": DIFFUSERS_FILE, "a1111": A1111_FILE},
+                    "files": files, "family": base.family,
                     "example_prompt": f"a photo of a {cfg.token} on the beach"}
         write_json_atomic(out / MANIFEST, manifest)
         write_model_card(out, manifest)
@@ -215,6 +253,9 @@ class TextualInversion(Method):
 
     def apply(self, base, concept: Path) -> None:
         m = read_manifest(concept)
+        if base.family == "sdxl":
+            load_embedding(base, Path(concept) / A1111_FILE, token=m["token"])
+            return
         # diffusers' own loader: the file is exactly what plain diffusers users load
         base.pipe.load_textual_inversion(str(Path(concept) / DIFFUSERS_FILE), token=m["token"])
 
