@@ -283,10 +283,14 @@ def eval_cmd(
     face: Annotated[Optional[Path], typer.Option("--face", help="Local insightface model folder (default on the world: its identity embedder).")] = None,
     cache: Annotated[Path, typer.Option("--cache", help="Cache of concepts and generated images (reruns do no work twice).")] = Path(".limner-cache"),
     out: Annotated[Path, typer.Option("--out", help="Report folder: results.json, results.md, plots, index.html.")] = Path("eval-report"),
+    html_prompts: Annotated[int, typer.Option("--html-prompts", help="Prompts per subject shown in index.html.")] = 8,
+    html_images: Annotated[int, typer.Option("--html-images", help="Images per prompt and method shown in index.html.")] = 4,
     base: BaseOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
-    """Score methods with the DreamBench protocol (real subjects) or the world bench."""
+    """Score methods with the DreamBench protocol (real subjects) or the world bench.
+
+    --method takes METHOD or METHOD:key=value,... (e.g. dreambooth_lora:prior_preservation=none)."""
     from limner.evaluation.protocol import LOWER, UPPER, EvalSettings, Row, run_eval
     from limner.evaluation.report import markdown_table, write_report
     from limner.evaluation.subjects import load_subjects
@@ -309,7 +313,7 @@ def eval_cmd(
         enc = build_encoders(world, base, clip, dino, face, device)
         settings = EvalSettings(images_per_prompt=images, seed=seed, steps=steps, guidance=guidance, max_prompts=prompts)
         results = run_eval(rows, subs, enc, cache, settings, base=base, device=device)
-        written = write_report(results, out)
+        written = write_report(results, out, html_prompts, html_images)
         typer.echo(markdown_table(results))
         typer.echo(f"report: {written['html']} ({results['seconds']:.0f} s; cache hits {results['cache']['hits']}, "
                    f"misses {results['cache']['misses']})")

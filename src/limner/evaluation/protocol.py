@@ -53,10 +53,21 @@ class Row:
     name: str
     method: str | None = None
     concept: Path | None = None
+    config: tuple[tuple[str, object], ...] = ()  # method settings, e.g. (("prior_preservation", "none"),)
 
     @classmethod
-    def parse(cls, name: str) -> Row:
-        return cls(name) if name in (LOWER, UPPER) else cls(name, method=name)
+    def parse(cls, spec: str) -> Row:
+        """'lower-bound', 'upper-bound', 'METHOD' or 'METHOD:key=value,key=value'."""
+        if spec in (LOWER, UPPER):
+            return cls(spec)
+        method, _, settings = spec.partition(":")
+        config = []
+        for item in filter(None, settings.split(",")):
+            key, eq, value = item.partition("=")
+            if not eq:
+                raise LimnerError(f"--method {spec}: settings are key=value pairs after ':', e.g. dreambooth_lora:prior_preservation=none")
+            config.append((key.strip(), _parse_value(value.strip())))
+        return cls(spec, method=method, config=tuple(config))
 
     @classmethod
     def for_concept(cls, folder: Path) -> Row:
@@ -81,6 +92,16 @@ class Row:
             raise LimnerError(f"--concept {self.concept} was trained on subject {name!r}, which is not among --subjects "
                               f"({', '.join(s.name for s in subjects)}); pass --subjects with that subject")
         return mine
+
+
+def _parse_value(text: str):
+    """'3' -> 3, '0.5' -> 0.5, 'true'/'false' -> bool, anything else stays a string."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
 
 
 @dataclass
@@ -409,7 +430,8 @@ def run_eval(rows: list[Row], subjects: list[EvalSubject], enc: Encoders, cache_
             t0 = time.perf_counter()
             concept = row.concept
             if row.method is not None and concept is None:
-                concept, res.concepts[subject.name] = personalize_cached(row.method, subject, handle, cache_root, method_config or {})
+                config = (method_config or {}) | dict(row.config)
+                concept, res.concepts[subject.name] = personalize_cached(row.method, subject, handle, cache_root, config)
             images = row_images(row, subject, handle, cache, settings, concept)
             res.per_subject[subject.name] = score_subject(subject, images, enc)
             res.images[subject.name] = {k: [str(p) for p in v] for k, v in images.items()}

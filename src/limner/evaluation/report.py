@@ -109,7 +109,7 @@ def plot_training_curves(results: dict, path: Path) -> Path | None:
     return path
 
 
-def write_html(results: dict, out: Path, max_prompts: int = 8) -> Path:
+def write_html(results: dict, out: Path, max_prompts: int = 8, max_images: int = 4) -> Path:
     """index.html: per subject, the reference images, then per prompt one row of images per method.
     Images are copied next to the page, so the folder works offline and can be moved."""
     img_dir = out / "images"
@@ -142,7 +142,7 @@ def write_html(results: dict, out: Path, max_prompts: int = 8) -> Path:
             cells = []
             for r in rows.values():
                 paths = r["images"].get(name, {}).get(prompt, [])
-                cells.append("<td>" + "".join(f"<img src='{local(p)}'>" for p in paths[:4]) + "</td>")
+                cells.append("<td>" + "".join(f"<img src='{local(p)}'>" for p in paths[:max_images]) + "</td>")
             parts.append(f"<tr><td class='p'>{html.escape(prompt)}</td>" + "".join(cells) + "</tr>")
         parts.append("</table>")
     parts.append("</body></html>")
@@ -152,7 +152,7 @@ def write_html(results: dict, out: Path, max_prompts: int = 8) -> Path:
 
 
 
-def write_report(results: dict, out: Path) -> dict[str, Path]:
+def write_report(results: dict, out: Path, html_prompts: int = 8, html_images: int = 4) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = {"json": out / "results.json", "markdown": out / "results.md"}
     write_text_atomic(written["json"], json.dumps(results, indent=2))
@@ -161,5 +161,5 @@ def write_report(results: dict, out: Path) -> dict[str, Path]:
         p = fn(results, out / f"{name}.png")
         if p:
             written[name] = p
-    written["html"] = write_html(results, out)
+    written["html"] = write_html(results, out, html_prompts, html_images)
     return written
