@@ -109,3 +109,26 @@ def test_tokenizer_keeps_world_words_whole_and_round_trips(tmp_path):
     text = "a red striped ball with a hat on the left and a sks dog on the right in the desert"
     assert again(text).input_ids == tok(text).input_ids
     assert len(tok("a banana", add_special_tokens=False).input_ids) > 2, "unknown words still tokenize, in pieces"
+
+
+def test_world_build_runs_every_stage_resumes_and_exports_a_diffusers_folder(tmp_path):
+    """A toy-sized build (seconds): the same stages as the real one, then a rerun that does no work."""
+    import json
+
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from limner.world.build import BuildConfig, build
+
+    cfg = BuildConfig(dataset_size=64, clip_steps=2, clip_batch=16, vae_steps=2, vae_batch=8, unet_steps=3, unet_batch=4,
+                      unet_warmup=1, checkpoint_every=2, probe_steps=2, probe_train_size=64)
+    torch.set_num_threads(1)
+    record = build(tmp_path / "world", tmp_path / "work", cfg, device="cpu")
+    assert {"data", "clip", "vae", "latents", "unet", "probes", "export"} <= set(record["seconds"])
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "world" / "base")
+    assert pipe("a ball", num_inference_steps=1, output_type="np").images.shape == (1, 64, 64, 3)
+    assert (tmp_path / "world" / "probes" / "subject.safetensors").exists()
+    ckpt = (tmp_path / "work" / "unet.ckpt").stat().st_mtime
+    build(tmp_path / "world", tmp_path / "work", cfg, device="cpu")
+    assert (tmp_path / "work" / "unet.ckpt").stat().st_mtime == ckpt, "a finished stage is not trained again"
+    assert json.loads((tmp_path / "world" / "base" / "build.json").read_text())["config"]["unet_steps"] == 3

@@ -25,6 +25,7 @@ from limner.evaluation.subjects import EvalSubject
 from limner.world.bench import BenchPrompt
 
 LOWER, UPPER = "lower-bound", "upper-bound"
+FIDELITY_THRESHOLD = 0.5  # "time to reach subject fidelity 0.5" in reports and bench
 
 
 @dataclass
@@ -360,6 +361,28 @@ def world_measures(subject: EvalSubject, prompt: BenchPrompt | None, images: lis
     return fidelity, hits / max(1, len(want))
 
 
+def world_fidelity_score(subject: EvalSubject):
+    """images -> mean subject fidelity, read by the world's probes (for validation during training)."""
+    from limner.evaluation.encoders import WorldFaceEmbedder
+    from limner.models.loading import WORLD_PROBES
+    from limner.world.probes import Probes
+
+    enc = Encoders(clip=None, face=WorldFaceEmbedder(WORLD_PROBES) if subject.kind == "identity" else None, probes=Probes(WORLD_PROBES))
+    return lambda images: float(np.mean(world_measures(subject, None, images, enc)[0]))
+
+
+def time_to_fidelity(concepts: dict[str, dict], threshold: float) -> dict:
+    """Training seconds until validation first reached `threshold`, per subject, and their mean over
+    the subjects that reached it."""
+    times = {}
+    for subject, meta in concepts.items():
+        hit = [v["seconds"] for v in meta.get("validation", []) if v["score"] >= threshold]
+        times[subject] = hit[0] if hit else None
+    reached = [t for t in times.values() if t is not None]
+    return {"threshold": threshold, "per_subject": times, "reached": len(reached), "of": len(times),
+            "mean_seconds": float(np.mean(reached)) if reached else None}
+
+
 def aggregate(per_subject: dict[str, dict[str, float]]) -> dict[str, float]:
     names = sorted({k for v in per_subject.values() for k in v})
     return {k: float(np.nanmean([v[k] for v in per_subject.values() if k in v])) for k in names}
@@ -386,7 +409,11 @@ def personalize_cached(method_name: str, subject: EvalSubject, handle: BaseHandl
         if train_cfg is not None and "train" not in config:
             from dataclasses import replace
 
-            config = config | {"train": replace(train_cfg, resume="latest")}
+            # validation every sixth of training, scored by the world's probes: a fidelity-vs-time curve
+            every = max(1, train_cfg.max_steps // 6) if subject.world is not None else 0
+            config = config | {"train": replace(train_cfg, resume="latest", validate_every=every)}
+        if subject.world is not None:
+            subject.meta["score"] = world_fidelity_score(subject)
         from limner.models.loading import load_base
 
         handle.reset()
@@ -442,7 +469,9 @@ def run_eval(rows: list[Row], subjects: list[EvalSubject], enc: Encoders, cache_
         "subjects": [{"name": s.name, "class_noun": s.class_noun, "kind": s.kind} for s in subjects],
         "encoders": {k: getattr(getattr(enc, k), "name", None) for k in ("clip", "dino", "face")},
         "rows": {r: {"mean": aggregate(v.per_subject), "per_subject": v.per_subject, "images": v.images,
-                     "concepts": v.concepts, "seconds": v.seconds} for r, v in results.items()},
+                     "concepts": v.concepts, "seconds": v.seconds,
+                     "time_to_fidelity": time_to_fidelity(v.concepts, FIDELITY_THRESHOLD) if v.concepts else None}
+                 for r, v in results.items()},
         "references": references,
         "cache": {"hits": cache.hits, "misses": cache.misses},
         "seconds": round(time.perf_counter() - t_start, 2),

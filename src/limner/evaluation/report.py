@@ -8,7 +8,9 @@ import json
 import shutil
 from pathlib import Path
 
-from limner.evaluation.protocol import LOWER, UPPER
+import numpy as np
+
+from limner.evaluation.protocol import FIDELITY_THRESHOLD, LOWER, UPPER
 from limner.io import write_text_atomic
 
 # Reported DreamBench numbers (DINO, CLIP-I, CLIP-T), from the papers; shown beside real-model runs.
@@ -31,8 +33,15 @@ def markdown_table(results: dict) -> str:
     rows = results["rows"]
     cols = [(k, h) for k, h in COLUMNS if any(k in r["mean"] for r in rows.values())]
     lines = ["| method | " + " | ".join(h for _, h in cols) + " |", "|---|" + "---|" * len(cols)]
+    timed = any(r.get("time_to_fidelity") for r in rows.values())
+    if timed:
+        lines[0] += f" train s to fidelity {FIDELITY_THRESHOLD} |"
+        lines[1] += "---|"
     for name, r in rows.items():
         cells = [f"{r['mean'][k]:.3f}" if k in r["mean"] else "—" for k, _ in cols]
+        if timed:
+            t = r.get("time_to_fidelity")
+            cells.append("—" if not t else f"{t['mean_seconds']:.0f} ({t['reached']}/{t['of']})" if t["mean_seconds"] is not None else f"never (0/{t['of']})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     notes = [
         "",
@@ -82,27 +91,32 @@ def plot_fidelity(results: dict, path: Path) -> Path | None:
 
 
 def plot_training_curves(results: dict, path: Path) -> Path | None:
-    """Loss (and subject fidelity where logged) against training time, for every row that trained."""
+    """Left: training loss against time. Right: subject fidelity of validation images against time,
+    with the line every method must cross for "time to reach fidelity"."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = {}
-    for name, r in results["rows"].items():
-        for meta in r.get("concepts", {}).values():
-            if meta.get("curve"):
-                curves.setdefault(name, []).append(meta["curve"])
-    if not curves:
+    runs = {name: list(r.get("concepts", {}).values()) for name, r in results["rows"].items() if r.get("concepts")}
+    if not runs:
         return None
-    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
-    for name, runs in curves.items():
-        for i, curve in enumerate(runs):
-            ax.plot([c["seconds"] for c in curve], [c["loss"] for c in curve], alpha=0.6, label=name if i == 0 else None)
-    ax.set_xlabel("seconds")
-    ax.set_ylabel("training loss")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    fig, (ax_loss, ax_fid) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    for i, (name, metas) in enumerate(runs.items()):
+        colour = f"C{i}"
+        for j, meta in enumerate(metas):
+            curve = meta.get("curve") or []
+            # a running mean keeps the noisy per-step loss readable
+            losses = np.convolve([c["loss"] for c in curve], np.ones(20) / 20, mode="valid") if len(curve) >= 20 else [c["loss"] for c in curve]
+            ax_loss.plot([c["seconds"] for c in curve][-len(losses):], losses, color=colour, alpha=0.5, label=name if j == 0 else None)
+            val = meta.get("validation") or []
+            ax_fid.plot([v["seconds"] for v in val], [v["score"] for v in val], color=colour, alpha=0.5, marker=".", label=name if j == 0 else None)
+    for ax, label in ((ax_loss, "training loss (running mean)"), (ax_fid, "subject fidelity (validation)")):
+        ax.set_xlabel("training seconds")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    ax_fid.axhline(FIDELITY_THRESHOLD, color="grey", linestyle="--", linewidth=1)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -331,7 +331,8 @@ class CustomDiffusion(Method):
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        validate = make_validator(base, [f"a {t} {s.class_noun} on the beach" for t, s in zip(tokens, subjects)], out)
+        validate = make_validator(base, [f"a {t} {s.class_noun} on the beach" for t, s in zip(tokens, subjects)], out,
+                                  score=subjects[0].meta.get("score") if len(subjects) == 1 else None)
         log = train(task, next_batch, cfg.train, out, desc=f"custom diffusion {'+'.join(s.name for s in subjects)}", validate=validate)
         if not is_main_process():
             return out
@@ -341,7 +342,7 @@ class CustomDiffusion(Method):
                     "class_noun": subjects[0].class_noun, "class_nouns": [s.class_noun for s in subjects], "tokens": tokens,
                     "base_fingerprint": base.fingerprint, "base_path": str(base.path), "config": asdict(cfg), "mode": cfg.mode,
                     "steps": log.steps, "seconds": round(log.seconds, 2), "wall_seconds": round(time.perf_counter() - t0, 2),
-                    "curve": log.curve, "files": files, "num_processes": log.num_processes, "example_prompt": f"a {tokens[0]} {subjects[0].class_noun} on the beach"}
+                    "curve": log.curve, "validation": log.validation, "files": files, "num_processes": log.num_processes, "example_prompt": f"a {tokens[0]} {subjects[0].class_noun} on the beach"}
         write_json_atomic(out / MANIFEST, manifest)
         write_model_card(out, manifest)
         return out

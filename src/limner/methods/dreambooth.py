@@ -284,7 +284,8 @@ class DreamBooth(Method):
             return batch
 
         t0 = time.perf_counter()
-        validate = make_validator(base, [f"{instance_prompt} on the beach", f"{instance_prompt} in the snow"], out)
+        validate = make_validator(base, [f"{instance_prompt} on the beach", f"{instance_prompt} in the snow"], out,
+                                  score=subject.meta.get("score"))
         log = train(task, next_batch, cfg.train, out, desc=f"{self.name} {subject.name}", validate=validate)
         pipe.unet.eval()
         if not is_main_process():
@@ -299,7 +300,7 @@ class DreamBooth(Method):
         manifest = {"method": self.name, "subject": subject.name, "class_noun": subject.class_noun, "tokens": [cfg.identifier],
                     "identifier": cfg.identifier, "base_fingerprint": base.fingerprint, "base_path": str(base.path),
                     "config": asdict(cfg), "steps": log.steps, "seconds": round(log.seconds, 2),
-                    "wall_seconds": round(time.perf_counter() - t0, 2), "curve": log.curve, "files": files,
+                    "wall_seconds": round(time.perf_counter() - t0, 2), "curve": log.curve, "validation": log.validation, "files": files,
                     "num_processes": log.num_processes,
                     "lora": cfg.lora_rank is not None, "example_prompt": f"{instance_prompt} on the beach"}
         write_json_atomic(out / MANIFEST, manifest)

@@ -232,7 +232,7 @@ class TextualInversion(Method):
 
         task = TextualInversionTask(pipe, encoder, ids, cfg.train)
         t0 = time.perf_counter()
-        validate = make_validator(base, [f"a {phrase} on the beach", f"a {phrase} in the snow"], out)
+        validate = make_validator(base, [f"a {phrase} on the beach", f"a {phrase} in the snow"], out, score=subject.meta.get("score"))
         log = train(task, next_batch, cfg.train, out, desc=f"textual inversion {subject.name}", validate=validate)
         if not is_main_process():
             return out
@@ -241,7 +241,7 @@ class TextualInversion(Method):
         manifest = {"method": self.name, "subject": subject.name, "class_noun": subject.class_noun, "tokens": tokens,
                     "token": cfg.token, "num_vectors": cfg.num_vectors, "base_fingerprint": base.fingerprint,
                     "base_path": str(base.path), "config": asdict(cfg), "steps": log.steps, "seconds": round(log.seconds, 2),
-                    "wall_seconds": round(time.perf_counter() - t0, 2), "curve": log.curve, "num_processes": log.num_processes,
+                    "wall_seconds": round(time.perf_counter() - t0, 2), "curve": log.curve, "validation": log.validation, "num_processes": log.num_processes,
                     "files": files, "family": base.family,
                     "example_prompt": f"a photo of a {cfg.token} on the beach"}
         write_json_atomic(out / MANIFEST, manifest)

@@ -78,6 +78,7 @@ class TrainLog:
     steps: int = 0
     seconds: float = 0.0
     curve: list[dict] = field(default_factory=list)  # {"step", "seconds", "loss"}
+    validation: list[dict] = field(default_factory=list)  # {"step", "seconds", "score"} when validation scores images
     resumed_from: int | None = None
     num_processes: int = 1
 
@@ -145,7 +146,8 @@ def save_checkpoint(out: Path, step: int, task: TrainingTask, optimizer, schedul
     save_file({k: v.detach().cpu().contiguous() for k, v in task.trainable_state().items()}, str(tmp / "trainable.safetensors"))
     torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(),
                 "generator": generator.get_state(), "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
-    (tmp / "checkpoint.json").write_text(json.dumps({"step": step, "config": _resume_key(cfg), "curve": log.curve}))
+    (tmp / "checkpoint.json").write_text(json.dumps({"step": step, "config": _resume_key(cfg), "curve": log.curve,
+                                                      "validation": log.validation}))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in _checkpoint_dirs(out)[: -cfg.keep_checkpoints]:
@@ -174,7 +176,7 @@ def find_checkpoint(out: Path, resume: str | None) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path, task: TrainingTask, optimizer, scheduler, generator: torch.Generator, cfg: TrainConfig) -> tuple[int, list]:
+def load_checkpoint(path: Path, task: TrainingTask, optimizer, scheduler, generator: torch.Generator, cfg: TrainConfig) -> tuple[int, dict]:
     from safetensors.torch import load_file
 
     meta = json.loads((path / "checkpoint.json").read_text())
@@ -188,7 +190,7 @@ def load_checkpoint(path: Path, task: TrainingTask, optimizer, scheduler, genera
     scheduler.load_state_dict(state["lr_scheduler"])
     generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
-    return meta["step"], meta["curve"]
+    return meta["step"], meta
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,11 +210,13 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return f
 
 
-def make_validator(base, prompts: list[str], out: Path, images_per_prompt: int = 2, steps: int = 20) -> Callable[[int], None]:
+def make_validator(base, prompts: list[str], out: Path, images_per_prompt: int = 2, steps: int = 20,
+                   score: Callable[[list], float] | None = None) -> Callable[[int], float | None]:
     """Validation images during training: a grid per call in out/validation/, made with the
-    pipeline as it is at that step (no gradients, and GPU memory freed afterwards)."""
+    pipeline as it is at that step (no gradients, and GPU memory freed afterwards). With `score`
+    (e.g. the world's subject probe), each call also returns a number, logged against time."""
 
-    def validate(step: int) -> None:
+    def validate(step: int) -> float | None:
         from limner.generation import GenerationSettings, generate, make_grid
 
         images = []
@@ -224,6 +228,7 @@ def make_validator(base, prompts: list[str], out: Path, images_per_prompt: int =
         base.pipe.unet.train()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        return float(score(images)) if score else None
 
     return validate
 
@@ -235,7 +240,7 @@ def _trackers() -> list[str]:
 
 
 def train(task: TrainingTask, next_batch: Callable[[torch.Generator], dict], cfg: TrainConfig, out: Path,
-          desc: str = "train", validate: Callable[[int], None] | None = None) -> TrainLog:
+          desc: str = "train", validate: Callable[[int], float | None] | None = None) -> TrainLog:
     """Runs cfg.max_steps optimizer steps of task.loss on batches from next_batch(generator).
 
     The generator that draws batches and noise is seeded from cfg.seed and the process index, saved
@@ -272,7 +277,8 @@ def train(task: TrainingTask, next_batch: Callable[[torch.Generator], dict], cfg
     start = 0
     ckpt = find_checkpoint(out, cfg.resume)
     if ckpt is not None:
-        start, log.curve = load_checkpoint(ckpt, task, optimizer, scheduler, generator, cfg)
+        start, meta = load_checkpoint(ckpt, task, optimizer, scheduler, generator, cfg)
+        log.curve, log.validation = meta["curve"], meta.get("validation", [])
         log.resumed_from = start
     csv_path = out / "train_log.csv"
     t0 = time.perf_counter() - (log.curve[-1]["seconds"] if log.curve else 0.0)
@@ -301,7 +307,11 @@ def train(task: TrainingTask, next_batch: Callable[[torch.Generator], dict], cfg
                 save_checkpoint(out, step + 1, task, optimizer, scheduler, generator, cfg, log)
                 write_csv(csv_path, log.curve)
         if validate and accelerator.is_main_process and cfg.validate_every and ((step + 1) % cfg.validate_every == 0 or done):
-            validate(step + 1)
+            t_validate = time.perf_counter()
+            value = validate(step + 1)
+            t0 += time.perf_counter() - t_validate  # the clock stops while validating: reported times are training times
+            if value is not None:
+                log.validation.append({"step": step + 1, "seconds": log.curve[-1]["seconds"], "score": round(value, 4)})
     accelerator.wait_for_everyone()
     if accelerator.log_with:
         accelerator.end_training()
