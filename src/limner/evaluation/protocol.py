@@ -348,8 +348,11 @@ def world_measures(subject: EvalSubject, prompt: BenchPrompt | None, images: lis
         # an image with no face found has no identity: fidelity 0
         fidelity = (mean_similarity_to_references(emb, refs[ref_found]) * found).numpy()
     else:
-        probs = enc.probes.predict("subject", arr)["subject"]
-        fidelity = probs[:, enc.probes.labels("subject", "subject").index(subject.name)].numpy()
+        # P(this subject | one of the held-out subjects): the probe's "other" class is trained on near
+        # misses and rejects anything a generator blurs, so it is left out of the comparison
+        logits = enc.probes.logits("subject", arr)["subject"]
+        names = enc.probes.labels("subject", "subject")
+        fidelity = logits[:, : len(names) - 1].softmax(-1)[:, names.index(subject.name)].numpy()
     if prompt is None:
         return fidelity, None
     want = _asked(prompt)

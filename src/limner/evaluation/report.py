@@ -52,7 +52,7 @@ def markdown_table(results: dict) -> str:
     ]
     if results["world"]:
         notes.append(f"`{LOWER}`: the base model given only the class noun; `{UPPER}`: fresh renders of the subject doing what "
-                     "the prompt asks. Subject fidelity: the subject probe's probability of the right subject (objects) or "
+                     "the prompt asks. Subject fidelity: the subject probe's probability of the right subject among the 12 held-out subjects (objects) or "
                      "identity-embedding cosine (characters). Prompt fidelity: share of the asked context / colour / accessory "
                      "the attribute probe reads back. Language drift: subject fidelity of images from the class prompt alone "
                      "(lower is better). Diversity: mean pairwise CLIP distance across seeds.")

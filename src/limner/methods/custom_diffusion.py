@@ -30,7 +30,7 @@ from limner.errors import LimnerError
 from limner.io import disk_guard
 from limner.methods import Method, Subject, register
 from limner.methods.textual_inversion import NewTokenRows, add_tokens_everywhere, load_embedding
-from limner.training import TrainConfig, TrainingTask, denoising_loss, is_main_process, make_validator, train
+from limner.training import TrainConfig, TrainingTask, denoising_loss, is_main_process, make_validator, noise_scheduler, train
 from limner.training.conditioning import PromptEncoder, concat, select
 from limner.training.data import encode_images, fit_square
 
@@ -157,6 +157,7 @@ def instance_prompt(prefix: str, token: str, class_noun: str) -> str:
 class CustomDiffusionTask(TrainingTask):
     def __init__(self, pipe, encoder: PromptEncoder, cfg: CustomDiffusionConfig, token_ids: dict[str, list[int]], reg_cond):
         self.pipe, self.encoder, self.cfg, self.train_cfg, self.reg_cond = pipe, encoder, cfg, cfg.train, reg_cond
+        self.noise = noise_scheduler(pipe)
         pipe.unet.requires_grad_(False)
         self.weights = {}
         for name, attn in cross_attention_layers(pipe.unet).items():
@@ -181,7 +182,7 @@ class CustomDiffusionTask(TrainingTask):
             cond, kw = concat([(cond, kw), select(*self.reg_cond, batch["reg_idx"])])
             latents = torch.cat([latents, batch["reg_latents"].to(cond)])
             mask = torch.cat([mask, torch.ones((latents.shape[0] - n, *mask.shape[1:]), dtype=mask.dtype)])
-        per = denoising_loss(unet, self.pipe.scheduler, latents, cond, generator, tc.noise_offset, tc.min_snr_gamma,
+        per = denoising_loss(unet, self.noise, latents, cond, generator, tc.noise_offset, tc.min_snr_gamma,
                              mask=mask, reduction="none", **kw)
         loss = per[:n].mean()
         if per.shape[0] > n:

@@ -28,7 +28,7 @@ from limner.errors import LimnerError
 from limner.io import disk_guard
 from limner.methods import Method, Subject, register
 from limner.models.saving import save_pipeline
-from limner.training import TrainConfig, TrainingTask, denoising_loss, is_main_process, make_validator, train
+from limner.training import TrainConfig, TrainingTask, denoising_loss, is_main_process, make_validator, noise_scheduler, train
 from limner.training.conditioning import PromptEncoder, concat, select
 from limner.training.data import LatentCache, encode_images
 
@@ -43,7 +43,7 @@ PRIOR_MODES = ("none", "class_images", "frozen")
 def default_train_config(lora: bool) -> TrainConfig:
     # diffusers' README recipe is lr 5e-6 (full) / 1e-4 (LoRA) for 400-800 steps at 512 px; the small
     # world model moves less per step, so the world defaults are larger
-    return TrainConfig(max_steps=300, batch_size=4, learning_rate=5e-4 if lora else 5e-5, checkpoint_every=100)
+    return TrainConfig(max_steps=300, batch_size=4, learning_rate=2e-3 if lora else 2e-4, checkpoint_every=100)
 
 
 @dataclass
@@ -103,6 +103,7 @@ class DreamBoothTask(TrainingTask):
     def __init__(self, pipe, encoder: PromptEncoder, cfg: DreamBoothConfig, instance_prompt: str, class_prompt: str):
         self.pipe, self.encoder, self.cfg = pipe, encoder, cfg
         self.train_cfg = cfg.train
+        self.noise = noise_scheduler(pipe)
         pipe.vae.requires_grad_(False)
         encoders = encoder.text_encoders()
         for te in encoders.values():
@@ -147,7 +148,7 @@ class DreamBoothTask(TrainingTask):
         return self.encoder.encode(self.tokens[which].expand(n, -1, -1), self.wrapped)
 
     def loss(self, batch, generator):
-        unet, sched, tc = self.wrapped["unet"], self.pipe.scheduler, self.train_cfg
+        unet, sched, tc = self.wrapped["unet"], self.noise, self.train_cfg
         inst = batch["instance"]
         n = inst.shape[0]
         if "class" in batch:  # the paper's prior preservation: instance and class images in one batch
@@ -164,8 +165,8 @@ class DreamBoothTask(TrainingTask):
     def frozen_prior(self, unet, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """MSE between the tuned and the frozen model's predictions for the class prompt."""
         noise = torch.randn(latents.shape, generator=generator).to(latents)
-        t = torch.randint(0, self.pipe.scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(latents.device)
-        noisy = self.pipe.scheduler.add_noise(latents, noise, t)
+        t = torch.randint(0, self.noise.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(latents.device)
+        noisy = self.noise.add_noise(latents, noise, t)
         cond, kw = self.cond("class", latents.shape[0])
         with torch.no_grad():
             if self.frozen_unet is not None:

@@ -21,7 +21,7 @@ from limner.concepts import MANIFEST, read_manifest, write_json_atomic, write_mo
 from limner.errors import LimnerError
 from limner.io import disk_guard
 from limner.methods import Method, Subject, register
-from limner.training import TrainConfig, TrainingTask, denoising_loss, is_main_process, make_validator, train
+from limner.training import TrainConfig, TrainingTask, denoising_loss, is_main_process, make_validator, noise_scheduler, train
 from limner.training.conditioning import PromptEncoder
 from limner.training.data import encode_images
 
@@ -115,6 +115,7 @@ def add_tokens_everywhere(encoder: PromptEncoder, tokens: list[str], initializer
 class TextualInversionTask(TrainingTask):
     def __init__(self, pipe, encoder: PromptEncoder, token_ids: dict[str, list[int]], cfg: TrainConfig):
         self.pipe, self.encoder, self.cfg = pipe, encoder, cfg
+        self.noise = noise_scheduler(pipe)
         pipe.unet.requires_grad_(False)
         self.rows = NewTokenRows(encoder.text_encoders(), token_ids)
 
@@ -127,7 +128,7 @@ class TextualInversionTask(TrainingTask):
     def loss(self, batch, generator):
         cond, kwargs = self.encoder.encode(batch["input_ids"], self.wrapped)
         latents = batch["latents"].to(cond.device, cond.dtype)
-        return denoising_loss(self.pipe.unet, self.pipe.scheduler, latents, cond, generator, self.cfg.noise_offset,
+        return denoising_loss(self.pipe.unet, self.noise, latents, cond, generator, self.cfg.noise_offset,
                               self.cfg.min_snr_gamma, **kwargs)
 
     def after_optimizer_step(self):

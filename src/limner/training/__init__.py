@@ -95,6 +95,14 @@ def is_main_process() -> bool:
 # --------------------------------------------------------------------------------------------
 
 
+def noise_scheduler(pipe):
+    """The training-time (DDPM) view of the pipeline's noise schedule. The pipeline's own scheduler is
+    an inference sampler whose add_noise only knows the timesteps of its last sampling run."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(pipe.scheduler.config)
+
+
 def denoising_loss(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor, generator: torch.Generator,
                    noise_offset: float = 0.0, min_snr_gamma: float | None = None, mask: torch.Tensor | None = None,
                    reduction: str = "mean", **unet_kwargs) -> torch.Tensor:

@@ -283,10 +283,14 @@ class Probes:
         return self._nets[name]
 
     @torch.no_grad()
+    def logits(self, name: str, images) -> dict[str, torch.Tensor]:
+        """Logits per head for uint8 [B, 64, 64, 3] images."""
+        out = self.net(name)(to_input(images))
+        return {k: out[k] for k in SPECS[name].labels}
+
     def predict(self, name: str, images) -> dict[str, torch.Tensor]:
         """Probabilities per head for uint8 [B, 64, 64, 3] images."""
-        out = self.net(name)(to_input(images))
-        return {k: out[k].softmax(-1) for k in SPECS[name].labels}
+        return {k: v.softmax(-1) for k, v in self.logits(name, images).items()}
 
     def labels(self, name: str, head: str) -> list[str]:
         return SPECS[name].labels[head]
