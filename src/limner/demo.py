@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw
 
 from limner.io import write_json_atomic
 
-DEFAULT_METHOD = "dreambooth_lora"  # the best world-bench subject fidelity per minute of training (docs/world-bench.md)
+DEFAULT_METHOD = "dreambooth"  # the best world-bench subject fidelity per minute of training (docs/world-bench/results.md)
 
 
 def label_strip(text: str, width: int, height: int = 14) -> Image.Image:
