@@ -168,3 +168,14 @@ def test_image_modes_are_converted_faithfully(tmp_path):
     assert a.dtype == np.uint8 and a.shape == (32, 32, 3) and a.max() == 255 and a.min() == 0 and 100 < a.mean() < 155
     assert (b == 255).all(), "transparent pixels become white, not their hidden colour"
     assert (c == 128).all()
+
+
+def test_bench_measures_each_row_in_its_own_process(tmp_path):
+    r = runner.invoke(app, ["bench", "--subject", "world:duo_ball", "-n", "1", "--steps", "2", "--cache", str(tmp_path / "cache"),
+                            "--out", str(tmp_path / "report"), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    (record,) = json.loads((tmp_path / "report" / "bench.json").read_text())
+    assert record["row"] == "lower-bound" and record["seconds_per_image"] > 0 and record["peak_memory_mb"] > 50
+    assert "| lower-bound |" in (tmp_path / "report" / "bench.md").read_text()
+    r = runner.invoke(app, ["bench", "--subject", "world:duo_ball,ada", "--out", str(tmp_path / "r2")])
+    assert r.exit_code == 2 and "several subjects" in r.output
