@@ -282,3 +282,12 @@ def test_validation_images_and_a_full_disk(tiny_base, tmp_path, monkeypatch):
         get_method("textual_inversion").personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "c",
                                                     **ti_config(6, resume="latest"))
     assert (out / "learned_embeds.safetensors").read_bytes() == before, "the earlier artifact is intact"
+
+
+def test_changing_a_default_changes_the_eval_cache_key(monkeypatch):
+    import limner.methods.dreambooth as db
+
+    before = get_method("dreambooth").default_settings()
+    monkeypatch.setattr(db, "default_train_config", lambda lora: TrainConfig(max_steps=7))
+    assert get_method("dreambooth").default_settings() != before
+    assert get_method("textual_inversion").default_settings()["train"]["learning_rate"] > 0

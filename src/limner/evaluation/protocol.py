@@ -401,12 +401,13 @@ def personalize_cached(method_name: str, subject: EvalSubject, handle: BaseHandl
     from limner.concepts import read_manifest, write_json_atomic
     from limner.methods import get_method
 
-    key = digest({"method": method_name, "subject": subject.fingerprint(), "base": handle.fingerprint, "config": config})
+    method = get_method(method_name)
+    key = digest({"method": method_name, "defaults": method.default_settings(), "subject": subject.fingerprint(),
+                  "base": handle.fingerprint, "config": config})
     folder = cache_root / "concepts" / f"{method_name}-{subject.name}-{key}"
     if not (folder / "limner.json").exists():
         # trained in a side folder (resumable after an interruption) and renamed when complete
         work = folder.with_name(folder.name + ".partial")
-        method = get_method(method_name)
         t0 = time.perf_counter()
         train_cfg = method.default_train_config()
         if train_cfg is not None and "train" not in config:

@@ -54,6 +54,14 @@ class Method(ABC):
         """The method's default limner.training.TrainConfig; None for methods that do not train."""
         return None
 
+    def default_settings(self) -> dict:
+        """Every default that shapes a concept (method and training settings): part of eval's cache
+        key, so changing a default never reuses a concept trained under the old one."""
+        from dataclasses import asdict
+
+        train = self.default_train_config()
+        return {"train": asdict(train) if train is not None else None}
+
 
 REGISTRY: dict[str, type[Method]] = {}
 BUILTIN = ("textual_inversion", "dreambooth", "custom_diffusion")  # modules of this package that define methods

@@ -280,6 +280,9 @@ class CustomDiffusion(Method):
     def default_train_config(self) -> TrainConfig:
         return default_train_config()
 
+    def default_settings(self) -> dict:
+        return asdict(self.config({}))
+
     def config(self, overrides: dict) -> CustomDiffusionConfig:
         cfg = CustomDiffusionConfig()
         for k, v in overrides.items():

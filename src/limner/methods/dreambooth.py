@@ -252,6 +252,11 @@ class DreamBooth(Method):
     def default_train_config(self) -> TrainConfig:
         return default_train_config(self.lora_default)
 
+    def default_settings(self) -> dict:
+        cfg = self.default_config()
+        cfg.train = self.default_train_config()
+        return asdict(cfg)
+
     def personalize(self, base, subject: Subject, out: Path, **overrides) -> Path:
         cfg = self.default_config()
         for k, v in overrides.items():

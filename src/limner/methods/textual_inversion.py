@@ -252,6 +252,9 @@ class TextualInversion(Method):
     def default_train_config(self) -> TrainConfig:
         return default_train_config()
 
+    def default_settings(self) -> dict:
+        return asdict(TextualInversionConfig())
+
     def apply(self, base, concept: Path) -> None:
         m = read_manifest(concept)
         if base.family == "sdxl":
