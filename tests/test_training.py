@@ -291,3 +291,18 @@ def test_changing_a_default_changes_the_eval_cache_key(monkeypatch):
     monkeypatch.setattr(db, "default_train_config", lambda lora: TrainConfig(max_steps=7))
     assert get_method("dreambooth").default_settings() != before
     assert get_method("textual_inversion").default_settings()["train"]["learning_rate"] > 0
+
+
+def test_custom_diffusion_joint_training_of_two_concepts(tiny_base, tmp_path):
+    import json
+
+    from limner.methods.custom_diffusion import CustomDiffusion
+
+    cfg = dict(prior_preservation=False, augment=False, train=TrainConfig(max_steps=2, batch_size=2, learning_rate=1e-2, checkpoint_every=0))
+    out = CustomDiffusion().personalize_jointly(load_base(str(tiny_base), device="cpu"), [subject(), Subject("cube", "box", subject().images)],
+                                                tmp_path / "joint", **cfg)
+    manifest = json.loads((out / "limner.json").read_text())
+    assert manifest["subject"] == ["blob", "cube"] and manifest["tokens"] == ["<new1>", "<new2>"]
+    fresh = load_base(str(tiny_base), device="cpu")
+    CustomDiffusion().apply(fresh, out)
+    assert {"<new1>", "<new2>"} <= set(fresh.pipe.tokenizer.get_vocab())

@@ -33,6 +33,18 @@ def check_base(manifest: dict, folder: Path, base, force: bool = False) -> None:
                           f"{base.fingerprint} ({base.path}); load that base, or pass --force to apply it anyway")
 
 
+def write_concept(out: Path, method: str, trained_on, base, log, wall_seconds: float, **fields) -> dict:
+    """Writes limner.json (the fields every trained concept shares, plus the method's own) and the
+    model card; returns the manifest."""
+    manifest = {"method": method, "subject": trained_on.name, "class_noun": trained_on.class_noun,
+                "base_fingerprint": base.fingerprint, "base_path": str(base.path), "steps": log.steps,
+                "seconds": round(log.seconds, 2), "wall_seconds": round(wall_seconds, 2), "curve": log.curve,
+                "validation": log.validation, "num_processes": log.num_processes} | fields
+    write_json_atomic(Path(out) / MANIFEST, manifest)
+    write_model_card(Path(out), manifest)
+    return manifest
+
+
 def write_model_card(folder: Path, manifest: dict, samples: list[str] | None = None) -> None:
     lines = [f"# {manifest.get('subject', folder.name)} ({manifest['method']})", "",
              f"A limner concept: `{manifest['method']}` personalization of a *{manifest.get('class_noun', '?')}*.", "",

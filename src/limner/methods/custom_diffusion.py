@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from limner.concepts import MANIFEST, check_base, read_manifest, write_json_atomic, write_model_card
+from limner.concepts import MANIFEST, check_base, read_manifest, write_concept, write_json_atomic, write_model_card
 from limner.errors import LimnerError
 from limner.io import disk_guard
 from limner.methods import Method, Subject, register
@@ -64,6 +64,14 @@ class CustomDiffusionConfig:
 def cross_attention_layers(unet) -> dict[str, torch.nn.Module]:
     """name -> attn2 module, in the order of unet.attn_processors."""
     return {name: m for name, m in unet.named_modules() if name.endswith("attn2")}
+
+
+def trained_projections(unet, mode: str):
+    """(attn2 name, projection, parameter name, parameter) for every weight Custom Diffusion trains."""
+    for name, attn in cross_attention_layers(unet).items():
+        for proj in MODES[mode]:
+            for pname, p in attn.get_submodule(proj).named_parameters():
+                yield name, proj, pname, p
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,12 +167,9 @@ class CustomDiffusionTask(TrainingTask):
         self.pipe, self.encoder, self.cfg, self.train_cfg, self.reg_cond = pipe, encoder, cfg, cfg.train, reg_cond
         self.noise = noise_scheduler(pipe)
         pipe.unet.requires_grad_(False)
-        self.weights = {}
-        for name, attn in cross_attention_layers(pipe.unet).items():
-            for proj in MODES[cfg.mode]:
-                for pname, p in attn.get_submodule(proj).named_parameters():
-                    p.requires_grad_(True)
-                    self.weights[f"{name}.{proj}.{pname}"] = p
+        self.weights = {f"{name}.{proj}.{pname}": p for name, proj, pname, p in trained_projections(pipe.unet, cfg.mode)}
+        for p in self.weights.values():
+            p.requires_grad_(True)
         self.rows = NewTokenRows(encoder.text_encoders(), token_ids)
 
     def modules(self):
@@ -212,12 +217,8 @@ _KEY = {"to_k": "to_k_custom_diffusion", "to_v": "to_v_custom_diffusion", "to_q"
 
 def layer_weights(unet, mode: str) -> dict[str, torch.Tensor]:
     """diffusers' Custom Diffusion layout: '<attn2 name>.processor.to_k_custom_diffusion.weight', ..."""
-    out = {}
-    for name, attn in cross_attention_layers(unet).items():
-        for proj in MODES[mode]:
-            for pname, p in attn.get_submodule(proj).named_parameters():
-                out[f"{name}.processor.{_KEY[proj]}.{pname}"] = p.detach().cpu().float().contiguous()
-    return out
+    return {f"{name}.processor.{_KEY[proj]}.{pname}": p.detach().cpu().float().contiguous()
+            for name, proj, pname, p in trained_projections(unet, mode)}
 
 
 def read_weights(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
@@ -342,13 +343,10 @@ class CustomDiffusion(Method):
             return out
         with disk_guard(f"the weights in {out}"):
             files = save_concept(pipe, out, cfg.mode, tokens, task.rows.vectors())
-        manifest = {"method": self.name, "subject": subjects[0].name if len(subjects) == 1 else [s.name for s in subjects],
-                    "class_noun": subjects[0].class_noun, "class_nouns": [s.class_noun for s in subjects], "tokens": tokens,
-                    "base_fingerprint": base.fingerprint, "base_path": str(base.path), "config": asdict(cfg), "mode": cfg.mode,
-                    "steps": log.steps, "seconds": round(log.seconds, 2), "wall_seconds": round(time.perf_counter() - t0, 2),
-                    "curve": log.curve, "validation": log.validation, "files": files, "num_processes": log.num_processes, "example_prompt": f"a {tokens[0]} {subjects[0].class_noun} on the beach"}
-        write_json_atomic(out / MANIFEST, manifest)
-        write_model_card(out, manifest)
+        joint = {} if len(subjects) == 1 else {"subject": [s.name for s in subjects]}
+        write_concept(out, self.name, subjects[0], base, log, time.perf_counter() - t0, **joint,
+                      class_nouns=[s.class_noun for s in subjects], tokens=tokens, config=asdict(cfg), mode=cfg.mode, files=files,
+                      example_prompt=f"a {tokens[0]} {subjects[0].class_noun} on the beach")
         return out
 
     def apply(self, base, concept: Path, allow_pickle: bool = False) -> None:

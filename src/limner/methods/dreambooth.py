@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from limner.concepts import MANIFEST, read_manifest, write_json_atomic, write_model_card
+from limner.concepts import read_manifest, write_concept
 from limner.errors import LimnerError
 from limner.io import disk_guard
 from limner.methods import Method, Subject, register
@@ -303,14 +303,9 @@ class DreamBooth(Method):
             else:
                 save_pipeline(pipe, out / PIPELINE_DIR)
                 files = {"pipeline": PIPELINE_DIR}
-        manifest = {"method": self.name, "subject": subject.name, "class_noun": subject.class_noun, "tokens": [cfg.identifier],
-                    "identifier": cfg.identifier, "base_fingerprint": base.fingerprint, "base_path": str(base.path),
-                    "config": asdict(cfg), "steps": log.steps, "seconds": round(log.seconds, 2),
-                    "wall_seconds": round(time.perf_counter() - t0, 2), "curve": log.curve, "validation": log.validation, "files": files,
-                    "num_processes": log.num_processes,
-                    "lora": cfg.lora_rank is not None, "example_prompt": f"{instance_prompt} on the beach"}
-        write_json_atomic(out / MANIFEST, manifest)
-        write_model_card(out, manifest)
+        write_concept(out, self.name, subject, base, log, time.perf_counter() - t0, tokens=[cfg.identifier],
+                      identifier=cfg.identifier, config=asdict(cfg), files=files, lora=cfg.lora_rank is not None,
+                      example_prompt=f"{instance_prompt} on the beach")
         return out
 
     def apply(self, base, concept: Path) -> None:

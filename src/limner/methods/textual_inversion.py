@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from limner.concepts import MANIFEST, read_manifest, write_json_atomic, write_model_card
+from limner.concepts import read_manifest, write_concept
 from limner.errors import LimnerError
 from limner.io import disk_guard
 from limner.methods import Method, Subject, register
@@ -239,14 +239,9 @@ class TextualInversion(Method):
             return out
         with disk_guard(f"the embedding in {out}"):
             files = save_embeddings(out, cfg.token, task.rows.vectors())
-        manifest = {"method": self.name, "subject": subject.name, "class_noun": subject.class_noun, "tokens": tokens,
-                    "token": cfg.token, "num_vectors": cfg.num_vectors, "base_fingerprint": base.fingerprint,
-                    "base_path": str(base.path), "config": asdict(cfg), "steps": log.steps, "seconds": round(log.seconds, 2),
-                    "wall_seconds": round(time.perf_counter() - t0, 2), "curve": log.curve, "validation": log.validation, "num_processes": log.num_processes,
-                    "files": files, "family": base.family,
-                    "example_prompt": f"a photo of a {cfg.token} on the beach"}
-        write_json_atomic(out / MANIFEST, manifest)
-        write_model_card(out, manifest)
+        write_concept(out, self.name, subject, base, log, time.perf_counter() - t0, tokens=tokens, token=cfg.token,
+                      num_vectors=cfg.num_vectors, config=asdict(cfg), files=files, family=base.family,
+                      example_prompt=f"a photo of a {cfg.token} on the beach")
         return out
 
     def default_train_config(self) -> TrainConfig:

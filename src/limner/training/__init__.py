@@ -103,6 +103,14 @@ def noise_scheduler(pipe):
     return DDPMScheduler.from_config(pipe.scheduler.config)
 
 
+def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """min(SNR, gamma) / SNR per sample (over SNR + 1 for v-prediction): the min-SNR loss weighting."""
+    alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+    snr = alphas / (1 - alphas)
+    denominator = snr + 1 if scheduler.config.prediction_type == "v_prediction" else snr
+    return torch.clamp(snr, max=gamma) / denominator
+
+
 def denoising_loss(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor, generator: torch.Generator,
                    noise_offset: float = 0.0, min_snr_gamma: float | None = None, mask: torch.Tensor | None = None,
                    reduction: str = "mean", **unet_kwargs) -> torch.Tensor:
@@ -123,12 +131,7 @@ def denoising_loss(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor, g
     else:
         per_sample = err.mean(dim=(1, 2, 3))
     if min_snr_gamma:
-        alphas = scheduler.alphas_cumprod.to(t.device)[t]
-        snr = alphas / (1 - alphas)
-        weight = torch.clamp(snr, max=min_snr_gamma) / snr
-        if scheduler.config.prediction_type == "v_prediction":
-            weight = torch.clamp(snr, max=min_snr_gamma) / (snr + 1)
-        per_sample = per_sample * weight
+        per_sample = per_sample * min_snr_weights(scheduler, t, min_snr_gamma)
     return per_sample if reduction == "none" else per_sample.mean()
 
 

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from limner.errors import LimnerError
 from limner.io import write_json_atomic, write_text_atomic
 from limner.models.saving import save_pipeline
+from limner.training import min_snr_weights
 from limner.world import stack
 
 
@@ -247,13 +248,6 @@ def training_scheduler():
 
     # Stable Diffusion 1.x's training noise schedule
     return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-
-
-def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    """min(SNR, gamma) / SNR per sample: the min-SNR loss weighting for epsilon prediction."""
-    alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
-    snr = alphas / (1 - alphas)
-    return torch.clamp(snr, max=gamma) / snr
 
 
 def stage_unet(cfg: BuildConfig, work: Path, latents_mean, latents_std, scaling: float, captions, tokenizer, text_encoder, device):
