@@ -306,3 +306,56 @@ def test_custom_diffusion_joint_training_of_two_concepts(tiny_base, tmp_path):
     fresh = load_base(str(tiny_base), device="cpu")
     CustomDiffusion().apply(fresh, out)
     assert {"<new1>", "<new2>"} <= set(fresh.pipe.tokenizer.get_vocab())
+
+
+def test_captions_reach_the_training_prompts_and_can_be_turned_off(tiny_base, tmp_path):
+    import json
+
+    base = load_base(str(tiny_base), device="cpu")
+    s = subject()
+    s.captions = ["on the beach", "in the snow", ""]
+    db = get_method("dreambooth_lora")
+    out = db.personalize(base, s, tmp_path / "c", train=db_train(), prior_preservation="none")
+    prompts = json.loads((out / "limner.json").read_text())["training_prompts"]
+    assert prompts == ["a sks ball on the beach", "a sks ball in the snow", "a sks ball"]
+    off = db.personalize(load_base(str(tiny_base), device="cpu"), s, tmp_path / "d", train=db_train(), prior_preservation="none", captions=False)
+    assert json.loads((off / "limner.json").read_text())["training_prompts"] == ["a sks ball"] * 3
+    s.captions = ["on the beach"]
+    with pytest.raises(LimnerError, match="1 captions for 3 images"):
+        get_method("textual_inversion").personalize(base, s, tmp_path / "e", **ti_config(1))
+
+
+def test_caption_files_beside_images_and_unknown_settings(tmp_path):
+    from PIL import Image
+
+    from limner.evaluation.subjects import folder_subject
+
+    for i in range(2):
+        Image.new("RGB", (32, 32), (i * 100, 0, 0)).save(tmp_path / f"{i}.png")
+    (tmp_path / "0.txt").write_text("  on a red\nsofa ")
+    s = folder_subject(tmp_path, class_noun="dog")
+    assert s.captions == ["on a red sofa", ""]
+    with pytest.raises(LimnerError, match="has no setting 'rnak'"):
+        get_method("dreambooth_lora").personalize(None, s, tmp_path / "c", rnak=4)
+
+
+def test_cli_train_settings_and_token_reach_the_method(tiny_base, tmp_path):
+    import json
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from limner.cli import app
+
+    folder = tmp_path / "subj"
+    folder.mkdir()
+    for i, im in enumerate(subject(2).images):
+        Image.fromarray(im).save(folder / f"{i}.png")
+    args = ["train", "--method", "dreambooth_lora", "--subject", str(folder), "--class-noun", "ball", "--steps", "1", "--batch-size", "1",
+            "--base", str(tiny_base), "--out", str(tmp_path / "c")]
+    r = CliRunner().invoke(app, args + ["--token", "zwx", "--set", "prior_preservation=none", "--set", "lora_rank=2", "--set", "checkpoint_every=0"])
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "c" / "limner.json").read_text())
+    assert m["identifier"] == "zwx" and m["config"]["lora_rank"] == 2 and m["config"]["train"]["checkpoint_every"] == 0
+    r = CliRunner().invoke(app, args + ["--set", "prior_preservation"])
+    assert r.exit_code == 2 and "key=value" in r.output

@@ -118,14 +118,16 @@ def train_cmd(
     mixed_precision: Annotated[str, typer.Option("--mixed-precision", help="no, fp16 or bf16.")] = "no",
     resume: Annotated[Optional[str], typer.Option("--resume", help="'latest' or a checkpoint folder.")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    setting: Annotated[Optional[list[str]], typer.Option("--set", help="A method setting KEY=VALUE (repeatable), "
+                                                          "or trainer setting, e.g. --set prior_preservation=none --set checkpoint_every=50.")] = None,
     base: BaseOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Personalize a base on a subject's reference images; writes a concept folder."""
-    from dataclasses import replace
+    from dataclasses import fields, replace
 
     from limner.evaluation.subjects import load_subjects
-    from limner.methods import get_method
+    from limner.methods import get_method, parse_setting
     from limner.models.loading import load_base
 
     def go():
@@ -137,10 +139,21 @@ def train_cmd(
             raise LimnerError(f"--mixed-precision {mixed_precision!r}: use no, fp16 or bf16")
         if out.exists() and not out.is_dir():
             raise LimnerError(f"--out {out} is a file; give a folder")
-        overrides = {k: v for k, v in {"token": token, "num_vectors": num_vectors}.items() if v is not None}
+        try:
+            overrides = dict(parse_setting(item, "--set") for item in setting or [])
+        except ValueError as e:
+            raise LimnerError(str(e)) from e
+        if token is not None:
+            if m.token_setting is None:
+                raise LimnerError(f"--token: {method} has no token or identifier to set")
+            overrides[m.token_setting] = token
+        if num_vectors is not None:
+            overrides["num_vectors"] = num_vectors
         train_cfg = m.default_train_config()
         if train_cfg is not None:
-            changes = {k: v for k, v in {"max_steps": steps, "learning_rate": lr, "batch_size": batch_size}.items() if v is not None}
+            # --set also reaches the trainer's settings (checkpoint_every=50, min_snr_gamma=5, ...)
+            changes = {k: overrides.pop(k) for k in [k for k in overrides if k in {f.name for f in fields(train_cfg)}]}
+            changes |= {k: v for k, v in {"max_steps": steps, "learning_rate": lr, "batch_size": batch_size}.items() if v is not None}
             overrides["train"] = replace(train_cfg, mixed_precision=mixed_precision, resume=resume, seed=seed, **changes)
         b = load_base(base, device=device, dtype="fp32")  # trainable weights stay fp32; --mixed-precision speeds it up
         folder = m.personalize(b, subs[0], out, **overrides)
@@ -290,7 +303,8 @@ def eval_cmd(
 ) -> None:
     """Score methods with the DreamBench protocol (real subjects) or the world bench.
 
-    --method takes METHOD or METHOD:key=value,... (e.g. dreambooth_lora:prior_preservation=none)."""
+    --method takes METHOD or METHOD:key=value,... with method or training settings (e.g.
+    dreambooth_lora:prior_preservation=none,max_steps=600)."""
     from limner.evaluation.protocol import LOWER, UPPER, EvalSettings, Row, run_eval
     from limner.evaluation.report import markdown_table, write_report
     from limner.evaluation.subjects import load_subjects

@@ -22,6 +22,7 @@ from PIL import Image
 from limner.errors import LimnerError
 from limner.evaluation.metrics import diversity, mean_similarity_to_references, text_alignment
 from limner.evaluation.subjects import EvalSubject
+from limner.methods import parse_setting
 from limner.world.bench import BenchPrompt
 
 LOWER, UPPER = "lower-bound", "upper-bound"
@@ -62,12 +63,10 @@ class Row:
         if spec in (LOWER, UPPER):
             return cls(spec)
         method, _, settings = spec.partition(":")
-        config = []
-        for item in filter(None, settings.split(",")):
-            key, eq, value = item.partition("=")
-            if not eq:
-                raise LimnerError(f"--method {spec}: settings are key=value pairs after ':', e.g. dreambooth_lora:prior_preservation=none")
-            config.append((key.strip(), _parse_value(value.strip())))
+        try:
+            config = [parse_setting(item, f"--method {spec}") for item in filter(None, settings.split(","))]
+        except ValueError as e:
+            raise LimnerError(f"{e}; e.g. dreambooth_lora:prior_preservation=none") from e
         return cls(spec, method=method, config=tuple(config))
 
     @classmethod
@@ -93,16 +92,6 @@ class Row:
             raise LimnerError(f"--concept {self.concept} was trained on subject {name!r}, which is not among --subjects "
                               f"({', '.join(s.name for s in subjects)}); pass --subjects with that subject")
         return mine
-
-
-def _parse_value(text: str):
-    """'3' -> 3, '0.5' -> 0.5, 'true'/'false' -> bool, anything else stays a string."""
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
 
 
 @dataclass
@@ -411,8 +400,12 @@ def personalize_cached(method_name: str, subject: EvalSubject, handle: BaseHandl
         t0 = time.perf_counter()
         train_cfg = method.default_train_config()
         if train_cfg is not None and "train" not in config:
-            from dataclasses import replace
+            from dataclasses import fields, replace
 
+            # training settings (max_steps=600, learning_rate=1e-3) go into the method's TrainConfig
+            names = {f.name for f in fields(train_cfg)}
+            train_cfg = replace(train_cfg, **{k: v for k, v in config.items() if k in names})
+            config = {k: v for k, v in config.items() if k not in names}
             # validation every sixth of training, scored by the world's probes: a fidelity-vs-time curve
             every = max(1, train_cfg.max_steps // 6) if subject.world is not None else 0
             config = config | {"train": replace(train_cfg, resume="latest", validate_every=every)}

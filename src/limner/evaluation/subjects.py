@@ -1,7 +1,8 @@
 """Where eval subjects come from: the world bench, or folders of a user's own reference images.
 
 A real subject is a folder of images (png, jpg, jpeg, webp) and, optionally, `subject.json` with
-{"class_noun": "dog", "live": true}. `--subjects` takes one such folder, a folder of them, or a JSON
+{"class_noun": "dog", "live": true}. A text file beside an image (dog1.jpg + dog1.txt, "on a sofa")
+captions what else that picture shows: tuning methods append it to the image's training prompt. `--subjects` takes one such folder, a folder of them, or a JSON
 manifest [{"name": ..., "path": ..., "class_noun": ...}, ...].
 """
 
@@ -18,6 +19,7 @@ from PIL import Image, ImageOps
 from limner.errors import LimnerError
 from limner.methods import Subject
 from limner.world.bench import IDENTITIES, SUBJECTS, BenchPrompt, identity_prompts, identity_references, object_prompts, subject_references
+from limner.world.vocab import CONTEXTS
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -56,19 +58,23 @@ class EvalSubject(Subject):
         h = hashlib.sha256(self.class_noun.encode())
         for im in self.images:
             h.update(np.ascontiguousarray(im).tobytes())
+        for caption in self.captions or []:
+            h.update(caption.encode())
         return h.hexdigest()[:16]
 
 
 def _world_object(s) -> EvalSubject:
     refs = subject_references(s)
     return EvalSubject(s.name, s.cls, [r.image for r in refs], [r.entities[0].mask for r in refs], kind="object",
-                       prompts=object_prompts(), world=s, meta={"contexts": [r.context for r in refs]})
+                       prompts=object_prompts(), world=s, meta={"contexts": [r.context for r in refs]},
+                       captions=[CONTEXTS[r.context] for r in refs])
 
 
 def _world_identity(b) -> EvalSubject:
     refs = identity_references(b)
     return EvalSubject(b.name, b.cls, [r.image for r in refs], [r.entities[0].mask for r in refs], kind="identity",
-                       prompts=identity_prompts(), world=b, meta={"contexts": [r.context for r in refs]})
+                       prompts=identity_prompts(), world=b, meta={"contexts": [r.context for r in refs]},
+                       captions=[CONTEXTS[r.context] for r in refs])
 
 
 def world_subjects(spec: str) -> list[EvalSubject]:
@@ -90,12 +96,25 @@ def world_subjects(spec: str) -> list[EvalSubject]:
     return [makers[n][0](makers[n][1]) for n in wanted]
 
 
-def load_images(folder: Path) -> list[np.ndarray]:
-    """RGB uint8 arrays of every image in a folder, EXIF orientation applied. Unreadable files are
-    an error naming the file."""
+def image_files(folder: Path) -> list[Path]:
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise LimnerError(f"subject folder {folder} has no images (png, jpg, jpeg, webp, bmp); put the subject's reference images there")
+    return files
+
+
+def load_captions(folder: Path) -> list[str] | None:
+    """Each image's caption from the .txt file beside it ("" where there is none); None if no image has one."""
+    texts = [f.with_suffix(".txt") for f in image_files(folder)]
+    if not any(t.exists() for t in texts):
+        return None
+    return [" ".join(t.read_text(encoding="utf-8").split()) if t.exists() else "" for t in texts]
+
+
+def load_images(folder: Path) -> list[np.ndarray]:
+    """RGB uint8 arrays of every image in a folder, EXIF orientation applied. Unreadable files are
+    an error naming the file."""
+    files = image_files(folder)
     images = []
     for f in files:
         try:
@@ -137,7 +156,8 @@ def folder_subject(folder: Path, class_noun: str | None = None, name: str | None
     if kind not in ("object", "identity"):
         raise LimnerError(f"{meta_path}: kind must be 'object' or 'identity', got {kind!r}")
     return EvalSubject(name or meta.get("name", folder.name), noun, load_images(folder), kind=kind,
-                       prompts=dreambench_prompts(live), meta={"path": str(folder), "live": live})
+                       prompts=dreambench_prompts(live), meta={"path": str(folder), "live": live},
+                       captions=load_captions(folder))
 
 
 def load_subjects(spec: str, class_noun: str | None = None) -> list[EvalSubject]:

@@ -28,6 +28,9 @@ class Subject:
     images: list[np.ndarray]  # uint8 [H, W, 3]
     masks: list[np.ndarray] | None = None  # bool [H, W], where the subject is (optional)
     meta: dict = field(default_factory=dict)
+    # per image, what the picture shows besides the subject ("on the beach"): appended to the training
+    # prompt, so the identifier learns the subject and not its backgrounds (optional)
+    captions: list[str] | None = None
 
 
 class Method(ABC):
@@ -40,6 +43,7 @@ class Method(ABC):
 
     name: ClassVar[str]
     family: ClassVar[str]  # one of FAMILIES
+    token_setting: ClassVar[str | None] = None  # the setting `limner train --token` sets, if any
 
     @abstractmethod
     def personalize(self, base, subject: Subject, out: Path, **config) -> Path: ...
@@ -65,6 +69,33 @@ class Method(ABC):
 
 REGISTRY: dict[str, type[Method]] = {}
 BUILTIN = ("textual_inversion", "dreambooth", "custom_diffusion")  # modules of this package that define methods
+
+
+def parse_setting(item: str, where: str) -> tuple[str, object]:
+    """'key=value' -> (key, value), the value read as int, float or bool where it looks like one."""
+    key, eq, text = item.partition("=")
+    if not eq or not key.strip():
+        raise ValueError(f"{where}: settings are key=value pairs, got {item!r}")
+    text = text.strip()
+    for cast in (int, float):
+        try:
+            return key.strip(), cast(text)
+        except ValueError:
+            pass
+    return key.strip(), {"true": True, "false": False}.get(text.lower(), text)
+
+
+def with_settings(config, overrides: dict, method: str):
+    """The method's config dataclass with `overrides` applied; an unknown key is an error naming it."""
+    from dataclasses import fields, replace
+
+    from limner.errors import LimnerError
+
+    known = {f.name for f in fields(config)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise LimnerError(f"{method} has no setting {', '.join(map(repr, unknown))}; its settings: {', '.join(sorted(known))}")
+    return replace(config, **overrides)
 
 
 def register(cls: type[Method]) -> type[Method]:

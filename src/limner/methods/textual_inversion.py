@@ -20,10 +20,10 @@ from safetensors.torch import load_file, save_file
 from limner.concepts import read_manifest, write_concept
 from limner.errors import LimnerError
 from limner.io import disk_guard
-from limner.methods import Method, Subject, register
+from limner.methods import Method, Subject, register, with_settings
 from limner.training import TrainConfig, TrainingTask, denoising_loss, is_main_process, make_validator, noise_scheduler, train
 from limner.training.conditioning import PromptEncoder
-from limner.training.data import encode_images
+from limner.training.data import encode_images, image_captions, with_caption
 
 OBJECT_TEMPLATES = (
     "a photo of a {}", "a rendering of a {}", "a picture of a {}", "a {}", "a photo of the {}", "a close up photo of a {}",
@@ -49,6 +49,7 @@ class TextualInversionConfig:
     num_vectors: int = 1
     initializer: str | None = None  # default: the class noun
     templates: str = "object"  # object | style
+    captions: bool = True  # append each reference image's caption (if the subject has them) to its prompts
     train: TrainConfig = field(default_factory=default_train_config)
 
 
@@ -207,12 +208,11 @@ def load_embedding(base, path: Path, token: str | None = None, allow_pickle: boo
 @register
 class TextualInversion(Method):
     name = "textual_inversion"
+    token_setting = "token"
     family = "tuning"
 
     def personalize(self, base, subject: Subject, out: Path, **overrides) -> Path:
-        cfg = TextualInversionConfig(**{k: v for k, v in overrides.items() if k != "train"})
-        if "train" in overrides:
-            cfg.train = overrides["train"]
+        cfg = with_settings(TextualInversionConfig(), overrides, self.name)
         if cfg.num_vectors < 1:
             raise LimnerError(f"--num-vectors must be at least 1, got {cfg.num_vectors}")
         pipe = base.pipe
@@ -221,15 +221,17 @@ class TextualInversion(Method):
         ids = add_tokens_everywhere(encoder, tokens, cfg.initializer or subject.class_noun)
         templates = OBJECT_TEMPLATES if cfg.templates == "object" else STYLE_TEMPLATES
         phrase = " ".join(tokens)
-        prompt_ids = encoder.tokenize([t.format(phrase) for t in templates])
+        # token ids [image, template, ...]: every template, followed by that image's caption
+        captions = image_captions(subject, cfg.captions)
+        prompt_ids = torch.stack([encoder.tokenize([with_caption(t.format(phrase), c) for t in templates]) for c in captions])
         latents = encode_images(pipe.vae, subject.images, base.resolution)
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
 
         def next_batch(g: torch.Generator) -> dict:
             idx = torch.randint(len(latents.mean), (cfg.train.batch_size,), generator=g)
-            tpl = torch.randint(len(prompt_ids), (cfg.train.batch_size,), generator=g)
-            return {"latents": latents.sample(idx, g), "input_ids": prompt_ids[tpl]}
+            tpl = torch.randint(len(templates), (cfg.train.batch_size,), generator=g)
+            return {"latents": latents.sample(idx, g), "input_ids": prompt_ids[latents.source[idx], tpl]}
 
         task = TextualInversionTask(pipe, encoder, ids, cfg.train)
         t0 = time.perf_counter()
@@ -241,6 +243,7 @@ class TextualInversion(Method):
             files = save_embeddings(out, cfg.token, task.rows.vectors())
         write_concept(out, self.name, subject, base, log, time.perf_counter() - t0, tokens=tokens, token=cfg.token,
                       num_vectors=cfg.num_vectors, config=asdict(cfg), files=files, family=base.family,
+                      training_prompts=[with_caption(templates[0].format(phrase), c) for c in captions],
                       example_prompt=f"a photo of a {cfg.token} on the beach")
         return out
 

@@ -22,6 +22,20 @@ def fit_square(image: np.ndarray, resolution: int) -> np.ndarray:
     return np.asarray(im.crop((left, top, left + resolution, top + resolution)))
 
 
+def image_captions(subject, use: bool = True) -> list[str]:
+    """Per reference image, the words that follow the subject in its training prompt ("" for none)."""
+    if not (use and subject.captions):
+        return [""] * len(subject.images)
+    if len(subject.captions) != len(subject.images):
+        raise LimnerError(f"subject {subject.name}: {len(subject.captions)} captions for {len(subject.images)} images")
+    return list(subject.captions)
+
+
+def with_caption(prompt: str, caption: str) -> str:
+    """The training prompt of one reference image: the subject's prompt, then what else it shows."""
+    return f"{prompt} {caption}".strip() if caption else prompt
+
+
 def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
     """uint8 [H, W, 3] list -> float [B, 3, H, W] in [-1, 1]."""
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1)

@@ -1,0 +1,314 @@
+"""limner's tuning methods side by side with diffusers' example training scripts, on the world base.
+
+    python benchmarks/tuning_vs_diffusers.py --diffusers PATH/TO/diffusers-repo [--out benchmarks/results]
+
+Run it in a virtual environment that has torchvision (diffusers' scripts import it; limner does not):
+see ../shared/reference/ENVIRONMENT.md. Both tools run in that same environment, one process at a
+time, on the same world subject, base and machine. Three measurements per method:
+
+1. time per step at identical settings (steps, batch 4, 64 px, same learning rate, no prior
+   preservation, no intermediate checkpoints): the wall time of a long run minus a short run,
+   divided by the difference in steps, so process start-up and model loading cancel out;
+2. the diffusers README recipe (its learning rate, batch, steps, prior preservation; 64 px as the
+   world's resolution) against limner's defaults, both scored with the same world-bench subject
+   fidelity (`limner eval` on the artifact), with end-to-end wall time (class images included);
+3. peak resident memory of each training process (ru_maxrss of the child).
+
+Every finished run is kept in results.json, so an interrupted benchmark resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+SUBJECT = "duo_ball"
+CLASS_NOUN = "ball"
+SHORT, LONG = 50, 250  # steps of the two timing runs
+BATCH, RES = 4, 64
+METHODS = ("textual_inversion", "dreambooth", "dreambooth_lora", "custom_diffusion")
+SCRIPTS = {
+    "textual_inversion": "examples/textual_inversion/textual_inversion.py",
+    "dreambooth": "examples/dreambooth/train_dreambooth.py",
+    "dreambooth_lora": "examples/dreambooth/train_dreambooth_lora.py",
+    "custom_diffusion": "examples/custom_diffusion/train_custom_diffusion.py",
+}
+SAME_LR = {"textual_inversion": 5e-3, "dreambooth": 2e-4, "dreambooth_lora": 2e-3, "custom_diffusion": 1e-3}
+
+
+# --------------------------------------------------------------------------------------------
+# Running one training process
+# --------------------------------------------------------------------------------------------
+
+
+def run(cmd: list[str], log: Path, env: dict) -> dict:
+    """Wall seconds and peak RSS (MiB) of one process; its output goes to `log`."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        f.write(" ".join(cmd) + "\n\n")
+        f.flush()
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"{cmd[1]} failed (exit {code}); see {log}")
+    return {"seconds": round(wall, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+
+
+def environment() -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT / "src"), TQDM_MININTERVAL="5")
+    env.pop("WANDB_MODE", None)
+    return env
+
+
+def limner_cmd(method: str, subject: str, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "limner.cli", "train", "--method", method, "--subject", subject,
+            "--class-noun", CLASS_NOUN, "--out", str(out), *extra]
+
+
+def diffusers_cmd(repo: Path, method: str, base: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    script = [sys.executable, str(repo / SCRIPTS[method]), f"--pretrained_model_name_or_path={base}", f"--output_dir={out}",
+              f"--resolution={RES}", "--seed=0", "--lr_scheduler=constant", "--lr_warmup_steps=0"]
+    data_arg = "--train_data_dir" if method == "textual_inversion" else "--instance_data_dir"
+    return script + [f"{data_arg}={data}", *extra]
+
+
+def same_settings_args(method: str, steps: int) -> tuple[list[str], list[str]]:
+    """(limner args, diffusers args) for one identical-settings run."""
+    lr = SAME_LR[method]
+    limner = ["--steps", str(steps), "--batch-size", str(BATCH), "--lr", str(lr), "--set", "checkpoint_every=0",
+              "--set", "captions=false"]
+    diffusers = [f"--max_train_steps={steps}", f"--train_batch_size={BATCH}", f"--learning_rate={lr}", "--checkpointing_steps=100000"]
+    if method == "textual_inversion":
+        limner += ["--set", "weight_decay=0.01"]  # diffusers' AdamW default
+        diffusers += ["--placeholder_token=<s*>", f"--initializer_token={CLASS_NOUN}", "--learnable_property=object", "--save_steps=100000"]
+    elif method in ("dreambooth", "dreambooth_lora"):
+        limner += ["--set", "prior_preservation=none"]
+        diffusers += [f"--instance_prompt=a sks {CLASS_NOUN}"]
+        if method == "dreambooth_lora":
+            diffusers += ["--rank=8"]
+    else:
+        limner += ["--set", "prior_preservation=false"]
+        diffusers += [f"--instance_prompt=a photo of a <new1> {CLASS_NOUN}", "--modifier_token=<new1>"]
+    return limner, diffusers
+
+
+def recipe_args(method: str, class_dir: Path) -> list[str]:
+    """diffusers' README recipe for each script (examples/*/README.md), at the world's 64 px."""
+    if method == "textual_inversion":
+        return ["--placeholder_token=<s*>", f"--initializer_token={CLASS_NOUN}", "--learnable_property=object", "--train_batch_size=1",
+                "--gradient_accumulation_steps=4", "--max_train_steps=3000", "--learning_rate=5e-4", "--scale_lr", "--save_steps=100000"]
+    if method == "dreambooth":
+        return [f"--instance_prompt=a photo of sks {CLASS_NOUN}", "--with_prior_preservation", "--prior_loss_weight=1.0",
+                f"--class_prompt=a photo of {CLASS_NOUN}", f"--class_data_dir={class_dir}", "--num_class_images=200",
+                "--train_batch_size=1", "--learning_rate=5e-6", "--max_train_steps=800", "--checkpointing_steps=100000"]
+    if method == "dreambooth_lora":
+        return [f"--instance_prompt=a photo of sks {CLASS_NOUN}", "--train_batch_size=1", "--learning_rate=1e-4",
+                "--max_train_steps=500", "--checkpointing_steps=100000"]
+    return [f"--class_data_dir={class_dir}", "--with_prior_preservation", "--real_prior", "--prior_loss_weight=1.0",
+            f"--class_prompt={CLASS_NOUN}", "--num_class_images=200", f"--instance_prompt=photo of a <new1> {CLASS_NOUN}",
+            "--train_batch_size=2", "--learning_rate=1e-5", "--max_train_steps=250", "--scale_lr", "--hflip", "--modifier_token=<new1>",
+            "--checkpointing_steps=100000"]
+
+
+# --------------------------------------------------------------------------------------------
+# Data: the subject's references for both tools, retrieved regularisation images for Custom Diffusion
+# --------------------------------------------------------------------------------------------
+
+
+def write_references(folder: Path) -> None:
+    from PIL import Image
+
+    from limner.evaluation.subjects import world_subjects
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, im in enumerate(world_subjects(f"world:{SUBJECT}")[0].images):
+        Image.fromarray(im).save(folder / f"{i}.png")
+
+
+def write_real_prior(folder: Path, n: int = 200) -> None:
+    """The layout diffusers' retrieve.py writes (images/, images.txt, caption.txt), filled from the
+    same world pool and CLIP retrieval that limner's Custom Diffusion uses."""
+    from PIL import Image
+
+    from limner.methods.custom_diffusion import CustomDiffusionConfig, regularization_set
+    from limner.models.loading import load_base
+
+    if (folder / "caption.txt").exists():
+        return
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    cfg = CustomDiffusionConfig(num_reg_images=n)
+    pairs = regularization_set(load_base(None), CLASS_NOUN, cfg)
+    paths, captions = [], []
+    for i, (im, caption) in enumerate(pairs):
+        p = folder / "images" / f"{i}.png"
+        Image.fromarray(im).save(p)
+        paths.append(str(p))
+        captions.append(caption)
+    (folder / "images.txt").write_text("\n".join(paths) + "\n")
+    (folder / "caption.txt").write_text("\n".join(captions) + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring: diffusers' outputs wrapped as limner concepts, then `limner eval` on each
+# --------------------------------------------------------------------------------------------
+
+
+def wrap_diffusers_output(method: str, out: Path, base: Path) -> Path:
+    """A concept folder (limner.json + links to diffusers' files) beside the script's output, so
+    limner's loaders, which read diffusers' formats, install them as they install limner's own."""
+    from limner.models.loading import fingerprint
+
+    concept = out.with_name(out.name + "-concept")
+    shutil.rmtree(concept, ignore_errors=True)
+    concept.mkdir()
+    m = {"method": method, "subject": SUBJECT, "class_noun": CLASS_NOUN, "base_fingerprint": fingerprint(base)}
+    if method == "textual_inversion":
+        m |= {"token": "<s*>", "tokens": ["<s*>"]}
+        links = {"learned_embeds.safetensors": "learned_embeds.safetensors"}
+    elif method == "dreambooth":
+        m |= {"identifier": "sks", "tokens": ["sks"], "lora": False, "config": {"train_text_encoder": False}}
+        links = {"pipeline": "."}  # the script's output folder is a full pipeline
+    elif method == "dreambooth_lora":
+        m |= {"identifier": "sks", "tokens": ["sks"], "lora": True, "config": {"train_text_encoder": False}}
+        links = {"pytorch_lora_weights.safetensors": "pytorch_lora_weights.safetensors"}
+    else:
+        files = {"weights": "pytorch_custom_diffusion_weights.safetensors", "tokens": {"<new1>": "<new1>.safetensors"}}
+        m |= {"tokens": ["<new1>"], "files": files}
+        links = {name: name for name in (files["weights"], "<new1>.safetensors")}
+    for name, target in links.items():
+        (concept / name).symlink_to((out / target).resolve())
+    (concept / "limner.json").write_text(json.dumps(m, indent=1))
+    return concept
+
+
+def score(concept: Path, env: dict) -> float:
+    work = concept.with_name(concept.name + "-eval")
+    out = work / "report"
+    cmd = [sys.executable, "-m", "limner.cli", "eval", "--concept", str(concept), "--subjects", f"world:{SUBJECT}",
+           "-n", "2", "--no-bounds", "--cache", str(work / "eval-cache"), "--out", str(out)]
+    run(cmd, work / "eval.log", env)
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    return round(next(iter(rows.values()))["mean"]["subject_fidelity"], 4)
+
+
+# --------------------------------------------------------------------------------------------
+# The benchmark
+# --------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--diffusers", type=Path, required=True, help="a checkout of the diffusers repository")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/limner-bench"))
+    ap.add_argument("--methods", nargs="*", default=list(METHODS))
+    args = ap.parse_args()
+    from limner.models.loading import load_base
+
+    base = Path(load_base(None).path)
+    env = environment()
+    refs = args.work / "references"
+    write_references(refs)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results_path = args.out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+
+    def once(key: str, fn):
+        if key not in results:
+            results[key] = fn()
+            results_path.write_text(json.dumps(results, indent=1))
+            print(key, results[key], flush=True)
+        return results[key]
+
+    for method in args.methods:
+        work = args.work / method
+        for steps in (SHORT, LONG):
+            lim, dif = same_settings_args(method, steps)
+            for tool, cmd in (("limner", limner_cmd(method, str(refs), work / f"limner-{steps}", *lim)),
+                              ("diffusers", diffusers_cmd(args.diffusers, method, base, refs, work / f"diffusers-{steps}", *dif))):
+                once(f"{method}/same/{tool}/{steps}", lambda cmd=cmd, log=work / f"{tool}-{steps}.log": run(cmd, log, env))
+                shutil.rmtree(work / f"{tool}-{steps}", ignore_errors=True)
+
+        class_dir = work / "class-images"
+        if method == "custom_diffusion":
+            write_real_prior(class_dir)
+
+        def diffusers_recipe(method=method, work=work, class_dir=class_dir):
+            out = work / "diffusers-recipe"
+            r = run(diffusers_cmd(args.diffusers, method, base, refs, out, *recipe_args(method, class_dir)), work / "diffusers-recipe.log", env)
+            return r | {"subject_fidelity": score(wrap_diffusers_output(method, out, base), env)}
+
+        def limner_defaults(method=method, work=work):
+            out = work / "limner-defaults"
+            cache = work / "limner-class-image-cache"  # empty: limner draws its class images inside the timed run
+            extra = ["--set", f"class_image_cache={cache}"] if method.startswith("dreambooth") else []
+            r = run(limner_cmd(method, f"world:{SUBJECT}", out, *extra), work / "limner-defaults.log", env)
+            manifest = json.loads((out / "limner.json").read_text())
+            return r | {"subject_fidelity": score(out, env), "validation": manifest.get("validation", [])}
+
+        once(f"{method}/recipe/diffusers", diffusers_recipe)
+        once(f"{method}/recipe/limner", limner_defaults)
+    report(results, args.out)
+
+
+def per_step(results: dict, method: str, tool: str) -> float:
+    short, long = results[f"{method}/same/{tool}/{SHORT}"], results[f"{method}/same/{tool}/{LONG}"]
+    return (long["seconds"] - short["seconds"]) / (LONG - SHORT)
+
+
+def report(results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in METHODS if f"{m}/recipe/limner" in results]
+    lines = ["| method | s/step limner | s/step diffusers | ratio | peak MiB limner | peak MiB diffusers | "
+             "diffusers recipe: fidelity, wall s | limner defaults: fidelity, wall s | wall-time ratio |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    table = {}
+    for m in methods:
+        ls, ds = per_step(results, m, "limner"), per_step(results, m, "diffusers")
+        lm = results[f"{m}/same/limner/{LONG}"]["peak_rss_mib"]
+        dm = results[f"{m}/same/diffusers/{LONG}"]["peak_rss_mib"]
+        dr, lr = results[f"{m}/recipe/diffusers"], results[f"{m}/recipe/limner"]
+        # limner's wall time counts only if it reached at least the fidelity diffusers' recipe reached
+        reached = lr["subject_fidelity"] >= dr["subject_fidelity"]
+        ratio = lr["seconds"] / dr["seconds"] if reached else float("nan")
+        table[m] = {"step_ratio": ls / ds, "wall_ratio": ratio, "mem_ratio": lm / dm}
+        lines.append(f"| {m} | {ls:.3f} | {ds:.3f} | {ls / ds:.2f} | {lm:.0f} | {dm:.0f} | {dr['subject_fidelity']:.3f}, {dr['seconds']:.0f} | "
+                     f"{lr['subject_fidelity']:.3f}, {lr['seconds']:.0f} | {ratio:.2f}{'' if reached else ' (fidelity not reached)'} |")
+    note = (f"\nSubject `{SUBJECT}`; identical settings: batch {BATCH}, {RES} px, constant LR, s/step = (wall({LONG} steps) - "
+            f"wall({SHORT} steps)) / {LONG - SHORT}. Recipes: diffusers' README settings at {RES} px; limner's defaults. Fidelity: "
+            "world-bench subject fidelity of the finished artifact (16 prompts x 2 images, `limner eval`). Wall time: the whole "
+            "training process, class images included. Peak memory: max RSS of the training process at identical settings.\n")
+    (out / "results.md").write_text("\n".join(lines) + "\n" + note)
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    width = 0.25
+    for i, (key, label) in enumerate((("step_ratio", "time per step"), ("wall_ratio", "wall time to diffusers' fidelity"),
+                                      ("mem_ratio", "peak memory"))):
+        ax.bar([j + i * width for j in range(len(methods))], [table[m][key] for m in methods], width, label=label)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.axhline(0.7, color="k", lw=0.8, ls="--")
+    ax.set_xticks([j + width for j in range(len(methods))], methods, fontsize=8)
+    ax.set_ylabel("limner / diffusers")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "ratios.png", dpi=120)
+    print((out / "results.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
