@@ -359,3 +359,33 @@ def test_cli_train_settings_and_token_reach_the_method(tiny_base, tmp_path):
     assert m["identifier"] == "zwx" and m["config"]["lora_rank"] == 2 and m["config"]["train"]["checkpoint_every"] == 0
     r = CliRunner().invoke(app, args + ["--set", "prior_preservation"])
     assert r.exit_code == 2 and "key=value" in r.output
+
+
+def test_bad_subject_folders_get_specific_errors_and_leave_earlier_concepts_alone(tiny_base, tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from limner.cli import app
+
+    def train(folder, out, *extra):
+        return CliRunner().invoke(app, ["train", "--method", "textual_inversion", "--subject", str(folder), "--steps", "1",
+                                        "--batch-size", "1", "--base", str(tiny_base), "--out", str(out), *extra])
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = train(empty, tmp_path / "c", "--class-noun", "ball")
+    assert r.exit_code == 2 and "has no images" in r.output and str(empty) in r.output
+    # one image, a grayscale 16-bit one, a stray non-image file: trains (one image is enough to start)
+    single = tmp_path / "single"
+    single.mkdir()
+    Image.fromarray(np.arange(48 * 40, dtype=np.uint16).reshape(40, 48) * 30).save(single / "a.png")
+    (single / "notes.md").write_text("not an image")
+    good = tmp_path / "good"
+    r = train(single, good, "--class-noun", "teddy bear")  # a class noun of two words: its tokens' mean initialises <s*>
+    assert r.exit_code == 0, r.output
+    before = {p.name: p.read_bytes() for p in good.iterdir() if p.is_file()}
+    # a corrupt file: an error naming it, and the concept already in --out is untouched
+    (single / "b.png").write_bytes(b"\x89PNG not really")
+    r = train(single, good, "--class-noun", "ball")
+    assert r.exit_code == 2 and "b.png" in r.output and "not a readable image" in r.output
+    assert before == {p.name: p.read_bytes() for p in good.iterdir() if p.is_file()}

@@ -124,11 +124,12 @@ def train_cmd(
     device: DeviceOpt = "auto",
 ) -> None:
     """Personalize a base on a subject's reference images; writes a concept folder."""
-    from dataclasses import fields, replace
+    from dataclasses import replace
 
     from limner.evaluation.subjects import load_subjects
     from limner.methods import get_method, parse_setting
     from limner.models.loading import load_base
+    from limner.training import split_train_settings
 
     def go():
         m = get_method(method)
@@ -151,9 +152,8 @@ def train_cmd(
             overrides["num_vectors"] = num_vectors
         train_cfg = m.default_train_config()
         if train_cfg is not None:
-            # --set also reaches the trainer's settings (checkpoint_every=50, min_snr_gamma=5, ...)
-            changes = {k: overrides.pop(k) for k in [k for k in overrides if k in {f.name for f in fields(train_cfg)}]}
-            changes |= {k: v for k, v in {"max_steps": steps, "learning_rate": lr, "batch_size": batch_size}.items() if v is not None}
+            train_cfg, overrides = split_train_settings(train_cfg, overrides)  # --set reaches the trainer too
+            changes = {k: v for k, v in {"max_steps": steps, "learning_rate": lr, "batch_size": batch_size}.items() if v is not None}
             overrides["train"] = replace(train_cfg, mixed_precision=mixed_precision, resume=resume, seed=seed, **changes)
         b = load_base(base, device=device, dtype="fp32")  # trainable weights stay fp32; --mixed-precision speeds it up
         folder = m.personalize(b, subs[0], out, **overrides)

@@ -400,12 +400,12 @@ def personalize_cached(method_name: str, subject: EvalSubject, handle: BaseHandl
         t0 = time.perf_counter()
         train_cfg = method.default_train_config()
         if train_cfg is not None and "train" not in config:
-            from dataclasses import fields, replace
+            from dataclasses import replace
+
+            from limner.training import split_train_settings
 
             # training settings (max_steps=600, learning_rate=1e-3) go into the method's TrainConfig
-            names = {f.name for f in fields(train_cfg)}
-            train_cfg = replace(train_cfg, **{k: v for k, v in config.items() if k in names})
-            config = {k: v for k, v in config.items() if k not in names}
+            train_cfg, config = split_train_settings(train_cfg, config)
             # validation every sixth of training, scored by the world's probes: a fidelity-vs-time curve
             every = max(1, train_cfg.max_steps // 6) if subject.world is not None else 0
             config = config | {"train": replace(train_cfg, resume="latest", validate_every=every)}

@@ -2,8 +2,9 @@
 
 A real subject is a folder of images (png, jpg, jpeg, webp) and, optionally, `subject.json` with
 {"class_noun": "dog", "live": true}. A text file beside an image (dog1.jpg + dog1.txt, "on a sofa")
-captions what else that picture shows: tuning methods append it to the image's training prompt. `--subjects` takes one such folder, a folder of them, or a JSON
-manifest [{"name": ..., "path": ..., "class_noun": ...}, ...].
+captions what else that picture shows: tuning methods append it to the image's training prompt.
+`--subjects` takes one such folder, a folder of them, or a JSON manifest
+[{"name": ..., "path": ..., "class_noun": ...}, ...].
 """
 
 from __future__ import annotations
