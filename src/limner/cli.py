@@ -157,8 +157,9 @@ def train_cmd(
             overrides["train"] = replace(train_cfg, mixed_precision=mixed_precision, resume=resume, seed=seed, **changes)
         b = load_base(base, device=device, dtype="fp32")  # trainable weights stay fp32; --mixed-precision speeds it up
         folder = m.personalize(b, subs[0], out, **overrides)
-        from limner.training import is_main_process
+        from limner.training import finish_processes, is_main_process
 
+        finish_processes()
         if is_main_process():
             typer.echo(f"concept written to {folder}")
 

@@ -97,6 +97,16 @@ def is_main_process() -> bool:
     return PartialState().is_main_process
 
 
+def finish_processes() -> None:
+    """Under `accelerate launch`: wait until the main process has written the artifacts, then close
+    the process group, so no process exits with gloo's threads still running (an abort at exit)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 # --------------------------------------------------------------------------------------------
 # The denoising loss every tuning method shares
 # --------------------------------------------------------------------------------------------
