@@ -47,16 +47,14 @@ def crops(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def two_subject_scores(images: list[np.ndarray], left: str, right: str, probes) -> dict[str, float]:
     """P(left subject) on the left crop, P(right subject) on the right crop (among the 12 held-out
     subjects), and the share of images where the probe names both correctly."""
-    names = probes.labels("subject", "subject")
     pairs = [crops(im) for im in images]
-    probs = {}
-    for side, name in (("left", left), ("right", right)):
-        arr = np.stack([p[0 if side == "left" else 1] for p in pairs])
-        p = probes.logits("subject", arr)["subject"][:, : len(names) - 1].softmax(-1)
-        probs[side] = p[:, names.index(name)].numpy()
-        probs[side + "_top"] = (p.argmax(-1).numpy() == names.index(name))
-    return {"left_fidelity": float(probs["left"].mean()), "right_fidelity": float(probs["right"].mean()),
-            "both_recognised": float((probs["left_top"] & probs["right_top"]).mean())}
+    fidelity, named = {}, {}
+    for i, (side, subject) in enumerate((("left", left), ("right", right))):
+        probs, names = probes.subject_probabilities(np.stack([p[i] for p in pairs]))
+        fidelity[side] = float(probs[:, names.index(subject)].mean())
+        named[side] = probs.argmax(-1).numpy() == names.index(subject)
+    return {"left_fidelity": fidelity["left"], "right_fidelity": fidelity["right"],
+            "both_recognised": float((named["left"] & named["right"]).mean())}
 
 
 def upper_bound_images(left, right, n: int) -> list[np.ndarray]:
@@ -73,7 +71,7 @@ def upper_bound_images(left, right, n: int) -> list[np.ndarray]:
     return out
 
 
-def generate(base, prompts: list[str], seed: int = 0) -> list[np.ndarray]:
+def draw(base, prompts: list[str], seed: int = 0) -> list[np.ndarray]:
     from limner.generation import GenerationSettings, generate
 
     images = []
@@ -122,11 +120,11 @@ def main() -> None:
     rows, grids = {}, {}
     n = IMAGES_PER_CONTEXT * len(CONTEXTS)
     grids["upper bound (renders)"] = upper_bound_images(a.world, b.world, n)
-    grids["base, class nouns"] = generate(load_base(None), prompts(a.class_noun, b.class_noun))
-    for name, folder, tokens in (("closed-form merge", merged, ("<new1>", "<new2>")), ("joint training", joint, ("<new1>", "<new2>"))):
+    grids["base, class nouns"] = draw(load_base(None), prompts(a.class_noun, b.class_noun))
+    for name, folder in (("closed-form merge", merged), ("joint training", joint)):
         base = load_base(None)
         cd.apply(base, folder)
-        grids[name] = generate(base, prompts(f"{tokens[0]} {a.class_noun}", f"{tokens[1]} {b.class_noun}"))
+        grids[name] = draw(base, prompts(f"<new1> {a.class_noun}", f"<new2> {b.class_noun}"))
     # each single concept alone in the two-subject prompt: only its own side should match
     for key, folder in concepts.items():
         base = load_base(None)
@@ -134,7 +132,7 @@ def main() -> None:
         tok = json.loads((folder / "limner.json").read_text())["tokens"][0]
         left = f"{tok} {a.class_noun}" if key == "left" else a.class_noun
         right = f"{tok} {b.class_noun}" if key == "right" else b.class_noun
-        grids[f"only {a.name if key == 'left' else b.name} concept"] = generate(base, prompts(left, right))
+        grids[f"only {a.name if key == 'left' else b.name} concept"] = draw(base, prompts(left, right))
     for name, images in grids.items():
         rows[name] = two_subject_scores(images, a.name, b.name, probes)
 

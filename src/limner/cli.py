@@ -140,10 +140,7 @@ def train_cmd(
             raise LimnerError(f"--mixed-precision {mixed_precision!r}: use no, fp16 or bf16")
         if out.exists() and not out.is_dir():
             raise LimnerError(f"--out {out} is a file; give a folder")
-        try:
-            overrides = dict(parse_setting(item, "--set") for item in setting or [])
-        except ValueError as e:
-            raise LimnerError(str(e)) from e
+        overrides = dict(parse_setting(item, "--set") for item in setting or [])
         if token is not None:
             if m.token_setting is None:
                 raise LimnerError(f"--token: {method} has no token or identifier to set")

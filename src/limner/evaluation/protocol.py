@@ -63,10 +63,7 @@ class Row:
         if spec in (LOWER, UPPER):
             return cls(spec)
         method, _, settings = spec.partition(":")
-        try:
-            config = [parse_setting(item, f"--method {spec}") for item in filter(None, settings.split(","))]
-        except ValueError as e:
-            raise LimnerError(f"{e}; e.g. dreambooth_lora:prior_preservation=none") from e
+        config = [parse_setting(item, f"--method {spec}") for item in filter(None, settings.split(","))]
         return cls(spec, method=method, config=tuple(config))
 
     @classmethod
@@ -337,11 +334,8 @@ def world_measures(subject: EvalSubject, prompt: BenchPrompt | None, images: lis
         # an image with no face found has no identity: fidelity 0
         fidelity = (mean_similarity_to_references(emb, refs[ref_found]) * found).numpy()
     else:
-        # P(this subject | one of the held-out subjects): the probe's "other" class is trained on near
-        # misses and rejects anything a generator blurs, so it is left out of the comparison
-        logits = enc.probes.logits("subject", arr)["subject"]
-        names = enc.probes.labels("subject", "subject")
-        fidelity = logits[:, : len(names) - 1].softmax(-1)[:, names.index(subject.name)].numpy()
+        probs, names = enc.probes.subject_probabilities(arr)
+        fidelity = probs[:, names.index(subject.name)].numpy()
     if prompt is None:
         return fidelity, None
     want = _asked(prompt)

@@ -58,13 +58,21 @@ class Method(ABC):
         """The method's default limner.training.TrainConfig; None for methods that do not train."""
         return None
 
+    def default_config(self):
+        """The method's settings dataclass with its defaults; None for a method without settings."""
+        return None
+
     def default_settings(self) -> dict:
         """Every default that shapes a concept (method and training settings): part of eval's cache
         key, so changing a default never reuses a concept trained under the old one."""
         from dataclasses import asdict
 
-        train = self.default_train_config()
-        return {"train": asdict(train) if train is not None else None}
+        cfg, train = self.default_config(), self.default_train_config()
+        if cfg is None:
+            return {"train": asdict(train) if train is not None else None}
+        if getattr(cfg, "train", None) is None:
+            cfg.train = train
+        return asdict(cfg)
 
 
 REGISTRY: dict[str, type[Method]] = {}
@@ -73,9 +81,11 @@ BUILTIN = ("textual_inversion", "dreambooth", "custom_diffusion")  # modules of 
 
 def parse_setting(item: str, where: str) -> tuple[str, object]:
     """'key=value' -> (key, value), the value read as int, float or bool where it looks like one."""
+    from limner.errors import LimnerError
+
     key, eq, text = item.partition("=")
     if not eq or not key.strip():
-        raise ValueError(f"{where}: settings are key=value pairs, got {item!r}")
+        raise LimnerError(f"{where}: settings are key=value pairs (e.g. prior_preservation=none), got {item!r}")
     text = text.strip()
     for cast in (int, float):
         try:

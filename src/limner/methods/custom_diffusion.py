@@ -284,8 +284,8 @@ class CustomDiffusion(Method):
     def default_train_config(self) -> TrainConfig:
         return default_train_config()
 
-    def default_settings(self) -> dict:
-        return asdict(self.config({}))
+    def default_config(self) -> CustomDiffusionConfig:
+        return self.config({})
 
     def config(self, overrides: dict) -> CustomDiffusionConfig:
         cfg = with_settings(CustomDiffusionConfig(), overrides, self.name)

@@ -256,11 +256,6 @@ class DreamBooth(Method):
     def default_train_config(self) -> TrainConfig:
         return default_train_config(self.lora_default)
 
-    def default_settings(self) -> dict:
-        cfg = self.default_config()
-        cfg.train = self.default_train_config()
-        return asdict(cfg)
-
     def personalize(self, base, subject: Subject, out: Path, **overrides) -> Path:
         cfg = with_settings(self.default_config(), overrides, self.name)
         cfg.train = cfg.train or default_train_config(cfg.lora_rank is not None)

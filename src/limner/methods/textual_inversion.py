@@ -212,7 +212,7 @@ class TextualInversion(Method):
     family = "tuning"
 
     def personalize(self, base, subject: Subject, out: Path, **overrides) -> Path:
-        cfg = with_settings(TextualInversionConfig(), overrides, self.name)
+        cfg = with_settings(self.default_config(), overrides, self.name)
         if cfg.num_vectors < 1:
             raise LimnerError(f"--num-vectors must be at least 1, got {cfg.num_vectors}")
         pipe = base.pipe
@@ -250,8 +250,8 @@ class TextualInversion(Method):
     def default_train_config(self) -> TrainConfig:
         return default_train_config()
 
-    def default_settings(self) -> dict:
-        return asdict(TextualInversionConfig())
+    def default_config(self) -> TextualInversionConfig:
+        return TextualInversionConfig()
 
     def apply(self, base, concept: Path) -> None:
         m = read_manifest(concept)

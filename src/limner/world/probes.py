@@ -292,5 +292,12 @@ class Probes:
         """Probabilities per head for uint8 [B, 64, 64, 3] images."""
         return {k: v.softmax(-1) for k, v in self.logits(name, images).items()}
 
+    def subject_probabilities(self, images) -> tuple[torch.Tensor, list[str]]:
+        """P(subject | one of the held-out subjects) [B, 12] and the subjects' names. The "other" class,
+        trained on near misses, rejects anything a generator blurs, so it is left out of the comparison."""
+        names = self.labels("subject", "subject")
+        keep = [i for i, n in enumerate(names) if n != OTHER]
+        return self.logits("subject", images)["subject"][:, keep].softmax(-1), [names[i] for i in keep]
+
     def labels(self, name: str, head: str) -> list[str]:
         return SPECS[name].labels[head]
