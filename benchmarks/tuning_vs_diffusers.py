@@ -43,7 +43,13 @@ SCRIPTS = {
     "dreambooth_lora": "examples/dreambooth/train_dreambooth_lora.py",
     "custom_diffusion": "examples/custom_diffusion/train_custom_diffusion.py",
 }
-OTHER_SCHEDULES = {"dreambooth_lora": (150,), "custom_diffusion": (150,)}  # steps
+# limner's defaults on other schedules: name -> extra arguments (the defaults are tuned for the
+# hardest world subjects; a user in a hurry shortens them)
+OTHER_RUNS = {
+    "textual_inversion": {"TI_STEPS steps, lr 2e-3": ["--steps", "TI_STEPS", "--lr", "2e-3"]},
+    "dreambooth_lora": {"50 steps": ["--steps", "50"], "100 steps": ["--steps", "100"]},
+    "custom_diffusion": {"50 steps": ["--steps", "50"], "100 steps": ["--steps", "100"]},
+}
 # the script needs a one-token initializer; its default "ktn" is not one word in the world's vocabulary
 CD_INITIALIZER = "vkt"
 SAME_LR = {"textual_inversion": 5e-3, "dreambooth": 2e-4, "dreambooth_lora": 2e-3, "custom_diffusion": 1e-3}
@@ -70,8 +76,10 @@ def run(cmd: list[str], log: Path, env: dict) -> dict:
     return {"seconds": round(wall, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "small_parent": True}
 
 
-def environment() -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT / "src"), TQDM_MININTERVAL="5")
+def environment(work: Path) -> dict:
+    # limner's cache (class images, retrieval indexes) lives in the work folder: the prepare step
+    # builds the world pool's CLIP index there, untimed, as diffusers' retrieve.py runs untimed
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT / "src"), TQDM_MININTERVAL="5", LIMNER_CACHE=str(work / "cache"))
     env.pop("WANDB_MODE", None)
     return env
 
@@ -225,13 +233,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--work", type=Path, default=Path("/tmp/limner-bench"))
     ap.add_argument("--methods", nargs="*", default=list(METHODS))
-    ap.add_argument("--no-other-schedules", action="store_true", help="skip limner's runs on other schedules")
+    ap.add_argument("--no-other-schedules", action="store_true", help="skip limner's runs on other schedules (OTHER_RUNS)")
     ap.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     refs = args.work / "references"
     if args.prepare:
         return prepare(args.work, refs)
-    env = environment()
+    env = environment(args.work)
     # the data is prepared in a child process: this one stays small, because a child's peak RSS
     # (ru_maxrss) starts from its parent's size at the fork
     run([sys.executable, __file__, "--diffusers", str(args.diffusers), "--work", str(args.work), "--prepare"], args.work / "prepare.log", env)
@@ -265,21 +273,20 @@ def main() -> None:
             r = run(diffusers_cmd(args.diffusers, method, base, refs, out, *recipe_args(method, class_dir)), work / "diffusers-recipe.log", env)
             return r | {"subject_fidelity": score(wrap_diffusers_output(method, out, prepared["fingerprint"]), env)}
 
-        def limner_recipe(steps: int | None = None, method=method, work=work):
-            name = f"limner-{steps or 'defaults'}"
+        def limner_recipe(label: str = "defaults", extra: tuple[str, ...] = (), method=method, work=work):
+            name = "limner-" + label.replace(" ", "_").replace(",", "")
             out = work / name
             cache = work / "limner-class-image-cache"  # emptied: limner draws its class images inside the timed run
             shutil.rmtree(cache, ignore_errors=True)
-            extra = ["--set", f"class_image_cache={cache}"] if method.startswith("dreambooth") else []
-            extra += ["--steps", str(steps)] if steps else []
+            extra = [*extra, "--set", f"class_image_cache={cache}"] if method.startswith("dreambooth") else list(extra)
             r = run(limner_cmd(method, f"world:{SUBJECT}", out, *extra), work / f"{name}.log", env)
-            return r | {"subject_fidelity": score(out, env), "steps": steps or "default"}
+            return r | {"subject_fidelity": score(out, env), "steps": label}
 
         once(f"{method}/recipe/diffusers", diffusers_recipe)
         once(f"{method}/recipe/limner", limner_recipe)
         # the same defaults on another schedule: does a shorter (or longer) run reach diffusers' fidelity sooner?
-        for steps in () if args.no_other_schedules else OTHER_SCHEDULES.get(method, ()):
-            once(f"{method}/recipe/limner/{steps}", lambda steps=steps: limner_recipe(steps))
+        for label, extra in {} if args.no_other_schedules else OTHER_RUNS.get(method, {}).items():
+            once(f"{method}/recipe/limner/{label}", lambda label=label, extra=tuple(extra): limner_recipe(label, extra))
     report(results, args.out)
 
 

@@ -6,6 +6,10 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+if "LIMNER_CACHE" not in os.environ:  # class images and retrieval indexes of test runs stay out of ~/.cache
+    import tempfile
+
+    os.environ["LIMNER_CACHE"] = tempfile.mkdtemp(prefix="limner-test-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -389,3 +389,56 @@ def test_bad_subject_folders_get_specific_errors_and_leave_earlier_concepts_alon
     r = train(single, good, "--class-noun", "ball")
     assert r.exit_code == 2 and "b.png" in r.output and "not a readable image" in r.output
     assert before == {p.name: p.read_bytes() for p in good.iterdir() if p.is_file()}
+
+
+def test_custom_diffusion_retrieval_builds_its_index_once_and_rebuilds_it_when_the_pool_changes(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from limner.methods.custom_diffusion import folder_pool, retrieve
+
+    class MeanColourCLIP:
+        """Embeds an image as its mean colour and "a red ..." as red: retrieval by colour, counted."""
+
+        embedded = 0
+
+        def images(self, images):
+            self.embedded += len(images)
+            return torch.nn.functional.normalize(torch.tensor(np.stack([np.asarray(i, float).mean((0, 1)) for i in images])).float(), dim=-1)
+
+        def texts(self, texts):
+            return torch.tensor([[1.0, 0.0, 0.0]])
+
+    monkeypatch.setenv("LIMNER_CACHE", str(tmp_path / "cache"))
+    pool_dir = tmp_path / "pool"
+    pool_dir.mkdir()
+    colours = {"red": (220, 10, 10), "green": (10, 220, 10), "blue": (10, 10, 220), "pink": (230, 120, 120)}
+    for name, rgb in colours.items():
+        Image.new("RGB", (16, 16), rgb).save(pool_dir / f"{name}.png")
+        (pool_dir / f"{name}.txt").write_text(f"a {name} thing")
+    (pool_dir / "uncaptioned.png").write_bytes((pool_dir / "red.png").read_bytes())
+    clip = MeanColourCLIP()
+
+    first = retrieve(folder_pool(pool_dir), "a red thing", 2, clip, "clip-a")
+    assert [c for _, c in first] == ["a red thing", "a pink thing"] and clip.embedded == 4, "uncaptioned images are not in the pool"
+    again = retrieve(folder_pool(pool_dir), "a red thing", 2, clip, "clip-a")
+    assert [c for _, c in again] == ["a red thing", "a pink thing"] and clip.embedded == 4, "the cached index is reused"
+    retrieve(folder_pool(pool_dir), "a red thing", 2, clip, "clip-b")
+    assert clip.embedded == 8, "another CLIP model gets its own index"
+    Image.new("RGB", (16, 16), (10, 10, 10)).save(pool_dir / "pink.png")  # a changed file
+    changed = retrieve(folder_pool(pool_dir), "a red thing", 2, clip, "clip-a")
+    assert clip.embedded == 12 and [c for _, c in changed][0] == "a red thing"
+    assert not list((tmp_path / "cache" / "retrieval").glob("*.tmp"))
+
+
+def test_the_command_line_process_keeps_exit_codes_and_output(tmp_path):
+    """The CLI skips the interpreter's teardown after a command: codes and output must survive it."""
+    import subprocess
+    import sys
+
+    def limner(*args):
+        return subprocess.run([sys.executable, "-m", "limner.cli", *args], capture_output=True, text=True, timeout=120)
+
+    ok = limner("train", "--help")
+    assert ok.returncode == 0 and "--subject" in ok.stdout
+    bad = limner("train", "--method", "textual_inversion", "--subject", str(tmp_path / "missing"), "--out", str(tmp_path / "c"))
+    assert bad.returncode == 2 and "missing" in bad.stderr and not (tmp_path / "c" / "limner.json").exists()

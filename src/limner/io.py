@@ -9,6 +9,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def cache_dir(kind: str) -> Path:
+    """Where limner keeps what it can recompute (class images, retrieval indexes): $LIMNER_CACHE or
+    ~/.cache/limner, one sub-folder per kind."""
+    return Path(os.environ.get("LIMNER_CACHE") or Path.home() / ".cache" / "limner") / kind
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")

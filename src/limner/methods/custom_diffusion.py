@@ -15,8 +15,11 @@ C_reg while reproducing each tuned model's outputs V on its own concept's featur
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
+import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from limner.concepts import MANIFEST, check_base, read_manifest, write_concept, write_json_atomic, write_model_card
 from limner.errors import LimnerError
-from limner.io import disk_guard
+from limner.io import cache_dir, disk_guard
 from limner.methods import Method, Subject, register, with_settings
 from limner.methods.textual_inversion import NewTokenRows, add_tokens_everywhere, load_embedding
 from limner.training import TrainConfig, TrainingTask, denoising_loss, is_main_process, make_validator, noise_scheduler, train
@@ -81,52 +84,90 @@ def trained_projections(unet, mode: str):
 # --------------------------------------------------------------------------------------------
 
 
-def world_pool(n: int, seed: int = 7) -> list[tuple[np.ndarray, str]]:
+@dataclass
+class Pool:
+    """A captioned image pool to retrieve from, read lazily: only the retrieved images are loaded once
+    the pool's CLIP index is cached."""
+
+    key: str  # names the pool's content, for its cached index
+    size: int
+    load: Callable[[list[int]], list[tuple[np.ndarray, str]]]  # (image, caption) at these indices
+
+
+def world_pool(n: int, seed: int = 7) -> Pool:
+    """n world renders with their captions; render i depends only on (seed, i)."""
     from limner.world.render import render
     from limner.world.scenes import random_scene
 
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        r = render(random_scene(rng))
-        out.append((r.image, r.caption))
-    return out
+    def load(indices: list[int]) -> list[tuple[np.ndarray, str]]:
+        renders = [render(random_scene(np.random.default_rng([seed, i]))) for i in indices]
+        return [(r.image, r.caption) for r in renders]
+
+    return Pool(f"world-{seed}-{n}", n, load)
 
 
-def folder_pool(folder: Path) -> list[tuple[np.ndarray, str]]:
+def folder_pool(folder: Path) -> Pool:
     from limner.evaluation.subjects import IMAGE_SUFFIXES
 
-    pairs = []
-    for img in sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-        cap = img.with_suffix(".txt")
-        if cap.exists():
-            with Image.open(img) as im:
-                pairs.append((np.asarray(im.convert("RGB")), cap.read_text().strip()))
-    if not pairs:
+    folder = Path(folder)
+    images = [p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES and p.with_suffix(".txt").exists()]
+    if not images:
         raise LimnerError(f"reg_pool {folder}: no captioned images (each image needs a .txt caption beside it)")
-    return pairs
+    # a changed, added or removed file changes the key, and with it the index
+    stamp = hashlib.sha256("".join(f"{p.name}|{p.stat().st_size}|{p.stat().st_mtime_ns}\n" for p in images).encode()).hexdigest()[:16]
+
+    def load(indices: list[int]) -> list[tuple[np.ndarray, str]]:
+        pairs = []
+        for i in indices:
+            with Image.open(images[i]) as im:
+                pairs.append((np.asarray(im.convert("RGB")), images[i].with_suffix(".txt").read_text().strip()))
+        return pairs
+
+    return Pool(f"{folder.resolve()}-{stamp}", len(images), load)
 
 
-def retrieve(pool: list[tuple[np.ndarray, str]], class_prompt: str, n: int, clip) -> list[tuple[np.ndarray, str]]:
-    """The n pool images most similar (CLIP image-text cosine) to the class prompt."""
-    embs = torch.cat([clip.images([im for im, _ in pool[i:i + 256]]) for i in range(0, len(pool), 256)])
-    sims = embs @ clip.texts([class_prompt])[0]
-    return [pool[i] for i in sims.argsort(descending=True)[:n].tolist()]
+def pool_index(pool: Pool, clip, clip_id: str, chunk: int = 256) -> torch.Tensor:
+    """CLIP image embeddings [size, d] of the whole pool, computed once per (pool, CLIP model) and kept
+    in the cache, as retrieval services keep their index: later trainings only embed the class prompt."""
+    path = cache_dir("retrieval") / f"{hashlib.sha256(f'{pool.key}|{clip_id}'.encode()).hexdigest()[:24]}.safetensors"
+    if path.exists():
+        return load_file(str(path))["embeddings"]
+    embs = torch.cat([clip.images([im for im, _ in pool.load(list(range(i, min(i + chunk, pool.size))))])
+                      for i in range(0, pool.size, chunk)])
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"embeddings": embs.contiguous()}, str(tmp))
+        os.replace(tmp, path)
+    except OSError as e:  # a cache that cannot be written (read-only, full) only costs the next run time
+        tmp.unlink(missing_ok=True)
+        warnings.warn(f"could not cache the retrieval index in {path.parent} ({e}); set LIMNER_CACHE to a writable folder", stacklevel=2)
+    return embs
+
+
+def retrieve(pool: Pool, class_prompt: str, n: int, clip, clip_id: str) -> list[tuple[np.ndarray, str]]:
+    """The n pool images most similar (CLIP image-text cosine) to the class prompt; clip_id names the
+    CLIP model (its fingerprint)."""
+    sims = pool_index(pool, clip, clip_id) @ clip.texts([class_prompt])[0]
+    return pool.load(sims.argsort(descending=True)[:n].tolist())
 
 
 def regularization_set(base, class_noun: str, cfg: CustomDiffusionConfig) -> list[tuple[np.ndarray, str]]:
     from limner.evaluation.encoders import CLIPEncoder, WorldCLIP
+    from limner.models.loading import fingerprint
 
     if cfg.reg_pool:
         if not cfg.clip:
             raise LimnerError("retrieving regularisation images from --reg-pool needs a CLIP model: set clip to a local CLIPModel folder")
-        return retrieve(folder_pool(Path(cfg.reg_pool)), f"a photo of a {class_noun}", cfg.num_reg_images, CLIPEncoder(cfg.clip))
+        return retrieve(folder_pool(Path(cfg.reg_pool)), f"a photo of a {class_noun}", cfg.num_reg_images, CLIPEncoder(cfg.clip),
+                        fingerprint(Path(cfg.clip)))
     if not base.is_world:
         raise LimnerError("Custom Diffusion's prior preservation on a real model needs reg_pool (a folder of captioned images) and "
                           "clip; or set prior_preservation to false")
     from limner.models.loading import WORLD_BASE
 
-    return retrieve(world_pool(cfg.reg_pool_size), f"a {class_noun}", cfg.num_reg_images, WorldCLIP(WORLD_BASE))
+    # the world's CLIP lives in the base folder: the base's fingerprint names it
+    return retrieve(world_pool(cfg.reg_pool_size), f"a {class_noun}", cfg.num_reg_images, WorldCLIP(WORLD_BASE), base.fingerprint)
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from PIL import Image
 
 from limner.concepts import read_manifest, write_concept
 from limner.errors import LimnerError
-from limner.io import disk_guard
+from limner.io import cache_dir, disk_guard
 from limner.methods import Method, Subject, register, with_settings
 from limner.models.saving import save_pipeline
 from limner.training import TrainConfig, TrainingTask, denoising_loss, is_main_process, make_validator, noise_scheduler, train
@@ -56,8 +56,9 @@ class DreamBoothConfig:
     prior_preservation: str = "class_images"  # none | class_images | frozen
     num_class_images: int = 50
     prior_loss_weight: float = 1.0
-    class_image_steps: int = 25
-    class_image_cache: str | None = None  # default: ~/.cache/limner/class-images
+    class_image_steps: int = 12  # DPM++ steps; the class probe scores 12 steps as 25 (0.963 vs 0.965 on "a dog")
+    class_image_batch: int = 16
+    class_image_cache: str | None = None  # default: $LIMNER_CACHE/class-images (~/.cache/limner)
     captions: bool = True  # append each reference image's caption (if the subject has them) to its prompt
     train: TrainConfig | None = None
 
@@ -67,16 +68,16 @@ class DreamBoothConfig:
 # --------------------------------------------------------------------------------------------
 
 
-def class_images(base, class_prompt: str, count: int, steps: int, cache: Path | None) -> list[np.ndarray]:
+def class_images(base, class_prompt: str, count: int, steps: int, cache: Path | None, batch_size: int = 16) -> list[np.ndarray]:
     from limner.generation import GenerationSettings, generate
 
-    root = Path(cache or Path.home() / ".cache" / "limner" / "class-images")
+    root = Path(cache or cache_dir("class-images"))
     key = hashlib.sha256(f"{base.fingerprint}|{class_prompt}|{steps}".encode()).hexdigest()[:16]
     folder = root / f"{class_prompt.replace(' ', '_')}-{key}"
     folder.mkdir(parents=True, exist_ok=True)
     have = sorted(folder.glob("*.png"))
     if len(have) < count:
-        s = GenerationSettings(class_prompt, num_images=count - len(have), seed=len(have), steps=steps, batch_size=8)
+        s = GenerationSettings(class_prompt, num_images=count - len(have), seed=len(have), steps=steps, batch_size=batch_size)
         for i, im in enumerate(generate(base, s).images):
             tmp = folder / f"{len(have) + i:05d}.png.tmp"
             im.save(tmp, format="PNG")
@@ -273,7 +274,8 @@ class DreamBooth(Method):
         inst = encode_images(pipe.vae, subject.images, base.resolution)
         cls_lat: LatentCache | None = None
         if cfg.prior_preservation == "class_images":
-            ims = class_images(base, class_prompt, cfg.num_class_images, cfg.class_image_steps, cfg.class_image_cache)
+            ims = class_images(base, class_prompt, cfg.num_class_images, cfg.class_image_steps, cfg.class_image_cache,
+                               cfg.class_image_batch)
             cls_lat = encode_images(pipe.vae, ims, base.resolution, flip=False)
         instance_prompts = [with_caption(instance_prompt, c) for c in image_captions(subject, cfg.captions)]
         task = DreamBoothTask(pipe, PromptEncoder(pipe, base.resolution), cfg, instance_prompts, class_prompt)
