@@ -46,12 +46,15 @@ SCRIPTS = {
 # limner's defaults on other schedules: name -> extra arguments (the defaults are tuned for the
 # hardest world subjects; a user in a hurry shortens them)
 OTHER_RUNS = {
-    "textual_inversion": {"TI_STEPS steps, lr 2e-3": ["--steps", "TI_STEPS", "--lr", "2e-3"]},
+    # TI's defaults and diffusers' recipe end within noise of each other: two more training seeds
+    # say whether limner's defaults reach it on average (report() uses the mean of the three)
+    "textual_inversion": {"seed 1": ["--set", "seed=1"], "seed 2": ["--set", "seed=2"]},
     "dreambooth_lora": {"50 steps": ["--steps", "50"], "100 steps": ["--steps", "100"]},
     "custom_diffusion": {"50 steps": ["--steps", "50"], "100 steps": ["--steps", "100"]},
 }
 # the script needs a one-token initializer; its default "ktn" is not one word in the world's vocabulary
 CD_INITIALIZER = "vkt"
+SCORE_IMAGES = 4  # per prompt, 16 prompts: with 2, the same method's score moved by ~0.15 between runs
 SAME_LR = {"textual_inversion": 5e-3, "dreambooth": 2e-4, "dreambooth_lora": 2e-3, "custom_diffusion": 1e-3}
 
 
@@ -140,11 +143,14 @@ def recipe_args(method: str, class_dir: Path) -> list[str]:
 
 
 def prepare(work: Path, refs: Path) -> None:
-    """References, Custom Diffusion's retrieved regularisation set, the base's path and fingerprint."""
-    from limner.models.loading import WORLD_BASE, fingerprint
+    """References, Custom Diffusion's retrieved regularisation set (which also builds the world pool's
+    CLIP index in limner's cache, untimed), the base's path and fingerprint."""
+    from limner.methods.custom_diffusion import CustomDiffusionConfig, regularization_set
+    from limner.models.loading import WORLD_BASE, fingerprint, load_base
 
     write_references(refs)
-    write_real_prior(work / "custom_diffusion" / "class-images")
+    pairs = regularization_set(load_base(None), CLASS_NOUN, CustomDiffusionConfig(num_reg_images=200))
+    write_real_prior(work / "custom_diffusion" / "class-images", pairs)
     (work / "prepared.json").write_text(json.dumps({"base": str(WORLD_BASE), "fingerprint": fingerprint(WORLD_BASE)}))
 
 
@@ -158,19 +164,14 @@ def write_references(folder: Path) -> None:
         Image.fromarray(im).save(folder / f"{i}.png")
 
 
-def write_real_prior(folder: Path, n: int = 200) -> None:
-    """The layout diffusers' retrieve.py writes (images/, images.txt, caption.txt), filled from the
-    same world pool and CLIP retrieval that limner's Custom Diffusion uses."""
+def write_real_prior(folder: Path, pairs: list) -> None:
+    """The layout diffusers' retrieve.py writes (images/, images.txt, caption.txt), filled with the
+    images and captions limner's Custom Diffusion retrieves from the same world pool."""
     from PIL import Image
-
-    from limner.methods.custom_diffusion import CustomDiffusionConfig, regularization_set
-    from limner.models.loading import load_base
 
     if (folder / "caption.txt").exists():
         return
     (folder / "images").mkdir(parents=True, exist_ok=True)
-    cfg = CustomDiffusionConfig(num_reg_images=n)
-    pairs = regularization_set(load_base(None), CLASS_NOUN, cfg)
     paths, captions = [], []
     for i, (im, caption) in enumerate(pairs):
         p = folder / "images" / f"{i}.png"
@@ -212,14 +213,16 @@ def wrap_diffusers_output(method: str, out: Path, base_fingerprint: str) -> Path
     return concept
 
 
-def score(concept: Path, env: dict) -> float:
+def score(concept: Path, env: dict) -> dict:
+    """The artifact's world-bench subject fidelity, with what it was measured on."""
     work = concept.with_name(concept.name + "-eval")
     out = work / "report"
     cmd = [sys.executable, "-m", "limner.cli", "eval", "--concept", str(concept), "--subjects", f"world:{SUBJECT}",
-           "-n", "2", "--no-bounds", "--cache", str(work / "eval-cache"), "--out", str(out)]
+           "-n", str(SCORE_IMAGES), "--no-bounds", "--cache", str(work / "eval-cache"), "--out", str(out)]
     run(cmd, work / "eval.log", env)
     rows = json.loads((out / "results.json").read_text())["rows"]
-    return round(next(iter(rows.values()))["mean"]["subject_fidelity"], 4)
+    fidelity = round(next(iter(rows.values()))["mean"]["subject_fidelity"], 4)
+    return {"subject_fidelity": fidelity, "score_images": SCORE_IMAGES, "concept": str(concept)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,7 +274,7 @@ def main() -> None:
         def diffusers_recipe(method=method, work=work, class_dir=class_dir):
             out = work / "diffusers-recipe"
             r = run(diffusers_cmd(args.diffusers, method, base, refs, out, *recipe_args(method, class_dir)), work / "diffusers-recipe.log", env)
-            return r | {"subject_fidelity": score(wrap_diffusers_output(method, out, prepared["fingerprint"]), env)}
+            return r | score(wrap_diffusers_output(method, out, prepared["fingerprint"]), env)
 
         def limner_recipe(label: str = "defaults", extra: tuple[str, ...] = (), method=method, work=work):
             name = "limner-" + label.replace(" ", "_").replace(",", "")
@@ -280,14 +283,25 @@ def main() -> None:
             shutil.rmtree(cache, ignore_errors=True)
             extra = [*extra, "--set", f"class_image_cache={cache}"] if method.startswith("dreambooth") else list(extra)
             r = run(limner_cmd(method, f"world:{SUBJECT}", out, *extra), work / f"{name}.log", env)
-            return r | {"subject_fidelity": score(out, env), "steps": label}
+            return r | score(out, env) | {"steps": label}
 
         once(f"{method}/recipe/diffusers", diffusers_recipe)
+        rescore(results, f"{method}/recipe/diffusers", work / "diffusers-recipe-concept", env)
+        results_path.write_text(json.dumps(results, indent=1))
         once(f"{method}/recipe/limner", limner_recipe)
         # the same defaults on another schedule: does a shorter (or longer) run reach diffusers' fidelity sooner?
         for label, extra in {} if args.no_other_schedules else OTHER_RUNS.get(method, {}).items():
             once(f"{method}/recipe/limner/{label}", lambda label=label, extra=tuple(extra): limner_recipe(label, extra))
     report(results, args.out)
+
+
+def rescore(results: dict, key: str, concept: Path, env: dict) -> None:
+    """A row scored with another number of images is scored again from its artifact, if that is still
+    on disk (training it again would take diffusers' TI recipe ten minutes)."""
+    row = results.get(key)
+    if row and row.get("score_images") != SCORE_IMAGES and concept.exists():
+        row.update(score(concept, env))
+        print(key, "rescored:", row["subject_fidelity"], flush=True)
 
 
 def same_key(method: str, tool: str, steps: int, rep: int) -> str:
@@ -322,7 +336,7 @@ def report(results: dict, out: Path) -> None:
 
     methods = [m for m in METHODS if f"{m}/recipe/limner" in results]
     lines = ["| method | s/step limner | s/step diffusers | ratio | peak MiB limner | peak MiB diffusers | "
-             "diffusers recipe: fidelity, wall s | limner defaults: fidelity, wall s | limner, other schedule: steps, fidelity, wall s | "
+             "diffusers recipe: fidelity, wall s | limner defaults: fidelity, wall s | limner, other schedules or seeds: fidelity, wall s | "
              "wall-time ratio to diffusers' fidelity |", "|---|---|---|---|---|---|---|---|---|---|"]
     table = {}
     for m in methods:
@@ -330,9 +344,18 @@ def report(results: dict, out: Path) -> None:
         lm, dm, clean = peak_memory(results, m)
         dr, lr = results[f"{m}/recipe/diffusers"], results[f"{m}/recipe/limner"]
         # the fastest limner run (defaults, or the defaults on another schedule) that reached at least
-        # the fidelity diffusers' recipe reached
+        # the fidelity diffusers' recipe reached; where the defaults ran with several seeds, their mean
+        # stands for them (never the luckiest seed)
         runs = [v for k, v in results.items() if k.startswith(f"{m}/recipe/limner")]
-        good = [v for v in runs if v["subject_fidelity"] >= dr["subject_fidelity"]]
+        seeds = [lr] + [v for v in runs if str(v["steps"]).startswith("seed ")]
+        candidates = [v for v in runs if v not in seeds]
+        if len(seeds) > 1:
+            mean = {k: sum(v[k] for v in seeds) / len(seeds) for k in ("subject_fidelity", "seconds")}
+            candidates.append(mean | {"steps": f"defaults, mean of {len(seeds)} seeds"})
+            runs.append(candidates[-1])
+        else:
+            candidates.append(lr)
+        good = [v for v in candidates if v["subject_fidelity"] >= dr["subject_fidelity"]]
         reached = bool(good)
         fastest_good = min(good, key=lambda v: v["seconds"]) if good else None
         ratio = fastest_good["seconds"] / dr["seconds"] if reached else float("nan")
@@ -344,7 +367,7 @@ def report(results: dict, out: Path) -> None:
                      + f" | {ratio:.2f}{'' if reached else ' (not reached)'} |")
     note = (f"\nSubject `{SUBJECT}`; identical settings: batch {BATCH}, {RES} px, constant LR, s/step = (wall({LONG} steps) - "
             f"wall({SHORT} steps)) / {LONG - SHORT}, each wall time the fastest of its runs (2-3). Recipes: diffusers' README settings at {RES} px; limner's defaults. Fidelity: "
-            "world-bench subject fidelity of the finished artifact (16 prompts x 2 images, `limner eval`). Wall time: the whole "
+            f"world-bench subject fidelity of the finished artifact (16 prompts x {SCORE_IMAGES} images, `limner eval`). Wall time: the whole "
             "training process, class images included. Peak memory: the largest max RSS of the training process over the "
             "identical-settings runs started from a small parent process (* where only runs under an earlier version of this script, "
             "whose parent held a loaded pipeline, exist: a child's ru_maxrss starts from its parent's size). Command: `python benchmarks/tuning_vs_diffusers.py --diffusers PATH` "

@@ -353,10 +353,14 @@ def test_cli_train_settings_and_token_reach_the_method(tiny_base, tmp_path):
         Image.fromarray(im).save(folder / f"{i}.png")
     args = ["train", "--method", "dreambooth_lora", "--subject", str(folder), "--class-noun", "ball", "--steps", "1", "--batch-size", "1",
             "--base", str(tiny_base), "--out", str(tmp_path / "c")]
-    r = CliRunner().invoke(app, args + ["--token", "zwx", "--set", "prior_preservation=none", "--set", "lora_rank=2", "--set", "checkpoint_every=0"])
+    r = CliRunner().invoke(app, args + ["--token", "zwx", "--set", "prior_preservation=none", "--set", "lora_rank=2", "--set", "checkpoint_every=0",
+                                        "--set", "seed=3"])
     assert r.exit_code == 0, r.output
     m = json.loads((tmp_path / "c" / "limner.json").read_text())
     assert m["identifier"] == "zwx" and m["config"]["lora_rank"] == 2 and m["config"]["train"]["checkpoint_every"] == 0
+    assert m["config"]["train"]["seed"] == 3, "a trainer setting given with --set is not reset by an option left out"
+    r = CliRunner().invoke(app, args[:-1] + [str(tmp_path / "c2"), "--set", "seed=3", "--seed", "5", "--set", "prior_preservation=none"])
+    assert r.exit_code == 0 and json.loads((tmp_path / "c2" / "limner.json").read_text())["config"]["train"]["seed"] == 5, "the explicit option wins"
     r = CliRunner().invoke(app, args + ["--set", "prior_preservation"])
     assert r.exit_code == 2 and "key=value" in r.output
 

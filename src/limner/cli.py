@@ -117,9 +117,9 @@ def train_cmd(
     batch_size: Annotated[Optional[int], typer.Option("--batch-size")] = None,
     token: Annotated[Optional[str], typer.Option("--token", help="The new token / identifier.")] = None,
     num_vectors: Annotated[Optional[int], typer.Option("--num-vectors", help="Textual Inversion: vectors per token.")] = None,
-    mixed_precision: Annotated[str, typer.Option("--mixed-precision", help="no, fp16 or bf16.")] = "no",
+    mixed_precision: Annotated[Optional[str], typer.Option("--mixed-precision", help="no (default), fp16 or bf16.")] = None,
     resume: Annotated[Optional[str], typer.Option("--resume", help="'latest' or a checkpoint folder.")] = None,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Default 0.")] = None,
     setting: Annotated[Optional[list[str]], typer.Option("--set", help="A method setting KEY=VALUE (repeatable), "
                                                           "or trainer setting, e.g. --set prior_preservation=none --set checkpoint_every=50.")] = None,
     base: BaseOpt = None,
@@ -138,7 +138,7 @@ def train_cmd(
         subs = load_subjects(subject, class_noun)
         if len(subs) != 1:
             raise LimnerError(f"--subject {subject} holds {len(subs)} subjects; train one at a time")
-        if mixed_precision not in ("no", "fp16", "bf16"):
+        if mixed_precision not in (None, "no", "fp16", "bf16"):
             raise LimnerError(f"--mixed-precision {mixed_precision!r}: use no, fp16 or bf16")
         if out.exists() and not out.is_dir():
             raise LimnerError(f"--out {out} is a file; give a folder")
@@ -152,8 +152,10 @@ def train_cmd(
         train_cfg = m.default_train_config()
         if train_cfg is not None:
             train_cfg, overrides = split_train_settings(train_cfg, overrides)  # --set reaches the trainer too
-            changes = {k: v for k, v in {"max_steps": steps, "learning_rate": lr, "batch_size": batch_size}.items() if v is not None}
-            overrides["train"] = replace(train_cfg, mixed_precision=mixed_precision, resume=resume, seed=seed, **changes)
+            # options given explicitly win over --set; options left out keep what --set or the defaults say
+            options = {"max_steps": steps, "learning_rate": lr, "batch_size": batch_size, "mixed_precision": mixed_precision,
+                       "resume": resume, "seed": seed}
+            overrides["train"] = replace(train_cfg, **{k: v for k, v in options.items() if v is not None})
         b = load_base(base, device=device, dtype="fp32")  # trainable weights stay fp32; --mixed-precision speeds it up
         folder = m.personalize(b, subs[0], out, **overrides)
         from limner.training import finish_processes, is_main_process
