@@ -92,8 +92,15 @@ def limner_cmd(method: str, subject: str, out: Path, *extra: str) -> list[str]:
             "--class-noun", CLASS_NOUN, "--out", str(out), *extra]
 
 
-def diffusers_cmd(repo: Path, method: str, base: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    script = [sys.executable, str(repo / SCRIPTS[method]), f"--pretrained_model_name_or_path={base}", f"--output_dir={out}",
+# runs a script as `python script.py` does, then exits as limner's command line does: the exit handlers,
+# without the interpreter's teardown (which, with a CUDA build of torch, adds ~120 MiB to the peak)
+WITHOUT_TEARDOWN = ("import atexit, os, runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__'); "
+                    "atexit._run_exitfuncs(); sys.stdout.flush(); os._exit(0)")
+
+
+def diffusers_cmd(repo: Path, method: str, base: Path, data: Path, out: Path, *extra: str, teardown: bool = True) -> list[str]:
+    python = [sys.executable] if teardown else [sys.executable, "-c", WITHOUT_TEARDOWN]
+    script = [*python, str(repo / SCRIPTS[method]), f"--pretrained_model_name_or_path={base}", f"--output_dir={out}",
               f"--resolution={RES}", "--seed=0", "--lr_scheduler=constant", "--lr_warmup_steps=0"]
     data_arg = "--train_data_dir" if method == "textual_inversion" else "--instance_data_dir"
     return script + [f"{data_arg}={data}", *extra]
@@ -269,6 +276,12 @@ def main() -> None:
                     once(same_key(method, tool, steps, rep), lambda cmd=cmd, log=work / f"{tool}-{steps}.log": run(cmd, log, env))
                     shutil.rmtree(work / f"{tool}-{steps}", ignore_errors=True)
 
+        # diffusers' script once more, ending as limner's command line ends: the memory the training needs
+        quiet_out = work / "diffusers-without-teardown"
+        quiet_cmd = diffusers_cmd(args.diffusers, method, base, refs, quiet_out, *same_settings_args(method, SHORT)[1], teardown=False)
+        once(f"{method}/memory/diffusers-without-teardown", lambda cmd=quiet_cmd, log=work / "diffusers-without-teardown.log": run(cmd, log, env))
+        shutil.rmtree(quiet_out, ignore_errors=True)
+
         class_dir = args.work / "custom_diffusion" / "class-images"  # written by prepare()
 
         def diffusers_recipe(method=method, work=work, class_dir=class_dir):
@@ -335,7 +348,10 @@ def report(results: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     methods = [m for m in METHODS if f"{m}/recipe/limner" in results]
-    lines = ["| method | s/step limner | s/step diffusers | ratio | peak MiB limner | peak MiB diffusers | "
+    mixed = [k for k, v in results.items() if "/recipe/" in k and v.get("score_images") != SCORE_IMAGES]
+    if mixed:
+        raise SystemExit(f"scored with another number of images than {SCORE_IMAGES}: {', '.join(mixed)}; delete them and run again")
+    lines = ["| method | s/step limner | s/step diffusers | ratio | peak MiB limner | peak MiB diffusers (without exit teardown) | "
              "diffusers recipe: fidelity, wall s | limner defaults: fidelity, wall s | limner, other schedules or seeds: fidelity, wall s | "
              "wall-time ratio to diffusers' fidelity |", "|---|---|---|---|---|---|---|---|---|---|"]
     table = {}
@@ -361,7 +377,9 @@ def report(results: dict, out: Path) -> None:
         ratio = fastest_good["seconds"] / dr["seconds"] if reached else float("nan")
         table[m] = {"step_ratio": ls / ds, "wall_ratio": ratio, "mem_ratio": lm / dm}
         mark = "" if clean else " *"
-        lines.append(f"| {m} | {ls:.3f} | {ds:.3f} | {ls / ds:.2f} | {lm:.0f}{mark} | {dm:.0f}{mark} | {dr['subject_fidelity']:.3f}, {dr['seconds']:.0f} | "
+        quiet = results.get(f"{m}/memory/diffusers-without-teardown", {}).get("peak_rss_mib")
+        dm_text = f"{dm:.0f}{mark}" + (f" ({quiet:.0f})" if quiet else "")
+        lines.append(f"| {m} | {ls:.3f} | {ds:.3f} | {ls / ds:.2f} | {lm:.0f}{mark} | {dm_text} | {dr['subject_fidelity']:.3f}, {dr['seconds']:.0f} | "
                      f"{lr['subject_fidelity']:.3f}, {lr['seconds']:.0f} | "
                      + "; ".join(f"{v['steps']}, {v['subject_fidelity']:.3f}, {v['seconds']:.0f}" for v in runs if v is not lr)
                      + f" | {ratio:.2f}{'' if reached else ' (not reached)'} |")
@@ -370,7 +388,9 @@ def report(results: dict, out: Path) -> None:
             f"world-bench subject fidelity of the finished artifact (16 prompts x {SCORE_IMAGES} images, `limner eval`). Wall time: the whole "
             "training process, class images included. Peak memory: the largest max RSS of the training process over the "
             "identical-settings runs started from a small parent process (* where only runs under an earlier version of this script, "
-            "whose parent held a loaded pipeline, exist: a child's ru_maxrss starts from its parent's size). Command: `python benchmarks/tuning_vs_diffusers.py --diffusers PATH` "
+            "whose parent held a loaded pipeline, exist: a child's ru_maxrss starts from its parent's size); in brackets, diffusers' "
+            "script run once more (50 steps) ending as limner's command line does, without the interpreter's teardown, which "
+            "with this CUDA build of torch adds ~120 MiB to any process's peak: the memory the training itself needs. Command: `python benchmarks/tuning_vs_diffusers.py --diffusers PATH` "
             "(torch 2.14.1 + torchvision 0.29.1 venv, diffusers 0.42.1, 2 CPU cores).\n")
     (out / "results.md").write_text("\n".join(lines) + "\n" + note)
     fig, ax = plt.subplots(figsize=(7, 3.2))

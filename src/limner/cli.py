@@ -409,12 +409,15 @@ def exit_without_teardown(code: int | str | None) -> NoReturn:
     native libraries. That teardown does nothing a finished command needs; it costs about a second,
     and with CUDA builds of torch it raises the process's peak memory by ~120 MiB as the libraries
     unload (measured: `import torch, diffusers` peaks at 826 MiB with it, 700 without)."""
-    if isinstance(code, str):
+    if code is not None and not isinstance(code, int):  # as Python does: print the value, exit 1
         print(code, file=sys.stderr)
         code = 1
     atexit._run_exitfuncs()  # noqa: SLF001 - the handlers a normal exit would run
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (limner ... | head): nothing left to deliver
+            pass
     os._exit(code or 0)
 
 

@@ -12,7 +12,21 @@ from pathlib import Path
 def cache_dir(kind: str) -> Path:
     """Where limner keeps what it can recompute (class images, retrieval indexes): $LIMNER_CACHE or
     ~/.cache/limner, one sub-folder per kind."""
-    return Path(os.environ.get("LIMNER_CACHE") or Path.home() / ".cache" / "limner") / kind
+    return Path(os.environ.get("LIMNER_CACHE") or Path.home() / ".cache" / "limner").expanduser() / kind
+
+
+@contextmanager
+def written_atomically(path: Path):
+    """Yields a temporary path to write `path` through; renamed into place when the block succeeds,
+    removed when it fails. The name is unique per process: several processes filling one cache (ranks
+    of `accelerate launch`, parallel evaluations) never write into each other's files."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

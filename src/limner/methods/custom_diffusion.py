@@ -21,6 +21,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from limner.concepts import MANIFEST, check_base, read_manifest, write_concept, write_json_atomic, write_model_card
 from limner.errors import LimnerError
-from limner.io import cache_dir, disk_guard
+from limner.io import cache_dir, disk_guard, written_atomically
 from limner.methods import Method, Subject, register, with_settings
 from limner.methods.textual_inversion import NewTokenRows, add_tokens_everywhere, load_embedding
 from limner.training import TrainConfig, TrainingTask, denoising_loss, is_main_process, make_validator, noise_scheduler, train
@@ -103,7 +104,10 @@ def world_pool(n: int, seed: int = 7) -> Pool:
         renders = [render(random_scene(np.random.default_rng([seed, i]))) for i in indices]
         return [(r.image, r.caption) for r in renders]
 
-    return Pool(f"world-{seed}-{n}", n, load)
+    # the renderer's source is part of the key: a change to the world changes what render i shows
+    world = files("limner.world")
+    code = hashlib.sha256(b"".join((world / f).read_bytes() for f in ("render.py", "scenes.py", "vocab.py"))).hexdigest()[:12]
+    return Pool(f"world-{seed}-{n}-{code}", n, load)
 
 
 def folder_pool(folder: Path) -> Pool:
@@ -114,7 +118,8 @@ def folder_pool(folder: Path) -> Pool:
     if not images:
         raise LimnerError(f"reg_pool {folder}: no captioned images (each image needs a .txt caption beside it)")
     # a changed, added or removed file changes the key, and with it the index
-    stamp = hashlib.sha256("".join(f"{p.name}|{p.stat().st_size}|{p.stat().st_mtime_ns}\n" for p in images).encode()).hexdigest()[:16]
+    stats = [(p.name, p.stat()) for p in images]  # ctime changes with every write, whatever the mtime says
+    stamp = hashlib.sha256("".join(f"{n}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}\n" for n, st in stats).encode()).hexdigest()[:16]
 
     def load(indices: list[int]) -> list[tuple[np.ndarray, str]]:
         pairs = []
@@ -130,17 +135,19 @@ def pool_index(pool: Pool, clip, clip_id: str, chunk: int = 256) -> torch.Tensor
     """CLIP image embeddings [size, d] of the whole pool, computed once per (pool, CLIP model) and kept
     in the cache, as retrieval services keep their index: later trainings only embed the class prompt."""
     path = cache_dir("retrieval") / f"{hashlib.sha256(f'{pool.key}|{clip_id}'.encode()).hexdigest()[:24]}.safetensors"
-    if path.exists():
-        return load_file(str(path))["embeddings"]
+    try:
+        embs = load_file(str(path))["embeddings"]
+        if embs.shape[0] == pool.size:
+            return embs
+    except Exception:  # noqa: BLE001 - missing or unreadable: the index is built again
+        pass
     embs = torch.cat([clip.images([im for im, _ in pool.load(list(range(i, min(i + chunk, pool.size))))])
                       for i in range(0, pool.size, chunk)])
-    tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"embeddings": embs.contiguous()}, str(tmp))
-        os.replace(tmp, path)
-    except OSError as e:  # a cache that cannot be written (read-only, full) only costs the next run time
-        tmp.unlink(missing_ok=True)
+        with written_atomically(path) as tmp:
+            save_file({"embeddings": embs.contiguous()}, str(tmp))
+    except Exception as e:  # noqa: BLE001 - a cache that cannot be written (read-only, full) only costs the next run time
         warnings.warn(f"could not cache the retrieval index in {path.parent} ({e}); set LIMNER_CACHE to a writable folder", stacklevel=2)
     return embs
 

@@ -25,7 +25,7 @@ from PIL import Image
 
 from limner.concepts import read_manifest, write_concept
 from limner.errors import LimnerError
-from limner.io import cache_dir, disk_guard
+from limner.io import cache_dir, disk_guard, written_atomically
 from limner.methods import Method, Subject, register, with_settings
 from limner.models.saving import save_pipeline
 from limner.training import TrainConfig, TrainingTask, denoising_loss, is_main_process, make_validator, noise_scheduler, train
@@ -79,9 +79,8 @@ def class_images(base, class_prompt: str, count: int, steps: int, cache: Path | 
     if len(have) < count:
         s = GenerationSettings(class_prompt, num_images=count - len(have), seed=len(have), steps=steps, batch_size=batch_size)
         for i, im in enumerate(generate(base, s).images):
-            tmp = folder / f"{len(have) + i:05d}.png.tmp"
-            im.save(tmp, format="PNG")
-            os.replace(tmp, folder / f"{len(have) + i:05d}.png")
+            with written_atomically(folder / f"{len(have) + i:05d}.png") as tmp:
+                im.save(tmp, format="PNG")
         have = sorted(folder.glob("*.png"))
     out = []
     for p in have[:count]:
@@ -264,6 +263,9 @@ class DreamBooth(Method):
             raise LimnerError(f"--rank must be a positive integer, got {cfg.lora_rank}")
         if cfg.prior_preservation not in PRIOR_MODES:
             raise LimnerError(f"prior_preservation {cfg.prior_preservation!r}: use one of {', '.join(PRIOR_MODES)}")
+        for name in ("num_class_images", "class_image_steps", "class_image_batch"):
+            if getattr(cfg, name) < 1:
+                raise LimnerError(f"{name} must be at least 1, got {getattr(cfg, name)}")
         pipe = base.pipe
         if cfg.identifier in ("", subject.class_noun):
             raise LimnerError(f"identifier {cfg.identifier!r} must be a rare word different from the class noun")

@@ -164,6 +164,9 @@ def load_base(base: str | os.PathLike | None = None, device: str = "auto", dtype
         cls = _pipeline_class(index)
         family = "sdxl" if "XL" in cls.__name__ else "sd"
         kwargs = {"safety_checker": None, "requires_safety_checker": False} if family == "sd" and "safety_checker" in index else {}
+        # a CLIP vision tower in the folder (the world ships one for its CLIP) is not needed to generate
+        # or train: left on disk, it costs no memory (image-prompt methods load their own encoder)
+        kwargs |= {name: None for name in ("image_encoder", "feature_extractor") if name in index}
         pipe = cls.from_pretrained(path, torch_dtype=torch_dtype, local_files_only=True, **kwargs)
     pipe.to(dev)
     pipe.set_progress_bar_config(disable=True)
