@@ -446,3 +446,14 @@ def test_the_command_line_process_keeps_exit_codes_and_output(tmp_path):
     assert ok.returncode == 0 and "--subject" in ok.stdout
     bad = limner("train", "--method", "textual_inversion", "--subject", str(tmp_path / "missing"), "--out", str(tmp_path / "c"))
     assert bad.returncode == 2 and "missing" in bad.stderr and not (tmp_path / "c" / "limner.json").exists()
+
+
+def test_merge_keeps_the_meaning_of_world_captions_or_generic_prompts():
+    from types import SimpleNamespace
+
+    from limner.methods.custom_diffusion import merge_captions
+
+    world = merge_captions(SimpleNamespace(is_world=True), 6)
+    assert len(world) == 6 and all(isinstance(c, str) and c.startswith("a") for c in world) and len(set(world)) > 1
+    assert merge_captions(SimpleNamespace(is_world=True), 6) == world, "the same captions every time"
+    assert merge_captions(SimpleNamespace(is_world=False), 3) == ["a photo of a dog", "a photo of a cat", "a photo of a person"]

@@ -30,10 +30,8 @@ def written_atomically(path: Path):
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with written_atomically(path) as tmp:
+        tmp.write_text(text)
 
 
 def write_json_atomic(path: Path, data) -> None:

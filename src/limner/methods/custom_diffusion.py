@@ -435,6 +435,16 @@ def closed_form(W0: torch.Tensor, C_reg: torch.Tensor, C: torch.Tensor, V: torch
     return W0 + v @ d_t
 
 
+def merge_captions(base, n: int) -> list[str]:
+    """C_reg: n captions that must keep their meaning through the merge: the world's own captions, or
+    generic prompts on a real model."""
+    if base.is_world:
+        pool = world_pool(n, seed=11)
+        return [caption for _, caption in pool.load(list(range(n)))]
+    nouns = ("dog", "cat", "person", "car", "house", "tree", "cup", "chair")
+    return [f"a photo of a {nouns[i % len(nouns)]}" for i in range(n)]
+
+
 def merge(base, concepts: list[Path], out: Path, num_reg_captions: int = 200, force: bool = False) -> Path:
     """Merges separately trained Custom Diffusion concepts (distinct modifier tokens) into one."""
     pipe = base.pipe
@@ -456,12 +466,7 @@ def merge(base, concepts: list[Path], out: Path, num_reg_captions: int = 200, fo
     encoder = PromptEncoder(pipe, base.resolution)
     W0 = layer_weights(pipe.unet, mode)
     tuned = [read_weights(Path(c) / m["files"]["weights"]) for c, m in zip(concepts, manifests)]
-    # C_reg: captions of the world (or generic prompts) that must keep their meaning
-    if base.is_world:
-        captions = [c for _, c in world_pool(num_reg_captions, seed=11)]
-    else:
-        captions = [f"a photo of a {noun}" for noun in ("dog", "cat", "person", "car", "house", "tree", "cup", "chair")] * 25
-    C_reg = prompt_features(encoder, captions[:num_reg_captions])
+    C_reg = prompt_features(encoder, merge_captions(base, num_reg_captions))
     per_concept = [prompt_features(encoder, [f"a photo of a {m['tokens'][0]} {m['class_noun']}", f"a {m['tokens'][0]} {m['class_noun']}"])
                    for m in manifests]
     merged = {}
