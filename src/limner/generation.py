@@ -18,6 +18,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from limner.errors import LimnerError
+from limner.io import written_atomically
 from limner.models.loading import Base
 
 SCHEDULERS = {
@@ -105,9 +106,8 @@ def save_png(image: Image.Image, path: Path, text: dict[str, str]) -> None:
     info = PngInfo()
     for k, v in text.items():
         info.add_text(k, v)
-    tmp = path.with_name(path.name + ".tmp")
-    image.save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
+    with written_atomically(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
 
 
 def make_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:

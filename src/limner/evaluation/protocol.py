@@ -22,6 +22,7 @@ from PIL import Image
 from limner.errors import LimnerError
 from limner.evaluation.metrics import diversity, mean_similarity_to_references, text_alignment
 from limner.evaluation.subjects import EvalSubject
+from limner.io import written_atomically
 from limner.methods import parse_setting
 from limner.world.bench import BenchPrompt
 
@@ -117,9 +118,8 @@ class ImageCache:
 
     def put(self, key: str, image: Image.Image) -> Path:
         p = self.path(key)
-        tmp = p.with_name(p.name + ".tmp")
-        image.save(tmp, format="PNG")
-        os.replace(tmp, p)
+        with written_atomically(p) as tmp:  # parallel evaluations share one cache
+            image.save(tmp, format="PNG")
         return p
 
 

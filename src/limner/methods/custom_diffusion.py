@@ -16,7 +16,6 @@ C_reg while reproducing each tuned model's outputs V on its own concept's featur
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 import warnings
 from collections.abc import Callable
@@ -309,16 +308,15 @@ def install_weights(unet, state: dict[str, torch.Tensor]) -> int:
 def save_concept(pipe, folder: Path, mode: str, tokens: list[str], vectors: dict[str, torch.Tensor]) -> dict:
     """The K/V weights, and one embedding file per modifier token, `<new1>.safetensors` as diffusers
     writes it ({token: [1, d]}; on SDXL {"clip_l", "clip_g"} as A1111 does)."""
-    tmp = folder / f"{WEIGHTS_FILE}.tmp"
-    save_file({k: v.half() for k, v in layer_weights(pipe.unet, mode).items()}, str(tmp))
-    os.replace(tmp, folder / WEIGHTS_FILE)
+    with written_atomically(folder / WEIGHTS_FILE) as tmp:
+        save_file({k: v.half() for k, v in layer_weights(pipe.unet, mode).items()}, str(tmp))
     files = {"weights": WEIGHTS_FILE, "tokens": {}}
     for i, token in enumerate(tokens):
         rows = {name: v[i:i + 1].detach().cpu().half().contiguous() for name, v in vectors.items()}
         state = {"clip_l": rows["text_encoder"], "clip_g": rows["text_encoder_2"]} if "text_encoder_2" in rows else {token: rows["text_encoder"]}
         name = f"{token}.safetensors"
-        save_file(state, str(folder / f"{name}.tmp"))
-        os.replace(folder / f"{name}.tmp", folder / name)
+        with written_atomically(folder / name) as tmp:
+            save_file(state, str(tmp))
         files["tokens"][token] = name
     return files
 

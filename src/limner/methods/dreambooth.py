@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import os
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -238,9 +237,8 @@ def save_lora(pipe, out: Path, cfg: DreamBoothConfig) -> None:
     full = {f"unet.{k}": v for k, v in unet_layers.items()}
     for arg, prefix in (("text_encoder_lora_layers", "text_encoder"), ("text_encoder_2_lora_layers", "text_encoder_2")):
         full |= {f"{prefix}.{k}": v for k, v in te.get(arg, {}).items()}
-    tmp = out / f"{KOHYA_FILE}.tmp"
-    save_file({k: v.detach().cpu().half().contiguous() for k, v in to_kohya(full, cfg.lora_alpha or cfg.lora_rank).items()}, str(tmp))
-    os.replace(tmp, out / KOHYA_FILE)
+    with written_atomically(out / KOHYA_FILE) as tmp:
+        save_file({k: v.detach().cpu().half().contiguous() for k, v in to_kohya(full, cfg.lora_alpha or cfg.lora_rank).items()}, str(tmp))
 
 
 @register

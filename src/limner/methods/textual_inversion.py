@@ -9,7 +9,6 @@ model itself never changes.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from limner.concepts import read_manifest, write_concept
 from limner.errors import LimnerError
-from limner.io import disk_guard
+from limner.io import disk_guard, written_atomically
 from limner.methods import Method, Subject, register, with_settings
 from limner.training import TrainConfig, TrainingTask, denoising_loss, is_main_process, make_validator, noise_scheduler, train
 from limner.training.conditioning import PromptEncoder
@@ -154,9 +153,8 @@ def save_embeddings(folder: Path, token: str, vectors: dict[str, torch.Tensor]) 
     else:
         layouts = {DIFFUSERS_FILE: {token: vectors["text_encoder"]}, A1111_FILE: {"emb_params": vectors["text_encoder"]}}
     for name, state in layouts.items():
-        tmp = folder / f"{name}.tmp"
-        save_file({k: v.detach().cpu().half().contiguous() for k, v in state.items()}, str(tmp))
-        os.replace(tmp, folder / name)
+        with written_atomically(folder / name) as tmp:
+            save_file({k: v.detach().cpu().half().contiguous() for k, v in state.items()}, str(tmp))
     return {"diffusers": DIFFUSERS_FILE, "a1111": A1111_FILE} | ({"diffusers_2": DIFFUSERS_FILE_2} if "text_encoder_2" in vectors else {})
 
 

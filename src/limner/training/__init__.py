@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from limner.errors import LimnerError
-from limner.io import disk_guard
+from limner.io import disk_guard, written_atomically
 
 
 @dataclass
@@ -352,9 +352,7 @@ def train(task: TrainingTask, next_batch: Callable[[torch.Generator], dict], cfg
 
 
 def write_csv(path: Path, curve: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with written_atomically(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["step", "seconds", "loss"])
         w.writeheader()
         w.writerows(curve)
-    os.replace(tmp, path)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from limner.errors import LimnerError
-from limner.io import write_json_atomic, write_text_atomic
+from limner.io import write_json_atomic, write_text_atomic, written_atomically
 from limner.models.saving import save_pipeline
 from limner.training import min_snr_weights
 from limner.world import stack
@@ -68,9 +68,8 @@ class BuildConfig:
 
 def atomic_save(obj, path: Path) -> None:
     """torch.save to a temporary name, then rename: a crash never leaves a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with written_atomically(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def load_checkpoint(path: Path):

@@ -11,7 +11,6 @@ They are trained with blur and noise so that they judge generated images, not on
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from limner.io import write_json_atomic
+from limner.io import write_json_atomic, written_atomically
 from limner.world import vocab
 from limner.world.bench import IDENTITIES, SUBJECTS, heldout_identity_keys, identity_character, subject_object
 from limner.world.render import Render, Scene, render
@@ -250,9 +249,8 @@ def save_probe(net: ProbeNet, name: str, folder: Path, metrics: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().half().contiguous() for k, v in net.state_dict().items() if v.dtype.is_floating_point}
     state.update({k: v.contiguous() for k, v in net.state_dict().items() if not v.dtype.is_floating_point})
-    tmp = folder / f"{name}.safetensors.tmp"
-    save_file(state, str(tmp))
-    os.replace(tmp, folder / f"{name}.safetensors")
+    with written_atomically(folder / f"{name}.safetensors") as tmp:
+        save_file(state, str(tmp))
     write_json_atomic(folder / f"{name}.json", {"labels": SPECS[name].labels, "accuracy": metrics})
 
 
