@@ -3,12 +3,17 @@
     python benchmarks/merge_world.py [--left duo_ball --right cross_cup] [--out benchmarks/merge]
 
 Trains Custom Diffusion on each subject separately (modifier tokens <new1>, <new2>), merges the two in
-closed form (`limner merge`), trains both jointly as a third variant, and draws "a <new1> ball on the
-left and a <new2> cup on the right" in several contexts. Each image is scored by cropping the two
-entity positions (where the world puts left and right objects) and asking the subject probe which of
-the 12 held-out subjects each crop shows. Bounds in the same run: the base model given the class
-nouns (lower) and fresh renders of the two subjects side by side (upper; this also shows what the
-crop-and-probe measure can read at best).
+closed form (`limner merge`), trains both jointly as a third variant, and draws both subjects in one
+image in several contexts, two ways:
+
+- one prompt, "a <new1> ball on the left and a <new2> cup on the right ...": each image is scored by
+  cropping the two entity positions (where the world puts left and right objects);
+- regional prompts, "a <new1> ball ... BREAK a <new2> cup ..." (`limner generate --regions`): each
+  subject is drawn in its own window of a wider canvas, and each window is scored.
+
+The subject probe says which of the 12 held-out subjects each crop shows. Bounds in the same run: the
+base model given the class nouns (lower) and fresh renders of the two subjects (upper; this also shows
+what the crop-and-probe measure can read at best).
 """
 
 from __future__ import annotations
@@ -44,10 +49,14 @@ def crops(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return out[0], out[1]
 
 
-def two_subject_scores(images: list[np.ndarray], left: str, right: str, probes) -> dict[str, float]:
+def window_crops(image: np.ndarray, lefts: list[int], window: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """The first and last region windows of a regional image."""
+    return image[:, lefts[0]:lefts[0] + window], image[:, lefts[-1]:lefts[-1] + window]
+
+
+def two_subject_scores(pairs: list[tuple[np.ndarray, np.ndarray]], left: str, right: str, probes) -> dict[str, float]:
     """P(left subject) on the left crop, P(right subject) on the right crop (among the 12 held-out
     subjects), and the share of images where the probe names both correctly."""
-    pairs = [crops(im) for im in images]
     fidelity, named = {}, {}
     for i, (side, subject) in enumerate((("left", left), ("right", right))):
         probs, names = probes.subject_probabilities(np.stack([p[i] for p in pairs]))
@@ -71,14 +80,35 @@ def upper_bound_images(left, right, n: int) -> list[np.ndarray]:
     return out
 
 
-def draw(base, prompts: list[str], seed: int = 0) -> list[np.ndarray]:
+def single_renders(left, right, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Upper bound for regional images: each subject rendered alone, as one window would show it."""
+    from limner.world import vocab
+    from limner.world.bench import subject_object
+    from limner.world.render import Scene, render
+
+    contexts = [k for k, v in vocab.CONTEXTS.items() if v in CONTEXTS]
+    pairs = []
+    for i in range(n):
+        rng = np.random.default_rng([i, 8])
+        scenes = [Scene(contexts[i % len(contexts)], [subject_object(s, rng)], variant=int(rng.integers(2**31))) for s in (left, right)]
+        pairs.append(tuple(np.asarray(render(sc).pil()) for sc in scenes))
+    return pairs
+
+
+def draw(base, prompts: list[str], regions: bool = False, seed: int = 0) -> tuple[list[np.ndarray], list]:
+    """The images, and each one's (left crop, right crop)."""
     from limner.generation import GenerationSettings, generate
 
-    images = []
+    images, pairs = [], []
     for j, prompt in enumerate(prompts):
-        s = GenerationSettings(prompt, num_images=IMAGES_PER_CONTEXT, seed=seed + 100 * j, steps=25, batch_size=IMAGES_PER_CONTEXT)
-        images += [np.asarray(im.convert("RGB")) for im in generate(base, s).images]
-    return images
+        s = GenerationSettings(prompt, num_images=IMAGES_PER_CONTEXT, seed=seed + 100 * j, steps=25,
+                               batch_size=IMAGES_PER_CONTEXT, regions=regions)
+        result = generate(base, s)
+        lefts = [r["left"] for r in result.record.get("regions", [])]
+        for im in result.images:
+            images.append(np.asarray(im.convert("RGB")))
+            pairs.append(window_crops(images[-1], lefts) if regions else crops(images[-1]))
+    return images, pairs
 
 
 def main() -> None:
@@ -113,44 +143,57 @@ def main() -> None:
         cd.personalize_jointly(load_base(None, dtype="fp32"), [a, b], joint)
     timings["joint training"] = round(time.perf_counter() - t0, 1)
 
-    def prompts(left_phrase: str, right_phrase: str) -> list[str]:
+    def prompts(left_phrase: str, right_phrase: str, regions: bool) -> list[str]:
+        if regions:
+            return [f"a {left_phrase} {c} BREAK a {right_phrase} {c}" for c in CONTEXTS]
         return [f"a {left_phrase} on the left and a {right_phrase} on the right {c}" for c in CONTEXTS]
 
     probes = Probes(WORLD_PROBES)
-    rows, grids = {}, {}
     n = IMAGES_PER_CONTEXT * len(CONTEXTS)
-    grids["upper bound (renders)"] = upper_bound_images(a.world, b.world, n)
-    grids["base, class nouns"] = draw(load_base(None), prompts(a.class_noun, b.class_noun))
-    for name, folder in (("closed-form merge", merged), ("joint training", joint)):
-        base = load_base(None)
-        cd.apply(base, folder)
-        grids[name] = draw(base, prompts(f"<new1> {a.class_noun}", f"<new2> {b.class_noun}"))
+    upper = upper_bound_images(a.world, b.world, n)
+    singles = single_renders(a.world, b.world, n)
+    # variant -> (base with the variant's concepts applied, left phrase, right phrase)
+    variants = {"base, class nouns": ([], a.class_noun, b.class_noun),
+                "closed-form merge": ([merged], f"<new1> {a.class_noun}", f"<new2> {b.class_noun}"),
+                "joint training": ([joint], f"<new1> {a.class_noun}", f"<new2> {b.class_noun}")}
     # each single concept alone in the two-subject prompt: only its own side should match
     for key, folder in concepts.items():
-        base = load_base(None)
-        cd.apply(base, folder)
         tok = json.loads((folder / "limner.json").read_text())["tokens"][0]
         left = f"{tok} {a.class_noun}" if key == "left" else a.class_noun
         right = f"{tok} {b.class_noun}" if key == "right" else b.class_noun
-        grids[f"only {a.name if key == 'left' else b.name} concept"] = draw(base, prompts(left, right))
-    for name, images in grids.items():
-        rows[name] = two_subject_scores(images, a.name, b.name, probes)
+        variants[f"only {a.name if key == 'left' else b.name} concept"] = ([folder], left, right)
+    rows, grids = {}, {}
+    for regions in (False, True):
+        layout = "regional prompts" if regions else "one prompt"
+        grids[f"upper bound (renders), {layout}"] = ([np.concatenate(p, 1) for p in singles], singles) if regions else \
+            (upper, [crops(im) for im in upper])
+        for name, (folders, left, right) in variants.items():
+            base = load_base(None)
+            for folder in folders:
+                cd.apply(base, folder)
+            grids[f"{name}, {layout}"] = draw(base, prompts(left, right, regions), regions)
+    for name, (_, pairs) in grids.items():
+        rows[name] = two_subject_scores(pairs, a.name, b.name, probes)
 
     args.out.mkdir(parents=True, exist_ok=True)
     lines = [f"| {a.name} (left) + {b.name} (right) | P(left subject), left crop | P(right subject), right crop | both recognised |",
              "|---|---|---|---|"]
     lines += [f"| {k} | {v['left_fidelity']:.3f} | {v['right_fidelity']:.3f} | {v['both_recognised']:.3f} |" for k, v in rows.items()]
     note = (f"\n{n} images per row ({IMAGES_PER_CONTEXT} seeds x {len(CONTEXTS)} contexts), 25 DPM++ steps, guidance 5. "
-            "Chance for a probability is 1/12. Seconds: " + ", ".join(f"{k} {v}" for k, v in timings.items()) +
+            "Chance for a probability is 1/12. One prompt: 64 px images, crops around the world's two-object positions. "
+            "Regional prompts: 112 px wide canvases, two 64 px windows overlapping by 16 px, each window scored; "
+            "its upper bound is each subject rendered alone. Seconds: " + ", ".join(f"{k} {v}" for k, v in timings.items()) +
             ".\nCommand: `python benchmarks/merge_world.py`\n")
     (args.out / "results.md").write_text("\n".join(lines) + "\n" + note)
     (args.out / "results.json").write_text(json.dumps({"rows": rows, "seconds": timings}, indent=1))
-    # one row of the grid per variant: the first image of each context
+    # one row of the grid per variant: the first image of each context (regional ones are wider)
     names = list(grids)
-    sheet = Image.new("RGB", (64 * len(CONTEXTS), 64 * len(names)), "white")
+    cell = max(grids[name][0][0].shape[1] for name in names)
+    sheet = Image.new("RGB", (cell * len(CONTEXTS), 64 * len(names)), "white")
     for r, name in enumerate(names):
         for c in range(len(CONTEXTS)):
-            sheet.paste(Image.fromarray(grids[name][c * IMAGES_PER_CONTEXT]).resize((64, 64)), (64 * c, 64 * r))
+            image = grids[name][0][c * IMAGES_PER_CONTEXT]
+            sheet.paste(Image.fromarray(image).resize((image.shape[1] * 64 // image.shape[0], 64)), (cell * c, 64 * r))
     sheet.resize((sheet.width * 2, sheet.height * 2), Image.NEAREST).save(args.out / "grid.png")
     print((args.out / "results.md").read_text())
     print("grid rows, top to bottom:", ", ".join(names))

@@ -50,6 +50,9 @@ def generate(
     height: Annotated[Optional[int], typer.Option("--height", help="Default: the base's native size.")] = None,
     width: Annotated[Optional[int], typer.Option("--width")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 4,
+    regions: Annotated[bool, typer.Option("--regions", help="The prompt is several prompts separated by BREAK, drawn left to right, "
+                                          "each in its own window of a wider canvas (MultiDiffusion): composes concepts a single "
+                                          "prompt cannot place together.")] = False,
     out: Annotated[Path, typer.Option("--out", help="Folder for PNGs, grid and JSON record.")] = Path("out"),
     concept: Annotated[Optional[list[Path]], typer.Option("--concept", help="A concept folder to apply (repeatable: concepts compose).")] = None,
     embedding: Annotated[Optional[list[str]], typer.Option("--embedding", help="A Textual Inversion file, FILE or FILE:TOKEN (diffusers, A1111/kohya, SDXL).")] = None,
@@ -69,7 +72,8 @@ def generate(
             raise LimnerError(f"--scheduler {scheduler!r} is unknown; choose one of: {', '.join(SCHEDULERS)}")
         prepare_output(out)
         settings = GenerationSettings(prompt=prompt, negative_prompt=negative, num_images=num_images, seed=seed, steps=steps,
-                                      guidance_scale=guidance, scheduler=scheduler, height=height, width=width, batch_size=batch_size)
+                                      guidance_scale=guidance, scheduler=scheduler, height=height, width=width, batch_size=batch_size,
+                                      regions=regions)
         b = load_base(base, device=device, dtype=dtype, config=config)
         check_settings(b, settings)
         apply_concepts(b, concept or [], force)

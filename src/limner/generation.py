@@ -20,6 +20,7 @@ from PIL.PngImagePlugin import PngInfo
 from limner.errors import LimnerError
 from limner.io import written_atomically
 from limner.models.loading import Base
+from limner.regions import canvas_width, regional_images, split_regions, window_offsets
 
 SCHEDULERS = {
     "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
@@ -42,6 +43,7 @@ class GenerationSettings:
     height: int | None = None  # None: the base's native resolution
     width: int | None = None
     batch_size: int = 4
+    regions: bool = False  # the prompt is several prompts separated by BREAK, each drawn in its own window
 
 
 @dataclass
@@ -64,6 +66,12 @@ def check_settings(base: Base, s: GenerationSettings) -> tuple[int, int]:
     """Validates sizes and counts; returns (height, width)."""
     height = base.resolution if s.height is None else s.height
     width = base.resolution if s.width is None else s.width
+    if s.regions:
+        regions = len(split_regions(s.prompt))
+        width = canvas_width(base.resolution, regions) if s.width is None else s.width
+        if width < base.resolution:
+            raise LimnerError(f"--width {width} is narrower than one region's window ({base.resolution} px, the base's native "
+                              f"size); leave --width out for {canvas_width(base.resolution, regions)}")
     for name, v in (("--height", height), ("--width", width)):
         if v <= 0 or v % 8:
             raise LimnerError(f"{name} {v} is not a positive multiple of 8 (the VAE works on 8-pixel blocks); try {max(8, round(v / 8) * 8)}")
@@ -137,8 +145,10 @@ def generate(base: Base, s: GenerationSettings, out: Path | None = None, **pipe_
     height, width = check_settings(base, s)
     prepare_output(out)
     pipe = base.pipe
-    warnings_seen = [w for w in (truncation_warning(pipe.tokenizer, s.prompt),
-                                 truncation_warning(pipe.tokenizer, s.negative_prompt, "negative prompt")) if w]
+    prompts = split_regions(s.prompt) if s.regions else [s.prompt]
+    labels = [f"region {i + 1} prompt" for i in range(len(prompts))] if s.regions else ["prompt"]
+    warnings_seen = [w for w in [truncation_warning(pipe.tokenizer, p, label) for p, label in zip(prompts, labels)] +
+                     [truncation_warning(pipe.tokenizer, s.negative_prompt, "negative prompt")] if w]
     for w in warnings_seen:
         warnings.warn(w, stacklevel=2)
     # 2. Scheduler
@@ -149,6 +159,9 @@ def generate(base: Base, s: GenerationSettings, out: Path | None = None, **pipe_
     for start in range(0, s.num_images, s.batch_size):
         n = min(s.batch_size, s.num_images - start)
         gens = [torch.Generator(device="cpu").manual_seed(s.seed + start + i) for i in range(n)]
+        if s.regions:
+            images += draw_regions(base, s, gens, height, width, **pipe_kwargs)
+            continue
         result = pipe(prompt=[s.prompt] * n, negative_prompt=[s.negative_prompt] * n if s.negative_prompt else None,
                       num_inference_steps=s.steps, guidance_scale=s.guidance_scale, height=height, width=width,
                       generator=gens, **pipe_kwargs)
@@ -163,10 +176,21 @@ def generate(base: Base, s: GenerationSettings, out: Path | None = None, **pipe_
         "timings": {"total_s": round(seconds, 3), "per_image_s": round(seconds / s.num_images, 4)},
         "warnings": warnings_seen,
     }
+    if s.regions:
+        lefts = window_offsets(width, base.resolution, len(prompts), base.pipe.vae_scale_factor)
+        record["regions"] = [{"prompt": p, "left": x, "width": base.resolution} for p, x in zip(prompts, lefts)]
     result = GenerationResult(images=images, record=record)
     if out is not None:
         write_outputs(result, s, base, out, height, width)
     return result
+
+
+def draw_regions(base: Base, s: GenerationSettings, gens: list[torch.Generator], height: int, width: int,
+                 cross_attention_kwargs: dict | None = None, **unsupported) -> list[Image.Image]:
+    if unsupported:
+        raise LimnerError(f"regional prompts do not take {', '.join(sorted(unsupported))}; draw without --regions")
+    return regional_images(base.pipe, split_regions(s.prompt), s.negative_prompt, gens, s.steps, s.guidance_scale,
+                           height, width, window=base.resolution, cross_attention_kwargs=cross_attention_kwargs)
 
 
 def write_outputs(result: GenerationResult, s: GenerationSettings, base: Base, out: Path, height: int, width: int) -> None:

@@ -1,0 +1,120 @@
+"""Regional composition (MultiDiffusion, Bar-Tal et al., 2023): one image from several prompts.
+
+The canvas is wider than the base's native frame. Each prompt owns one native-size window, left to
+right, and neighbouring windows overlap. At every denoising step each window is denoised with its own
+prompt, and where windows overlap their noise predictions are averaged. The seams are therefore
+denoised jointly, and the result is one scene, not tiles pasted together.
+
+Why limner needs it: a base draws one subject per frame far better than a scene of several. The world
+base, for one, draws two-object scenes as blobs. Giving each concept its own window composes concepts
+that a single prompt cannot place together: a merged Custom Diffusion model, several LoRAs or
+embeddings. Prompts are separated by "BREAK", as in A1111's Regional Prompter.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from PIL import Image
+
+from limner.errors import LimnerError
+
+SEPARATOR = "BREAK"
+OVERLAP = 0.25  # the share of a window that its right-hand neighbour also covers
+
+
+def split_regions(prompt: str) -> list[str]:
+    """The prompts of the regions, left to right."""
+    parts = [p.strip(" ,") for p in prompt.split(SEPARATOR)]
+    if len(parts) < 2 or not all(parts):
+        raise LimnerError(f"--regions needs two or more non-empty prompts separated by {SEPARATOR!r}, e.g. "
+                          f"'a <new1> ball on the beach {SEPARATOR} a <new2> cup on the beach'; got {prompt!r}")
+    return parts
+
+
+def canvas_width(window: int, regions: int, overlap: float = OVERLAP) -> int:
+    """The default canvas width in pixels: `regions` windows, each overlapping the next by `overlap`."""
+    stride = window - max(8, round(window * overlap / 8) * 8)  # at least one 8-pixel block is shared
+    return window + (regions - 1) * stride
+
+
+def window_offsets(canvas: int, window: int, regions: int, factor: int = 1) -> list[int]:
+    """Left edges of the windows in pixels, spread evenly from one edge to the other on the latent grid
+    (`factor` pixels per latent)."""
+    lat_canvas, lat_window = canvas // factor, window // factor
+    return [factor * round(i * (lat_canvas - lat_window) / (regions - 1)) for i in range(regions)]
+
+
+def encode_regions(pipe, prompts: list[str], negative: str) -> tuple[torch.Tensor, torch.Tensor, dict | None, dict | None]:
+    """Text conditioning of each region's prompt and of the negative prompt: (cond [k, L, D], uncond,
+    and on SDXL the pooled embeddings the UNet also takes)."""
+    negatives = [negative] * len(prompts) if negative else None
+    device = pipe.unet.device
+    if getattr(pipe, "text_encoder_2", None) is None:
+        cond, uncond = pipe.encode_prompt(prompts, device, 1, True, negative_prompt=negatives)
+        return cond, uncond, None, None
+    cond, uncond, pooled, pooled_uncond = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1,
+                                                             do_classifier_free_guidance=True, negative_prompt=negatives)
+    return cond, uncond, {"text_embeds": pooled}, {"text_embeds": pooled_uncond}
+
+
+@torch.no_grad()
+def regional_images(pipe, prompts: list[str], negative: str, generators: list[torch.Generator], steps: int,
+                    guidance: float, height: int, width: int, window: int, cross_attention_kwargs: dict | None = None) -> list[Image.Image]:
+    """One image per generator: a height x width canvas whose windows (each `window` pixels wide) are
+    denoised with their own prompt, left to right."""
+    unet, scheduler, factor = pipe.unet, pipe.scheduler, pipe.vae_scale_factor
+    device, dtype = unet.device, unet.dtype
+    n, k = len(generators), len(prompts)
+    cond, uncond, added, added_uncond = encode_regions(pipe, prompts, negative)
+    guided = guidance > 1.0
+    # the UNet batch is [uncond views..., cond views...], each view-major: view i, then image j
+    hidden = torch.cat(([uncond.repeat_interleave(n, 0)] if guided else []) + [cond.repeat_interleave(n, 0)])
+    added_kwargs = None
+    if added is not None:  # SDXL: pooled text and the size / crop conditioning of one window
+        pooled = torch.cat(([added_uncond["text_embeds"].repeat_interleave(n, 0)] if guided else []) +
+                           [added["text_embeds"].repeat_interleave(n, 0)])
+        time_ids = torch.tensor([[height, window, 0, 0, height, window]], device=device, dtype=pooled.dtype)
+        added_kwargs = {"text_embeds": pooled, "time_ids": time_ids.repeat(len(pooled), 1)}
+
+    lat_h, lat_w, lat_win = height // factor, width // factor, window // factor
+    offsets = [o // factor for o in window_offsets(width, window, k, factor)]
+    coverage = torch.zeros(lat_w, device=device, dtype=torch.float32)
+    for o in offsets:
+        coverage[o:o + lat_win] += 1
+    shape = (1, unet.config.in_channels, lat_h, lat_w)
+    latents = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators]).to(device)
+    scheduler.set_timesteps(steps, device=device)
+    latents = latents * scheduler.init_noise_sigma
+    # ancestral samplers draw fresh noise: from each image's own generator, where the scheduler takes one
+    step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
+
+    for t in scheduler.timesteps:
+        x = scheduler.scale_model_input(latents, t).to(dtype)
+        views = torch.cat([x[..., o:o + lat_win] for o in offsets])
+        eps = unet(torch.cat([views, views]) if guided else views, t, encoder_hidden_states=hidden,
+                   added_cond_kwargs=added_kwargs, cross_attention_kwargs=cross_attention_kwargs).sample.float()
+        if guided:
+            eps_uncond, eps_cond = eps.chunk(2)
+            eps = eps_uncond + guidance * (eps_cond - eps_uncond)
+        # average each view's prediction where windows overlap
+        total = torch.zeros_like(latents)
+        for i, o in enumerate(offsets):
+            total[..., o:o + lat_win] += eps[i * n:(i + 1) * n]
+        latents = scheduler.step(total / coverage, t, latents, **step_kwargs).prev_sample
+    return decode(pipe, latents)
+
+
+def decode(pipe, latents: torch.Tensor) -> list[Image.Image]:
+    vae = pipe.vae
+    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)  # SDXL's VAE overflows in fp16
+    dtype = torch.float32 if upcast else vae.dtype
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        images = vae.decode(latents.to(dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    finally:
+        if upcast:
+            vae.to(torch.float16)
+    return pipe.image_processor.postprocess(images, output_type="pil")
