@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT / "src"))
 CONTEXTS = ("on the beach", "in the snow", "on the grass", "in the city", "at night", "in a room")
 IMAGES_PER_CONTEXT = 4
 CROP = 32  # px of the 64 px image around each entity
+MODE = "crossattn_kv"  # the paper's merge: the closed form solves for attn2's K and V, the only weights trained
 
 
 def crops(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -132,7 +133,7 @@ def main() -> None:
         folder = args.work / f"cd-{subject.name}"
         t0 = time.perf_counter()
         if not (folder / "limner.json").exists():
-            cd.personalize(load_base(None, dtype="fp32"), subject, folder, modifier_token=token)
+            cd.personalize(load_base(None, dtype="fp32"), subject, folder, modifier_token=token, mode=MODE)
         concepts[key], timings[f"train {subject.name}"] = folder, round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
     merged = merge(load_base(None, dtype="fp32"), [concepts["left"], concepts["right"]], args.work / "merged")
@@ -140,7 +141,7 @@ def main() -> None:
     joint = args.work / "joint"
     t0 = time.perf_counter()
     if not (joint / "limner.json").exists():
-        cd.personalize_jointly(load_base(None, dtype="fp32"), [a, b], joint)
+        cd.personalize_jointly(load_base(None, dtype="fp32"), [a, b], joint, mode=MODE)
     timings["joint training"] = round(time.perf_counter() - t0, 1)
 
     def prompts(left_phrase: str, right_phrase: str, regions: bool) -> list[str]:
@@ -188,12 +189,13 @@ def main() -> None:
     (args.out / "results.json").write_text(json.dumps({"rows": rows, "seconds": timings}, indent=1))
     # one row of the grid per variant: the first image of each context (regional ones are wider)
     names = list(grids)
-    cell = max(grids[name][0][0].shape[1] for name in names)
-    sheet = Image.new("RGB", (cell * len(CONTEXTS), 64 * len(names)), "white")
-    for r, name in enumerate(names):
-        for c in range(len(CONTEXTS)):
-            image = grids[name][0][c * IMAGES_PER_CONTEXT]
-            sheet.paste(Image.fromarray(image).resize((image.shape[1] * 64 // image.shape[0], 64)), (cell * c, 64 * r))
+    rows_of_images = [[Image.fromarray(grids[name][0][c * IMAGES_PER_CONTEXT]) for c in range(len(CONTEXTS))] for name in names]
+    sheet = Image.new("RGB", (max(sum(im.width for im in row) for row in rows_of_images), 64 * len(names)), "white")
+    for r, row in enumerate(rows_of_images):
+        x = 0
+        for im in row:
+            sheet.paste(im, (x, 64 * r))
+            x += im.width
     sheet.resize((sheet.width * 2, sheet.height * 2), Image.NEAREST).save(args.out / "grid.png")
     print((args.out / "results.md").read_text())
     print("grid rows, top to bottom:", ", ".join(names))

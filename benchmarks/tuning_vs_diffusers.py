@@ -124,7 +124,8 @@ def same_settings_args(method: str, steps: int) -> tuple[list[str], list[str]]:
         if method == "dreambooth_lora":
             diffusers += ["--rank=8"]
     else:
-        limner += ["--set", "prior_preservation=false", "--set", f"initializer={CD_INITIALIZER}"]
+        # the script's default --freeze_model crossattn_kv: attn2's K and V only
+        limner += ["--set", "prior_preservation=false", "--set", f"initializer={CD_INITIALIZER}", "--set", "mode=crossattn_kv"]
         diffusers += [f"--instance_prompt=a photo of a <new1> {CLASS_NOUN}", "--modifier_token=<new1>", f"--initializer_token={CD_INITIALIZER}"]
     return limner, diffusers
 

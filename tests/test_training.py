@@ -178,6 +178,7 @@ def test_custom_diffusion_trains_kv_and_token_and_round_trips(tiny_base, tmp_pat
     k_before = {n: m.to_k.weight.detach().clone() for n, m in base.pipe.unet.named_modules() if n.endswith("attn2")}
     q_before = {n: m.to_q.weight.detach().clone() for n, m in base.pipe.unet.named_modules() if n.endswith("attn2")}
     out = get_method("custom_diffusion").personalize(base, subject(), tmp_path / "c", prior_preservation=False, augment_variants=3,
+                                                   mode="crossattn_kv",
                                                    train=TrainConfig(max_steps=3, batch_size=2, learning_rate=1e-2, checkpoint_every=0))
     state = load_file(str(out / "pytorch_custom_diffusion_weights.safetensors"))
     assert len(state) == 2 * len(k_before) and all(".attn2.processor.to_" in k for k in state)
@@ -195,6 +196,41 @@ def test_custom_diffusion_trains_kv_and_token_and_round_trips(tiny_base, tmp_pat
     with pytest.raises(LimnerError, match="allow-pickle"):
         read_weights(tmp_path / "cd.bin")
     assert set(read_weights(tmp_path / "cd.bin", allow_pickle=True)) == set(state)
+
+
+def test_custom_diffusion_default_trains_all_of_attn2_in_diffusers_layout(tiny_base, tmp_path):
+    from safetensors.torch import load_file
+
+    base = load_base(str(tiny_base), device="cpu")
+    out = get_method("custom_diffusion").personalize(base, subject(), tmp_path / "c", prior_preservation=False, augment_variants=1,
+                                                   train=TrainConfig(max_steps=2, batch_size=2, learning_rate=1e-2, checkpoint_every=0))
+    state = load_file(str(out / "pytorch_custom_diffusion_weights.safetensors"))
+    layers = [n for n, _ in base.pipe.unet.named_modules() if n.endswith("attn2")]
+    for name in layers:  # the keys diffusers' CustomDiffusionAttnProcessor has with train_q_out=True
+        for key in ("to_q_custom_diffusion.weight", "to_k_custom_diffusion.weight", "to_v_custom_diffusion.weight",
+                    "to_out_custom_diffusion.0.weight", "to_out_custom_diffusion.0.bias"):
+            assert f"{name}.processor.{key}" in state
+    fresh = load_base(str(tiny_base), device="cpu")
+    get_method("custom_diffusion").apply(fresh, out)
+    for name in layers:
+        attn = fresh.pipe.unet.get_submodule(name)
+        assert torch.allclose(attn.to_q.weight, state[f"{name}.processor.to_q_custom_diffusion.weight"].float())
+        assert torch.allclose(attn.to_out[0].weight, state[f"{name}.processor.to_out_custom_diffusion.0.weight"].float())
+
+
+def test_merge_constrains_only_what_follows_the_modifier_token(tiny_base):
+    from limner.methods.custom_diffusion import prompt_features
+    from limner.methods.textual_inversion import add_tokens_everywhere
+    from limner.training.conditioning import PromptEncoder
+
+    base = load_base(str(tiny_base), device="cpu")
+    encoder = PromptEncoder(base.pipe, base.resolution)
+    add_tokens_everywhere(encoder, ["<new1>"], "box")
+    C = prompt_features(encoder, ["<new1> box", "a photo of a <new1> box"], from_token="<new1>")
+    assert C.shape[0] == 6, "<new1>, box and the end token of each prompt"
+    # the rows every prompt shares (begin token, "a photo of a") are C_reg's, never a concept's target
+    shared = prompt_features(encoder, ["a photo of a"])
+    assert not any(torch.allclose(row, s, atol=1e-4) for row in C for s in shared)
 
 
 def test_custom_diffusion_merge_of_two_concepts(tiny_base, tmp_path):

@@ -198,6 +198,7 @@ def merge_cmd(
     device: DeviceOpt = "auto",
 ) -> None:
     """Merge separately trained Custom Diffusion concepts in closed form (no training)."""
+    from limner.concepts import read_manifest
     from limner.methods.custom_diffusion import merge
     from limner.models.loading import load_base
 
@@ -207,6 +208,9 @@ def merge_cmd(
         if out.exists() and not out.is_dir():
             raise LimnerError(f"--out {out} is a file; give a folder")
         folder = merge(load_base(base, device=device, dtype="fp32"), concepts, out, force=force)
+        if read_manifest(folder)["mode"] == "crossattn":
+            typer.echo("note: the closed form covers attn2's K and V; these concepts also trained Q and the output projection, "
+                       "which are averaged. For the paper's merge, train with --set mode=crossattn_kv.", err=True)
         typer.echo(f"merged concept written to {folder}")
 
     run(go)
