@@ -112,6 +112,11 @@ def draw(base, prompts: list[str], regions: bool = False, seed: int = 0) -> tupl
     return images, pairs
 
 
+def read_seconds(concept: Path) -> float:
+    """Training time as the concept recorded it (also when this run found it already trained)."""
+    return round(json.loads((concept / "limner.json").read_text())["seconds"], 1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--left", default="duo_ball")
@@ -134,15 +139,15 @@ def main() -> None:
         t0 = time.perf_counter()
         if not (folder / "limner.json").exists():
             cd.personalize(load_base(None, dtype="fp32"), subject, folder, modifier_token=token, mode=MODE)
-        concepts[key], timings[f"train {subject.name}"] = folder, round(time.perf_counter() - t0, 1)
+        concepts[key] = folder
+        timings[f"train {subject.name}"] = read_seconds(folder)
     t0 = time.perf_counter()
     merged = merge(load_base(None, dtype="fp32"), [concepts["left"], concepts["right"]], args.work / "merged")
     timings["merge"] = round(time.perf_counter() - t0, 1)
     joint = args.work / "joint"
-    t0 = time.perf_counter()
     if not (joint / "limner.json").exists():
         cd.personalize_jointly(load_base(None, dtype="fp32"), [a, b], joint, mode=MODE)
-    timings["joint training"] = round(time.perf_counter() - t0, 1)
+    timings["joint training"] = read_seconds(joint)
 
     def prompts(left_phrase: str, right_phrase: str, regions: bool) -> list[str]:
         if regions:

@@ -452,15 +452,6 @@ def merge_captions(base, n: int) -> list[str]:
     return [f"a photo of a {nouns[i % len(nouns)]}" for i in range(n)]
 
 
-def constraint_prompts(manifest: dict) -> list[str]:
-    """The prompts whose modifier-token features the merged weights must map as the concept's own
-    weights do: the paper's two ("<new1> cat", "a photo of <new1> cat"), "a <new1> cat", and the
-    concept's plain training prompts, so its contexts keep working too."""
-    phrase = f"{manifest['tokens'][0]} {manifest['class_noun']}"
-    trained = [p for p in manifest.get("training_prompts", []) if p.startswith(f"a photo of a {phrase}")]
-    return list(dict.fromkeys([phrase, f"a {phrase}", f"a photo of a {phrase}", *trained]))
-
-
 def merge(base, concepts: list[Path], out: Path, num_reg_captions: int = 200, force: bool = False) -> Path:
     """Merges separately trained Custom Diffusion concepts (distinct modifier tokens) into one."""
     pipe = base.pipe
@@ -483,8 +474,11 @@ def merge(base, concepts: list[Path], out: Path, num_reg_captions: int = 200, fo
     W0 = layer_weights(pipe.unet, mode)
     tuned = [read_weights(Path(c) / m["files"]["weights"]) for c, m in zip(concepts, manifests)]
     C_reg = prompt_features(encoder, merge_captions(base, num_reg_captions))
-    # C: the features from each concept's modifier token on, in the prompts it should keep working in
-    per_concept = [prompt_features(encoder, constraint_prompts(m), from_token=m["tokens"][0]) for m in manifests]
+    # C: the features from each concept's modifier token on, in the paper's two prompts ("<new1> cat",
+    # "a photo of <new1> cat"). Adding the concept's training prompts (contexts) as constraints was
+    # worse on the world: gift_box + night_dog, regional, both recognised 0.125 -> 0.000.
+    phrases = [f"{m['tokens'][0]} {m['class_noun']}" for m in manifests]
+    per_concept = [prompt_features(encoder, [p, f"a photo of a {p}"], from_token=m["tokens"][0]) for p, m in zip(phrases, manifests)]
     merged = {}
     for key, w0 in W0.items():
         if not key.endswith(".weight") or not any(p in key for p in ("to_k_custom", "to_v_custom")):
