@@ -136,7 +136,6 @@ def main() -> None:
     timings, concepts = {}, {}
     for key, subject, token in (("left", a, "<new1>"), ("right", b, "<new2>")):
         folder = args.work / f"cd-{subject.name}"
-        t0 = time.perf_counter()
         if not (folder / "limner.json").exists():
             cd.personalize(load_base(None, dtype="fp32"), subject, folder, modifier_token=token, mode=MODE)
         concepts[key] = folder
@@ -158,7 +157,7 @@ def main() -> None:
     n = IMAGES_PER_CONTEXT * len(CONTEXTS)
     upper = upper_bound_images(a.world, b.world, n)
     singles = single_renders(a.world, b.world, n)
-    # variant -> (base with the variant's concepts applied, left phrase, right phrase)
+    # variant -> (concept folders to apply, left phrase, right phrase)
     variants = {"base, class nouns": ([], a.class_noun, b.class_noun),
                 "closed-form merge": ([merged], f"<new1> {a.class_noun}", f"<new2> {b.class_noun}"),
                 "joint training": ([joint], f"<new1> {a.class_noun}", f"<new2> {b.class_noun}")}
@@ -168,16 +167,18 @@ def main() -> None:
         left = f"{tok} {a.class_noun}" if key == "left" else a.class_noun
         right = f"{tok} {b.class_noun}" if key == "right" else b.class_noun
         variants[f"only {a.name if key == 'left' else b.name} concept"] = ([folder], left, right)
-    rows, grids = {}, {}
-    for regions in (False, True):
-        layout = "regional prompts" if regions else "one prompt"
-        grids[f"upper bound (renders), {layout}"] = ([np.concatenate(p, 1) for p in singles], singles) if regions else \
-            (upper, [crops(im) for im in upper])
-        for name, (folders, left, right) in variants.items():
-            base = load_base(None)
-            for folder in folders:
-                cd.apply(base, folder)
-            grids[f"{name}, {layout}"] = draw(base, prompts(left, right, regions), regions)
+    # rows: every variant with one prompt, then every variant with regional prompts
+    layouts = {False: "one prompt", True: "regional prompts"}
+    grids = {f"upper bound (renders), {layouts[False]}": (upper, [crops(im) for im in upper])}
+    regional = {f"upper bound (renders), {layouts[True]}": ([np.concatenate(p, 1) for p in singles], singles)}
+    for name, (folders, left, right) in variants.items():
+        base = load_base(None)  # one base per variant, drawn in both layouts
+        for folder in folders:
+            cd.apply(base, folder)
+        for regions, rows_of_layout in ((False, grids), (True, regional)):
+            rows_of_layout[f"{name}, {layouts[regions]}"] = draw(base, prompts(left, right, regions), regions)
+    grids |= regional
+    rows = {}
     for name, (_, pairs) in grids.items():
         rows[name] = two_subject_scores(pairs, a.name, b.name, probes)
 

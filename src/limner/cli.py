@@ -198,7 +198,6 @@ def merge_cmd(
     device: DeviceOpt = "auto",
 ) -> None:
     """Merge separately trained Custom Diffusion concepts in closed form (no training)."""
-    from limner.concepts import read_manifest
     from limner.methods.custom_diffusion import merge
     from limner.models.loading import load_base
 
@@ -207,10 +206,13 @@ def merge_cmd(
             raise LimnerError("merge needs at least two concept folders")
         if out.exists() and not out.is_dir():
             raise LimnerError(f"--out {out} is a file; give a folder")
-        folder = merge(load_base(base, device=device, dtype="fp32"), concepts, out, force=force)
-        if read_manifest(folder)["mode"] == "crossattn":
-            typer.echo("note: the closed form covers attn2's K and V; these concepts also trained Q and the output projection, "
-                       "which are averaged. For the paper's merge, train with --set mode=crossattn_kv.", err=True)
+        b = load_base(base, device=device, dtype="fp32")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            folder = merge(b, concepts, out, force=force)
+        for w in caught:
+            if issubclass(w.category, UserWarning):  # limner's own notes, not libraries' deprecations
+                typer.echo(f"note: {w.message}", err=True)
         typer.echo(f"merged concept written to {folder}")
 
     run(go)

@@ -7,7 +7,6 @@ alone, with any batch size, on the same device.
 from __future__ import annotations
 
 import json
-import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -18,7 +17,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from limner.errors import LimnerError
-from limner.io import written_atomically
+from limner.io import write_json_atomic, written_atomically
 from limner.models.loading import Base
 from limner.regions import canvas_width, regional_images, split_regions, window_offsets
 
@@ -146,6 +145,7 @@ def generate(base: Base, s: GenerationSettings, out: Path | None = None, **pipe_
     prepare_output(out)
     pipe = base.pipe
     prompts = split_regions(s.prompt) if s.regions else [s.prompt]
+    lefts = window_offsets(width, base.resolution, len(prompts), pipe.vae_scale_factor) if s.regions else []
     labels = [f"region {i + 1} prompt" for i in range(len(prompts))] if s.regions else ["prompt"]
     warnings_seen = [w for w in [truncation_warning(pipe.tokenizer, p, label) for p, label in zip(prompts, labels)] +
                      [truncation_warning(pipe.tokenizer, s.negative_prompt, "negative prompt")] if w]
@@ -160,7 +160,7 @@ def generate(base: Base, s: GenerationSettings, out: Path | None = None, **pipe_
         n = min(s.batch_size, s.num_images - start)
         gens = [torch.Generator(device="cpu").manual_seed(s.seed + start + i) for i in range(n)]
         if s.regions:
-            images += draw_regions(base, s, gens, height, width, **pipe_kwargs)
+            images += draw_regions(base, s, prompts, lefts, gens, height, width, **pipe_kwargs)
             continue
         result = pipe(prompt=[s.prompt] * n, negative_prompt=[s.negative_prompt] * n if s.negative_prompt else None,
                       num_inference_steps=s.steps, guidance_scale=s.guidance_scale, height=height, width=width,
@@ -177,7 +177,6 @@ def generate(base: Base, s: GenerationSettings, out: Path | None = None, **pipe_
         "warnings": warnings_seen,
     }
     if s.regions:
-        lefts = window_offsets(width, base.resolution, len(prompts), base.pipe.vae_scale_factor)
         record["regions"] = [{"prompt": p, "left": x, "width": base.resolution} for p, x in zip(prompts, lefts)]
     result = GenerationResult(images=images, record=record)
     if out is not None:
@@ -185,12 +184,12 @@ def generate(base: Base, s: GenerationSettings, out: Path | None = None, **pipe_
     return result
 
 
-def draw_regions(base: Base, s: GenerationSettings, gens: list[torch.Generator], height: int, width: int,
-                 cross_attention_kwargs: dict | None = None, **unsupported) -> list[Image.Image]:
+def draw_regions(base: Base, s: GenerationSettings, prompts: list[str], lefts: list[int], gens: list[torch.Generator],
+                 height: int, width: int, cross_attention_kwargs: dict | None = None, **unsupported) -> list[Image.Image]:
     if unsupported:
         raise LimnerError(f"regional prompts do not take {', '.join(sorted(unsupported))}; draw without --regions")
-    return regional_images(base.pipe, split_regions(s.prompt), s.negative_prompt, gens, s.steps, s.guidance_scale,
-                           height, width, window=base.resolution, cross_attention_kwargs=cross_attention_kwargs)
+    return regional_images(base.pipe, prompts, lefts, base.resolution, s.negative_prompt, gens, s.steps, s.guidance_scale,
+                           height, width, cross_attention_kwargs=cross_attention_kwargs)
 
 
 def write_outputs(result: GenerationResult, s: GenerationSettings, base: Base, out: Path, height: int, width: int) -> None:
@@ -205,6 +204,4 @@ def write_outputs(result: GenerationResult, s: GenerationSettings, base: Base, o
     grid = out / f"{run:05d}-grid.png"
     save_png(make_grid(result.images), grid, {"parameters": a1111_parameters(s, s.seed, height, width, base)})
     result.record["files"] = {"images": [p.name for p in result.paths], "grid": grid.name}
-    tmp = out / f"{run:05d}.json.tmp"
-    tmp.write_text(json.dumps(result.record, indent=2))
-    os.replace(tmp, out / f"{run:05d}.json")
+    write_json_atomic(out / f"{run:05d}.json", result.record)

@@ -60,13 +60,13 @@ def encode_regions(pipe, prompts: list[str], negative: str) -> tuple[torch.Tenso
 
 
 @torch.no_grad()
-def regional_images(pipe, prompts: list[str], negative: str, generators: list[torch.Generator], steps: int,
-                    guidance: float, height: int, width: int, window: int, cross_attention_kwargs: dict | None = None) -> list[Image.Image]:
-    """One image per generator: a height x width canvas whose windows (each `window` pixels wide) are
-    denoised with their own prompt, left to right."""
+def regional_images(pipe, prompts: list[str], lefts: list[int], window: int, negative: str, generators: list[torch.Generator],
+                    steps: int, guidance: float, height: int, width: int, cross_attention_kwargs: dict | None = None) -> list[Image.Image]:
+    """One image per generator: a height x width canvas whose windows (`window` pixels wide, left edges
+    `lefts` from `window_offsets`) are each denoised with their own prompt."""
     unet, scheduler, factor = pipe.unet, pipe.scheduler, pipe.vae_scale_factor
     device, dtype = unet.device, unet.dtype
-    n, k = len(generators), len(prompts)
+    n = len(generators)
     cond, uncond, added, added_uncond = encode_regions(pipe, prompts, negative)
     guided = guidance > 1.0
     # the UNet batch is [uncond views..., cond views...], each view-major: view i, then image j
@@ -79,7 +79,7 @@ def regional_images(pipe, prompts: list[str], negative: str, generators: list[to
         added_kwargs = {"text_embeds": pooled, "time_ids": time_ids.repeat(len(pooled), 1)}
 
     lat_h, lat_w, lat_win = height // factor, width // factor, window // factor
-    offsets = [o // factor for o in window_offsets(width, window, k, factor)]
+    offsets = [x // factor for x in lefts]
     coverage = torch.zeros(lat_w, device=device, dtype=torch.float32)
     for o in offsets:
         coverage[o:o + lat_win] += 1

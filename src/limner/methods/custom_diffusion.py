@@ -467,6 +467,9 @@ def merge(base, concepts: list[Path], out: Path, num_reg_captions: int = 200, fo
     if len(modes) != 1:
         raise LimnerError("the concepts were trained in different modes (crossattn_kv vs crossattn); merge concepts of one mode")
     mode = modes.pop()
+    if mode == "crossattn":
+        warnings.warn("the closed form covers attn2's K and V; these concepts also trained Q and the output projection, "
+                      "which are averaged. For the paper's merge, train with --set mode=crossattn_kv.", stacklevel=2)
     for c, m in zip(concepts, manifests):
         for token, name in m["files"]["tokens"].items():
             load_embedding(base, Path(c) / name, token=token)
