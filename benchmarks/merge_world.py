@@ -96,7 +96,7 @@ def single_renders(left, right, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
     return pairs
 
 
-def draw(base, prompts: list[str], regions: bool = False, seed: int = 0) -> tuple[list[np.ndarray], list]:
+def draw(base, prompts: list[str], regions: bool = False, seed: int = 0, **kwargs) -> tuple[list[np.ndarray], list]:
     """The images, and each one's (left crop, right crop)."""
     from limner.generation import GenerationSettings, generate
 
@@ -104,7 +104,7 @@ def draw(base, prompts: list[str], regions: bool = False, seed: int = 0) -> tupl
     for j, prompt in enumerate(prompts):
         s = GenerationSettings(prompt, num_images=IMAGES_PER_CONTEXT, seed=seed + 100 * j, steps=25,
                                batch_size=IMAGES_PER_CONTEXT, regions=regions)
-        result = generate(base, s)
+        result = generate(base, s, **kwargs)
         lefts = [r["left"] for r in result.record.get("regions", [])]
         for im in result.images:
             images.append(np.asarray(im.convert("RGB")))
@@ -126,24 +126,27 @@ def main() -> None:
     args = ap.parse_args()
     from limner.evaluation.subjects import world_subjects
     from limner.methods import get_method
-    from limner.methods.custom_diffusion import merge
+    from limner.methods.custom_diffusion import compose, merge
     from limner.models.loading import WORLD_PROBES, load_base
+    from limner.regions import split_regions
     from limner.world.probes import Probes
 
     torch.manual_seed(0)
     a, b = world_subjects(f"world:{args.left},{args.right}")
     cd = get_method("custom_diffusion")
     timings, concepts = {}, {}
+    defaults = {}  # the same subjects trained with Custom Diffusion's defaults (all of attn2), for per-window use
     for key, subject, token in (("left", a, "<new1>"), ("right", b, "<new2>")):
-        folder = args.work / f"cd-{subject.name}"
-        if not (folder / "limner.json").exists():
-            cd.personalize(load_base(None, dtype="fp32"), subject, folder, modifier_token=token, mode=MODE)
-        concepts[key] = folder
-        timings[f"train {subject.name}"] = read_seconds(folder)
+        for trained, suffix, settings in ((concepts, "", {"mode": MODE}), (defaults, "-default", {})):
+            folder = args.work / f"cd-{subject.name}{suffix}"
+            if not (folder / "limner.json").exists():
+                cd.personalize(load_base(None, dtype="fp32"), subject, folder, modifier_token=token, **settings)
+            trained[key] = folder
+            timings[f"train {subject.name}{suffix}"] = read_seconds(folder)
     t0 = time.perf_counter()
-    merged = merge(load_base(None, dtype="fp32"), [concepts["left"], concepts["right"]], args.work / "merged")
+    merged = merge(load_base(None, dtype="fp32"), [concepts["left"], concepts["right"]], args.work / f"merged-{a.name}+{b.name}")
     timings["merge"] = round(time.perf_counter() - t0, 1)
-    joint = args.work / "joint"
+    joint = args.work / f"joint-{a.name}+{b.name}"  # one work folder serves every pair
     if not (joint / "limner.json").exists():
         cd.personalize_jointly(load_base(None, dtype="fp32"), [a, b], joint, mode=MODE)
     timings["joint training"] = read_seconds(joint)
@@ -177,6 +180,14 @@ def main() -> None:
             cd.apply(base, folder)
         for regions, rows_of_layout in ((False, grids), (True, regional)):
             rows_of_layout[f"{name}, {layouts[regions]}"] = draw(base, prompts(left, right, regions), regions)
+    # separate concepts, each window denoised with the weights of the concept its prompt names
+    # (`limner generate --regions --concept A --concept B`): regional prompts only
+    for name, pair in (("separate concepts, each in its window", concepts),
+                       ("separate default (all of attn2) concepts, each in its window", defaults)):
+        base = load_base(None)
+        region_prompts = prompts(f"<new1> {a.class_noun}", f"<new2> {b.class_noun}", True)
+        use_window = compose(base, [pair["left"], pair["right"]], split_regions(region_prompts[0]))
+        regional[f"{name}, {layouts[True]}"] = draw(base, region_prompts, True, before_window=use_window)
     grids |= regional
     rows = {}
     for name, (_, pairs) in grids.items():

@@ -233,19 +233,50 @@ def test_merge_constrains_only_what_follows_the_modifier_token(tiny_base):
     assert not any(torch.allclose(row, s, atol=1e-4) for row in C for s in shared)
 
 
-def test_custom_diffusion_merge_of_two_concepts(tiny_base, tmp_path):
-    from limner.methods.custom_diffusion import merge
-
+def two_custom_diffusion_concepts(tiny_base, tmp_path) -> tuple:
     cfg = dict(prior_preservation=False, augment=False, train=TrainConfig(max_steps=2, batch_size=2, learning_rate=1e-2, checkpoint_every=0))
     a = get_method("custom_diffusion").personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "a", **cfg)
     b = get_method("custom_diffusion").personalize(load_base(str(tiny_base), device="cpu"), Subject("cube", "box", subject().images),
                                                    tmp_path / "b", modifier_token="<new2>", **cfg)
+    return a, b
+
+
+def test_custom_diffusion_merge_of_two_concepts(tiny_base, tmp_path):
+    from limner.methods.custom_diffusion import merge
+
+    a, b = two_custom_diffusion_concepts(tiny_base, tmp_path)
     merged = merge(load_base(str(tiny_base), device="cpu"), [a, b], tmp_path / "m")
     fresh = load_base(str(tiny_base), device="cpu")
     get_method("custom_diffusion").apply(fresh, merged)
     assert {"<new1>", "<new2>"} <= set(fresh.pipe.tokenizer.get_vocab())
     with pytest.raises(LimnerError, match="share a modifier token"):
         merge(load_base(str(tiny_base), device="cpu"), [a, a], tmp_path / "m2")
+
+
+def test_several_custom_diffusion_concepts_compose_instead_of_overwriting(tiny_base, tmp_path):
+    from limner.cli import apply_concepts
+    from limner.methods.custom_diffusion import WEIGHTS_FILE, layer_weights, read_weights
+
+    a, b = two_custom_diffusion_concepts(tiny_base, tmp_path)
+    weights = {c: {k: v.float() for k, v in read_weights(c / WEIGHTS_FILE).items()} for c in (a, b)}
+
+    def installed(base) -> dict:
+        return layer_weights(base.pipe.unet, "crossattn")
+
+    # one prompt: merged in closed form, so the second concept's weights no longer replace the first's
+    base = load_base(str(tiny_base), device="cpu")
+    assert apply_concepts(base, [a, b]) == {}
+    merged = installed(base)
+    assert not all(torch.allclose(merged[k], weights[b][k]) for k in weights[b])
+    assert {"<new1>", "<new2>"} <= set(base.pipe.tokenizer.get_vocab())
+    # regional prompts: each window is denoised with the weights of the concept its prompt names
+    base = load_base(str(tiny_base), device="cpu")
+    original = installed(base)
+    use_window = apply_concepts(base, [a, b], region_prompts=["a <new2> box", "a <new1> dog", "a tree"])["before_window"]
+    for i, want in enumerate((weights[b], weights[a], original)):
+        use_window(i)
+        now = installed(base)
+        assert all(torch.allclose(now[k], want[k], atol=1e-3) for k in want), f"window {i}"
 
 
 def test_embedding_formats_load_into_a_base(tiny_base, tmp_path):

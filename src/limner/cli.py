@@ -66,6 +66,7 @@ def generate(
     """Generate images from a prompt (on the world base unless --base is given)."""
     from limner.generation import SCHEDULERS, GenerationSettings, check_settings, prepare_output
     from limner.models.loading import load_base
+    from limner.regions import split_regions
 
     def go():
         if scheduler not in SCHEDULERS:
@@ -76,7 +77,7 @@ def generate(
                                       regions=regions)
         b = load_base(base, device=device, dtype=dtype, config=config)
         check_settings(b, settings)
-        apply_concepts(b, concept or [], force)
+        generation_kwargs = apply_concepts(b, concept or [], force, split_regions(prompt) if regions else None)
         for spec in embedding or []:
             from limner.methods.textual_inversion import load_embedding
 
@@ -90,7 +91,7 @@ def generate(
 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result = gen(b, settings, out)
+            result = gen(b, settings, out, **generation_kwargs)
         for w in caught:
             if "tokenizer's limit" in str(w.message):
                 typer.echo(f"warning: {w.message}", err=True)
@@ -100,14 +101,26 @@ def generate(
     run(go)
 
 
-def apply_concepts(base, folders: list[Path], force: bool = False) -> None:
+def apply_concepts(base, folders: list[Path], force: bool = False, region_prompts: list[str] | None = None) -> dict:
+    """Applies concept folders to a loaded base; returns what generation needs besides (a per-window
+    hook when several Custom Diffusion concepts meet regional prompts). Several Custom Diffusion
+    concepts would overwrite each other's attention weights if applied one after another, so they
+    compose: merged in closed form, or each in the regions that name its token."""
     from limner.concepts import check_base, read_manifest
     from limner.methods import get_method
+    from limner.methods.custom_diffusion import CustomDiffusion, compose
 
-    for folder in folders:
-        manifest = read_manifest(folder)
+    manifests = [read_manifest(folder) for folder in folders]
+    for folder, manifest in zip(folders, manifests):
         check_base(manifest, folder, base, force)
-        get_method(manifest["method"]).apply(base, folder)
+    separate = [f for f, m in zip(folders, manifests) if m["method"] == CustomDiffusion.name]
+    for folder, manifest in zip(folders, manifests):
+        if folder not in separate or len(separate) == 1:
+            get_method(manifest["method"]).apply(base, folder)
+    if len(separate) < 2:
+        return {}
+    use_window = compose(base, separate, region_prompts, force)
+    return {"before_window": use_window} if use_window else {}
 
 
 @app.command("train")

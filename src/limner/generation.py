@@ -185,11 +185,12 @@ def generate(base: Base, s: GenerationSettings, out: Path | None = None, **pipe_
 
 
 def draw_regions(base: Base, s: GenerationSettings, prompts: list[str], lefts: list[int], gens: list[torch.Generator],
-                 height: int, width: int, cross_attention_kwargs: dict | None = None, **unsupported) -> list[Image.Image]:
+                 height: int, width: int, cross_attention_kwargs: dict | None = None, before_window=None,
+                 **unsupported) -> list[Image.Image]:
     if unsupported:
         raise LimnerError(f"regional prompts do not take {', '.join(sorted(unsupported))}; draw without --regions")
     return regional_images(base.pipe, prompts, lefts, base.resolution, s.negative_prompt, gens, s.steps, s.guidance_scale,
-                           height, width, cross_attention_kwargs=cross_attention_kwargs)
+                           height, width, cross_attention_kwargs=cross_attention_kwargs, before_window=before_window)
 
 
 def write_outputs(result: GenerationResult, s: GenerationSettings, base: Base, out: Path, height: int, width: int) -> None:

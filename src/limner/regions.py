@@ -14,6 +14,7 @@ embeddings. Prompts are separated by "BREAK", as in A1111's Regional Prompter.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 
 import torch
 from PIL import Image
@@ -61,15 +62,20 @@ def encode_regions(pipe, prompts: list[str], negative: str) -> tuple[torch.Tenso
 
 @torch.no_grad()
 def regional_images(pipe, prompts: list[str], lefts: list[int], window: int, negative: str, generators: list[torch.Generator],
-                    steps: int, guidance: float, height: int, width: int, cross_attention_kwargs: dict | None = None) -> list[Image.Image]:
+                    steps: int, guidance: float, height: int, width: int, cross_attention_kwargs: dict | None = None,
+                    before_window: Callable[[int], None] | None = None) -> list[Image.Image]:
     """One image per generator: a height x width canvas whose windows (`window` pixels wide, left edges
-    `lefts` from `window_offsets`) are each denoised with their own prompt."""
+    `lefts` from `window_offsets`) are each denoised with their own prompt.
+
+    `before_window(i)`, if given, runs before window i is denoised (e.g. to install that region's
+    concept weights); the UNet then runs window by window instead of on all windows at once."""
     unet, scheduler, factor = pipe.unet, pipe.scheduler, pipe.vae_scale_factor
     device, dtype = unet.device, unet.dtype
     n = len(generators)
     cond, uncond, added, added_uncond = encode_regions(pipe, prompts, negative)
     guided = guidance > 1.0
-    # the UNet batch is [uncond views..., cond views...], each view-major: view i, then image j
+    k = len(prompts)
+    # conditioning rows [uncond views..., cond views...], each view-major: view i, then image j
     hidden = torch.cat(([uncond.repeat_interleave(n, 0)] if guided else []) + [cond.repeat_interleave(n, 0)])
     added_kwargs = None
     if added is not None:  # SDXL: pooled text and the size / crop conditioning of one window
@@ -77,6 +83,8 @@ def regional_images(pipe, prompts: list[str], lefts: list[int], window: int, neg
                            [added["text_embeds"].repeat_interleave(n, 0)])
         time_ids = torch.tensor([[height, window, 0, 0, height, window]], device=device, dtype=pooled.dtype)
         added_kwargs = {"text_embeds": pooled, "time_ids": time_ids.repeat(len(pooled), 1)}
+    # one UNet call for all windows, or one per window when each window has its own weights
+    groups = [list(range(k))] if before_window is None else [[i] for i in range(k)]
 
     lat_h, lat_w, lat_win = height // factor, width // factor, window // factor
     offsets = [x // factor for x in lefts]
@@ -92,12 +100,21 @@ def regional_images(pipe, prompts: list[str], lefts: list[int], window: int, neg
 
     for t in scheduler.timesteps:
         x = scheduler.scale_model_input(latents, t).to(dtype)
-        views = torch.cat([x[..., o:o + lat_win] for o in offsets])
-        eps = unet(torch.cat([views, views]) if guided else views, t, encoder_hidden_states=hidden,
-                   added_cond_kwargs=added_kwargs, cross_attention_kwargs=cross_attention_kwargs).sample.float()
-        if guided:
-            eps_uncond, eps_cond = eps.chunk(2)
-            eps = eps_uncond + guidance * (eps_cond - eps_uncond)
+        eps = []
+        for group in groups:
+            if before_window is not None:
+                before_window(group[0])
+            views = torch.cat([x[..., offsets[i]:offsets[i] + lat_win] for i in group])
+            rows = torch.cat([torch.arange(i * n, (i + 1) * n) for i in group])
+            rows = torch.cat([rows, rows + k * n]) if guided else rows
+            added_rows = None if added_kwargs is None else {key: v[rows] for key, v in added_kwargs.items()}
+            pred = unet(torch.cat([views, views]) if guided else views, t, encoder_hidden_states=hidden[rows],
+                        added_cond_kwargs=added_rows, cross_attention_kwargs=cross_attention_kwargs).sample.float()
+            if guided:
+                pred_uncond, pred_cond = pred.chunk(2)
+                pred = pred_uncond + guidance * (pred_cond - pred_uncond)
+            eps.append(pred)
+        eps = torch.cat(eps)  # view-major, as the windows are ordered
         # average each view's prediction where windows overlap
         total = torch.zeros_like(latents)
         for i, o in enumerate(offsets):

@@ -452,9 +452,8 @@ def merge_captions(base, n: int) -> list[str]:
     return [f"a photo of a {nouns[i % len(nouns)]}" for i in range(n)]
 
 
-def merge(base, concepts: list[Path], out: Path, num_reg_captions: int = 200, force: bool = False) -> Path:
-    """Merges separately trained Custom Diffusion concepts (distinct modifier tokens) into one."""
-    pipe = base.pipe
+def read_concepts(base, concepts: list[Path], force: bool = False) -> list[dict]:
+    """The manifests of Custom Diffusion concepts that can be used together on this base."""
     manifests = [read_manifest(c) for c in concepts]
     for c, m in zip(concepts, manifests):
         if m.get("method") != CustomDiffusion.name:
@@ -463,23 +462,25 @@ def merge(base, concepts: list[Path], out: Path, num_reg_captions: int = 200, fo
     tokens = [t for m in manifests for t in m["tokens"]]
     if len(set(tokens)) != len(tokens):
         raise LimnerError(f"the concepts share a modifier token ({', '.join(tokens)}); train them with distinct tokens (e.g. <new1>, <new2>)")
-    modes = {m["mode"] for m in manifests}
-    if len(modes) != 1:
+    if len({m["mode"] for m in manifests}) != 1:
         raise LimnerError("the concepts were trained in different modes (crossattn_kv vs crossattn); merge concepts of one mode")
-    mode = modes.pop()
+    return manifests
+
+
+def merged_weights(base, concepts: list[Path], manifests: list[dict], num_reg_captions: int = 200) -> dict[str, torch.Tensor]:
+    """The closed-form merge of the concepts' attn2 weights (their modifier tokens must be loaded)."""
+    mode = manifests[0]["mode"]
     if mode == "crossattn":
         warnings.warn("the closed form covers attn2's K and V; these concepts also trained Q and the output projection, "
-                      "which are averaged. For the paper's merge, train with --set mode=crossattn_kv.", stacklevel=2)
-    for c, m in zip(concepts, manifests):
-        for token, name in m["files"]["tokens"].items():
-            load_embedding(base, Path(c) / name, token=token)
-    encoder = PromptEncoder(pipe, base.resolution)
-    W0 = layer_weights(pipe.unet, mode)
+                      "which are averaged. For the paper's merge, train with --set mode=crossattn_kv.", stacklevel=3)
+    encoder = PromptEncoder(base.pipe, base.resolution)
+    W0 = layer_weights(base.pipe.unet, mode)
     tuned = [read_weights(Path(c) / m["files"]["weights"]) for c, m in zip(concepts, manifests)]
     C_reg = prompt_features(encoder, merge_captions(base, num_reg_captions))
     # C: the features from each concept's modifier token on, in the paper's two prompts ("<new1> cat",
     # "a photo of <new1> cat"). Adding the concept's training prompts (contexts) as constraints was
-    # worse on the world: gift_box + night_dog, regional, both recognised 0.125 -> 0.000.
+    # worse on the world: gift_box + night_dog, regional, both recognised 0.125 -> 0.000; so was a
+    # soft (least-squares) constraint over the phrase in 8 templates x 9 contexts (0.083 -> 0.000).
     phrases = [f"{m['tokens'][0]} {m['class_noun']}" for m in manifests]
     per_concept = [prompt_features(encoder, [p, f"a photo of a {p}"], from_token=m["tokens"][0]) for p, m in zip(phrases, manifests)]
     merged = {}
@@ -490,6 +491,52 @@ def merge(base, concepts: list[Path], out: Path, num_reg_captions: int = 200, fo
         C = torch.cat(per_concept)
         V = torch.cat([t[key].float() @ c.t() for t, c in zip(tuned, per_concept)], dim=1)
         merged[key] = closed_form(w0, C_reg, C, V)
+    return merged
+
+
+def load_tokens(base, concepts: list[Path], manifests: list[dict]) -> None:
+    for c, m in zip(concepts, manifests):
+        for token, name in m["files"]["tokens"].items():
+            load_embedding(base, Path(c) / name, token=token)
+
+
+def compose(base, concepts: list[Path], region_prompts: list[str] | None = None, force: bool = False) -> Callable[[int], None] | None:
+    """Several separately trained concepts in one generation, each with its modifier tokens.
+
+    Without regions they are merged in closed form. With regional prompts (one per window, left to
+    right) each window is denoised with the weights of the concepts its prompt names: one concept's
+    own weights, the closed-form merge of several, the base's for none. No concept then gives up
+    fidelity to another. Returns the hook that installs window i's weights, for `regional_images`."""
+    manifests = read_concepts(base, concepts, force)
+    load_tokens(base, concepts, manifests)
+    unet = base.pipe.unet
+    if region_prompts is None:
+        install_weights(unet, merged_weights(base, concepts, manifests))
+        return None
+    weights = []
+    for prompt in region_prompts:
+        named = [i for i, m in enumerate(manifests) if any(t in prompt for t in m["tokens"])]
+        if not named:
+            weights.append(layer_weights(unet, manifests[0]["mode"]))
+        elif len(named) == 1:
+            weights.append(read_weights(Path(concepts[named[0]]) / manifests[named[0]]["files"]["weights"]))
+        else:
+            weights.append(merged_weights(base, [concepts[i] for i in named], [manifests[i] for i in named]))
+
+    def use_window(i: int) -> None:
+        install_weights(unet, weights[i])
+
+    return use_window
+
+
+def merge(base, concepts: list[Path], out: Path, num_reg_captions: int = 200, force: bool = False) -> Path:
+    """Merges separately trained Custom Diffusion concepts (distinct modifier tokens) into one."""
+    pipe = base.pipe
+    manifests = read_concepts(base, concepts, force)
+    load_tokens(base, concepts, manifests)
+    merged = merged_weights(base, concepts, manifests, num_reg_captions)
+    mode, tokens = manifests[0]["mode"], [t for m in manifests for t in m["tokens"]]
+    encoder = PromptEncoder(pipe, base.resolution)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     install_weights(pipe.unet, merged)
