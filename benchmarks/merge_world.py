@@ -11,6 +11,11 @@ image in several contexts, two ways:
 - regional prompts, "a <new1> ball ... BREAK a <new2> cup ..." (`limner generate --regions`): each
   subject is drawn in its own window of a wider canvas, and each window is scored.
 
+With regional prompts, three more rows compose separately trained concepts at sampling time, as
+`limner generate --regions --concept A --concept B` does, each concept acting only in the window whose
+prompt names it: the K/V-only Custom Diffusion concepts above, Custom Diffusion concepts trained with
+their defaults (all of attn2), and DreamBooth LoRA concepts (identifiers sks, zwx).
+
 The subject probe says which of the 12 held-out subjects each crop shows. Bounds in the same run: the
 base model given the class nouns (lower) and fresh renders of the two subjects (upper; this also shows
 what the crop-and-probe measure can read at best).
@@ -34,6 +39,7 @@ sys.path.insert(0, str(ROOT / "src"))
 CONTEXTS = ("on the beach", "in the snow", "on the grass", "in the city", "at night", "in a room")
 IMAGES_PER_CONTEXT = 4
 CROP = 32  # px of the 64 px image around each entity
+LORA_IDS = ("sks", "zwx")  # DreamBooth identifiers of the left and right subject
 MODE = "crossattn_kv"  # the paper's merge: the closed form solves for attn2's K and V, the only weights trained
 
 
@@ -124,9 +130,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "merge")
     ap.add_argument("--work", type=Path, default=Path("/tmp/limner-merge"))
     args = ap.parse_args()
+    from limner.cli import apply_concepts
     from limner.evaluation.subjects import world_subjects
     from limner.methods import get_method
-    from limner.methods.custom_diffusion import compose, merge
+    from limner.methods.custom_diffusion import merge
     from limner.models.loading import WORLD_PROBES, load_base
     from limner.regions import split_regions
     from limner.world.probes import Probes
@@ -143,6 +150,13 @@ def main() -> None:
                 cd.personalize(load_base(None, dtype="fp32"), subject, folder, modifier_token=token, **settings)
             trained[key] = folder
             timings[f"train {subject.name}{suffix}"] = read_seconds(folder)
+    loras = {}  # DreamBooth LoRA (its defaults) with distinct identifiers, for per-window use
+    for key, subject, identifier in (("left", a, LORA_IDS[0]), ("right", b, LORA_IDS[1])):
+        folder = args.work / f"lora-{subject.name}"
+        if not (folder / "limner.json").exists():
+            get_method("dreambooth_lora").personalize(load_base(None, dtype="fp32"), subject, folder, identifier=identifier)
+        loras[key] = folder
+        timings[f"train {subject.name} LoRA"] = read_seconds(folder)
     t0 = time.perf_counter()
     merged = merge(load_base(None, dtype="fp32"), [concepts["left"], concepts["right"]], args.work / f"merged-{a.name}+{b.name}")
     timings["merge"] = round(time.perf_counter() - t0, 1)
@@ -180,14 +194,17 @@ def main() -> None:
             cd.apply(base, folder)
         for regions, rows_of_layout in ((False, grids), (True, regional)):
             rows_of_layout[f"{name}, {layouts[regions]}"] = draw(base, prompts(left, right, regions), regions)
-    # separate concepts, each window denoised with the weights of the concept its prompt names
-    # (`limner generate --regions --concept A --concept B`): regional prompts only
-    for name, pair in (("separate concepts, each in its window", concepts),
-                       ("separate default (all of attn2) concepts, each in its window", defaults)):
+    # separate concepts, each acting only in the window whose prompt names it, as
+    # `limner generate --regions --concept A --concept B` applies them: regional prompts only
+    phrases = {"custom": (f"<new1> {a.class_noun}", f"<new2> {b.class_noun}"),
+               "lora": (f"{LORA_IDS[0]} {a.class_noun}", f"{LORA_IDS[1]} {b.class_noun}")}
+    for name, pair, kind in (("separate concepts, each in its window", concepts, "custom"),
+                             ("separate default (all of attn2) concepts, each in its window", defaults, "custom"),
+                             ("separate DreamBooth LoRA concepts, each in its window", loras, "lora")):
         base = load_base(None)
-        region_prompts = prompts(f"<new1> {a.class_noun}", f"<new2> {b.class_noun}", True)
-        use_window = compose(base, [pair["left"], pair["right"]], split_regions(region_prompts[0]))
-        regional[f"{name}, {layouts[True]}"] = draw(base, region_prompts, True, before_window=use_window)
+        region_prompts = prompts(*phrases[kind], True)
+        hooks = apply_concepts(base, [pair["left"], pair["right"]], region_prompts=split_regions(region_prompts[0]))
+        regional[f"{name}, {layouts[True]}"] = draw(base, region_prompts, True, **hooks)
     grids |= regional
     rows = {}
     for name, (_, pairs) in grids.items():

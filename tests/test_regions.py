@@ -13,7 +13,7 @@ from limner.cli import app
 from limner.errors import LimnerError
 from limner.generation import GenerationSettings, generate
 from limner.models.loading import WORLD_PROBES, load_base
-from limner.regions import canvas_width, split_regions, window_offsets
+from limner.regions import canvas_width, mentions, split_regions, window_offsets
 
 
 def test_prompts_split_on_break():
@@ -21,6 +21,11 @@ def test_prompts_split_on_break():
     for bad in ("a red ball", "a red ball BREAK", "BREAK a cup"):
         with pytest.raises(LimnerError, match="BREAK"):
             split_regions(bad)
+
+
+def test_a_region_names_a_token_as_a_word_of_its_own():
+    assert mentions("a <new1> box on the beach", "<new1>") and not mentions("a <new10> box", "<new1>")
+    assert mentions("a sks dog, at night", "sks") and not mentions("a sksx dog", "sks") and not mentions("a dog", "sks")
 
 
 @pytest.mark.parametrize("regions", [2, 3, 4])

@@ -279,6 +279,36 @@ def test_several_custom_diffusion_concepts_compose_instead_of_overwriting(tiny_b
         assert all(torch.allclose(now[k], want[k], atol=1e-3) for k in want), f"window {i}"
 
 
+def test_with_regions_each_lora_acts_only_in_the_windows_that_name_it(tiny_base, tmp_path):
+    from limner.cli import apply_concepts
+
+    def lora(name, identifier, noun):
+        return get_method("dreambooth_lora").personalize(load_base(str(tiny_base), device="cpu"), Subject(name, noun, subject().images),
+                                                        tmp_path / name, identifier=identifier, prior_preservation="none",
+                                                        train=TrainConfig(max_steps=3, batch_size=2, learning_rate=5e-2, checkpoint_every=0))
+
+    a, b = lora("blob", "sks", "ball"), lora("cube", "zwx", "box")
+    g = torch.Generator().manual_seed(0)
+    x, t, text = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([500]), torch.randn(1, 77, 32, generator=g)
+
+    def unet_output(base) -> torch.Tensor:
+        with torch.no_grad():
+            return base.pipe.unet(x, t, encoder_hidden_states=text).sample
+
+    def alone(folders) -> torch.Tensor:
+        base = load_base(str(tiny_base), device="cpu")
+        apply_concepts(base, folders)
+        return unet_output(base)
+
+    plain, only_a, only_b = alone([]), alone([a]), alone([b])
+    assert (only_a - plain).abs().max() > 1e-4 and (only_b - plain).abs().max() > 1e-4
+    base = load_base(str(tiny_base), device="cpu")
+    use_window = apply_concepts(base, [a, b], region_prompts=["a zwx box", "a sks ball, at night", "a tree"])["before_window"]
+    for i, want in enumerate((only_b, only_a, plain)):
+        use_window(i)
+        assert torch.allclose(unet_output(base), want, atol=1e-5), f"window {i}"
+
+
 def test_embedding_formats_load_into_a_base(tiny_base, tmp_path):
     from safetensors.torch import save_file
 

@@ -102,25 +102,39 @@ def generate(
 
 
 def apply_concepts(base, folders: list[Path], force: bool = False, region_prompts: list[str] | None = None) -> dict:
-    """Applies concept folders to a loaded base; returns what generation needs besides (a per-window
-    hook when several Custom Diffusion concepts meet regional prompts). Several Custom Diffusion
-    concepts would overwrite each other's attention weights if applied one after another, so they
-    compose: merged in closed form, or each in the regions that name its token."""
+    """Applies concept folders to a loaded base; returns what generation needs besides.
+
+    With regional prompts, Custom Diffusion and LoRA concepts act only in the windows whose prompt
+    names their token: the returned `before_window` hook switches them per window. Without regions,
+    several Custom Diffusion concepts are merged in closed form, as applying them one after another
+    would let the last overwrite the others' attention weights."""
     from limner.concepts import check_base, read_manifest
     from limner.methods import get_method
     from limner.methods.custom_diffusion import CustomDiffusion, compose
+    from limner.methods.dreambooth import regional_adapters
 
     manifests = [read_manifest(folder) for folder in folders]
     for folder, manifest in zip(folders, manifests):
         check_base(manifest, folder, base, force)
-    separate = [f for f, m in zip(folders, manifests) if m["method"] == CustomDiffusion.name]
+    custom = [f for f, m in zip(folders, manifests) if m["method"] == CustomDiffusion.name]
+    composed = len(custom) > 1 or (custom and region_prompts)
     for folder, manifest in zip(folders, manifests):
-        if folder not in separate or len(separate) == 1:
+        if not (composed and folder in custom):
             get_method(manifest["method"]).apply(base, folder)
-    if len(separate) < 2:
+    hooks = []
+    if composed and (hook := compose(base, custom, region_prompts, force)):
+        hooks.append(hook)
+    loras = [f for f, m in zip(folders, manifests) if m.get("lora")]
+    if loras and region_prompts:
+        hooks.append(regional_adapters(base, loras, region_prompts))
+    if not hooks:
         return {}
-    use_window = compose(base, separate, region_prompts, force)
-    return {"before_window": use_window} if use_window else {}
+
+    def before_window(i: int) -> None:
+        for hook in hooks:
+            hook(i)
+
+    return {"before_window": before_window}
 
 
 @app.command("train")

@@ -14,6 +14,7 @@ embeddings. Prompts are separated by "BREAK", as in A1111's Regional Prompter.
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable
 
 import torch
@@ -32,6 +33,11 @@ def split_regions(prompt: str) -> list[str]:
         raise LimnerError(f"--regions needs two or more non-empty prompts separated by {SEPARATOR!r}, e.g. "
                           f"'a <new1> ball on the beach {SEPARATOR} a <new2> cup on the beach'; got {prompt!r}")
     return parts
+
+
+def mentions(prompt: str, word: str) -> bool:
+    """Whether a region's prompt names a concept's token or identifier as a word of its own."""
+    return re.search(rf"(?<![\w<>]){re.escape(word)}(?![\w<>])", prompt) is not None
 
 
 def canvas_width(window: int, regions: int, overlap: float = OVERLAP) -> int:

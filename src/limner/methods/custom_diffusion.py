@@ -33,6 +33,7 @@ from limner.errors import LimnerError
 from limner.io import cache_dir, disk_guard, written_atomically
 from limner.methods import Method, Subject, register, with_settings
 from limner.methods.textual_inversion import NewTokenRows, add_tokens_everywhere, load_embedding
+from limner.regions import mentions
 from limner.training import TrainConfig, TrainingTask, denoising_loss, is_main_process, make_validator, noise_scheduler, train
 from limner.training.conditioning import PromptEncoder, concat, select
 from limner.training.data import encode_images, fit_square, image_captions, with_caption
@@ -515,7 +516,7 @@ def compose(base, concepts: list[Path], region_prompts: list[str] | None = None,
         return None
     weights = []
     for prompt in region_prompts:
-        named = [i for i, m in enumerate(manifests) if any(t in prompt for t in m["tokens"])]
+        named = [i for i, m in enumerate(manifests) if any(mentions(prompt, t) for t in m["tokens"])]
         if not named:
             weights.append(layer_weights(unet, manifests[0]["mode"]))
         elif len(named) == 1:

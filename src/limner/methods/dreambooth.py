@@ -14,6 +14,7 @@ import copy
 import hashlib
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from limner.errors import LimnerError
 from limner.io import cache_dir, disk_guard, written_atomically
 from limner.methods import Method, Subject, register, with_settings
 from limner.models.saving import save_pipeline
+from limner.regions import mentions
 from limner.training import TrainConfig, TrainingTask, denoising_loss, is_main_process, make_validator, noise_scheduler, train
 from limner.training.conditioning import PromptEncoder, concat, select
 from limner.training.data import LatentCache, encode_images, image_captions, with_caption
@@ -241,6 +243,24 @@ def save_lora(pipe, out: Path, cfg: DreamBoothConfig) -> None:
         save_file({k: v.detach().cpu().half().contiguous() for k, v in to_kohya(full, cfg.lora_alpha or cfg.lora_rank).items()}, str(tmp))
 
 
+def adapter_name(concept: Path, manifest: dict) -> str:
+    return f"{manifest['method']}_{Path(concept).name}".replace(".", "_")
+
+
+def regional_adapters(base, concepts: list[Path], region_prompts: list[str]) -> Callable[[int], None]:
+    """With regional prompts, each applied LoRA acts in the UNet only in the windows whose prompt names
+    its identifier, so one subject's LoRA does not bleed into another's window. (A LoRA of the text
+    encoder, if trained, acts on every region's prompt: they are encoded once, before denoising.)"""
+    manifests = [read_manifest(c) for c in concepts]
+    names = [adapter_name(c, m) for c, m in zip(concepts, manifests)]
+    weights = [[1.0 if mentions(prompt, m["identifier"]) else 0.0 for m in manifests] for prompt in region_prompts]
+
+    def use_window(i: int) -> None:
+        base.pipe.set_adapters(names, adapter_weights=weights[i])
+
+    return use_window
+
+
 @register
 class DreamBooth(Method):
     name = "dreambooth"
@@ -313,7 +333,7 @@ class DreamBooth(Method):
         concept = Path(concept)
         if m.get("lora"):
             # diffusers' own loader, with an adapter name per concept so several LoRAs compose
-            name = f"{m['method']}_{concept.name}".replace(".", "_")
+            name = adapter_name(concept, m)
             base.pipe.load_lora_weights(str(concept), weight_name=LORA_FILE, adapter_name=name)
             active = list(dict.fromkeys(base.pipe.get_active_adapters() + [name]))
             base.pipe.set_adapters(active)
