@@ -73,13 +73,14 @@ def test_regions_on_a_user_folder_and_sdxl(tiny_base, tiny_sdxl):
         assert not np.array_equal(np.asarray(result.images[0]), np.asarray(result.images[1])), "each image has its own seed"
 
 
-def test_window_by_window_denoising_matches_all_windows_at_once(tiny_base):
-    base = load_base(str(tiny_base), device="cpu")
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_window_by_window_denoising_matches_all_windows_at_once(tiny_base, tiny_sdxl, family):
+    base = load_base(str(tiny_base if family == "sd" else tiny_sdxl), device="cpu")
     s = GenerationSettings("a red ball BREAK a blue cup BREAK a tree", num_images=2, steps=3, regions=True)
     at_once = generate(base, s).images
     windows = []
     one_by_one = generate(base, s, before_window=windows.append).images
-    assert windows == [0, 1, 2] * 3, "the hook runs before each window at every step"
+    assert windows == [0, 1, 2] * 3 + [None], "the hook runs before each window at every step, then once to restore"
     for x, y in zip(at_once, one_by_one):
         assert np.abs(np.asarray(x, float) - np.asarray(y, float)).max() <= 2
 

@@ -255,7 +255,8 @@ def test_custom_diffusion_merge_of_two_concepts(tiny_base, tmp_path):
 
 def test_several_custom_diffusion_concepts_compose_instead_of_overwriting(tiny_base, tmp_path):
     from limner.cli import apply_concepts
-    from limner.methods.custom_diffusion import WEIGHTS_FILE, layer_weights, read_weights
+    from limner.generation import GenerationSettings, generate
+    from limner.methods.custom_diffusion import WEIGHTS_FILE, layer_weights, merge, read_weights
 
     a, b = two_custom_diffusion_concepts(tiny_base, tmp_path)
     weights = {c: {k: v.float() for k, v in read_weights(c / WEIGHTS_FILE).items()} for c in (a, b)}
@@ -263,20 +264,48 @@ def test_several_custom_diffusion_concepts_compose_instead_of_overwriting(tiny_b
     def installed(base) -> dict:
         return layer_weights(base.pipe.unet, "crossattn")
 
-    # one prompt: merged in closed form, so the second concept's weights no longer replace the first's
+    def same(x: dict, y: dict) -> bool:
+        return all(torch.allclose(x[k], y[k].float(), atol=1e-3) for k in y)
+
+    # one prompt: the closed-form merge that `limner merge` writes, not the last concept's weights
     base = load_base(str(tiny_base), device="cpu")
     assert apply_concepts(base, [a, b]) == {}
-    merged = installed(base)
-    assert not all(torch.allclose(merged[k], weights[b][k]) for k in weights[b])
+    merged = read_weights(merge(load_base(str(tiny_base), device="cpu"), [a, b], tmp_path / "m") / WEIGHTS_FILE)
+    assert same(installed(base), merged) and not same(installed(base), weights[b])
     assert {"<new1>", "<new2>"} <= set(base.pipe.tokenizer.get_vocab())
     # regional prompts: each window is denoised with the weights of the concept its prompt names
     base = load_base(str(tiny_base), device="cpu")
     original = installed(base)
-    use_window = apply_concepts(base, [a, b], region_prompts=["a <new2> box", "a <new1> dog", "a tree"])["before_window"]
+    use_window = apply_concepts(base, [a, b], region_prompts=["a <new2> box", "a <NEW1> dog", "a tree"])["before_window"]
     for i, want in enumerate((weights[b], weights[a], original)):
         use_window(i)
-        now = installed(base)
-        assert all(torch.allclose(now[k], want[k], atol=1e-3) for k in want), f"window {i}"
+        assert same(installed(base), want), f"window {i}"
+    # after a regional generation the pipeline is as it was
+    use_window(1)
+    generate(base, GenerationSettings("a <new2> box BREAK a <new1> dog", num_images=1, steps=2, regions=True),
+             before_window=use_window)
+    assert same(installed(base), original)
+    with pytest.warns(UserWarning, match="acts in none of them"):
+        apply_concepts(load_base(str(tiny_base), device="cpu"), [a, b], region_prompts=["a <new1> dog", "a tree"])
+
+
+def test_custom_diffusion_and_lora_concepts_together(tiny_base, tmp_path):
+    from limner.cli import apply_concepts
+    from limner.methods.custom_diffusion import WEIGHTS_FILE, layer_weights, read_weights
+
+    a, b = two_custom_diffusion_concepts(tiny_base, tmp_path)
+    lora = get_method("dreambooth_lora").personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "lora",
+                                                    train=db_train(), prior_preservation="none")
+    for regions in (None, ["a <new1> ball", "a sks ball", "a <new2> box"]):
+        base = load_base(str(tiny_base), device="cpu")
+        kwargs = apply_concepts(base, [lora, a, b], region_prompts=regions)
+        state = layer_weights(base.pipe.unet, "crossattn")
+        assert not any("base_layer" in k or "lora" in k for k in state), "the LoRA's wrappers are not Custom Diffusion weights"
+        if regions:
+            kwargs["before_window"](0)
+            own = read_weights(a / WEIGHTS_FILE)
+            assert all(torch.allclose(layer_weights(base.pipe.unet, "crossattn")[k], v.float(), atol=1e-3) for k, v in own.items())
+            kwargs["before_window"](None)
 
 
 def test_with_regions_each_lora_acts_only_in_the_windows_that_name_it(tiny_base, tmp_path):

@@ -77,7 +77,10 @@ def generate(
                                       regions=regions)
         b = load_base(base, device=device, dtype=dtype, config=config)
         check_settings(b, settings)
-        generation_kwargs = apply_concepts(b, concept or [], force, split_regions(prompt) if regions else None)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            generation_kwargs = apply_concepts(b, concept or [], force, split_regions(prompt) if regions else None)
+        echo_notes(caught)
         for spec in embedding or []:
             from limner.methods.textual_inversion import load_embedding
 
@@ -99,6 +102,13 @@ def generate(
         typer.echo(f"wrote {len(result.paths)} images, grid and record to {out}/ ({t['per_image_s']:.2f} s per image)")
 
     run(go)
+
+
+def echo_notes(caught: list[warnings.WarningMessage]) -> None:
+    """Shows limner's own warnings (notes on what it did), not the libraries' deprecations."""
+    for w in caught:
+        if issubclass(w.category, UserWarning) and f"{os.sep}limner{os.sep}" in w.filename:
+            typer.echo(f"note: {w.message}", err=True)
 
 
 def apply_concepts(base, folders: list[Path], force: bool = False, region_prompts: list[str] | None = None) -> dict:
@@ -237,9 +247,7 @@ def merge_cmd(
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             folder = merge(b, concepts, out, force=force)
-        for w in caught:
-            if issubclass(w.category, UserWarning):  # limner's own notes, not libraries' deprecations
-                typer.echo(f"note: {w.message}", err=True)
+        echo_notes(caught)
         typer.echo(f"merged concept written to {folder}")
 
     run(go)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -36,8 +37,15 @@ def split_regions(prompt: str) -> list[str]:
 
 
 def mentions(prompt: str, word: str) -> bool:
-    """Whether a region's prompt names a concept's token or identifier as a word of its own."""
-    return re.search(rf"(?<![\w<>]){re.escape(word)}(?![\w<>])", prompt) is not None
+    """Whether a region's prompt names a concept's token or identifier as a word of its own (in any
+    case, as CLIP's tokenizer lowercases)."""
+    return re.search(rf"(?<![\w<>]){re.escape(word)}(?![\w<>])", prompt, re.IGNORECASE) is not None
+
+
+def warn_if_unnamed(concept: str, words: list[str], prompts: list[str]) -> None:
+    """A concept acts only in the regions that name it: say so when none does."""
+    if not any(mentions(p, w) for p in prompts for w in words):
+        warnings.warn(f"no region's prompt names {' or '.join(words)}, so {concept} acts in none of them", stacklevel=3)
 
 
 def canvas_width(window: int, regions: int, overlap: float = OVERLAP) -> int:
@@ -69,12 +77,13 @@ def encode_regions(pipe, prompts: list[str], negative: str) -> tuple[torch.Tenso
 @torch.no_grad()
 def regional_images(pipe, prompts: list[str], lefts: list[int], window: int, negative: str, generators: list[torch.Generator],
                     steps: int, guidance: float, height: int, width: int, cross_attention_kwargs: dict | None = None,
-                    before_window: Callable[[int], None] | None = None) -> list[Image.Image]:
+                    before_window: Callable[[int | None], None] | None = None) -> list[Image.Image]:
     """One image per generator: a height x width canvas whose windows (`window` pixels wide, left edges
     `lefts` from `window_offsets`) are each denoised with their own prompt.
 
     `before_window(i)`, if given, runs before window i is denoised (e.g. to install that region's
-    concept weights); the UNet then runs window by window instead of on all windows at once."""
+    concept weights); the UNet then runs window by window instead of on all windows at once.
+    `before_window(None)` runs at the end, to put the pipeline back as it was."""
     unet, scheduler, factor = pipe.unet, pipe.scheduler, pipe.vae_scale_factor
     device, dtype = unet.device, unet.dtype
     n = len(generators)
@@ -89,8 +98,15 @@ def regional_images(pipe, prompts: list[str], lefts: list[int], window: int, neg
                            [added["text_embeds"].repeat_interleave(n, 0)])
         time_ids = torch.tensor([[height, window, 0, 0, height, window]], device=device, dtype=pooled.dtype)
         added_kwargs = {"text_embeds": pooled, "time_ids": time_ids.repeat(len(pooled), 1)}
-    # one UNet call for all windows, or one per window when each window has its own weights
+    # one UNet call for all windows, or one per window when each window has its own weights; for each
+    # call, its windows and their conditioning rows (uncond rows, then cond rows)
     groups = [list(range(k))] if before_window is None else [[i] for i in range(k)]
+    calls = []
+    for group in groups:
+        rows = torch.cat([torch.arange(i * n, (i + 1) * n) for i in group])
+        rows = (torch.cat([rows, rows + k * n]) if guided else rows).to(device)
+        added_rows = None if added_kwargs is None else {key: v[rows] for key, v in added_kwargs.items()}
+        calls.append((group, hidden[rows], added_rows))
 
     lat_h, lat_w, lat_win = height // factor, width // factor, window // factor
     offsets = [x // factor for x in lefts]
@@ -104,28 +120,29 @@ def regional_images(pipe, prompts: list[str], lefts: list[int], window: int, neg
     # ancestral samplers draw fresh noise: from each image's own generator, where the scheduler takes one
     step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
 
-    for t in scheduler.timesteps:
-        x = scheduler.scale_model_input(latents, t).to(dtype)
-        eps = []
-        for group in groups:
-            if before_window is not None:
-                before_window(group[0])
-            views = torch.cat([x[..., offsets[i]:offsets[i] + lat_win] for i in group])
-            rows = torch.cat([torch.arange(i * n, (i + 1) * n) for i in group])
-            rows = torch.cat([rows, rows + k * n]) if guided else rows
-            added_rows = None if added_kwargs is None else {key: v[rows] for key, v in added_kwargs.items()}
-            pred = unet(torch.cat([views, views]) if guided else views, t, encoder_hidden_states=hidden[rows],
-                        added_cond_kwargs=added_rows, cross_attention_kwargs=cross_attention_kwargs).sample.float()
-            if guided:
-                pred_uncond, pred_cond = pred.chunk(2)
-                pred = pred_uncond + guidance * (pred_cond - pred_uncond)
-            eps.append(pred)
-        eps = torch.cat(eps)  # view-major, as the windows are ordered
-        # average each view's prediction where windows overlap
-        total = torch.zeros_like(latents)
-        for i, o in enumerate(offsets):
-            total[..., o:o + lat_win] += eps[i * n:(i + 1) * n]
-        latents = scheduler.step(total / coverage, t, latents, **step_kwargs).prev_sample
+    try:
+        for t in scheduler.timesteps:
+            x = scheduler.scale_model_input(latents, t).to(dtype)
+            eps = []
+            for group, hidden_rows, added_rows in calls:
+                if before_window is not None:
+                    before_window(group[0])
+                views = torch.cat([x[..., offsets[i]:offsets[i] + lat_win] for i in group])
+                pred = unet(torch.cat([views, views]) if guided else views, t, encoder_hidden_states=hidden_rows,
+                            added_cond_kwargs=added_rows, cross_attention_kwargs=cross_attention_kwargs).sample.float()
+                if guided:
+                    pred_uncond, pred_cond = pred.chunk(2)
+                    pred = pred_uncond + guidance * (pred_cond - pred_uncond)
+                eps.append(pred)
+            eps = torch.cat(eps)  # view-major, as the windows are ordered
+            # average each view's prediction where windows overlap
+            total = torch.zeros_like(latents)
+            for i, o in enumerate(offsets):
+                total[..., o:o + lat_win] += eps[i * n:(i + 1) * n]
+            latents = scheduler.step(total / coverage, t, latents, **step_kwargs).prev_sample
+    finally:
+        if before_window is not None:
+            before_window(None)
     return decode(pipe, latents)
 
 

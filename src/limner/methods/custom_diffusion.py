@@ -33,7 +33,7 @@ from limner.errors import LimnerError
 from limner.io import cache_dir, disk_guard, written_atomically
 from limner.methods import Method, Subject, register, with_settings
 from limner.methods.textual_inversion import NewTokenRows, add_tokens_everywhere, load_embedding
-from limner.regions import mentions
+from limner.regions import mentions, warn_if_unnamed
 from limner.training import TrainConfig, TrainingTask, denoising_loss, is_main_process, make_validator, noise_scheduler, train
 from limner.training.conditioning import PromptEncoder, concat, select
 from limner.training.data import encode_images, fit_square, image_captions, with_caption
@@ -79,8 +79,13 @@ def trained_projections(unet, mode: str):
     """(attn2 name, projection, parameter name, parameter) for every weight Custom Diffusion trains."""
     for name, attn in cross_attention_layers(unet).items():
         for proj in MODES[mode]:
-            for pname, p in attn.get_submodule(proj).named_parameters():
+            for pname, p in base_layer(attn.get_submodule(proj)).named_parameters(recurse=False):
                 yield name, proj, pname, p
+
+
+def base_layer(module: torch.nn.Module) -> torch.nn.Module:
+    """The plain linear layer, also when a LoRA (peft) wraps it."""
+    return getattr(module, "base_layer", module)
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,7 +304,7 @@ def install_weights(unet, state: dict[str, torch.Tensor]) -> int:
         proj_key, _, pname = rest.rpartition(".")
         if layer not in layers or proj_key not in reverse:
             raise LimnerError(f"Custom Diffusion weight {key} does not match this UNet (no layer {layer}); was it trained on another base?")
-        target = layers[layer].get_submodule(reverse[proj_key])
+        target = base_layer(layers[layer].get_submodule(reverse[proj_key]))
         param = getattr(target, pname)
         if param.shape != value.shape:
             raise LimnerError(f"Custom Diffusion weight {key} has shape {tuple(value.shape)}, the UNet's is {tuple(param.shape)}")
@@ -468,6 +473,16 @@ def read_concepts(base, concepts: list[Path], force: bool = False) -> list[dict]
     return manifests
 
 
+def concept_features(encoder: PromptEncoder, manifest: dict) -> torch.Tensor:
+    """C of one concept: for each of its modifier tokens (a merged or jointly trained concept has
+    several), the features from the token on in "<new1> noun" and "a photo of a <new1> noun"."""
+    tokens = manifest["tokens"]
+    nouns = manifest.get("class_nouns") or []
+    nouns = nouns if len(nouns) == len(tokens) else [manifest["class_noun"]] * len(tokens)
+    rows = [prompt_features(encoder, [f"{t} {n}", f"a photo of a {t} {n}"], from_token=t) for t, n in zip(tokens, nouns)]
+    return torch.unique(torch.cat(rows), dim=0)
+
+
 def merged_weights(base, concepts: list[Path], manifests: list[dict], num_reg_captions: int = 200) -> dict[str, torch.Tensor]:
     """The closed-form merge of the concepts' attn2 weights (their modifier tokens must be loaded)."""
     mode = manifests[0]["mode"]
@@ -482,8 +497,7 @@ def merged_weights(base, concepts: list[Path], manifests: list[dict], num_reg_ca
     # "a photo of <new1> cat"). Adding the concept's training prompts (contexts) as constraints was
     # worse on the world: gift_box + night_dog, regional, both recognised 0.125 -> 0.000; so was a
     # soft (least-squares) constraint over the phrase in 8 templates x 9 contexts (0.083 -> 0.000).
-    phrases = [f"{m['tokens'][0]} {m['class_noun']}" for m in manifests]
-    per_concept = [prompt_features(encoder, [p, f"a photo of a {p}"], from_token=m["tokens"][0]) for p, m in zip(phrases, manifests)]
+    per_concept = [concept_features(encoder, m) for m in manifests]
     merged = {}
     for key, w0 in W0.items():
         if not key.endswith(".weight") or not any(p in key for p in ("to_k_custom", "to_v_custom")):
@@ -501,31 +515,43 @@ def load_tokens(base, concepts: list[Path], manifests: list[dict]) -> None:
             load_embedding(base, Path(c) / name, token=token)
 
 
-def compose(base, concepts: list[Path], region_prompts: list[str] | None = None, force: bool = False) -> Callable[[int], None] | None:
+def compose(base, concepts: list[Path], region_prompts: list[str] | None = None,
+            force: bool = False) -> Callable[[int | None], None] | None:
     """Several separately trained concepts in one generation, each with its modifier tokens.
 
     Without regions they are merged in closed form. With regional prompts (one per window, left to
     right) each window is denoised with the weights of the concepts its prompt names: one concept's
     own weights, the closed-form merge of several, the base's for none. No concept then gives up
-    fidelity to another. Returns the hook that installs window i's weights, for `regional_images`."""
+    fidelity to another. Returns the hook for `regional_images`: `use_window(i)` installs window i's
+    weights, `use_window(None)` the base's again."""
     manifests = read_concepts(base, concepts, force)
     load_tokens(base, concepts, manifests)
     unet = base.pipe.unet
     if region_prompts is None:
         install_weights(unet, merged_weights(base, concepts, manifests))
         return None
+    for c, m in zip(concepts, manifests):
+        warn_if_unnamed(str(c), m["tokens"], region_prompts)
+    original = layer_weights(unet, manifests[0]["mode"])
     weights = []
     for prompt in region_prompts:
         named = [i for i, m in enumerate(manifests) if any(mentions(prompt, t) for t in m["tokens"])]
         if not named:
-            weights.append(layer_weights(unet, manifests[0]["mode"]))
+            state = original
         elif len(named) == 1:
-            weights.append(read_weights(Path(concepts[named[0]]) / manifests[named[0]]["files"]["weights"]))
+            state = read_weights(Path(concepts[named[0]]) / manifests[named[0]]["files"]["weights"])
         else:
-            weights.append(merged_weights(base, [concepts[i] for i in named], [manifests[i] for i in named]))
+            state = merged_weights(base, [concepts[i] for i in named], [manifests[i] for i in named])
+        # cast once, so switching windows at every step is a copy on the UNet's device
+        weights.append({k: v.to(unet.device, unet.dtype) for k, v in state.items()})
+    installed = None
 
-    def use_window(i: int) -> None:
-        install_weights(unet, weights[i])
+    def use_window(i: int | None) -> None:
+        nonlocal installed
+        state = original if i is None else weights[i]
+        if state is not installed:
+            install_weights(unet, state)
+            installed = state
 
     return use_window
 
