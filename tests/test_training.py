@@ -338,6 +338,36 @@ def test_with_regions_each_lora_acts_only_in_the_windows_that_name_it(tiny_base,
         assert torch.allclose(unet_output(base), want, atol=1e-5), f"window {i}"
 
 
+def test_generate_composes_concepts_per_region_from_the_command_line(tiny_base, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from limner.cli import app
+
+    def lora(name, identifier, noun):
+        return get_method("dreambooth_lora").personalize(load_base(str(tiny_base), device="cpu"), Subject(name, noun, subject().images),
+                                                        tmp_path / name, identifier=identifier, prior_preservation="none", train=db_train())
+
+    a, b = lora("blob", "sks", "ball"), lora("cube", "zwx", "box")
+    runner = CliRunner()
+
+    def generate(prompt, *concepts, out="o", regions=True):
+        args = ["generate", prompt, "-n", "1", "--steps", "2", "--base", str(tiny_base), "--out", str(tmp_path / out)]
+        return runner.invoke(app, args + ["--regions"] * regions + [a for c in concepts for a in ("--concept", str(c))])
+
+    r = generate("a sks ball BREAK a zwx box", a, b)
+    assert r.exit_code == 0, r.output
+    record = json.loads(next((tmp_path / "o").glob("*.json")).read_text())
+    assert [region["prompt"] for region in record["regions"]] == ["a sks ball", "a zwx box"]
+    r = generate("a sks ball BREAK a box", a, b, out="o2")
+    assert r.exit_code == 0 and "note: no region's prompt names zwx" in r.output
+    full = get_method("dreambooth").personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "full", train=db_train(),
+                                               prior_preservation="none")
+    r = generate("a sks ball", full, full, out="o3", regions=False)
+    assert r.exit_code == 2 and "replaces the whole UNet" in r.output
+
+
 def test_embedding_formats_load_into_a_base(tiny_base, tmp_path):
     from safetensors.torch import save_file
 

@@ -126,8 +126,16 @@ def apply_concepts(base, folders: list[Path], force: bool = False, region_prompt
     manifests = [read_manifest(folder) for folder in folders]
     for folder, manifest in zip(folders, manifests):
         check_base(manifest, folder, base, force)
+    # a full DreamBooth concept replaces the UNet (in every window): it goes first, so what the others
+    # add to the UNet lands on it
+    full = [f for f, m in zip(folders, manifests) if m["method"] == "dreambooth" and not m.get("lora")]
+    if len(full) > 1:
+        raise LimnerError(f"--concept {full[0]} and --concept {full[1]} are both full DreamBooth models, and each replaces the "
+                          "whole UNet; compose LoRA concepts instead (train with --method dreambooth_lora)")
+    order = sorted(range(len(folders)), key=lambda i: folders[i] not in full)
+    folders, manifests = [folders[i] for i in order], [manifests[i] for i in order]
     custom = [f for f, m in zip(folders, manifests) if m["method"] == CustomDiffusion.name]
-    composed = len(custom) > 1 or (custom and region_prompts)
+    composed = bool(len(custom) > 1 or (custom and region_prompts))
     for folder, manifest in zip(folders, manifests):
         if not (composed and folder in custom):
             get_method(manifest["method"]).apply(base, folder)
@@ -140,7 +148,7 @@ def apply_concepts(base, folders: list[Path], force: bool = False, region_prompt
     if not hooks:
         return {}
 
-    def before_window(i: int) -> None:
+    def before_window(i: int | None) -> None:
         for hook in hooks:
             hook(i)
 
