@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -102,20 +103,21 @@ def single_renders(left, right, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
     return pairs
 
 
-def draw(base, prompts: list[str], regions: bool = False, seed: int = 0, **kwargs) -> tuple[list[np.ndarray], list]:
-    """The images, and each one's (left crop, right crop)."""
+def draw(base, prompts: list[str], regions: bool = False, seed: int = 0, **kwargs) -> tuple[list[np.ndarray], list, float]:
+    """The images, each one's (left crop, right crop), and the seconds per image."""
     from limner.generation import GenerationSettings, generate
 
-    images, pairs = [], []
+    images, pairs, seconds = [], [], 0.0
     for j, prompt in enumerate(prompts):
         s = GenerationSettings(prompt, num_images=IMAGES_PER_CONTEXT, seed=seed + 100 * j, steps=25,
                                batch_size=IMAGES_PER_CONTEXT, regions=regions)
         result = generate(base, s, **kwargs)
+        seconds += result.record["timings"]["total_s"]
         lefts = [r["left"] for r in result.record.get("regions", [])]
         for im in result.images:
             images.append(np.asarray(im.convert("RGB")))
             pairs.append(window_crops(images[-1], lefts) if regions else crops(images[-1]))
-    return images, pairs
+    return images, pairs, seconds / len(images)
 
 
 def read_seconds(concept: Path) -> float:
@@ -186,8 +188,8 @@ def main() -> None:
         variants[f"only {a.name if key == 'left' else b.name} concept"] = ([folder], left, right)
     # rows: every variant with one prompt, then every variant with regional prompts
     layouts = {False: "one prompt", True: "regional prompts"}
-    grids = {f"upper bound (renders), {layouts[False]}": (upper, [crops(im) for im in upper])}
-    regional = {f"upper bound (renders), {layouts[True]}": ([np.concatenate(p, 1) for p in singles], singles)}
+    grids = {f"upper bound (renders), {layouts[False]}": (upper, [crops(im) for im in upper], None)}
+    regional = {f"upper bound (renders), {layouts[True]}": ([np.concatenate(p, 1) for p in singles], singles, None)}
     for name, (folders, left, right) in variants.items():
         base = load_base(None)  # one base per variant, drawn in both layouts
         for folder in folders:
@@ -207,17 +209,19 @@ def main() -> None:
         regional[f"{name}, {layouts[True]}"] = draw(base, region_prompts, True, **hooks)
     grids |= regional
     rows = {}
-    for name, (_, pairs) in grids.items():
-        rows[name] = two_subject_scores(pairs, a.name, b.name, probes)
+    for name, (_, pairs, per_image) in grids.items():
+        rows[name] = two_subject_scores(pairs, a.name, b.name, probes) | {"seconds_per_image": per_image}
 
     args.out.mkdir(parents=True, exist_ok=True)
-    lines = [f"| {a.name} (left) + {b.name} (right) | P(left subject), left crop | P(right subject), right crop | both recognised |",
-             "|---|---|---|---|"]
-    lines += [f"| {k} | {v['left_fidelity']:.3f} | {v['right_fidelity']:.3f} | {v['both_recognised']:.3f} |" for k, v in rows.items()]
+    lines = [f"| {a.name} (left) + {b.name} (right) | P(left subject), left crop | P(right subject), right crop | both recognised "
+             "| s / image |", "|---|---|---|---|---|"]
+    lines += [f"| {k} | {v['left_fidelity']:.3f} | {v['right_fidelity']:.3f} | {v['both_recognised']:.3f} | "
+              f"{'—' if v['seconds_per_image'] is None else format(v['seconds_per_image'], '.3f')} |" for k, v in rows.items()]
     note = (f"\n{n} images per row ({IMAGES_PER_CONTEXT} seeds x {len(CONTEXTS)} contexts), 25 DPM++ steps, guidance 5. "
             "Chance for a probability is 1/12. One prompt: 64 px images, crops around the world's two-object positions. "
             "Regional prompts: 112 px wide canvases, two 64 px windows overlapping by 16 px, each window scored; "
-            "its upper bound is each subject rendered alone. Seconds: " + ", ".join(f"{k} {v}" for k, v in timings.items()) +
+            "its upper bound is each subject rendered alone. s / image: generation wall time per image, in batches of 4 "
+            f"({os.cpu_count()} CPU threads). Training seconds: " + ", ".join(f"{k} {v}" for k, v in timings.items()) +
             ".\nCommand: `python benchmarks/merge_world.py`\n")
     (args.out / "results.md").write_text("\n".join(lines) + "\n" + note)
     (args.out / "results.json").write_text(json.dumps({"rows": rows, "seconds": timings}, indent=1))
