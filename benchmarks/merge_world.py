@@ -162,6 +162,9 @@ def main() -> None:
     t0 = time.perf_counter()
     merged = merge(load_base(None, dtype="fp32"), [concepts["left"], concepts["right"]], args.work / f"merged-{a.name}+{b.name}")
     timings["merge"] = round(time.perf_counter() - t0, 1)
+    # the same merge of the default (all of attn2) concepts: K/V in closed form, Q and out averaged
+    merged_default = merge(load_base(None, dtype="fp32"), [defaults["left"], defaults["right"]],
+                           args.work / f"merged-default-{a.name}+{b.name}")
     joint = args.work / f"joint-{a.name}+{b.name}"  # one work folder serves every pair
     if not (joint / "limner.json").exists():
         cd.personalize_jointly(load_base(None, dtype="fp32"), [a, b], joint, mode=MODE)
@@ -179,6 +182,7 @@ def main() -> None:
     # variant -> (concept folders to apply, left phrase, right phrase)
     variants = {"base, class nouns": ([], a.class_noun, b.class_noun),
                 "closed-form merge": ([merged], f"<new1> {a.class_noun}", f"<new2> {b.class_noun}"),
+                "closed-form merge of default concepts": ([merged_default], f"<new1> {a.class_noun}", f"<new2> {b.class_noun}"),
                 "joint training": ([joint], f"<new1> {a.class_noun}", f"<new2> {b.class_noun}")}
     # each single concept alone in the two-subject prompt: only its own side should match
     for key, folder in concepts.items():
