@@ -251,6 +251,11 @@ def test_custom_diffusion_merge_of_two_concepts(tiny_base, tmp_path):
     assert {"<new1>", "<new2>"} <= set(fresh.pipe.tokenizer.get_vocab())
     with pytest.raises(LimnerError, match="share a modifier token"):
         merge(load_base(str(tiny_base), device="cpu"), [a, a], tmp_path / "m2")
+    kv = get_method("custom_diffusion").personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "kv",
+                                                    modifier_token="<new3>", mode="crossattn_kv", prior_preservation=False, augment=False,
+                                                    train=TrainConfig(max_steps=1, batch_size=2, checkpoint_every=0))
+    with pytest.raises(LimnerError, match=r"different modes.*\(crossattn\).*\(crossattn_kv\)"):
+        merge(load_base(str(tiny_base), device="cpu"), [a, kv], tmp_path / "m3")
 
 
 def test_several_custom_diffusion_concepts_compose_instead_of_overwriting(tiny_base, tmp_path):

@@ -469,7 +469,9 @@ def read_concepts(base, concepts: list[Path], force: bool = False) -> list[dict]
     if len(set(tokens)) != len(tokens):
         raise LimnerError(f"the concepts share a modifier token ({', '.join(tokens)}); train them with distinct tokens (e.g. <new1>, <new2>)")
     if len({m["mode"] for m in manifests}) != 1:
-        raise LimnerError("the concepts were trained in different modes (crossattn_kv vs crossattn); merge concepts of one mode")
+        modes = ", ".join(f"{c} ({m['mode']})" for c, m in zip(concepts, manifests))
+        raise LimnerError(f"Custom Diffusion concepts of different modes cannot be merged or composed: {modes}; "
+                          "train them with one --set mode=crossattn_kv (what the closed-form merge solves for) or mode=crossattn")
     return manifests
 
 
