@@ -365,6 +365,7 @@ def test_generate_composes_concepts_per_region_from_the_command_line(tiny_base, 
     assert r.exit_code == 0, r.output
     record = json.loads(next((tmp_path / "o").glob("*.json")).read_text())
     assert [region["prompt"] for region in record["regions"]] == ["a sks ball", "a zwx box"]
+    assert [region["concepts"] for region in record["regions"]] == [[str(a)], [str(b)]]
     r = generate("a sks ball BREAK a box", a, b, out="o2")
     assert r.exit_code == 0 and "note: no region's prompt names zwx" in r.output
     full = get_method("dreambooth").personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "full", train=db_train(),

@@ -115,13 +115,15 @@ def apply_concepts(base, folders: list[Path], force: bool = False, region_prompt
     """Applies concept folders to a loaded base; returns what generation needs besides.
 
     With regional prompts, Custom Diffusion and LoRA concepts act only in the windows whose prompt
-    names their token: the returned `before_window` hook switches them per window. Without regions,
+    names their token: the returned `before_window` hook switches them per window, and
+    `region_concepts` lists the concepts acting in each region for the record. Without regions,
     several Custom Diffusion concepts are merged in closed form, as applying them one after another
     would let the last overwrite the others' attention weights."""
     from limner.concepts import check_base, read_manifest
     from limner.methods import get_method
     from limner.methods.custom_diffusion import CustomDiffusion, compose
     from limner.methods.dreambooth import regional_adapters
+    from limner.regions import mentions
 
     manifests = [read_manifest(folder) for folder in folders]
     for folder, manifest in zip(folders, manifests):
@@ -139,6 +141,10 @@ def apply_concepts(base, folders: list[Path], force: bool = False, region_prompt
     for folder, manifest in zip(folders, manifests):
         if not (composed and folder in custom):
             get_method(manifest["method"]).apply(base, folder)
+    result = {}
+    if region_prompts:  # for the record: which concepts act in each region
+        result["region_concepts"] = [[str(f) for f, m in zip(folders, manifests)
+                                      if f in full or any(mentions(prompt, t) for t in m.get("tokens", []))] for prompt in region_prompts]
     hooks = []
     if composed and (hook := compose(base, custom, region_prompts, force)):
         hooks.append(hook)
@@ -146,13 +152,13 @@ def apply_concepts(base, folders: list[Path], force: bool = False, region_prompt
     if loras and region_prompts:
         hooks.append(regional_adapters(base, loras, region_prompts))
     if not hooks:
-        return {}
+        return result
 
     def before_window(i: int | None) -> None:
         for hook in hooks:
             hook(i)
 
-    return {"before_window": before_window}
+    return result | {"before_window": before_window}
 
 
 @app.command("train")

@@ -136,9 +136,11 @@ def prepare_output(out: Path | None) -> None:
 
 
 @torch.no_grad()
-def generate(base: Base, s: GenerationSettings, out: Path | None = None, **pipe_kwargs) -> GenerationResult:
+def generate(base: Base, s: GenerationSettings, out: Path | None = None, region_concepts: list[list[str]] | None = None,
+             **pipe_kwargs) -> GenerationResult:
     """Generates s.num_images images; with `out`, writes PNGs (with parameters), a grid and a JSON record.
 
+    `region_concepts` (regional prompts) names, for the record, the concepts that act in each region.
     Extra keyword arguments go to the pipeline call (e.g. cross_attention_kwargs, ip_adapter_image)."""
     # 1. Check inputs
     height, width = check_settings(base, s)
@@ -178,6 +180,8 @@ def generate(base: Base, s: GenerationSettings, out: Path | None = None, **pipe_
     }
     if s.regions:
         record["regions"] = [{"prompt": p, "left": x, "width": base.resolution} for p, x in zip(prompts, lefts)]
+        for region, names in zip(record["regions"], region_concepts or []):
+            region["concepts"] = names
     result = GenerationResult(images=images, record=record)
     if out is not None:
         write_outputs(result, s, base, out, height, width)
