@@ -143,32 +143,33 @@ def main() -> None:
     torch.manual_seed(0)
     a, b = world_subjects(f"world:{args.left},{args.right}")
     cd = get_method("custom_diffusion")
-    timings, concepts = {}, {}
-    defaults = {}  # the same subjects trained with Custom Diffusion's defaults (all of attn2), for per-window use
-    for key, subject, token in (("left", a, "<new1>"), ("right", b, "<new2>")):
-        for trained, suffix, settings in ((concepts, "", {"mode": MODE}), (defaults, "-default", {})):
-            folder = args.work / f"cd-{subject.name}{suffix}"
-            if not (folder / "limner.json").exists():
-                cd.personalize(load_base(None, dtype="fp32"), subject, folder, modifier_token=token, **settings)
-            trained[key] = folder
-            timings[f"train {subject.name}{suffix}"] = read_seconds(folder)
-    loras = {}  # DreamBooth LoRA (its defaults) with distinct identifiers, for per-window use
-    for key, subject, identifier in (("left", a, LORA_IDS[0]), ("right", b, LORA_IDS[1])):
-        folder = args.work / f"lora-{subject.name}"
+    timings, concepts, defaults, loras = {}, {}, {}, {}
+
+    def trained(folder: Path, label: str, personalize) -> Path:
+        """The concept in `folder`, trained by personalize(folder) unless a previous run left it."""
         if not (folder / "limner.json").exists():
-            get_method("dreambooth_lora").personalize(load_base(None, dtype="fp32"), subject, folder, identifier=identifier)
-        loras[key] = folder
-        timings[f"train {subject.name} LoRA"] = read_seconds(folder)
+            personalize(folder)
+        timings[label] = read_seconds(folder)
+        return folder
+
+    for key, subject, token, identifier in (("left", a, "<new1>", LORA_IDS[0]), ("right", b, "<new2>", LORA_IDS[1])):
+        # K/V only (what the closed form solves for), Custom Diffusion's defaults (all of attn2) and
+        # DreamBooth LoRA's defaults: the last two for per-window use
+        for trained_as, folder, suffix, method, settings in (
+                (concepts, f"cd-{subject.name}", "", cd, {"modifier_token": token, "mode": MODE}),
+                (defaults, f"cd-{subject.name}-default", "-default", cd, {"modifier_token": token}),
+                (loras, f"lora-{subject.name}", " LoRA", get_method("dreambooth_lora"), {"identifier": identifier})):
+            trained_as[key] = trained(args.work / folder, f"train {subject.name}{suffix}", lambda f, m=method, s=subject, kw=settings:
+                                      m.personalize(load_base(None, dtype="fp32"), s, f, **kw))
     t0 = time.perf_counter()
     merged = merge(load_base(None, dtype="fp32"), [concepts["left"], concepts["right"]], args.work / f"merged-{a.name}+{b.name}")
     timings["merge"] = round(time.perf_counter() - t0, 1)
     # the same merge of the default (all of attn2) concepts: K/V in closed form, Q and out averaged
     merged_default = merge(load_base(None, dtype="fp32"), [defaults["left"], defaults["right"]],
                            args.work / f"merged-default-{a.name}+{b.name}")
-    joint = args.work / f"joint-{a.name}+{b.name}"  # one work folder serves every pair
-    if not (joint / "limner.json").exists():
-        cd.personalize_jointly(load_base(None, dtype="fp32"), [a, b], joint, mode=MODE)
-    timings["joint training"] = read_seconds(joint)
+    # one work folder serves every pair
+    joint = trained(args.work / f"joint-{a.name}+{b.name}", "joint training",
+                    lambda f: cd.personalize_jointly(load_base(None, dtype="fp32"), [a, b], f, mode=MODE))
 
     def prompts(left_phrase: str, right_phrase: str, regions: bool) -> list[str]:
         if regions:

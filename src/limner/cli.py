@@ -123,7 +123,7 @@ def apply_concepts(base, folders: list[Path], force: bool = False, region_prompt
     from limner.methods import get_method
     from limner.methods.custom_diffusion import CustomDiffusion, compose
     from limner.methods.dreambooth import regional_adapters
-    from limner.regions import mentions
+    from limner.regions import names
 
     manifests = [read_manifest(folder) for folder in folders]
     for folder, manifest in zip(folders, manifests):
@@ -144,7 +144,7 @@ def apply_concepts(base, folders: list[Path], force: bool = False, region_prompt
     result = {}
     if region_prompts:  # for the record: which concepts act in each region
         result["region_concepts"] = [[str(f) for f, m in zip(folders, manifests)
-                                      if f in full or any(mentions(prompt, t) for t in m.get("tokens", []))] for prompt in region_prompts]
+                                      if f in full or names(prompt, m.get("tokens", []))] for prompt in region_prompts]
     hooks = []
     if composed and (hook := compose(base, custom, region_prompts, force)):
         hooks.append(hook)

@@ -42,9 +42,14 @@ def mentions(prompt: str, word: str) -> bool:
     return re.search(rf"(?<![\w<>]){re.escape(word)}(?![\w<>])", prompt, re.IGNORECASE) is not None
 
 
+def names(prompt: str, tokens: list[str]) -> bool:
+    """Whether a region's prompt names a concept by any of its tokens (words, identifier, modifiers)."""
+    return any(mentions(prompt, t) for t in tokens)
+
+
 def warn_if_unnamed(concept: str, words: list[str], prompts: list[str]) -> None:
     """A concept acts only in the regions that name it: say so when none does."""
-    if not any(mentions(p, w) for p in prompts for w in words):
+    if not any(names(p, words) for p in prompts):
         warnings.warn(f"no region's prompt names {' or '.join(words)}, so {concept} acts in none of them", stacklevel=3)
 
 

@@ -33,7 +33,7 @@ from limner.errors import LimnerError
 from limner.io import cache_dir, disk_guard, written_atomically
 from limner.methods import Method, Subject, register, with_settings
 from limner.methods.textual_inversion import NewTokenRows, add_tokens_everywhere, load_embedding
-from limner.regions import mentions, warn_if_unnamed
+from limner.regions import names, warn_if_unnamed
 from limner.training import TrainConfig, TrainingTask, denoising_loss, is_main_process, make_validator, noise_scheduler, train
 from limner.training.conditioning import PromptEncoder, concat, select
 from limner.training.data import encode_images, fit_square, image_captions, with_caption
@@ -500,12 +500,12 @@ def merged_weights(base, concepts: list[Path], manifests: list[dict], num_reg_ca
     # worse on the world: gift_box + night_dog, regional, both recognised 0.125 -> 0.000; so was a
     # soft (least-squares) constraint over the phrase in 8 templates x 9 contexts (0.083 -> 0.000).
     per_concept = [concept_features(encoder, m) for m in manifests]
+    C = torch.cat(per_concept)
     merged = {}
     for key, w0 in W0.items():
         if not key.endswith(".weight") or not any(p in key for p in ("to_k_custom", "to_v_custom")):
             merged[key] = torch.stack([t[key].float() for t in tuned]).mean(0)  # q/out (crossattn mode): average
             continue
-        C = torch.cat(per_concept)
         V = torch.cat([t[key].float() @ c.t() for t, c in zip(tuned, per_concept)], dim=1)
         merged[key] = closed_form(w0, C_reg, C, V)
     return merged
@@ -537,7 +537,7 @@ def compose(base, concepts: list[Path], region_prompts: list[str] | None = None,
     original = layer_weights(unet, manifests[0]["mode"])
     weights = []
     for prompt in region_prompts:
-        named = [i for i, m in enumerate(manifests) if any(mentions(prompt, t) for t in m["tokens"])]
+        named = [i for i, m in enumerate(manifests) if names(prompt, m["tokens"])]
         if not named:
             state = original
         elif len(named) == 1:

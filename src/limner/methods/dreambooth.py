@@ -28,7 +28,7 @@ from limner.errors import LimnerError
 from limner.io import cache_dir, disk_guard, written_atomically
 from limner.methods import Method, Subject, register, with_settings
 from limner.models.saving import save_pipeline
-from limner.regions import mentions, warn_if_unnamed
+from limner.regions import names, warn_if_unnamed
 from limner.training import TrainConfig, TrainingTask, denoising_loss, is_main_process, make_validator, noise_scheduler, train
 from limner.training.conditioning import PromptEncoder, concat, select
 from limner.training.data import LatentCache, encode_images, image_captions, with_caption
@@ -254,17 +254,17 @@ def regional_adapters(base, concepts: list[Path], region_prompts: list[str]) -> 
     trained, acts on every region's prompt: they are encoded once, before denoising.)"""
     manifests = [read_manifest(c) for c in concepts]
     for c, m in zip(concepts, manifests):
-        warn_if_unnamed(str(c), [m["identifier"]], region_prompts)
-    names = [adapter_name(c, m) for c, m in zip(concepts, manifests)]
-    weights = [[1.0 if mentions(prompt, m["identifier"]) else 0.0 for m in manifests] for prompt in region_prompts]
-    everywhere = [1.0] * len(names)
+        warn_if_unnamed(str(c), m["tokens"], region_prompts)
+    adapters = [adapter_name(c, m) for c, m in zip(concepts, manifests)]
+    weights = [[1.0 if names(prompt, m["tokens"]) else 0.0 for m in manifests] for prompt in region_prompts]
+    everywhere = [1.0] * len(adapters)
     active = everywhere
 
     def use_window(i: int | None) -> None:
         nonlocal active
         want = everywhere if i is None else weights[i]
         if want != active:  # the text is already encoded: only the UNet's adapters switch
-            base.pipe.unet.set_adapters(names, weights=want)
+            base.pipe.unet.set_adapters(adapters, weights=want)
             active = want
 
     return use_window
