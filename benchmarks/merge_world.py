@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -145,9 +146,14 @@ def main() -> None:
     cd = get_method("custom_diffusion")
     timings, concepts, defaults, loras = {}, {}, {}, {}
 
+    fingerprint = load_base(None).fingerprint
+
     def trained(folder: Path, label: str, personalize) -> Path:
-        """The concept in `folder`, trained by personalize(folder) unless a previous run left it."""
-        if not (folder / "limner.json").exists():
+        """The concept in `folder`, trained by personalize(folder) unless a previous run left it on
+        the same base."""
+        manifest = folder / "limner.json"
+        if not manifest.exists() or json.loads(manifest.read_text())["base_fingerprint"] != fingerprint:
+            shutil.rmtree(folder, ignore_errors=True)
             personalize(folder)
         timings[label] = read_seconds(folder)
         return folder

@@ -10,7 +10,7 @@ import pytest
 from limner.world import vocab
 from limner.world.bench import IDENTITIES, SUBJECTS, heldout_identity_keys, identity_references, object_prompts, subject_references
 from limner.world.render import CharacterSpec, ObjectSpec, Scene, render
-from limner.world.scenes import heldout_combos, is_heldout_combo, random_render, random_scene
+from limner.world.scenes import heldout_combos, is_heldout_combo, near_heldout_subject, random_render, random_scene
 from limner.world.stack import build_tokenizer
 
 
@@ -73,6 +73,29 @@ def test_training_distribution_excludes_heldout_subjects_identities_and_combos()
                 assert e.identity.key() not in held
 
 
+def test_two_tone_instances_are_named_in_captions_but_never_near_a_heldout_subject():
+    from dataclasses import replace
+
+    rng = np.random.default_rng(3)
+    words = set(vocab.caption_words())
+    instances = []
+    for _ in range(2000):
+        s = random_scene(rng, instance_rate=0.6)
+        assert set(s.caption.split()) <= words, s.caption
+        o = s.entities[0]
+        if isinstance(o, ObjectSpec) and o.subject is not None:
+            assert not near_heldout_subject(o.subject) and o.subject.emblem_colour not in (o.subject.colour_a, o.subject.colour_b)
+            instances.append((o.subject, s.caption))
+    assert len(instances) > 300
+    assert len({(i.cls, i.emblem) for i, _ in instances}) == len(vocab.OBJECT_CLASSES) * len(vocab.EMBLEMS)
+    named = [c for i, c in instances if f"{i.colour_a} and {i.colour_b} {i.cls} with a {i.emblem_colour} {i.emblem}" in c]
+    assert 0.5 < len(named) / len(instances) < 0.9, "most captions name the looks, some do not"
+    for subject in SUBJECTS:  # a subject, or any one-look change of it, is out of the training distribution
+        assert near_heldout_subject(subject)
+        assert near_heldout_subject(replace(subject, emblem="ring" if subject.emblem != "ring" else "heart"))
+        assert near_heldout_subject(replace(subject, colour_a=subject.colour_b, colour_b=subject.colour_a))
+
+
 def test_bench_has_references_and_prompts():
     assert len(SUBJECTS) >= 12 and len(IDENTITIES) >= 8
     assert len(vocab.CONTEXTS) >= 8 and len(vocab.OBJECT_CLASSES) >= 8 and len(vocab.COLOURS) >= 10 and len(vocab.PATTERNS) >= 4
@@ -121,7 +144,8 @@ def test_world_build_runs_every_stage_resumes_and_exports_a_diffusers_folder(tmp
     from limner.world.build import BuildConfig, build
 
     cfg = BuildConfig(dataset_size=64, clip_steps=2, clip_batch=16, vae_steps=2, vae_batch=8, unet_steps=3, unet_batch=4,
-                      unet_warmup=1, checkpoint_every=2, probe_steps=2, probe_train_size=64)
+                      unet_warmup=1, instance_dataset_size=32, instance_steps=2, instance_warmup=1, checkpoint_every=2, probe_steps=2,
+                      probe_train_size=64)
     torch.set_num_threads(1)
     record = build(tmp_path / "world", tmp_path / "work", cfg, device="cpu")
     assert {"data", "clip", "vae", "latents", "unet", "probes", "export"} <= set(record["seconds"])

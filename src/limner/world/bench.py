@@ -1,8 +1,9 @@
 """The world bench: held-out subjects and identities, their reference images and prompt lists.
 
 None of these appear in the base models' training data: object subjects are two-tone bodies with an
-emblem (the base world only has single-colour objects with simple patterns), and identities are
-parameter combinations the training sampler excludes. Everything is seeded, so the 5 reference images
+emblem, combinations of colours and emblem that no training instance comes close to (the base sees
+other two-tone instances, see scenes.near_heldout_subject), and identities are parameter
+combinations the training sampler excludes. Everything is seeded, so the 5 reference images
 of a subject are the same on every machine.
 """
 

@@ -5,6 +5,9 @@ Stages, each skipped when its output exists, each timed into build.json:
   clip      contrastive CLIP (text + vision) on world pairs
   vae       AutoencoderKL, 64 px <-> 16x16x4 latents; then latents of the whole set are cached
   unet      text-to-image UNet on the frozen CLIP text encoder (min-SNR, EMA, warm-up + cosine)
+  instances the UNet goes on training on a second set of renders in which single objects are often
+            two-tone instances with an emblem, named in most captions (a curriculum: the first set
+            teaches the world, the second the detail that tells one instance from another)
   probes    classifiers on renderer ground truth (see probes.py)
   export    a standard diffusers folder in fp16
 Checkpoints are written every few hundred steps; an interrupted build continues where it stopped.
@@ -50,6 +53,11 @@ class BuildConfig:
     unet_ema_decay: float = 0.999
     cond_dropout: float = 0.1  # empty caption this often, for classifier-free guidance
     min_snr_gamma: float = 5.0
+    instance_dataset_size: int = 60_000
+    instance_rate: float = 0.6  # of single objects in the second set
+    instance_steps: int = 3000
+    instance_lr: float = 2e-4
+    instance_warmup: int = 100
     checkpoint_every: int = 250
     probe_steps: int = 900
     probe_train_size: int = 20_000
@@ -58,7 +66,8 @@ class BuildConfig:
     def quick(cls) -> BuildConfig:
         """A tiny build that runs in a few minutes: proves the pipeline, not fit to ship."""
         return cls(dataset_size=2000, clip_steps=30, clip_batch=64, vae_steps=30, vae_batch=16, unet_steps=40,
-                   unet_batch=16, unet_warmup=10, checkpoint_every=20, probe_steps=30, probe_train_size=1000)
+                   unet_batch=16, unet_warmup=10, instance_dataset_size=500, instance_steps=20, instance_warmup=5,
+                   checkpoint_every=20, probe_steps=30, probe_train_size=1000)
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,7 +141,7 @@ class Stage:
 # --------------------------------------------------------------------------------------------
 
 
-def render_dataset(n: int, seed: int, desc: str = "render") -> tuple[np.ndarray, list[str]]:
+def render_dataset(n: int, seed: int, desc: str = "render", instance_rate: float = 0.0) -> tuple[np.ndarray, list[str]]:
     from limner.world.render import render
     from limner.world.scenes import random_scene
 
@@ -140,16 +149,19 @@ def render_dataset(n: int, seed: int, desc: str = "render") -> tuple[np.ndarray,
     images = np.zeros((n, 64, 64, 3), dtype=np.uint8)
     captions = []
     for i in tqdm(range(n), desc=desc, mininterval=2):
-        r = render(random_scene(rng))
+        r = render(random_scene(rng, instance_rate=instance_rate))
         images[i] = r.image
         captions.append(r.caption)
     return images, captions
 
 
-def stage_data(cfg: BuildConfig, work: Path):
-    img_path, cap_path = work / "images.npy", work / "captions.json"
+def stage_data(cfg: BuildConfig, work: Path, name: str = "", instance_rate: float = 0.0):
+    """The first set (`name` ""), or the second, of instances (`name` "instances")."""
+    suffix = f"_{name}" if name else ""
+    img_path, cap_path = work / f"images{suffix}.npy", work / f"captions{suffix}.json"
     if not (img_path.exists() and cap_path.exists()):
-        images, captions = render_dataset(cfg.dataset_size, cfg.seed)
+        n, seed = (cfg.instance_dataset_size, cfg.seed + 10) if name else (cfg.dataset_size, cfg.seed)
+        images, captions = render_dataset(n, seed, f"render {name}".strip(), instance_rate)
         write_text_atomic(cap_path, json.dumps(captions))
         np.save(work / "images.tmp.npy", images)
         os.replace(work / "images.tmp.npy", img_path)  # last: its presence marks the stage done
@@ -249,22 +261,18 @@ def training_scheduler():
     return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
 
-def stage_unet(cfg: BuildConfig, work: Path, latents_mean, latents_std, scaling: float, captions, tokenizer, text_encoder, device):
-    unet = stack.build_unet().to(device)
-    ema = stack.build_unet().to(device)
-    ema.load_state_dict(unet.state_dict())
-    ema.requires_grad_(False)
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
-    g = torch.Generator().manual_seed(cfg.seed + 3)
-    stage = Stage("unet", work, cfg.unet_steps, cfg.checkpoint_every, {"unet": unet, "ema": ema}, opt, g)
+def train_denoiser(stage: Stage, unet, ema, lr: float, warmup: int, latents_mean, latents_std, scaling: float,
+                   captions, tokenizer, text_encoder, cfg: BuildConfig, device) -> None:
+    """Denoising steps on cached latents until `stage` is done: min-SNR loss, EMA, warm-up + cosine."""
+    g = stage.generator
     scheduler = training_scheduler()
     ids_all = tokenizer(captions, padding="max_length", truncation=True, max_length=stack.MAX_LENGTH, return_tensors="pt").input_ids
     empty = tokenizer([""], padding="max_length", max_length=stack.MAX_LENGTH, return_tensors="pt").input_ids
     text_encoder.requires_grad_(False)
     t_start, first = time.time(), stage.step
     for step, bar in stage.steps():
-        for group in opt.param_groups:
-            group["lr"] = cfg.unet_lr * cosine_lr(step, cfg.unet_steps, cfg.unet_warmup)
+        for group in stage.optimizer.param_groups:
+            group["lr"] = lr * cosine_lr(step, stage.total, warmup)
         idx = torch.randint(len(captions), (cfg.unet_batch,), generator=g)
         ids = ids_all[idx]
         drop = torch.rand(cfg.unet_batch, generator=g) < cfg.cond_dropout
@@ -281,16 +289,32 @@ def stage_unet(cfg: BuildConfig, work: Path, latents_mean, latents_std, scaling:
             pred = unet(noisy, t, cond).sample
         per_sample = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
         loss = (per_sample * min_snr_weights(scheduler, t, cfg.min_snr_gamma)).mean()
-        opt.zero_grad(set_to_none=True)
+        stage.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
+        stage.optimizer.step()
         with torch.no_grad():
             decay = min(cfg.unet_ema_decay, (1 + step) / (10 + step))
             for pe, p in zip(ema.parameters(), unet.parameters()):
                 pe.lerp_(p, 1 - decay)
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}", s_per_step=f"{(time.time() - t_start) / (step - first + 1):.2f}")
+
+
+def stage_unet(cfg: BuildConfig, work: Path, name: str, lr: float, warmup: int, steps: int, seed: int, latents, scaling: float,
+               captions, tokenizer, text_encoder, device, start: Path | None = None):
+    """Trains the UNet (from scratch, or on from the `start` checkpoint's weights) and returns its EMA."""
+    unet, ema = stack.build_unet().to(device), stack.build_unet().to(device)
+    if start is None:
+        ema.load_state_dict(unet.state_dict())
+    else:
+        state = load_checkpoint(start)
+        unet.load_state_dict(state["unet"])
+        ema.load_state_dict(state["ema"])
+    ema.requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
+    stage = Stage(name, work, steps, cfg.checkpoint_every, {"unet": unet, "ema": ema}, opt, torch.Generator().manual_seed(seed))
+    train_denoiser(stage, unet, ema, lr, warmup, latents["mean"], latents["std"], scaling, captions, tokenizer, text_encoder, cfg, device)
     return ema.eval()
 
 
@@ -343,9 +367,9 @@ def build(out: Path, work: Path, cfg: BuildConfig, device: str = "auto") -> dict
     if record["config"] != asdict(cfg):
         raise LimnerError(f"--work {work} holds a build with another configuration; use another --work folder or delete it")
 
-    def timed(name, fn, *args):
+    def timed(name, fn, *args, **kwargs):
         t0 = time.time()
-        result = fn(*args)
+        result = fn(*args, **kwargs)
         record["seconds"][name] = round(record["seconds"].get(name, 0) + time.time() - t0, 1)
         write_json_atomic(record_path, record)
         return result
@@ -355,13 +379,23 @@ def build(out: Path, work: Path, cfg: BuildConfig, device: str = "auto") -> dict
     images, captions = timed("data", stage_data, cfg, work)
     text_encoder, image_encoder, text_projection, logit_scale = timed("clip", stage_clip, cfg, work, images, captions, tokenizer, dev)
     vae = timed("vae", stage_vae, cfg, work, images, dev)
-    lat_path = work / "latents.pt"
-    if not lat_path.exists():
-        atomic_save(dict(zip(("mean", "std"), timed("latents", encode_latents, vae, images, dev))), lat_path)
-    lat = load_checkpoint(lat_path)
+
+    def cached_latents(name: str, images) -> dict:
+        path = work / f"{name}.pt"
+        if not path.exists():
+            atomic_save(dict(zip(("mean", "std"), timed(name, encode_latents, vae, images, dev))), path)
+        return load_checkpoint(path)
+
+    lat = cached_latents("latents", images)
     scaling = float(1.0 / (lat["mean"].float().std()))
     vae.register_to_config(scaling_factor=scaling)
-    unet = timed("unet", stage_unet, cfg, work, lat["mean"], lat["std"], scaling, captions, tokenizer, text_encoder, dev)
+    unet = timed("unet", stage_unet, cfg, work, "unet", cfg.unet_lr, cfg.unet_warmup, cfg.unet_steps, cfg.seed + 3, lat, scaling,
+                 captions, tokenizer, text_encoder, dev)
+    if cfg.instance_steps:
+        images, captions = timed("data_instances", stage_data, cfg, work, "instances", cfg.instance_rate)
+        unet = timed("instances", stage_unet, cfg, work, "instances", cfg.instance_lr, cfg.instance_warmup, cfg.instance_steps,
+                     cfg.seed + 4, cached_latents("latents_instances", images), scaling, captions, tokenizer, text_encoder, dev,
+                     start=work / "unet.ckpt")
     record["probes"] = timed("probes", stage_probes, cfg, work)
     timed("export", export_pipeline, out / "base", tokenizer, text_encoder.cpu(), image_encoder.cpu(), text_projection.cpu(), logit_scale.cpu(), vae.cpu(), unet.cpu())
     shutil.copytree(work / "probes", out / "probes", dirs_exist_ok=True)

@@ -139,7 +139,7 @@ def _near_miss(subject, rng: np.random.Generator):
 
     field = rng.choice(["colour_a", "colour_b", "emblem", "emblem_colour"])
     if field == "emblem":
-        options = [e for e in ("heart", "ring", "cross", "triangle", "crescent", "diamond") if e != subject.emblem]
+        options = [e for e in vocab.EMBLEMS if e != subject.emblem]
     else:
         options = [c for c in vocab.COLOURS if c != getattr(subject, field)]
     changed = replace(subject, name="near-miss", **{str(field): str(rng.choice(options))})

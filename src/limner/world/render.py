@@ -25,16 +25,20 @@ CANVAS = SIZE * SS
 # --------------------------------------------------------------------------------------------
 
 
+SPLITS: tuple[str, ...] = ("vertical", "horizontal")
+
+
 @dataclass(frozen=True)
 class Subject:
-    """A held-out object instance: a two-tone body with an emblem no caption word names."""
+    """A two-tone object instance with an emblem: a held-out subject of the bench, or an `instance` of
+    the base model's training data."""
 
     name: str
     cls: str
     colour_a: str
     colour_b: str
-    split: str  # "vertical" (left/right halves) or "horizontal" (top/bottom halves)
-    emblem: str  # heart, ring, cross, triangle, crescent, diamond
+    split: str  # one of SPLITS: "vertical" (left/right halves) or "horizontal" (top/bottom halves)
+    emblem: str  # one of vocab.EMBLEMS
     emblem_colour: str
 
 

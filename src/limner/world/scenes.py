@@ -2,7 +2,8 @@
 
 Two things are kept out of that distribution on purpose, so that personalization and composition can
 be measured honestly:
-- the held-out subjects and identities of the world bench (see bench.py) never appear;
+- the held-out subjects and identities of the world bench (see bench.py) never appear, nor does any
+  two-tone instance close to a subject (`near_heldout_subject`);
 - one in eight (class, colour, context) triples never appears in a single-object caption, so that
   `limner world check` can test combinations the base model has never seen.
 """
@@ -14,7 +15,7 @@ import hashlib
 import numpy as np
 
 from limner.world import vocab
-from limner.world.render import CharacterSpec, Entity, Identity, ObjectSpec, Render, Scene, render
+from limner.world.render import SPLITS, CharacterSpec, Entity, Identity, ObjectSpec, Render, Scene, Subject, render
 
 
 def is_heldout_combo(cls: str, colour: str, context: str) -> bool:
@@ -45,14 +46,21 @@ def with_article(noun_phrase: str) -> str:
 
 
 def object_phrase(o: ObjectSpec, name: str | None = None, colour: bool = True, pattern: bool = True) -> str:
-    """'a red striped ball with a hat'. `name` replaces the class noun phrase (e.g. 'sks ball')."""
+    """'a red striped ball with a hat', or for a two-tone instance 'a red and white ball with a blue heart'
+    (`pattern` then says whether its second colour and emblem are named). `name` replaces the class
+    noun phrase (e.g. 'sks ball') and a named subject's looks are never described."""
+    instance = o.subject is not None and name is None
     words = []
     if colour and o.subject is None:
         words.append(o.colour)
+    if colour and instance:
+        words += [o.subject.colour_a, "and", o.subject.colour_b] if pattern else [o.subject.colour_a]
     if pattern and o.subject is None and o.pattern != "plain":
         words.append(o.pattern)
     words.append(name or o.cls)
     phrase = with_article(" ".join(words))
+    if instance and pattern:
+        phrase += " with " + with_article(f"{o.subject.emblem_colour} {o.subject.emblem}")
     if o.accessory:
         phrase += f" with a {o.accessory}"
     return phrase
@@ -94,8 +102,32 @@ def caption_for(scene: Scene, rng: np.random.Generator, full: bool = False) -> s
 # --------------------------------------------------------------------------------------------
 
 
-def random_object(rng: np.random.Generator, x: float, scale_range=(0.22, 0.4)) -> ObjectSpec:
-    return ObjectSpec(
+def near_heldout_subject(instance: Subject) -> bool:
+    """True for an instance too close to a held-out subject of its class for the base to see: three of
+    its four looks (the two body colours, in either order, the emblem, the emblem's colour) agree."""
+    from limner.world.bench import SUBJECTS
+
+    for s in SUBJECTS:
+        if s.cls == instance.cls:
+            shared = len({s.colour_a, s.colour_b} & {instance.colour_a, instance.colour_b})
+            if shared + (s.emblem == instance.emblem) + (s.emblem_colour == instance.emblem_colour) >= 3:
+                return True
+    return False
+
+
+def random_instance(rng: np.random.Generator, cls: str, colour: str) -> Subject:
+    """A two-tone instance of a class with an emblem, never one close to a held-out subject."""
+    while True:
+        others = [c for c in vocab.COLOURS if c != colour]
+        second = str(rng.choice(others))
+        instance = Subject("instance", cls, colour, second, str(rng.choice(SPLITS)), str(rng.choice(vocab.EMBLEMS)),
+                           str(rng.choice([c for c in others if c != second])))
+        if not near_heldout_subject(instance):
+            return instance
+
+
+def random_object(rng: np.random.Generator, x: float, scale_range=(0.22, 0.4), instance_rate: float = 0.0) -> ObjectSpec:
+    o = ObjectSpec(
         cls=str(rng.choice(vocab.OBJECT_CLASSES)),
         colour=str(rng.choice(list(vocab.COLOURS))),
         pattern=str(rng.choice(vocab.PATTERNS, p=[0.55, 0.15, 0.15, 0.15])),
@@ -105,6 +137,9 @@ def random_object(rng: np.random.Generator, x: float, scale_range=(0.22, 0.4)) -
         rotation=rng.uniform(-20, 20),
         accessory=str(rng.choice(vocab.OBJECT_ACCESSORIES)) if rng.random() < 0.08 else None,
     )
+    if instance_rate and rng.random() < instance_rate:  # no draw at rate 0: the first edition's data stay the same
+        o.subject, o.pattern, o.accessory = random_instance(rng, o.cls, o.colour), "plain", None
+    return o
 
 
 def random_character(rng: np.random.Generator, x: float, framing: str, exclude: set[str], scale: float = 1.0,
@@ -124,8 +159,9 @@ def random_character(rng: np.random.Generator, x: float, framing: str, exclude: 
 
 
 def random_scene(rng: np.random.Generator, exclude_identities: set[str] | None = None,
-                 avoid_heldout_combos: bool = True) -> Scene:
-    """One scene of the base-model training distribution (held-out subjects never appear)."""
+                 avoid_heldout_combos: bool = True, instance_rate: float = 0.0) -> Scene:
+    """One scene of the base-model training distribution (held-out subjects never appear). A single
+    object is a two-tone instance with an emblem at `instance_rate`."""
     from limner.world.bench import heldout_identity_keys
 
     exclude = heldout_identity_keys() if exclude_identities is None else exclude_identities
@@ -134,9 +170,9 @@ def random_scene(rng: np.random.Generator, exclude_identities: set[str] | None =
                       p=[0.42, 0.16, 0.26, 0.08, 0.08])
     entities: list[Entity]
     if kind == "object":
-        o = random_object(rng, 0.5)
+        o = random_object(rng, 0.5, instance_rate=instance_rate)
         while avoid_heldout_combos and is_heldout_combo(o.cls, o.colour, context):
-            o = random_object(rng, 0.5)
+            o = random_object(rng, 0.5, instance_rate=instance_rate)
         entities = [o]
     elif kind == "two_objects":
         entities = [random_object(rng, 0.27, (0.15, 0.22)), random_object(rng, 0.73, (0.15, 0.22))]

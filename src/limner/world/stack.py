@@ -64,13 +64,18 @@ def build_tokenizer() -> CLIPTokenizer:
     for c in chars:
         tokens += [c, c + "</w>"]
     ranks: dict[tuple[str, str], int] = {}
-    for word in vocab.caption_words():
-        pieces = _apply_bpe(_bpe_pieces(word), ranks)
-        while len(pieces) > 1:
-            ranks[(pieces[0], pieces[1])] = len(ranks)
-            tokens.append(pieces[0] + pieces[1])
+
+    def add_words(words: list[str]) -> None:
+        for word in words:
             pieces = _apply_bpe(_bpe_pieces(word), ranks)
+            while len(pieces) > 1:
+                ranks[(pieces[0], pieces[1])] = len(ranks)
+                tokens.append(pieces[0] + pieces[1])
+                pieces = _apply_bpe(_bpe_pieces(word), ranks)
+
+    add_words(vocab.first_edition_words())
     tokens += [BOS, EOS]
+    add_words(vocab.added_words())  # after the special tokens, so no first-edition token id moves
     vocab_dict = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
     merges = sorted(ranks, key=ranks.get)
     tok = CLIPTokenizer(vocab=vocab_dict, merges=merges, unk_token=UNK, bos_token=BOS, eos_token=EOS, pad_token=PAD)

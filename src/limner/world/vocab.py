@@ -38,6 +38,11 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 PATTERNS: tuple[str, ...] = ("plain", "striped", "dotted", "checkered")
 OBJECT_ACCESSORIES: tuple[str, ...] = ("hat", "bow")
+# Emblems on two-tone object instances. The held-out subjects are such instances; the base model sees
+# other instances, their second colour and emblem named in some captions ("a red and white ball with a
+# blue heart"), so that a subject is new to it as an instance, not as a kind of thing, as a DreamBench
+# dog is new to Stable Diffusion.
+EMBLEMS: tuple[str, ...] = ("heart", "ring", "cross", "triangle", "crescent", "diamond")
 SIDES: tuple[str, ...] = ("left", "right")
 
 # Identity parameters (never in captions). Each is a small discrete set so that an identity is an
@@ -83,11 +88,22 @@ TEMPLATE_WORDS: tuple[str, ...] = (
 )
 
 
-def caption_words() -> list[str]:
-    """Every whole word the world's captions and method templates use."""
+def first_edition_words() -> list[str]:
+    """The words of the world's first edition, in the tokenizer's order."""
     words: list[str] = []
     for phrase in list(CONTEXTS.values()) + list(CAPTION_PREFIXES):
         words += phrase.split()
     words += list(CONTEXTS) + list(CLASSES) + list(COLOURS) + list(PATTERNS)
     words += list(OBJECT_ACCESSORIES) + list(SIDES) + list(RARE_IDENTIFIERS) + list(TEMPLATE_WORDS)
     return sorted(set(words))
+
+
+def added_words() -> list[str]:
+    """Words added since the first edition. The tokenizer appends them after every earlier token, so
+    no earlier token id moves and a model trained before still reads its words the same way."""
+    return list(EMBLEMS)
+
+
+def caption_words() -> list[str]:
+    """Every whole word the world's captions and method templates use."""
+    return first_edition_words() + added_words()
