@@ -30,8 +30,8 @@ def test_sdxl_base_generates(tiny_sdxl):
 def test_textual_inversion_on_sdxl_writes_clip_l_and_clip_g(tiny_sdxl, tmp_path):
     out = get_method("textual_inversion").personalize(load_base(str(tiny_sdxl), device="cpu"), subject(), tmp_path / "ti", train=train_cfg())
     a1111 = load_file(str(out / "embedding.safetensors"))
-    assert a1111["clip_l"].shape == (1, 32) and a1111["clip_g"].shape == (1, 32)
-    assert load_file(str(out / "learned_embeds_2.safetensors"))["<s*>"].shape == (1, 32)
+    assert a1111["clip_l"].shape == (4, 32) and a1111["clip_g"].shape == (4, 32)
+    assert load_file(str(out / "learned_embeds_2.safetensors"))["<s*>"].shape == (4, 32)
     base = load_base(str(tiny_sdxl), device="cpu")
     get_method("textual_inversion").apply(base, out)
     for tok, te in ((base.pipe.tokenizer, base.pipe.text_encoder), (base.pipe.tokenizer_2, base.pipe.text_encoder_2)):

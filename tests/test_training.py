@@ -32,7 +32,7 @@ def test_textual_inversion_trains_only_the_new_token_and_loads_in_plain_diffuser
     after = base.pipe.text_encoder.get_input_embeddings().weight.detach()
     assert torch.equal(after[: len(before)], before), "every other row is restored"
     vec = load_file(str(out / "learned_embeds.safetensors"))["<s*>"]
-    assert vec.shape == (1, 32) and (load_file(str(out / "embedding.safetensors"))["emb_params"] == vec).all()
+    assert vec.shape == (4, 32) and (load_file(str(out / "embedding.safetensors"))["emb_params"] == vec).all()
     init = before[base.pipe.tokenizer("ball", add_special_tokens=False).input_ids].mean(0)
     assert not torch.allclose(vec[0].float(), init, atol=1e-3), "the embedding moved"
     assert (out / "train_log.csv").read_text().count("\n") == 5 and (out / "README.md").exists()

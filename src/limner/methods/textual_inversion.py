@@ -45,7 +45,9 @@ def default_train_config() -> TrainConfig:
 @dataclass
 class TextualInversionConfig:
     token: str = "<s*>"
-    num_vectors: int = 1
+    # four vectors: a subject's looks take several words ("red and white ... blue heart"), one vector one
+    # position; on the world bench 4 raised subject fidelity from 0.216 to 0.308 (prompt fidelity 0.81 -> 0.77)
+    num_vectors: int = 4
     initializer: str | None = None  # default: the class noun
     templates: str = "object"  # object | style
     captions: bool = True  # append each reference image's caption (if the subject has them) to its prompts
