@@ -261,10 +261,11 @@ def training_scheduler():
     return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
 
-def train_denoiser(stage: Stage, unet, ema, lr: float, warmup: int, latents_mean, latents_std, scaling: float,
-                   captions, tokenizer, text_encoder, cfg: BuildConfig, device) -> None:
-    """Denoising steps on cached latents until `stage` is done: min-SNR loss, EMA, warm-up + cosine."""
-    g = stage.generator
+def train_denoiser(stage: Stage, lr: float, warmup: int, cached: dict, scaling: float, captions, tokenizer, text_encoder,
+                   cfg: BuildConfig, device) -> None:
+    """Denoising steps of the stage's `unet` (and its `ema`) on `cached` latents (mean, std) until `stage` is done:
+    min-SNR loss, warm-up + cosine."""
+    g, unet, ema = stage.generator, stage.modules["unet"], stage.modules["ema"]
     scheduler = training_scheduler()
     ids_all = tokenizer(captions, padding="max_length", truncation=True, max_length=stack.MAX_LENGTH, return_tensors="pt").input_ids
     empty = tokenizer([""], padding="max_length", max_length=stack.MAX_LENGTH, return_tensors="pt").input_ids
@@ -277,7 +278,7 @@ def train_denoiser(stage: Stage, unet, ema, lr: float, warmup: int, latents_mean
         ids = ids_all[idx]
         drop = torch.rand(cfg.unet_batch, generator=g) < cfg.cond_dropout
         ids[drop] = empty
-        mean, std = latents_mean[idx].float(), latents_std[idx].float()
+        mean, std = cached["mean"][idx].float(), cached["std"][idx].float()
         latents = (mean + std * torch.randn(mean.shape, generator=g)) * scaling
         noise = torch.randn(latents.shape, generator=g)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.unet_batch,), generator=g)
@@ -305,16 +306,16 @@ def stage_unet(cfg: BuildConfig, work: Path, name: str, lr: float, warmup: int, 
                captions, tokenizer, text_encoder, device, start: Path | None = None):
     """Trains the UNet (from scratch, or on from the `start` checkpoint's weights) and returns its EMA."""
     unet, ema = stack.build_unet().to(device), stack.build_unet().to(device)
-    if start is None:
-        ema.load_state_dict(unet.state_dict())
-    else:
+    if start is not None and not (work / f"{name}.ckpt").exists():  # once begun, the stage's own checkpoint is loaded below
         state = load_checkpoint(start)
         unet.load_state_dict(state["unet"])
         ema.load_state_dict(state["ema"])
+    else:
+        ema.load_state_dict(unet.state_dict())
     ema.requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
     stage = Stage(name, work, steps, cfg.checkpoint_every, {"unet": unet, "ema": ema}, opt, torch.Generator().manual_seed(seed))
-    train_denoiser(stage, unet, ema, lr, warmup, latents["mean"], latents["std"], scaling, captions, tokenizer, text_encoder, cfg, device)
+    train_denoiser(stage, lr, warmup, latents, scaling, captions, tokenizer, text_encoder, cfg, device)
     return ema.eval()
 
 
