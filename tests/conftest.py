@@ -7,9 +7,12 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 if "LIMNER_CACHE" not in os.environ:  # class images and retrieval indexes of test runs stay out of ~/.cache
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["LIMNER_CACHE"] = tempfile.mkdtemp(prefix="limner-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["LIMNER_CACHE"], ignore_errors=True)  # and leave nothing behind
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

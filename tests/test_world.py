@@ -144,11 +144,11 @@ def test_world_build_runs_every_stage_resumes_and_exports_a_diffusers_folder(tmp
     from limner.world.build import BuildConfig, build
 
     cfg = BuildConfig(dataset_size=64, clip_steps=2, clip_batch=16, vae_steps=2, vae_batch=8, unet_steps=3, unet_batch=4,
-                      unet_warmup=1, instance_dataset_size=32, instance_steps=2, instance_warmup=1, checkpoint_every=2, probe_steps=2,
-                      probe_train_size=64)
+                      unet_warmup=1, instance_dataset_size=32, instance_steps=2, instance_warmup=1, instance_restart_steps=2,
+                      checkpoint_every=2, probe_steps=2, probe_train_size=64)
     torch.set_num_threads(1)
     record = build(tmp_path / "world", tmp_path / "work", cfg, device="cpu")
-    assert {"data", "clip", "vae", "latents", "unet", "probes", "export"} <= set(record["seconds"])
+    assert {"data", "clip", "vae", "latents", "unet", "instances", "instances_restart", "probes", "export"} <= set(record["seconds"])
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "world" / "base")
     assert pipe("a ball", num_inference_steps=1, output_type="np").images.shape == (1, 64, 64, 3)
     assert (tmp_path / "world" / "probes" / "subject.safetensors").exists()

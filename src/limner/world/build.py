@@ -8,6 +8,7 @@ Stages, each skipped when its output exists, each timed into build.json:
   instances the UNet goes on training on a second set of renders in which single objects are often
             two-tone instances with an emblem, named in most captions (a curriculum: the first set
             teaches the world, the second the detail that tells one instance from another)
+  instances_restart  a second cosine cycle on that set at half the learning rate (a warm restart)
   probes    classifiers on renderer ground truth (see probes.py)
   export    a standard diffusers folder in fp16
 Checkpoints are written every few hundred steps; an interrupted build continues where it stopped.
@@ -58,6 +59,8 @@ class BuildConfig:
     instance_steps: int = 3000
     instance_lr: float = 2e-4
     instance_warmup: int = 100
+    # a second cosine cycle on the same renders at half the learning rate (a warm restart)
+    instance_restart_steps: int = 3000
     checkpoint_every: int = 250
     probe_steps: int = 900
     probe_train_size: int = 20_000
@@ -67,7 +70,7 @@ class BuildConfig:
         """A tiny build that runs in a few minutes: proves the pipeline, not fit to ship."""
         return cls(dataset_size=2000, clip_steps=30, clip_batch=64, vae_steps=30, vae_batch=16, unet_steps=40,
                    unet_batch=16, unet_warmup=10, instance_dataset_size=500, instance_steps=20, instance_warmup=5,
-                   checkpoint_every=20, probe_steps=30, probe_train_size=1000)
+                   instance_restart_steps=10, checkpoint_every=20, probe_steps=30, probe_train_size=1000)
 
 
 # --------------------------------------------------------------------------------------------
@@ -394,9 +397,13 @@ def build(out: Path, work: Path, cfg: BuildConfig, device: str = "auto") -> dict
                  captions, tokenizer, text_encoder, dev)
     if cfg.instance_steps:
         images, captions = timed("data_instances", stage_data, cfg, work, "instances", cfg.instance_rate)
+        lat = cached_latents("latents_instances", images)
         unet = timed("instances", stage_unet, cfg, work, "instances", cfg.instance_lr, cfg.instance_warmup, cfg.instance_steps,
-                     cfg.seed + 4, cached_latents("latents_instances", images), scaling, captions, tokenizer, text_encoder, dev,
-                     start=work / "unet.ckpt")
+                     cfg.seed + 4, lat, scaling, captions, tokenizer, text_encoder, dev, start=work / "unet.ckpt")
+        if cfg.instance_restart_steps:
+            unet = timed("instances_restart", stage_unet, cfg, work, "instances_restart", cfg.instance_lr / 2, cfg.instance_warmup,
+                         cfg.instance_restart_steps, cfg.seed + 5, lat, scaling, captions, tokenizer, text_encoder, dev,
+                         start=work / "instances.ckpt")
     record["probes"] = timed("probes", stage_probes, cfg, work)
     timed("export", export_pipeline, out / "base", tokenizer, text_encoder.cpu(), image_encoder.cpu(), text_projection.cpu(), logit_scale.cpu(), vae.cpu(), unet.cpu())
     shutil.copytree(work / "probes", out / "probes", dirs_exist_ok=True)
