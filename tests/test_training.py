@@ -470,6 +470,35 @@ def test_custom_diffusion_joint_training_of_two_concepts(tiny_base, tmp_path):
     assert {"<new1>", "<new2>"} <= set(fresh.pipe.tokenizer.get_vocab())
 
 
+def test_cli_trains_a_concepts_list_jointly_with_custom_diffusion_only(tiny_base, tmp_path):
+    """A JSON list of subjects (the paper's concepts list): Custom Diffusion trains them together, with
+    as many default steps per concept as for one; a method without joint training says so."""
+    import json
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from limner.cli import app
+    from limner.methods.custom_diffusion import default_train_config
+
+    entries = []
+    for name, noun in (("blob", "ball"), ("cube", "box")):
+        (tmp_path / name).mkdir()
+        for i, im in enumerate(subject(2).images):
+            Image.fromarray(im).save(tmp_path / name / f"{i}.png")
+        entries.append({"name": name, "path": str(tmp_path / name), "class_noun": noun})
+    concepts = tmp_path / "concepts.json"
+    concepts.write_text(json.dumps(entries))
+    assert default_train_config(2).max_steps == 2 * default_train_config().max_steps
+    args = ["train", "--subject", str(concepts), "--steps", "1", "--batch-size", "1", "--base", str(tiny_base)]
+    r = CliRunner().invoke(app, [*args, "--method", "custom_diffusion", "--set", "prior_preservation=false", "--out", str(tmp_path / "joint")])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((tmp_path / "joint" / "limner.json").read_text())
+    assert manifest["subject"] == ["blob", "cube"] and manifest["class_nouns"] == ["ball", "box"] and manifest["steps"] == 1
+    r = CliRunner().invoke(app, [*args, "--method", "dreambooth_lora", "--out", str(tmp_path / "db")])
+    assert r.exit_code != 0 and "trains one at a time" in r.output and not (tmp_path / "db").exists()
+
+
 def test_captions_reach_the_training_prompts_and_can_be_turned_off(tiny_base, tmp_path):
     import json
 

@@ -164,7 +164,8 @@ def apply_concepts(base, folders: list[Path], force: bool = False, region_prompt
 @app.command("train")
 def train_cmd(
     method: Annotated[str, typer.Option("--method", help="The method to personalize with.")],
-    subject: Annotated[str, typer.Option("--subject", help="world:NAME, or a folder of reference images.")],
+    subject: Annotated[str, typer.Option("--subject", help="world:NAME, a folder of reference images, or (Custom Diffusion, "
+                                                 "trained jointly) world:A,B or a JSON list of subjects.")],
     out: Annotated[Path, typer.Option("--out", help="The concept folder to write.")],
     class_noun: Annotated[Optional[str], typer.Option("--class-noun")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps")] = None,
@@ -191,8 +192,10 @@ def train_cmd(
     def go():
         m = get_method(method)
         subs = load_subjects(subject, class_noun)
-        if len(subs) != 1:
-            raise LimnerError(f"--subject {subject} holds {len(subs)} subjects; train one at a time")
+        joint = len(subs) > 1
+        if joint and not hasattr(m, "personalize_jointly"):
+            raise LimnerError(f"--subject {subject} holds {len(subs)} subjects; {method} trains one at a time "
+                              "(Custom Diffusion trains several jointly)")
         if mixed_precision not in (None, "no", "fp16", "bf16"):
             raise LimnerError(f"--mixed-precision {mixed_precision!r}: use no, fp16 or bf16")
         if out.exists() and not out.is_dir():
@@ -204,7 +207,7 @@ def train_cmd(
             overrides[m.token_setting] = token
         if num_vectors is not None:
             overrides["num_vectors"] = num_vectors
-        train_cfg = m.default_train_config()
+        train_cfg = m.default_train_config(len(subs)) if joint else m.default_train_config()
         if train_cfg is not None:
             train_cfg, overrides = split_train_settings(train_cfg, overrides)  # --set reaches the trainer too
             # options given explicitly win over --set; options left out keep what --set or the defaults say
@@ -212,7 +215,7 @@ def train_cmd(
                        "resume": resume, "seed": seed}
             overrides["train"] = replace(train_cfg, **{k: v for k, v in options.items() if v is not None})
         b = load_base(base, device=device, dtype="fp32")  # trainable weights stay fp32; --mixed-precision speeds it up
-        folder = m.personalize(b, subs[0], out, **overrides)
+        folder = m.personalize_jointly(b, subs, out, **overrides) if joint else m.personalize(b, subs[0], out, **overrides)
         from limner.training import finish_processes, is_main_process
 
         finish_processes()

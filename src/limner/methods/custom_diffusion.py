@@ -44,10 +44,12 @@ ENLARGE_PREFIXES = ("zoomed in", "close up")
 MODES = {"crossattn_kv": ("to_k", "to_v"), "crossattn": ("to_q", "to_k", "to_v", "to_out.0")}
 
 
-def default_train_config() -> TrainConfig:
+def default_train_config(num_concepts: int = 1) -> TrainConfig:
     # the paper: lr 1e-5 (x batch), 250 steps single-concept at 512 px; the small world model needs more
-    # (duo_ball: 250 steps -> subject fidelity 0.24, prompt fidelity 0.58; 500 steps -> 0.29, 0.77)
-    return TrainConfig(max_steps=500, batch_size=4, learning_rate=1e-3, weight_decay=0.0, checkpoint_every=100)
+    # (duo_ball: 250 steps -> subject fidelity 0.24, prompt fidelity 0.58; 500 steps -> 0.29, 0.77).
+    # Joint training gets as many steps per concept, as the paper's 500 for two: on the world, gift_box +
+    # night_dog trained together (K/V) were both recognised in 0.042 of regional images at 500 steps, 0.375 at 1000
+    return TrainConfig(max_steps=500 * num_concepts, batch_size=4, learning_rate=1e-3, weight_decay=0.0, checkpoint_every=100)
 
 
 @dataclass
@@ -336,15 +338,15 @@ class CustomDiffusion(Method):
     token_setting = "modifier_token"
     family = "tuning"
 
-    def default_train_config(self) -> TrainConfig:
-        return default_train_config()
+    def default_train_config(self, num_concepts: int = 1) -> TrainConfig:
+        return default_train_config(num_concepts)
 
     def default_config(self) -> CustomDiffusionConfig:
         return self.config({})
 
-    def config(self, overrides: dict) -> CustomDiffusionConfig:
+    def config(self, overrides: dict, num_concepts: int = 1) -> CustomDiffusionConfig:
         cfg = with_settings(CustomDiffusionConfig(), overrides, self.name)
-        cfg.train = cfg.train or default_train_config()
+        cfg.train = cfg.train or default_train_config(num_concepts)
         if cfg.mode not in MODES:
             raise LimnerError(f"mode {cfg.mode!r}: use one of {', '.join(MODES)}")
         return cfg
@@ -354,7 +356,7 @@ class CustomDiffusion(Method):
 
     def personalize_jointly(self, base, subjects: list[Subject], out: Path, **overrides) -> Path:
         """One or several concepts trained together; concept i gets modifier token <new{i+1}>."""
-        cfg = self.config(overrides)
+        cfg = self.config(overrides, len(subjects))
         pipe, res = base.pipe, base.resolution
         encoder = PromptEncoder(pipe, res)
         tokens = [cfg.modifier_token] if len(subjects) == 1 else [f"<new{i + 1}>" for i in range(len(subjects))]
