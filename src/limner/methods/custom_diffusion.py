@@ -48,7 +48,8 @@ def default_train_config(num_concepts: int = 1) -> TrainConfig:
     # the paper: lr 1e-5 (x batch), 250 steps single-concept at 512 px; the small world model needs more
     # (duo_ball: 250 steps -> subject fidelity 0.24, prompt fidelity 0.58; 500 steps -> 0.29, 0.77).
     # Joint training gets as many steps per concept, as the paper's 500 for two: on the world, gift_box +
-    # night_dog trained together (K/V) were both recognised in 0.042 of regional images at 500 steps, 0.375 at 1000
+    # night_dog trained together (K/V) were both recognised in 0.042 of regional images at 500 steps, 0.375 at
+    # 1000 (duo_ball + cross_cup: 0.042, 0.000; K/V alone barely learns cross_cup)
     return TrainConfig(max_steps=500 * num_concepts, batch_size=4, learning_rate=1e-3, weight_decay=0.0, checkpoint_every=100)
 
 
