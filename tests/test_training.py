@@ -18,6 +18,16 @@ def subject(n=3):
     return Subject("blob", "ball", [rng.integers(0, 255, (40, 48, 3), dtype=np.uint8) for _ in range(n)])
 
 
+def image_folder(folder, n=2):
+    """A user's folder of reference images: the subject's images saved as PNG files."""
+    from PIL import Image
+
+    folder.mkdir()
+    for i, im in enumerate(subject(n).images):
+        Image.fromarray(im).save(folder / f"{i}.png")
+    return folder
+
+
 def ti_config(steps, **kw):
     return {"train": TrainConfig(max_steps=steps, batch_size=2, learning_rate=5e-2, weight_decay=0.0, checkpoint_every=2, **kw)}
 
@@ -73,15 +83,11 @@ def test_placeholder_already_in_vocabulary(tiny_base, tmp_path):
 
 
 def test_cli_train_then_generate_with_the_concept(tiny_base, tmp_path):
-    from PIL import Image
     from typer.testing import CliRunner
 
     from limner.cli import app
 
-    folder = tmp_path / "subj"
-    folder.mkdir()
-    for i, im in enumerate(subject(2).images):
-        Image.fromarray(im).save(folder / f"{i}.png")
+    folder = image_folder(tmp_path / "subj")
     runner = CliRunner()
     r = runner.invoke(app, ["train", "--method", "textual_inversion", "--subject", str(folder), "--class-noun", "ball", "--steps", "2",
                             "--batch-size", "1", "--token", "<blob>", "--base", str(tiny_base), "--out", str(tmp_path / "concept")])
@@ -406,12 +412,8 @@ def test_two_cpu_processes_under_accelerate_launch(tiny_base, tmp_path):
     import subprocess
     import sys
 
-    from PIL import Image
 
-    folder = tmp_path / "subj"
-    folder.mkdir()
-    for i, im in enumerate(subject(2).images):
-        Image.fromarray(im).save(folder / f"{i}.png")
+    folder = image_folder(tmp_path / "subj")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--module", "limner.cli", "train", "--method", "textual_inversion",
            "--subject", str(folder), "--class-noun", "ball", "--steps", "3", "--batch-size", "1", "--base", str(tiny_base),
@@ -475,18 +477,12 @@ def test_cli_trains_a_concepts_list_jointly_with_custom_diffusion_only(tiny_base
     as many default steps per concept as for one; a method without joint training says so."""
     import json
 
-    from PIL import Image
     from typer.testing import CliRunner
 
     from limner.cli import app
     from limner.methods.custom_diffusion import default_train_config
 
-    entries = []
-    for name, noun in (("blob", "ball"), ("cube", "box")):
-        (tmp_path / name).mkdir()
-        for i, im in enumerate(subject(2).images):
-            Image.fromarray(im).save(tmp_path / name / f"{i}.png")
-        entries.append({"name": name, "path": str(tmp_path / name), "class_noun": noun})
+    entries = [{"name": name, "path": str(image_folder(tmp_path / name)), "class_noun": noun} for name, noun in (("blob", "ball"), ("cube", "box"))]
     concepts = tmp_path / "concepts.json"
     concepts.write_text(json.dumps(entries))
     assert default_train_config(2).max_steps == 2 * default_train_config().max_steps
@@ -533,15 +529,11 @@ def test_caption_files_beside_images_and_unknown_settings(tmp_path):
 def test_cli_train_settings_and_token_reach_the_method(tiny_base, tmp_path):
     import json
 
-    from PIL import Image
     from typer.testing import CliRunner
 
     from limner.cli import app
 
-    folder = tmp_path / "subj"
-    folder.mkdir()
-    for i, im in enumerate(subject(2).images):
-        Image.fromarray(im).save(folder / f"{i}.png")
+    folder = image_folder(tmp_path / "subj")
     args = ["train", "--method", "dreambooth_lora", "--subject", str(folder), "--class-noun", "ball", "--steps", "1", "--batch-size", "1",
             "--base", str(tiny_base), "--out", str(tmp_path / "c")]
     r = CliRunner().invoke(app, args + ["--token", "zwx", "--set", "prior_preservation=none", "--set", "lora_rank=2", "--set", "checkpoint_every=0",
