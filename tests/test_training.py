@@ -55,6 +55,27 @@ def test_textual_inversion_trains_only_the_new_token_and_loads_in_plain_diffuser
     assert not np.allclose(with_token, plain)
 
 
+def test_reference_images_are_mirrored_only_when_asked(tiny_base, tmp_path):
+    """A subject is often not symmetric (a logo, text): flipping is an opt-in setting (flip=true),
+    which adds each reference image's mirror image to the training data."""
+    from safetensors.torch import load_file
+
+    from limner.training.data import encode_images, fit_square
+
+    base = load_base(str(tiny_base), device="cpu")
+    vae, res, images = base.pipe.vae, base.resolution, subject().images
+    plain, both = encode_images(vae, images, res), encode_images(vae, images, res, flip=True)
+    assert len(plain.mean) == 3 and both.source.tolist() == [0, 1, 2, 0, 1, 2]
+    mirrored = encode_images(vae, [fit_square(im, res)[:, ::-1].copy() for im in images], res)
+    assert torch.allclose(both.mean[3:], mirrored.mean, atol=1e-5)
+
+    ti = get_method("textual_inversion")
+    a = ti.personalize(base, subject(), tmp_path / "a", **ti_config(2))
+    b = ti.personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "b", **ti_config(2, flip=True))
+    vectors = [load_file(str(c / "learned_embeds.safetensors"))["<s*>"] for c in (a, b)]
+    assert not torch.equal(*vectors), "flip=true trains on other images"
+
+
 def test_resume_latest_gives_the_same_result_as_an_uninterrupted_run(tiny_base, tmp_path):
     from safetensors.torch import load_file
 

@@ -371,7 +371,7 @@ class CustomDiffusion(Method):
                     images.append(aug)
                     masks.append(mask)
                     prompts.append(with_caption(instance_prompt(prefix, token, subject.class_noun), caption))
-        lat = encode_images(pipe.vae, images, res, flip=False)
+        lat = encode_images(pipe.vae, images, res, flip=cfg.train.flip)
         mask_t = torch.from_numpy(np.stack(masks)).float()[:, None]
         ids = encoder.tokenize(prompts)
         reg_lat, reg_cond = None, None

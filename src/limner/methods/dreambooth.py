@@ -300,7 +300,7 @@ class DreamBooth(Method):
         class_prompt = f"a {subject.class_noun}"
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        inst = encode_images(pipe.vae, subject.images, base.resolution)
+        inst = encode_images(pipe.vae, subject.images, base.resolution, flip=cfg.train.flip)
         cls_lat: LatentCache | None = None
         if cfg.prior_preservation == "class_images":
             ims = class_images(base, class_prompt, cfg.num_class_images, cfg.class_image_steps, cfg.class_image_cache,

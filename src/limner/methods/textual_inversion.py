@@ -224,7 +224,7 @@ class TextualInversion(Method):
         # token ids [image, template, ...]: every template, followed by that image's caption
         captions = image_captions(subject, cfg.captions)
         prompt_ids = torch.stack([encoder.tokenize([with_caption(t.format(phrase), c) for t in templates]) for c in captions])
-        latents = encode_images(pipe.vae, subject.images, base.resolution)
+        latents = encode_images(pipe.vae, subject.images, base.resolution, flip=cfg.train.flip)
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
 

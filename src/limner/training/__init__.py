@@ -43,6 +43,10 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 100  # 0: only at the end
     keep_checkpoints: int = 2
+    # mirror images of the references as extra training data. Off by default, as in kohya (flip_aug) and
+    # diffusers' DreamBooth scripts: a subject is often not symmetric (a logo, text, a face turned one
+    # way), and its mirror image is another subject. The world's renderer never mirrors a subject either.
+    flip: bool = False
     noise_offset: float = 0.0
     min_snr_gamma: float | None = None
     validate_every: int = 0  # 0: no validation images during training

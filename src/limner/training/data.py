@@ -57,7 +57,7 @@ class LatentCache:
 
 
 @torch.no_grad()
-def encode_images(vae, images: list[np.ndarray], resolution: int, flip: bool = True, batch: int = 16) -> LatentCache:
+def encode_images(vae, images: list[np.ndarray], resolution: int, flip: bool = False, batch: int = 16) -> LatentCache:
     if not images:
         raise LimnerError("no training images: give at least one reference image of the subject")
     fitted = [fit_square(im, resolution) for im in images]
