@@ -134,6 +134,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/limner-merge"))
     args = ap.parse_args()
     from limner.cli import apply_concepts
+    from limner.evaluation.protocol import digest
     from limner.evaluation.subjects import world_subjects
     from limner.methods import get_method
     from limner.methods.custom_diffusion import merge
@@ -148,13 +149,15 @@ def main() -> None:
 
     fingerprint = load_base(None).fingerprint
 
-    def trained(folder: Path, label: str, personalize) -> Path:
-        """The concept in `folder`, trained by personalize(folder) unless a previous run left it on
-        the same base."""
-        manifest = folder / "limner.json"
-        if not manifest.exists() or json.loads(manifest.read_text())["base_fingerprint"] != fingerprint:
+    def trained(folder: Path, label: str, method, settings: dict, personalize) -> Path:
+        """The concept in `folder`, trained by personalize(folder) unless a previous run left it with
+        the same base, method defaults and settings (a key file beside its manifest says which)."""
+        key = digest({"base": fingerprint, "defaults": method.default_settings(), "settings": settings})
+        key_file = folder / "bench-key"
+        if not ((folder / "limner.json").exists() and key_file.exists() and key_file.read_text() == key):
             shutil.rmtree(folder, ignore_errors=True)
             personalize(folder)
+            key_file.write_text(key)
         timings[label] = read_seconds(folder)
         return folder
 
@@ -165,8 +168,8 @@ def main() -> None:
                 (concepts, f"cd-{subject.name}", "", cd, {"modifier_token": token, "mode": MODE}),
                 (defaults, f"cd-{subject.name}-default", "-default", cd, {"modifier_token": token}),
                 (loras, f"lora-{subject.name}", " LoRA", get_method("dreambooth_lora"), {"identifier": identifier})):
-            trained_as[key] = trained(args.work / folder, f"train {subject.name}{suffix}", lambda f, m=method, s=subject, kw=settings:
-                                      m.personalize(load_base(None, dtype="fp32"), s, f, **kw))
+            trained_as[key] = trained(args.work / folder, f"train {subject.name}{suffix}", method, settings,
+                                      lambda f, m=method, s=subject, kw=settings: m.personalize(load_base(None, dtype="fp32"), s, f, **kw))
     t0 = time.perf_counter()
     merged = merge(load_base(None, dtype="fp32"), [concepts["left"], concepts["right"]], args.work / f"merged-{a.name}+{b.name}")
     timings["merge"] = round(time.perf_counter() - t0, 1)
@@ -174,7 +177,7 @@ def main() -> None:
     merged_default = merge(load_base(None, dtype="fp32"), [defaults["left"], defaults["right"]],
                            args.work / f"merged-default-{a.name}+{b.name}")
     # one work folder serves every pair
-    joint = trained(args.work / f"joint-{a.name}+{b.name}", "joint training",
+    joint = trained(args.work / f"joint-{a.name}+{b.name}", "joint training", cd, {"mode": MODE, "joint": [a.name, b.name]},
                     lambda f: cd.personalize_jointly(load_base(None, dtype="fp32"), [a, b], f, mode=MODE))
 
     def prompts(left_phrase: str, right_phrase: str, regions: bool) -> list[str]:
