@@ -514,6 +514,8 @@ def test_cli_trains_a_concepts_list_jointly_with_custom_diffusion_only(tiny_base
     assert manifest["subject"] == ["blob", "cube"] and manifest["class_nouns"] == ["ball", "box"] and manifest["steps"] == 1
     r = CliRunner().invoke(app, [*args, "--method", "dreambooth_lora", "--out", str(tmp_path / "db")])
     assert r.exit_code != 0 and "trains one at a time" in r.output and not (tmp_path / "db").exists()
+    r = CliRunner().invoke(app, [*args, "--method", "custom_diffusion", "--token", "<cat>", "--out", str(tmp_path / "tok")])
+    assert r.exit_code == 2 and "<new1> to <new2>" in r.output and not (tmp_path / "tok").exists()
 
 
 def test_captions_reach_the_training_prompts_and_can_be_turned_off(tiny_base, tmp_path):

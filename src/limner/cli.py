@@ -202,6 +202,9 @@ def train_cmd(
             raise LimnerError(f"--out {out} is a file; give a folder")
         overrides = dict(parse_setting(item, "--set") for item in setting or [])
         if token is not None:
+            if joint:
+                raise LimnerError(f"--token: joint training names its {len(subs)} tokens <new1> to <new{len(subs)}> "
+                                  "(one per subject, in --subject's order); leave --token out")
             if m.token_setting is None:
                 raise LimnerError(f"--token: {method} has no token or identifier to set")
             overrides[m.token_setting] = token
