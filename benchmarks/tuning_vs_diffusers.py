@@ -295,7 +295,9 @@ def main() -> None:
         once(f"{method}/memory/diffusers-without-teardown", lambda cmd=quiet_cmd, log=work / "diffusers-without-teardown.log": run(cmd, log, env))
         shutil.rmtree(quiet_out, ignore_errors=True)
 
-        class_dir = args.work / "custom_diffusion" / "class-images"  # written by prepare()
+        # Custom Diffusion's real prior is written by prepare(); diffusers' DreamBooth draws its class
+        # images into an empty folder inside the timed run, as limner draws its own
+        class_dir = args.work / "custom_diffusion" / "class-images" if method == "custom_diffusion" else work / "class-images"
 
         def diffusers_recipe(seed: int = 0, method=method, work=work, class_dir=class_dir):
             name = "diffusers-recipe" + (f"-seed{seed}" if seed else "")
