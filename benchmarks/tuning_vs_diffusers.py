@@ -48,10 +48,9 @@ TI_RECIPE_ARGS = ["--steps", "3000", "--lr", "2e-3", "--set", "captions=false", 
 # limner's defaults on other schedules: name -> extra arguments (the defaults are tuned for the
 # hardest world subjects; a user in a hurry shortens them)
 OTHER_RUNS = {
-    # TI's defaults and diffusers' recipe end within noise of each other, and one seed's fidelity
-    # moves by up to 0.2 from the next: five more training seeds say whether limner's defaults reach
-    # it on average (report() uses the mean of the six)
-    # and twice the steps, three seeds: on the third edition the defaults' mean fell short of diffusers'
+    # one TI seed's fidelity moves by up to 0.2 from the next: five more training seeds say whether
+    # limner's defaults reach diffusers' recipe on average (report() uses the mean of the six); and
+    # twice the steps, three seeds, since on the third edition the defaults' mean fell short
     "textual_inversion": {**{f"seed {i}": ["--set", f"seed={i}"] for i in range(1, 6)},
                           **{"800 steps" + (f", seed {i}" if i else ""): ["--steps", "800", "--set", f"seed={i}"] for i in range(3)}},
     "dreambooth_lora": {"50 steps": ["--steps", "50"], "100 steps": ["--steps", "100"]},
