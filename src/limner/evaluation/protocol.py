@@ -385,8 +385,10 @@ def personalize_cached(method_name: str, subject: EvalSubject, handle: BaseHandl
     from limner.methods import get_method
 
     method = get_method(method_name)
-    key = digest({"method": method_name, "defaults": method.default_settings(), "subject": subject.fingerprint(),
-                  "base": handle.fingerprint, "config": config})
+    # the key names the settings the concept is trained with, however they were given; "config" stays,
+    # empty, so that keys of runs made before that (at the defaults) still find their concepts
+    key = digest({"method": method_name, "defaults": method.settings_with(config), "subject": subject.fingerprint(),
+                  "base": handle.fingerprint, "config": {}})
     folder = cache_root / "concepts" / f"{method_name}-{subject.name}-{key}"
     if not (folder / "limner.json").exists():
         # trained in a side folder (resumable after an interruption) and renamed when complete

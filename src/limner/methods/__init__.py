@@ -74,6 +74,21 @@ class Method(ABC):
             cfg.train = train
         return asdict(cfg)
 
+    def settings_with(self, overrides: dict) -> dict:
+        """default_settings() with `overrides` (method and training settings in one flat dict, as on the
+        command line) applied: a run whose settings come out equal to a later default is the same run."""
+        from dataclasses import fields
+
+        from limner.training import TrainConfig
+
+        settings = self.default_settings()
+        train_names = {f.name for f in fields(TrainConfig)}
+        for key, value in overrides.items():
+            target = settings["train"] if key in train_names and isinstance(settings.get("train"), dict) else settings
+            # "5" on the command line reads as an int; a float default stays a float, so the key matches
+            target[key] = float(value) if isinstance(target.get(key), float) and type(value) is int else value
+        return settings
+
 
 REGISTRY: dict[str, type[Method]] = {}
 BUILTIN = ("textual_inversion", "dreambooth", "custom_diffusion")  # modules of this package that define methods

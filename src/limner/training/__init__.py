@@ -45,8 +45,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     # mirror images of the references as extra training data. Off by default, as in kohya (--flip_aug)
     # and diffusers' DreamBooth and Custom Diffusion scripts (--hflip): a subject is often not symmetric
-    # (a logo, text, a face turned one way), and its mirror image is another subject. So it is on the
-    # world, where a left/right two-tone subject mirrored reads as another one: without flips the mean
+    # (a logo, text, a face turned one way), and its mirror image is another subject. The world agrees:
+    # a left/right two-tone subject mirrored reads as another one, and without flips the mean
     # subject fidelity of DreamBooth rose from 0.576 to 0.683, LoRA 0.509 -> 0.551, TI 0.376 -> 0.413
     # (docs/README.md).
     flip: bool = False
