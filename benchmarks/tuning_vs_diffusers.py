@@ -164,13 +164,16 @@ def recipe_args(method: str, class_dir: Path) -> list[str]:
 def prepare(work: Path, refs: Path) -> None:
     """References, Custom Diffusion's retrieved regularisation set (which also builds the world pool's
     CLIP index in limner's cache, untimed), the base's path and fingerprint."""
+    from limner.evaluation.protocol import digest
+    from limner.methods import get_method
     from limner.methods.custom_diffusion import CustomDiffusionConfig, regularization_set
     from limner.models.loading import WORLD_BASE, fingerprint, load_base
 
     write_references(refs)
     pairs = regularization_set(load_base(None), CLASS_NOUN, CustomDiffusionConfig(num_reg_images=200))
     write_real_prior(work / "custom_diffusion" / "class-images", pairs)
-    (work / "prepared.json").write_text(json.dumps({"base": str(WORLD_BASE), "fingerprint": fingerprint(WORLD_BASE)}))
+    defaults = {m: digest(get_method(m).default_settings()) for m in METHODS}
+    (work / "prepared.json").write_text(json.dumps({"base": str(WORLD_BASE), "fingerprint": fingerprint(WORLD_BASE), "defaults": defaults}))
 
 
 def write_references(folder: Path) -> None:
@@ -271,7 +274,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    results = for_base(results, prepared["fingerprint"])
+    results = for_defaults(for_base(results, prepared["fingerprint"]), prepared["defaults"])
 
     def once(key: str, fn):
         if key not in results:
@@ -313,7 +316,7 @@ def main() -> None:
             shutil.rmtree(cache, ignore_errors=True)
             extra = [*extra, "--set", f"class_image_cache={cache}"] if method.startswith("dreambooth") else list(extra)
             r = run(limner_cmd(method, f"world:{SUBJECT}", out, *extra), work / f"{name}.log", env)
-            return r | score(out, env) | {"steps": label}
+            return r | score(out, env) | {"steps": label, "defaults": prepared["defaults"][method]}
 
         once(f"{method}/recipe/diffusers", diffusers_recipe)
         rescore(results, f"{method}/recipe/diffusers", work / "diffusers-recipe-concept", env)
@@ -341,6 +344,15 @@ def for_base(results: dict, fingerprint: str) -> dict:
         print(f"base changed ({results.get('base_fingerprint', 'unrecorded')} -> {fingerprint}): "
               f"measuring the {len(stale)} recipe runs again", flush=True)
     return {k: v for k, v in results.items() if k not in stale} | {"base_fingerprint": fingerprint}
+
+
+def for_defaults(results: dict, defaults: dict[str, str]) -> dict:
+    """The results that still hold for limner's defaults: a limner recipe row (the defaults, or the
+    defaults with a few settings changed) is measured again when the method's defaults have changed."""
+    stale = [k for k, v in results.items() if "/recipe/limner" in k and v.get("defaults") != defaults[k.split("/")[0]]]
+    if stale:
+        print(f"limner's defaults changed: measuring {len(stale)} limner recipe runs again", flush=True)
+    return {k: v for k, v in results.items() if k not in stale}
 
 
 def rescore(results: dict, key: str, concept: Path, env: dict) -> None:
