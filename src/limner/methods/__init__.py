@@ -81,12 +81,13 @@ class Method(ABC):
 
         from limner.training import TrainConfig
 
-        settings = self.default_settings()
+        settings, cfg = self.default_settings(), self.default_config()
         train_names = {f.name for f in fields(TrainConfig)}
+        # "5" on the command line reads as an int; a float setting takes it as 5.0, as a default would be
+        floats = {f.name for f in fields(TrainConfig) + (fields(cfg) if cfg is not None else ()) if "float" in str(f.type)}
         for key, value in overrides.items():
             target = settings["train"] if key in train_names and isinstance(settings.get("train"), dict) else settings
-            # "5" on the command line reads as an int; a float default stays a float, so the key matches
-            target[key] = float(value) if isinstance(target.get(key), float) and type(value) is int else value
+            target[key] = float(value) if key in floats and type(value) is int else value
         return settings
 
 
