@@ -51,7 +51,7 @@ class TrainConfig:
     # (docs/README.md).
     flip: bool = False
     noise_offset: float = 0.0
-    min_snr_gamma: float | None = None
+    min_snr_gamma: float | None = None  # None or 0: every timestep weighs the same
     validate_every: int = 0  # 0: no validation images during training
     resume: str | None = None  # "latest" or a checkpoint folder
 
