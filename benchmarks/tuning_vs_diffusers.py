@@ -126,12 +126,13 @@ def same_settings_args(method: str, steps: int) -> tuple[list[str], list[str]]:
               "--set", "captions=false"]
     diffusers = [f"--max_train_steps={steps}", f"--train_batch_size={BATCH}", f"--learning_rate={lr}", "--checkpointing_steps=100000"]
     if method == "textual_inversion":
-        limner += ["--set", "weight_decay=0.01"]  # diffusers' AdamW default
+        limner += ["--set", "weight_decay=0.01", "--set", "min_snr_gamma=0"]  # diffusers' AdamW default, timesteps weighed alike
         diffusers += ["--placeholder_token=<s*>", f"--initializer_token={CLASS_NOUN}", "--learnable_property=object", "--save_steps=100000"]
     elif method in ("dreambooth", "dreambooth_lora"):
         limner += ["--set", "prior_preservation=none"]
         diffusers += [f"--instance_prompt=a sks {CLASS_NOUN}"]
         if method == "dreambooth_lora":
+            limner += ["--set", "lora_rank=8"]
             diffusers += ["--rank=8"]
     else:
         # the script's default --freeze_model crossattn_kv: attn2's K and V only

@@ -51,7 +51,10 @@ def default_train_config(lora: bool) -> TrainConfig:
 @dataclass
 class DreamBoothConfig:
     identifier: str = "sks"
-    lora_rank: int | None = None  # None: full fine-tune; dreambooth_lora sets 8
+    # None: full fine-tune. dreambooth_lora sets 16: on the world bench rank 16 reached subject fidelity
+    # 0.608 against rank 8's 0.556 (prompt fidelity 0.798 vs 0.801), clear of the base on 12 subjects
+    # against 11 (cross_cup 0.10 vs 0.03)
+    lora_rank: int | None = None
     lora_alpha: float | None = None  # default: the rank
     train_text_encoder: bool = False
     prior_preservation: str = "class_images"  # none | class_images | frozen
@@ -278,7 +281,7 @@ class DreamBooth(Method):
     lora_default = False
 
     def default_config(self) -> DreamBoothConfig:
-        return DreamBoothConfig(lora_rank=8 if self.lora_default else None)
+        return DreamBoothConfig(lora_rank=16 if self.lora_default else None)
 
     def default_train_config(self) -> TrainConfig:
         return default_train_config(self.lora_default)
