@@ -290,7 +290,7 @@ class DreamBooth(Method):
         cfg = with_settings(self.default_config(), overrides, self.name)
         cfg.train = cfg.train or default_train_config(cfg.lora_rank is not None)
         if cfg.lora_rank is not None and cfg.lora_rank <= 0:
-            raise LimnerError(f"--rank must be a positive integer, got {cfg.lora_rank}")
+            raise LimnerError(f"lora_rank must be a positive integer (--set lora_rank=16), got {cfg.lora_rank}")
         if cfg.prior_preservation not in PRIOR_MODES:
             raise LimnerError(f"prior_preservation {cfg.prior_preservation!r}: use one of {', '.join(PRIOR_MODES)}")
         for name in ("num_class_images", "class_image_steps", "class_image_batch"):
