@@ -83,7 +83,7 @@ class Method(ABC):
 
         settings, cfg = self.default_settings(), self.default_config()
         train_names = {f.name for f in fields(TrainConfig)}
-        # "5" on the command line reads as an int; a float setting takes it as 5.0, as a default would be
+        # "5" on the command line reads as an int; a float setting keeps it as 5.0, as its default would be
         floats = {f.name for f in fields(TrainConfig) + (fields(cfg) if cfg is not None else ()) if "float" in str(f.type)}
         for key, value in overrides.items():
             target = settings["train"] if key in train_names and isinstance(settings.get("train"), dict) else settings
