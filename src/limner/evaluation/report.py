@@ -77,9 +77,16 @@ def plot_fidelity(results: dict, path: Path) -> Path | None:
     if not pts:
         return None
     fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
-    for name, m in pts.items():
-        ax.scatter(m[x_key], m[y_key], s=40)
-        ax.annotate(name, (m[x_key], m[y_key]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    xs, ys = [m[x_key] for m in pts.values()], [m[y_key] for m in pts.values()]
+    x_span, y_span = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+    placed = []
+    for name, m in sorted(pts.items(), key=lambda item: -item[1][y_key]):
+        x, y = m[x_key], m[y_key]
+        ax.scatter(x, y, s=40)
+        # a label goes below its point where it would run into the label of a point just above it
+        crowded = any(abs(x - px) < 0.35 * x_span and abs(y - py) < 0.06 * y_span for px, py in placed)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, -11) if crowded else (5, 4), fontsize=8)
+        placed.append((x, y))
     ax.set_xlabel(x_key.replace("_", " "))
     ax.set_ylabel(y_key.replace("_", " "))
     ax.set_title("subject vs prompt fidelity")
