@@ -82,12 +82,13 @@ class Method(ABC):
         from limner.training import TrainConfig
 
         settings, cfg = self.default_settings(), self.default_config()
-        train_names = {f.name for f in fields(TrainConfig)}
+        train_fields = fields(TrainConfig)
+        train_names = {f.name for f in train_fields}
+        train = settings["train"] if isinstance(settings.get("train"), dict) else settings
         # "5" on the command line reads as an int; a float setting keeps it as 5.0, as its default would be
-        floats = {f.name for f in fields(TrainConfig) + (fields(cfg) if cfg is not None else ()) if "float" in str(f.type)}
+        floats = {f.name for f in train_fields + (fields(cfg) if cfg is not None else ()) if "float" in str(f.type)}
         for key, value in overrides.items():
-            target = settings["train"] if key in train_names and isinstance(settings.get("train"), dict) else settings
-            target[key] = float(value) if key in floats and type(value) is int else value
+            (train if key in train_names else settings)[key] = float(value) if key in floats and type(value) is int else value
         return settings
 
 
