@@ -285,6 +285,25 @@ def test_custom_diffusion_merge_of_two_concepts(tiny_base, tmp_path):
         merge(load_base(str(tiny_base), device="cpu"), [a, kv], tmp_path / "m3")
 
 
+def test_merge_keeps_the_meaning_of_the_captions_it_is_given(tiny_base, tmp_path):
+    """`limner merge --captions FILE`: the merge keeps W0's outputs on those captions (the paper's C_reg)."""
+    from typer.testing import CliRunner
+
+    from limner.cli import app
+    from limner.methods.custom_diffusion import read_weights
+
+    a, b = two_custom_diffusion_concepts(tiny_base, tmp_path)
+    (tmp_path / "caps.txt").write_text("a red car in the city\n\na dog on the grass\n")
+    (tmp_path / "empty.txt").write_text("\n")
+    merge = lambda out, *extra: CliRunner().invoke(app, ["merge", str(a), str(b), "--out", str(tmp_path / out),  # noqa: E731
+                                                         "--base", str(tiny_base), "--device", "cpu", *extra])
+    assert merge("generic").exit_code == 0 and merge("given", "--captions", str(tmp_path / "caps.txt")).exit_code == 0
+    weights = [read_weights(tmp_path / out / "pytorch_custom_diffusion_weights.safetensors") for out in ("generic", "given")]
+    assert any(not torch.allclose(weights[0][k].float(), weights[1][k].float()) for k in weights[0])
+    r = merge("bad", "--captions", str(tmp_path / "empty.txt"))
+    assert r.exit_code != 0 and "empty.txt has no captions" in r.output and not (tmp_path / "bad").exists()
+
+
 def test_several_custom_diffusion_concepts_compose_instead_of_overwriting(tiny_base, tmp_path):
     from limner.cli import apply_concepts
     from limner.generation import GenerationSettings, generate
@@ -673,4 +692,6 @@ def test_merge_keeps_the_meaning_of_world_captions_or_generic_prompts():
     world = merge_captions(SimpleNamespace(is_world=True), 6)
     assert len(world) == 6 and all(isinstance(c, str) and c.startswith("a") for c in world) and len(set(world)) > 1
     assert merge_captions(SimpleNamespace(is_world=True), 6) == world, "the same captions every time"
-    assert merge_captions(SimpleNamespace(is_world=False), 3) == ["a photo of a dog", "a photo of a cat", "a photo of a person"]
+    generic = merge_captions(SimpleNamespace(is_world=False), 200)
+    assert len(set(generic)) == 200 and generic == merge_captions(SimpleNamespace(is_world=False), 200)
+    assert len({c.split(" of a ")[-1].split(" ")[0] for c in generic}) > 20, "many nouns, not a handful"

@@ -251,6 +251,9 @@ def merge_cmd(
     concepts: Annotated[list[Path], typer.Argument(help="Custom Diffusion concept folders (distinct modifier tokens).")],
     out: Annotated[Path, typer.Option("--out", help="The merged concept folder.")],
     force: Annotated[bool, typer.Option("--force", help="Merge concepts trained on another base anyway.")] = False,
+    captions: Annotated[Optional[Path], typer.Option("--captions", help="Text file, one caption per line: the first 200 are the prompts whose "
+                                                     "meaning the merge keeps (the paper uses real captions). Default: the world's captions, "
+                                                     "or varied generic ones.")] = None,
     base: BaseOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
@@ -266,7 +269,7 @@ def merge_cmd(
         b = load_base(base, device=device, dtype="fp32")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            folder = merge(b, concepts, out, force=force)
+            folder = merge(b, concepts, out, force=force, captions=captions)
         echo_notes(caught)
         typer.echo(f"merged concept written to {folder}")
 

@@ -452,14 +452,40 @@ def closed_form(W0: torch.Tensor, C_reg: torch.Tensor, C: torch.Tensor, V: torch
     return W0 + v @ d_t
 
 
-def merge_captions(base, n: int) -> list[str]:
-    """C_reg: n captions that must keep their meaning through the merge: the world's own captions, or
-    generic prompts on a real model."""
+# C_reg on a real base without a caption file: varied everyday captions. The paper takes 200 real
+# captions; a handful of "a photo of a dog" prompts gives a few dozen distinct feature rows for 768 or
+# 2048 dimensions, so the solve's ridge, not the captions, would decide what the merge keeps.
+GENERIC_NOUNS = ("dog", "cat", "person", "woman", "man", "child", "car", "bicycle", "house", "tree", "flower", "cup",
+                 "chair", "table", "book", "bird", "horse", "boat", "mountain", "city street", "bowl of fruit",
+                 "teddy bear", "backpack", "guitar", "clock", "lamp", "vase", "shoe", "hat", "kitchen")
+GENERIC_SETTINGS = ("", "on a table", "in a park", "on the beach", "in the snow", "at night", "in a living room",
+                    "in the city", "in a forest", "under a blue sky", "next to a window", "on the grass")
+GENERIC_FORMS = ("a photo of a {}", "a {}", "a close-up photo of a {}", "a painting of a {}", "a picture of a {}",
+                 "a watercolor of a {}", "an old photo of a {}", "a drawing of a {}")
+
+
+def generic_captions(n: int) -> list[str]:
+    """n distinct captions: a fixed shuffle of every form x noun x setting."""
+    combos = [(f, noun, setting) for f in GENERIC_FORMS for noun in GENERIC_NOUNS for setting in GENERIC_SETTINGS]
+    order = np.random.default_rng(0).permutation(len(combos))[:n]
+    return [f"{combos[i][0].format(combos[i][1])} {combos[i][2]}".strip() for i in order]
+
+
+def merge_captions(base, n: int, captions: Path | None = None) -> list[str]:
+    """C_reg: n captions that must keep their meaning through the merge: the first n lines of a caption
+    file (the paper's source), else the world's own captions, or varied generic captions on a real model."""
+    if captions is not None:
+        try:
+            lines = [line.strip() for line in Path(captions).read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise LimnerError(f"--captions {captions}: cannot read it as text ({e}); give a UTF-8 file with one caption per line") from e
+        if not lines:
+            raise LimnerError(f"--captions {captions} has no captions; give one caption per line")
+        return lines[:n]
     if base.is_world:
         pool = world_pool(n, seed=11)
         return [caption for _, caption in pool.load(list(range(n)))]
-    nouns = ("dog", "cat", "person", "car", "house", "tree", "cup", "chair")
-    return [f"a photo of a {nouns[i % len(nouns)]}" for i in range(n)]
+    return generic_captions(n)
 
 
 def read_concepts(base, concepts: list[Path], force: bool = False) -> list[dict]:
@@ -489,7 +515,8 @@ def concept_features(encoder: PromptEncoder, manifest: dict) -> torch.Tensor:
     return torch.unique(torch.cat(rows), dim=0)
 
 
-def merged_weights(base, concepts: list[Path], manifests: list[dict], num_reg_captions: int = 200) -> dict[str, torch.Tensor]:
+def merged_weights(base, concepts: list[Path], manifests: list[dict], num_reg_captions: int = 200,
+                   captions: Path | None = None) -> dict[str, torch.Tensor]:
     """The closed-form merge of the concepts' attn2 weights (their modifier tokens must be loaded)."""
     mode = manifests[0]["mode"]
     if mode == "crossattn":
@@ -498,7 +525,7 @@ def merged_weights(base, concepts: list[Path], manifests: list[dict], num_reg_ca
     encoder = PromptEncoder(base.pipe, base.resolution)
     W0 = layer_weights(base.pipe.unet, mode)
     tuned = [read_weights(Path(c) / m["files"]["weights"]) for c, m in zip(concepts, manifests)]
-    C_reg = prompt_features(encoder, merge_captions(base, num_reg_captions))
+    C_reg = prompt_features(encoder, merge_captions(base, num_reg_captions, captions))
     # C: the features from each concept's modifier token on, in the paper's two prompts ("<new1> cat",
     # "a photo of <new1> cat"). Adding the concept's training prompts (contexts) as constraints was
     # worse on the world: gift_box + night_dog, regional, both recognised 0.125 -> 0.000; so was a
@@ -562,12 +589,13 @@ def compose(base, concepts: list[Path], region_prompts: list[str] | None = None,
     return use_window
 
 
-def merge(base, concepts: list[Path], out: Path, num_reg_captions: int = 200, force: bool = False) -> Path:
+def merge(base, concepts: list[Path], out: Path, num_reg_captions: int = 200, force: bool = False,
+          captions: Path | None = None) -> Path:
     """Merges separately trained Custom Diffusion concepts (distinct modifier tokens) into one."""
     pipe = base.pipe
     manifests = read_concepts(base, concepts, force)
     load_tokens(base, concepts, manifests)
-    merged = merged_weights(base, concepts, manifests, num_reg_captions)
+    merged = merged_weights(base, concepts, manifests, num_reg_captions, captions)
     mode, tokens = manifests[0]["mode"], [t for m in manifests for t in m["tokens"]]
     encoder = PromptEncoder(pipe, base.resolution)
     out = Path(out)
