@@ -55,6 +55,23 @@ def test_textual_inversion_trains_only_the_new_token_and_loads_in_plain_diffuser
     assert not np.allclose(with_token, plain)
 
 
+def test_norm_cap_holds_learned_vectors_to_a_multiple_of_the_words_norm(tiny_base, tmp_path):
+    """Left free, the vectors outgrow every word of the vocabulary; norm_cap=1 keeps each at most as long
+    as the vocabulary's mean word."""
+    from safetensors.torch import load_file
+
+    def learned_norms(folder, **settings):
+        base = load_base(str(tiny_base), device="cpu")
+        words = base.pipe.text_encoder.get_input_embeddings().weight.detach().norm(dim=-1).mean()
+        out = get_method("textual_inversion").personalize(base, subject(), tmp_path / folder, **ti_config(4), **settings)
+        return load_file(str(out / "learned_embeds.safetensors"))["<s*>"].float().norm(dim=-1) / words
+
+    assert learned_norms("free").max() > 1.2
+    assert learned_norms("capped", norm_cap=1).max() < 1.01  # fp16 on disk
+    with pytest.raises(LimnerError, match="norm_cap"):
+        learned_norms("bad", norm_cap=0)
+
+
 def test_reference_images_are_mirrored_only_when_asked(tiny_base, tmp_path):
     """A subject is often not symmetric (a logo, text): flipping is an opt-in setting (flip=true),
     which adds each reference image's mirror image to the training data."""

@@ -55,6 +55,9 @@ class TextualInversionConfig:
     initializer: str | None = None  # default: the class noun
     templates: str = "object"  # object | style
     captions: bool = True  # append each reference image's caption (if the subject has them) to its prompts
+    # None: free. A number: after each step, each learned vector's norm is cut to at most this multiple of
+    # the vocabulary's mean norm (a learned vector that outweighs every word crowds the prompt's other words out)
+    norm_cap: float | None = None
     train: TrainConfig = field(default_factory=default_train_config)
 
 
@@ -87,7 +90,7 @@ class NewTokenRows:
     rows. The optimizer sees whole matrices, so every other row is restored after each step."""
 
     def __init__(self, encoders: dict[str, torch.nn.Module], token_ids: dict[str, list[int]]):
-        self.token_ids, self.embeddings, self.originals, self.keep = token_ids, {}, {}, {}
+        self.token_ids, self.embeddings, self.originals, self.keep, self.word_norm = token_ids, {}, {}, {}, {}
         for name, te in encoders.items():
             te.requires_grad_(False)
             emb = te.get_input_embeddings().weight
@@ -95,6 +98,7 @@ class NewTokenRows:
             self.embeddings[name], self.originals[name] = emb, emb.detach().clone()
             self.keep[name] = torch.ones(len(emb), dtype=torch.bool)
             self.keep[name][token_ids[name]] = False
+            self.word_norm[name] = float(self.originals[name][self.keep[name]].norm(dim=-1).mean())
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return list(self.embeddings.values())
@@ -103,6 +107,14 @@ class NewTokenRows:
     def restore_others(self) -> None:
         for name, emb in self.embeddings.items():
             emb[self.keep[name]] = self.originals[name][self.keep[name]].to(emb)
+
+    @torch.no_grad()
+    def cap_norms(self, ratio: float) -> None:
+        """Shrinks each new row whose norm exceeds `ratio` x the mean norm of the vocabulary's words."""
+        for name, emb in self.embeddings.items():
+            rows = emb[self.token_ids[name]]
+            limit = ratio * self.word_norm[name]
+            emb[self.token_ids[name]] = rows * (limit / rows.norm(dim=-1, keepdim=True)).clamp(max=1.0)
 
     def vectors(self) -> dict[str, torch.Tensor]:
         return {name: emb[self.token_ids[name]].detach().float() for name, emb in self.embeddings.items()}
@@ -119,8 +131,9 @@ def add_tokens_everywhere(encoder: PromptEncoder, tokens: list[str], initializer
 
 
 class TextualInversionTask(TrainingTask):
-    def __init__(self, pipe, encoder: PromptEncoder, token_ids: dict[str, list[int]], cfg: TrainConfig):
-        self.pipe, self.encoder, self.cfg = pipe, encoder, cfg
+    def __init__(self, pipe, encoder: PromptEncoder, token_ids: dict[str, list[int]], cfg: TrainConfig,
+                 norm_cap: float | None = None):
+        self.pipe, self.encoder, self.cfg, self.norm_cap = pipe, encoder, cfg, norm_cap
         self.noise = noise_scheduler(pipe)
         pipe.unet.requires_grad_(False)
         self.rows = NewTokenRows(encoder.text_encoders(), token_ids)
@@ -139,6 +152,8 @@ class TextualInversionTask(TrainingTask):
 
     def after_optimizer_step(self):
         self.rows.restore_others()
+        if self.norm_cap:
+            self.rows.cap_norms(self.norm_cap)
 
     def trainable_state(self):
         return self.rows.vectors()
@@ -219,6 +234,8 @@ class TextualInversion(Method):
         cfg = with_settings(self.default_config(), overrides, self.name)
         if cfg.num_vectors < 1:
             raise LimnerError(f"--num-vectors must be at least 1, got {cfg.num_vectors}")
+        if cfg.norm_cap is not None and cfg.norm_cap <= 0:
+            raise LimnerError(f"--set norm_cap={cfg.norm_cap}: give a positive multiple of the vocabulary's mean norm (e.g. 2), or leave it unset")
         pipe = base.pipe
         encoder = PromptEncoder(pipe, base.resolution)
         tokens = placeholder_tokens(cfg.token, cfg.num_vectors)
@@ -237,7 +254,7 @@ class TextualInversion(Method):
             tpl = torch.randint(len(templates), (cfg.train.batch_size,), generator=g)
             return {"latents": latents.sample(idx, g), "input_ids": prompt_ids[latents.source[idx], tpl]}
 
-        task = TextualInversionTask(pipe, encoder, ids, cfg.train)
+        task = TextualInversionTask(pipe, encoder, ids, cfg.train, cfg.norm_cap)
         t0 = time.perf_counter()
         validate = make_validator(base, [f"a {phrase} on the beach", f"a {phrase} in the snow"], out, score=subject.meta.get("score"))
         log = train(task, next_batch, cfg.train, out, desc=f"textual inversion {subject.name}", validate=validate)
