@@ -50,7 +50,7 @@ def default_train_config(num_concepts: int = 1) -> TrainConfig:
     # the base's lower bound on 12 subjects vs 11 (ring_box 0.16 vs 0.08), prompt fidelity 0.78 vs 0.80.
     # Joint training gets as many steps per concept, as the paper's 500 for two: on the world, gift_box +
     # night_dog trained together (K/V) were both recognised in 0.042 of regional images at 500 steps, 0.375 at
-    # 1000 (duo_ball + cross_cup: 0.042, 0.000; K/V alone barely learns cross_cup)
+    # 1000 and 1500 (duo_ball + cross_cup: 0.042, 0.000, 0.125)
     return TrainConfig(max_steps=750 * num_concepts, batch_size=4, learning_rate=1e-3, weight_decay=0.0, checkpoint_every=100)
 
 
