@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from limner.errors import LimnerError
 from limner.methods import Subject, get_method
@@ -34,7 +35,6 @@ def ti_config(steps, **kw):
 
 def test_textual_inversion_trains_only_the_new_token_and_loads_in_plain_diffusers(tiny_base, tmp_path):
     from diffusers import StableDiffusionPipeline
-    from safetensors.torch import load_file
 
     base = load_base(str(tiny_base), device="cpu")
     before = base.pipe.text_encoder.get_input_embeddings().weight.detach().clone()
@@ -55,10 +55,20 @@ def test_textual_inversion_trains_only_the_new_token_and_loads_in_plain_diffuser
     assert not np.allclose(with_token, plain)
 
 
+def test_one_process_trains_in_full_then_mixed_precision(tiny_base, tmp_path):
+    """accelerate refuses a second Accelerator with another precision in the same process: a notebook
+    that trains twice, or an eval comparing precisions, must still work, and bf16 must still learn."""
+    method = get_method("textual_inversion")
+    outs = [method.personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / f"{i}-{p}", **ti_config(2, mixed_precision=p))
+            for i, p in enumerate(("no", "bf16", "no"))]
+    vectors = [load_file(str(o / "learned_embeds.safetensors"))["<s*>"] for o in outs]
+    assert torch.equal(vectors[0], vectors[2]), "the full-precision run after a bf16 one is the run it was before"
+    assert not torch.equal(vectors[0], vectors[1]), "bf16 autocast took effect"
+
+
 def test_norm_cap_holds_learned_vectors_to_a_multiple_of_the_words_norm(tiny_base, tmp_path):
     """Left free, the vectors outgrow every word of the vocabulary; norm_cap=1 keeps each at most as long
     as the vocabulary's mean word."""
-    from safetensors.torch import load_file
 
     def learned_norms(folder, **settings):
         base = load_base(str(tiny_base), device="cpu")
@@ -75,7 +85,6 @@ def test_norm_cap_holds_learned_vectors_to_a_multiple_of_the_words_norm(tiny_bas
 def test_reference_images_are_mirrored_only_when_asked(tiny_base, tmp_path):
     """A subject is often not symmetric (a logo, text): flipping is an opt-in setting (flip=true),
     which adds each reference image's mirror image to the training data."""
-    from safetensors.torch import load_file
 
     from limner.training.data import encode_images, fit_square
 
@@ -94,7 +103,6 @@ def test_reference_images_are_mirrored_only_when_asked(tiny_base, tmp_path):
 
 
 def test_resume_latest_gives_the_same_result_as_an_uninterrupted_run(tiny_base, tmp_path):
-    from safetensors.torch import load_file
 
     straight = get_method("textual_inversion").personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "a", **ti_config(6))
     # interrupted after 4 steps (checkpoint at 4), then resumed to 6
@@ -214,7 +222,6 @@ def test_closed_form_merge_meets_its_constraint_and_stays_close_elsewhere():
 
 
 def test_custom_diffusion_trains_kv_and_token_and_round_trips(tiny_base, tmp_path):
-    from safetensors.torch import load_file
 
     from limner.methods.custom_diffusion import read_weights
 
@@ -243,7 +250,6 @@ def test_custom_diffusion_trains_kv_and_token_and_round_trips(tiny_base, tmp_pat
 
 
 def test_custom_diffusion_default_trains_all_of_attn2_in_diffusers_layout(tiny_base, tmp_path):
-    from safetensors.torch import load_file
 
     base = load_base(str(tiny_base), device="cpu")
     out = get_method("custom_diffusion").personalize(base, subject(), tmp_path / "c", prior_preservation=False, augment_variants=1,

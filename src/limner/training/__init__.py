@@ -274,6 +274,16 @@ def _trackers() -> list[str]:
     return ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
 
 
+def _forget_accelerator_settings() -> None:
+    """accelerate keeps one state per process and refuses a second Accelerator with another mixed precision
+    or device, so a process that trains twice (a notebook, the eval bench's rows, `limner bench`) would
+    fail on its second run. Each run starts from a fresh state; a distributed launch keeps its process group."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    if AcceleratorState._shared_state:
+        AcceleratorState._reset_state(reset_partial_state=not PartialState().use_distributed)
+
+
 def train(task: TrainingTask, next_batch: Callable[[torch.Generator], dict], cfg: TrainConfig, out: Path,
           desc: str = "train", validate: Callable[[int], float | None] | None = None) -> TrainLog:
     """Runs cfg.max_steps optimizer steps of task.loss on batches from next_batch(generator).
@@ -287,6 +297,7 @@ def train(task: TrainingTask, next_batch: Callable[[torch.Generator], dict], cfg
     # on a CPU-only machine `accelerate launch --multi_gpu --num_processes N` runs N gloo processes
     on_cpu = next(iter(modules.values())).device.type == "cpu"
     out.mkdir(parents=True, exist_ok=True)
+    _forget_accelerator_settings()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                               cpu=on_cpu, log_with=_trackers() or None, project_dir=str(out / "logs"))
     if accelerator.log_with:
