@@ -66,6 +66,42 @@ def test_one_process_trains_in_full_then_mixed_precision(tiny_base, tmp_path):
     assert not torch.equal(vectors[0], vectors[1]), "bf16 autocast took effect"
 
 
+def test_mixed_precision_holds_frozen_weights_in_half_and_gives_them_back(tmp_path):
+    """What does not train is held in bf16 while training (half the memory of a frozen UNet), what trains
+    stays fp32, and afterwards the frozen weights are fp32 again."""
+    from torch import nn
+
+    from limner.training import TrainingTask, train
+
+    class Probe(TrainingTask):
+        def __init__(self):
+            torch.manual_seed(0)
+            self.frozen, self.head = nn.Linear(4, 4).requires_grad_(False), nn.Linear(4, 1)
+            self.seen = []
+
+        def modules(self):
+            return {"model": nn.Sequential(self.frozen, self.head)}
+
+        def trainable_parameters(self):
+            return list(self.head.parameters())
+
+        def loss(self, batch, generator):
+            self.seen.append((self.frozen.weight.dtype, self.head.weight.dtype))
+            return self.head(self.frozen(batch["x"])).pow(2).mean()
+
+        def trainable_state(self):
+            return dict(self.head.state_dict())
+
+        def load_trainable_state(self, state):
+            self.head.load_state_dict(state)
+
+    task = Probe()
+    before = task.frozen.weight.detach().clone()
+    train(task, lambda g: {"x": torch.randn(2, 4, generator=g)}, TrainConfig(max_steps=2, mixed_precision="bf16", checkpoint_every=0), tmp_path)
+    assert task.seen == [(torch.bfloat16, torch.float32)] * 2
+    assert task.frozen.weight.dtype == torch.float32 and torch.equal(task.frozen.weight, before.bfloat16().float())
+
+
 def test_norm_cap_holds_learned_vectors_to_a_multiple_of_the_words_norm(tiny_base, tmp_path):
     """Left free, the vectors outgrow every word of the vocabulary; norm_cap=1 keeps each at most as long
     as the vocabulary's mean word."""

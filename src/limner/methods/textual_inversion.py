@@ -143,6 +143,9 @@ class TextualInversionTask(TrainingTask):
     def modules(self):
         return self.encoder.text_encoders()
 
+    def frozen_modules(self):
+        return {"unet": self.pipe.unet}
+
     def trainable_parameters(self):
         return self.rows.parameters()
 

@@ -15,7 +15,8 @@ import os
 import shutil
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -75,6 +76,11 @@ class TrainingTask(ABC):
 
     @abstractmethod
     def loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor: ...
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        """Modules the loss runs but nothing in them trains (e.g. Textual Inversion's UNet): held in half
+        precision under mixed precision, as the frozen parts of modules() are."""
+        return {}
 
     def after_optimizer_step(self) -> None:  # noqa: B027 - optional hook
         """E.g. Textual Inversion restores every embedding row but the new tokens'."""
@@ -274,6 +280,30 @@ def _trackers() -> list[str]:
     return ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
 
 
+HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
+NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
+
+
+@contextmanager
+def frozen_weights_in_half(dtype: torch.dtype | None, modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Under mixed precision the forward pass runs in half precision anyway, so the weights that do not
+    train are held in half precision too, as diffusers' example scripts hold them: half their memory and
+    no cast per step. The trained parameters stay fp32. Afterwards the frozen weights get their dtype
+    back, exactly when the base was stored in fp16 (SD checkpoints mostly are, the world's is). dtype None:
+    nothing changes. Normalisation layers keep fp32: they are tiny, and a CPU's autocast leaves them to
+    meet fp32 activations (those that follow a trained fp32 embedding, say)."""
+    frozen = {id(p): p for m in modules for sub in m.modules() if not isinstance(sub, NORMS)
+              for p in sub.parameters(recurse=False) if not p.requires_grad and p.is_floating_point()}
+    original = {key: p.dtype for key, p in frozen.items()} if dtype is not None else {}
+    for key in original:
+        frozen[key].data = frozen[key].data.to(dtype)
+    try:
+        yield
+    finally:
+        for key, d in original.items():
+            frozen[key].data = frozen[key].data.to(d)
+
+
 def _forget_accelerator_settings() -> None:
     """accelerate keeps one state per process and refuses a second Accelerator with another mixed precision
     or device, so a process that trains twice (a notebook, the eval bench's rows, `limner bench`) would
@@ -295,7 +325,7 @@ def train(task: TrainingTask, next_batch: Callable[[torch.Generator], dict], cfg
 
     modules = task.modules()
     # on a CPU-only machine `accelerate launch --multi_gpu --num_processes N` runs N gloo processes
-    on_cpu = next(iter(modules.values())).device.type == "cpu"
+    on_cpu = next(next(iter(modules.values())).parameters()).device.type == "cpu"
     out.mkdir(parents=True, exist_ok=True)
     _forget_accelerator_settings()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -311,56 +341,60 @@ def train(task: TrainingTask, next_batch: Callable[[torch.Generator], dict], cfg
     params = task.trainable_parameters()
     if not params:
         raise LimnerError("nothing to train: the method left no parameter trainable")
-    # the fused kernel (CPU and CUDA) takes a third of the per-tensor loop's time: ~13% of a full UNet
-    # fine-tune's step on a CPU
-    fused = all(p.device.type in ("cpu", "cuda") for p in params) or None
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    names = list(modules)
-    prepared = accelerator.prepare(*modules.values(), optimizer, scheduler)
-    wrapped, optimizer, scheduler = dict(zip(names, prepared[:-2])), prepared[-2], prepared[-1]
-    task.wrapped = wrapped  # the accelerate-wrapped modules, for the task's forward passes
-    task.accelerator = accelerator
-    generator = torch.Generator().manual_seed(cfg.seed * 1000 + accelerator.process_index)
-    log = TrainLog(num_processes=accelerator.num_processes)
-    start = 0
-    ckpt = find_checkpoint(out, cfg.resume)
-    if ckpt is not None:
-        start, meta = load_checkpoint(ckpt, task, optimizer, scheduler, generator, cfg)
-        log.curve, log.validation = meta["curve"], meta.get("validation", [])
-        log.resumed_from = start
-    csv_path = out / "train_log.csv"
-    t0 = time.perf_counter() - (log.curve[-1]["seconds"] if log.curve else 0.0)
-    bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc=desc, disable=not accelerator.is_main_process,
-               mininterval=1)
-    for step in bar:
-        for _ in range(cfg.gradient_accumulation_steps):
-            with accelerator.accumulate(*wrapped.values()):
-                with accelerator.autocast():
-                    loss = task.loss(next_batch(generator), generator)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm:
-                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-        task.after_optimizer_step()
-        loss_value = accelerator.gather(loss.detach().float().reshape(1)).mean().item()
-        log.curve.append({"step": step + 1, "seconds": round(time.perf_counter() - t0, 3), "loss": round(loss_value, 6)})
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        if accelerator.log_with:
-            accelerator.log({"loss": loss_value, "lr": scheduler.get_last_lr()[0]}, step=step + 1)
-        done = step + 1 == cfg.max_steps
-        if accelerator.is_main_process and ((cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or done):
-            with disk_guard(f"a checkpoint in {out / 'checkpoints'}"):
-                save_checkpoint(out, step + 1, task, optimizer, scheduler, generator, cfg, log)
-                write_csv(csv_path, log.curve)
-        if validate and accelerator.is_main_process and cfg.validate_every and ((step + 1) % cfg.validate_every == 0 or done):
-            t_validate = time.perf_counter()
-            value = validate(step + 1)
-            t0 += time.perf_counter() - t_validate  # the clock stops while validating: reported times are training times
-            if value is not None:
-                log.validation.append({"step": step + 1, "seconds": log.curve[-1]["seconds"], "score": round(value, 4)})
+    # accelerate runs no autocast for fp16 on a CPU: then the frozen weights stay as they are
+    half = HALF.get(accelerator.mixed_precision) if accelerator.native_amp else None
+    with frozen_weights_in_half(half, [*modules.values(), *task.frozen_modules().values()]):
+        # the fused kernel (CPU and CUDA) takes a third of the per-tensor loop's time: ~13% of a full UNet
+        # fine-tune's step on a CPU
+        fused = all(p.device.type in ("cpu", "cuda") for p in params) or None
+        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        names = list(modules)
+        prepared = accelerator.prepare(*modules.values(), optimizer, scheduler)
+        wrapped, optimizer, scheduler = dict(zip(names, prepared[:-2])), prepared[-2], prepared[-1]
+        task.wrapped = wrapped  # the accelerate-wrapped modules, for the task's forward passes
+        task.accelerator = accelerator
+        generator = torch.Generator().manual_seed(cfg.seed * 1000 + accelerator.process_index)
+        log = TrainLog(num_processes=accelerator.num_processes)
+        start = 0
+        ckpt = find_checkpoint(out, cfg.resume)
+        if ckpt is not None:
+            start, meta = load_checkpoint(ckpt, task, optimizer, scheduler, generator, cfg)
+            log.curve, log.validation = meta["curve"], meta.get("validation", [])
+            log.resumed_from = start
+        csv_path = out / "train_log.csv"
+        t0 = time.perf_counter() - (log.curve[-1]["seconds"] if log.curve else 0.0)
+        bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc=desc, disable=not accelerator.is_main_process,
+                   mininterval=1)
+        for step in bar:
+            for _ in range(cfg.gradient_accumulation_steps):
+                with accelerator.accumulate(*wrapped.values()):
+                    with accelerator.autocast():
+                        loss = task.loss(next_batch(generator), generator)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.max_grad_norm:
+                        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+            task.after_optimizer_step()
+            loss_value = accelerator.gather(loss.detach().float().reshape(1)).mean().item()
+            log.curve.append({"step": step + 1, "seconds": round(time.perf_counter() - t0, 3), "loss": round(loss_value, 6)})
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if accelerator.log_with:
+                accelerator.log({"loss": loss_value, "lr": scheduler.get_last_lr()[0]}, step=step + 1)
+            done = step + 1 == cfg.max_steps
+            if accelerator.is_main_process and ((cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or done):
+                with disk_guard(f"a checkpoint in {out / 'checkpoints'}"):
+                    save_checkpoint(out, step + 1, task, optimizer, scheduler, generator, cfg, log)
+                    write_csv(csv_path, log.curve)
+            if validate and accelerator.is_main_process and cfg.validate_every and ((step + 1) % cfg.validate_every == 0 or done):
+                t_validate = time.perf_counter()
+                with accelerator.autocast():  # frozen weights may be in half precision
+                    value = validate(step + 1)
+                t0 += time.perf_counter() - t_validate  # the clock stops while validating: reported times are training times
+                if value is not None:
+                    log.validation.append({"step": step + 1, "seconds": log.curve[-1]["seconds"], "score": round(value, 4)})
     accelerator.wait_for_everyone()
     if accelerator.log_with:
         accelerator.end_training()
