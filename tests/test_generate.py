@@ -122,3 +122,15 @@ def test_single_file_needs_config(tmp_path):
 def test_errors_are_limner_errors_in_the_api(tmp_path):
     with pytest.raises(LimnerError, match="does not exist"):
         load_base(str(tmp_path / "missing"))
+
+
+def test_auto_precision_is_half_on_a_gpu_but_full_for_the_world_base():
+    """fp16 draws a real-sized model faster on a GPU; the tiny world base it draws slower, and differently
+    from the CPU on which the world's numbers were measured (benchmarks/cuda)."""
+    import torch
+
+    from limner.models.loading import resolve_dtype
+
+    gpu = torch.device("cuda")
+    assert resolve_dtype("auto", gpu) == torch.float16 and resolve_dtype("auto", gpu, world=True) == torch.float32
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32 and resolve_dtype("bf16", gpu, world=True) == torch.bfloat16

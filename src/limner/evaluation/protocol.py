@@ -166,7 +166,7 @@ class BaseHandle:
         self.spec, self.device, self.fingerprint, self._base = spec, device, fingerprint, None
         dev = resolve_device(device)
         # images made in another precision are other images: the device type and dtype are part of the key
-        self.precision = f"{dev.type}/{resolve_dtype('auto', dev)}".replace("torch.", "")
+        self.precision = f"{dev.type}/{resolve_dtype('auto', dev, world=spec is None)}".replace("torch.", "")
 
     def get(self):
         if self._base is None:
