@@ -68,7 +68,7 @@ def test_one_process_trains_in_full_then_mixed_precision(tiny_base, tmp_path):
 
 def test_mixed_precision_holds_frozen_weights_in_half_and_gives_them_back(tmp_path):
     """What does not train is held in bf16 while training (half the memory of a frozen UNet), what trains
-    stays fp32, and afterwards the frozen weights are fp32 again."""
+    stays fp32, and validation and everything after training see the frozen weights exactly as they were."""
     from torch import nn
 
     from limner.training import TrainingTask, train
@@ -95,11 +95,13 @@ def test_mixed_precision_holds_frozen_weights_in_half_and_gives_them_back(tmp_pa
         def load_trainable_state(self, state):
             self.head.load_state_dict(state)
 
-    task = Probe()
+    task, validated = Probe(), []
     before = task.frozen.weight.detach().clone()
-    train(task, lambda g: {"x": torch.randn(2, 4, generator=g)}, TrainConfig(max_steps=2, mixed_precision="bf16", checkpoint_every=0), tmp_path)
+    cfg = TrainConfig(max_steps=2, mixed_precision="bf16", checkpoint_every=0, validate_every=1)
+    train(task, lambda g: {"x": torch.randn(2, 4, generator=g)}, cfg, tmp_path, validate=lambda step: validated.append(task.frozen.weight.dtype))
     assert task.seen == [(torch.bfloat16, torch.float32)] * 2
-    assert task.frozen.weight.dtype == torch.float32 and torch.equal(task.frozen.weight, before.bfloat16().float())
+    assert validated == [torch.float32] * 2, "validation draws with the weights the pipeline had"
+    assert task.frozen.weight.dtype == torch.float32 and torch.equal(task.frozen.weight, before), "given back exactly"
 
 
 def test_norm_cap_holds_learned_vectors_to_a_multiple_of_the_words_norm(tiny_base, tmp_path):
@@ -554,6 +556,17 @@ def test_changing_a_default_changes_the_eval_cache_key(monkeypatch):
     monkeypatch.setattr(db, "default_train_config", lambda lora: TrainConfig(max_steps=7))
     assert get_method("dreambooth").default_settings() != before
     assert get_method("textual_inversion").default_settings()["train"]["learning_rate"] > 0
+
+
+def test_a_new_setting_that_is_off_by_default_keeps_the_concepts_trained_before_it(monkeypatch):
+    from limner.evaluation.protocol import concept_key
+
+    ti = get_method("textual_inversion")
+    before, plain = concept_key(ti, {}, "subject", "base"), ti.default_settings
+    monkeypatch.setattr(type(ti), "default_settings", lambda self: plain() | {"new_setting": None})
+    assert concept_key(ti, {}, "subject", "base") == before
+    assert concept_key(ti, {"new_setting": 2}, "subject", "base") != before
+    assert concept_key(ti, {"num_vectors": 8}, "subject", "base") != before != concept_key(ti, {}, "other subject", "base")
 
 
 def test_settings_given_that_equal_a_default_are_the_same_run():

@@ -145,6 +145,9 @@ class DreamBoothTask(TrainingTask):
             mods.update(self.encoder.text_encoders())
         return mods
 
+    def frozen_modules(self):
+        return {} if self.frozen_unet is None else {"frozen_unet": self.frozen_unet}
+
     def trainable_parameters(self):
         return self.params
 
