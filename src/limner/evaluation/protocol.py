@@ -379,16 +379,24 @@ def aggregate(per_subject: dict[str, dict[str, float]]) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------
 
 
+def concept_key(method, config: dict, subject_fingerprint: str, base_fingerprint: str) -> str:
+    """A trained concept's cache key: the settings it is trained with, however they were given. Unset
+    (None) settings are left out, so a setting added later, off by default, keeps every concept trained
+    before it."""
+    def without_unset(settings: dict) -> dict:
+        return {k: without_unset(v) if isinstance(v, dict) else v for k, v in settings.items() if v is not None}
+
+    return digest({"method": method.name, "settings": without_unset(method.settings_with(config)), "subject": subject_fingerprint,
+                   "base": base_fingerprint})
+
+
 def personalize_cached(method_name: str, subject: EvalSubject, handle: BaseHandle, cache_root: Path, config: dict) -> tuple[Path, dict]:
     """Trains (or encodes) a concept once per (method, subject, base, config); reused afterwards."""
     from limner.concepts import read_manifest, write_json_atomic
     from limner.methods import get_method
 
     method = get_method(method_name)
-    # the key names the settings the concept is trained with, however they were given; "config" stays,
-    # empty, so that keys of runs made before that (at the defaults) still find their concepts
-    key = digest({"method": method_name, "defaults": method.settings_with(config), "subject": subject.fingerprint(),
-                  "base": handle.fingerprint, "config": {}})
+    key = concept_key(method, config, subject.fingerprint(), handle.fingerprint)
     folder = cache_root / "concepts" / f"{method_name}-{subject.name}-{key}"
     if not (folder / "limner.json").exists():
         # trained in a side folder (resumable after an interruption) and renamed when complete
