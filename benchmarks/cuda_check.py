@@ -25,6 +25,7 @@ import math
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def training_row(method, precision, subject, device, cache, enc, settings, steps
     config = {"mixed_precision": precision} | ({"max_steps": steps} if steps else {})
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
+    t0 = time.perf_counter()  # loading, regularisation images and validation every sixth of training included
     folder, meta = personalize_cached(method, subject, BaseHandle(None, device, fingerprint(WORLD_BASE)), cache, config)
     row = {"method": method, "precision": precision, "subject": subject.name, "steps": meta.get("steps"),
            "seconds": round(time.perf_counter() - t0, 2), "peak_memory_mb": round(peak_memory_mb(device), 1)}
@@ -82,11 +83,12 @@ def generation_rows(record: dict, out: Path, device: str) -> None:
         t0 = time.perf_counter()
         images = np.stack([np.asarray(im, dtype=np.float32) for im in generate(base, s).images])
         synchronize(dev)
+        seconds = time.perf_counter() - t0
         eps = unet_output(base)
         images0 = images if images0 is None else images0
         eps0 = eps if eps0 is None else eps0
         record["generation"].append({
-            "device": dev, "dtype": dtype, "seconds_per_image": round((time.perf_counter() - t0) / s.num_images, 4),
+            "device": dev, "dtype": dtype, "seconds_per_image": round(seconds / s.num_images, 4),
             "finite": bool(np.isfinite(images).all()), "min_image_std": round(float(images.reshape(len(images), -1).std(1).min()), 2),
             "mean_abs_diff_vs_first": round(float(np.abs(images - images0).mean()), 2),
             "unet_rel_err_vs_first": round(float(np.linalg.norm(eps - eps0) / np.linalg.norm(eps0)), 5)})
@@ -159,7 +161,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/cuda"))
     ap.add_argument("--subjects", default="duo_ball,night_dog")
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--cache", type=Path, default=Path(".limner-cache/cuda-check"))
+    ap.add_argument("--cache", type=Path, help="Eval cache (default: a fresh one, so that every row is trained and timed).")
     ap.add_argument("--budget", type=float, default=1e9, help="Seconds: no training row starts after this.")
     ap.add_argument("--device", default="cuda", help="cpu runs the same checks, for trying the script itself (with --steps).")
     ap.add_argument("--steps", type=int, help="Training steps for every method (default: each method's).")
@@ -173,6 +175,7 @@ def main() -> None:
     from limner.evaluation.protocol import EvalSettings
     from limner.evaluation.subjects import world_subjects
 
+    a.cache = a.cache or Path(tempfile.mkdtemp(prefix="limner-cuda-check-"))
     deadline = time.monotonic() + a.budget
     a.out.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu"

@@ -96,7 +96,7 @@ def row_in_own_process(method: str, precision: str, checkpointing: bool, a: argp
     result = a.work / "row.json"
     result.unlink(missing_ok=True)
     cmd = [sys.executable, __file__, "--row", f"{method}:{precision}:{int(checkpointing)}", "--work", str(a.work), "--steps", str(a.steps),
-           "--device", a.device, "--out", str(result)]
+           "--device", a.device, "--out", str(result), "--width", str(a.width), "--text-width", str(a.text_width)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode == 0 and result.exists():
         return json.loads(result.read_text())
@@ -161,12 +161,12 @@ def main() -> None:
 
     if a.row:
         method, precision, checkpointing = a.row.split(":")
-        row = train_row(method, precision, checkpointing == "1", a.work / "base", world_subjects("world:duo_ball")[0], a.steps, a.work, a.device)
+        row = train_row(method, precision, checkpointing == "1", a.work / f"base-{a.width}-{a.text_width}", world_subjects("world:duo_ball")[0], a.steps, a.work, a.device)
         return a.out.write_text(json.dumps(row))
 
     deadline = time.monotonic() + a.budget
     a.out.mkdir(parents=True, exist_ok=True)
-    base_dir = build_sd15_shaped(a.work / "base", a.width, a.text_width)
+    base_dir = build_sd15_shaped(a.work / f"base-{a.width}-{a.text_width}", a.width, a.text_width)
     from safetensors import safe_open
 
     with safe_open(str(base_dir / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
