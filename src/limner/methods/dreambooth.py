@@ -355,7 +355,9 @@ class DreamBooth(Method):
             return
         from diffusers import UNet2DConditionModel
 
-        unet = UNet2DConditionModel.from_pretrained(concept / PIPELINE_DIR / "unet", torch_dtype=base.dtype)
+        from limner.models.loading import dtype_kwarg
+
+        unet = UNet2DConditionModel.from_pretrained(concept / PIPELINE_DIR / "unet", **dtype_kwarg(base.dtype))
         base.pipe.unet = unet.to(base.device)
         if m["config"].get("train_text_encoder"):
             for name in ("text_encoder", "text_encoder_2"):

@@ -66,13 +66,21 @@ def resolve_dtype(dtype: str, device: torch.device, world: bool = False) -> torc
     if dtype == "auto":
         # half precision where the hardware does it well (an SD 1.5-sized model draws 2.4x faster on an
         # H200 in fp16, in half the memory) and full precision on CPU. The world base stays fp32: it is so
-        # small that a GPU's time goes to launching kernels, so fp16 draws it slower (0.10 vs 0.085 s per
+        # small that a GPU's time goes to launching kernels, so fp16 draws it slower (0.116 vs 0.061 s per
         # image), and its seeds then give other pictures than the CPU's, on which the world's numbers
         # were measured (benchmarks/cuda).
         return torch.float16 if device.type in ("cuda", "mps") and not world else torch.float32
     if dtype not in DTYPES:
         raise LimnerError(f"--dtype {dtype!r} is unknown; use auto, fp32, fp16 or bf16")
     return DTYPES[dtype]
+
+
+def dtype_kwarg(dtype: torch.dtype) -> dict:
+    """The dtype argument of diffusers' from_pretrained: `dtype` where diffusers has renamed it (and warns
+    on the old name), `torch_dtype` in the releases before."""
+    from diffusers.utils import deprecation_utils
+
+    return {"dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype": dtype}
 
 
 def check_folder(path: Path) -> dict:
@@ -171,7 +179,7 @@ def load_base(base: str | os.PathLike | None = None, device: str = "auto", dtype
         # a CLIP vision tower in the folder (the world ships one for its CLIP) is not needed to generate
         # or train: left on disk, it costs no memory (image-prompt methods load their own encoder)
         kwargs |= {name: None for name in ("image_encoder", "feature_extractor") if name in index}
-        pipe = cls.from_pretrained(path, torch_dtype=torch_dtype, local_files_only=True, **kwargs)
+        pipe = cls.from_pretrained(path, local_files_only=True, **dtype_kwarg(torch_dtype), **kwargs)
     pipe.to(dev)
     pipe.set_progress_bar_config(disable=True)
     return Base(pipe=pipe, path=path, family=family, fingerprint=fingerprint(path), is_world=is_world, device=dev, dtype=torch_dtype)
@@ -191,5 +199,5 @@ def _load_single_file(path: Path, config: str | None, torch_dtype: torch.dtype):
                           "architecture as the checkpoint")
     index = json.loads((cfg_path / "model_index.json").read_text())
     cls = _pipeline_class(index)
-    pipe = cls.from_single_file(str(path), config=str(cfg_path), torch_dtype=torch_dtype, local_files_only=True)
+    pipe = cls.from_single_file(str(path), config=str(cfg_path), local_files_only=True, **dtype_kwarg(torch_dtype))
     return pipe, ("sdxl" if "XL" in cls.__name__ else "sd")
