@@ -172,10 +172,12 @@ def test_image_modes_are_converted_faithfully(tmp_path):
 
 def test_bench_measures_each_row_in_its_own_process(tmp_path):
     r = runner.invoke(app, ["bench", "--subject", "world:duo_ball", "-n", "1", "--steps", "2", "--cache", str(tmp_path / "cache"),
-                            "--out", str(tmp_path / "report"), "--device", "cpu"])
+                            "--out", str(tmp_path / "report"), "--device", "cpu", "--method", "textual_inversion:max_steps=2"])
     assert r.exit_code == 0, r.output
-    (record,) = json.loads((tmp_path / "report" / "bench.json").read_text())
+    record, trained = json.loads((tmp_path / "report" / "bench.json").read_text())
     assert record["row"] == "lower-bound" and record["seconds_per_image"] > 0 and record["peak_memory_mb"] > 50
+    assert trained["row"] == "textual_inversion:max_steps=2" and trained["steps"] == 2, "a row's settings reach its training"
+    assert trained["train_peak_memory_mb"] > 50 and not trained["cached_concept"]
     assert "| lower-bound |" in (tmp_path / "report" / "bench.md").read_text()
     r = runner.invoke(app, ["bench", "--subject", "world:duo_ball,ada", "--out", str(tmp_path / "r2")])
     assert r.exit_code == 2 and "several subjects" in r.output

@@ -423,7 +423,8 @@ def build_encoders(world: bool, base: Optional[str], clip: Optional[Path], dino:
 
 @app.command("bench")
 def bench_cmd(
-    method: Annotated[Optional[list[str]], typer.Option("--method", help="Methods to measure (repeatable).")] = None,
+    method: Annotated[Optional[list[str]], typer.Option("--method", help="Methods to measure (repeatable): METHOD or METHOD:key=value,... "
+                                                        "with method or trainer settings, e.g. dreambooth_lora:mixed_precision=fp16.")] = None,
     subject: Annotated[str, typer.Option("--subject", help="One subject (world:NAME or a folder).")] = "world:duo_ball",
     class_noun: Annotated[Optional[str], typer.Option("--class-noun", help="Class noun for a subject folder without subject.json.")] = None,
     images: Annotated[int, typer.Option("-n", "--images", help="Images to time per row.")] = 8,
@@ -435,7 +436,7 @@ def bench_cmd(
 ) -> None:
     """Time and memory per method (training and generation), each measured in its own process."""
     from limner.evaluation.bench import markdown, run_bench
-    from limner.evaluation.protocol import LOWER
+    from limner.evaluation.protocol import LOWER, Row
 
     def go():
         from limner.evaluation.subjects import load_subjects
@@ -443,7 +444,7 @@ def bench_cmd(
         from limner.methods import get_method
 
         for m in method or []:
-            get_method(m)
+            get_method(Row.parse(m).method)
         if images < 1 or steps < 1:
             raise LimnerError("-n/--images and --steps must be at least 1")
         if len(load_subjects(subject, class_noun)) != 1:

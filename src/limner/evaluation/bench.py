@@ -28,7 +28,7 @@ def peak_memory_mb(device: str) -> float:
 def measure(row: str, subject_spec: str, class_noun: str | None, base: str | None, device: str, images: int, steps: int,
             cache: Path) -> dict:
     """Runs in the worker: personalize (methods), then time `images` generations."""
-    from limner.evaluation.protocol import FIDELITY_THRESHOLD, LOWER, BaseHandle, personalize_cached, time_to_fidelity
+    from limner.evaluation.protocol import FIDELITY_THRESHOLD, LOWER, BaseHandle, Row, personalize_cached, time_to_fidelity
     from limner.evaluation.subjects import load_subjects
     from limner.generation import GenerationSettings, generate
     from limner.methods import get_method
@@ -39,9 +39,10 @@ def measure(row: str, subject_spec: str, class_noun: str | None, base: str | Non
     prompt = f"a {subject.class_noun} on the beach"
     concept = None
     if row != LOWER:
+        spec = Row.parse(row)  # METHOD or METHOD:key=value,... (e.g. dreambooth_lora:mixed_precision=fp16)
         handle = BaseHandle(base, device, fingerprint(WORLD_BASE if base is None else Path(base)))
         t1 = time.perf_counter()
-        concept, meta = personalize_cached(row, subject, handle, cache, {})
+        concept, meta = personalize_cached(spec.method, subject, handle, cache, dict(spec.config))
         record["cached_concept"] = time.perf_counter() - t1 < meta.get("personalize_seconds", 0)
         record["personalize_seconds"] = meta.get("personalize_seconds")
         record["steps"] = meta.get("steps")
@@ -52,7 +53,7 @@ def measure(row: str, subject_spec: str, class_noun: str | None, base: str | Non
     b = load_base(base, device=device)
     record["load_seconds"] = round(time.perf_counter() - t0, 3)
     if concept is not None:
-        method = get_method(row)
+        method = get_method(spec.method)
         method.apply(b, concept)
         prompt = method.prompt("a {} on the beach", concept)
     s = GenerationSettings(prompt, num_images=1, steps=steps, batch_size=1)
