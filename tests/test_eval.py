@@ -181,3 +181,5 @@ def test_bench_measures_each_row_in_its_own_process(tmp_path):
     assert "| lower-bound |" in (tmp_path / "report" / "bench.md").read_text()
     r = runner.invoke(app, ["bench", "--subject", "world:duo_ball,ada", "--out", str(tmp_path / "r2")])
     assert r.exit_code == 2 and "several subjects" in r.output
+    r = runner.invoke(app, ["bench", "--method", "lower-bound", "--out", str(tmp_path / "r3")])
+    assert r.exit_code == 2 and "measures the lower bound first" in r.output

@@ -73,8 +73,8 @@ class WorldCLIP:
 
         folder = Path(base_folder)
         self.tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-        self.text = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch.float32).to(device).eval()
-        self.vision = CLIPVisionModelWithProjection.from_pretrained(folder / "image_encoder", dtype=torch.float32).to(device).eval()
+        self.text = CLIPTextModel.from_pretrained(folder / "text_encoder").to(device, torch.float32).eval()
+        self.vision = CLIPVisionModelWithProjection.from_pretrained(folder / "image_encoder").to(device, torch.float32).eval()
         head = load_file(str(folder / "clip_text_projection.safetensors"))
         self.projection = head["text_projection.weight"].float().to(device)
         self.device = device

@@ -363,7 +363,7 @@ class DreamBooth(Method):
             for name in ("text_encoder", "text_encoder_2"):
                 if getattr(base.pipe, name, None) is not None:
                     cls = type(getattr(base.pipe, name))
-                    setattr(base.pipe, name, cls.from_pretrained(concept / PIPELINE_DIR / name, dtype=base.dtype).to(base.device))
+                    setattr(base.pipe, name, cls.from_pretrained(concept / PIPELINE_DIR / name).to(base.device, base.dtype))
 
     def prompt(self, template: str, concept: Path) -> str:
         m = read_manifest(concept)

@@ -20,13 +20,15 @@ def save_pipeline(pipe, out: Path, dtype: torch.dtype = torch.float16) -> None:
     from diffusers.utils import logging as diffusers_logging
 
     level = diffusers_logging.get_verbosity()
-    # a cast of the whole pipeline makes diffusers warn about modules to keep in fp32 (SD has none); the
-    # weights are written in `dtype` on purpose
-    diffusers_logging.set_verbosity_error()
-    pipe.to(dtype=dtype)
     try:
+        # a cast of the whole pipeline makes diffusers warn about modules to keep in fp32 (SD has none);
+        # the weights are written in `dtype` on purpose
+        diffusers_logging.set_verbosity_error()
+        pipe.to(dtype=dtype)
+        diffusers_logging.set_verbosity(level)
         pipe.save_pretrained(tmp, safe_serialization=True)
     finally:
+        diffusers_logging.set_verbosity_error()
         pipe.to(dtype=original)
         diffusers_logging.set_verbosity(level)
     # transformers loads a checkpoint in the dtype its config names; say float32 so that plain

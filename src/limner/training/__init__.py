@@ -289,7 +289,9 @@ class FrozenInHalf:
     no cast per step (LoRA in fp16 at SD 1.5's size: peak 10.0 -> 7.9 GB, benchmarks/cuda). The trained
     parameters stay fp32, and so do normalisation layers: they are tiny, and a CPU's autocast leaves them
     to meet fp32 activations. restore() gives the weights back exactly: where casting back would not (bf16,
-    or fp16 of weights stored in fp32), a CPU copy is kept. dtype None: nothing changes."""
+    or fp16 of weights stored in fp32), a CPU copy is kept, and a weight on the CPU that would need one
+    stays as it is. Validation restores them, so it draws at the memory cost training had before this.
+    dtype None: nothing changes."""
 
     def __init__(self, dtype: torch.dtype | None, modules: Iterable[nn.Module]):
         self.dtype, self.halved = dtype, False
@@ -301,9 +303,13 @@ class FrozenInHalf:
     def halve(self) -> None:
         self.halved = True
         for p in self.params:
+            if p.dtype.itemsize <= 2:  # already half: nothing to save
+                continue
             half = p.data.to(self.dtype)
             if id(p) not in self.originals:
                 exact = torch.equal(half.to(p.dtype), p.data)
+                if not exact and p.device.type == "cpu":
+                    continue  # a copy beside the half weights would cost more memory than it saves
                 self.originals[id(p)] = (p.dtype, None if exact else p.data.to("cpu", copy=True))
             p.data = half
 
@@ -313,7 +319,7 @@ class FrozenInHalf:
         for p in self.params:
             if id(p) in self.originals:
                 dtype, copy = self.originals[id(p)]
-                p.data = p.data.to(dtype) if copy is None else copy.to(p.device)
+                p.data = p.data.to(dtype) if copy is None else copy.to(p.device, copy=True)  # the copy stays pristine
         self.halved = False
 
 
