@@ -134,3 +134,25 @@ def test_auto_precision_is_half_on_a_gpu_but_full_for_the_world_base():
     gpu = torch.device("cuda")
     assert resolve_dtype("auto", gpu) == torch.float16 and resolve_dtype("auto", gpu, world=True) == torch.float32
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32 and resolve_dtype("bf16", gpu, world=True) == torch.bfloat16
+
+
+def test_the_command_line_drops_only_transformers_torchvision_fallback_notice():
+    import logging
+
+    from limner.cli import quiet_torchvision_fallback
+
+    quiet_torchvision_fallback()
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    log = logging.getLogger("transformers.utils.import_utils")
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING)  # the tests run transformers at TRANSFORMERS_VERBOSITY=error
+    try:
+        log.warning("`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil` ...")
+        log.warning("some other notice")
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    assert seen == ["some other notice"]

@@ -462,8 +462,23 @@ def bench_cmd(
     run(go)
 
 
+def quiet_torchvision_fallback() -> None:
+    """limner does its image work with PIL, numpy and torch, and does not install torchvision (the
+    registry's build does not work beside torch's CPU build). Without it transformers says, on every
+    run, that it falls back to the PIL image processors: the ones limner wants. That line is dropped;
+    every other transformers message stays."""
+    import logging
+
+    class DropFallbackNotice(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "requires torchvision (not installed); falling back" not in record.getMessage()
+
+    logging.getLogger("transformers.utils.import_utils").addFilter(DropFallbackNotice())
+
+
 def main() -> None:
     code: int | str | None = 0
+    quiet_torchvision_fallback()
     try:
         app()
     except KeyboardInterrupt:
