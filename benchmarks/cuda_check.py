@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -151,9 +152,10 @@ def markdown(record: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(out: Path, record: dict) -> None:
-    (out / "world.json").write_text(json.dumps(record, indent=1))
-    (out / "world.md").write_text(markdown(record))
+def write(out: Path, record: dict, stem: str = "world", render: Callable[[dict], str] = markdown) -> None:
+    """OUT/STEM.json and OUT/STEM.md (the record rendered), rewritten after every row."""
+    (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
+    (out / f"{stem}.md").write_text(render(record))
 
 
 def main() -> None:

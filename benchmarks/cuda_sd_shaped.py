@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cuda_check import loss_summary, synchronize  # noqa: E402
+from cuda_check import loss_summary, synchronize, write  # noqa: E402
 
 # (method, mixed precision, gradient checkpointing), most telling first
 ROWS = [
@@ -139,11 +139,6 @@ def markdown(record: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(out: Path, record: dict) -> None:
-    (out / "sd_shaped.json").write_text(json.dumps(record, indent=1))
-    (out / "sd_shaped.md").write_text(markdown(record))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/cuda"))
@@ -175,14 +170,14 @@ def main() -> None:
     record = {"gpu": gpu, "torch": torch.__version__, "unet_params_m": round(params / 1e6), "resolution": 512, "steps": a.steps,
               "training": [], "generation": []}
     record["generation"] = [] if a.no_generation else generation_rows(base_dir, a.device)
-    write(a.out, record)
+    write(a.out, record, "sd_shaped", markdown)
     for method, precision, checkpointing in ROWS:
         if time.monotonic() > deadline:
             break
         if a.methods and method not in a.methods.split(","):
             continue
         record["training"].append(row_in_own_process(method, precision, checkpointing, a))
-        write(a.out, record)
+        write(a.out, record, "sd_shaped", markdown)
     print(markdown(record))
 
 

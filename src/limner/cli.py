@@ -444,9 +444,10 @@ def bench_cmd(
         from limner.methods import get_method
 
         for m in method or []:
-            if Row.parse(m).method is None:
+            name = Row.parse(m).method
+            if name is None:
                 raise LimnerError(f"--method {m}: bench measures the lower bound first by itself; name methods to compare with it")
-            get_method(Row.parse(m).method)
+            get_method(name)
         if images < 1 or steps < 1:
             raise LimnerError("-n/--images and --steps must be at least 1")
         if len(load_subjects(subject, class_noun)) != 1:

@@ -4,9 +4,24 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+
+@contextmanager
+def diffusers_quiet() -> Iterator[None]:
+    """diffusers' logging at error level for the duration."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
 
 
 def save_pipeline(pipe, out: Path, dtype: torch.dtype = torch.float16) -> None:
@@ -17,20 +32,15 @@ def save_pipeline(pipe, out: Path, dtype: torch.dtype = torch.float16) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    from diffusers.utils import logging as diffusers_logging
-
-    level = diffusers_logging.get_verbosity()
     try:
-        # a cast of the whole pipeline makes diffusers warn about modules to keep in fp32 (SD has none);
-        # the weights are written in `dtype` on purpose
-        diffusers_logging.set_verbosity_error()
-        pipe.to(dtype=dtype)
-        diffusers_logging.set_verbosity(level)
+        # the weights are written in `dtype` on purpose: diffusers' warning about modules to keep in fp32
+        # (SD has none), which every whole-pipeline cast prints, is held back
+        with diffusers_quiet():
+            pipe.to(dtype=dtype)
         pipe.save_pretrained(tmp, safe_serialization=True)
     finally:
-        diffusers_logging.set_verbosity_error()
-        pipe.to(dtype=original)
-        diffusers_logging.set_verbosity(level)
+        with diffusers_quiet():
+            pipe.to(dtype=original)
     # transformers loads a checkpoint in the dtype its config names; say float32 so that plain
     # `from_pretrained(folder)` gets one dtype in every component (the weights stay small)
     for config in tmp.glob("*/config.json"):

@@ -298,28 +298,30 @@ class FrozenInHalf:
         frozen = {id(p): p for m in modules for sub in m.modules() if not isinstance(sub, NORMS)
                   for p in sub.parameters(recurse=False) if not p.requires_grad and p.is_floating_point()}
         self.params = list(frozen.values()) if dtype is not None else []
-        self.originals: dict[int, tuple[torch.dtype, torch.Tensor | None]] = {}  # id -> (dtype, copy where needed)
+        self.kept: list[tuple[nn.Parameter, torch.dtype, torch.Tensor | None]] | None = None  # decided at the first halve()
+
+    def _plan(self, p: nn.Parameter) -> tuple[nn.Parameter, torch.dtype, torch.Tensor | None] | None:
+        """(p, its dtype, a CPU copy where casting back would round it), or None to leave p as it is."""
+        if p.dtype.itemsize <= 2:  # already half: nothing to save
+            return None
+        if torch.equal(p.data.to(self.dtype).to(p.dtype), p.data):
+            return p, p.dtype, None
+        if p.device.type == "cpu":
+            return None  # a copy beside the half weights would cost more memory than it saves
+        return p, p.dtype, p.data.to("cpu", copy=True)
 
     def halve(self) -> None:
+        if self.kept is None:
+            self.kept = [entry for p in self.params if (entry := self._plan(p)) is not None]
         self.halved = True
-        for p in self.params:
-            if p.dtype.itemsize <= 2:  # already half: nothing to save
-                continue
-            half = p.data.to(self.dtype)
-            if id(p) not in self.originals:
-                exact = torch.equal(half.to(p.dtype), p.data)
-                if not exact and p.device.type == "cpu":
-                    continue  # a copy beside the half weights would cost more memory than it saves
-                self.originals[id(p)] = (p.dtype, None if exact else p.data.to("cpu", copy=True))
-            p.data = half
+        for p, _, _ in self.kept:
+            p.data = p.data.to(self.dtype)
 
     def restore(self) -> None:
         if not self.halved:
             return
-        for p in self.params:
-            if id(p) in self.originals:
-                dtype, copy = self.originals[id(p)]
-                p.data = p.data.to(dtype) if copy is None else copy.to(p.device, copy=True)  # the copy stays pristine
+        for p, dtype, copy in self.kept:
+            p.data = p.data.to(dtype) if copy is None else copy.to(p.device, copy=True)  # the copy stays pristine
         self.halved = False
 
 
