@@ -344,8 +344,9 @@ def export_pipeline(out: Path, tokenizer, text_encoder, image_encoder, text_proj
                "logit_scale": logit_scale.reshape(1).float()}, str(out / "clip_text_projection.safetensors"))
 
 
-def stage_probes(cfg: BuildConfig, work: Path) -> dict:
-    """Trains each probe not yet trained; returns their accuracies on fresh renders."""
+def stage_probes(cfg: BuildConfig, work: Path, vae) -> dict:
+    """Trains each probe not yet trained (the subject probe also on `vae`'s round trips); returns their
+    accuracies on fresh renders."""
     from limner.world.probes import SPECS, save_probe, train_probe
 
     folder = work / "probes"
@@ -353,7 +354,7 @@ def stage_probes(cfg: BuildConfig, work: Path) -> dict:
     for name in SPECS:
         meta = folder / f"{name}.json"
         if not meta.exists():
-            net, acc = train_probe(name, steps=cfg.probe_steps, n_train=cfg.probe_train_size, seed=cfg.seed)
+            net, acc = train_probe(name, steps=cfg.probe_steps, n_train=cfg.probe_train_size, seed=cfg.seed, vae=vae)
             save_probe(net, name, folder, acc)
         metrics[name] = json.loads(meta.read_text())["accuracy"]
     return metrics
@@ -404,7 +405,7 @@ def build(out: Path, work: Path, cfg: BuildConfig, device: str = "auto") -> dict
             unet = timed("instances_restart", stage_unet, cfg, work, "instances_restart", cfg.instance_lr / 2, cfg.instance_warmup,
                          cfg.instance_restart_steps, cfg.seed + 5, lat, scaling, captions, tokenizer, text_encoder, dev,
                          start=work / "instances.ckpt")
-    record["probes"] = timed("probes", stage_probes, cfg, work)
+    record["probes"] = timed("probes", stage_probes, cfg, work, vae)
     timed("export", export_pipeline, out / "base", tokenizer, text_encoder.cpu(), image_encoder.cpu(), text_projection.cpu(), logit_scale.cpu(), vae.cpu(), unet.cpu())
     shutil.copytree(work / "probes", out / "probes", dirs_exist_ok=True)
     record["device"] = str(dev)

@@ -2,6 +2,10 @@
 
 Prompts come from the (class, colour, context) triples held out of base training (scenes.py); the
 world's probes read the generated images; the report is per-attribute accuracy.
+
+It also checks the subject probe, the instrument of the world bench, on pictures in the base model's own
+style whose subject is known exactly: renders of the 12 held-out subjects noised part of the way and
+redrawn by the base model from their class noun and context alone (img2img).
 """
 
 from __future__ import annotations
@@ -10,15 +14,20 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from limner.errors import LimnerError
 from limner.generation import GenerationSettings, generate, make_grid, prepare_output
 from limner.models.loading import WORLD_PROBES, Base
 from limner.world import vocab
+from limner.world.bench import SUBJECTS, subject_object
 from limner.world.probes import Probes
+from limner.world.render import Scene, render
 from limner.world.scenes import heldout_combos, with_article
 
 FLOORS = {"context": 0.85, "class": 0.75, "colour": 0.6}
+REDRAW_STRENGTHS = (0.4, 0.6)  # of noise; at 0.4 a person still sees every subject, at 0.6 most
+SUBJECT_PROBE_FLOOR = 0.85  # accuracy on subjects redrawn from 0.4 (the probe trained on crisp renders alone: 0.64)
 
 
 def check_prompts(n: int, seed: int = 0) -> list[tuple[str, str, str, str]]:
@@ -30,8 +39,47 @@ def check_prompts(n: int, seed: int = 0) -> list[tuple[str, str, str, str]]:
     return [(f"{with_article(f'{colour} {cls}')} {vocab.CONTEXTS[ctx]}", cls, colour, ctx) for cls, colour, ctx in picked]
 
 
+@torch.no_grad()
+def redrawn_subjects(base: Base, strength: float, per_subject: int = 8, seed: int = 4242, steps: int = 25,
+                     guidance: float = 5.0) -> tuple[np.ndarray, np.ndarray]:
+    """Renders of the held-out subjects, each noised to `strength` and denoised by the base model given
+    only "a CLASS CONTEXT": uint8 images [12 * per_subject, 64, 64, 3] and their subject indices."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    renders, labels, prompts = [], [], []
+    for i, subject in enumerate(SUBJECTS):
+        for _ in range(per_subject):
+            context = str(rng.choice(list(vocab.CONTEXTS)))
+            renders.append(render(Scene(context, [subject_object(subject, rng)], variant=int(rng.integers(2**31)))).image)
+            labels.append(i)
+            prompts.append(f"a {subject.cls} {vocab.CONTEXTS[context]}")
+    pipe = StableDiffusionImg2ImgPipeline(**base.pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    images = []
+    for k in range(0, len(renders), 16):
+        batch = [Image.fromarray(r) for r in renders[k:k + 16]]
+        out = pipe(prompts[k:k + 16], image=batch, strength=strength, num_inference_steps=steps, guidance_scale=guidance,
+                   generator=torch.Generator().manual_seed(seed + k), output_type="np").images
+        images.append((out * 255).round().astype(np.uint8))
+    return np.concatenate(images), np.array(labels)
+
+
+def subject_probe_check(base: Base, probes: Probes, per_subject: int = 8) -> dict:
+    """The subject probe's accuracy (argmax among the 12 held-out subjects) on redrawn subjects."""
+    accuracy = {}
+    for strength in REDRAW_STRENGTHS:
+        images, labels = redrawn_subjects(base, strength, per_subject)
+        probabilities, _ = probes.subject_probabilities(images)
+        accuracy[str(strength)] = float((probabilities.argmax(-1).numpy() == labels).mean())
+    return {"per_subject": per_subject, "accuracy": accuracy, "floor": SUBJECT_PROBE_FLOOR,
+            "passes_floor": accuracy[str(REDRAW_STRENGTHS[0])] >= SUBJECT_PROBE_FLOOR}
+
+
 def world_check(base: Base, n: int = 48, seed: int = 0, steps: int = 25, guidance: float = 5.0,
-                scheduler: str = "dpm++", probes_dir: Path = WORLD_PROBES, out: Path | None = None) -> dict:
+                scheduler: str = "dpm++", probes_dir: Path = WORLD_PROBES, out: Path | None = None,
+                subject_probe: bool = True) -> dict:
     if n < 1:
         raise LimnerError(f"-n must be at least 1, got {n}")
     probes = Probes(probes_dir)
@@ -57,6 +105,9 @@ def world_check(base: Base, n: int = 48, seed: int = 0, steps: int = 25, guidanc
     report = {"n": n, "seed": seed, "steps": steps, "guidance": guidance, "scheduler": scheduler,
               "accuracy": accuracy, "floors": FLOORS, "passes_floors": all(accuracy[k] >= f for k, f in FLOORS.items()),
               "seconds_per_image": round(seconds / n, 4), "base_fingerprint": base.fingerprint, "cases": rows}
+    if subject_probe:
+        report["subject_probe"] = subject_probe_check(base, probes)
+        report["passes_floors"] = report["passes_floors"] and report["subject_probe"]["passes_floor"]
     if out is not None:
         from PIL import Image
 
@@ -69,4 +120,9 @@ def format_table(report: dict) -> str:
     lines = ["| attribute | accuracy | floor |", "|---|---|---|"]
     for k, f in FLOORS.items():
         lines.append(f"| {k} | {report['accuracy'][k]:.3f} | {f:.2f} |")
+    if "subject_probe" in report:
+        sp = report["subject_probe"]
+        for strength, acc in sp["accuracy"].items():
+            floor = f"{sp['floor']:.2f}" if strength == str(REDRAW_STRENGTHS[0]) else "—"
+            lines.append(f"| subject probe, subjects redrawn from {strength} noise | {acc:.3f} | {floor} |")
     return "\n".join(lines)

@@ -6,7 +6,11 @@
 - `identity`: an identity embedder for characters. Like ArcFace it maps a face to a unit vector whose
   cosine says "same person"; it is trained to predict every identity factor, so it generalises to
   identities it never saw (the held-out ones among them).
-They are trained with blur and noise so that they judge generated images, not only clean renders.
+They are trained with blur and noise so that they judge generated images, not only clean renders. The
+subject probe, whose readings hinge on fine detail (a split, an emblem), also learns from the world VAE's
+round trip of its renders and from a generator's loss of detail (`lose_detail`): trained on crisp renders
+alone it read a plainly green-and-white cup with a red cross, once the base model had redrawn it, as a
+teddy or a star.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ class ProbeNet(nn.Module):
 class ProbeSpec:
     name: str
     labels: dict[str, list[str]]  # head -> label names
+    generator_styled: bool = False  # trained also on VAE round trips, with `lose_detail` (needs the world VAE)
 
     def heads(self) -> dict[str, int]:
         return {k: len(v) for k, v in self.labels.items()}
@@ -65,7 +70,7 @@ class ProbeSpec:
 ATTRIBUTES = ProbeSpec("attributes", {"class": list(vocab.CLASSES), "colour": list(vocab.COLOURS),
                                       "accessory": ["none", *vocab.OBJECT_ACCESSORIES], "context": list(vocab.CONTEXTS)})
 IGNORE = -100  # a head with nothing to say about this image (e.g. accessory of a character)
-SUBJECT = ProbeSpec("subject", {"subject": [s.name for s in SUBJECTS] + [OTHER]})
+SUBJECT = ProbeSpec("subject", {"subject": [s.name for s in SUBJECTS] + [OTHER]}, generator_styled=True)
 IDENTITY = ProbeSpec("identity", {k: [str(i) for i in range(n)] for k, n in vocab.IDENTITY_FACTORS.items()})
 SPECS = {s.name: s for s in (ATTRIBUTES, SUBJECT, IDENTITY)}
 
@@ -84,16 +89,54 @@ def degrade(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     b = x.shape[0]
     level = torch.randint(0, 4, (b,), generator=g)  # blur sigma 0, 0.5, 0.8, 1.2
     out = x.clone()
-    k = torch.arange(-2, 3).float()
     for i, sigma in enumerate((0.5, 0.8, 1.2), start=1):
         sel = level == i
         if sel.any():
-            kk = torch.exp(-(k**2) / (2 * sigma**2))
-            kk = (kk / kk.sum()).view(1, 1, 1, 5).repeat(3, 1, 1, 1)
-            y = F.conv2d(F.pad(x[sel], (2, 2, 0, 0), mode="replicate"), kk, groups=3)
-            out[sel] = F.conv2d(F.pad(y, (0, 0, 2, 2), mode="replicate"), kk.transpose(2, 3), groups=3)
+            out[sel] = gaussian_blur(x[sel], sigma, radius=2)
     noise = torch.randn(out.shape, generator=g) * torch.rand(b, 1, 1, 1, generator=g) * 0.12
     return (out + noise).clamp(-1, 1)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float, radius: int = 3) -> torch.Tensor:
+    """Separable Gaussian blur of [B, 3, H, W] images, edges replicated."""
+    k = torch.arange(-radius, radius + 1).float()
+    kernel = torch.exp(-(k**2) / (2 * sigma**2))
+    kernel = (kernel / kernel.sum()).view(1, 1, 1, -1).repeat(3, 1, 1, 1)
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), kernel, groups=3)
+    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), kernel.transpose(2, 3), groups=3)
+
+
+def lose_detail(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """What the world's base model does to a picture it draws: detail lost to a grid as coarse as its
+    16 x 16 latents, blur, a colour cast, noise."""
+    b = x.shape[0]
+    out = x.clone()
+    grid = torch.tensor([16, 24, 32, 64])[torch.randint(0, 4, (b,), generator=g)]
+    for size in (16, 24, 32):
+        sel = grid == size
+        if sel.any():
+            small = F.interpolate(out[sel], size=(size, size), mode="bilinear", antialias=True)
+            out[sel] = F.interpolate(small, size=(64, 64), mode="bilinear")
+    blur = torch.randint(0, 4, (b,), generator=g)
+    for level, sigma in enumerate((0.5, 0.9, 1.3), start=1):
+        sel = blur == level
+        if sel.any():
+            out[sel] = gaussian_blur(out[sel], sigma)
+    gain = 1 + (torch.rand(b, 3, 1, 1, generator=g) - 0.5) * 0.2
+    shift = (torch.rand(b, 1, 1, 1, generator=g) - 0.5) * 0.2
+    noise = torch.randn(out.shape, generator=g) * torch.rand(b, 1, 1, 1, generator=g) * 0.12
+    return (out * gain + shift + noise).clamp(-1, 1)
+
+
+@torch.no_grad()
+def vae_round_trip(vae, images: np.ndarray, batch: int = 250) -> np.ndarray:
+    """uint8 renders -> the same renders encoded and decoded by the world VAE (posterior mean)."""
+    out = np.zeros_like(images)
+    for i in tqdm(range(0, len(images), batch), desc="vae round trip", mininterval=2):
+        x = to_input(images[i:i + batch]).to(vae.device, vae.dtype)
+        y = vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
+        out[i:i + batch] = y.add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,9 +218,14 @@ def make_set(name: str, n: int, seed: int, desc: str | None = None) -> tuple[np.
 # --------------------------------------------------------------------------------------------
 
 
-def train_probe(name: str, steps: int = 900, n_train: int = 20_000, batch: int = 128, seed: int = 0, lr: float = 2e-3) -> tuple[ProbeNet, dict]:
+def train_probe(name: str, steps: int = 900, n_train: int = 20_000, batch: int = 128, seed: int = 0, lr: float = 2e-3,
+                vae=None) -> tuple[ProbeNet, dict]:
+    """Trains probe `name` on fresh renders; a generator-styled probe (the subject probe) needs the world `vae`."""
     spec = SPECS[name]
+    if spec.generator_styled and vae is None:
+        raise ValueError(f"the {name} probe learns from the world VAE's round trips: pass vae=")
     images, labels = make_set(name, n_train, seed)
+    round_trips = vae_round_trip(vae, images) if spec.generator_styled else None
     torch.manual_seed(seed)
     net = ProbeNet(spec.heads())
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
@@ -187,7 +235,11 @@ def train_probe(name: str, steps: int = 900, n_train: int = 20_000, batch: int =
         for group in opt.param_groups:
             group["lr"] = lr * 0.5 * (1 + np.cos(np.pi * step / steps))
         idx = torch.randint(len(images), (batch,), generator=g).numpy()
-        x = degrade(to_input(images[idx]), g)
+        if spec.generator_styled:  # half the batch as the VAE gives it back, all of it with detail lost
+            via_vae = (torch.rand(batch, generator=g) < 0.5).numpy()[:, None, None, None]
+            x = lose_detail(to_input(np.where(via_vae, round_trips[idx], images[idx])), g)
+        else:
+            x = degrade(to_input(images[idx]), g)
         out = net(x)
         loss = sum(F.cross_entropy(out[k], torch.from_numpy(labels[k][idx]), ignore_index=IGNORE) for k in spec.labels)
         opt.zero_grad(set_to_none=True)
