@@ -573,6 +573,39 @@ def test_a_new_setting_that_is_off_by_default_keeps_the_concepts_trained_before_
     assert concept_key(ti, {"num_vectors": 8}, "subject", "base") != before != concept_key(ti, {}, "other subject", "base")
 
 
+def test_a_new_setting_declared_as_added_keeps_the_concepts_trained_before_it(monkeypatch):
+    from dataclasses import dataclass, fields
+
+    from limner.evaluation.protocol import concept_key
+    from limner.methods import added_setting
+
+    ti = get_method("textual_inversion")
+    plain_config = ti.default_config
+    before = concept_key(ti, {}, "subject", "base")
+
+    def with_config(cls):
+        def default_config(self):
+            cfg = plain_config()
+            return cls(**{f.name: getattr(cfg, f.name) for f in fields(cfg)})
+
+        monkeypatch.setattr(type(ti), "default_config", default_config)
+
+    @dataclass
+    class WithAdded(type(plain_config())):
+        gentle: bool = added_setting(False)
+
+    @dataclass
+    class WithPlain(type(plain_config())):
+        gentle: bool = False  # declared plainly, its default enters every key
+
+    with_config(WithAdded)
+    assert ti.default_settings()["gentle"] is False
+    assert concept_key(ti, {}, "subject", "base") == concept_key(ti, {"gentle": False}, "subject", "base") == before
+    assert concept_key(ti, {"gentle": True}, "subject", "base") != before
+    with_config(WithPlain)
+    assert concept_key(ti, {}, "subject", "base") != before
+
+
 def test_settings_given_that_equal_a_default_are_the_same_run():
     lora = get_method("dreambooth_lora")
     assert lora.settings_with({"lora_rank": 16, "learning_rate": 2e-3}) == lora.default_settings()

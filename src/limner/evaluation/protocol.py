@@ -380,13 +380,10 @@ def aggregate(per_subject: dict[str, dict[str, float]]) -> dict[str, float]:
 
 
 def concept_key(method, config: dict, subject_fingerprint: str, base_fingerprint: str) -> str:
-    """A trained concept's cache key: the settings it is trained with, however they were given. Unset
-    (None) settings are left out, so a setting added later, off by default, keeps every concept trained
-    before it."""
-    def without_unset(settings: dict) -> dict:
-        return {k: without_unset(v) if isinstance(v, dict) else v for k, v in settings.items() if v is not None}
-
-    return digest({"method": method.name, "settings": without_unset(method.settings_with(config)), "subject": subject_fingerprint,
+    """A trained concept's cache key: the settings it is trained with, however they were given, less those
+    that cannot have changed it (`Method.key_settings`), so a setting added later keeps every concept
+    trained before it."""
+    return digest({"method": method.name, "settings": method.key_settings(config), "subject": subject_fingerprint,
                    "base": base_fingerprint})
 
 

@@ -4,7 +4,9 @@ Data flows one way: reference images -> Subject -> Method (train or encode) -> c
 generation (the method installs the concept into a pipeline through attention processors, adapters or
 new tokens) -> images -> evaluation. A method is one module in this package that subclasses `Method`
 and registers itself with `@register`; the CLI, `limner generate --concept` and `limner eval` find it
-through `get_method`, so adding a method changes nothing else.
+through `get_method`, so adding a method changes nothing else. A setting added to an existing method
+is declared with `added_setting(default)` (or defaults to None), so that concepts eval cached before it
+existed are found again.
 """
 
 from __future__ import annotations
@@ -17,6 +19,14 @@ from typing import ClassVar
 import numpy as np
 
 FAMILIES = ("tuning", "encoder", "identity")
+KEY_NEUTRAL = "key_neutral"  # dataclass field metadata: the value at which a setting stays out of eval's cache key
+
+
+def added_setting(default):
+    """The dataclass field of a setting added after concepts were cached: at `default`, which must do what
+    the method did before the setting existed, eval's cache key leaves it out, so those concepts are found
+    again. (A setting whose default is None is left out at None anyway.)"""
+    return field(default=default, metadata={KEY_NEUTRAL: default})
 
 
 @dataclass
@@ -90,6 +100,23 @@ class Method(ABC):
         for key, value in overrides.items():
             (train if key in train_names else settings)[key] = float(value) if key in floats and type(value) is int else value
         return settings
+
+    def key_settings(self, overrides: dict) -> dict:
+        """settings_with(overrides) less what cannot have changed a concept trained before the setting
+        existed: unset (None) settings, and `added_setting`s at their default. Eval's cache key."""
+        from dataclasses import fields
+
+        from limner.training import TrainConfig
+
+        cfg = self.default_config()
+        declared = fields(TrainConfig) + (fields(cfg) if cfg is not None else ())
+        neutral = {f.name: f.metadata[KEY_NEUTRAL] for f in declared if KEY_NEUTRAL in f.metadata}
+
+        def keyed(settings: dict) -> dict:
+            return {k: keyed(v) if isinstance(v, dict) else v for k, v in settings.items()
+                    if v is not None and not (k in neutral and v == neutral[k])}
+
+        return keyed(self.settings_with(overrides))
 
 
 REGISTRY: dict[str, type[Method]] = {}
