@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from limner.models.loading import WORLD_PROBES, load_base  # noqa: E402
 from limner.world.bench import SUBJECTS  # noqa: E402
-from limner.world.check import REDRAW_STRENGTHS, redrawn_subjects  # noqa: E402
+from limner.world.check import REDRAW_STRENGTHS, redrawn_subjects, subject_hits  # noqa: E402
 from limner.world.probes import Probes  # noqa: E402
 
 
@@ -41,8 +41,7 @@ def main() -> None:
         probes = Probes(folder)
         row = {}
         for strength, (images, labels) in sets.items():
-            probabilities, _ = probes.subject_probabilities(images)
-            hit = probabilities.argmax(-1).numpy() == labels
+            hit = subject_hits(probes, images, labels)
             row[str(strength)] = {"accuracy": float(hit.mean()),
                                   "per_subject": {s.name: float(hit[labels == i].mean()) for i, s in enumerate(SUBJECTS)}}
         results[str(folder)] = row

@@ -66,13 +66,17 @@ def redrawn_subjects(base: Base, strength: float, per_subject: int = 8, seed: in
     return np.concatenate(images), np.array(labels)
 
 
+def subject_hits(probes: Probes, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per image, whether the subject probe's most likely of the 12 held-out subjects is `labels`'."""
+    probabilities, _ = probes.subject_probabilities(images)
+    return probabilities.argmax(-1).numpy() == labels
+
+
 def subject_probe_check(base: Base, probes: Probes, per_subject: int = 8) -> dict:
     """The subject probe's accuracy (argmax among the 12 held-out subjects) on redrawn subjects."""
     accuracy = {}
     for strength in REDRAW_STRENGTHS:
-        images, labels = redrawn_subjects(base, strength, per_subject)
-        probabilities, _ = probes.subject_probabilities(images)
-        accuracy[str(strength)] = float((probabilities.argmax(-1).numpy() == labels).mean())
+        accuracy[str(strength)] = float(subject_hits(probes, *redrawn_subjects(base, strength, per_subject)).mean())
     return {"per_subject": per_subject, "accuracy": accuracy, "floor": SUBJECT_PROBE_FLOOR,
             "passes_floor": accuracy[str(REDRAW_STRENGTHS[0])] >= SUBJECT_PROBE_FLOOR}
 
