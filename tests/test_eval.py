@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -143,13 +144,18 @@ def test_world_bench_bounds_cache_and_report(tmp_path):
     for key in ("clip_i", "clip_t", "diversity", "face_sim", "language_drift"):
         assert key in lower
     assert results["cache"]["misses"] > 0
-    # a rerun does no work twice
+    # a rerun does no work twice, and drops the images of an earlier page it no longer shows
+    images = tmp_path / "report" / "images"
+    (images / "0123456789abcdef.png").write_bytes(b"an image of an earlier report")
+    (images / "notes.txt").write_text("not limner's")
     r = runner.invoke(app, args)
     assert r.exit_code == 0 and json.loads((tmp_path / "report" / "results.json").read_text())["cache"]["misses"] == 0
     page = (tmp_path / "report" / "index.html").read_text()
     assert page.startswith("<!doctype html>") and page.rstrip().endswith("</html>")
     srcs = re.findall(r"src='([^']+)'", page)
     assert len(srcs) > 10 and all((tmp_path / "report" / s).exists() for s in srcs)
+    left = {p.name for p in images.iterdir()}
+    assert left == {Path(s).name for s in srcs if s.startswith("images/")} | {"notes.txt"}
     refs = re.findall(r"references: (.*?)</div>", page)
     assert len(refs) == 2 and refs[0] != refs[1], "each subject shows its own references"
     assert (tmp_path / "report" / "fidelity.png").exists() and "| lower-bound |" in (tmp_path / "report" / "results.md").read_text()

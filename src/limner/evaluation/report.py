@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import html
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import numpy as np
 
 from limner.evaluation.protocol import FIDELITY_THRESHOLD, LOWER, UPPER
 from limner.io import write_text_atomic
+
+COPIED_IMAGE = re.compile(r"[0-9a-f]{16}\.[A-Za-z]+")  # the names write_html gives the images it copies
 
 # Reported DreamBench numbers (DINO, CLIP-I, CLIP-T), from the papers; shown beside real-model runs.
 PAPER_DREAMBENCH = {
@@ -132,14 +135,17 @@ def plot_training_curves(results: dict, path: Path) -> Path | None:
 
 def write_html(results: dict, out: Path, max_prompts: int = 8, max_images: int = 4) -> Path:
     """index.html: per subject, the reference images, then per prompt one row of images per method.
-    Images are copied next to the page, so the folder works offline and can be moved."""
+    Images are copied next to the page, so the folder works offline and can be moved; images an
+    earlier report copied there and this page no longer shows are removed."""
     img_dir = out / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
+    shown: set[str] = set()
 
     def local(src: str) -> str:
         # named after the source's full path: references of different subjects share file names
         dst = img_dir / (hashlib.sha256(str(Path(src).resolve()).encode()).hexdigest()[:16] + Path(src).suffix)
         shutil.copyfile(src, dst)
+        shown.add(dst.name)
         return f"images/{dst.name}"
 
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>limner eval</title><style>",
@@ -169,6 +175,10 @@ def write_html(results: dict, out: Path, max_prompts: int = 8, max_images: int =
     parts.append("</body></html>")
     page = out / "index.html"
     write_text_atomic(page, "\n".join(parts))
+    for stale in img_dir.iterdir():
+        # only files named as local() names them: anything else in the folder is not ours to delete
+        if stale.name not in shown and COPIED_IMAGE.fullmatch(stale.name):
+            stale.unlink()
     return page
 
 
