@@ -20,6 +20,7 @@ Every finished run is kept in results.json, so an interrupted benchmark resumes 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -32,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 SUBJECT = "spot_dog"
+SUBJECT_PROBE = ROOT / "src" / "limner" / "assets" / "world" / "probes" / "subject.safetensors"
 CLASS_NOUN = "dog"
 SHORT, LONG = 50, 250  # steps of the two timing runs
 REPEATS = 2  # the long timing run twice, alternating tools; the faster of the two counts
@@ -247,7 +249,13 @@ def score(concept: Path, env: dict) -> dict:
     run(cmd, work / "eval.log", env)
     rows = json.loads((out / "results.json").read_text())["rows"]
     fidelity = round(next(iter(rows.values()))["mean"]["subject_fidelity"], 4)
-    return {"subject_fidelity": fidelity, "score_images": SCORE_IMAGES, "concept": str(concept)}
+    return {"subject_fidelity": fidelity, "score_images": SCORE_IMAGES, "subject_probe": subject_probe(), "concept": str(concept)}
+
+
+def subject_probe() -> str:
+    """The digest of the world's subject probe, which reads every fidelity here: a row read by another
+    probe is scored again."""
+    return hashlib.sha256(SUBJECT_PROBE.read_bytes()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,9 +329,10 @@ def main() -> None:
             r = run(limner_cmd(method, f"world:{SUBJECT}", out, *extra), work / f"{name}.log", env)
             return r | score(out, env) | {"steps": label, "defaults": prepared["defaults"][method]}
 
-        once(f"{method}/recipe/diffusers", diffusers_recipe)
-        rescore(results, f"{method}/recipe/diffusers", work / "diffusers-recipe-concept", env)
+        for key in [k for k in results if k.startswith(f"{method}/recipe/")]:
+            rescore(results, key, env)
         results_path.write_text(json.dumps(results, indent=1))
+        once(f"{method}/recipe/diffusers", diffusers_recipe)
         for seed in DIFFUSERS_SEEDS.get(method, ()):
             once(f"{method}/recipe/diffusers/seed {seed}", lambda seed=seed: diffusers_recipe(seed))
         once(f"{method}/recipe/limner", limner_recipe)
@@ -341,7 +350,12 @@ def for_base(results: dict, fingerprint: str) -> dict:
     architecture and sizes; fidelities, and so the recipe runs, depend on the weights: they are run
     again when the world base has changed since they were measured."""
     if results.get("base_fingerprint") == fingerprint:
-        return results
+        # a row that must be scored again (rescore) and whose artifact is gone is trained again
+        gone = [k for k, v in results.items() if "/recipe/" in k and needs_scoring(v) and not Path(v["concept"]).exists()]
+        if gone:
+            print(f"{len(gone)} recipe runs were read by another subject probe and their artifacts are gone: "
+                  "training them again", flush=True)
+        return {k: v for k, v in results.items() if k not in gone}
     stale = [k for k in results if "/recipe/" in k]
     if stale:
         print(f"base changed ({results.get('base_fingerprint', 'unrecorded')} -> {fingerprint}): "
@@ -358,11 +372,17 @@ def for_defaults(results: dict, defaults: dict[str, str]) -> dict:
     return {k: v for k, v in results.items() if k not in stale}
 
 
-def rescore(results: dict, key: str, concept: Path, env: dict) -> None:
-    """A row scored with another number of images is scored again from its artifact, if that is still
-    on disk (training it again would take diffusers' TI recipe ten minutes)."""
-    row = results.get(key)
-    if row and row.get("score_images") != SCORE_IMAGES and concept.exists():
+def needs_scoring(row: dict) -> bool:
+    """Scored with another number of images, or read by another subject probe."""
+    return row.get("score_images") != SCORE_IMAGES or row.get("subject_probe") != subject_probe()
+
+
+def rescore(results: dict, key: str, env: dict) -> None:
+    """A row that needs scoring again is scored from its artifact, if that is still on disk (training
+    it again would take diffusers' TI recipe ten minutes); for_base drops the others."""
+    row = results[key]
+    concept = Path(row["concept"])
+    if needs_scoring(row) and concept.exists():
         row.update(score(concept, env))
         print(key, "rescored:", row["subject_fidelity"], flush=True)
 
