@@ -44,12 +44,14 @@ def test_probes_are_accurate_on_fresh_renders(name):
 
 
 def test_world_check_reads_back_what_was_asked():
-    from limner.world.check import world_check
+    from limner.world.check import ACCESSORY_CASES, world_check
 
     base = load_base(device="cpu")
     report = world_check(base, n=8, steps=15, subject_probe=False)
-    assert set(report["accuracy"]) == {"class", "colour", "context"}
-    assert len(report["cases"]) == 8 and report["seconds_per_image"] > 0
+    assert set(report["accuracy"]) == {"class", "colour", "context", "accessory"}
+    assert len(report["cases"]) == 8 + ACCESSORY_CASES and report["seconds_per_image"] > 0
+    worn = report["cases"][8:]
+    assert all(f"with a {c['want']['accessory']} " in c["prompt"] and c["got"]["accessory"] in ("none", "hat", "bow") for c in worn)
     # chance is 1/8 for context and 1/12 for class: a working model is far above it even on 8 prompts
     assert report["accuracy"]["context"] >= 0.5 and report["accuracy"]["class"] >= 0.4
 
