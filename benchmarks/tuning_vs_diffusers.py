@@ -440,7 +440,7 @@ def report(results: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = [m for m in METHODS if f"{m}/recipe/limner" in results]
+    methods = [m for m in METHODS if same_key(m, "limner", LONG, 0) in results]
     mixed = [k for k, v in results.items() if "/recipe/" in k and v.get("score_images") != SCORE_IMAGES]
     if mixed:
         raise SystemExit(f"scored with another number of images than {SCORE_IMAGES}: {', '.join(mixed)}; delete them and run again")
@@ -451,6 +451,14 @@ def report(results: dict, out: Path) -> None:
     for m in methods:
         ls, ds = per_step(results, m, "limner"), per_step(results, m, "diffusers")
         lm, dm, clean = peak_memory(results, m)
+        mark = "" if clean else " *"
+        quiet = results.get(f"{m}/memory/diffusers-without-teardown", {}).get("peak_rss_mib")
+        dm_text = f"{dm:.0f}{mark}" + (f" ({quiet:.0f})" if quiet else "")
+        if f"{m}/recipe/limner" not in results or f"{m}/recipe/diffusers" not in results:
+            # an interrupted run: the recipe rows of this method are still to be measured
+            table[m] = {"step_ratio": ls / ds, "wall_ratio": float("nan"), "mem_ratio": lm / dm}
+            lines.append(f"| {m} | {ls:.3f} | {ds:.3f} | {ls / ds:.2f} | {lm:.0f}{mark} | {dm_text} | not measured yet | | | |")
+            continue
         dr, lr = diffusers_fidelity(results, m), results[f"{m}/recipe/limner"]
         # the fastest limner run (defaults, or the defaults on another schedule) that reached at least
         # the fidelity diffusers' recipe reached; where the defaults ran with several seeds, their mean
@@ -469,9 +477,6 @@ def report(results: dict, out: Path) -> None:
         fastest_good = min(good, key=lambda v: v["seconds"]) if good else None
         ratio = fastest_good["seconds"] / dr["seconds"] if reached else float("nan")
         table[m] = {"step_ratio": ls / ds, "wall_ratio": ratio, "mem_ratio": lm / dm}
-        mark = "" if clean else " *"
-        quiet = results.get(f"{m}/memory/diffusers-without-teardown", {}).get("peak_rss_mib")
-        dm_text = f"{dm:.0f}{mark}" + (f" ({quiet:.0f})" if quiet else "")
         lines.append(f"| {m} | {ls:.3f} | {ds:.3f} | {ls / ds:.2f} | {lm:.0f}{mark} | {dm_text} | {dr['subject_fidelity']:.3f}{' ' + dr['label'] if 'label' in dr else ''}, {dr['seconds']:.0f} | "
                      f"{lr['subject_fidelity']:.3f}, {lr['seconds']:.0f} | "
                      + "; ".join(f"{v['steps']}, {v['subject_fidelity']:.3f}, {v['seconds']:.0f}" for v in runs if v is not lr)
