@@ -1,7 +1,8 @@
 """`limner world check`: does the base model draw what a caption asks, on combinations it never saw?
 
 Prompts come from the (class, colour, context) triples held out of base training (scenes.py); the
-world's probes read the generated images; the report is per-attribute accuracy.
+world's probes read the generated images; the report is per-attribute accuracy. The same triples
+wearing a hat or a bow say whether the base draws accessories, which the world bench asks for.
 
 It also checks the subject probe, the instrument of the world bench, on pictures in the base model's own
 style whose subject is known exactly: renders of the 12 held-out subjects noised part of the way and
