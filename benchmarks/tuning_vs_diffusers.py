@@ -20,6 +20,7 @@ Every finished run is kept in results.json, so an interrupted benchmark resumes 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -252,6 +253,7 @@ def score(concept: Path, env: dict) -> dict:
     return {"subject_fidelity": fidelity, "score_images": SCORE_IMAGES, "subject_probe": subject_probe(), "concept": str(concept)}
 
 
+@functools.cache  # asked for every row; the probe does not change during a run
 def subject_probe() -> str:
     """The digest of the world's subject probe, which reads every fidelity here: a row read by another
     probe is scored again."""

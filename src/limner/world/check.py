@@ -125,7 +125,8 @@ def world_check(base: Base, n: int = 48, seed: int = 0, steps: int = 25, guidanc
     worn = accessory_prompts(ACCESSORY_CASES, seed) if accessory else []
     if worn:
         drawn = probes.predict("attributes", np.stack(draw([prompt for prompt, _ in worn])))["accessory"].argmax(-1)
-        got = [probes.labels("attributes", "accessory")[int(g)] for g in drawn]
+        labels = probes.labels("attributes", "accessory")
+        got = [labels[int(g)] for g in drawn]
         accuracy["accessory"] = float(np.mean([g == want for g, (_, want) in zip(got, worn)]))
         rows += [{"prompt": prompt, "want": {"accessory": want}, "got": {"accessory": g}} for g, (prompt, want) in zip(got, worn)]
     report = {"n": n, "seed": seed, "steps": steps, "guidance": guidance, "scheduler": scheduler,
