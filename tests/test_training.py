@@ -124,6 +124,37 @@ def test_norm_cap_holds_learned_vectors_to_a_multiple_of_the_words_norm(tiny_bas
         learned_norms("bad", norm_cap=0)
 
 
+def test_masked_loss_weighs_the_subject_and_not_its_backgrounds(tiny_base, tmp_path):
+    """background_weight=w with the subject's masks: each latent pixel's loss weighs 1 on the subject and
+    w off it (mirrored with a mirrored image); w=1 is the paper's whole-image loss, w=0 trains otherwise."""
+    from limner.training.data import subject_loss_weights
+
+    images = subject().images
+    masks = [np.zeros(im.shape[:2], bool) for im in images]
+    for m in masks:
+        m[:, :28] = True  # the subject: the left 28 of 48 columns, 24 of the 40 that the centre crop keeps
+    blob = Subject("blob", "ball", images, masks=masks)
+
+    w = subject_loss_weights(blob, 32, 4, True, 0.25)  # centre crop 40 x 40 -> 32 x 32 -> a 4 x 4 latent
+    assert w.shape == (6, 1, 4, 4)
+    assert torch.allclose(w[0, 0, :, :2], torch.ones(4, 2), atol=0.01) and torch.allclose(w[0, 0, :, 3], torch.full((4,), 0.25), atol=0.01)
+    assert 0.25 < float(w[0, 0, 0, 2]) < 1, "a latent pixel on the subject's edge weighs in between"
+    assert torch.equal(w[3], w[0].flip(-1)), "a mirrored image gets the mirrored mask"
+    with pytest.raises(LimnerError, match="one mask per reference image"):
+        subject_loss_weights(Subject("blob", "ball", images, masks=masks[:2]), 32, 4, False, 0.0)
+
+    def vectors(name, **settings):
+        out = get_method("textual_inversion").personalize(load_base(str(tiny_base), device="cpu"), blob, tmp_path / name,
+                                                          **ti_config(3), **settings)
+        return load_file(str(out / "learned_embeds.safetensors"))["<s*>"].float()
+
+    whole = vectors("whole")
+    assert torch.allclose(vectors("w1", background_weight=1.0), whole, atol=1e-3)
+    assert not torch.allclose(vectors("w0", background_weight=0.0), whole, atol=1e-3), "the masks reached the loss"
+    with pytest.raises(LimnerError, match="background_weight"):
+        vectors("bad", background_weight=2.0)
+
+
 def test_reference_images_are_mirrored_only_when_asked(tiny_base, tmp_path):
     """A subject is often not symmetric (a logo, text): flipping is an opt-in setting (flip=true),
     which adds each reference image's mirror image to the training data."""

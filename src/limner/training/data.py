@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from limner.errors import LimnerError
@@ -20,6 +21,27 @@ def fit_square(image: np.ndarray, resolution: int) -> np.ndarray:
     w, h = im.size
     left, top = (w - resolution) // 2, (h - resolution) // 2
     return np.asarray(im.crop((left, top, left + resolution, top + resolution)))
+
+
+def subject_loss_weights(subject, resolution: int, latent_size: int, flip: bool, background_weight: float) -> torch.Tensor:
+    """Per training row, in encode_images' order (originals, then mirrors), the loss weight of each latent
+    pixel: 1 where the subject covers it, `background_weight` where nothing of it does, in between at its
+    edge. The subject's masks are fitted to the square exactly as its images are."""
+    masks = subject.masks
+    if not masks or len(masks) != len(subject.images):
+        raise LimnerError(f"subject {subject.name}: a masked loss needs one mask per reference image "
+                          f"({len(masks or [])} masks for {len(subject.images)} images)")
+    fitted = []
+    for i, (mask, image) in enumerate(zip(masks, subject.images)):
+        if mask.shape[:2] != image.shape[:2]:
+            raise LimnerError(f"subject {subject.name}: mask {i} is {mask.shape[1]}x{mask.shape[0]}, its image {image.shape[1]}x{image.shape[0]}")
+        grey = np.repeat(mask.astype(np.uint8)[..., None] * 255, 3, axis=-1)
+        fitted.append(fit_square(grey, resolution)[..., 0] / 255.0)
+    rows = fitted + ([m[:, ::-1] for m in fitted] if flip else [])
+    cover = torch.from_numpy(np.stack(rows).astype(np.float32))[:, None]
+    # area pooling: a latent pixel half on the subject counts half
+    cover = F.interpolate(cover, size=(latent_size, latent_size), mode="area")
+    return background_weight + (1 - background_weight) * cover
 
 
 def image_captions(subject, use: bool = True) -> list[str]:
