@@ -98,6 +98,28 @@ def test_subject_folders(tmp_path):
         load_subjects(str(dog))
 
 
+def test_subject_masks_from_a_masks_folder(tmp_path):
+    """masks/NAME.png beside NAME.jpg: white (or opaque) where the subject is; one per image, of its size."""
+    cup = tmp_path / "cup"
+    (cup / "masks").mkdir(parents=True)
+    for name in ("a", "b"):
+        Image.fromarray(random_images(1)[0][:20, :30]).save(cup / f"{name}.jpg")
+    left = np.zeros((20, 30), np.uint8)
+    left[:, :10] = 255
+    Image.fromarray(left).save(cup / "masks" / "a.png")
+    with pytest.raises(LimnerError, match="no mask for b.jpg"):
+        load_subjects(str(cup), "cup")
+    rgba = np.zeros((20, 30, 4), np.uint8)
+    rgba[5:, :, 3] = 255  # a cut-out: the subject is where the alpha is
+    Image.fromarray(rgba).save(cup / "masks" / "b.png")
+    (s,) = load_subjects(str(cup), "cup")
+    assert s.masks[0][:, :10].all() and not s.masks[0][:, 10:].any()
+    assert s.masks[1][5:].all() and not s.masks[1][:5].any()
+    Image.fromarray(left[:, :20]).save(cup / "masks" / "a.png")
+    with pytest.raises(LimnerError, match="a mask must be the size of its image"):
+        load_subjects(str(cup), "cup")
+
+
 def test_exif_orientation_is_applied(tmp_path):
     folder = tmp_path / "cup"
     folder.mkdir()

@@ -126,6 +126,32 @@ def load_images(folder: Path) -> list[np.ndarray]:
     return images
 
 
+def load_masks(folder: Path, images: list[np.ndarray]) -> list[np.ndarray] | None:
+    """Where the subject is in each reference image, from masks/NAME.png beside NAME.jpg (white or
+    opaque = subject); None without a masks folder. A mask missing or of another size is an error."""
+    mask_dir = folder / "masks"
+    if not mask_dir.is_dir():
+        return None
+    masks = []
+    for f, image in zip(image_files(folder), images):
+        found = [m for m in sorted(mask_dir.glob(f"{f.stem}.*")) if m.suffix.lower() in IMAGE_SUFFIXES]
+        if not found:
+            raise LimnerError(f"{mask_dir} has no mask for {f.name}: add {mask_dir / f.stem}.png (white where the subject is), "
+                              "or remove the masks folder")
+        try:
+            with Image.open(found[0]) as im:
+                im = ImageOps.exif_transpose(im)
+                level = im.getchannel("A") if im.mode in ("RGBA", "LA") else im.convert("L")
+                mask = np.asarray(level) > 127
+        except (OSError, SyntaxError, ValueError) as e:
+            raise LimnerError(f"{found[0]} is not a readable mask image ({e}); remove or replace it") from e
+        if mask.shape != image.shape[:2]:
+            raise LimnerError(f"{found[0]} is {mask.shape[1]}x{mask.shape[0]} but {f.name} is {image.shape[1]}x{image.shape[0]}; "
+                              "a mask must be the size of its image")
+        masks.append(mask)
+    return masks
+
+
 def to_rgb8(im: Image.Image) -> np.ndarray:
     """Any PIL mode -> RGB uint8: 16- and 32-bit greyscale scaled down (not clipped), transparency
     composited over white (not over whatever colour hides under alpha 0)."""
@@ -156,7 +182,8 @@ def folder_subject(folder: Path, class_noun: str | None = None, name: str | None
     kind = meta.get("kind", "object")
     if kind not in ("object", "identity"):
         raise LimnerError(f"{meta_path}: kind must be 'object' or 'identity', got {kind!r}")
-    return EvalSubject(name or meta.get("name", folder.name), noun, load_images(folder), kind=kind,
+    images = load_images(folder)
+    return EvalSubject(name or meta.get("name", folder.name), noun, images, load_masks(folder, images), kind=kind,
                        prompts=dreambench_prompts(live), meta={"path": str(folder), "live": live},
                        captions=load_captions(folder))
 
