@@ -153,6 +153,9 @@ def test_masked_loss_weighs_the_subject_and_not_its_backgrounds(tiny_base, tmp_p
     assert not torch.allclose(vectors("w0", background_weight=0.0), whole, atol=1e-3), "the masks reached the loss"
     with pytest.raises(LimnerError, match="background_weight"):
         vectors("bad", background_weight=2.0)
+    with pytest.raises(LimnerError, match="masks/NAME.png"):
+        get_method("textual_inversion").personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "no-masks",
+                                                    **ti_config(1), background_weight=0.5)
 
 
 def test_reference_images_are_mirrored_only_when_asked(tiny_base, tmp_path):

@@ -64,7 +64,7 @@ class TextualInversionConfig:
     # masks (the world's do), pixels off the subject weigh this much in the loss. Off by default: it was
     # meant to stop v* learning the backgrounds, but freed from them v* paints them. On tri_kite, sun_ball and
     # sea_cup, weight 0.1 raised subject fidelity 0.499 -> 0.581 and cut prompt fidelity 0.690 -> 0.529
-    # (weight 0: 0.383). Subjects without masks train unmasked. FastComposer's localization loss on the new
+    # (weight 0: 0.383). A subject without masks is an error. FastComposer's localization loss on the new
     # tokens' cross-attention (off the subject minus on it) did worse still: at weight 0.1 subject fidelity
     # 0.187, prompt fidelity 0.620, so it is not offered
     background_weight: float | None = None
@@ -262,7 +262,7 @@ class TextualInversion(Method):
         prompt_ids = torch.stack([encoder.tokenize([with_caption(t.format(phrase), c) for t in templates]) for c in captions])
         latents = encode_images(pipe.vae, subject.images, base.resolution, flip=cfg.train.flip)
         weights = None
-        if cfg.background_weight is not None and subject.masks:
+        if cfg.background_weight is not None:
             weights = subject_loss_weights(subject, base.resolution, latents.mean.shape[-1], cfg.train.flip, cfg.background_weight)
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

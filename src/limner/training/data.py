@@ -30,7 +30,8 @@ def subject_loss_weights(subject, resolution: int, latent_size: int, flip: bool,
     masks = subject.masks
     if not masks or len(masks) != len(subject.images):
         raise LimnerError(f"subject {subject.name}: a masked loss needs one mask per reference image "
-                          f"({len(masks or [])} masks for {len(subject.images)} images)")
+                          f"({len(masks or [])} masks for {len(subject.images)} images); put masks/NAME.png beside each NAME.jpg "
+                          "(white where the subject is), or leave background_weight unset")
     fitted = []
     for i, (mask, image) in enumerate(zip(masks, subject.images)):
         if mask.shape[:2] != image.shape[:2]:
