@@ -426,30 +426,36 @@ class CustomDiffusion(Method):
 
 @torch.no_grad()
 def prompt_features(encoder: PromptEncoder, prompts: list[str], from_token: str | None = None) -> torch.Tensor:
-    """Encoder-output rows of each prompt's real tokens (begin to end token), deduplicated: the inputs
-    that W_k and W_v see for these prompts. With `from_token`, only the rows from that token on: the
+    """Every encoder-output row the UNet's cross-attention sees for these prompts, padding included,
+    deduplicated: the inputs of W_k and W_v. With `from_token`, only the rows from that token on: the
     text encoder is causal, so the rows before it (begin token, "a photo of") are the same in every
-    prompt and belong to C_reg, not to one concept."""
+    prompt and belong to C_reg, not to one concept. The rows after the end token matter as much as the
+    phrase: they carry the concept too, and a merge that leaves them out loses it."""
     tokenizer = encoder.tokenizers[0]
-    tok = tokenizer(prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt")
     feats = encoder.encode(encoder.tokenize(prompts))[0].float().cpu()
     first = [0] * len(prompts)
     if from_token is not None:
         token_id = tokenizer.convert_tokens_to_ids(from_token)
-        first = [int((ids == token_id).nonzero()[0]) for ids in tok.input_ids]
-    rows = torch.cat([feats[i, first[i]: int(n)] for i, n in enumerate(tok.attention_mask.sum(1))])
+        ids = tokenizer(prompts, padding="max_length", truncation=True, max_length=feats.shape[1], return_tensors="pt").input_ids
+        first = [int((row == token_id).nonzero()[0]) for row in ids]
+    rows = torch.cat([feats[i, start:] for i, start in enumerate(first)])
     return torch.unique(rows.round(decimals=5), dim=0)
 
 
-def closed_form(W0: torch.Tensor, C_reg: torch.Tensor, C: torch.Tensor, V: torch.Tensor, ridge: float = 1e-4) -> torch.Tensor:
-    """argmin_W ||W C_reg^T - W0 C_reg^T||_F subject to W C^T = V (the paper's eq. 4-5).
+def closed_form(W0: torch.Tensor, C_reg: torch.Tensor, C: torch.Tensor, V: torch.Tensor,
+                constraint_weight: float = 10.0, ridge: float = 1e-4) -> torch.Tensor:
+    """argmin_W ||W C_reg^T - W0 C_reg^T||^2 + w ||W C^T - V||^2, the paper's eq. 4-5 with its
+    constraint W C^T = V made a weighted least-squares term, w = constraint_weight * N / M per row.
 
+    Once padding rows are constrained, C has more rows than the feature dimension and the paper's
+    equality has no solution; its pseudo-inverse then silently fits C alone and ignores C_reg. The
+    weighted form is defined either way and tends to the paper's solution as the weight grows.
     W0 [out, d]; C_reg [N, d]; C [M, d]; V [out, M]."""
-    gram = C_reg.t() @ C_reg
-    gram = gram + ridge * gram.diagonal().mean() * torch.eye(gram.shape[0])
-    d_t = C @ torch.linalg.inv(gram)  # [M, d]
-    v = (V - W0 @ C.t()) @ torch.linalg.pinv(d_t @ C.t())  # [out, M]
-    return W0 + v @ d_t
+    w = constraint_weight * C_reg.shape[0] / C.shape[0]
+    A = C_reg.t() @ C_reg + w * C.t() @ C
+    A = A + ridge * A.diagonal().mean() * torch.eye(A.shape[0])
+    B = W0 @ C_reg.t() @ C_reg + w * V @ C  # [out, d]
+    return torch.linalg.solve(A, B.t()).t()  # A is symmetric
 
 
 # C_reg on a real base without a caption file: varied everyday captions. The paper takes 200 real
@@ -507,11 +513,15 @@ def read_concepts(base, concepts: list[Path], force: bool = False) -> list[dict]
 
 def concept_features(encoder: PromptEncoder, manifest: dict) -> torch.Tensor:
     """C of one concept: for each of its modifier tokens (a merged or jointly trained concept has
-    several), the features from the token on in "<new1> noun" and "a photo of a <new1> noun"."""
+    several), the features from the token on in "<new1> noun", "a photo of a <new1> noun" and every
+    training prompt that names it (contexts, captions, augmentation prefixes): the prompts whose
+    outputs the concept learned, so the ones on which the merge must keep them."""
     tokens = manifest["tokens"]
     nouns = manifest.get("class_nouns") or []
     nouns = nouns if len(nouns) == len(tokens) else [manifest["class_noun"]] * len(tokens)
-    rows = [prompt_features(encoder, [f"{t} {n}", f"a photo of a {t} {n}"], from_token=t) for t, n in zip(tokens, nouns)]
+    trained = manifest.get("training_prompts") or []
+    rows = [prompt_features(encoder, [f"{t} {n}", f"a photo of a {t} {n}", *(p for p in trained if t in p.split())], from_token=t)
+            for t, n in zip(tokens, nouns)]
     return torch.unique(torch.cat(rows), dim=0)
 
 
@@ -526,10 +536,10 @@ def merged_weights(base, concepts: list[Path], manifests: list[dict], num_reg_ca
     W0 = layer_weights(base.pipe.unet, mode)
     tuned = [read_weights(Path(c) / m["files"]["weights"]) for c, m in zip(concepts, manifests)]
     C_reg = prompt_features(encoder, merge_captions(base, num_reg_captions, captions))
-    # C: the features from each concept's modifier token on, in the paper's two prompts ("<new1> cat",
-    # "a photo of <new1> cat"). Adding the concept's training prompts (contexts) as constraints was
-    # worse on the world: gift_box + night_dog, regional, both recognised 0.125 -> 0.000; so was a
-    # soft (least-squares) constraint over the phrase in 8 templates x 9 contexts (0.083 -> 0.000).
+    # C: the features from each concept's modifier token on, padding rows included, in the paper's two
+    # prompts and the concept's training prompts. On the world (gift_box + night_dog, regional) the
+    # paper's two prompts alone kept both subjects in 0.125 of images: the identity lives in the rows
+    # after the phrase too. With them and the training prompts, 0.500.
     per_concept = [concept_features(encoder, m) for m in manifests]
     C = torch.cat(per_concept)
     merged = {}
@@ -608,7 +618,8 @@ def merge(base, concepts: list[Path], out: Path, num_reg_captions: int = 200, fo
     manifest = {"method": CustomDiffusion.name, "subject": [m["subject"] for m in manifests], "class_noun": manifests[0]["class_noun"],
                 "class_nouns": [m["class_noun"] for m in manifests], "tokens": tokens, "mode": mode, "merged_from": [str(c) for c in concepts],
                 "base_fingerprint": base.fingerprint, "base_path": str(base.path), "files": files, "steps": 0,
-                "example_prompt": " and ".join(f"a {m['tokens'][0]} {m['class_noun']}" for m in manifests)}
+                "example_prompt": " and ".join(f"a {m['tokens'][0]} {m['class_noun']}" for m in manifests),
+                "training_prompts": sorted({p for m in manifests for p in m.get("training_prompts") or []})}
     write_json_atomic(out / MANIFEST, manifest)
     write_model_card(out, manifest)
     return out
