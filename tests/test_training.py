@@ -3,6 +3,8 @@ quality is not: that is measured on the world bench)."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -400,6 +402,32 @@ def test_custom_diffusion_merge_of_two_concepts(tiny_base, tmp_path):
         merge(load_base(str(tiny_base), device="cpu"), [a, kv], tmp_path / "m3")
 
 
+def test_merge_keeps_each_concept_on_every_row_of_its_prompts(tiny_base, tmp_path):
+    """The merged K/V give what each concept's own K/V gave on the prompts it was trained on, on every
+    row the UNet attends to (padding included), and the merged manifest keeps those prompts."""
+    from limner.methods import custom_diffusion as cd
+    from limner.training.conditioning import PromptEncoder
+
+    a, b = two_custom_diffusion_concepts(tiny_base, tmp_path)
+    merged = cd.read_weights(cd.merge(load_base(str(tiny_base), device="cpu"), [a, b], tmp_path / "m") / cd.WEIGHTS_FILE)
+    base = load_base(str(tiny_base), device="cpu")
+    W0 = cd.layer_weights(base.pipe.unet, "crossattn")
+    manifests = cd.read_concepts(base, [a, b])
+    cd.load_tokens(base, [a, b], manifests)
+    encoder = PromptEncoder(base.pipe, base.resolution)
+    for concept, manifest in zip((a, b), manifests):
+        prompts, token_id = manifest["training_prompts"], base.pipe.tokenizer.convert_tokens_to_ids(manifest["tokens"][0])
+        feats = encoder.encode(encoder.tokenize(prompts))[0].float()
+        ids = base.pipe.tokenizer(prompts, padding="max_length", max_length=feats.shape[1], return_tensors="pt").input_ids
+        X = torch.cat([f[int((i == token_id).nonzero()[0]):] for f, i in zip(feats, ids)])  # from the token to the last pad
+        tuned = cd.read_weights(concept / cd.WEIGHTS_FILE)
+        for key in (k for k in tuned if "to_k_custom" in k or "to_v_custom" in k):
+            want = tuned[key].float() @ X.t()
+            assert (merged[key].float() @ X.t() - want).norm() < 0.25 * (W0[key] @ X.t() - want).norm(), key
+    written = json.loads((tmp_path / "m" / "limner.json").read_text())["training_prompts"]
+    assert {p for m in manifests for p in m["training_prompts"]} == set(written)
+
+
 def test_merge_keeps_the_meaning_of_the_captions_it_is_given(tiny_base, tmp_path):
     """`limner merge --captions FILE`: the merge keeps W0's outputs on those captions (the paper's C_reg)."""
     from typer.testing import CliRunner
@@ -505,7 +533,6 @@ def test_with_regions_each_lora_acts_only_in_the_windows_that_name_it(tiny_base,
 
 
 def test_generate_composes_concepts_per_region_from_the_command_line(tiny_base, tmp_path):
-    import json
 
     from typer.testing import CliRunner
 
@@ -562,7 +589,6 @@ def test_embedding_formats_load_into_a_base(tiny_base, tmp_path):
 
 
 def test_two_cpu_processes_under_accelerate_launch(tiny_base, tmp_path):
-    import json
     import os
     import subprocess
     import sys
@@ -668,7 +694,6 @@ def test_settings_given_that_equal_a_default_are_the_same_run():
 
 
 def test_custom_diffusion_joint_training_of_two_concepts(tiny_base, tmp_path):
-    import json
 
     from limner.methods.custom_diffusion import CustomDiffusion
 
@@ -685,7 +710,6 @@ def test_custom_diffusion_joint_training_of_two_concepts(tiny_base, tmp_path):
 def test_cli_trains_a_concepts_list_jointly_with_custom_diffusion_only(tiny_base, tmp_path):
     """A JSON list of subjects (the paper's concepts list): Custom Diffusion trains them together, with
     as many default steps per concept as for one; a method without joint training says so."""
-    import json
 
     from typer.testing import CliRunner
 
@@ -708,7 +732,6 @@ def test_cli_trains_a_concepts_list_jointly_with_custom_diffusion_only(tiny_base
 
 
 def test_captions_reach_the_training_prompts_and_can_be_turned_off(tiny_base, tmp_path):
-    import json
 
     base = load_base(str(tiny_base), device="cpu")
     s = subject()
@@ -739,7 +762,6 @@ def test_caption_files_beside_images_and_unknown_settings(tmp_path):
 
 
 def test_cli_train_settings_and_token_reach_the_method(tiny_base, tmp_path):
-    import json
 
     from typer.testing import CliRunner
 
