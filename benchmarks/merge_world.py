@@ -18,7 +18,8 @@ their defaults (all of attn2), and DreamBooth LoRA concepts (identifiers sks, zw
 
 The subject probe says which of the 12 held-out subjects each crop shows. Bounds in the same run: the
 base model given the class nouns (lower) and fresh renders of the two subjects (upper; this also shows
-what the crop-and-probe measure can read at best).
+what the crop-and-probe measure can read at best). Language drift: with each variant's weights
+installed, the class prompts alone ("a ball on the beach") and how often the probe reads the subject.
 """
 
 from __future__ import annotations
@@ -73,6 +74,17 @@ def two_subject_scores(pairs: list[tuple[np.ndarray, np.ndarray]], left: str, ri
         named[side] = probs.argmax(-1).numpy() == names.index(subject)
     return {"left_fidelity": fidelity["left"], "right_fidelity": fidelity["right"],
             "both_recognised": float((named["left"] & named["right"]).mean())}
+
+
+def language_drift(base, left, right, probes) -> dict[str, float]:
+    """P(subject) on images of its class prompt alone ("a ball on the beach", no modifier token): how
+    far the installed weights pull the class toward the subject. The base's own reading is the floor."""
+    drift = {}
+    for side, subject in (("left", left), ("right", right)):
+        images, _, _ = draw(base, [f"a {subject.class_noun} {c}" for c in CONTEXTS])
+        probs, names = probes.subject_probabilities(np.stack(images))
+        drift[side] = float(probs[:, names.index(subject.name)].mean())
+    return drift
 
 
 def upper_bound_images(left, right, n: int) -> list[np.ndarray]:
@@ -204,12 +216,14 @@ def main() -> None:
     layouts = {False: "one prompt", True: "regional prompts"}
     grids = {f"upper bound (renders), {layouts[False]}": (upper, [crops(im) for im in upper], None)}
     regional = {f"upper bound (renders), {layouts[True]}": ([np.concatenate(p, 1) for p in singles], singles, None)}
+    drift = {}
     for name, (folders, left, right) in variants.items():
-        base = load_base(None)  # one base per variant, drawn in both layouts
+        base = load_base(None)  # one base per variant, drawn in both layouts and with the class prompts
         for folder in folders:
             cd.apply(base, folder)
         for regions, rows_of_layout in ((False, grids), (True, regional)):
             rows_of_layout[f"{name}, {layouts[regions]}"] = draw(base, prompts(left, right, regions), regions)
+        drift[name] = language_drift(base, a, b, probes)
     # separate concepts, each acting only in the window whose prompt names it, as
     # `limner generate --regions --concept A --concept B` applies them: regional prompts only
     phrases = {"custom": (f"<new1> {a.class_noun}", f"<new2> {b.class_noun}"),
@@ -237,8 +251,10 @@ def main() -> None:
             "its upper bound is each subject rendered alone. s / image: generation wall time per image, in batches of 4 "
             f"({os.cpu_count()} CPU threads). Training seconds: " + ", ".join(f"{k} {v}" for k, v in timings.items()) +
             ".\nCommand: `python benchmarks/merge_world.py`\n")
-    (args.out / "results.md").write_text("\n".join(lines) + "\n" + note)
-    (args.out / "results.json").write_text(json.dumps({"rows": rows, "seconds": timings}, indent=1))
+    drift_lines = ["", f"| language drift: class prompt alone | P({a.name}), \"a {a.class_noun} ...\" | P({b.name}), \"a {b.class_noun} ...\" |",
+                   "|---|---|---|"] + [f"| {k} | {v['left']:.3f} | {v['right']:.3f} |" for k, v in drift.items()]
+    (args.out / "results.md").write_text("\n".join(lines + drift_lines) + "\n" + note)
+    (args.out / "results.json").write_text(json.dumps({"rows": rows, "language_drift": drift, "seconds": timings}, indent=1))
     # one row of the grid per variant: the first image of each context (regional ones are wider)
     names = list(grids)
     rows_of_images = [[Image.fromarray(grids[name][0][c * IMAGES_PER_CONTEXT]) for c in range(len(CONTEXTS))] for name in names]
