@@ -649,6 +649,16 @@ def test_a_new_setting_that_is_off_by_default_keeps_the_concepts_trained_before_
     assert concept_key(ti, {"num_vectors": 8}, "subject", "base") != before != concept_key(ti, {}, "other subject", "base")
 
 
+def test_a_subjects_masks_enter_its_fingerprint_only_where_training_reads_them():
+    from limner.evaluation.subjects import EvalSubject
+
+    images = [np.zeros((8, 8, 3), np.uint8)]
+    a = EvalSubject("s", "ball", images, masks=[np.zeros((8, 8), bool)])
+    b = EvalSubject("s", "ball", images, masks=[np.ones((8, 8), bool)])
+    assert a.fingerprint() == b.fingerprint(), "a concept trained without masks keeps its cache key"
+    assert a.fingerprint(masks=True) != b.fingerprint(masks=True), "a masked loss retrains when the masks change"
+
+
 def test_a_new_setting_declared_as_added_keeps_the_concepts_trained_before_it(monkeypatch):
     from dataclasses import dataclass, fields
 

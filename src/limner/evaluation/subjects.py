@@ -55,12 +55,16 @@ class EvalSubject(Subject):
     prompts: list[BenchPrompt] = field(default_factory=list)
     world: object | None = None  # the world Subject / BenchIdentity, for ground-truth measures
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, masks: bool = False) -> str:
+        """What training reads of this subject. `masks`: its masks too, for a method that reads them
+        (a masked loss); left out otherwise, so keys of concepts trained without masks stay as they were."""
         h = hashlib.sha256(self.class_noun.encode())
         for im in self.images:
             h.update(np.ascontiguousarray(im).tobytes())
         for caption in self.captions or []:
             h.update(caption.encode())
+        for mask in (self.masks or []) if masks else []:
+            h.update(np.ascontiguousarray(mask).tobytes())
         return h.hexdigest()[:16]
 
 
