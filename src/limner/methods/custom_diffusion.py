@@ -452,9 +452,10 @@ def closed_form(W0: torch.Tensor, C_reg: torch.Tensor, C: torch.Tensor, V: torch
     weighted form is defined either way and tends to the paper's solution as the weight grows.
     W0 [out, d]; C_reg [N, d]; C [M, d]; V [out, M]."""
     w = constraint_weight * C_reg.shape[0] / C.shape[0]
-    A = C_reg.t() @ C_reg + w * C.t() @ C
+    gram = C_reg.t() @ C_reg
+    A = gram + w * C.t() @ C
     A = A + ridge * A.diagonal().mean() * torch.eye(A.shape[0])
-    B = W0 @ C_reg.t() @ C_reg + w * V @ C  # [out, d]
+    B = W0 @ gram + w * V @ C  # [out, d]
     return torch.linalg.solve(A, B.t()).t()  # A is symmetric
 
 
