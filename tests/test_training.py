@@ -315,7 +315,6 @@ def test_closed_form_merge_is_defined_when_constraints_outnumber_dimensions():
 
 
 def test_custom_diffusion_trains_kv_and_token_and_round_trips(tiny_base, tmp_path):
-
     from limner.methods.custom_diffusion import read_weights
 
     base = load_base(str(tiny_base), device="cpu")
@@ -343,7 +342,6 @@ def test_custom_diffusion_trains_kv_and_token_and_round_trips(tiny_base, tmp_pat
 
 
 def test_custom_diffusion_default_trains_all_of_attn2_in_diffusers_layout(tiny_base, tmp_path):
-
     base = load_base(str(tiny_base), device="cpu")
     out = get_method("custom_diffusion").personalize(base, subject(), tmp_path / "c", prior_preservation=False, augment_variants=1,
                                                    train=TrainConfig(max_steps=2, batch_size=2, learning_rate=1e-2, checkpoint_every=0))
@@ -533,7 +531,6 @@ def test_with_regions_each_lora_acts_only_in_the_windows_that_name_it(tiny_base,
 
 
 def test_generate_composes_concepts_per_region_from_the_command_line(tiny_base, tmp_path):
-
     from typer.testing import CliRunner
 
     from limner.cli import app
@@ -659,6 +656,12 @@ def test_a_subjects_masks_enter_its_fingerprint_only_where_training_reads_them()
     assert a.fingerprint(masks=True) != b.fingerprint(masks=True), "a masked loss retrains when the masks change"
 
 
+def test_only_the_masked_loss_reads_a_subjects_masks():
+    assert get_method("textual_inversion").reads_masks({"background_weight": 0.1})
+    assert not get_method("textual_inversion").reads_masks({"num_vectors": 2})
+    assert not get_method("dreambooth").reads_masks({})
+
+
 def test_a_new_setting_declared_as_added_keeps_the_concepts_trained_before_it(monkeypatch):
     from dataclasses import dataclass, fields
 
@@ -704,7 +707,6 @@ def test_settings_given_that_equal_a_default_are_the_same_run():
 
 
 def test_custom_diffusion_joint_training_of_two_concepts(tiny_base, tmp_path):
-
     from limner.methods.custom_diffusion import CustomDiffusion
 
     cfg = dict(prior_preservation=False, augment=False, train=TrainConfig(max_steps=2, batch_size=2, learning_rate=1e-2, checkpoint_every=0))
@@ -720,7 +722,6 @@ def test_custom_diffusion_joint_training_of_two_concepts(tiny_base, tmp_path):
 def test_cli_trains_a_concepts_list_jointly_with_custom_diffusion_only(tiny_base, tmp_path):
     """A JSON list of subjects (the paper's concepts list): Custom Diffusion trains them together, with
     as many default steps per concept as for one; a method without joint training says so."""
-
     from typer.testing import CliRunner
 
     from limner.cli import app
@@ -742,7 +743,6 @@ def test_cli_trains_a_concepts_list_jointly_with_custom_diffusion_only(tiny_base
 
 
 def test_captions_reach_the_training_prompts_and_can_be_turned_off(tiny_base, tmp_path):
-
     base = load_base(str(tiny_base), device="cpu")
     s = subject()
     s.captions = ["on the beach", "in the snow", ""]
@@ -772,7 +772,6 @@ def test_caption_files_beside_images_and_unknown_settings(tmp_path):
 
 
 def test_cli_train_settings_and_token_reach_the_method(tiny_base, tmp_path):
-
     from typer.testing import CliRunner
 
     from limner.cli import app

@@ -393,8 +393,7 @@ def personalize_cached(method_name: str, subject: EvalSubject, handle: BaseHandl
     from limner.methods import get_method
 
     method = get_method(method_name)
-    # the masks reach training only through Textual Inversion's masked loss
-    key = concept_key(method, config, subject.fingerprint(masks=config.get("background_weight") is not None), handle.fingerprint)
+    key = concept_key(method, config, subject.fingerprint(masks=method.reads_masks(config)), handle.fingerprint)
     folder = cache_root / "concepts" / f"{method_name}-{subject.name}-{key}"
     if not (folder / "limner.json").exists():
         # trained in a side folder (resumable after an interruption) and renamed when complete

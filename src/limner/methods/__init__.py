@@ -101,6 +101,11 @@ class Method(ABC):
             (train if key in train_names else settings)[key] = float(value) if key in floats and type(value) is int else value
         return settings
 
+    def reads_masks(self, overrides: dict) -> bool:
+        """Whether a run with these settings reads the subject's masks (then they are part of the
+        subject's cache key)."""
+        return False
+
     def key_settings(self, overrides: dict) -> dict:
         """settings_with(overrides) less what cannot have changed a concept trained before the setting
         existed: unset (None) settings, and `added_setting`s at their default. Eval's cache key."""

@@ -442,21 +442,34 @@ def prompt_features(encoder: PromptEncoder, prompts: list[str], from_token: str 
     return torch.unique(rows.round(decimals=5), dim=0)
 
 
-def closed_form(W0: torch.Tensor, C_reg: torch.Tensor, C: torch.Tensor, V: torch.Tensor,
-                constraint_weight: float = 10.0, ridge: float = 1e-4) -> torch.Tensor:
-    """argmin_W ||W C_reg^T - W0 C_reg^T||^2 + w ||W C^T - V||^2, the paper's eq. 4-5 with its
-    constraint W C^T = V made a weighted least-squares term, w = constraint_weight * N / M per row.
+def closed_form_solver(C_reg: torch.Tensor, C: torch.Tensor, constraint_weight: float = 10.0,
+                       ridge: float = 1e-4) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The merge for every layer that reads these features: W = solve(W0, V) minimises
+    ||W C_reg^T - W0 C_reg^T||^2 + w ||W C^T - V||^2, the paper's eq. 4-5 with its constraint W C^T = V
+    made a weighted least-squares term, w = constraint_weight * N / M per row.
 
     Once padding rows are constrained, C has more rows than the feature dimension and the paper's
     equality has no solution; its pseudo-inverse then silently fits C alone and ignores C_reg. The
-    weighted form is defined either way and tends to the paper's solution as the weight grows.
-    W0 [out, d]; C_reg [N, d]; C [M, d]; V [out, M]."""
+    weighted form is defined either way and tends to the paper's solution as the weight grows. Every
+    K and V layer reads the same text features, so the system is built and factored once.
+    C_reg [N, d]; C [M, d]; W0 [out, d]; V [out, M]."""
     w = constraint_weight * C_reg.shape[0] / C.shape[0]
     gram = C_reg.t() @ C_reg
     A = gram + w * C.t() @ C
     A = A + ridge * A.diagonal().mean() * torch.eye(A.shape[0])
-    B = W0 @ gram + w * V @ C  # [out, d]
-    return torch.linalg.solve(A, B.t()).t()  # A is symmetric
+    factors = torch.linalg.lu_factor(A)
+
+    def solve(W0: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        B = W0 @ gram + w * V @ C  # [out, d]
+        return torch.linalg.lu_solve(*factors, B.t()).t()  # A is symmetric
+
+    return solve
+
+
+def closed_form(W0: torch.Tensor, C_reg: torch.Tensor, C: torch.Tensor, V: torch.Tensor,
+                constraint_weight: float = 10.0, ridge: float = 1e-4) -> torch.Tensor:
+    """The merged weights of one layer (see `closed_form_solver`)."""
+    return closed_form_solver(C_reg, C, constraint_weight, ridge)(W0, V)
 
 
 # C_reg on a real base without a caption file: varied everyday captions. The paper takes 200 real
@@ -543,13 +556,13 @@ def merged_weights(base, concepts: list[Path], manifests: list[dict], num_reg_ca
     # the concept also lives in the rows after the phrase; these constraints keep 0.375 and 0.583.
     per_concept = [concept_features(encoder, m) for m in manifests]
     C = torch.cat(per_concept)
-    merged = {}
+    solve, merged = closed_form_solver(C_reg, C), {}
     for key, w0 in W0.items():
         if not key.endswith(".weight") or not any(p in key for p in ("to_k_custom", "to_v_custom")):
             merged[key] = torch.stack([t[key].float() for t in tuned]).mean(0)  # q/out (crossattn mode): average
             continue
         V = torch.cat([t[key].float() @ c.t() for t, c in zip(tuned, per_concept)], dim=1)
-        merged[key] = closed_form(w0, C_reg, C, V)
+        merged[key] = solve(w0, V)
     return merged
 
 

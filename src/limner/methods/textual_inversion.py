@@ -243,6 +243,9 @@ class TextualInversion(Method):
     token_setting = "token"
     family = "tuning"
 
+    def reads_masks(self, overrides: dict) -> bool:
+        return self.settings_with(overrides).get("background_weight") is not None  # the masked loss
+
     def personalize(self, base, subject: Subject, out: Path, **overrides) -> Path:
         cfg = with_settings(self.default_config(), overrides, self.name)
         if cfg.num_vectors < 1:
