@@ -96,8 +96,10 @@ def load_checkpoint(path: Path):
 
 
 def autocast(device: torch.device):
-    dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
+    # on CPU, fp32: bf16 is emulated on CPUs without native support (AVX2 only), where a UNet step ran 25x slower
+    if device.type == "cpu":
+        return torch.autocast("cpu", enabled=False)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
 
 
 def cosine_lr(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
