@@ -96,24 +96,6 @@ def test_two_tone_instances_are_named_in_captions_but_never_near_a_heldout_subje
         assert near_heldout_subject(replace(subject, colour_a=subject.colour_b, colour_b=subject.colour_a))
 
 
-def test_only_the_fourth_editions_data_put_hats_and_bows_on_instances():
-    def worn(accessory_rate):
-        rng, counts = np.random.default_rng(5), {"instance": 0, "plain": 0, "objects": 0}
-        for _ in range(1500):
-            s = random_scene(rng, instance_rate=0.6, accessory_rate=accessory_rate)
-            o = s.entities[0]
-            if len(s.entities) == 1 and isinstance(o, ObjectSpec):
-                counts["objects"] += 1
-                if o.accessory:
-                    assert f"with a {o.accessory}" in s.caption
-                    counts["instance" if o.subject else "plain"] += 1
-        return counts
-
-    earlier, fourth = worn(None), worn(0.3)
-    assert earlier["instance"] == 0 and 0 < earlier["plain"] < 0.05 * earlier["objects"]
-    assert 0.2 < (fourth["instance"] + fourth["plain"]) / fourth["objects"] < 0.4 and fourth["instance"] > fourth["plain"]
-
-
 def test_bench_has_references_and_prompts():
     assert len(SUBJECTS) >= 12 and len(IDENTITIES) >= 8
     assert len(vocab.CONTEXTS) >= 8 and len(vocab.OBJECT_CLASSES) >= 8 and len(vocab.COLOURS) >= 10 and len(vocab.PATTERNS) >= 4
@@ -163,10 +145,10 @@ def test_world_build_runs_every_stage_resumes_and_exports_a_diffusers_folder(tmp
 
     cfg = BuildConfig(dataset_size=64, clip_steps=2, clip_batch=16, vae_steps=2, vae_batch=8, unet_steps=3, unet_batch=4,
                       unet_warmup=1, instance_dataset_size=32, instance_steps=2, instance_warmup=1, instance_restart_steps=2,
-                      accessory_dataset_size=32, accessory_steps=2, checkpoint_every=2, probe_steps=2, probe_train_size=64)
+                      checkpoint_every=2, probe_steps=2, probe_train_size=64)
     torch.set_num_threads(1)
     record = build(tmp_path / "world", tmp_path / "work", cfg, device="cpu")
-    assert {"data", "clip", "vae", "latents", "unet", "instances", "instances_restart", "accessories", "probes", "export"} <= set(record["seconds"])
+    assert {"data", "clip", "vae", "latents", "unet", "instances", "instances_restart", "probes", "export"} <= set(record["seconds"])
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "world" / "base")
     assert pipe("a ball", num_inference_steps=1, output_type="np").images.shape == (1, 64, 64, 3)
     assert (tmp_path / "world" / "probes" / "subject.safetensors").exists()
@@ -174,34 +156,3 @@ def test_world_build_runs_every_stage_resumes_and_exports_a_diffusers_folder(tmp
     build(tmp_path / "world", tmp_path / "work", cfg, device="cpu")
     assert (tmp_path / "work" / "unet.ckpt").stat().st_mtime == ckpt, "a finished stage is not trained again"
     assert json.loads((tmp_path / "world" / "base" / "build.json").read_text())["config"]["unet_steps"] == 3
-
-
-def test_the_fourth_edition_continues_an_exported_third_edition_changing_only_its_unet(tmp_path):
-    """`limner world build --from-base`: the accessories stage on a shipped UNet; every other file is kept."""
-    import json
-    from dataclasses import replace
-
-    import torch
-
-    from limner.errors import LimnerError
-    from limner.models.loading import fingerprint
-    from limner.world.build import BuildConfig, build, continue_base
-
-    third = BuildConfig(dataset_size=64, clip_steps=2, clip_batch=16, vae_steps=2, vae_batch=8, unet_steps=2, unet_batch=4,
-                        unet_warmup=1, instance_dataset_size=32, instance_steps=2, instance_warmup=1, instance_restart_steps=2,
-                        accessory_steps=0, checkpoint_every=2, probe_steps=2, probe_train_size=64)
-    torch.set_num_threads(1)
-    build(tmp_path / "third", tmp_path / "work3", third, device="cpu")
-    fourth = replace(third, accessory_dataset_size=32, accessory_steps=2)
-    record = continue_base(tmp_path / "third", tmp_path / "fourth", tmp_path / "work4", fourth, device="cpu")
-    assert "accessories" in record["seconds"] and "fourth edition" in record["notes"][-1]
-    old, new = tmp_path / "third" / "base", tmp_path / "fourth" / "base"
-    assert fingerprint(old / "unet") != fingerprint(new / "unet")
-    for part in ("text_encoder", "vae", "tokenizer", "image_encoder"):
-        assert fingerprint(old / part) == fingerprint(new / part), part
-    assert (tmp_path / "fourth" / "probes" / "subject.safetensors").read_bytes() == (tmp_path / "third" / "probes" / "subject.safetensors").read_bytes()
-    assert json.loads((new / "build.json").read_text())["config"]["accessory_steps"] == 2
-    with pytest.raises(LimnerError, match="already has the accessories stage"):
-        continue_base(tmp_path / "fourth", tmp_path / "fifth", tmp_path / "work5", fourth, device="cpu")
-    with pytest.raises(LimnerError, match="another configuration"):
-        continue_base(tmp_path / "third", tmp_path / "other", tmp_path / "work6", replace(fourth, unet_steps=5), device="cpu")

@@ -282,22 +282,15 @@ def world_build(
     work: Annotated[Path, typer.Option("--work", help="Folder for data caches and checkpoints (resumable).")] = Path(".limner-build"),
     device: DeviceOpt = "auto",
     quick: Annotated[bool, typer.Option("--quick", help="A tiny build (minutes) to try the pipeline; not for shipping.")] = False,
-    from_base: Annotated[Optional[Path], typer.Option("--from-base", help="A third-edition world folder (base/ and probes/): "
-                                                      "run only the fourth edition's accessories stage on its UNet.")] = None,
 ) -> None:
     """Train the world's tokenizer, CLIP, VAE, UNet and probes from renders (resumable)."""
     from limner.models.loading import ASSETS
-    from limner.world.build import BuildConfig, build, continue_base
+    from limner.world.build import BuildConfig, build
 
     if quick and out is None:
         fail("--quick builds a toy stack that must not replace the shipped one: give --out DIR")
     cfg = BuildConfig.quick() if quick else BuildConfig()
-    if from_base is not None:
-        if not (from_base / "base" / "build.json").is_file():
-            fail(f"--from-base {from_base}: not a world folder (expected base/build.json in it)")
-        record = run(lambda: continue_base(from_base, out or ASSETS / "world", work, cfg, device=device))
-    else:
-        record = run(lambda: build(out or ASSETS / "world", work, cfg, device=device))
+    record = run(lambda: build(out or ASSETS / "world", work, cfg, device=device))
     typer.echo(json.dumps(record["seconds"], indent=2))
 
 

@@ -440,6 +440,7 @@ def run_eval(rows: list[Row], subjects: list[EvalSubject], enc: Encoders, cache_
              base: str | None = None, device: str = "auto", method_config: dict | None = None) -> dict:
     """Runs every row on every subject and returns the results (JSON-ready)."""
     from limner.models.loading import WORLD_BASE, check_folder, fingerprint
+    from limner.world.probes import probe_digests
 
     base_path = WORLD_BASE if base is None else Path(base)
     if base_path.is_dir():
@@ -466,6 +467,7 @@ def run_eval(rows: list[Row], subjects: list[EvalSubject], enc: Encoders, cache_
         "world": all(s.world is not None for s in subjects),
         "subjects": [{"name": s.name, "class_noun": s.class_noun, "kind": s.kind} for s in subjects],
         "encoders": {k: getattr(getattr(enc, k), "name", None) for k in ("clip", "dino", "face")},
+        "probes": probe_digests(enc.probes.folder) if enc.probes is not None else None,
         "rows": {r: {"mean": aggregate(v.per_subject), "per_subject": v.per_subject, "images": v.images,
                      "concepts": v.concepts, "seconds": v.seconds,
                      "time_to_fidelity": time_to_fidelity(v.concepts, FIDELITY_THRESHOLD) if v.concepts else None}

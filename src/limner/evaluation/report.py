@@ -51,7 +51,8 @@ def markdown_table(results: dict) -> str:
         f"{len(results['subjects'])} subjects, {results['settings']['images_per_prompt']} images per prompt, seeds from "
         f"{results['settings']['seed']}, {results['settings']['steps']} {results['settings']['scheduler']} steps, "
         f"guidance {results['settings']['guidance']}. Encoders: "
-        + ", ".join(f"{k} = {v}" for k, v in results["encoders"].items() if v) + ".",
+        + ", ".join(f"{k} = {v}" for k, v in results["encoders"].items() if v) + "."
+        + ("" if not results.get("probes") else " Probes: " + ", ".join(f"{k} {v}" for k, v in results["probes"].items()) + "."),
     ]
     if results["world"]:
         notes.append(f"`{LOWER}`: the base model given only the class noun; `{UPPER}`: fresh renders of the subject doing what "

@@ -61,12 +61,6 @@ class BuildConfig:
     instance_warmup: int = 100
     # a second cosine cycle on the same renders at half the learning rate (a warm restart)
     instance_restart_steps: int = 3000
-    # the fourth edition: a third set in which objects, instances too, wear a hat or a bow this often; the
-    # third edition's UNet drew neither (its instances never wore one, and 8% of plain objects did)
-    accessory_dataset_size: int = 20_000
-    accessory_rate: float = 0.3
-    accessory_steps: int = 1500
-    accessory_lr: float = 1e-4
     checkpoint_every: int = 250
     probe_steps: int = 900
     probe_train_size: int = 20_000
@@ -76,7 +70,7 @@ class BuildConfig:
         """A tiny build that runs in a few minutes: proves the pipeline, not fit to ship."""
         return cls(dataset_size=2000, clip_steps=30, clip_batch=64, vae_steps=30, vae_batch=16, unet_steps=40,
                    unet_batch=16, unet_warmup=10, instance_dataset_size=500, instance_steps=20, instance_warmup=5,
-                   instance_restart_steps=10, accessory_dataset_size=300, accessory_steps=10, checkpoint_every=20, probe_steps=30, probe_train_size=1000)
+                   instance_restart_steps=10, checkpoint_every=20, probe_steps=30, probe_train_size=1000)
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,8 +146,7 @@ class Stage:
 # --------------------------------------------------------------------------------------------
 
 
-def render_dataset(n: int, seed: int, desc: str = "render", instance_rate: float = 0.0,
-                   accessory_rate: float | None = None) -> tuple[np.ndarray, list[str]]:
+def render_dataset(n: int, seed: int, desc: str = "render", instance_rate: float = 0.0) -> tuple[np.ndarray, list[str]]:
     from limner.world.render import render
     from limner.world.scenes import random_scene
 
@@ -161,23 +154,19 @@ def render_dataset(n: int, seed: int, desc: str = "render", instance_rate: float
     images = np.zeros((n, 64, 64, 3), dtype=np.uint8)
     captions = []
     for i in tqdm(range(n), desc=desc, mininterval=2):
-        r = render(random_scene(rng, instance_rate=instance_rate, accessory_rate=accessory_rate))
+        r = render(random_scene(rng, instance_rate=instance_rate))
         images[i] = r.image
         captions.append(r.caption)
     return images, captions
 
 
-def stage_data(cfg: BuildConfig, work: Path, name: str = ""):
-    """The first set (`name` ""), the second, of instances ("instances"), or the third, of instances and
-    objects wearing a hat or a bow ("accessories")."""
+def stage_data(cfg: BuildConfig, work: Path, name: str = "", instance_rate: float = 0.0):
+    """The first set (`name` ""), or the second, of instances (`name` "instances")."""
     suffix = f"_{name}" if name else ""
     img_path, cap_path = work / f"images{suffix}.npy", work / f"captions{suffix}.json"
     if not (img_path.exists() and cap_path.exists()):
-        n, seed, instance_rate, accessory_rate = {
-            "": (cfg.dataset_size, cfg.seed, 0.0, None),
-            "instances": (cfg.instance_dataset_size, cfg.seed + 10, cfg.instance_rate, None),
-            "accessories": (cfg.accessory_dataset_size, cfg.seed + 20, cfg.instance_rate, cfg.accessory_rate)}[name]
-        images, captions = render_dataset(n, seed, f"render {name}".strip(), instance_rate, accessory_rate)
+        n, seed = (cfg.instance_dataset_size, cfg.seed + 10) if name else (cfg.dataset_size, cfg.seed)
+        images, captions = render_dataset(n, seed, f"render {name}".strip(), instance_rate)
         write_text_atomic(cap_path, json.dumps(captions))
         np.save(work / "images.tmp.npy", images)
         os.replace(work / "images.tmp.npy", img_path)  # last: its presence marks the stage done
@@ -340,59 +329,6 @@ def stage_unet(cfg: BuildConfig, work: Path, name: str, lr: float, warmup: int, 
 # --------------------------------------------------------------------------------------------
 
 
-def stage_accessories(cfg: BuildConfig, work: Path, timed, vae, scaling: float, tokenizer, text_encoder, device, start: Path):
-    """The fourth edition's stage: the UNet goes on training on renders in which objects, instances too,
-    often wear a hat or a bow, so that it draws the accessories the world bench asks for."""
-    images, captions = timed("data_accessories", stage_data, cfg, work, "accessories")
-    path = work / "latents_accessories.pt"
-    if not path.exists():
-        atomic_save(dict(zip(("mean", "std"), timed("latents_accessories", encode_latents, vae, images, device))), path)
-    return timed("accessories", stage_unet, cfg, work, "accessories", cfg.accessory_lr, cfg.instance_warmup, cfg.accessory_steps,
-                 cfg.seed + 6, load_checkpoint(path), scaling, captions, tokenizer, text_encoder, device, start=start)
-
-
-def continue_base(base: Path, out: Path, work: Path, cfg: BuildConfig, device: str = "auto") -> dict:
-    """Makes the fourth edition from an exported third-edition world folder (`base`/base, `base`/probes)
-    without building the rest again: its UNet (fp16, as shipped) starts the accessories stage, and every
-    other file, probes included, is copied unchanged into `out`. Resumable like `build`."""
-    from diffusers import StableDiffusionPipeline
-
-    from limner.models.loading import resolve_device
-
-    dev = resolve_device(device)
-    record = json.loads((base / "base" / "build.json").read_text())
-    if record["config"] | {k: v for k, v in asdict(cfg).items() if k.startswith("accessory_")} != asdict(cfg):
-        raise LimnerError(f"{base / 'base'} was built with another configuration than this build's; continue only the shipped world")
-    if "accessories" in record["seconds"]:
-        raise LimnerError(f"{base / 'base'} already has the accessories stage (it is the fourth edition)")
-    work.mkdir(parents=True, exist_ok=True)
-    pipe = StableDiffusionPipeline.from_pretrained(str(base / "base"), torch_dtype=torch.float32, safety_checker=None).to(dev)
-    start = work / "edition3.ckpt"
-    if not start.exists():
-        weights = pipe.unet.state_dict()
-        atomic_save({"unet": weights, "ema": weights}, start)
-
-    def timed(name, fn, *args, **kwargs):
-        t0 = time.time()
-        result = fn(*args, **kwargs)
-        record["seconds"][name] = round(time.time() - t0, 1)
-        return result
-
-    unet = stage_accessories(cfg, work, timed, pipe.vae, pipe.vae.config.scaling_factor, pipe.tokenizer, pipe.text_encoder, dev, start)
-    staged = out.with_name(out.name + ".tmp")
-    shutil.rmtree(staged, ignore_errors=True)
-    shutil.copytree(base, staged, ignore=shutil.ignore_patterns("unet"))
-    unet.cpu().half().save_pretrained(staged / "base" / "unet", safe_serialization=True)
-    record["config"] = asdict(cfg)
-    record.setdefault("notes", []).append("The fourth edition: the third edition's UNet, as shipped in fp16, after the accessories "
-                                          "stage (`limner world build --from-base`); every other file is the third edition's.")
-    write_json_atomic(staged / "base" / "build.json", record)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(staged, out)
-    return record
-
-
 def export_pipeline(out: Path, tokenizer, text_encoder, image_encoder, text_projection, logit_scale, vae, unet) -> None:
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
     from safetensors.torch import save_file
@@ -463,7 +399,7 @@ def build(out: Path, work: Path, cfg: BuildConfig, device: str = "auto") -> dict
     unet = timed("unet", stage_unet, cfg, work, "unet", cfg.unet_lr, cfg.unet_warmup, cfg.unet_steps, cfg.seed + 3, lat, scaling,
                  captions, tokenizer, text_encoder, dev)
     if cfg.instance_steps:
-        images, captions = timed("data_instances", stage_data, cfg, work, "instances")
+        images, captions = timed("data_instances", stage_data, cfg, work, "instances", cfg.instance_rate)
         lat = cached_latents("latents_instances", images)
         unet = timed("instances", stage_unet, cfg, work, "instances", cfg.instance_lr, cfg.instance_warmup, cfg.instance_steps,
                      cfg.seed + 4, lat, scaling, captions, tokenizer, text_encoder, dev, start=work / "unet.ckpt")
@@ -471,8 +407,6 @@ def build(out: Path, work: Path, cfg: BuildConfig, device: str = "auto") -> dict
             unet = timed("instances_restart", stage_unet, cfg, work, "instances_restart", cfg.instance_lr / 2, cfg.instance_warmup,
                          cfg.instance_restart_steps, cfg.seed + 5, lat, scaling, captions, tokenizer, text_encoder, dev,
                          start=work / "instances.ckpt")
-            if cfg.accessory_steps:
-                unet = stage_accessories(cfg, work, timed, vae, scaling, tokenizer, text_encoder, dev, start=work / "instances_restart.ckpt")
     record["probes"] = timed("probes", stage_probes, cfg, work, vae)
     timed("export", export_pipeline, out / "base", tokenizer, text_encoder.cpu(), image_encoder.cpu(), text_projection.cpu(), logit_scale.cpu(), vae.cpu(), unet.cpu())
     shutil.copytree(work / "probes", out / "probes", dirs_exist_ok=True)

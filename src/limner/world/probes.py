@@ -15,6 +15,7 @@ teddy or a star.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -318,6 +319,12 @@ def load_probe(folder: Path, name: str) -> ProbeNet:
     state = {k: v.float() if v.dtype.is_floating_point else v for k, v in load_file(str(path)).items()}
     net.load_state_dict(state)
     return net.eval()
+
+
+def probe_digests(folder: Path) -> dict[str, str]:
+    """Which probes read a result: a digest of each probe's weights, so that readings by different probes are never mixed."""
+    return {name: hashlib.sha256((Path(folder) / f"{name}.safetensors").read_bytes()).hexdigest()[:16] for name in SPECS
+            if (Path(folder) / f"{name}.safetensors").exists()}
 
 
 class Probes:

@@ -126,11 +126,7 @@ def random_instance(rng: np.random.Generator, cls: str, colour: str) -> Subject:
             return instance
 
 
-def random_object(rng: np.random.Generator, x: float, scale_range=(0.22, 0.4), instance_rate: float = 0.0,
-                  accessory_rate: float | None = None) -> ObjectSpec:
-    """A random object, a two-tone instance at `instance_rate`. None: the first three editions' data, where
-    8% of objects wear a hat or a bow and an instance never does (a base trained so never drew either);
-    a number: that share of objects wear one, instances too."""
+def random_object(rng: np.random.Generator, x: float, scale_range=(0.22, 0.4), instance_rate: float = 0.0) -> ObjectSpec:
     o = ObjectSpec(
         cls=str(rng.choice(vocab.OBJECT_CLASSES)),
         colour=str(rng.choice(list(vocab.COLOURS))),
@@ -139,12 +135,10 @@ def random_object(rng: np.random.Generator, x: float, scale_range=(0.22, 0.4), i
         y=rng.uniform(0.5, 0.66),
         scale=rng.uniform(*scale_range),
         rotation=rng.uniform(-20, 20),
-        accessory=str(rng.choice(vocab.OBJECT_ACCESSORIES)) if rng.random() < (0.08 if accessory_rate is None else accessory_rate) else None,
+        accessory=str(rng.choice(vocab.OBJECT_ACCESSORIES)) if rng.random() < 0.08 else None,
     )
     if instance_rate and rng.random() < instance_rate:  # no draw at rate 0: the first edition's data stay the same
-        o.subject, o.pattern = random_instance(rng, o.cls, o.colour), "plain"
-        if accessory_rate is None:
-            o.accessory = None
+        o.subject, o.pattern, o.accessory = random_instance(rng, o.cls, o.colour), "plain", None
     return o
 
 
@@ -165,7 +159,7 @@ def random_character(rng: np.random.Generator, x: float, framing: str, exclude: 
 
 
 def random_scene(rng: np.random.Generator, exclude_identities: set[str] | None = None,
-                 avoid_heldout_combos: bool = True, instance_rate: float = 0.0, accessory_rate: float | None = None) -> Scene:
+                 avoid_heldout_combos: bool = True, instance_rate: float = 0.0) -> Scene:
     """One scene of the base-model training distribution (held-out subjects never appear). A single
     object is a two-tone instance with an emblem at `instance_rate`."""
     from limner.world.bench import heldout_identity_keys
@@ -176,9 +170,9 @@ def random_scene(rng: np.random.Generator, exclude_identities: set[str] | None =
                       p=[0.42, 0.16, 0.26, 0.08, 0.08])
     entities: list[Entity]
     if kind == "object":
-        o = random_object(rng, 0.5, instance_rate=instance_rate, accessory_rate=accessory_rate)
+        o = random_object(rng, 0.5, instance_rate=instance_rate)
         while avoid_heldout_combos and is_heldout_combo(o.cls, o.colour, context):
-            o = random_object(rng, 0.5, instance_rate=instance_rate, accessory_rate=accessory_rate)
+            o = random_object(rng, 0.5, instance_rate=instance_rate)
         entities = [o]
     elif kind == "two_objects":
         entities = [random_object(rng, 0.27, (0.15, 0.22)), random_object(rng, 0.73, (0.15, 0.22))]
