@@ -232,7 +232,7 @@ def train_cmd(
 def demo_cmd(
     subject: Annotated[str, typer.Option("--subject", help="A held-out world subject (see `limner world subjects`).")] = "duo_ball",
     method: Annotated[Optional[str], typer.Option("--method", help="Default: the best fidelity per minute on the world bench.")] = None,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Training steps (default: the method's).")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Training steps (default: 150 for DreamBooth, the method's own otherwise).")] = None,
     out: Annotated[Path, typer.Option("--out")] = Path("demo"),
     device: DeviceOpt = "auto",
 ) -> None:
