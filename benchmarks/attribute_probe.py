@@ -15,7 +15,6 @@ probe's recipe (`generator_styled`: half of its renders as the VAE gives them ba
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -24,23 +23,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from limner.generation import GenerationSettings, generate  # noqa: E402
+from limner.io import write_json_atomic, write_text_atomic  # noqa: E402
 from limner.models.loading import WORLD_PROBES, load_base  # noqa: E402
 from limner.world import vocab  # noqa: E402
 from limner.world.bench import SUBJECTS, subject_object  # noqa: E402
-from limner.world.check import ACCESSORY_CASES, accessory_prompts, check_prompts  # noqa: E402
+from limner.world.check import ACCESSORY_CASES, accessory_prompts, check_prompts, draw  # noqa: E402
 from limner.world.probes import Probes, vae_round_trip  # noqa: E402
 from limner.world.render import Scene, render  # noqa: E402
-
-
-def draw(base, prompts: list[str]) -> np.ndarray:
-    return np.stack([np.asarray(generate(base, GenerationSettings(prompt=p, num_images=1, seed=i, batch_size=1)).images[0]
-                                .convert("RGB").resize((64, 64))) for i, p in enumerate(prompts)])
-
-
-def read_accessory(probes: Probes, images: np.ndarray) -> np.ndarray:
-    labels = np.array(probes.labels("attributes", "accessory"))
-    return labels[probes.predict("attributes", images)["accessory"].argmax(-1).numpy()]
 
 
 def main() -> None:
@@ -60,21 +49,21 @@ def main() -> None:
             renders.append(render(Scene(str(rng.choice(list(vocab.CONTEXTS))), [spec], variant=int(rng.integers(2**31)))).image)
             worn.append(spec.accessory or "none")
     renders, worn = np.stack(renders), np.array(worn)
+    wearing = worn != "none"
     round_trips = vae_round_trip(base.pipe.vae, renders)
     asked_cases = accessory_prompts(ACCESSORY_CASES)
-    asked = draw(base, [p for p, _ in asked_cases])
-    plain = draw(base, [c[0] for c in check_prompts(args.plain)])
+    asked = np.stack(draw(base, [p for p, _ in asked_cases]))
+    plain = np.stack(draw(base, [c[0] for c in check_prompts(args.plain)]))
     results = {}
     for folder in args.probes or [WORLD_PROBES]:
         probes = Probes(folder)
-        wearing = worn != "none"
-        crisp, trip = read_accessory(probes, renders), read_accessory(probes, round_trips)
+        crisp, trip, got_asked, got_plain = (np.array(probes.read("attributes", im)["accessory"]) for im in (renders, round_trips, asked, plain))
         results[str(folder)] = {
             "renders_worn_read": float(np.mean(crisp[wearing] == worn[wearing])),
             "round_trips_worn_read": float(np.mean(trip[wearing] == worn[wearing])),
             "round_trips_bare_read_as_worn": float(np.mean(trip[~wearing] != "none")),
-            "base_asked_read": float(np.mean(read_accessory(probes, asked) == np.array([a for _, a in asked_cases]))),
-            "base_plain_read_as_worn": float(np.mean(read_accessory(probes, plain) != "none")),
+            "base_asked_read": float(np.mean(got_asked == np.array([a for _, a in asked_cases]))),
+            "base_plain_read_as_worn": float(np.mean(got_plain != "none")),
         }
     lines = [f"Attribute probe, accessory head. {len(worn)} renders of the held-out subjects, two thirds wearing a hat or a "
              f"bow, read as rendered and after the world VAE's round trip; the base's pictures: {ACCESSORY_CASES} asked for an "
@@ -87,8 +76,8 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.md").write_text(table + "\n")
-    (args.out / "results.json").write_text(json.dumps({"per_subject": args.per_subject, "results": results}, indent=2) + "\n")
+    write_text_atomic(args.out / "results.md", table + "\n")
+    write_json_atomic(args.out / "results.json", {"per_subject": args.per_subject, "results": results})
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import json
 import os
 import shutil
@@ -34,7 +33,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 SUBJECT = "spot_dog"
-SUBJECT_PROBE = ROOT / "src" / "limner" / "assets" / "world" / "probes" / "subject.safetensors"
 CLASS_NOUN = "dog"
 SHORT, LONG = 50, 250  # steps of the two timing runs
 REPEATS = 2  # the long timing run twice, alternating tools; the faster of the two counts
@@ -257,7 +255,10 @@ def score(concept: Path, env: dict) -> dict:
 def subject_probe() -> str:
     """The digest of the world's subject probe, which reads every fidelity here: a row read by another
     probe is scored again."""
-    return hashlib.sha256(SUBJECT_PROBE.read_bytes()).hexdigest()[:16]
+    from limner.models.loading import WORLD_PROBES
+    from limner.world.probes import probe_digests
+
+    return probe_digests(WORLD_PROBES)["subject"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -96,6 +96,13 @@ def subject_probe_check(base: Base, probes: Probes, per_subject: int = 8) -> dic
             "passes_floor": accuracy[str(REDRAW_STRENGTHS[0])] >= SUBJECT_PROBE_FLOOR}
 
 
+def draw(base: Base, prompts: list[str], seed: int = 0, steps: int = 25, guidance: float = 5.0, scheduler: str = "dpm++") -> list[np.ndarray]:
+    """One 64 px picture per prompt, the i-th from seed + i."""
+    return [np.asarray(generate(base, GenerationSettings(prompt=prompt, num_images=1, seed=seed + i, steps=steps, guidance_scale=guidance,
+                                                         scheduler=scheduler, batch_size=1)).images[0].convert("RGB").resize((64, 64)))
+            for i, prompt in enumerate(prompts)]
+
+
 def world_check(base: Base, n: int = 48, seed: int = 0, steps: int = 25, guidance: float = 5.0,
                 scheduler: str = "dpm++", probes_dir: Path = WORLD_PROBES, out: Path | None = None,
                 subject_probe: bool = True, accessory: bool = True) -> dict:
@@ -105,19 +112,14 @@ def world_check(base: Base, n: int = 48, seed: int = 0, steps: int = 25, guidanc
     probes.net("attributes")  # fail before generating anything if the probe is missing
     cases = check_prompts(n, seed)
 
-    def draw(prompts: list[str]) -> list[np.ndarray]:
-        return [np.asarray(generate(base, GenerationSettings(prompt=prompt, num_images=1, seed=seed + i, steps=steps, guidance_scale=guidance,
-                                                             scheduler=scheduler, batch_size=1)).images[0].convert("RGB").resize((64, 64)))
-                for i, prompt in enumerate(prompts)]
-
     t0 = time.perf_counter()
-    images = draw([case[0] for case in cases])
+    images = draw(base, [case[0] for case in cases], seed, steps, guidance, scheduler)
     seconds = time.perf_counter() - t0
-    pred = probes.predict("attributes", np.stack(images))
+    read = probes.read("attributes", np.stack(images))
     hits = {"class": [], "colour": [], "context": []}
     rows = []
     for i, (prompt, cls, colour, ctx) in enumerate(cases):
-        got = {k: probes.labels("attributes", k)[int(pred[k][i].argmax())] for k in hits}
+        got = {k: read[k][i] for k in hits}
         want = {"class": cls, "colour": colour, "context": ctx}
         for k in hits:
             hits[k].append(got[k] == want[k])
@@ -125,9 +127,7 @@ def world_check(base: Base, n: int = 48, seed: int = 0, steps: int = 25, guidanc
     accuracy = {k: float(np.mean(v)) for k, v in hits.items()}
     worn = accessory_prompts(ACCESSORY_CASES, seed) if accessory else []
     if worn:
-        drawn = probes.predict("attributes", np.stack(draw([prompt for prompt, _ in worn])))["accessory"].argmax(-1)
-        labels = probes.labels("attributes", "accessory")
-        got = [labels[int(g)] for g in drawn]
+        got = probes.read("attributes", np.stack(draw(base, [prompt for prompt, _ in worn], seed, steps, guidance, scheduler)))["accessory"]
         accuracy["accessory"] = float(np.mean([g == want for g, (_, want) in zip(got, worn)]))
         rows += [{"prompt": prompt, "want": {"accessory": want}, "got": {"accessory": g}} for g, (prompt, want) in zip(got, worn)]
     report = {"n": n, "seed": seed, "steps": steps, "guidance": guidance, "scheduler": scheduler,

@@ -323,8 +323,8 @@ def load_probe(folder: Path, name: str) -> ProbeNet:
 
 def probe_digests(folder: Path) -> dict[str, str]:
     """Which probes read a result: a digest of each probe's weights, so that readings by different probes are never mixed."""
-    return {name: hashlib.sha256((Path(folder) / f"{name}.safetensors").read_bytes()).hexdigest()[:16] for name in SPECS
-            if (Path(folder) / f"{name}.safetensors").exists()}
+    paths = {name: Path(folder) / f"{name}.safetensors" for name in SPECS}
+    return {name: hashlib.sha256(path.read_bytes()).hexdigest()[:16] for name, path in paths.items() if path.exists()}
 
 
 class Probes:
@@ -358,3 +358,7 @@ class Probes:
 
     def labels(self, name: str, head: str) -> list[str]:
         return SPECS[name].labels[head]
+
+    def read(self, name: str, images) -> dict[str, list[str]]:
+        """The most likely label of each head for each image."""
+        return {k: [SPECS[name].labels[k][int(i)] for i in v.argmax(-1)] for k, v in self.logits(name, images).items()}
