@@ -69,6 +69,23 @@ def test_subject_probe_knows_subjects_the_base_model_redrew():
     assert (probabilities.argmax(-1).numpy() == labels).mean() >= 0.8
 
 
+def test_accessory_probe_sees_hats_and_bows_as_the_vae_gives_them_back():
+    """Everything the base draws passes through the world VAE, which blurs a hat to a cone: the attribute
+    probe's accessory head, trained on crisp renders, reads none of them; the accessory probe must."""
+    from limner.world.check import accessory_renders
+    from limner.world.probes import Probes, vae_round_trip
+
+    renders, worn = accessory_renders(per_subject=3)  # one hat, one bow, one bare per subject
+    round_trips = vae_round_trip(load_base(device="cpu").pipe.vae, renders)
+    probes = Probes(WORLD_PROBES)
+    read = np.array(probes.read_attributes(round_trips, ("accessory",))["accessory"])
+    wearing = worn != "none"
+    assert (read[wearing] == worn[wearing]).mean() >= 0.7
+    assert (read[~wearing] != "none").mean() <= 0.2
+    crisp_head = np.array(probes.read("attributes", round_trips)["accessory"])
+    assert (crisp_head[wearing] == worn[wearing]).mean() <= 0.2  # why the accessory probe exists
+
+
 def test_world_base_generation_is_reproducible():
     from limner.generation import GenerationSettings, generate
 

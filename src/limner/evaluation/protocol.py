@@ -339,11 +339,8 @@ def world_measures(subject: EvalSubject, prompt: BenchPrompt | None, images: lis
     if prompt is None:
         return fidelity, None
     want = _asked(prompt)
-    pred = enc.probes.predict("attributes", arr)
-    hits = np.zeros(len(images))
-    for head, value in want.items():
-        labels = enc.probes.labels("attributes", head)
-        hits += (pred[head].argmax(-1).numpy() == labels.index(value)).astype(float)
+    got = enc.probes.read_attributes(arr, tuple(want))
+    hits = sum((np.array(got[head]) == value).astype(float) for head, value in want.items())
     return fidelity, hits / max(1, len(want))
 
 

@@ -357,7 +357,8 @@ def stage_probes(cfg: BuildConfig, work: Path, vae) -> dict:
     for name in SPECS:
         meta = folder / f"{name}.json"
         if not meta.exists():
-            net, acc = train_probe(name, steps=cfg.probe_steps, n_train=cfg.probe_train_size, seed=cfg.seed, vae=vae)
+            n_train = min(cfg.probe_train_size, SPECS[name].train_size or cfg.probe_train_size)
+            net, acc = train_probe(name, steps=cfg.probe_steps, n_train=n_train, seed=cfg.seed, vae=vae)
             save_probe(net, name, folder, acc)
         metrics[name] = json.loads(meta.read_text())["accuracy"]
     return metrics

@@ -35,6 +35,19 @@ REDRAW_STRENGTHS = (0.4, 0.6)  # of noise; at 0.4 a person still sees every subj
 SUBJECT_PROBE_FLOOR = 0.85  # accuracy on subjects redrawn from 0.4 (the probe trained on crisp renders alone: 0.64)
 
 
+def accessory_renders(per_subject: int, seed: int = 4242) -> tuple[np.ndarray, np.ndarray]:
+    """Renders of the 12 held-out subjects wearing a hat, a bow or nothing in turn, and what each wears."""
+    rng = np.random.default_rng(seed)
+    images, worn = [], []
+    for subject in SUBJECTS:
+        for k in range(per_subject):
+            spec = subject_object(subject, rng)
+            spec.accessory = [*vocab.OBJECT_ACCESSORIES, None][k % 3]
+            images.append(render(Scene(str(rng.choice(list(vocab.CONTEXTS))), [spec], variant=int(rng.integers(2**31)))).image)
+            worn.append(spec.accessory or "none")
+    return np.stack(images), np.array(worn)
+
+
 def check_prompts(n: int, seed: int = 0) -> list[tuple[str, str, str, str]]:
     """n held-out (prompt, class, colour, context) cases, spread over all held-out triples."""
     combos = heldout_combos()
@@ -115,8 +128,8 @@ def world_check(base: Base, n: int = 48, seed: int = 0, steps: int = 25, guidanc
     t0 = time.perf_counter()
     images = draw(base, [case[0] for case in cases], seed, steps, guidance, scheduler)
     seconds = time.perf_counter() - t0
-    read = probes.read("attributes", np.stack(images))
     hits = {"class": [], "colour": [], "context": []}
+    read = probes.read_attributes(np.stack(images), tuple(hits))
     rows = []
     for i, (prompt, cls, colour, ctx) in enumerate(cases):
         got = {k: read[k][i] for k in hits}
@@ -127,7 +140,8 @@ def world_check(base: Base, n: int = 48, seed: int = 0, steps: int = 25, guidanc
     accuracy = {k: float(np.mean(v)) for k, v in hits.items()}
     worn = accessory_prompts(ACCESSORY_CASES, seed) if accessory else []
     if worn:
-        got = probes.read("attributes", np.stack(draw(base, [prompt for prompt, _ in worn], seed, steps, guidance, scheduler)))["accessory"]
+        drawn = np.stack(draw(base, [prompt for prompt, _ in worn], seed, steps, guidance, scheduler))
+        got = probes.read_attributes(drawn, ("accessory",))["accessory"]
         accuracy["accessory"] = float(np.mean([g == want for g, (_, want) in zip(got, worn)]))
         rows += [{"prompt": prompt, "want": {"accessory": want}, "got": {"accessory": g}} for g, (prompt, want) in zip(got, worn)]
     report = {"n": n, "seed": seed, "steps": steps, "guidance": guidance, "scheduler": scheduler,
