@@ -23,6 +23,20 @@ def label_strip(text: str, width: int, height: int = 14) -> Image.Image:
     return im
 
 
+def new_contexts(subject, n: int = 4) -> list:
+    """n prompts that put the subject where its references never showed it. A world subject's 5
+    references cover 5 of the 8 places, so an object also gets a hat in the first unseen place."""
+    from limner.world import vocab
+    from limner.world.bench import BenchPrompt
+
+    unseen = [c for c in vocab.CONTEXTS if c not in subject.meta["contexts"]]
+    article = "a portrait of a {} " if subject.kind == "identity" else "a {} "
+    prompts = [BenchPrompt(article + vocab.CONTEXTS[c], "recontextualisation", context=c) for c in unseen]
+    if subject.kind != "identity":
+        prompts += [BenchPrompt(f"a {{}} with a hat {vocab.CONTEXTS[c]}", "accessorisation", context=c, accessory="hat") for c in unseen]
+    return prompts[:n]
+
+
 def run_demo(out: Path, subject_name: str = "duo_ball", method_name: str = DEFAULT_METHOD, steps: int | None = None,
              images_per_prompt: int = 2, device: str = "auto", seed: int = 0) -> dict:
     from dataclasses import replace
@@ -33,8 +47,6 @@ def run_demo(out: Path, subject_name: str = "duo_ball", method_name: str = DEFAU
     from limner.generation import GenerationSettings, generate, make_grid, prepare_output
     from limner.methods import get_method
     from limner.models.loading import WORLD_PROBES, load_base
-    from limner.world import vocab
-    from limner.world.bench import BenchPrompt
     from limner.world.probes import Probes
 
     prepare_output(out)
@@ -49,9 +61,7 @@ def run_demo(out: Path, subject_name: str = "duo_ball", method_name: str = DEFAU
     concept = method.personalize(load_base(device=device, dtype="fp32"), subject, out / "concept", **overrides)
     train_s = time.perf_counter() - t0
     # 2. Four contexts the references never showed
-    contexts = [c for c in vocab.CONTEXTS if c not in subject.meta["contexts"]][:4]
-    article = "a portrait of a {} " if subject.kind == "identity" else "a {} "
-    prompts = [BenchPrompt(article + vocab.CONTEXTS[c], "recontextualisation", context=c) for c in contexts]
+    prompts = new_contexts(subject)
     base = load_base(device=device)
     method.apply(base, concept)
     lower = load_base(device=device)

@@ -385,7 +385,7 @@ class Probes:
         """The most likely label of each head for each image."""
         return {k: [SPECS[name].labels[k][int(i)] for i in v.argmax(-1)] for k, v in self.logits(name, images).items()}
 
-    def read_attributes(self, images, heads=tuple(ATTRIBUTE_READERS)) -> dict[str, list[str]]:
+    def read_attributes(self, images, heads: tuple[str, ...] = tuple(ATTRIBUTE_READERS)) -> dict[str, list[str]]:
         """The most likely value of each attribute in `heads` for each image, each read by its own probe."""
         readings = {name: self.read(name, images) for name in {ATTRIBUTE_READERS[h] for h in heads}}
         return {h: readings[ATTRIBUTE_READERS[h]][h] for h in heads}
