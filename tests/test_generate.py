@@ -53,6 +53,29 @@ def test_each_image_depends_only_on_its_seed(base):
     assert not np.array_equal(np.asarray(together[0]), np.asarray(together[1]))
 
 
+@pytest.mark.parametrize("guidance", [5.0, 1.0])  # with and without classifier-free guidance
+@pytest.mark.parametrize("folder", ["tiny_base", "tiny_sdxl"])
+def test_layout_steps_follow_the_layout_prompt_then_the_prompt(request, folder, guidance):
+    base = load_base(str(request.getfixturevalue(folder)), device="cpu")
+
+    def draw(prompt, **layout):
+        s = GenerationSettings(prompt, num_images=2, steps=4, guidance_scale=guidance, batch_size=2, **layout)
+        return np.stack([np.asarray(im, dtype=float) for im in generate(base, s).images])
+
+    plain = draw("a red ball on the beach")
+    # swapping to the very same words changes nothing: the swap keeps the negative half where it was
+    assert np.array_equal(draw("a red ball on the beach", layout_prompt="a red ball on the beach", layout_steps=2), plain)
+    mixed = draw("a red ball on the beach", layout_prompt="a blue cup in the snow", layout_steps=3)
+    assert not np.array_equal(mixed, plain) and not np.array_equal(mixed, draw("a blue cup in the snow"))
+
+
+def test_layout_steps_are_checked(base):
+    with pytest.raises(LimnerError, match="--layout-steps 4 must be between 1 and"):
+        generate(base, GenerationSettings("a dog", steps=4, layout_prompt="a dog", layout_steps=4))
+    with pytest.raises(LimnerError, match="needs --layout-prompt"):
+        generate(base, GenerationSettings("a dog", steps=4, layout_steps=2))
+
+
 @pytest.mark.parametrize("scheduler", ["dpm++", "ddim", "euler", "euler_a", "unipc"])
 def test_every_scheduler_runs(base, scheduler):
     s = GenerationSettings("a star", num_images=1, steps=3, scheduler=scheduler)

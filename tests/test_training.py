@@ -57,6 +57,28 @@ def test_textual_inversion_trains_only_the_new_token_and_loads_in_plain_diffuser
     assert not np.allclose(with_token, plain)
 
 
+def test_generate_lays_a_textual_inversion_prompt_out_from_the_class_noun_first(tiny_base, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from limner.cli import app
+
+    concept = get_method("textual_inversion").personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "c", **ti_config(1))
+
+    def settings(*extra):
+        out = tmp_path / f"out{len(extra)}"
+        r = CliRunner().invoke(app, ["generate", "a <s*> with a hat on the beach", "-n", "1", "--steps", "10", "--base", str(tiny_base),
+                                     "--concept", str(concept), "--out", str(out), *extra])
+        assert r.exit_code == 0, r.output
+        return json.loads((out / "00001.json").read_text())["settings"]
+
+    default = settings()  # Textual Inversion's default: the first fifth of the steps from the class prompt
+    assert (default["layout_prompt"], default["layout_steps"]) == ("a ball with a hat on the beach", 2)
+    assert settings("--layout-steps", "0")["layout_steps"] == 0
+    assert settings("--layout-steps", "4", "--seed", "1")["layout_steps"] == 4
+
+
 def test_one_process_trains_in_full_then_mixed_precision(tiny_base, tmp_path):
     """accelerate refuses a second Accelerator with another precision in the same process: a notebook
     that trains twice, or an eval comparing precisions, must still work, and bf16 must still learn."""

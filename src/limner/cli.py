@@ -58,6 +58,9 @@ def generate(
     embedding: Annotated[Optional[list[str]], typer.Option("--embedding", help="A Textual Inversion file, FILE or FILE:TOKEN (diffusers, A1111/kohya, SDXL).")] = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow .pt/.bin embeddings (read with weights_only=True).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Apply concepts trained on another base anyway.")] = False,
+    layout_steps: Annotated[Optional[int], typer.Option("--layout-steps", help="The first K denoising steps follow the prompt with each concept's "
+                                                        "token replaced by its class noun (default: the concepts' method's; Textual "
+                                                        "Inversion: a fifth of --steps), 0: off.")] = None,
     base: BaseOpt = None,
     config: ConfigOpt = None,
     device: DeviceOpt = "auto",
@@ -81,6 +84,14 @@ def generate(
             warnings.simplefilter("always")
             generation_kwargs = apply_concepts(b, concept or [], force, split_regions(prompt) if regions else None)
         echo_notes(caught)
+        if not regions:
+            from dataclasses import replace
+
+            from limner.concepts import layout_prompt
+
+            layout, k = layout_prompt(concept or [], prompt, steps, layout_steps)
+            settings = replace(settings, layout_prompt=layout, layout_steps=k)
+            check_settings(b, settings)
         for spec in embedding or []:
             from limner.methods.textual_inversion import load_embedding
 
@@ -368,6 +379,7 @@ def eval_cmd(
     out: Annotated[Path, typer.Option("--out", help="Report folder: results.json, results.md, plots, index.html.")] = Path("eval-report"),
     html_prompts: Annotated[int, typer.Option("--html-prompts", help="Prompts per subject shown in index.html.")] = 8,
     html_images: Annotated[int, typer.Option("--html-images", help="Images per prompt and method shown in index.html.")] = 4,
+    layout_steps: Annotated[Optional[int], typer.Option("--layout-steps", help="A concept's first K denoising steps follow the class prompt (the layout), the rest its own; default: the method's (Textual Inversion: a fifth), 0: off.")] = None,
     base: BaseOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
@@ -395,7 +407,10 @@ def eval_cmd(
 
                 get_method(r.method)  # fails early, naming the available methods
         enc = build_encoders(world, base, clip, dino, face, device)
-        settings = EvalSettings(images_per_prompt=images, seed=seed, steps=steps, guidance=guidance, max_prompts=prompts)
+        if layout_steps is not None and not 0 <= layout_steps < steps:
+            raise LimnerError(f"--layout-steps {layout_steps} must be between 0 and --steps - 1 ({steps - 1})")
+        settings = EvalSettings(images_per_prompt=images, seed=seed, steps=steps, guidance=guidance, max_prompts=prompts,
+                                layout_steps=layout_steps)
         results = run_eval(rows, subs, enc, cache, settings, base=base, device=device)
         written = write_report(results, out, html_prompts, html_images)
         typer.echo(markdown_table(results))

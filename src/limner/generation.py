@@ -43,6 +43,11 @@ class GenerationSettings:
     width: int | None = None
     batch_size: int = 4
     regions: bool = False  # the prompt is several prompts separated by BREAK, each drawn in its own window
+    # The first `layout_steps` denoising steps follow `layout_prompt` (the prompt with the class noun in place of
+    # the concept's token), the rest the prompt: where things go and what surrounds them is settled early, from
+    # words the base knows, and the concept only draws the subject (PhotoMaker's delayed merge, start_merge_step)
+    layout_prompt: str | None = None
+    layout_steps: int = 0
 
 
 @dataclass
@@ -79,6 +84,13 @@ def check_settings(base: Base, s: GenerationSettings) -> tuple[int, int]:
             raise LimnerError(f"{name} must be at least 1, got {v}")
     if s.scheduler not in SCHEDULERS:
         raise LimnerError(f"--scheduler {s.scheduler!r} is unknown; choose one of: {', '.join(SCHEDULERS)}")
+    if s.layout_steps:
+        if not 0 < s.layout_steps < s.steps:
+            raise LimnerError(f"--layout-steps {s.layout_steps} must be between 1 and --steps - 1 ({s.steps - 1})")
+        if not s.layout_prompt:
+            raise LimnerError("--layout-steps needs --layout-prompt: the prompt with the class noun in place of the concept's token")
+        if s.regions:
+            raise LimnerError("--layout-steps does not work with --regions yet; draw without one of them")
     return height, width
 
 
@@ -164,9 +176,11 @@ def generate(base: Base, s: GenerationSettings, out: Path | None = None, region_
         if s.regions:
             images += draw_regions(base, s, prompts, lefts, gens, height, width, **pipe_kwargs)
             continue
-        result = pipe(prompt=[s.prompt] * n, negative_prompt=[s.negative_prompt] * n if s.negative_prompt else None,
+        layout = switch_prompt_after(pipe, s.prompt, n, s.layout_steps, base.family == "sdxl") if s.layout_steps else {}
+        result = pipe(prompt=[s.layout_prompt if s.layout_steps else s.prompt] * n,
+                      negative_prompt=[s.negative_prompt] * n if s.negative_prompt else None,
                       num_inference_steps=s.steps, guidance_scale=s.guidance_scale, height=height, width=width,
-                      generator=gens, **pipe_kwargs)
+                      generator=gens, **pipe_kwargs, **layout)
         images += result.images
     seconds = time.perf_counter() - t0
     # 4. Record
@@ -186,6 +200,23 @@ def generate(base: Base, s: GenerationSettings, out: Path | None = None, region_
     if out is not None:
         write_outputs(result, s, base, out, height, width)
     return result
+
+
+def switch_prompt_after(pipe, prompt: str, n: int, steps: int, sdxl: bool) -> dict:
+    """Pipeline arguments that swap the text conditioning to `prompt` once `steps` denoising steps are done."""
+    if sdxl:  # two encoders' hidden states, and the pooled embedding SDXL also conditions on
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt, device=pipe.device, num_images_per_prompt=n, do_classifier_free_guidance=False)
+        wanted = {"prompt_embeds": embeds, "add_text_embeds": pooled}
+    else:
+        wanted = {"prompt_embeds": pipe.encode_prompt(prompt, pipe.device, n, False)[0]}
+
+    def swap(pipe, i, t, current):
+        if i != steps - 1:
+            return {}
+        # under classifier-free guidance each tensor is [negative; positive]: keep the negative half
+        return {k: torch.cat([current[k][:n], v]) if len(current[k]) == 2 * n else v for k, v in wanted.items()}
+
+    return {"callback_on_step_end": swap, "callback_on_step_end_tensor_inputs": list(wanted)}
 
 
 def draw_regions(base: Base, s: GenerationSettings, prompts: list[str], lefts: list[int], gens: list[torch.Generator],

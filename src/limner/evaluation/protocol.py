@@ -38,6 +38,7 @@ class EvalSettings:
     guidance: float = 5.0
     scheduler: str = "dpm++"
     max_prompts: int | None = None  # fewer prompts per subject, for quick runs
+    layout_steps: int | None = None  # a concept's first steps follow the class prompt; None: each method's default
 
 
 @dataclass
@@ -181,12 +182,15 @@ class BaseHandle:
 
 
 def generate_cached(handle: BaseHandle, cache: ImageCache, prompt: str, settings: EvalSettings, key_parts: dict,
-                    prepare=None) -> list[Path]:
-    """N images of one prompt, from the cache where possible; `prepare(base)` installs a concept."""
+                    prepare=None, layout_prompt: str | None = None, layout_steps: int = 0) -> list[Path]:
+    """N images of one prompt, from the cache where possible; `prepare(base)` installs a concept. With
+    `layout_steps`, the first steps follow `layout_prompt`."""
     from limner.generation import GenerationSettings, generate
 
-    keys = [digest(key_parts | {"prompt": prompt, "seed": settings.seed + i, "steps": settings.steps, "guidance": settings.guidance,
-                                "scheduler": settings.scheduler}) for i in range(settings.images_per_prompt)]
+    layout = {"layout_prompt": layout_prompt, "layout_steps": layout_steps} if layout_steps else {}  # keys without it are unchanged
+    keys = [digest(key_parts | layout | {"prompt": prompt, "seed": settings.seed + i, "steps": settings.steps,
+                                         "guidance": settings.guidance, "scheduler": settings.scheduler})
+            for i in range(settings.images_per_prompt)]
     missing = [i for i, k in enumerate(keys) if not cache.path(k).exists()]
     cache.hits += len(keys) - len(missing)
     cache.misses += len(missing)
@@ -198,7 +202,8 @@ def generate_cached(handle: BaseHandle, cache: ImageCache, prompt: str, settings
         runs = [missing] if missing == list(range(missing[0], missing[-1] + 1)) else [[i] for i in missing]
         for run in runs:
             s = GenerationSettings(prompt=prompt, num_images=len(run), seed=settings.seed + run[0], steps=settings.steps,
-                                   guidance_scale=settings.guidance, scheduler=settings.scheduler, batch_size=len(run))
+                                   guidance_scale=settings.guidance, scheduler=settings.scheduler, batch_size=len(run),
+                                   layout_prompt=layout_prompt if layout_steps else None, layout_steps=layout_steps)
             for i, image in zip(run, generate(base, s).images):
                 cache.put(keys[i], image)
     return [cache.path(k) for k in keys]
@@ -220,11 +225,12 @@ def row_images(row: Row, subject: EvalSubject, handle: BaseHandle, cache: ImageC
                 for i, k in enumerate(keys)]
         return out
     key = {"base": handle.fingerprint, "precision": handle.precision, "row": row.method or row.name}
-    method, prepare = None, None
+    method, prepare, layout_steps = None, None, 0
     if row.method is not None:
         from limner.methods import get_method
 
         method = get_method(row.method)
+        layout_steps = method.layout_steps(settings.steps) if settings.layout_steps is None else settings.layout_steps
         key["concept"] = concept_fingerprint(concept)
         installed: list = []
 
@@ -235,7 +241,8 @@ def row_images(row: Row, subject: EvalSubject, handle: BaseHandle, cache: ImageC
 
     for p in prompts:
         text = class_prompt(p.template, subject) if method is None else method.prompt(p.template, concept)
-        out[class_prompt(p.template, subject)] = generate_cached(handle, cache, text, settings, key, prepare)
+        out[class_prompt(p.template, subject)] = generate_cached(handle, cache, text, settings, key, prepare,
+                                                                class_prompt(p.template, subject), layout_steps)
     # language drift: the class prompt alone, with the concept installed
     out["__drift__"] = generate_cached(handle, cache, f"a {subject.class_noun}", settings, key, prepare)
     if method is not None:

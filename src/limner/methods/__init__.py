@@ -54,6 +54,9 @@ class Method(ABC):
     name: ClassVar[str]
     family: ClassVar[str]  # one of FAMILIES
     token_setting: ClassVar[str | None] = None  # the setting `limner train --token` sets, if any
+    # share of the denoising steps drawn, by default, from the prompt with the class noun in place of the
+    # concept's token before the concept's own prompt takes over (GenerationSettings.layout_steps)
+    layout_fraction: ClassVar[float] = 0.0
 
     @abstractmethod
     def personalize(self, base, subject: Subject, out: Path, **config) -> Path: ...
@@ -63,6 +66,10 @@ class Method(ABC):
 
     @abstractmethod
     def prompt(self, template: str, concept: Path) -> str: ...
+
+    def layout_steps(self, steps: int) -> int:
+        """How many of `steps` denoising steps follow the class prompt by default."""
+        return round(self.layout_fraction * steps)
 
     def default_train_config(self):
         """The method's default limner.training.TrainConfig; None for methods that do not train."""

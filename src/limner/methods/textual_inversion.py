@@ -242,6 +242,11 @@ class TextualInversion(Method):
     name = "textual_inversion"
     token_setting = "token"
     family = "tuning"
+    # S*'s vectors, several times a word's norm, outweigh the prompt's other words: asked for "a S* with a hat
+    # in the city" TI drew the subject, seldom the city and never the hat. Drawing the first fifth of the steps
+    # from "a kite with a hat in the city" (PhotoMaker merges its identity after 10 of 50 steps) settles the
+    # place first: on tri_kite, sun_ball and sea_cup prompt fidelity 0.690 -> 0.794, subject fidelity 0.499 -> 0.401
+    layout_fraction = 0.2
 
     def reads_masks(self, overrides: dict) -> bool:
         return self.settings_with(overrides).get("background_weight") is not None  # the masked loss
