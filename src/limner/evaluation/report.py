@@ -50,7 +50,7 @@ def markdown_table(results: dict) -> str:
         "",
         f"{len(results['subjects'])} subjects, {results['settings']['images_per_prompt']} images per prompt, seeds from "
         f"{results['settings']['seed']}, {results['settings']['steps']} {results['settings']['scheduler']} steps, "
-        f"guidance {results['settings']['guidance']}. Encoders: "
+        f"guidance {results['settings']['guidance']}, {layout_note(results)}. Encoders: "
         + ", ".join(f"{k} = {v}" for k, v in results["encoders"].items() if v) + "."
         + ("" if not results.get("probes") else " Probes: " + ", ".join(f"{k} {v}" for k, v in results["probes"].items()) + "."),
     ]
@@ -195,3 +195,18 @@ def write_report(results: dict, out: Path, html_prompts: int = 8, html_images: i
             written[name] = p
     written["html"] = write_html(results, out, html_prompts, html_images)
     return written
+
+
+def layout_note(results: dict) -> str:
+    """How many of a concept's first steps followed the class prompt (GenerationSettings.layout_steps)."""
+    from limner.methods import REGISTRY, get_method, load_builtin_methods
+
+    load_builtin_methods()
+    settings = results["settings"]
+    if "layout_steps" not in settings:  # results from before layout steps existed
+        return "no layout steps"
+    if settings["layout_steps"] is not None:
+        return f"layout steps: {settings['layout_steps']} for every concept"
+    methods = {name.split(":")[0] for name in results["rows"]}
+    steps = {m: get_method(m).layout_steps(settings["steps"]) for m in sorted(methods) if m in REGISTRY}
+    return "layout steps: " + (", ".join(f"{m} {k}" for m, k in steps.items() if k) or "none")
