@@ -72,7 +72,7 @@ def test_layout_steps_follow_the_layout_prompt_then_the_prompt(request, folder, 
 def test_layout_steps_are_checked(base):
     with pytest.raises(LimnerError, match="--layout-steps 4 must be between 1 and"):
         generate(base, GenerationSettings("a dog", steps=4, layout_prompt="a dog", layout_steps=4))
-    with pytest.raises(LimnerError, match="needs --layout-prompt"):
+    with pytest.raises(LimnerError, match="needs a layout_prompt"):
         generate(base, GenerationSettings("a dog", steps=4, layout_steps=2))
 
 

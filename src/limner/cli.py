@@ -84,6 +84,8 @@ def generate(
             warnings.simplefilter("always")
             generation_kwargs = apply_concepts(b, concept or [], force, split_regions(prompt) if regions else None)
         echo_notes(caught)
+        if regions and layout_steps:
+            raise LimnerError("--layout-steps does not work with --regions yet; draw without one of them")
         if not regions:
             from dataclasses import replace
 

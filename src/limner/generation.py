@@ -88,7 +88,7 @@ def check_settings(base: Base, s: GenerationSettings) -> tuple[int, int]:
         if not 0 < s.layout_steps < s.steps:
             raise LimnerError(f"--layout-steps {s.layout_steps} must be between 1 and --steps - 1 ({s.steps - 1})")
         if not s.layout_prompt:
-            raise LimnerError("--layout-steps needs --layout-prompt: the prompt with the class noun in place of the concept's token")
+            raise LimnerError("layout_steps needs a layout_prompt: the prompt with the class noun in place of the concept's token")
         if s.regions:
             raise LimnerError("--layout-steps does not work with --regions yet; draw without one of them")
     return height, width
