@@ -2,7 +2,8 @@
 
 Prompts come from the (class, colour, context) triples held out of base training (scenes.py); the
 world's probes read the generated images; the report is per-attribute accuracy. The same triples
-wearing a hat or a bow say whether the base draws accessories, which the world bench asks for.
+wearing a hat or a bow say whether the base draws accessories (read by the accessory probe), which the
+world bench asks for.
 
 It also checks the subject probe, the instrument of the world bench, on pictures in the base model's own
 style whose subject is known exactly: renders of the 12 held-out subjects noised part of the way and
@@ -28,8 +29,7 @@ from limner.world.scenes import heldout_combos, with_article
 
 FLOORS = {"context": 0.85, "class": 0.75, "colour": 0.6}
 # "a red cup with a hat in the snow", which the world bench asks for in 4 of its 16 prompts. No floor: the base
-# draws a hat as a blurred cone that the shipped attribute probe, trained on crisp renders, does not see
-# (benchmarks/attribute_probe.py)
+# draws a hat as a blurred cone, which the accessory probe reads, and no bow it can see (benchmarks/attribute_probe.py)
 ACCESSORY_CASES = 16
 REDRAW_STRENGTHS = (0.4, 0.6)  # of noise; at 0.4 a person still sees every subject, at 0.6 most
 SUBJECT_PROBE_FLOOR = 0.85  # accuracy on subjects redrawn from 0.4 (the probe trained on crisp renders alone: 0.64)
