@@ -166,7 +166,7 @@ def test_world_bench_bounds_cache_and_report(tmp_path):
     for key in ("clip_i", "clip_t", "diversity", "face_sim", "language_drift"):
         assert key in lower
     assert results["cache"]["misses"] > 0
-    assert set(results["probes"]) == {"attributes", "subject", "identity"}, "a result says which probes read it"
+    assert set(results["probes"]) == {"attributes", "accessory", "subject", "identity"}, "a result says which probes read it"
     # a rerun does no work twice, and drops the images of an earlier page it no longer shows
     images = tmp_path / "report" / "images"
     (images / "0123456789abcdef.png").write_bytes(b"an image of an earlier report")
