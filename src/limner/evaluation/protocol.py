@@ -100,6 +100,18 @@ class RowResult:
     images: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # subject -> prompt -> image paths
     concepts: dict[str, dict] = field(default_factory=dict)  # subject -> concept manifest (methods only)
     seconds: dict[str, float] = field(default_factory=dict)
+    layout_steps: int = 0  # of each concept's first denoising steps, drawn from the class prompt
+
+
+def layout_steps_of(row: Row, settings: EvalSettings) -> int:
+    """How many of a row's first denoising steps follow the class prompt: the setting, or the method's default."""
+    if row.method is None:
+        return 0
+    if settings.layout_steps is not None:
+        return settings.layout_steps
+    from limner.methods import get_method
+
+    return get_method(row.method).layout_steps(settings.steps)
 
 
 def digest(obj) -> str:
@@ -225,12 +237,11 @@ def row_images(row: Row, subject: EvalSubject, handle: BaseHandle, cache: ImageC
                 for i, k in enumerate(keys)]
         return out
     key = {"base": handle.fingerprint, "precision": handle.precision, "row": row.method or row.name}
-    method, prepare, layout_steps = None, None, 0
+    method, prepare, layout_steps = None, None, layout_steps_of(row, settings)
     if row.method is not None:
         from limner.methods import get_method
 
         method = get_method(row.method)
-        layout_steps = method.layout_steps(settings.steps) if settings.layout_steps is None else settings.layout_steps
         key["concept"] = concept_fingerprint(concept)
         installed: list = []
 
@@ -240,9 +251,9 @@ def row_images(row: Row, subject: EvalSubject, handle: BaseHandle, cache: ImageC
                 installed.append(True)
 
     for p in prompts:
-        text = class_prompt(p.template, subject) if method is None else method.prompt(p.template, concept)
-        out[class_prompt(p.template, subject)] = generate_cached(handle, cache, text, settings, key, prepare,
-                                                                class_prompt(p.template, subject), layout_steps)
+        class_text = class_prompt(p.template, subject)
+        text = class_text if method is None else method.prompt(p.template, concept)
+        out[class_text] = generate_cached(handle, cache, text, settings, key, prepare, class_text, layout_steps)
     # language drift: the class prompt alone, with the concept installed
     out["__drift__"] = generate_cached(handle, cache, f"a {subject.class_noun}", settings, key, prepare)
     if method is not None:
@@ -455,7 +466,7 @@ def run_eval(rows: list[Row], subjects: list[EvalSubject], enc: Encoders, cache_
     results: dict[str, RowResult] = {}
     t_start = time.perf_counter()
     for row in rows:
-        res = results[row.name] = RowResult(row.name)
+        res = results[row.name] = RowResult(row.name, layout_steps=layout_steps_of(row, settings))
         for subject in row.subjects(subjects):
             t0 = time.perf_counter()
             concept = row.concept
@@ -473,7 +484,7 @@ def run_eval(rows: list[Row], subjects: list[EvalSubject], enc: Encoders, cache_
         "encoders": {k: getattr(getattr(enc, k), "name", None) for k in ("clip", "dino", "face")},
         "probes": probe_digests(enc.probes.folder) if enc.probes is not None else None,
         "rows": {r: {"mean": aggregate(v.per_subject), "per_subject": v.per_subject, "images": v.images,
-                     "concepts": v.concepts, "seconds": v.seconds,
+                     "concepts": v.concepts, "seconds": v.seconds, "layout_steps": v.layout_steps,
                      "time_to_fidelity": time_to_fidelity(v.concepts, FIDELITY_THRESHOLD) if v.concepts else None}
                  for r, v in results.items()},
         "references": references,

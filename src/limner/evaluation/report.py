@@ -198,15 +198,8 @@ def write_report(results: dict, out: Path, html_prompts: int = 8, html_images: i
 
 
 def layout_note(results: dict) -> str:
-    """How many of a concept's first steps followed the class prompt (GenerationSettings.layout_steps)."""
-    from limner.methods import REGISTRY, get_method, load_builtin_methods
-
-    load_builtin_methods()
-    settings = results["settings"]
-    if "layout_steps" not in settings:  # results from before layout steps existed
+    """How many of each row's first denoising steps followed the class prompt (GenerationSettings.layout_steps)."""
+    if "layout_steps" not in results["settings"]:  # results from before layout steps existed
         return "no layout steps"
-    if settings["layout_steps"] is not None:
-        return f"layout steps: {settings['layout_steps']} for every concept"
-    methods = {name.split(":")[0] for name in results["rows"]}
-    steps = {m: get_method(m).layout_steps(settings["steps"]) for m in sorted(methods) if m in REGISTRY}
-    return "layout steps: " + (", ".join(f"{m} {k}" for m, k in steps.items() if k) or "none")
+    laid_out = [f"{name} {row['layout_steps']}" for name, row in results["rows"].items() if row.get("layout_steps")]
+    return "layout steps: " + (", ".join(laid_out) or "none")
