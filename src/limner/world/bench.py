@@ -1,4 +1,5 @@
-"""The world bench: held-out subjects and identities, their reference images and prompt lists.
+"""The world bench: held-out subjects and identities (defined in heldout.py), their reference images
+and prompt lists.
 
 None of these appear in the base models' training data: object subjects are two-tone bodies with an
 emblem, combinations of colours and emblem that no training instance comes close to (the base sees
@@ -10,54 +11,18 @@ of a subject are the same on every machine.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 
 from limner.world import vocab
-from limner.world.render import CharacterSpec, Identity, ObjectSpec, Render, Scene, Subject, render
+from limner.world.heldout import IDENTITIES, SUBJECTS, BenchIdentity, heldout_identity_keys
+from limner.world.render import CharacterSpec, ObjectSpec, Render, Scene, Subject, render
+from limner.world.scenes import random_character
 
-SUBJECTS: tuple[Subject, ...] = (
-    Subject("duo_ball", "ball", "red", "white", "horizontal", "heart", "blue"),
-    Subject("ring_box", "box", "blue", "yellow", "vertical", "ring", "red"),
-    Subject("cross_cup", "cup", "green", "white", "horizontal", "cross", "red"),
-    Subject("moon_vase", "vase", "purple", "orange", "horizontal", "crescent", "yellow"),
-    Subject("tri_kite", "kite", "yellow", "black", "vertical", "triangle", "white"),
-    Subject("gem_star", "star", "pink", "blue", "vertical", "diamond", "white"),
-    Subject("heart_teddy", "teddy", "brown", "pink", "horizontal", "heart", "red"),
-    Subject("spot_dog", "dog", "white", "black", "vertical", "ring", "orange"),
-    Subject("sun_ball", "ball", "yellow", "green", "vertical", "cross", "purple"),
-    Subject("gift_box", "box", "red", "green", "horizontal", "diamond", "yellow"),
-    Subject("sea_cup", "cup", "blue", "orange", "vertical", "triangle", "white"),
-    Subject("night_dog", "dog", "grey", "brown", "horizontal", "heart", "yellow"),
-)
-
-# (name, class, identity factors in vocab.IDENTITY_FACTORS order)
-_IDENTITIES: tuple[tuple[str, str, tuple[int, ...]], ...] = (
-    ("ada", "woman", (1, 0, 1, 3, 1, 0, 0, 1, 1)),
-    ("ben", "man", (0, 3, 3, 0, 0, 2, 2, 2, 0)),
-    ("cleo", "girl", (0, 1, 2, 2, 2, 1, 0, 0, 3)),
-    ("dev", "boy", (2, 4, 0, 5, 3, 0, 1, 1, 2)),
-    ("eve", "woman", (2, 2, 1, 4, 1, 2, 1, 2, 2)),
-    ("finn", "man", (1, 1, 4, 1, 2, 1, 2, 0, 1)),
-    ("gus", "boy", (0, 0, 3, 2, 1, 2, 0, 2, 3)),
-    ("hana", "girl", (1, 3, 1, 0, 3, 0, 1, 0, 0)),
-)
-
-
-@dataclass(frozen=True)
-class BenchIdentity:
-    name: str
-    cls: str
-    identity: Identity
-
-
-IDENTITIES: tuple[BenchIdentity, ...] = tuple(BenchIdentity(n, c, Identity(*f)) for n, c, f in _IDENTITIES)
-
-
-@lru_cache(maxsize=1)
-def heldout_identity_keys() -> frozenset[str]:
-    return frozenset(b.identity.key() for b in IDENTITIES)
+# the held-out data live in heldout.py (scenes.py needs them too); importable from here as before
+__all__ = ["IDENTITIES", "REFERENCE_COUNT", "SUBJECTS", "BenchIdentity", "BenchPrompt", "heldout_identity_keys", "identity_by_name",
+           "identity_character", "identity_prompts", "identity_references", "object_prompts", "subject_by_name", "subject_object",
+           "subject_references"]
 
 
 def subject_by_name(name: str) -> Subject:
@@ -87,8 +52,6 @@ def subject_object(subject: Subject, rng: np.random.Generator, x: float = 0.5, s
 
 
 def identity_character(b: BenchIdentity, rng: np.random.Generator, framing: str = "portrait") -> CharacterSpec:
-    from limner.world.scenes import random_character
-
     return random_character(rng, 0.5, framing, set(), identity=b.identity, cls=b.cls)
 
 

@@ -2,7 +2,7 @@
 
 Two things are kept out of that distribution on purpose, so that personalization and composition can
 be measured honestly:
-- the held-out subjects and identities of the world bench (see bench.py) never appear, nor does any
+- the held-out subjects and identities of the world bench (see heldout.py) never appear, nor does any
   two-tone instance close to a subject (`near_heldout_subject`);
 - one in eight (class, colour, context) triples never appears in a single-object caption, so that
   `limner world check` can test combinations the base model has never seen.
@@ -15,6 +15,7 @@ import hashlib
 import numpy as np
 
 from limner.world import vocab
+from limner.world.heldout import SUBJECTS, heldout_identity_keys
 from limner.world.render import SPLITS, CharacterSpec, Entity, Identity, ObjectSpec, Render, Scene, Subject, render
 
 
@@ -105,8 +106,6 @@ def caption_for(scene: Scene, rng: np.random.Generator, full: bool = False) -> s
 def near_heldout_subject(instance: Subject) -> bool:
     """True for an instance too close to a held-out subject of its class for the base to see: three of
     its four looks (the two body colours, in either order, the emblem, the emblem's colour) agree."""
-    from limner.world.bench import SUBJECTS
-
     for s in SUBJECTS:
         if s.cls == instance.cls:
             shared = len({s.colour_a, s.colour_b} & {instance.colour_a, instance.colour_b})
@@ -162,8 +161,6 @@ def random_scene(rng: np.random.Generator, exclude_identities: set[str] | None =
                  avoid_heldout_combos: bool = True, instance_rate: float = 0.0) -> Scene:
     """One scene of the base-model training distribution (held-out subjects never appear). A single
     object is a two-tone instance with an emblem at `instance_rate`."""
-    from limner.world.bench import heldout_identity_keys
-
     exclude = heldout_identity_keys() if exclude_identities is None else exclude_identities
     context = str(rng.choice(list(vocab.CONTEXTS)))
     kind = rng.choice(["object", "two_objects", "character", "object_character", "two_characters"],
