@@ -14,8 +14,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from limner.cli import app
+from limner.encoders import CLIPEncoder, DINOEncoder
 from limner.errors import LimnerError
-from limner.evaluation.encoders import CLIPEncoder, DINOEncoder
 from limner.evaluation.metrics import diversity, mean_similarity_to_references, text_alignment
 from limner.evaluation.subjects import dreambench_prompts, load_subjects
 

@@ -1,4 +1,5 @@
-"""Writing files so that an interruption never leaves a half-written one: temporary name, then rename."""
+"""Files: writing them so that an interruption never leaves a half-written one (temporary name, then
+rename), where limner caches what it can recompute, and which files are images."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
+
+# the files limner reads as images in a folder (references, masks, retrieval pools)
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
 def cache_dir(kind: str) -> Path:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from limner.errors import LimnerError
+from limner.images import to_unit_range
 
 
 def fit_square(image: np.ndarray, resolution: int) -> np.ndarray:
@@ -59,11 +60,6 @@ def with_caption(prompt: str, caption: str) -> str:
     return f"{prompt} {caption}".strip() if caption else prompt
 
 
-def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
-    """uint8 [H, W, 3] list -> float [B, 3, H, W] in [-1, 1]."""
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-
-
 @dataclass
 class LatentCache:
     """Posterior mean and std of each training image (and of its mirror image when flipping is on):
@@ -91,7 +87,7 @@ def encode_images(vae, images: list[np.ndarray], resolution: int, flip: bool = F
     means, stds = [], []
     device, dtype = vae.device, vae.dtype
     for i in range(0, len(rows), batch):
-        d = vae.encode(to_tensor(rows[i:i + batch]).to(device, dtype)).latent_dist
+        d = vae.encode(to_unit_range(np.stack(rows[i:i + batch])).to(device, dtype)).latent_dist
         means.append(d.mean.float().cpu())
         stds.append(d.std.float().cpu())
     scaling = float(vae.config.scaling_factor)

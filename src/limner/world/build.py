@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from limner.errors import LimnerError
+from limner.images import to_unit_range
 from limner.io import write_json_atomic, write_text_atomic, written_atomically
 from limner.models.saving import save_pipeline
 from limner.training import min_snr_weights
@@ -102,11 +103,6 @@ def cosine_lr(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
         return (step + 1) / warmup
     t = (step - warmup) / max(1, total - warmup)
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
-
-
-def images_to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 [B, H, W, 3] -> float [B, 3, H, W] in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 class Stage:
@@ -195,7 +191,7 @@ def stage_clip(cfg: BuildConfig, work: Path, images, captions, tokenizer, device
         for group in opt.param_groups:
             group["lr"] = cfg.clip_lr * cosine_lr(step, cfg.clip_steps, min(100, cfg.clip_steps // 10 + 1))
         idx = torch.randint(len(captions), (cfg.clip_batch,), generator=g)
-        pix = images_to_tensor(images[idx.numpy()]).to(device)
+        pix = to_unit_range(images[idx.numpy()]).to(device)
         ids = ids_all[idx].to(device)
         with autocast(device):
             txt = text_projection(text_encoder(ids).pooler_output)
@@ -228,7 +224,7 @@ def stage_vae(cfg: BuildConfig, work: Path, images, device):
         for group in opt.param_groups:
             group["lr"] = cfg.vae_lr * cosine_lr(step, cfg.vae_steps, min(100, cfg.vae_steps // 10 + 1))
         idx = torch.randint(len(images), (cfg.vae_batch,), generator=g)
-        x = images_to_tensor(images[idx.numpy()]).to(device)
+        x = to_unit_range(images[idx.numpy()]).to(device)
         with autocast(device):
             posterior = vae.encode(x).latent_dist
             recon = vae.decode(posterior.sample(generator=g)).sample
@@ -249,7 +245,7 @@ def encode_latents(vae, images, device, batch: int = 256) -> tuple[torch.Tensor,
     means, stds = [], []
     for i in tqdm(range(0, len(images), batch), desc="latents", mininterval=2):
         with autocast(device):
-            d = vae.encode(images_to_tensor(np.asarray(images[i:i + batch])).to(device)).latent_dist
+            d = vae.encode(to_unit_range(np.asarray(images[i:i + batch])).to(device)).latent_dist
         means.append(d.mean.float().cpu().half())
         stds.append(d.std.float().cpu().half())
     return torch.cat(means), torch.cat(stds)

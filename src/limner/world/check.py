@@ -20,6 +20,7 @@ import torch
 
 from limner.errors import LimnerError
 from limner.generation import GenerationSettings, generate, make_grid, prepare_output
+from limner.images import at_64px
 from limner.models.loading import WORLD_PROBES, Base
 from limner.world import vocab
 from limner.world.bench import SUBJECTS, subject_object
@@ -111,8 +112,8 @@ def subject_probe_check(base: Base, probes: Probes, per_subject: int = 8) -> dic
 
 def draw(base: Base, prompts: list[str], seed: int = 0, steps: int = 25, guidance: float = 5.0, scheduler: str = "dpm++") -> list[np.ndarray]:
     """One 64 px picture per prompt, the i-th from seed + i."""
-    return [np.asarray(generate(base, GenerationSettings(prompt=prompt, num_images=1, seed=seed + i, steps=steps, guidance_scale=guidance,
-                                                         scheduler=scheduler, batch_size=1)).images[0].convert("RGB").resize((64, 64)))
+    return [at_64px(generate(base, GenerationSettings(prompt=prompt, num_images=1, seed=seed + i, steps=steps, guidance_scale=guidance,
+                                                      scheduler=scheduler, batch_size=1)).images)[0]
             for i, prompt in enumerate(prompts)]
 
 

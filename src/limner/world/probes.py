@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from limner.images import to_unit_range
 from limner.io import write_json_atomic, written_atomically
 from limner.world import vocab
 from limner.world.bench import IDENTITIES, SUBJECTS, heldout_identity_keys, identity_character, subject_object
@@ -89,7 +90,7 @@ ATTRIBUTE_READERS = {"class": "attributes", "colour": "attributes", "context": "
 def to_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 [B, 64, 64, 3] (or a float tensor already in [-1, 1], [B, 3, 64, 64]) -> probe input."""
     if isinstance(images, np.ndarray):
-        images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+        images = to_unit_range(images)
     if images.shape[-1] != 64:
         images = F.interpolate(images, size=(64, 64), mode="bilinear", antialias=True, align_corners=False)
     return images
