@@ -145,8 +145,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "merge")
     ap.add_argument("--work", type=Path, default=Path("/tmp/limner-merge"))
     args = ap.parse_args()
-    from limner.cli import apply_concepts
-    from limner.evaluation.protocol import digest
+    from limner.conditioning import apply_concepts
+    from limner.evaluation.cache_keys import default_settings, digest
     from limner.evaluation.subjects import world_subjects
     from limner.methods import get_method
     from limner.methods.custom_diffusion import merge
@@ -164,7 +164,7 @@ def main() -> None:
     def trained(folder: Path, label: str, method, settings: dict, personalize) -> Path:
         """The concept in `folder`, trained by personalize(folder) unless a previous run left it with
         the same base, method defaults and settings (a key file beside its manifest says which)."""
-        key = digest({"base": fingerprint, "defaults": method.default_settings(), "settings": settings})
+        key = digest({"base": fingerprint, "defaults": default_settings(method), "settings": settings})
         key_file = folder / "bench-key"
         if not ((folder / "limner.json").exists() and key_file.exists() and key_file.read_text() == key):
             shutil.rmtree(folder, ignore_errors=True)
@@ -190,7 +190,7 @@ def main() -> None:
                            args.work / f"merged-default-{a.name}+{b.name}")
     # one work folder serves every pair
     joint = trained(args.work / f"joint-{a.name}+{b.name}", "joint training", cd, {"mode": MODE, "joint": [a.name, b.name]},
-                    lambda f: cd.personalize_jointly(load_base(None, dtype="fp32"), [a, b], f, mode=MODE))
+                    lambda f: cd.personalize(load_base(None, dtype="fp32"), [a, b], f, mode=MODE))
 
     def prompts(left_phrase: str, right_phrase: str, regions: bool) -> list[str]:
         if regions:
@@ -220,7 +220,7 @@ def main() -> None:
     for name, (folders, left, right) in variants.items():
         base = load_base(None)  # one base per variant, drawn in both layouts and with the class prompts
         for folder in folders:
-            cd.apply(base, folder)
+            cd.install(base, [folder])
         for regions, rows_of_layout in ((False, grids), (True, regional)):
             rows_of_layout[f"{name}, {layouts[regions]}"] = draw(base, prompts(left, right, regions), regions)
         drift[name] = language_drift(base, a, b, probes)
@@ -233,8 +233,8 @@ def main() -> None:
                              ("separate DreamBooth LoRA concepts, each in its window", loras, "lora")):
         base = load_base(None)
         region_prompts = prompts(*phrases[kind], True)
-        hooks = apply_concepts(base, [pair["left"], pair["right"]], region_prompts=split_regions(region_prompts[0]))
-        regional[f"{name}, {layouts[True]}"] = draw(base, region_prompts, True, **hooks)
+        applied = apply_concepts(base, [pair["left"], pair["right"]], split_regions(region_prompts[0]))
+        regional[f"{name}, {layouts[True]}"] = draw(base, region_prompts, True, conditioning=applied.condition(region_prompts[0], 25))
     grids |= regional
     rows = {}
     for name, (_, pairs, per_image) in grids.items():

@@ -168,7 +168,7 @@ def recipe_args(method: str, class_dir: Path) -> list[str]:
 def prepare(work: Path, refs: Path) -> None:
     """References, Custom Diffusion's retrieved regularisation set (which also builds the world pool's
     CLIP index in limner's cache, untimed), the base's path and fingerprint."""
-    from limner.evaluation.protocol import digest
+    from limner.evaluation.cache_keys import default_settings, digest
     from limner.methods import get_method
     from limner.methods.custom_diffusion import CustomDiffusionConfig, regularization_set
     from limner.models.loading import WORLD_BASE, fingerprint, load_base
@@ -176,7 +176,7 @@ def prepare(work: Path, refs: Path) -> None:
     write_references(refs)
     pairs = regularization_set(load_base(None), CLASS_NOUN, CustomDiffusionConfig(num_reg_images=200))
     write_real_prior(work / "custom_diffusion" / "class-images", pairs)
-    defaults = {m: digest(get_method(m).default_settings()) for m in METHODS}
+    defaults = {m: digest(default_settings(get_method(m))) for m in METHODS}
     (work / "prepared.json").write_text(json.dumps({"base": str(WORLD_BASE), "fingerprint": fingerprint(WORLD_BASE), "defaults": defaults}))
 
 

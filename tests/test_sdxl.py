@@ -33,7 +33,7 @@ def test_textual_inversion_on_sdxl_writes_clip_l_and_clip_g(tiny_sdxl, tmp_path)
     assert a1111["clip_l"].shape == (4, 32) and a1111["clip_g"].shape == (4, 32)
     assert load_file(str(out / "learned_embeds_2.safetensors"))["<s*>"].shape == (4, 32)
     base = load_base(str(tiny_sdxl), device="cpu")
-    get_method("textual_inversion").apply(base, out)
+    get_method("textual_inversion").install(base, [out])
     for tok, te in ((base.pipe.tokenizer, base.pipe.text_encoder), (base.pipe.tokenizer_2, base.pipe.text_encoder_2)):
         row = te.get_input_embeddings().weight[tok.convert_tokens_to_ids("<s*>")]
         assert torch.allclose(row, a1111["clip_l" if te is base.pipe.text_encoder else "clip_g"][0].float(), atol=1e-3)
@@ -45,12 +45,12 @@ def test_dreambooth_lora_with_prior_and_custom_diffusion_on_sdxl(tiny_sdxl, tmp_
     out = get_method("dreambooth_lora").personalize(base, subject(), tmp_path / "db", train=train_cfg(), num_class_images=2,
                                                    class_image_steps=2, class_image_cache=str(tmp_path / "cls"))
     fresh = load_base(str(tiny_sdxl), device="cpu")
-    get_method("dreambooth_lora").apply(fresh, out)
+    get_method("dreambooth_lora").install(fresh, [out])
     assert generate(fresh, GenerationSettings("a sks ball", num_images=1, steps=2)).images
     cd = get_method("custom_diffusion").personalize(load_base(str(tiny_sdxl), device="cpu"), subject(), tmp_path / "cd",
                                                   prior_preservation=False, augment_variants=2, train=train_cfg())
     state = load_file(str(cd / "<new1>.safetensors"))
     assert set(state) == {"clip_l", "clip_g"}
     fresh = load_base(str(tiny_sdxl), device="cpu")
-    get_method("custom_diffusion").apply(fresh, cd)
+    get_method("custom_diffusion").install(fresh, [cd])
     assert generate(fresh, GenerationSettings("a <new1> ball", num_images=1, steps=2)).images

@@ -298,7 +298,7 @@ def test_dreambooth_full_saves_a_pipeline_that_plain_diffusers_loads(tiny_base, 
     assert pipe("a sks ball", num_inference_steps=1, output_type="np").images.shape == (1, 16, 16, 3)
     fresh = load_base(str(tiny_base), device="cpu")
     before = next(fresh.pipe.unet.parameters()).detach().clone()
-    get_method("dreambooth").apply(fresh, out)
+    get_method("dreambooth").install(fresh, [out])
     assert not torch.equal(before, next(fresh.pipe.unet.parameters()).detach().float())
 
 
@@ -353,7 +353,7 @@ def test_custom_diffusion_trains_kv_and_token_and_round_trips(tiny_base, tmp_pat
     assert load_file(str(out / "<new1>.safetensors"))["<new1>"].shape == (1, 32)
     # the loader applies it to a fresh base, and reads the same weights from diffusers' .bin layout (opt-in)
     fresh = load_base(str(tiny_base), device="cpu")
-    get_method("custom_diffusion").apply(fresh, out)
+    get_method("custom_diffusion").install(fresh, [out])
     for n, m in fresh.pipe.unet.named_modules():
         if n.endswith("attn2"):
             assert torch.allclose(m.to_k.weight, state[f"{n}.processor.to_k_custom_diffusion.weight"].float())
@@ -374,7 +374,7 @@ def test_custom_diffusion_default_trains_all_of_attn2_in_diffusers_layout(tiny_b
                     "to_out_custom_diffusion.0.weight", "to_out_custom_diffusion.0.bias"):
             assert f"{name}.processor.{key}" in state
     fresh = load_base(str(tiny_base), device="cpu")
-    get_method("custom_diffusion").apply(fresh, out)
+    get_method("custom_diffusion").install(fresh, [out])
     for name in layers:
         attn = fresh.pipe.unet.get_submodule(name)
         assert torch.allclose(attn.to_q.weight, state[f"{name}.processor.to_q_custom_diffusion.weight"].float())
@@ -411,7 +411,7 @@ def test_custom_diffusion_merge_of_two_concepts(tiny_base, tmp_path):
     a, b = two_custom_diffusion_concepts(tiny_base, tmp_path)
     merged = merge(load_base(str(tiny_base), device="cpu"), [a, b], tmp_path / "m")
     fresh = load_base(str(tiny_base), device="cpu")
-    get_method("custom_diffusion").apply(fresh, merged)
+    get_method("custom_diffusion").install(fresh, [merged])
     assert {"<new1>", "<new2>"} <= set(fresh.pipe.tokenizer.get_vocab())
     with pytest.raises(LimnerError, match="share a modifier token"):
         merge(load_base(str(tiny_base), device="cpu"), [a, a], tmp_path / "m2")
@@ -468,7 +468,7 @@ def test_merge_keeps_the_meaning_of_the_captions_it_is_given(tiny_base, tmp_path
 
 
 def test_several_custom_diffusion_concepts_compose_instead_of_overwriting(tiny_base, tmp_path):
-    from limner.cli import apply_concepts
+    from limner.conditioning import apply_concepts
     from limner.generation import GenerationSettings, generate
     from limner.methods.custom_diffusion import WEIGHTS_FILE, layer_weights, merge, read_weights
 
@@ -483,14 +483,14 @@ def test_several_custom_diffusion_concepts_compose_instead_of_overwriting(tiny_b
 
     # one prompt: the closed-form merge that `limner merge` writes, not the last concept's weights
     base = load_base(str(tiny_base), device="cpu")
-    assert apply_concepts(base, [a, b]) == {}
+    assert apply_concepts(base, [a, b]).condition("a <new1> dog", 2).before_window is None
     merged = read_weights(merge(load_base(str(tiny_base), device="cpu"), [a, b], tmp_path / "m") / WEIGHTS_FILE)
     assert same(installed(base), merged) and not same(installed(base), weights[b])
     assert {"<new1>", "<new2>"} <= set(base.pipe.tokenizer.get_vocab())
     # regional prompts: each window is denoised with the weights of the concept its prompt names
     base = load_base(str(tiny_base), device="cpu")
     original = installed(base)
-    use_window = apply_concepts(base, [a, b], region_prompts=["a <new2> box", "a <NEW1> dog", "a tree"])["before_window"]
+    use_window = apply_concepts(base, [a, b], ["a <new2> box", "a <NEW1> dog", "a tree"]).condition("", 2).before_window
     for i, want in enumerate((weights[b], weights[a], original)):
         use_window(i)
         assert same(installed(base), want), f"window {i}"
@@ -500,11 +500,11 @@ def test_several_custom_diffusion_concepts_compose_instead_of_overwriting(tiny_b
              before_window=use_window)
     assert same(installed(base), original)
     with pytest.warns(UserWarning, match="acts in none of them"):
-        apply_concepts(load_base(str(tiny_base), device="cpu"), [a, b], region_prompts=["a <new1> dog", "a tree"])
+        apply_concepts(load_base(str(tiny_base), device="cpu"), [a, b], ["a <new1> dog", "a tree"])
 
 
 def test_custom_diffusion_and_lora_concepts_together(tiny_base, tmp_path):
-    from limner.cli import apply_concepts
+    from limner.conditioning import apply_concepts
     from limner.methods.custom_diffusion import WEIGHTS_FILE, layer_weights, read_weights
 
     a, b = two_custom_diffusion_concepts(tiny_base, tmp_path)
@@ -512,18 +512,18 @@ def test_custom_diffusion_and_lora_concepts_together(tiny_base, tmp_path):
                                                     train=db_train(), prior_preservation="none")
     for regions in (None, ["a <new1> ball", "a sks ball", "a <new2> box"]):
         base = load_base(str(tiny_base), device="cpu")
-        kwargs = apply_concepts(base, [lora, a, b], region_prompts=regions)
+        hook = apply_concepts(base, [lora, a, b], regions).condition("a <new1> ball", 2).before_window
         state = layer_weights(base.pipe.unet, "crossattn")
         assert not any("base_layer" in k or "lora" in k for k in state), "the LoRA's wrappers are not Custom Diffusion weights"
         if regions:
-            kwargs["before_window"](0)
+            hook(0)
             own = read_weights(a / WEIGHTS_FILE)
             assert all(torch.allclose(layer_weights(base.pipe.unet, "crossattn")[k], v.float(), atol=1e-3) for k, v in own.items())
-            kwargs["before_window"](None)
+            hook(None)
 
 
 def test_with_regions_each_lora_acts_only_in_the_windows_that_name_it(tiny_base, tmp_path):
-    from limner.cli import apply_concepts
+    from limner.conditioning import apply_concepts
 
     def lora(name, identifier, noun):
         return get_method("dreambooth_lora").personalize(load_base(str(tiny_base), device="cpu"), Subject(name, noun, subject().images),
@@ -545,8 +545,11 @@ def test_with_regions_each_lora_acts_only_in_the_windows_that_name_it(tiny_base,
 
     plain, only_a, only_b = alone([]), alone([a]), alone([b])
     assert (only_a - plain).abs().max() > 1e-4 and (only_b - plain).abs().max() > 1e-4
+    # without regions both act everywhere, not only the last one applied
+    both = alone([a, b])
+    assert (both - only_a).abs().max() > 1e-4 and (both - only_b).abs().max() > 1e-4
     base = load_base(str(tiny_base), device="cpu")
-    use_window = apply_concepts(base, [a, b], region_prompts=["a zwx box", "a sks ball, at night", "a tree"])["before_window"]
+    use_window = apply_concepts(base, [a, b], ["a zwx box", "a sks ball, at night", "a tree"]).condition("", 2).before_window
     for i, want in enumerate((only_b, only_a, plain)):
         use_window(i)
         assert torch.allclose(unet_output(base), want, atol=1e-5), f"window {i}"
@@ -651,18 +654,21 @@ def test_validation_images_and_a_full_disk(tiny_base, tmp_path, monkeypatch):
 def test_changing_a_default_changes_the_eval_cache_key(monkeypatch):
     import limner.methods.dreambooth as db
 
-    before = get_method("dreambooth").default_settings()
+    from limner.evaluation.cache_keys import default_settings
+
+    before = default_settings(get_method("dreambooth"))
     monkeypatch.setattr(db, "default_train_config", lambda lora: TrainConfig(max_steps=7))
-    assert get_method("dreambooth").default_settings() != before
-    assert get_method("textual_inversion").default_settings()["train"]["learning_rate"] > 0
+    assert default_settings(get_method("dreambooth")) != before
+    assert default_settings(get_method("textual_inversion"))["train"]["learning_rate"] > 0
 
 
 def test_a_new_setting_that_is_off_by_default_keeps_the_concepts_trained_before_it(monkeypatch):
-    from limner.evaluation.protocol import concept_key
+    from limner.evaluation import cache_keys
+    from limner.evaluation.cache_keys import concept_key
 
     ti = get_method("textual_inversion")
-    before, plain = concept_key(ti, {}, "subject", "base"), ti.default_settings
-    monkeypatch.setattr(type(ti), "default_settings", lambda self: plain() | {"new_setting": None})
+    before, plain = concept_key(ti, {}, "subject", "base"), cache_keys.default_settings
+    monkeypatch.setattr(cache_keys, "default_settings", lambda method: plain(method) | {"new_setting": None})
     assert concept_key(ti, {}, "subject", "base") == before
     assert concept_key(ti, {"new_setting": 2}, "subject", "base") != before
     assert concept_key(ti, {"num_vectors": 8}, "subject", "base") != before != concept_key(ti, {}, "other subject", "base")
@@ -687,7 +693,7 @@ def test_only_the_masked_loss_reads_a_subjects_masks():
 def test_a_new_setting_declared_as_added_keeps_the_concepts_trained_before_it(monkeypatch):
     from dataclasses import dataclass, fields
 
-    from limner.evaluation.protocol import concept_key
+    from limner.evaluation.cache_keys import concept_key, default_settings
     from limner.methods import added_setting
 
     ti = get_method("textual_inversion")
@@ -710,7 +716,7 @@ def test_a_new_setting_declared_as_added_keeps_the_concepts_trained_before_it(mo
         gentle: bool = False  # declared plainly, its default enters every key
 
     with_config(WithAdded)
-    assert ti.default_settings()["gentle"] is False
+    assert default_settings(ti)["gentle"] is False
     assert concept_key(ti, {}, "subject", "base") == concept_key(ti, {"gentle": False}, "subject", "base") == before
     assert concept_key(ti, {"gentle": True}, "subject", "base") != before
     with_config(WithPlain)
@@ -718,26 +724,27 @@ def test_a_new_setting_declared_as_added_keeps_the_concepts_trained_before_it(mo
 
 
 def test_settings_given_that_equal_a_default_are_the_same_run():
-    lora = get_method("dreambooth_lora")
-    assert lora.settings_with({"lora_rank": 16, "learning_rate": 2e-3}) == lora.default_settings()
-    assert lora.settings_with({"max_steps": 800})["train"]["max_steps"] == 800
-    assert lora.settings_with({"lora_rank": 8}) != lora.default_settings()
-    assert lora.settings_with({"min_snr_gamma": 5})["train"]["min_snr_gamma"] == 5.0
-    assert isinstance(lora.settings_with({"min_snr_gamma": 5})["train"]["min_snr_gamma"], float)
-    assert get_method("textual_inversion").settings_with({"learning_rate": 5e-3, "num_vectors": 4}) == \
-        get_method("textual_inversion").default_settings()
+    from limner.evaluation.cache_keys import default_settings, settings_with
+
+    lora, ti = get_method("dreambooth_lora"), get_method("textual_inversion")
+    assert settings_with(lora, {"lora_rank": 16, "learning_rate": 2e-3}) == default_settings(lora)
+    assert settings_with(lora, {"max_steps": 800})["train"]["max_steps"] == 800
+    assert settings_with(lora, {"lora_rank": 8}) != default_settings(lora)
+    assert settings_with(lora, {"min_snr_gamma": 5})["train"]["min_snr_gamma"] == 5.0
+    assert isinstance(settings_with(lora, {"min_snr_gamma": 5})["train"]["min_snr_gamma"], float)
+    assert settings_with(ti, {"learning_rate": 5e-3, "num_vectors": 4}) == default_settings(ti)
 
 
 def test_custom_diffusion_joint_training_of_two_concepts(tiny_base, tmp_path):
     from limner.methods.custom_diffusion import CustomDiffusion
 
     cfg = dict(prior_preservation=False, augment=False, train=TrainConfig(max_steps=2, batch_size=2, learning_rate=1e-2, checkpoint_every=0))
-    out = CustomDiffusion().personalize_jointly(load_base(str(tiny_base), device="cpu"), [subject(), Subject("cube", "box", subject().images)],
+    out = CustomDiffusion().personalize(load_base(str(tiny_base), device="cpu"), [subject(), Subject("cube", "box", subject().images)],
                                                 tmp_path / "joint", **cfg)
     manifest = json.loads((out / "limner.json").read_text())
     assert manifest["subject"] == ["blob", "cube"] and manifest["tokens"] == ["<new1>", "<new2>"]
     fresh = load_base(str(tiny_base), device="cpu")
-    CustomDiffusion().apply(fresh, out)
+    CustomDiffusion().install(fresh, [out])
     assert {"<new1>", "<new2>"} <= set(fresh.pipe.tokenizer.get_vocab())
 
 

@@ -55,24 +55,3 @@ def write_model_card(folder: Path, manifest: dict, samples: list[str] | None = N
     for s in samples or []:
         lines.append(f"![sample]({s})")
     (folder / "README.md").write_text("\n".join(lines) + "\n")
-
-
-def layout_prompt(folders: list[Path], prompt: str, steps: int, layout_steps: int | None = None) -> tuple[str | None, int]:
-    """The prompt with each concept's token replaced by its class noun, and how many denoising steps follow
-    it before the prompt itself takes over (GenerationSettings.layout_steps): `layout_steps`, or else the
-    largest default among the methods of the concepts the prompt names. (None, 0) where nothing applies."""
-    from limner.methods import get_method
-
-    layout, steps_wanted = prompt, 0
-    for folder in folders:
-        m = read_manifest(folder)
-        token, noun = m.get("token"), m.get("class_noun")
-        if not token or not noun or token not in prompt:
-            continue
-        layout = layout.replace(f"{token} {noun}", noun).replace(token, noun)  # "a sks dog" and "a <s*>" alike
-        steps_wanted = max(steps_wanted, get_method(m["method"]).layout_steps(steps))
-    if layout_steps is not None:
-        if layout_steps and layout == prompt:
-            raise LimnerError("--layout-steps: the prompt names no applied concept's token, so there is no class prompt to lay out from")
-        steps_wanted = layout_steps
-    return (layout, steps_wanted) if steps_wanted else (None, 0)

@@ -41,6 +41,7 @@ def run_demo(out: Path, subject_name: str = "duo_ball", method_name: str = DEFAU
              images_per_prompt: int = 2, device: str = "auto", seed: int = 0) -> dict:
     from dataclasses import replace
 
+    from limner.conditioning import apply_concepts, concept_prompt
     from limner.evaluation.encoders import WorldFaceEmbedder
     from limner.evaluation.protocol import Encoders, world_measures
     from limner.evaluation.subjects import world_subjects
@@ -63,15 +64,15 @@ def run_demo(out: Path, subject_name: str = "duo_ball", method_name: str = DEFAU
     # 2. Four contexts the references never showed
     prompts = new_contexts(subject)
     base = load_base(device=device)
-    method.apply(base, concept)
+    applied = apply_concepts(base, [concept])
     lower = load_base(device=device)
     probes = Probes(WORLD_PROBES)
     enc = Encoders(clip=None, face=WorldFaceEmbedder(WORLD_PROBES) if subject.kind == "identity" else None, probes=probes)
     rows, scores = [], {"personalized": {"subject_fidelity": [], "prompt_fidelity": []}, "base_class_prompt": {"subject_fidelity": [], "prompt_fidelity": []}}
     t1 = time.perf_counter()
     for p in prompts:
-        s = GenerationSettings(method.prompt(p.template, concept), num_images=images_per_prompt, seed=seed, batch_size=images_per_prompt)
-        ims = generate(base, s).images
+        s = GenerationSettings(concept_prompt(concept, p.template), num_images=images_per_prompt, seed=seed, batch_size=images_per_prompt)
+        ims = generate(base, s, conditioning=applied.condition(s.prompt, s.steps)).images
         base_ims = generate(lower, replace(s, prompt=p.template.format(subject.class_noun))).images
         for key, batch in (("personalized", ims), ("base_class_prompt", base_ims)):
             fid, pf = world_measures(subject, p, batch, enc)

@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -19,7 +20,7 @@ from PIL.PngImagePlugin import PngInfo
 from limner.errors import LimnerError
 from limner.io import write_json_atomic, written_atomically
 from limner.models.loading import Base
-from limner.regions import canvas_width, regional_images, split_regions, window_offsets
+from limner.regions import WindowHook, canvas_width, regional_images, split_regions, window_offsets
 
 SCHEDULERS = {
     "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
@@ -48,6 +49,20 @@ class GenerationSettings:
     # words the base knows, and the concept only draws the subject (PhotoMaker's delayed merge, start_merge_step)
     layout_prompt: str | None = None
     layout_steps: int = 0
+
+
+@dataclass
+class Conditioning:
+    """What applied concepts add to one generation besides the prompt itself (limner.conditioning makes it)."""
+
+    # the first `layout_steps` denoising steps follow `layout_prompt` (each concept's token replaced by its
+    # class noun), the rest the prompt: PhotoMaker's delayed merge, FastComposer's delayed conditioning
+    layout_prompt: str | None = None
+    layout_steps: int = 0
+    # per-call pipeline arguments: prompt_embeds with image tokens fused in, ip_adapter_image_embeds, a control image
+    pipe_kwargs: dict[str, Any] = field(default_factory=dict)
+    before_window: WindowHook | None = None  # regional prompts: switches each window's weights
+    region_concepts: list[list[str]] | None = None  # for the record: the concepts acting in each region
 
 
 @dataclass
@@ -148,13 +163,21 @@ def prepare_output(out: Path | None) -> None:
 
 
 @torch.no_grad()
-def generate(base: Base, s: GenerationSettings, out: Path | None = None, region_concepts: list[list[str]] | None = None,
-             **pipe_kwargs) -> GenerationResult:
+def generate(base: Base, s: GenerationSettings, out: Path | None = None, conditioning: Conditioning | None = None,
+             **pipe_kwargs: Any) -> GenerationResult:
     """Generates s.num_images images; with `out`, writes PNGs (with parameters), a grid and a JSON record.
 
-    `region_concepts` (regional prompts) names, for the record, the concepts that act in each region.
-    Extra keyword arguments go to the pipeline call (e.g. cross_attention_kwargs, ip_adapter_image)."""
+    `conditioning` is what applied concepts add (limner.conditioning): layout steps, per-call pipeline
+    arguments, the per-window hook of regional prompts. Extra keyword arguments go to the pipeline call."""
     # 1. Check inputs
+    region_concepts = None
+    if conditioning is not None:
+        if conditioning.layout_steps:
+            s = replace(s, layout_prompt=conditioning.layout_prompt, layout_steps=conditioning.layout_steps)
+        pipe_kwargs = conditioning.pipe_kwargs | pipe_kwargs
+        if conditioning.before_window is not None:
+            pipe_kwargs["before_window"] = conditioning.before_window
+        region_concepts = conditioning.region_concepts
     height, width = check_settings(base, s)
     prepare_output(out)
     pipe = base.pipe
@@ -176,11 +199,11 @@ def generate(base: Base, s: GenerationSettings, out: Path | None = None, region_
         if s.regions:
             images += draw_regions(base, s, prompts, lefts, gens, height, width, **pipe_kwargs)
             continue
-        layout = switch_prompt_after(pipe, s.prompt, n, s.layout_steps, base.family == "sdxl") if s.layout_steps else {}
-        result = pipe(prompt=[s.layout_prompt if s.layout_steps else s.prompt] * n,
-                      negative_prompt=[s.negative_prompt] * n if s.negative_prompt else None,
+        call = dict(pipe_kwargs)
+        text = text_inputs(pipe, s, n, call, base.family == "sdxl")
+        result = pipe(negative_prompt=[s.negative_prompt] * n if s.negative_prompt else None,
                       num_inference_steps=s.steps, guidance_scale=s.guidance_scale, height=height, width=width,
-                      generator=gens, **pipe_kwargs, **layout)
+                      generator=gens, **text, **call)
         images += result.images
     seconds = time.perf_counter() - t0
     # 4. Record
@@ -202,13 +225,36 @@ def generate(base: Base, s: GenerationSettings, out: Path | None = None, region_
     return result
 
 
-def switch_prompt_after(pipe, prompt: str, n: int, steps: int, sdxl: bool) -> dict:
-    """Pipeline arguments that swap the text conditioning to `prompt` once `steps` denoising steps are done."""
+# prompt embeddings a method may supply instead of the prompt's text (pipeline argument -> the name of the
+# tensor the pipeline's step-end callback sees)
+EMBEDDING_INPUTS = {"prompt_embeds": "prompt_embeds", "pooled_prompt_embeds": "add_text_embeds"}
+
+
+def text_inputs(pipe: Any, s: GenerationSettings, n: int, call: dict, sdxl: bool) -> dict:
+    """The text conditioning arguments of one batch of n images: the prompt, or the prompt embeddings a
+    method supplied (taken out of `call`, one row repeated per image); with layout steps, the layout
+    prompt first and a switch to the prompt's conditioning once they are done."""
+    embeds = {k: call.pop(k) for k in EMBEDDING_INPUTS if k in call}
+    embeds = {k: v.expand(n, *v.shape[1:]) if v.shape[0] == 1 else v for k, v in embeds.items()}
+    if not s.layout_steps:
+        return embeds or {"prompt": [s.prompt] * n}
+    if embeds:
+        wanted = {EMBEDDING_INPUTS[k]: v for k, v in embeds.items()}
+    else:
+        wanted = encoded_prompt(pipe, s.prompt, n, sdxl)
+    return {"prompt": [s.layout_prompt] * n} | switch_conditioning_after(wanted, n, s.layout_steps)
+
+
+def encoded_prompt(pipe: Any, prompt: str, n: int, sdxl: bool) -> dict[str, torch.Tensor]:
+    """The prompt's text conditioning as the step-end callback names it."""
     if sdxl:  # two encoders' hidden states, and the pooled embedding SDXL also conditions on
         embeds, _, pooled, _ = pipe.encode_prompt(prompt, device=pipe.device, num_images_per_prompt=n, do_classifier_free_guidance=False)
-        wanted = {"prompt_embeds": embeds, "add_text_embeds": pooled}
-    else:
-        wanted = {"prompt_embeds": pipe.encode_prompt(prompt, pipe.device, n, False)[0]}
+        return {"prompt_embeds": embeds, "add_text_embeds": pooled}
+    return {"prompt_embeds": pipe.encode_prompt(prompt, pipe.device, n, False)[0]}
+
+
+def switch_conditioning_after(wanted: dict[str, torch.Tensor], n: int, steps: int) -> dict:
+    """Pipeline arguments that swap the text conditioning to `wanted` once `steps` denoising steps are done."""
 
     def swap(pipe, i, t, current):
         if i != steps - 1:

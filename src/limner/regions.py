@@ -24,6 +24,8 @@ from PIL import Image
 from limner.errors import LimnerError
 
 SEPARATOR = "BREAK"
+# called before window i is denoised (to install that window's weights), and with None at the end
+WindowHook = Callable[[int | None], None]
 OVERLAP = 0.25  # the share of a window that its right-hand neighbour also covers
 
 
@@ -42,14 +44,14 @@ def mentions(prompt: str, word: str) -> bool:
     return re.search(rf"(?<![\w<>]){re.escape(word)}(?![\w<>])", prompt, re.IGNORECASE) is not None
 
 
-def names(prompt: str, tokens: list[str]) -> bool:
+def prompt_names(prompt: str, tokens: list[str]) -> bool:
     """Whether a region's prompt names a concept by any of its tokens (words, identifier, modifiers)."""
     return any(mentions(prompt, t) for t in tokens)
 
 
 def warn_if_unnamed(concept: str, words: list[str], prompts: list[str]) -> None:
     """A concept acts only in the regions that name it: say so when none does."""
-    if not any(names(p, words) for p in prompts):
+    if not any(prompt_names(p, words) for p in prompts):
         warnings.warn(f"no region's prompt names {' or '.join(words)}, so {concept} acts in none of them", stacklevel=3)
 
 
@@ -82,7 +84,7 @@ def encode_regions(pipe, prompts: list[str], negative: str) -> tuple[torch.Tenso
 @torch.no_grad()
 def regional_images(pipe, prompts: list[str], lefts: list[int], window: int, negative: str, generators: list[torch.Generator],
                     steps: int, guidance: float, height: int, width: int, cross_attention_kwargs: dict | None = None,
-                    before_window: Callable[[int | None], None] | None = None) -> list[Image.Image]:
+                    before_window: WindowHook | None = None) -> list[Image.Image]:
     """One image per generator: a height x width canvas whose windows (`window` pixels wide, left edges
     `lefts` from `window_offsets`) are each denoised with their own prompt.
 

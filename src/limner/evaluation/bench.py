@@ -28,10 +28,10 @@ def peak_memory_mb(device: str) -> float:
 def measure(row: str, subject_spec: str, class_noun: str | None, base: str | None, device: str, images: int, steps: int,
             cache: Path) -> dict:
     """Runs in the worker: personalize (methods), then time `images` generations."""
+    from limner.conditioning import apply_concepts, concept_prompt
     from limner.evaluation.protocol import FIDELITY_THRESHOLD, LOWER, BaseHandle, Row, personalize_cached, time_to_fidelity
     from limner.evaluation.subjects import load_subjects
     from limner.generation import GenerationSettings, generate
-    from limner.methods import get_method
     from limner.models.loading import WORLD_BASE, fingerprint, load_base
 
     subject = load_subjects(subject_spec, class_noun)[0]
@@ -52,16 +52,16 @@ def measure(row: str, subject_spec: str, class_noun: str | None, base: str | Non
     t0 = time.perf_counter()
     b = load_base(base, device=device)
     record["load_seconds"] = round(time.perf_counter() - t0, 3)
+    conditioning = None
     if concept is not None:
-        method = get_method(spec.method)
-        method.apply(b, concept)
-        prompt = method.prompt("a {} on the beach", concept)
+        prompt = concept_prompt(concept, "a {} on the beach")
+        conditioning = apply_concepts(b, [concept]).condition(prompt, steps)
     s = GenerationSettings(prompt, num_images=1, steps=steps, batch_size=1)
-    generate(b, s)  # warm-up
+    generate(b, s, conditioning=conditioning)  # warm-up
     t2 = time.perf_counter()
     for i in range(images):
         s.seed = i
-        generate(b, s)
+        generate(b, s, conditioning=conditioning)
     record["seconds_per_image"] = round((time.perf_counter() - t2) / images, 4)
     record["generation_steps"] = steps
     record["peak_memory_mb"] = round(peak_memory_mb(str(b.device)), 1)

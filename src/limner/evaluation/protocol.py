@@ -9,22 +9,27 @@ On the world two reference rows give every score a scale:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
+from limner.conditioning import AppliedConcepts, apply_concepts, concept_prompt
 from limner.errors import LimnerError
+from limner.evaluation.cache_keys import concept_key, digest
 from limner.evaluation.metrics import diversity, mean_similarity_to_references, text_alignment
 from limner.evaluation.subjects import EvalSubject
 from limner.io import written_atomically
-from limner.methods import parse_setting
+from limner.methods import get_method, parse_setting, split_settings
 from limner.world.bench import BenchPrompt
+
+if TYPE_CHECKING:
+    from limner.models.loading import Base
 
 LOWER, UPPER = "lower-bound", "upper-bound"
 FIDELITY_THRESHOLD = 0.5  # "time to reach subject fidelity 0.5" in reports and bench
@@ -47,6 +52,23 @@ class Encoders:
     dino: object | None = None
     face: object | None = None  # .faces(list) -> (embeddings, found)
     probes: object | None = None  # world Probes, for ground-truth measures
+
+
+def build_encoders(world: bool, base: str | None, clip: Path | None, dino: Path | None, face: Path | None, device: str) -> Encoders:
+    """The encoders that score images: the world's CLIP, identity embedder and probes on the world
+    base; local CLIP / DINO / insightface folders on real subjects."""
+    from limner.evaluation.encoders import CLIPEncoder, DINOEncoder, InsightFaceEmbedder, WorldCLIP, WorldFaceEmbedder
+    from limner.models.loading import WORLD_BASE, WORLD_PROBES, resolve_device
+    from limner.world.probes import Probes
+
+    dev = str(resolve_device(device))
+    if clip is None and not (world and base is None):
+        raise LimnerError("scoring real images needs --clip PATH, a local CLIPModel folder (e.g. openai/clip-vit-large-patch14 "
+                          "saved with save_pretrained)")
+    clip_enc = CLIPEncoder(clip, dev) if clip else WorldCLIP(WORLD_BASE, dev)
+    face_enc = InsightFaceEmbedder(face, dev) if face else (WorldFaceEmbedder(WORLD_PROBES) if world else None)
+    return Encoders(clip=clip_enc, dino=DINOEncoder(dino, dev) if dino else None, face=face_enc,
+                    probes=Probes(WORLD_PROBES) if world else None)
 
 
 @dataclass(frozen=True)
@@ -109,13 +131,7 @@ def layout_steps_of(row: Row, settings: EvalSettings) -> int:
         return 0
     if settings.layout_steps is not None:
         return settings.layout_steps
-    from limner.methods import get_method
-
     return get_method(row.method).layout_steps(settings.steps)
-
-
-def digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
 class ImageCache:
@@ -194,9 +210,10 @@ class BaseHandle:
 
 
 def generate_cached(handle: BaseHandle, cache: ImageCache, prompt: str, settings: EvalSettings, key_parts: dict,
-                    prepare=None, layout_prompt: str | None = None, layout_steps: int = 0) -> list[Path]:
-    """N images of one prompt, from the cache where possible; `prepare(base)` installs a concept. With
-    `layout_steps`, the first steps follow `layout_prompt`."""
+                    prepare: Callable[[Base], AppliedConcepts] | None = None, layout_prompt: str | None = None,
+                    layout_steps: int = 0) -> list[Path]:
+    """N images of one prompt, from the cache where possible; `prepare(base)` installs the row's concept
+    (once) and returns it. With `layout_steps`, the first steps follow `layout_prompt`."""
     from limner.generation import GenerationSettings, generate
 
     layout = {"layout_prompt": layout_prompt, "layout_steps": layout_steps} if layout_steps else {}  # keys without it are unchanged
@@ -208,15 +225,16 @@ def generate_cached(handle: BaseHandle, cache: ImageCache, prompt: str, settings
     cache.misses += len(missing)
     if missing:
         base = handle.get()
-        if prepare is not None:
-            prepare(base)
+        applied = prepare(base) if prepare is not None else None
         # one batched call when the run is contiguous (the usual case); image i always has seed + i
         runs = [missing] if missing == list(range(missing[0], missing[-1] + 1)) else [[i] for i in missing]
         for run in runs:
             s = GenerationSettings(prompt=prompt, num_images=len(run), seed=settings.seed + run[0], steps=settings.steps,
                                    guidance_scale=settings.guidance, scheduler=settings.scheduler, batch_size=len(run),
                                    layout_prompt=layout_prompt if layout_steps else None, layout_steps=layout_steps)
-            for i, image in zip(run, generate(base, s).images):
+            # the concepts' per-call arguments; the layout steps are the row's (the key names them)
+            pipe_kwargs = applied.condition(prompt, settings.steps, layout_steps=0).pipe_kwargs if applied is not None else {}
+            for i, image in zip(run, generate(base, s, **pipe_kwargs).images):
                 cache.put(keys[i], image)
     return [cache.path(k) for k in keys]
 
@@ -237,27 +255,27 @@ def row_images(row: Row, subject: EvalSubject, handle: BaseHandle, cache: ImageC
                 for i, k in enumerate(keys)]
         return out
     key = {"base": handle.fingerprint, "precision": handle.precision, "row": row.method or row.name}
-    method, prepare, layout_steps = None, None, layout_steps_of(row, settings)
+    applied: list[AppliedConcepts] = []
+    prepare = None
     if row.method is not None:
-        from limner.methods import get_method
-
-        method = get_method(row.method)
         key["concept"] = concept_fingerprint(concept)
-        installed: list = []
 
-        def prepare(base):
-            if not installed:
-                method.apply(base, concept)
-                installed.append(True)
+        def prepare(base):  # the concept is installed only if an image is missing, then once
+            if not applied:
+                applied.append(apply_concepts(base, [concept]))
+            return applied[0]
 
-    for p in prompts:
-        class_text = class_prompt(p.template, subject)
-        text = class_text if method is None else method.prompt(p.template, concept)
-        out[class_text] = generate_cached(handle, cache, text, settings, key, prepare, class_text, layout_steps)
-    # language drift: the class prompt alone, with the concept installed
-    out["__drift__"] = generate_cached(handle, cache, f"a {subject.class_noun}", settings, key, prepare)
-    if method is not None:
-        handle.reset()  # the next concept starts from a clean base
+    layout_steps = layout_steps_of(row, settings)
+    try:
+        for p in prompts:
+            class_text = class_prompt(p.template, subject)
+            text = class_text if row.method is None else concept_prompt(concept, p.template)
+            out[class_text] = generate_cached(handle, cache, text, settings, key, prepare, class_text, layout_steps)
+        # language drift: the class prompt alone, with the concept installed
+        out["__drift__"] = generate_cached(handle, cache, f"a {subject.class_noun}", settings, key, prepare)
+    finally:
+        for a in applied:
+            a.uninstall()  # the next concept starts from the base as it was
     return out
 
 
@@ -394,18 +412,9 @@ def aggregate(per_subject: dict[str, dict[str, float]]) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------
 
 
-def concept_key(method, config: dict, subject_fingerprint: str, base_fingerprint: str) -> str:
-    """A trained concept's cache key: the settings it is trained with, however they were given, less those
-    that cannot have changed it (`Method.key_settings`), so a setting added later keeps every concept
-    trained before it."""
-    return digest({"method": method.name, "settings": method.key_settings(config), "subject": subject_fingerprint,
-                   "base": base_fingerprint})
-
-
 def personalize_cached(method_name: str, subject: EvalSubject, handle: BaseHandle, cache_root: Path, config: dict) -> tuple[Path, dict]:
     """Trains (or encodes) a concept once per (method, subject, base, config); reused afterwards."""
     from limner.concepts import read_manifest, write_json_atomic
-    from limner.methods import get_method
 
     method = get_method(method_name)
     key = concept_key(method, config, subject.fingerprint(masks=method.reads_masks(config)), handle.fingerprint)
@@ -418,20 +427,17 @@ def personalize_cached(method_name: str, subject: EvalSubject, handle: BaseHandl
         if train_cfg is not None and "train" not in config:
             from dataclasses import replace
 
-            from limner.training import split_train_settings
-
             # training settings (max_steps=600, learning_rate=1e-3) go into the method's TrainConfig
-            train_cfg, config = split_train_settings(train_cfg, config)
+            train_cfg, config = split_settings(train_cfg, config)
             # validation every sixth of training, scored by the world's probes: a fidelity-vs-time curve
             every = max(1, train_cfg.max_steps // 6) if subject.world is not None else 0
             config = config | {"train": replace(train_cfg, resume="latest", validate_every=every)}
-        if subject.world is not None:
-            subject.meta["score"] = world_fidelity_score(subject)
+        score = world_fidelity_score(subject) if subject.world is not None else None
         from limner.models.loading import load_base
 
         handle.reset()
         # trained in full precision (mixed precision is the trainer's business), whatever the device
-        method.personalize(load_base(handle.spec, device=handle.device, dtype="fp32"), subject, work, **config)
+        method.personalize(load_base(handle.spec, device=handle.device, dtype="fp32"), subject, work, score=score, **config)
         meta = read_manifest(work)
         meta.setdefault("personalize_seconds", round(time.perf_counter() - t0, 2))
         write_json_atomic(work / "limner.json", meta)

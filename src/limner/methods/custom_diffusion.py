@@ -16,27 +16,34 @@ C_reg while reproducing each tuned model's outputs V on its own concept's featur
 from __future__ import annotations
 
 import hashlib
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib.resources import files
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from limner.concepts import MANIFEST, check_base, read_manifest, write_concept, write_json_atomic, write_model_card
+from limner.concepts import MANIFEST, check_base, read_manifest, write_json_atomic, write_model_card
 from limner.errors import LimnerError
 from limner.io import cache_dir, disk_guard, written_atomically
-from limner.methods import Method, Subject, register, with_settings
-from limner.methods.textual_inversion import NewTokenRows, add_tokens_everywhere, load_embedding
-from limner.regions import names, warn_if_unnamed
-from limner.training import TrainConfig, TrainingTask, denoising_loss, is_main_process, make_validator, noise_scheduler, train
+from limner.methods.base import Capabilities, Installation
+from limner.methods.registry import register
+from limner.methods.settings import setting
+from limner.methods.textual_inversion import NewTokenRows, add_tokens_everywhere, load_embedding, text_restorer
+from limner.methods.tuning import TuningMethod, TuningRun
+from limner.regions import WindowHook, prompt_names, warn_if_unnamed
+from limner.subject import Subject
+from limner.training import TrainConfig, TrainingTask, denoising_loss, noise_scheduler
 from limner.training.conditioning import PromptEncoder, concat, select
 from limner.training.data import encode_images, fit_square, image_captions, with_caption
+
+if TYPE_CHECKING:
+    from limner.models.loading import Base
 
 WEIGHTS_FILE = "pytorch_custom_diffusion_weights.safetensors"
 SHRINK_PREFIXES = ("a far away", "very small")
@@ -46,32 +53,30 @@ MODES = {"crossattn_kv": ("to_k", "to_v"), "crossattn": ("to_q", "to_k", "to_v",
 
 def default_train_config(num_concepts: int = 1) -> TrainConfig:
     # the paper: lr 1e-5 (x batch), 250 steps single-concept at 512 px; the small world model needs more.
-    # On the world bench's 12 subjects, 750 steps against 500: subject fidelity 0.470 vs 0.396, clear of
-    # the base's lower bound on 12 subjects vs 11 (ring_box 0.16 vs 0.08), prompt fidelity 0.78 vs 0.80.
-    # Joint training gets as many steps per concept, as the paper's 500 for two: on the world, gift_box +
-    # night_dog trained together (K/V) were both recognised in 0.042 of regional images at 500 steps, 0.375 at
-    # 1000 and 1500 (duo_ball + cross_cup: 0.042, 0.000, 0.125)
+    # Joint training gets as many steps per concept, as the paper's 500 for two (docs/README.md)
     return TrainConfig(max_steps=750 * num_concepts, batch_size=4, learning_rate=1e-3, weight_decay=0.0, checkpoint_every=100)
 
 
 @dataclass
 class CustomDiffusionConfig:
-    modifier_token: str = "<new1>"
-    initializer: str = "ktn"  # a rare token, as in the paper
-    # all of attn2 (the paper's "crossattn" variant) rather than K/V only: on the world bench's 12 subjects
-    # subject fidelity 0.407 vs 0.286, above the base's lower bound on 12 subjects vs 10, prompt fidelity
-    # unchanged (0.79 vs 0.80). The closed-form merge is defined for K/V: train with mode=crossattn_kv to merge.
-    mode: str = "crossattn"  # or "crossattn_kv": attn2's K and V only
-    prior_preservation: bool = True
-    num_reg_images: int = 100
-    reg_pool: str | None = None  # folder of captioned images (x.png + x.txt); default on the world: renders
-    reg_pool_size: int = 1500  # world renders to retrieve from
-    clip: str | None = None  # CLIPModel folder for retrieval from a real pool
-    prior_loss_weight: float = 1.0
-    augment: bool = True
-    augment_variants: int = 8  # rescaled variants per reference image (their latents are cached)
-    captions: bool = True  # append each reference image's caption (if the subject has them) to its prompts
-    train: TrainConfig | None = None
+    modifier_token: str = setting("<new1>", "the modifier token V* placed before the class noun")
+    initializer: str = setting("ktn", "the rare word V* starts from, as in the paper")
+    mode: str = setting("crossattn", "crossattn: all of attn2 (Q, K, V, out); crossattn_kv: K and V only (the paper's "
+                                     "default, and what the closed-form merge solves for)")
+    prior_preservation: bool = setting(True, "train on retrieved real images with their own captions too")
+    num_reg_images: int = setting(100, "regularisation images retrieved per subject")
+    reg_pool: str | None = setting(None, "folder of captioned images (x.png + x.txt) to retrieve from (default on the world: renders)")
+    reg_pool_size: int = setting(1500, "world renders to retrieve from")
+    clip: str | None = setting(None, "CLIPModel folder for retrieval from a real pool")
+    prior_loss_weight: float = setting(1.0, "weight of the regularisation loss")
+    augment: bool = setting(True, "rescale references with 'far away' / 'zoomed in' prompts, the loss masked to the valid region")
+    augment_variants: int = setting(8, "rescaled variants per reference image (their latents are cached)")
+    captions: bool = setting(True, "append each reference image's caption (if it has one) to its prompts")
+    train: TrainConfig | None = setting(None, "trainer settings (default: the method's, 750 steps per concept)")
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise LimnerError(f"mode {self.mode!r}: use one of {', '.join(MODES)}")
 
 
 def cross_attention_layers(unet) -> dict[str, torch.nn.Module]:
@@ -279,7 +284,9 @@ _KEY = {"to_k": "to_k_custom_diffusion", "to_v": "to_v_custom_diffusion", "to_q"
 
 def layer_weights(unet, mode: str) -> dict[str, torch.Tensor]:
     """diffusers' Custom Diffusion layout: '<attn2 name>.processor.to_k_custom_diffusion.weight', ..."""
-    return {f"{name}.processor.{_KEY[proj]}.{pname}": p.detach().cpu().float().contiguous()
+    # a copy: on a CPU in fp32, .cpu().float() would be the parameter itself, and installing other weights
+    # would change what was meant to be kept
+    return {f"{name}.processor.{_KEY[proj]}.{pname}": p.detach().to("cpu", torch.float32, copy=True)
             for name, proj, pname, p in trained_projections(unet, mode)}
 
 
@@ -335,30 +342,17 @@ def save_concept(pipe, folder: Path, mode: str, tokens: list[str], vectors: dict
 
 
 @register
-class CustomDiffusion(Method):
+class CustomDiffusion(TuningMethod):
     name = "custom_diffusion"
+    config_cls = CustomDiffusionConfig
+    capabilities = Capabilities(joint=True, regional=True)
     token_setting = "modifier_token"
-    family = "tuning"
 
-    def default_train_config(self, num_concepts: int = 1) -> TrainConfig:
-        return default_train_config(num_concepts)
+    def default_train_config(self, num_subjects: int = 1) -> TrainConfig:
+        return default_train_config(num_subjects)
 
-    def default_config(self) -> CustomDiffusionConfig:
-        return self.config({})
-
-    def config(self, overrides: dict, num_concepts: int = 1) -> CustomDiffusionConfig:
-        cfg = with_settings(CustomDiffusionConfig(), overrides, self.name)
-        cfg.train = cfg.train or default_train_config(num_concepts)
-        if cfg.mode not in MODES:
-            raise LimnerError(f"mode {cfg.mode!r}: use one of {', '.join(MODES)}")
-        return cfg
-
-    def personalize(self, base, subject: Subject, out: Path, **overrides) -> Path:
-        return self.personalize_jointly(base, [subject], out, **overrides)
-
-    def personalize_jointly(self, base, subjects: list[Subject], out: Path, **overrides) -> Path:
+    def prepare(self, base: Base, subjects: list[Subject], cfg: CustomDiffusionConfig) -> TuningRun:
         """One or several concepts trained together; concept i gets modifier token <new{i+1}>."""
-        cfg = self.config(overrides, len(subjects))
         pipe, res = base.pipe, base.resolution
         encoder = PromptEncoder(pipe, res)
         tokens = [cfg.modifier_token] if len(subjects) == 1 else [f"<new{i + 1}>" for i in range(len(subjects))]
@@ -391,28 +385,34 @@ class CustomDiffusion(Method):
                 batch.update(reg_latents=reg_lat.sample(ridx, g), reg_idx=ridx)
             return batch
 
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        validate = make_validator(base, [f"a {t} {s.class_noun} on the beach" for t, s in zip(tokens, subjects)], out,
-                                  score=subjects[0].meta.get("score") if len(subjects) == 1 else None)
-        log = train(task, next_batch, cfg.train, out, desc=f"custom diffusion {'+'.join(s.name for s in subjects)}", validate=validate)
-        if not is_main_process():
-            return out
-        with disk_guard(f"the weights in {out}"):
-            files = save_concept(pipe, out, cfg.mode, tokens, task.rows.vectors())
-        joint = {} if len(subjects) == 1 else {"subject": [s.name for s in subjects]}
-        write_concept(out, self.name, subjects[0], base, log, time.perf_counter() - t0, **joint,
-                      class_nouns=[s.class_noun for s in subjects], tokens=tokens, config=asdict(cfg), mode=cfg.mode, files=files,
-                      example_prompt=f"a {tokens[0]} {subjects[0].class_noun} on the beach", training_prompts=sorted(set(prompts)))
-        return out
+        return TuningRun(task, next_batch, [f"a {t} {s.class_noun} on the beach" for t, s in zip(tokens, subjects)],
+                         f"custom diffusion {'+'.join(s.name for s in subjects)}", {"tokens": tokens, "prompts": prompts})
 
-    def apply(self, base, concept: Path, allow_pickle: bool = False) -> None:
-        concept = Path(concept)
-        m = read_manifest(concept)
+    def save(self, base: Base, subjects: list[Subject], cfg: CustomDiffusionConfig, run: TuningRun, out: Path) -> dict:
+        tokens = run.state["tokens"]
+        files = save_concept(base.pipe, out, cfg.mode, tokens, run.task.rows.vectors())
+        joint = {} if len(subjects) == 1 else {"subject": [s.name for s in subjects]}
+        return joint | {"class_nouns": [s.class_noun for s in subjects], "tokens": tokens, "config": asdict(cfg), "mode": cfg.mode,
+                        "files": files, "example_prompt": f"a {tokens[0]} {subjects[0].class_noun} on the beach",
+                        "training_prompts": sorted(set(run.state["prompts"]))}
+
+    def install(self, base: Base, concepts: list[Path], regions: list[str] | None = None) -> Installation:
+        """One concept: its weights and tokens. Several, or regional prompts: composed (`compose`), as
+        installing one after another would let the last overwrite the others' attention weights."""
+        manifests = [read_manifest(c) for c in concepts]
+        installation = Installation(undo=[text_restorer(base.pipe)])
+        unet = base.pipe.unet
+        original = layer_weights(unet, "crossattn" if any(m["mode"] == "crossattn" for m in manifests) else "crossattn_kv")
+        installation.undo.append(lambda: install_weights(unet, original))
+        if len(concepts) > 1 or regions:
+            # the caller has checked each concept's base (and honoured --force)
+            installation.before_window = compose(base, concepts, regions, force=True)
+            return installation
+        concept, m = Path(concepts[0]), manifests[0]
         for token, name in m["files"]["tokens"].items():
             load_embedding(base, concept / name, token=token)
-        install_weights(base.pipe.unet, read_weights(concept / m["files"]["weights"], allow_pickle))
+        install_weights(unet, read_weights(concept / m["files"]["weights"]))
+        return installation
 
     def prompt(self, template: str, concept: Path) -> str:
         m = read_manifest(concept)
@@ -572,8 +572,8 @@ def load_tokens(base, concepts: list[Path], manifests: list[dict]) -> None:
             load_embedding(base, Path(c) / name, token=token)
 
 
-def compose(base, concepts: list[Path], region_prompts: list[str] | None = None,
-            force: bool = False) -> Callable[[int | None], None] | None:
+def compose(base: Base, concepts: list[Path], region_prompts: list[str] | None = None,
+            force: bool = False) -> WindowHook | None:
     """Several separately trained concepts in one generation, each with its modifier tokens.
 
     Without regions they are merged in closed form. With regional prompts (one per window, left to
@@ -592,7 +592,7 @@ def compose(base, concepts: list[Path], region_prompts: list[str] | None = None,
     original = layer_weights(unet, manifests[0]["mode"])
     weights = []
     for prompt in region_prompts:
-        named = [i for i, m in enumerate(manifests) if names(prompt, m["tokens"])]
+        named = [i for i, m in enumerate(manifests) if prompt_names(prompt, m["tokens"])]
         if not named:
             state = original
         elif len(named) == 1:

@@ -12,26 +12,33 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import re
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from limner.concepts import read_manifest, write_concept
+from limner.adapters.lora import adapters_per_window, add_lora, to_kohya
+from limner.concepts import read_manifest
 from limner.errors import LimnerError
-from limner.io import cache_dir, disk_guard, written_atomically
-from limner.methods import Method, Subject, register, with_settings
+from limner.io import cache_dir, written_atomically
+from limner.methods.base import Capabilities, Installation
+from limner.methods.registry import register
+from limner.methods.settings import setting
+from limner.methods.tuning import TuningMethod, TuningRun
 from limner.models.saving import save_pipeline
-from limner.regions import names, warn_if_unnamed
-from limner.training import TrainConfig, TrainingTask, denoising_loss, is_main_process, make_validator, noise_scheduler, train
+from limner.regions import prompt_names, warn_if_unnamed
+from limner.subject import Subject
+from limner.training import TrainConfig, TrainingTask, denoising_loss, noise_scheduler
 from limner.training.conditioning import PromptEncoder, concat, select
 from limner.training.data import LatentCache, encode_images, image_captions, with_caption
+
+if TYPE_CHECKING:
+    from limner.models.loading import Base
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "lora_kohya.safetensors"
@@ -43,28 +50,34 @@ PRIOR_MODES = ("none", "class_images", "frozen")
 
 def default_train_config(lora: bool) -> TrainConfig:
     # diffusers' README recipe is lr 5e-6 (full) / 1e-4 (LoRA) for 400-800 steps at 512 px; the small
-    # world model moves less per step, so the world defaults are larger. On the world bench's duo_ball
-    # (captioned references) LoRA at 300 steps reached subject fidelity 0.15, at 600 steps 0.65.
+    # world model moves less per step, so the world defaults are larger (docs/README.md)
     return TrainConfig(max_steps=600 if lora else 300, batch_size=4, learning_rate=2e-3 if lora else 2e-4, checkpoint_every=100)
 
 
 @dataclass
 class DreamBoothConfig:
-    identifier: str = "sks"
-    # None: full fine-tune. dreambooth_lora sets 16: on the world bench rank 16 reached subject fidelity
-    # 0.608 against rank 8's 0.556 (prompt fidelity 0.798 vs 0.801), clear of the base on 12 subjects
-    # against 11 (cross_cup 0.10 vs 0.03)
-    lora_rank: int | None = None
-    lora_alpha: float | None = None  # default: the rank
-    train_text_encoder: bool = False
-    prior_preservation: str = "class_images"  # none | class_images | frozen
-    num_class_images: int = 50
-    prior_loss_weight: float = 1.0
-    class_image_steps: int = 12  # DPM++ steps; the class probe scores 12 steps as 25 (0.963 vs 0.965 on "a dog")
-    class_image_batch: int = 16
-    class_image_cache: str | None = None  # default: $LIMNER_CACHE/class-images (~/.cache/limner)
-    captions: bool = True  # append each reference image's caption (if the subject has them) to its prompt
-    train: TrainConfig | None = None
+    identifier: str = setting("sks", "the rare word [V] bound to the subject")
+    lora_rank: int | None = setting(None, "None: fine-tune the whole UNet; N: rank-N LoRA adapters (dreambooth_lora: 16)")
+    lora_alpha: float | None = setting(None, "LoRA scale numerator (default: the rank)")
+    train_text_encoder: bool = setting(False, "also train the text encoder(s)")
+    prior_preservation: str = setting("class_images", "none | class_images (the paper's) | frozen (the frozen model's own "
+                                                      "prediction on the same batch, no class images)")
+    num_class_images: int = setting(50, "class images the frozen base draws once (cached) for prior preservation")
+    prior_loss_weight: float = setting(1.0, "weight of the prior-preservation loss")
+    class_image_steps: int = setting(12, "DPM++ steps per class image (the class probe scores 12 steps as 25)")
+    class_image_batch: int = setting(16, "class images drawn per batch")
+    class_image_cache: str | None = setting(None, "where class images are kept (default: $LIMNER_CACHE/class-images)")
+    captions: bool = setting(True, "append each reference image's caption (if it has one) to its prompt")
+    train: TrainConfig | None = setting(None, "trainer settings (default: the method's)")
+
+    def __post_init__(self) -> None:
+        if self.lora_rank is not None and self.lora_rank <= 0:
+            raise LimnerError(f"lora_rank must be a positive integer (--set lora_rank=16), got {self.lora_rank}")
+        if self.prior_preservation not in PRIOR_MODES:
+            raise LimnerError(f"prior_preservation {self.prior_preservation!r}: use one of {', '.join(PRIOR_MODES)}")
+        for name in ("num_class_images", "class_image_steps", "class_image_batch"):
+            if getattr(self, name) < 1:
+                raise LimnerError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -96,13 +109,6 @@ def class_images(base, class_prompt: str, count: int, steps: int, cache: Path | 
 # --------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------
-
-
-def add_lora(model, rank: int, alpha: float, targets: list[str]) -> list[torch.nn.Parameter]:
-    from peft import LoraConfig
-
-    model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets))
-    return [p for n, p in model.named_parameters() if "lora_" in n]
 
 
 class DreamBoothTask(TrainingTask):
@@ -210,24 +216,6 @@ class DreamBoothTask(TrainingTask):
 # --------------------------------------------------------------------------------------------
 
 
-def to_kohya(diffusers_state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-    """diffusers/peft LoRA keys -> kohya's (lora_unet_* / lora_te_*, lora_down / lora_up, .alpha)."""
-    out = {}
-    for key, value in diffusers_state.items():
-        prefix, _, rest = key.partition(".")
-        match = re.fullmatch(r"(.+)\.(lora_A|lora_B|lora\.down|lora\.up)\.weight", rest)
-        if match is None:
-            raise ValueError(f"not a LoRA weight key: {key}")
-        module, kind = match.groups()
-        sdxl = any(k.startswith("text_encoder_2.") for k in diffusers_state)
-        head = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if sdxl else "lora_te_", "text_encoder_2": "lora_te2_"}[prefix]
-        name = head + module.replace(".", "_")
-        part = "lora_down" if kind in ("lora_A", "lora.down") else "lora_up"
-        out[f"{name}.{part}.weight"] = value
-        out[f"{name}.alpha"] = torch.tensor(float(alpha))
-    return out
-
-
 def save_lora(pipe, out: Path, cfg: DreamBoothConfig) -> None:
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
@@ -253,59 +241,32 @@ def adapter_name(concept: Path, manifest: dict) -> str:
     return f"{manifest['method']}_{Path(concept).name}".replace(".", "_")
 
 
-def regional_adapters(base, concepts: list[Path], region_prompts: list[str]) -> Callable[[int | None], None]:
-    """With regional prompts, each applied LoRA acts in the UNet only in the windows whose prompt names
-    its identifier, so one subject's LoRA does not bleed into another's window. `use_window(None)`
-    makes every LoRA act everywhere again, as `apply` left them. (A LoRA of the text encoder, if
-    trained, acts on every region's prompt: they are encoded once, before denoising.)"""
-    manifests = [read_manifest(c) for c in concepts]
-    for c, m in zip(concepts, manifests):
-        warn_if_unnamed(str(c), m["tokens"], region_prompts)
-    adapters = [adapter_name(c, m) for c, m in zip(concepts, manifests)]
-    weights = [[1.0 if names(prompt, m["tokens"]) else 0.0 for m in manifests] for prompt in region_prompts]
-    everywhere = [1.0] * len(adapters)
-    active = everywhere
-
-    def use_window(i: int | None) -> None:
-        nonlocal active
-        want = everywhere if i is None else weights[i]
-        if want != active:  # the text is already encoded: only the UNet's adapters switch
-            base.pipe.unet.set_adapters(adapters, weights=want)
-            active = want
-
-    return use_window
-
-
 @register
-class DreamBooth(Method):
+class DreamBooth(TuningMethod):
     name = "dreambooth"
+    config_cls = DreamBoothConfig
+    capabilities = Capabilities(regional=True)
     token_setting = "identifier"
-    family = "tuning"
+    install_group = "dreambooth"  # full and LoRA concepts install together: the full UNet first, LoRAs onto it
+    installs_first = True  # a full concept replaces the UNet, so other methods' weights go onto it
     lora_default = False
 
     def default_config(self) -> DreamBoothConfig:
         return DreamBoothConfig(lora_rank=16 if self.lora_default else None)
 
-    def default_train_config(self) -> TrainConfig:
+    def default_train_config(self, num_subjects: int = 1) -> TrainConfig:
         return default_train_config(self.lora_default)
 
-    def personalize(self, base, subject: Subject, out: Path, **overrides) -> Path:
-        cfg = with_settings(self.default_config(), overrides, self.name)
-        cfg.train = cfg.train or default_train_config(cfg.lora_rank is not None)
-        if cfg.lora_rank is not None and cfg.lora_rank <= 0:
-            raise LimnerError(f"lora_rank must be a positive integer (--set lora_rank=16), got {cfg.lora_rank}")
-        if cfg.prior_preservation not in PRIOR_MODES:
-            raise LimnerError(f"prior_preservation {cfg.prior_preservation!r}: use one of {', '.join(PRIOR_MODES)}")
-        for name in ("num_class_images", "class_image_steps", "class_image_batch"):
-            if getattr(cfg, name) < 1:
-                raise LimnerError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    def train_defaults(self, cfg: DreamBoothConfig, num_subjects: int) -> TrainConfig:
+        return default_train_config(cfg.lora_rank is not None)
+
+    def prepare(self, base: Base, subjects: list[Subject], cfg: DreamBoothConfig) -> TuningRun:
+        (subject,) = subjects
         pipe = base.pipe
         if cfg.identifier in ("", subject.class_noun):
             raise LimnerError(f"identifier {cfg.identifier!r} must be a rare word different from the class noun")
         instance_prompt = f"a {cfg.identifier} {subject.class_noun}"
         class_prompt = f"a {subject.class_noun}"
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
         inst = encode_images(pipe.vae, subject.images, base.resolution, flip=cfg.train.flip)
         cls_lat: LatentCache | None = None
         if cfg.prior_preservation == "class_images":
@@ -323,55 +284,86 @@ class DreamBooth(Method):
                 batch["class"] = cls_lat.sample(torch.randint(len(cls_lat.mean), (bs,), generator=g), g)
             return batch
 
-        t0 = time.perf_counter()
-        validate = make_validator(base, [f"{instance_prompt} on the beach", f"{instance_prompt} in the snow"], out,
-                                  score=subject.meta.get("score"))
-        log = train(task, next_batch, cfg.train, out, desc=f"{self.name} {subject.name}", validate=validate)
-        pipe.unet.eval()
-        if not is_main_process():
-            return out
-        with disk_guard(f"the weights in {out}"):
-            if cfg.lora_rank is not None:
-                save_lora(pipe, out, cfg)
-                files = {"diffusers": LORA_FILE, "kohya": KOHYA_FILE}
-            else:
-                save_pipeline(pipe, out / PIPELINE_DIR)
-                files = {"pipeline": PIPELINE_DIR}
-        write_concept(out, self.name, subject, base, log, time.perf_counter() - t0, tokens=[cfg.identifier],
-                      identifier=cfg.identifier, config=asdict(cfg), files=files, lora=cfg.lora_rank is not None,
-                      training_prompts=instance_prompts,
-                      example_prompt=f"{instance_prompt} on the beach")
-        return out
+        return TuningRun(task, next_batch, [f"{instance_prompt} on the beach", f"{instance_prompt} in the snow"],
+                         f"{self.name} {subject.name}", {"instance_prompts": instance_prompts, "instance_prompt": instance_prompt})
 
-    def apply(self, base, concept: Path) -> None:
-        m = read_manifest(concept)
-        concept = Path(concept)
-        if m.get("lora"):
+    def save(self, base: Base, subjects: list[Subject], cfg: DreamBoothConfig, run: TuningRun, out: Path) -> dict:
+        if cfg.lora_rank is not None:
+            save_lora(base.pipe, out, cfg)
+            files = {"diffusers": LORA_FILE, "kohya": KOHYA_FILE}
+        else:
+            save_pipeline(base.pipe, out / PIPELINE_DIR)
+            files = {"pipeline": PIPELINE_DIR}
+        return {"tokens": [cfg.identifier], "identifier": cfg.identifier, "config": asdict(cfg), "files": files,
+                "lora": cfg.lora_rank is not None, "training_prompts": run.state["instance_prompts"],
+                "example_prompt": f"{run.state['instance_prompt']} on the beach"}
+
+    def install(self, base: Base, concepts: list[Path], regions: list[str] | None = None) -> Installation:
+        manifests = [read_manifest(c) for c in concepts]
+        full = [c for c, m in zip(concepts, manifests) if not m.get("lora")]
+        if len(full) > 1:
+            raise LimnerError(f"--concept {full[0]} and --concept {full[1]} are both full DreamBooth models, and each replaces the "
+                              "whole UNet; compose LoRA concepts instead (train with --method dreambooth_lora)")
+        installation = Installation()
+        if full:
+            installation.undo.append(install_full(base, full[0], read_manifest(full[0])))
+        loras = [(c, m) for c, m in zip(concepts, manifests) if m.get("lora")]
+        if not loras:
+            return installation
+        names = [adapter_name(c, m) for c, m in loras]
+        for (concept, _), name in zip(loras, names):
             # diffusers' own loader, with an adapter name per concept so several LoRAs compose
-            name = adapter_name(concept, m)
             base.pipe.load_lora_weights(str(concept), weight_name=LORA_FILE, adapter_name=name)
-            active = list(dict.fromkeys(base.pipe.get_active_adapters() + [name]))
-            base.pipe.set_adapters(active)
-            return
-        from diffusers import UNet2DConditionModel
+        base.pipe.set_adapters(list(dict.fromkeys(base.pipe.get_active_adapters() + names)))
+        installation.undo.append(lambda: remove_adapters(base.pipe, names))
+        if regions:
+            # each LoRA acts in the UNet only in the windows whose prompt names its identifier, so one
+            # subject's LoRA does not bleed into another's window (a text-encoder LoRA acts on every region)
+            for c, m in loras:
+                warn_if_unnamed(str(c), m["tokens"], regions)
+            weights = [[1.0 if prompt_names(prompt, m["tokens"]) else 0.0 for _, m in loras] for prompt in regions]
+            installation.before_window = adapters_per_window(base.pipe.unet, names, weights)
+        return installation
 
-        from limner.models.loading import dtype_kwarg
-
-        unet = UNet2DConditionModel.from_pretrained(concept / PIPELINE_DIR / "unet", **dtype_kwarg(base.dtype))
-        base.pipe.unet = unet.to(base.device)
-        if m["config"].get("train_text_encoder"):
-            for name in ("text_encoder", "text_encoder_2"):
-                if getattr(base.pipe, name, None) is not None:
-                    cls = type(getattr(base.pipe, name))
-                    setattr(base.pipe, name, cls.from_pretrained(concept / PIPELINE_DIR / name).to(base.device, base.dtype))
+    def acts_in(self, manifest: dict, region_prompt: str) -> bool:
+        return not manifest.get("lora") or super().acts_in(manifest, region_prompt)  # a full UNet acts in every window
 
     def prompt(self, template: str, concept: Path) -> str:
         m = read_manifest(concept)
         return template.format(f"{m['identifier']} {m['class_noun']}")
 
 
+def install_full(base: Base, concept: Path, manifest: dict) -> Callable[[], None]:
+    """Puts a full DreamBooth concept's UNet (and text encoders, if trained) in the pipeline; returns
+    what puts the base's back."""
+    from diffusers import UNet2DConditionModel
+
+    from limner.models.loading import dtype_kwarg
+
+    pipe = base.pipe
+    names = ["unet"] + ([n for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None]
+                        if manifest["config"].get("train_text_encoder") else [])
+    originals = {n: getattr(pipe, n) for n in names}
+    pipe.unet = UNet2DConditionModel.from_pretrained(concept / PIPELINE_DIR / "unet", **dtype_kwarg(base.dtype)).to(base.device)
+    for name in names[1:]:
+        cls = type(originals[name])
+        setattr(pipe, name, cls.from_pretrained(concept / PIPELINE_DIR / name).to(base.device, base.dtype))
+
+    def restore() -> None:
+        for name, module in originals.items():
+            setattr(pipe, name, module)
+
+    return restore
+
+
+def remove_adapters(pipe: Any, names: list[str]) -> None:
+    """Deletes the named LoRA adapters; once none is left, peft's wrappers go too, so the base runs as it did."""
+    pipe.delete_adapters(names)
+    if not any(pipe.get_list_adapters().values()):
+        pipe.unload_lora_weights()
+
+
 @register
 class DreamBoothLoRA(DreamBooth):
     name = "dreambooth_lora"
     lora_default = True
-

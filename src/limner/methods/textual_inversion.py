@@ -9,20 +9,29 @@ model itself never changes.
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass, field
+import copy
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from limner.concepts import read_manifest, write_concept
+from limner.concepts import read_manifest
 from limner.errors import LimnerError
-from limner.io import disk_guard, written_atomically
-from limner.methods import Method, Subject, register, with_settings
-from limner.training import TrainConfig, TrainingTask, denoising_loss, is_main_process, make_validator, noise_scheduler, train
+from limner.io import written_atomically
+from limner.methods.base import Capabilities, Installation
+from limner.methods.registry import register
+from limner.methods.settings import setting
+from limner.methods.tuning import TuningMethod, TuningRun
+from limner.subject import Subject
+from limner.training import TrainConfig, TrainingTask, denoising_loss, noise_scheduler
 from limner.training.conditioning import PromptEncoder
 from limner.training.data import encode_images, image_captions, subject_loss_weights, with_caption
+
+if TYPE_CHECKING:
+    from limner.models.loading import Base
 
 OBJECT_TEMPLATES = (
     "a photo of a {}", "a rendering of a {}", "a picture of a {}", "a {}", "a photo of the {}", "a close up photo of a {}",
@@ -34,41 +43,40 @@ STYLE_TEMPLATES = (
     "a photo in the style of {}", "art in the style of {}", "a nice painting in the style of {}", "a {} style painting",
 )
 
+TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
+
 DIFFUSERS_FILE = "learned_embeds.safetensors"
 A1111_FILE = "embedding.safetensors"  # {"emb_params": [n, d]}: A1111 / kohya / ComfyUI
 
 
 def default_train_config() -> TrainConfig:
-    # min-SNR weighting (gamma 5, Hang et al. 2023) costs nothing per step. On the world bench it raised
-    # subject fidelity from 0.384 to 0.400 (prompt fidelity 0.766 -> 0.770), and on spot_dog the mean of
-    # six training seeds from 0.534 to 0.574. It weighs down the nearly noise-free timesteps, whose
-    # gradients the paper finds pull against the others'
+    # min-SNR weighting (gamma 5, Hang et al. 2023) costs nothing per step and weighs down the nearly
+    # noise-free timesteps, whose gradients the paper finds pull against the others' (measured: docs/README.md)
     return TrainConfig(max_steps=400, batch_size=4, learning_rate=5e-3, weight_decay=0.0, checkpoint_every=100, min_snr_gamma=5.0)
 
 
 @dataclass
 class TextualInversionConfig:
-    token: str = "<s*>"
-    # four vectors: a subject's looks take several words ("red and white ... blue heart"), one vector one
-    # position; on the world bench 4 raised subject fidelity from 0.216 to 0.308 (prompt fidelity 0.81 -> 0.77)
-    num_vectors: int = 4
-    initializer: str | None = None  # default: the class noun
-    templates: str = "object"  # object | style
-    captions: bool = True  # append each reference image's caption (if the subject has them) to its prompts
-    # None: free. A number: after each step, each learned vector's norm is cut to at most this multiple of
-    # the vocabulary's mean norm (a vector that outweighs every word can crowd the prompt's other words out).
-    # Off by default: free vectors end 4-6x a word's norm, yet on the world bench a cap of 2 lowered subject
-    # fidelity (0.400 -> 0.379) and moved, not removed, the subjects whose prompt fidelity is lowest
-    norm_cap: float | None = None
-    # None: the paper's loss over the whole image. A number: where the subject's reference images come with
-    # masks (the world's do), pixels off the subject weigh this much in the loss. Off by default: it was
-    # meant to stop v* learning the backgrounds, but freed from them v* paints them. On tri_kite, sun_ball and
-    # sea_cup, weight 0.1 raised subject fidelity 0.499 -> 0.581 and cut prompt fidelity 0.690 -> 0.529
-    # (weight 0: 0.383). A subject without masks is an error. FastComposer's localization loss on the new
-    # tokens' cross-attention (off the subject minus on it) did worse still: at weight 0.1 subject fidelity
-    # 0.187, prompt fidelity 0.620, so it is not offered
-    background_weight: float | None = None
-    train: TrainConfig = field(default_factory=default_train_config)
+    token: str = setting("<s*>", "the new pseudo-word S*")
+    num_vectors: int = setting(4, "vectors per token: a subject's looks take several words, one vector one position")
+    initializer: str | None = setting(None, "the word S* starts from (default: the class noun)")
+    templates: str = setting("object", "prompt templates: object | style")
+    captions: bool = setting(True, "append each reference image's caption (if it has one) to its prompts")
+    norm_cap: float | None = setting(None, "after each step, cut each vector's norm to at most this multiple of a word's "
+                                           "(None: free; free vectors end 4-6x a word's norm)")
+    background_weight: float | None = setting(None, "weight of the pixels off the subject in the loss, from the subject's masks "
+                                                    "(None: the paper's loss over the whole image)")
+    train: TrainConfig = setting(default_factory=default_train_config, help="trainer settings")
+
+    def __post_init__(self) -> None:
+        if self.num_vectors < 1:
+            raise LimnerError(f"num_vectors (--num-vectors) must be at least 1, got {self.num_vectors}")
+        if self.templates not in TEMPLATES:
+            raise LimnerError(f"--set templates={self.templates!r}: use one of {', '.join(TEMPLATES)}")
+        if self.background_weight is not None and not 0 <= self.background_weight <= 1:
+            raise LimnerError(f"--set background_weight={self.background_weight}: give a weight from 0 (subject only) to 1 (the whole image)")
+        if self.norm_cap is not None and self.norm_cap <= 0:
+            raise LimnerError(f"--set norm_cap={self.norm_cap}: give a positive multiple of the vocabulary's mean norm (e.g. 2), or leave it unset")
 
 
 def placeholder_tokens(token: str, num_vectors: int) -> list[str]:
@@ -237,33 +245,54 @@ def load_embedding(base, path: Path, token: str | None = None, allow_pickle: boo
     return token
 
 
+def load_embedding_spec(base: Base, spec: str, allow_pickle: bool = False) -> str:
+    """`limner generate --embedding FILE[:TOKEN]`: loads the file; returns the token to write in prompts."""
+    path, _, token = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
+    if not Path(path).exists():
+        raise LimnerError(f"--embedding {path} does not exist")
+    return load_embedding(base, Path(path), token or None, allow_pickle)
+
+
+def text_restorer(pipe: Any) -> Callable[[], None]:
+    """Undoes the new tokens that loading embeddings adds: each tokenizer as it was, and each text
+    encoder's embedding matrix cut back to its old rows (loading writes only the rows it adds)."""
+    pairs = [(t, e) for t, e in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")) if getattr(pipe, e, None) is not None]
+    saved = [(t, copy.deepcopy(getattr(pipe, t)), e, getattr(pipe, e).get_input_embeddings().num_embeddings) for t, e in pairs]
+
+    def restore() -> None:
+        for tok_name, tokenizer, te_name, rows in saved:
+            setattr(pipe, tok_name, tokenizer)
+            te = getattr(pipe, te_name)
+            if te.get_input_embeddings().num_embeddings != rows:
+                te.resize_token_embeddings(rows, mean_resizing=False)
+
+    return restore
+
+
 @register
-class TextualInversion(Method):
+class TextualInversion(TuningMethod):
     name = "textual_inversion"
+    config_cls = TextualInversionConfig
+    capabilities = Capabilities(reads_masks=True)
     token_setting = "token"
-    family = "tuning"
-    # S*'s vectors, several times a word's norm, outweigh the prompt's other words: asked for "a S* with a hat
-    # in the city" TI drew the subject, seldom the city and never the hat. Drawing the first fifth of the steps
-    # from "a kite with a hat in the city" (PhotoMaker merges its identity after 10 of 50 steps) settles the
-    # place first: on tri_kite, sun_ball and sea_cup prompt fidelity 0.690 -> 0.794, subject fidelity 0.499 -> 0.401
+    artifact = "the embedding"
+    # S*'s vectors, several times a word's norm, outweigh the prompt's other words; drawing the first fifth
+    # of the steps from the class prompt settles the place and the things asked for first (docs/world-bench-ti)
     layout_fraction = 0.2
 
     def reads_masks(self, overrides: dict) -> bool:
-        return self.settings_with(overrides).get("background_weight") is not None  # the masked loss
+        return overrides.get("background_weight") is not None  # the masked loss
 
-    def personalize(self, base, subject: Subject, out: Path, **overrides) -> Path:
-        cfg = with_settings(self.default_config(), overrides, self.name)
-        if cfg.num_vectors < 1:
-            raise LimnerError(f"--num-vectors must be at least 1, got {cfg.num_vectors}")
-        if cfg.background_weight is not None and not 0 <= cfg.background_weight <= 1:
-            raise LimnerError(f"--set background_weight={cfg.background_weight}: give a weight from 0 (subject only) to 1 (the whole image)")
-        if cfg.norm_cap is not None and cfg.norm_cap <= 0:
-            raise LimnerError(f"--set norm_cap={cfg.norm_cap}: give a positive multiple of the vocabulary's mean norm (e.g. 2), or leave it unset")
+    def default_train_config(self, num_subjects: int = 1) -> TrainConfig:
+        return default_train_config()
+
+    def prepare(self, base: Base, subjects: list[Subject], cfg: TextualInversionConfig) -> TuningRun:
+        (subject,) = subjects
         pipe = base.pipe
         encoder = PromptEncoder(pipe, base.resolution)
         tokens = placeholder_tokens(cfg.token, cfg.num_vectors)
         ids = add_tokens_everywhere(encoder, tokens, cfg.initializer or subject.class_noun)
-        templates = OBJECT_TEMPLATES if cfg.templates == "object" else STYLE_TEMPLATES
+        templates = TEMPLATES[cfg.templates]
         phrase = " ".join(tokens)
         # token ids [image, template, ...]: every template, followed by that image's caption
         captions = image_captions(subject, cfg.captions)
@@ -272,8 +301,6 @@ class TextualInversion(Method):
         weights = None
         if cfg.background_weight is not None:
             weights = subject_loss_weights(subject, base.resolution, latents.mean.shape[-1], cfg.train.flip, cfg.background_weight)
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
 
         def next_batch(g: torch.Generator) -> dict:
             idx = torch.randint(len(latents.mean), (cfg.train.batch_size,), generator=g)
@@ -282,32 +309,25 @@ class TextualInversion(Method):
             return batch | ({"mask": weights[idx]} if weights is not None else {})
 
         task = TextualInversionTask(pipe, encoder, ids, cfg.train, cfg.norm_cap)
-        t0 = time.perf_counter()
-        validate = make_validator(base, [f"a {phrase} on the beach", f"a {phrase} in the snow"], out, score=subject.meta.get("score"))
-        log = train(task, next_batch, cfg.train, out, desc=f"textual inversion {subject.name}", validate=validate)
-        if not is_main_process():
-            return out
-        with disk_guard(f"the embedding in {out}"):
-            files = save_embeddings(out, cfg.token, task.rows.vectors())
-        write_concept(out, self.name, subject, base, log, time.perf_counter() - t0, tokens=tokens, token=cfg.token,
-                      num_vectors=cfg.num_vectors, config=asdict(cfg), files=files, family=base.family,
-                      training_prompts=[with_caption(templates[0].format(phrase), c) for c in captions],
-                      example_prompt=f"a photo of a {cfg.token} on the beach")
-        return out
+        prompts = [with_caption(templates[0].format(phrase), c) for c in captions]
+        return TuningRun(task, next_batch, [f"a {phrase} on the beach", f"a {phrase} in the snow"],
+                         f"textual inversion {subject.name}", {"tokens": tokens, "training_prompts": prompts})
 
-    def default_train_config(self) -> TrainConfig:
-        return default_train_config()
+    def save(self, base: Base, subjects: list[Subject], cfg: TextualInversionConfig, run: TuningRun, out: Path) -> dict:
+        files = save_embeddings(out, cfg.token, run.task.rows.vectors())
+        return {"tokens": run.state["tokens"], "token": cfg.token, "num_vectors": cfg.num_vectors, "config": asdict(cfg),
+                "files": files, "family": base.family, "training_prompts": run.state["training_prompts"],
+                "example_prompt": f"a photo of a {cfg.token} on the beach"}
 
-    def default_config(self) -> TextualInversionConfig:
-        return TextualInversionConfig()
-
-    def apply(self, base, concept: Path) -> None:
-        m = read_manifest(concept)
-        if base.family == "sdxl":
-            load_embedding(base, Path(concept) / A1111_FILE, token=m["token"])
-            return
-        # diffusers' own loader: the file is exactly what plain diffusers users load
-        base.pipe.load_textual_inversion(str(Path(concept) / DIFFUSERS_FILE), token=m["token"])
+    def install(self, base: Base, concepts: list[Path], regions: list[str] | None = None) -> Installation:
+        installation = Installation(undo=[text_restorer(base.pipe)])
+        for concept in concepts:
+            m = read_manifest(concept)
+            if base.family == "sdxl":
+                load_embedding(base, Path(concept) / A1111_FILE, token=m["token"])
+            else:  # diffusers' own loader: the file is exactly what plain diffusers users load
+                base.pipe.load_textual_inversion(str(Path(concept) / DIFFUSERS_FILE), token=m["token"])
+        return installation
 
     def prompt(self, template: str, concept: Path) -> str:
         return template.format(read_manifest(concept)["token"])

@@ -1,0 +1,67 @@
+"""Eval's cache key of a trained concept: everything that shaped it, however it was given.
+
+A concept is trained once per (method, settings, subject, base) and reused afterwards. The settings
+part is the method's defaults with the run's overrides applied, so a run whose settings equal a later
+default is the same run, and changing a default never reuses a concept trained under the old one. A
+setting added later is left out at its neutral value (`limner.methods.settings.setting(added=True)`,
+or None), so the concepts trained before it existed are found again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, fields
+from typing import Any
+
+from limner.methods import Method
+from limner.methods.settings import KEY_NEUTRAL
+from limner.training import TrainConfig
+
+
+def digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def default_settings(method: Method) -> dict:
+    """Every default that shapes a concept (method and training settings)."""
+    cfg, train = method.default_config(), method.default_train_config()
+    if cfg is None:
+        return {"train": asdict(train) if train is not None else None}
+    if getattr(cfg, "train", None) is None:
+        cfg.train = train
+    return asdict(cfg)
+
+
+def settings_with(method: Method, overrides: dict) -> dict:
+    """default_settings() with `overrides` (method and training settings in one flat dict, as on the
+    command line) applied."""
+    settings, cfg = default_settings(method), method.default_config()
+    train_fields = fields(TrainConfig)
+    train_names = {f.name for f in train_fields}
+    train = settings["train"] if isinstance(settings.get("train"), dict) else settings
+    # "5" on the command line reads as an int; a float setting keeps it as 5.0, as its default would be
+    floats = {f.name for f in train_fields + (fields(cfg) if cfg is not None else ()) if "float" in str(f.type)}
+    for key, value in overrides.items():
+        (train if key in train_names else settings)[key] = float(value) if key in floats and type(value) is int else value
+    return settings
+
+
+def key_settings(method: Method, overrides: dict) -> dict:
+    """settings_with(overrides) less what cannot have changed a concept trained before the setting
+    existed: unset (None) settings, and added settings at their neutral value."""
+    cfg = method.default_config()
+    declared = fields(TrainConfig) + (fields(cfg) if cfg is not None else ())
+    neutral = {f.name: f.metadata[KEY_NEUTRAL] for f in declared if KEY_NEUTRAL in f.metadata}
+
+    def keyed(settings: dict) -> dict:
+        return {k: keyed(v) if isinstance(v, dict) else v for k, v in settings.items()
+                if v is not None and not (k in neutral and v == neutral[k])}
+
+    return keyed(settings_with(method, overrides))
+
+
+def concept_key(method: Method, config: dict, subject_fingerprint: str, base_fingerprint: str) -> str:
+    """A trained concept's cache key (see the module docstring)."""
+    return digest({"method": method.name, "settings": key_settings(method, config), "subject": subject_fingerprint,
+                   "base": base_fingerprint})

@@ -1,0 +1,96 @@
+"""Method settings: dataclasses whose fields carry their help text, as peft's configs do.
+
+A method's settings are one dataclass (its `config_cls`), validated in `__post_init__`, so a bad
+value fails where it is given, naming the setting. The trainer's settings (`TrainConfig`) ride in its
+`train` field. On the command line both arrive as one flat list of `--set key=value` pairs, split
+here, in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, Field, field, fields, replace
+from typing import Any
+
+from limner.errors import LimnerError
+
+HELP = "help"
+# the value at which a setting stays out of eval's cache key (limner.evaluation.cache_keys): a setting
+# added after concepts were cached, whose default does what the method did before it existed
+KEY_NEUTRAL = "key_neutral"
+
+
+def setting(default: Any = MISSING, help: str = "", *, default_factory: Any = MISSING, added: bool = False) -> Field:
+    """A settings field with its help text. `added=True` marks a setting added after concepts were
+    cached: at its default, eval's cache key leaves it out, so those concepts are found again (a setting
+    whose default is None is left out at None anyway)."""
+    metadata = {HELP: help} | ({KEY_NEUTRAL: default} if added else {})
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def added_setting(default: Any) -> Field:
+    """A setting added after concepts were cached (see `setting(added=True)`)."""
+    return setting(default, added=True)
+
+
+def parse_setting(item: str, where: str) -> tuple[str, object]:
+    """'key=value' -> (key, value), the value read as int, float or bool where it looks like one."""
+    key, eq, text = item.partition("=")
+    if not eq or not key.strip():
+        raise LimnerError(f"{where}: settings are key=value pairs (e.g. prior_preservation=none), got {item!r}")
+    text = text.strip()
+    for cast in (int, float):
+        try:
+            return key.strip(), cast(text)
+        except ValueError:
+            pass
+    return key.strip(), {"true": True, "false": False}.get(text.lower(), text)
+
+
+def with_settings(config: Any, overrides: dict, method: str) -> Any:
+    """The method's config dataclass with `overrides` applied; an unknown key is an error naming it."""
+    known = {f.name for f in fields(config)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise LimnerError(f"{method} has no setting {', '.join(map(repr, unknown))}; its settings: {', '.join(sorted(known))}")
+    return replace(config, **overrides)
+
+
+def split_settings(train_config: Any, settings: dict) -> tuple[Any, dict]:
+    """(train_config with the settings that name its fields applied, the remaining method settings):
+    one flat list of key=value settings reaches both the trainer and the method."""
+    names = {f.name for f in fields(train_config)}
+    trainer = {k: v for k, v in settings.items() if k in names}
+    return replace(train_config, **trainer), {k: v for k, v in settings.items() if k not in names}
+
+
+def describe(config_cls: type) -> list[tuple[str, Any, str]]:
+    """(name, default, help) of every setting: what `limner train --method M --help-settings` shows."""
+    rows = []
+    for f in fields(config_cls):
+        default = f.default if f.default is not MISSING else (f.default_factory() if f.default_factory is not MISSING else None)
+        rows.append((f.name, default, f.metadata.get(HELP, "")))
+    return rows
+
+
+def command_line_settings(method: Any, items: list[str], num_subjects: int = 1, token: str | None = None,
+                          num_vectors: int | None = None, **trainer_options: Any) -> dict:
+    """The overrides `limner train` passes to `personalize`: `--set` items (method and trainer settings in one
+    list), `--token` and `--num-vectors`, and trainer options given as flags (`--steps`, `--lr`, ...), which
+    win over `--set`; options left out (None) keep what `--set` or the defaults say."""
+    overrides = dict(parse_setting(item, "--set") for item in items)
+    if token is not None:
+        if num_subjects > 1:
+            raise LimnerError(f"--token: joint training names its {num_subjects} tokens <new1> to <new{num_subjects}> "
+                              "(one per subject, in --subject's order); leave --token out")
+        if method.token_setting is None:
+            raise LimnerError(f"--token: {method.name} has no token or identifier to set")
+        overrides[method.token_setting] = token
+    if num_vectors is not None:
+        overrides["num_vectors"] = num_vectors
+    train = method.default_train_config(num_subjects)
+    if train is not None:
+        train, overrides = split_settings(train, overrides)
+        overrides["train"] = replace(train, **{k: v for k, v in trainer_options.items() if v is not None})
+    return overrides

@@ -1,0 +1,82 @@
+"""`limner world ...`: rebuild the world's model stack, check it, write the held-out subjects."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from limner.cli_options import BaseOpt, DeviceOpt, command, fail, output_folder
+from limner.errors import LimnerError
+
+world_app = typer.Typer(no_args_is_help=True, help="The procedural world: its renderer, base model stack and probes.")
+
+
+@world_app.command("build")
+def world_build(
+    out: Annotated[Optional[Path], typer.Option("--out", help="World folder to write (base/ and probes/). Default: the package's assets.")] = None,
+    work: Annotated[Path, typer.Option("--work", help="Folder for data caches and checkpoints (resumable).")] = Path(".limner-build"),
+    device: DeviceOpt = "auto",
+    quick: Annotated[bool, typer.Option("--quick", help="A tiny build (minutes) to try the pipeline; not for shipping.")] = False,
+) -> None:
+    """Train the world's tokenizer, CLIP, VAE, UNet and probes from renders (resumable)."""
+    from limner.models.loading import ASSETS
+    from limner.world.build import BuildConfig, build
+
+    if quick and out is None:
+        fail("--quick builds a toy stack that must not replace the shipped one: give --out DIR")
+    cfg = BuildConfig.quick() if quick else BuildConfig()
+    record = command(build)(out or ASSETS / "world", work, cfg, device=device)
+    typer.echo(json.dumps(record["seconds"], indent=2))
+
+
+@world_app.command("check")
+@command
+def world_check_cmd(
+    n: Annotated[int, typer.Option("-n", help="Number of held-out prompts to generate.")] = 48,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    steps: Annotated[int, typer.Option("--steps")] = 25,
+    guidance: Annotated[float, typer.Option("--guidance")] = 5.0,
+    base: BaseOpt = None,
+    device: DeviceOpt = "auto",
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the full report here.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Also write a grid of the generated images here.")] = None,
+) -> None:
+    """Generate from held-out caption combinations and report what the probes read back."""
+    from limner.models.loading import load_base
+    from limner.world.check import format_table, world_check
+
+    if json_out is not None and (json_out.is_dir() or not json_out.parent.is_dir()):
+        raise LimnerError(f"--json {json_out}: give a file path in an existing folder")
+    b = load_base(base, device=device)
+    report = world_check(b, n=n, seed=seed, steps=steps, guidance=guidance, out=out)
+    typer.echo(format_table(report))
+    summary = {k: report[k] for k in ("accuracy", "passes_floors", "seconds_per_image")}
+    typer.echo(json.dumps(summary))
+    if json_out:
+        from limner.io import write_json_atomic
+
+        write_json_atomic(json_out, report)
+    if not report["passes_floors"]:
+        raise typer.Exit(1)
+
+
+@world_app.command("subjects")
+@command
+def world_subjects(
+    out: Annotated[Path, typer.Option("--out", help="Folder to write one sub-folder of reference images per subject.")] = Path("world-subjects"),
+) -> None:
+    """Write the held-out world-bench subjects' 5 reference images each (objects and identities)."""
+    from limner.world.bench import IDENTITIES, SUBJECTS, identity_references, subject_references
+
+    output_folder(out)
+    for name, cls, refs in [(s.name, s.cls, subject_references(s)) for s in SUBJECTS] + \
+                           [(b.name, b.cls, identity_references(b)) for b in IDENTITIES]:
+        folder = out / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, r in enumerate(refs):
+            r.pil().save(folder / f"{i}.png")
+        (folder / "subject.json").write_text(json.dumps({"name": name, "class_noun": cls}))
+    typer.echo(f"wrote {len(SUBJECTS) + len(IDENTITIES)} subjects to {out}/")

@@ -1,0 +1,150 @@
+"""The contract every method keeps, and a new method plugging in by registering itself.
+
+Each registered method (and a toy one defined here) personalizes on a tiny base; its concept installs,
+changes what is drawn, and uninstalls back to the base bit for bit; its eval cache key is stable; bad
+settings fail naming the setting. The toy method, a fixed prompt-embedding offset registered from
+this file, also runs through `limner generate` and `limner eval` with no change to either.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from limner.cli import app
+from limner.concepts import read_manifest, write_model_card
+from limner.conditioning import apply_concepts
+from limner.errors import LimnerError
+from limner.evaluation.cache_keys import concept_key
+from limner.generation import GenerationSettings, generate
+from limner.io import write_json_atomic
+from limner.methods import REGISTRY, Capabilities, Installation, Method, Subject, get_method, method_names, register
+from limner.models.loading import load_base
+from limner.training import TrainConfig
+
+
+class PromptOffset(Method):
+    """A toy encoder method: the concept is one vector added to every prompt embedding, encoded from
+    the references' mean colour. It conditions generation through per-call pipeline arguments only."""
+
+    name = "prompt_offset"
+    family = "encoder"
+    capabilities = Capabilities()
+
+    def personalize(self, base, subject, out, *, score=None, **overrides):
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        width = base.pipe.text_encoder.config.hidden_size
+        colour = torch.tensor(np.mean([im.reshape(-1, 3).mean(0) for im in subject.images], axis=0) / 255.0)
+        offset = colour.float().repeat(width // 3 + 1)[:width] * float(overrides.get("strength", 1.0))
+        save_file({"offset": offset.contiguous()}, str(out / "offset.safetensors"))
+        manifest = {"method": self.name, "subject": subject.name, "class_noun": subject.class_noun, "tokens": [],
+                    "base_fingerprint": base.fingerprint, "base_path": str(base.path), "steps": 0, "config": overrides}
+        write_json_atomic(out / "limner.json", manifest)
+        write_model_card(out, manifest)
+        return out
+
+    def install(self, base, concepts, regions=None):
+        return Installation()  # nothing to install: the offset rides on each call
+
+    def condition(self, base, concepts, prompt):
+        pipe = base.pipe
+        embeds = pipe.encode_prompt(prompt, pipe.device, 1, False)[0]
+        offset = sum(load_file(str(Path(c) / "offset.safetensors"))["offset"] for c in concepts)
+        return {"prompt_embeds": embeds + offset.to(embeds)}
+
+    def prompt(self, template, concept):
+        return template.format(read_manifest(concept)["class_noun"])
+
+
+@pytest.fixture
+def toy_method():
+    register(PromptOffset)
+    yield PromptOffset
+    REGISTRY.pop(PromptOffset.name)
+
+
+def blob(n: int = 2) -> Subject:
+    rng = np.random.default_rng(0)
+    return Subject("blob", "ball", [rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(n)])
+
+
+QUICK = TrainConfig(max_steps=2, batch_size=1, learning_rate=1e-2, checkpoint_every=0)
+# per method: settings for a run of seconds, a bad value that must fail naming its setting, and a prompt
+CASES = {
+    "textual_inversion": ({"train": QUICK, "num_vectors": 1}, ("num_vectors", 0), "a <s*> on the beach"),
+    "dreambooth": ({"train": QUICK, "prior_preservation": "none"}, ("prior_preservation", "sometimes"), "a sks ball"),
+    "dreambooth_lora": ({"train": QUICK, "prior_preservation": "none"}, ("lora_rank", 0), "a sks ball"),
+    "custom_diffusion": ({"train": QUICK, "prior_preservation": False, "augment": False}, ("mode", "everything"), "a <new1> ball"),
+    "prompt_offset": ({}, None, "a ball"),
+}
+
+
+def draw(base, prompt: str, conditioning=None) -> np.ndarray:
+    s = GenerationSettings(prompt, num_images=1, steps=2, batch_size=1)
+    return np.asarray(generate(base, s, conditioning=conditioning).images[0])
+
+
+def test_every_registered_method_has_a_contract_case():
+    assert set(method_names()) <= set(CASES), "add the new method to CASES so the contract covers it"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_method_contract(name, tiny_base, tmp_path, toy_method):
+    method = get_method(name)
+    settings, bad, prompt = CASES[name]
+    concept = method.personalize(load_base(str(tiny_base), device="cpu"), blob(), tmp_path / "c", **settings)
+    manifest = read_manifest(concept)
+    assert manifest["method"] == name and manifest["base_fingerprint"] == load_base(str(tiny_base), device="cpu").fingerprint
+    assert method.family in ("tuning", "encoder", "identity")
+
+    # installed, the concept changes the picture; uninstalled, the base draws exactly what it drew before
+    base = load_base(str(tiny_base), device="cpu")
+    before = draw(base, prompt)
+    with apply_concepts(base, [concept]) as applied:
+        during = draw(base, prompt, applied.condition(prompt, 2))
+    assert not np.array_equal(before, during), "the concept must change what is drawn"
+    assert np.array_equal(before, draw(base, prompt)), "uninstalling must give the base back bit for bit"
+
+    # the eval cache key is stable, and a setting changes it
+    assert concept_key(method, {}, "s", "b") == concept_key(get_method(name), {}, "s", "b")
+    changed = {"strength": 2.0} if name == "prompt_offset" else {"max_steps": 7}
+    assert concept_key(method, changed, "s", "b") != concept_key(method, {}, "s", "b")
+
+    # bad settings fail before any work, naming the setting
+    if bad is not None:
+        key, value = bad
+        with pytest.raises(LimnerError, match=key):
+            method.personalize(load_base(str(tiny_base), device="cpu"), blob(), tmp_path / "bad", **(settings | {key: value}))
+    if method.config_cls is not None:
+        with pytest.raises(LimnerError, match="no setting 'colour_of_the_sky'"):
+            method.personalize(load_base(str(tiny_base), device="cpu"), blob(), tmp_path / "bad2", colour_of_the_sky=1)
+
+
+def test_a_registered_method_runs_in_generate_and_eval_unchanged(toy_method, tmp_path):
+    """The toy method was never named anywhere in limner: `limner generate --concept` and `limner eval
+    --method` run it through the one conditioning path."""
+    from limner.evaluation.subjects import world_subjects
+
+    (subject,) = world_subjects("world:duo_ball")
+    concept = get_method("prompt_offset").personalize(load_base(), subject, tmp_path / "toy")
+    runner = CliRunner()
+    r = runner.invoke(app, ["generate", "a ball on the beach", "-n", "1", "--steps", "2", "--concept", str(concept),
+                            "--out", str(tmp_path / "gen")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["generate", "a ball on the beach", "-n", "1", "--steps", "2", "--out", str(tmp_path / "plain")])
+    assert r.exit_code == 0, r.output
+    with_offset, plain = (np.asarray(__import__("PIL.Image").Image.open(next((tmp_path / d).glob("*-00.png"))))
+                          for d in ("gen", "plain"))
+    assert not np.array_equal(with_offset, plain)
+    r = runner.invoke(app, ["eval", "--method", "prompt_offset", "--subjects", "world:duo_ball", "--prompts", "1", "-n", "1",
+                            "--steps", "2", "--no-bounds", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "report")])
+    assert r.exit_code == 0, r.output
+    results = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert "subject_fidelity" in results["rows"]["prompt_offset"]["mean"]
