@@ -42,7 +42,7 @@ def run_demo(out: Path, subject_name: str = "duo_ball", method_name: str = DEFAU
     from dataclasses import replace
 
     from limner.conditioning import apply_concepts, concept_prompt
-    from limner.evaluation.encoders import WorldFaceEmbedder
+    from limner.encoders import WorldFaceEmbedder
     from limner.evaluation.protocol import Encoders, world_measures
     from limner.evaluation.subjects import world_subjects
     from limner.generation import GenerationSettings, generate, make_grid, prepare_output

@@ -24,6 +24,7 @@ from limner.errors import LimnerError
 from limner.evaluation.cache_keys import concept_key, digest
 from limner.evaluation.metrics import diversity, mean_similarity_to_references, text_alignment
 from limner.evaluation.subjects import EvalSubject
+from limner.images import at_64px
 from limner.io import written_atomically
 from limner.methods import get_method, parse_setting, split_settings
 from limner.world.bench import BenchPrompt
@@ -57,7 +58,7 @@ class Encoders:
 def build_encoders(world: bool, base: str | None, clip: Path | None, dino: Path | None, face: Path | None, device: str) -> Encoders:
     """The encoders that score images: the world's CLIP, identity embedder and probes on the world
     base; local CLIP / DINO / insightface folders on real subjects."""
-    from limner.evaluation.encoders import CLIPEncoder, DINOEncoder, InsightFaceEmbedder, WorldCLIP, WorldFaceEmbedder
+    from limner.encoders import CLIPEncoder, DINOEncoder, InsightFaceEmbedder, WorldCLIP, WorldFaceEmbedder
     from limner.models.loading import WORLD_BASE, WORLD_PROBES, resolve_device
     from limner.world.probes import Probes
 
@@ -350,20 +351,16 @@ def score_subject(subject: EvalSubject, images: dict[str, list[Path]], enc: Enco
         drift_ims = load_rgb(images["__drift__"])
         fid, _ = world_measures(subject, None, drift_ims, enc)
         add("language_drift", fid)
-        cls = enc.probes.predict("attributes", _arrays(drift_ims))["class"].argmax(-1)
+        cls = enc.probes.predict("attributes", at_64px(drift_ims))["class"].argmax(-1)
         labels = enc.probes.labels("attributes", "class")
         add("class_prompt_accuracy", [labels[int(c)] == subject.class_noun for c in cls])
     return {k: float(np.nanmean(v)) for k, v in acc.items() if v}
 
 
-def _arrays(images: list[Image.Image]) -> np.ndarray:
-    return np.stack([np.asarray(im.convert("RGB").resize((64, 64))) for im in images])
-
-
 def world_measures(subject: EvalSubject, prompt: BenchPrompt | None, images: list[Image.Image], enc: Encoders):
     """Subject fidelity (is it this subject?) and prompt fidelity (does it do what was asked?),
     read by probes trained on renderer ground truth."""
-    arr = _arrays(images)
+    arr = at_64px(images)
     if subject.kind == "identity":
         refs, ref_found = enc.face.faces(subject.images)
         emb, found = enc.face.faces(list(arr))
@@ -382,7 +379,7 @@ def world_measures(subject: EvalSubject, prompt: BenchPrompt | None, images: lis
 
 def world_fidelity_score(subject: EvalSubject):
     """images -> mean subject fidelity, read by the world's probes (for validation during training)."""
-    from limner.evaluation.encoders import WorldFaceEmbedder
+    from limner.encoders import WorldFaceEmbedder
     from limner.models.loading import WORLD_PROBES
     from limner.world.probes import Probes
 

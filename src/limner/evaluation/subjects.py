@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from limner.errors import LimnerError
-from limner.io import IMAGE_SUFFIXES  # moved to limner.io; re-exported here until methods import it from there
+from limner.io import IMAGE_SUFFIXES
 from limner.subject import Subject
 from limner.world.bench import IDENTITIES, SUBJECTS, BenchPrompt, identity_prompts, identity_references, object_prompts, subject_references
 from limner.world.vocab import CONTEXTS
