@@ -1,0 +1,42 @@
+"""Helpers shared by the training tests (a tiny subject, a folder of its images, train settings, two
+trained Custom Diffusion concepts). Imported as `from helpers import ...`: pytest puts tests/ on sys.path
+for its conftest.py, as it does for every test file here."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from limner.methods import Subject, get_method
+from limner.models.loading import load_base
+from limner.training import TrainConfig
+
+
+def subject(n=3):
+    rng = np.random.default_rng(0)
+    return Subject("blob", "ball", [rng.integers(0, 255, (40, 48, 3), dtype=np.uint8) for _ in range(n)])
+
+
+def image_folder(folder, n=2):
+    """A user's folder of reference images: the subject's images saved as PNG files."""
+    from PIL import Image
+
+    folder.mkdir()
+    for i, im in enumerate(subject(n).images):
+        Image.fromarray(im).save(folder / f"{i}.png")
+    return folder
+
+
+def ti_config(steps, **kw):
+    return {"train": TrainConfig(max_steps=steps, batch_size=2, learning_rate=5e-2, weight_decay=0.0, checkpoint_every=2, **kw)}
+
+
+def db_train(steps=2, **kw):
+    return TrainConfig(max_steps=steps, batch_size=2, learning_rate=1e-3, checkpoint_every=0, **kw)
+
+
+def two_custom_diffusion_concepts(tiny_base, tmp_path) -> tuple:
+    cfg = dict(prior_preservation=False, augment=False, train=TrainConfig(max_steps=2, batch_size=2, learning_rate=1e-2, checkpoint_every=0))
+    a = get_method("custom_diffusion").personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "a", **cfg)
+    b = get_method("custom_diffusion").personalize(load_base(str(tiny_base), device="cpu"), Subject("cube", "box", subject().images),
+                                                   tmp_path / "b", modifier_token="<new2>", **cfg)
+    return a, b

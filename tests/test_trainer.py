@@ -1,0 +1,202 @@
+"""The shared training loop, on a tiny random pipeline (training is the point here, quality is not: that is
+measured on the world bench): resume, mixed precision and the frozen weights held in half, validation
+images, a full disk, the shared data (captions, mirrored images, the masked loss) and accelerate launch
+with two processes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers import db_train, image_folder, subject, ti_config
+from safetensors.torch import load_file
+
+from limner.errors import LimnerError
+from limner.methods import Subject, get_method
+from limner.models.loading import load_base
+from limner.training import TrainConfig
+
+
+def test_one_process_trains_in_full_then_mixed_precision(tiny_base, tmp_path):
+    """accelerate refuses a second Accelerator with another precision in the same process: a notebook
+    that trains twice, or an eval comparing precisions, must still work, and bf16 must still learn."""
+    method = get_method("textual_inversion")
+    outs = [method.personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / f"{i}-{p}", **ti_config(2, mixed_precision=p))
+            for i, p in enumerate(("no", "bf16", "no"))]
+    vectors = [load_file(str(o / "learned_embeds.safetensors"))["<s*>"] for o in outs]
+    assert torch.equal(vectors[0], vectors[2]), "the full-precision run after a bf16 one is the run it was before"
+    assert not torch.equal(vectors[0], vectors[1]), "bf16 autocast took effect"
+
+
+def test_mixed_precision_holds_frozen_weights_in_half_and_gives_them_back(tmp_path):
+    """What does not train is held in bf16 while training (half the memory of a frozen UNet), what trains
+    stays fp32, and validation and everything after training see the frozen weights exactly as they were."""
+    from torch import nn
+
+    from limner.training import TrainingTask, train
+
+    class Probe(TrainingTask):
+        def __init__(self):
+            torch.manual_seed(0)
+            self.frozen, self.head = nn.Linear(4, 4).requires_grad_(False), nn.Linear(4, 1)
+            self.frozen.weight.data = self.frozen.weight.data.bfloat16().float()  # stored in bf16: exact both ways
+            self.seen = []
+
+        def modules(self):
+            return {"model": nn.Sequential(self.frozen, self.head)}
+
+        def trainable_parameters(self):
+            return list(self.head.parameters())
+
+        def loss(self, batch, generator):
+            self.seen.append((self.frozen.weight.dtype, self.head.weight.dtype))
+            assert self.frozen.bias.dtype == torch.float32
+            return self.head(self.frozen(batch["x"])).pow(2).mean()
+
+        def trainable_state(self):
+            return dict(self.head.state_dict())
+
+        def load_trainable_state(self, state):
+            self.head.load_state_dict(state)
+
+    task, validated = Probe(), []
+    before = task.frozen.weight.detach().clone()
+    cfg = TrainConfig(max_steps=2, mixed_precision="bf16", checkpoint_every=0, validate_every=1)
+    train(task, lambda g: {"x": torch.randn(2, 4, generator=g)}, cfg, tmp_path, validate=lambda step: validated.append(task.frozen.weight.dtype))
+    assert task.seen == [(torch.bfloat16, torch.float32)] * 2
+    assert validated == [torch.float32] * 2, "validation draws with the weights the pipeline had"
+    assert task.frozen.weight.dtype == torch.float32 and torch.equal(task.frozen.weight, before), "given back exactly"
+    # the bias is not exact in bf16: on a CPU it would need a copy beside the half weights, so it stays fp32
+    assert task.frozen.bias.dtype == torch.float32
+
+
+def test_masked_loss_weighs_the_subject_and_not_its_backgrounds(tiny_base, tmp_path):
+    """background_weight=w with the subject's masks: each latent pixel's loss weighs 1 on the subject and
+    w off it (mirrored with a mirrored image); w=1 is the paper's whole-image loss, w=0 trains otherwise."""
+    from limner.training.data import subject_loss_weights
+
+    images = subject().images
+    masks = [np.zeros(im.shape[:2], bool) for im in images]
+    for m in masks:
+        m[:, :28] = True  # the subject: the left 28 of 48 columns, 24 of the 40 that the centre crop keeps
+    blob = Subject("blob", "ball", images, masks=masks)
+
+    w = subject_loss_weights(blob, 32, 4, True, 0.25)  # centre crop 40 x 40 -> 32 x 32 -> a 4 x 4 latent
+    assert w.shape == (6, 1, 4, 4)
+    assert torch.allclose(w[0, 0, :, :2], torch.ones(4, 2), atol=0.01) and torch.allclose(w[0, 0, :, 3], torch.full((4,), 0.25), atol=0.01)
+    assert 0.25 < float(w[0, 0, 0, 2]) < 1, "a latent pixel on the subject's edge weighs in between"
+    assert torch.equal(w[3], w[0].flip(-1)), "a mirrored image gets the mirrored mask"
+    with pytest.raises(LimnerError, match="one mask per reference image"):
+        subject_loss_weights(Subject("blob", "ball", images, masks=masks[:2]), 32, 4, False, 0.0)
+
+    def vectors(name, **settings):
+        out = get_method("textual_inversion").personalize(load_base(str(tiny_base), device="cpu"), blob, tmp_path / name,
+                                                          **ti_config(3), **settings)
+        return load_file(str(out / "learned_embeds.safetensors"))["<s*>"].float()
+
+    whole = vectors("whole")
+    assert torch.allclose(vectors("w1", background_weight=1.0), whole, atol=1e-3)
+    assert not torch.allclose(vectors("w0", background_weight=0.0), whole, atol=1e-3), "the masks reached the loss"
+    with pytest.raises(LimnerError, match="background_weight"):
+        vectors("bad", background_weight=2.0)
+    with pytest.raises(LimnerError, match="masks/NAME.png"):
+        get_method("textual_inversion").personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "no-masks",
+                                                    **ti_config(1), background_weight=0.5)
+
+
+def test_reference_images_are_mirrored_only_when_asked(tiny_base, tmp_path):
+    """A subject is often not symmetric (a logo, text): flipping is an opt-in setting (flip=true),
+    which adds each reference image's mirror image to the training data."""
+
+    from limner.training.data import encode_images, fit_square
+
+    base = load_base(str(tiny_base), device="cpu")
+    vae, res, images = base.pipe.vae, base.resolution, subject().images
+    plain, both = encode_images(vae, images, res), encode_images(vae, images, res, flip=True)
+    assert len(plain.mean) == 3 and both.source.tolist() == [0, 1, 2, 0, 1, 2]
+    mirrored = encode_images(vae, [fit_square(im, res)[:, ::-1].copy() for im in images], res)
+    assert torch.allclose(both.mean[3:], mirrored.mean, atol=1e-5)
+
+    ti = get_method("textual_inversion")
+    a = ti.personalize(base, subject(), tmp_path / "a", **ti_config(2))
+    b = ti.personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "b", **ti_config(2, flip=True))
+    vectors = [load_file(str(c / "learned_embeds.safetensors"))["<s*>"] for c in (a, b)]
+    assert not torch.equal(*vectors), "flip=true trains on other images"
+
+
+def test_captions_reach_the_training_prompts_and_can_be_turned_off(tiny_base, tmp_path):
+    base = load_base(str(tiny_base), device="cpu")
+    s = subject()
+    s.captions = ["on the beach", "in the snow", ""]
+    db = get_method("dreambooth_lora")
+    out = db.personalize(base, s, tmp_path / "c", train=db_train(), prior_preservation="none")
+    prompts = json.loads((out / "limner.json").read_text())["training_prompts"]
+    assert prompts == ["a sks ball on the beach", "a sks ball in the snow", "a sks ball"]
+    off = db.personalize(load_base(str(tiny_base), device="cpu"), s, tmp_path / "d", train=db_train(), prior_preservation="none", captions=False)
+    assert json.loads((off / "limner.json").read_text())["training_prompts"] == ["a sks ball"] * 3
+    s.captions = ["on the beach"]
+    with pytest.raises(LimnerError, match="1 captions for 3 images"):
+        get_method("textual_inversion").personalize(base, s, tmp_path / "e", **ti_config(1))
+
+
+def test_resume_latest_gives_the_same_result_as_an_uninterrupted_run(tiny_base, tmp_path):
+
+    straight = get_method("textual_inversion").personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "a", **ti_config(6))
+    # interrupted after 4 steps (checkpoint at 4), then resumed to 6
+    get_method("textual_inversion").personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "b", **ti_config(4))
+    resumed = get_method("textual_inversion").personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "b",
+                                                          **ti_config(6, resume="latest"))
+    a = load_file(str(straight / "learned_embeds.safetensors"))["<s*>"]
+    b = load_file(str(resumed / "learned_embeds.safetensors"))["<s*>"]
+    assert torch.equal(a, b)
+
+
+def test_resume_with_other_settings_is_refused(tiny_base, tmp_path):
+    get_method("textual_inversion").personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "c", **ti_config(2))
+    cfg = ti_config(4, resume="latest")
+    cfg["train"].learning_rate = 1e-3
+    with pytest.raises(LimnerError, match="learning_rate"):
+        get_method("textual_inversion").personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "c", **cfg)
+
+
+def test_validation_images_and_a_full_disk(tiny_base, tmp_path, monkeypatch):
+    import errno
+
+    import limner.methods.textual_inversion as ti
+
+    base = load_base(str(tiny_base), device="cpu")
+    cfg = ti_config(4)
+    cfg["train"].validate_every = 2
+    out = get_method("textual_inversion").personalize(base, subject(), tmp_path / "c", **cfg)
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-000002.png", "step-000004.png"]
+    before = (out / "learned_embeds.safetensors").read_bytes()
+
+    def full_disk(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ti, "save_file", full_disk)
+    with pytest.raises(LimnerError, match="disk is full"):
+        get_method("textual_inversion").personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "c",
+                                                    **ti_config(6, resume="latest"))
+    assert (out / "learned_embeds.safetensors").read_bytes() == before, "the earlier artifact is intact"
+
+
+def test_two_cpu_processes_under_accelerate_launch(tiny_base, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+
+    folder = image_folder(tmp_path / "subj")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--module", "limner.cli", "train", "--method", "textual_inversion",
+           "--subject", str(folder), "--class-noun", "ball", "--steps", "3", "--batch-size", "1", "--base", str(tiny_base),
+           "--out", str(tmp_path / "c"), "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((tmp_path / "c" / "limner.json").read_text())
+    assert manifest["num_processes"] == 2 and manifest["steps"] == 3
+    assert proc.stdout.count("concept written") == 1, "one process writes the artifact"
