@@ -21,8 +21,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from limner.evaluation.protocol import _arrays, _asked, class_prompt, load_rgb  # noqa: E402
+from limner.evaluation.rows import class_prompt  # noqa: E402
+from limner.evaluation.scoring import asked as attributes_asked  # noqa: E402
+from limner.evaluation.scoring import load_rgb  # noqa: E402
 from limner.evaluation.subjects import load_subjects  # noqa: E402
+from limner.images import at_64px  # noqa: E402
 from limner.models.loading import WORLD_PROBES  # noqa: E402
 from limner.world.probes import Probes  # noqa: E402
 
@@ -36,8 +39,8 @@ def read_row(row: dict, subjects: list, probes: Probes) -> dict:
     for subject in subjects:
         scores = []
         for prompt in subject.prompts:
-            want = _asked(prompt)
-            predicted = probes.predict("attributes", _arrays(load_rgb(row["images"][subject.name][class_prompt(prompt.template, subject)])))
+            want = attributes_asked(prompt)
+            predicted = probes.predict("attributes", at_64px(load_rgb(row["images"][subject.name][class_prompt(prompt.template, subject)])))
             hits = {head: predicted[head].argmax(-1).numpy() == probes.labels("attributes", head).index(value) for head, value in want.items()}
             for head, h in hits.items():
                 drawn.setdefault(head, []).extend(h.tolist())

@@ -1,0 +1,94 @@
+"""What an evaluation runs: its settings and rows (reference bounds, methods to personalize with,
+concept folders to score), and the prompts they are drawn and scored with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from limner.errors import LimnerError
+from limner.evaluation.subjects import EvalSubject
+from limner.methods import get_method, parse_setting
+
+LOWER, UPPER = "lower-bound", "upper-bound"
+FIDELITY_THRESHOLD = 0.5  # "time to reach subject fidelity 0.5" in reports and bench
+
+
+@dataclass
+class EvalSettings:
+    images_per_prompt: int = 4
+    seed: int = 0
+    steps: int = 25
+    guidance: float = 5.0
+    scheduler: str = "dpm++"
+    max_prompts: int | None = None  # fewer prompts per subject, for quick runs
+    layout_steps: int | None = None  # a concept's first steps follow the class prompt; None: each method's default
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the results table: a reference bound, a method to personalize with, or an
+    existing concept folder to score."""
+
+    name: str
+    method: str | None = None
+    concept: Path | None = None
+    config: tuple[tuple[str, object], ...] = ()  # method settings, e.g. (("prior_preservation", "none"),)
+
+    @classmethod
+    def parse(cls, spec: str) -> Row:
+        """'lower-bound', 'upper-bound', 'METHOD' or 'METHOD:key=value,key=value'."""
+        if spec in (LOWER, UPPER):
+            return cls(spec)
+        method, _, settings = spec.partition(":")
+        config = [parse_setting(item, f"--method {spec}") for item in filter(None, settings.split(","))]
+        return cls(spec, method=method, config=tuple(config))
+
+    @classmethod
+    def for_concept(cls, folder: Path) -> Row:
+        from limner.concepts import read_manifest
+
+        manifest = read_manifest(folder)
+        if "method" not in manifest:
+            raise LimnerError(f"--concept {folder}: limner.json names no method")
+        return cls(f"{manifest['method']}:{folder.name}", method=manifest["method"], concept=folder)
+
+    def subjects(self, subjects: list[EvalSubject]) -> list[EvalSubject]:
+        """A concept folder belongs to one subject: the one its manifest names (or the only one given)."""
+        if self.concept is None:
+            return subjects
+        from limner.concepts import read_manifest
+
+        name = read_manifest(self.concept).get("subject")
+        mine = [s for s in subjects if s.name == name]
+        if not mine and len(subjects) == 1:
+            return subjects
+        if not mine:
+            raise LimnerError(f"--concept {self.concept} was trained on subject {name!r}, which is not among --subjects "
+                              f"({', '.join(s.name for s in subjects)}); pass --subjects with that subject")
+        return mine
+
+
+@dataclass
+class RowResult:
+    row: str
+    per_subject: dict[str, dict[str, float]] = field(default_factory=dict)
+    images: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # subject -> prompt -> image paths
+    concepts: dict[str, dict] = field(default_factory=dict)  # subject -> concept manifest (methods only)
+    seconds: dict[str, float] = field(default_factory=dict)
+    layout_steps: int = 0  # of each concept's first denoising steps, drawn from the class prompt
+
+
+def layout_steps_of(row: Row, settings: EvalSettings) -> int:
+    """How many of a row's first denoising steps follow the class prompt: the setting, or the method's default."""
+    if row.method is None:
+        return 0
+    if settings.layout_steps is not None:
+        return settings.layout_steps
+    return get_method(row.method).layout_steps(settings.steps)
+
+
+def class_prompt(template: str, subject: EvalSubject) -> str:
+    """The prompt with the subject replaced by its class noun: the lower bound's prompt, and the
+    text that CLIP-T compares against (as in DreamBench)."""
+    return template.format(subject.class_noun)
