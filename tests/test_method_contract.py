@@ -148,3 +148,14 @@ def test_a_registered_method_runs_in_generate_and_eval_unchanged(toy_method, tmp
     assert r.exit_code == 0, r.output
     results = json.loads((tmp_path / "report" / "results.json").read_text())
     assert "subject_fidelity" in results["rows"]["prompt_offset"]["mean"]
+
+
+def test_limner_methods_lists_every_method_and_explains_its_settings(toy_method):
+    runner = CliRunner()
+    r = runner.invoke(app, ["methods"])
+    assert r.exit_code == 0 and all(name in r.output for name in method_names())
+    assert "prompt_offset" in r.output and "joint" in r.output  # Custom Diffusion trains jointly
+    r = runner.invoke(app, ["methods", "textual_inversion"])
+    assert r.exit_code == 0 and "num_vectors = 4" in r.output and "max_steps=400" in r.output
+    r = runner.invoke(app, ["methods", "no_such_method"])
+    assert r.exit_code == 2 and "available" in r.output

@@ -53,7 +53,8 @@ def with_settings(config: Any, overrides: dict, method: str) -> Any:
     known = {f.name for f in fields(config)}
     unknown = sorted(set(overrides) - known)
     if unknown:
-        raise LimnerError(f"{method} has no setting {', '.join(map(repr, unknown))}; its settings: {', '.join(sorted(known))}")
+        raise LimnerError(f"{method} has no setting {', '.join(map(repr, unknown))}; its settings: {', '.join(sorted(known))} "
+                          f"(`limner methods {method}` explains each)")
     return replace(config, **overrides)
 
 
