@@ -24,28 +24,38 @@ from limner.errors import LimnerError
 from limner.evaluation.cache_keys import concept_key
 from limner.generation import GenerationSettings, generate
 from limner.io import write_json_atomic
-from limner.methods import REGISTRY, Capabilities, Installation, Method, Subject, get_method, method_names, register
+from limner.methods import REGISTRY, Installation, Subject, get_method, method_names, register
+from limner.methods.adapter import AdapterMethod, adapter_fingerprint, write_adapter_manifest
 from limner.models.loading import load_base
 from limner.training import TrainConfig
 
 
-class PromptOffset(Method):
-    """A toy encoder method: the concept is one vector added to every prompt embedding, encoded from
-    the references' mean colour. It conditions generation through per-call pipeline arguments only."""
+class PromptOffset(AdapterMethod):
+    """A toy encoder method: pretraining fits a map from a picture's mean colour to a prompt-embedding
+    offset; encoding a subject applies it to the references. It conditions generation through per-call
+    pipeline arguments only, as the encoder methods do."""
 
     name = "prompt_offset"
     family = "encoder"
-    capabilities = Capabilities()
 
-    def personalize(self, base, subject, out, *, score=None, **overrides):
+    def pretrain(self, base, data, out, **settings):
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         width = base.pipe.text_encoder.config.hidden_size
-        colour = torch.tensor(np.mean([im.reshape(-1, 3).mean(0) for im in subject.images], axis=0) / 255.0)
-        offset = colour.float().repeat(width // 3 + 1)[:width] * float(overrides.get("strength", 1.0))
+        projection = torch.randn(width, 3, generator=torch.Generator().manual_seed(int(settings.get("seed", 0))))
+        save_file({"projection": projection.contiguous()}, str(out / "projection.safetensors"))
+        write_adapter_manifest(out, self.name, base, data=str(data), steps=0)
+        return out
+
+    def encode(self, base, adapter, subject, out, **settings):
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        colour = torch.tensor(np.mean([im.reshape(-1, 3).mean(0) for im in subject.images], axis=0) / 255.0).float()
+        offset = load_file(str(Path(adapter) / "projection.safetensors"))["projection"] @ colour * float(settings.get("strength", 0.3))
         save_file({"offset": offset.contiguous()}, str(out / "offset.safetensors"))
         manifest = {"method": self.name, "subject": subject.name, "class_noun": subject.class_noun, "tokens": [],
-                    "base_fingerprint": base.fingerprint, "base_path": str(base.path), "steps": 0, "config": overrides}
+                    "base_fingerprint": base.fingerprint, "base_path": str(base.path), "steps": 0, "config": settings,
+                    "adapter": str(adapter), "adapter_fingerprint": adapter_fingerprint(adapter)}
         write_json_atomic(out / "limner.json", manifest)
         write_model_card(out, manifest)
         return out
@@ -82,7 +92,7 @@ CASES = {
     "dreambooth": ({"train": QUICK, "prior_preservation": "none"}, ("prior_preservation", "sometimes"), "a sks ball"),
     "dreambooth_lora": ({"train": QUICK, "prior_preservation": "none"}, ("lora_rank", 0), "a sks ball"),
     "custom_diffusion": ({"train": QUICK, "prior_preservation": False, "augment": False}, ("mode", "everything"), "a <new1> ball"),
-    "prompt_offset": ({}, None, "a ball"),
+    "prompt_offset": ({}, ("adapter", "/no/such/adapter"), "a ball"),  # a bad adapter folder fails naming it
 }
 
 
@@ -99,6 +109,8 @@ def test_every_registered_method_has_a_contract_case():
 def test_method_contract(name, tiny_base, tmp_path, toy_method):
     method = get_method(name)
     settings, bad, prompt = CASES[name]
+    if method.capabilities.needs_adapter:  # pretrained once per base, then every subject is encoded with it
+        settings = settings | {"adapter": method.pretrain(load_base(str(tiny_base), device="cpu"), "toy", tmp_path / "adapter")}
     concept = method.personalize(load_base(str(tiny_base), device="cpu"), blob(), tmp_path / "c", **settings)
     manifest = read_manifest(concept)
     assert manifest["method"] == name and manifest["base_fingerprint"] == load_base(str(tiny_base), device="cpu").fingerprint
@@ -116,6 +128,9 @@ def test_method_contract(name, tiny_base, tmp_path, toy_method):
     assert concept_key(method, {}, "s", "b") == concept_key(get_method(name), {}, "s", "b")
     changed = {"strength": 2.0} if name == "prompt_offset" else {"max_steps": 7}
     assert concept_key(method, changed, "s", "b") != concept_key(method, {}, "s", "b")
+    if "adapter" in settings:  # keyed by the adapter's content, not its path
+        other = method.pretrain(load_base(str(tiny_base), device="cpu"), "toy", tmp_path / "other", seed=1)
+        assert concept_key(method, settings, "s", "b") != concept_key(method, {"adapter": other}, "s", "b")
 
     # bad settings fail before any work, naming the setting
     if bad is not None:
@@ -133,7 +148,9 @@ def test_a_registered_method_runs_in_generate_and_eval_unchanged(toy_method, tmp
     from limner.evaluation.subjects import world_subjects
 
     (subject,) = world_subjects("world:duo_ball")
-    concept = get_method("prompt_offset").personalize(load_base(), subject, tmp_path / "toy")
+    method = get_method("prompt_offset")
+    adapter = method.pretrain(load_base(), "world", tmp_path / "adapter")
+    concept = method.personalize(load_base(), subject, tmp_path / "toy", adapter=adapter)
     runner = CliRunner()
     r = runner.invoke(app, ["generate", "a ball on the beach", "-n", "1", "--steps", "2", "--concept", str(concept),
                             "--out", str(tmp_path / "gen")])
@@ -143,11 +160,13 @@ def test_a_registered_method_runs_in_generate_and_eval_unchanged(toy_method, tmp
     with_offset, plain = (np.asarray(__import__("PIL.Image").Image.open(next((tmp_path / d).glob("*-00.png"))))
                           for d in ("gen", "plain"))
     assert not np.array_equal(with_offset, plain)
-    r = runner.invoke(app, ["eval", "--method", "prompt_offset", "--subjects", "world:duo_ball", "--prompts", "1", "-n", "1",
+    r = runner.invoke(app, ["eval", "--method", f"prompt_offset:adapter={adapter}", "--subjects", "world:duo_ball", "--prompts", "1", "-n", "1",
                             "--steps", "2", "--no-bounds", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "report")])
     assert r.exit_code == 0, r.output
     results = json.loads((tmp_path / "report" / "results.json").read_text())
-    assert "subject_fidelity" in results["rows"]["prompt_offset"]["mean"]
+    (row,) = results["rows"].values()
+    assert "subject_fidelity" in row["mean"]
+    assert row["concepts"]["duo_ball"]["adapter_fingerprint"] == adapter_fingerprint(adapter)
 
 
 def test_limner_methods_lists_every_method_and_explains_its_settings(toy_method):

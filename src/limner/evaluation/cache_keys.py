@@ -63,5 +63,6 @@ def key_settings(method: Method, overrides: dict) -> dict:
 
 def concept_key(method: Method, config: dict, subject_fingerprint: str, base_fingerprint: str) -> str:
     """A trained concept's cache key (see the module docstring)."""
-    return digest({"method": method.name, "settings": key_settings(method, config), "subject": subject_fingerprint,
-                   "base": base_fingerprint})
+    key = {"method": method.name, "settings": key_settings(method, config), "subject": subject_fingerprint, "base": base_fingerprint}
+    inputs = method.key_inputs(config)
+    return digest(key | ({"inputs": inputs} if inputs else {}))  # keys of methods without other inputs stay as they were

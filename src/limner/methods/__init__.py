@@ -2,6 +2,7 @@
 
 - `base`: the contract (`Method`, `Capabilities`, `Installation`, `Conditioning`);
 - `tuning`: the template every training method fills in (`TuningMethod`);
+- `adapter`: the encoder and identity families' template: pretrain an adapter once, encode (`AdapterMethod`);
 - `settings`: settings dataclasses with help text, and `--set` parsing;
 - `registry`: `@register` and `get_method`; a new method registers itself and changes nothing else.
 """

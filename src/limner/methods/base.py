@@ -107,6 +107,11 @@ class Method(ABC):
         """Whether a run with these settings reads the subject's masks."""
         return False
 
+    def key_inputs(self, overrides: dict) -> dict:
+        """What else shaped a concept besides settings, subject and base (an adapter's fingerprint): part of
+        eval's cache key."""
+        return {}
+
 
 def install_key(method: Method) -> str:
     """Methods whose concepts one `install` call composes share this key."""
