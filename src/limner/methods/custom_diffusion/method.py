@@ -1,17 +1,6 @@
-"""Custom Diffusion (Kumari et al., 2023): "Multi-Concept Customization of Text-to-Image Diffusion".
-
-Fine-tuning shows that the cross-attention key and value projections (W_k, W_v of every attn2,
-about 5% of the UNet) change most; Custom Diffusion updates only those, plus a modifier token V*
-placed before the class noun ("a V* dog"), initialised from a rare token. Regularisation images are
-real images whose captions are close to the class prompt (retrieved by CLIP similarity), trained with
-their own captions. Augmentation rescales the subject: shrunk images get "far away" / "very small"
-prompts, enlarged ones "zoomed in" / "close up", and the loss is masked to the valid region.
-
-Several concepts combine by joint training, or by a closed-form merge of separately tuned models:
-for each W in {W_k, W_v}, find W closest to the base W0 on the regularisation captions' features
-C_reg while reproducing each tuned model's outputs V on its own concept's features C:
-    W = W0 + v d^T,  d^T = C (C_reg^T C_reg)^-1,  v = (V - W0 C^T) (d^T C^T)^-1.
-"""
+"""Custom Diffusion as a limner method: prepare (new modifier tokens, augmented references, retrieved
+regularisation images, the task), save (diffusers' weights layout and one embedding per token) and
+install (one concept's weights, or several composed; see the package docstring for the paper's idea)."""
 
 from __future__ import annotations
 
