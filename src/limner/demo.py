@@ -11,10 +11,10 @@ from PIL import Image, ImageDraw
 
 from limner.io import write_json_atomic
 
-DEFAULT_METHOD = "dreambooth"  # the best world-bench subject fidelity per minute of training (docs/world-bench/results.md)
-# half DreamBooth's 300 steps: on duo_ball subject fidelity 0.999 against 0.975 at 300, in 139 s of training
-# against 325 s on a slow 2-core machine, where 300 steps took the demo past its 5-minute budget
-DEMO_STEPS = {"dreambooth": 150}
+# the demo's one choice of method: the best world-bench subject fidelity per minute of training
+# (docs/world-bench/results.md), for half its default 300 steps (duo_ball: subject fidelity 0.999 against
+# 0.975 at 300, in 139 s of training against 325 s on a slow 2-core machine: within the demo's 5 minutes)
+DEFAULT_METHOD, DEFAULT_METHOD_STEPS = "dreambooth", 150
 
 
 def label_strip(text: str, width: int, height: int = 14) -> Image.Image:
@@ -58,7 +58,7 @@ def run_demo(out: Path, subject_name: str = "duo_ball", method_name: str = DEFAU
     train_cfg = method.default_train_config()
     overrides = {}
     if train_cfg is not None:
-        overrides["train"] = replace(train_cfg, seed=seed, max_steps=steps or DEMO_STEPS.get(method_name, train_cfg.max_steps))
+        overrides["train"] = replace(train_cfg, seed=seed, max_steps=steps or (DEFAULT_METHOD_STEPS if method_name == DEFAULT_METHOD else train_cfg.max_steps))
     concept = method.personalize(load_base(device=device, dtype="fp32"), subject, out / "concept", **overrides)
     train_s = time.perf_counter() - t0
     # 2. Four contexts the references never showed
