@@ -178,3 +178,22 @@ def test_limner_methods_lists_every_method_and_explains_its_settings(toy_method)
     assert r.exit_code == 0 and "num_vectors = 4" in r.output and "max_steps=400" in r.output
     r = runner.invoke(app, ["methods", "no_such_method"])
     assert r.exit_code == 2 and "available" in r.output
+
+
+def test_no_module_outside_methods_names_a_method():
+    """Adding a method changes nothing outside limner.methods: no other module compares with, branches on
+    or looks up a method by its name (the demo's one choice of method excepted)."""
+    import ast
+
+    import limner
+
+    root = Path(limner.__file__).parent
+    names = set(method_names())
+    found = []
+    for path in root.rglob("*.py"):
+        if "methods" in path.relative_to(root).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and node.value in names:
+                found.append(f"{path.relative_to(root)}:{node.lineno} {node.value!r}")
+    assert len(found) == 1 and found[0].startswith("demo.py:"), found
