@@ -3,6 +3,8 @@ diffusers loads, and bad settings."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,18 @@ from helpers import db_train, subject
 from limner.errors import LimnerError
 from limner.methods import get_method
 from limner.models.loading import load_base
+
+
+def peft_refused_by_transformers() -> str | None:
+    """Why transformers' peft integration (which adds and loads a text encoder's LoRA) refuses the
+    installed peft, or None; read here, not from limner, so the test does not trust the code it checks."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+    from transformers.integrations import peft as integration
+
+    need, have = integration.MIN_PEFT_VERSION, version("peft")
+    return f"transformers {version('transformers')} wants peft >= {need}, installed {have}" if Version(have) < Version(need) else None
 
 
 @pytest.mark.parametrize("prior", ["class_images", "frozen", "none"])
@@ -56,3 +70,70 @@ def test_dreambooth_full_saves_a_pipeline_that_plain_diffusers_loads(tiny_base, 
 def test_dreambooth_rejects_bad_rank(tiny_base, tmp_path):
     with pytest.raises(LimnerError, match="rank"):
         get_method("dreambooth_lora").personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "c", lora_rank=0)
+
+
+def test_to_kohya_takes_the_text_encoders_keys_and_names_them_as_kohya_does():
+    from limner.adapters.lora import to_kohya
+
+    down, up = torch.ones(2, 8), torch.ones(8, 2)
+    state = {"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora.down.weight": down,
+             "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora.up.weight": up,
+             # diffusers' converted text-encoder keys: transformers 5 has no `text_model.` level, 4 has
+             "text_encoder.encoder.layers.0.self_attn.q_proj.lora_linear_layer.down.weight": down,
+             "text_encoder.encoder.layers.0.self_attn.q_proj.lora_linear_layer.up.weight": up,
+             "text_encoder.text_model.encoder.layers.1.self_attn.v_proj.lora_linear_layer.down.weight": down,
+             "text_encoder.text_model.encoder.layers.1.self_attn.v_proj.lora_linear_layer.up.weight": up}
+    out = to_kohya(state, 4)
+    for name in ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k",
+                 "lora_te_text_model_encoder_layers_0_self_attn_q_proj", "lora_te_text_model_encoder_layers_1_self_attn_v_proj"):
+        assert torch.equal(out[f"{name}.lora_down.weight"], down) and torch.equal(out[f"{name}.lora_up.weight"], up)
+        assert float(out[f"{name}.alpha"]) == 4.0
+    assert len(out) == 9
+
+
+def test_dreambooth_lora_trains_the_text_encoder_and_plain_diffusers_loads_both_files(tiny_base, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    if reason := peft_refused_by_transformers():
+        pytest.skip(f"the text encoder's LoRA needs another peft here: {reason}")
+    out = get_method("dreambooth_lora").personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "c",
+                                                   train=db_train(), prior_preservation="none", train_text_encoder=True)
+    assert (out / "limner.json").exists()
+    kohya = load_file(str(out / "lora_kohya.safetensors"))
+    assert any(k.startswith("lora_te_text_model_encoder_layers_") for k in kohya)
+    assert any(k.startswith("lora_unet_") for k in kohya)
+
+    def text_output(weight_name):
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_base)
+        if weight_name:
+            pipe.load_lora_weights(str(out), weight_name=weight_name)
+        ids = pipe.tokenizer(["a sks ball"], padding="max_length", max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+        with torch.no_grad():
+            return pipe.text_encoder(ids)[0]
+
+    plain = text_output(None)
+    with_diffusers, with_kohya = text_output("pytorch_lora_weights.safetensors"), text_output("lora_kohya.safetensors")
+    assert not torch.allclose(plain, with_diffusers, atol=1e-5), "the text encoder's LoRA changes its output"
+    assert torch.allclose(with_diffusers, with_kohya, atol=2e-3), "the kohya export holds the same text-encoder LoRA"
+
+
+def test_text_encoder_lora_refused_up_front_where_transformers_refuses_peft(tiny_base, tmp_path, monkeypatch):
+    from transformers.integrations import peft as integration
+
+    if not peft_refused_by_transformers():  # make this stack one that refuses, as transformers >= 5.24 with peft 0.21 does
+        monkeypatch.setattr(integration, "MIN_PEFT_VERSION", "99.0.0")
+    classes = tmp_path / "cls"
+    with pytest.raises(LimnerError, match=r"train_text_encoder.*peft >= \S+.*installed.*peft \S+"):
+        get_method("dreambooth_lora").personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "c", train=db_train(),
+                                                  train_text_encoder=True, num_class_images=2, class_image_steps=1,
+                                                  class_image_cache=str(classes))
+    assert not list(classes.rglob("*.png")), "refused before drawing class images or training"
+    assert not (tmp_path / "c" / "limner.json").exists()
+    # a concept whose text encoder has a LoRA (trained where peft was newer) gets the same clear error from install
+    concept = tmp_path / "te-concept"
+    concept.mkdir()
+    (concept / "limner.json").write_text(json.dumps({"method": "dreambooth_lora", "lora": True, "tokens": ["sks"],
+                                                     "config": {"train_text_encoder": True}}))
+    with pytest.raises(LimnerError, match=r"peft >= "):
+        get_method("dreambooth_lora").install(load_base(str(tiny_base), device="cpu"), [concept])

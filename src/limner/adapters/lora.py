@@ -20,19 +20,53 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: float, targets: list[str]
     return [p for n, p in model.named_parameters() if "lora_" in n]
 
 
+def text_encoder_lora_problem() -> str | None:
+    """Why a text encoder's LoRA cannot be added or loaded with the installed packages, or None.
+
+    transformers' own peft integration adds it (and diffusers' `load_lora_weights` loads it through
+    the same integration), and every entry point of that integration refuses a peft older than its
+    MIN_PEFT_VERSION (0.5 in transformers 4.57, 0.18 in 5.0, 0.20 in 5.20 to 5.23, 0.22 from 5.24). The UNet's LoRA goes
+    through diffusers' integration, which has its own, lower, minimum."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
+    try:
+        from transformers.integrations import peft as integration
+    except ImportError:  # no integration to refuse; peft itself then says what is missing
+        return None
+    need = getattr(integration, "MIN_PEFT_VERSION", None)
+    try:
+        have = version("peft")
+    except PackageNotFoundError:
+        have = None
+    if need is None or (have is not None and Version(have) >= Version(need)):
+        return None
+    return (f"a text encoder's LoRA needs peft >= {need} with transformers {version('transformers')} (installed: "
+            f"peft {have or 'none'}); install peft>={need}, or, where no such peft is published yet, transformers<5.24 "
+            "(whose 5.20 to 5.23 take peft 0.20 and 0.21)")
+
+
 def to_kohya(diffusers_state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-    """diffusers/peft LoRA keys -> kohya's (lora_unet_* / lora_te_*, lora_down / lora_up, .alpha)."""
+    """diffusers/peft LoRA keys -> kohya's (lora_unet_* / lora_te_*, lora_down / lora_up, .alpha).
+
+    The UNet's converted keys end in lora.down / lora.up, the text encoders' in lora_linear_layer.down
+    / .up, peft's own in lora_A / lora_B. kohya names CLIP's modules as transformers 4 lays them out
+    (text_model.encoder.layers...), which A1111, ComfyUI and diffusers' kohya reader expect; transformers
+    5 dropped the `text_model` level, so it is put back here."""
     out = {}
     sdxl = any(k.startswith("text_encoder_2.") for k in diffusers_state)
     for key, value in diffusers_state.items():
         prefix, _, rest = key.partition(".")
-        match = re.fullmatch(r"(.+)\.(lora_A|lora_B|lora\.down|lora\.up)\.weight", rest)
+        match = re.fullmatch(r"(.+)\.(lora_A|lora_B|lora\.down|lora\.up|lora_linear_layer\.down|lora_linear_layer\.up)\.weight", rest)
         if match is None:
             raise ValueError(f"not a LoRA weight key: {key}")
         module, kind = match.groups()
         head = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if sdxl else "lora_te_", "text_encoder_2": "lora_te2_"}[prefix]
+        if prefix != "unet" and not module.startswith("text_model."):
+            module = f"text_model.{module}"
         name = head + module.replace(".", "_")
-        part = "lora_down" if kind in ("lora_A", "lora.down") else "lora_up"
+        part = "lora_down" if kind in ("lora_A", "lora.down", "lora_linear_layer.down") else "lora_up"
         out[f"{name}.{part}.weight"] = value
         out[f"{name}.alpha"] = torch.tensor(float(alpha))
     return out

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from limner.adapters.lora import adapters_per_window, add_lora, to_kohya
+from limner.adapters.lora import adapters_per_window, add_lora, text_encoder_lora_problem, to_kohya
 from limner.concepts import read_manifest
 from limner.errors import LimnerError
 from limner.io import cache_dir, written_atomically
@@ -265,6 +265,9 @@ class DreamBooth(TuningMethod):
         pipe = base.pipe
         if cfg.identifier in ("", subject.class_noun):
             raise LimnerError(f"identifier {cfg.identifier!r} must be a rare word different from the class noun")
+        if cfg.lora_rank is not None and cfg.train_text_encoder and (problem := text_encoder_lora_problem()):
+            # before the class images and the training, which the refusal would otherwise end
+            raise LimnerError(f"--set train_text_encoder=true: {problem}; or leave the text encoder frozen (train_text_encoder=false)")
         instance_prompt = f"a {cfg.identifier} {subject.class_noun}"
         class_prompt = f"a {subject.class_noun}"
         inst = encode_images(pipe.vae, subject.images, base.resolution, flip=cfg.train.flip)
@@ -304,6 +307,9 @@ class DreamBooth(TuningMethod):
         if len(full) > 1:
             raise LimnerError(f"--concept {full[0]} and --concept {full[1]} are both full DreamBooth models, and each replaces the "
                               "whole UNet; compose LoRA concepts instead (train with --method dreambooth_lora)")
+        for concept, m in zip(concepts, manifests):  # checked before anything is installed, so nothing needs undoing
+            if m.get("lora") and m.get("config", {}).get("train_text_encoder") and (problem := text_encoder_lora_problem()):
+                raise LimnerError(f"concept {concept} has a LoRA on the text encoder, which cannot be loaded here: {problem}")
         installation = Installation()
         if full:
             installation.undo.append(install_full(base, full[0], read_manifest(full[0])))
