@@ -4,6 +4,7 @@ diffusers loads, and bad settings."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,3 +138,25 @@ def test_text_encoder_lora_refused_up_front_where_transformers_refuses_peft(tiny
                                                      "config": {"train_text_encoder": True}}))
     with pytest.raises(LimnerError, match=r"peft >= "):
         get_method("dreambooth_lora").install(load_base(str(tiny_base), device="cpu"), [concept])
+
+
+def test_a_crash_while_diffusers_writes_the_lora_leaves_the_previous_file(tiny_base, tmp_path, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+
+    def train():
+        return get_method("dreambooth_lora").personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "c",
+                                                         train=db_train(), prior_preservation="none")
+
+    out = train()
+    lora = out / "pytorch_lora_weights.safetensors"
+    before, names = lora.read_bytes(), sorted(p.name for p in out.iterdir())
+
+    def half_then_crash(cls, save_directory, weight_name, **kwargs):  # diffusers' writer dies halfway through the file
+        (Path(save_directory) / weight_name).write_bytes(before[: len(before) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(StableDiffusionPipeline, "save_lora_weights", classmethod(half_then_crash))
+    with pytest.raises(KeyboardInterrupt):
+        train()
+    assert lora.read_bytes() == before, "the previous LoRA is intact"
+    assert sorted(p.name for p in out.iterdir()) == names, "no half-written file or folder is left in the concept"

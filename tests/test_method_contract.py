@@ -197,3 +197,21 @@ def test_no_module_outside_methods_names_a_method():
             if isinstance(node, ast.Constant) and node.value in names:
                 found.append(f"{path.relative_to(root)}:{node.lineno} {node.value!r}")
     assert len(found) == 1 and found[0].startswith("demo.py:"), found
+
+
+def test_a_crash_while_writing_the_model_card_leaves_the_previous_card(tmp_path, monkeypatch):
+    manifest = {"method": "toy", "subject": "blob", "class_noun": "ball", "tokens": ["<t>"], "steps": 2}
+    write_model_card(tmp_path, manifest)
+    before = (tmp_path / "README.md").read_text()
+
+    def half_then_crash(self, text, *args, **kwargs):  # the process dies halfway through the write
+        with open(self, "w") as f:
+            f.write(text[: len(text) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", half_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        write_model_card(tmp_path, manifest | {"steps": 400})
+    monkeypatch.undo()
+    assert (tmp_path / "README.md").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md"], "no half-written file is left beside it"

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from limner.errors import LimnerError
-from limner.io import write_json_atomic  # noqa: F401  (re-exported for methods)
+from limner.io import write_json_atomic, write_text_atomic  # write_json_atomic: re-exported for methods
 
 MANIFEST = "limner.json"
 
@@ -54,4 +54,5 @@ def write_model_card(folder: Path, manifest: dict, samples: list[str] | None = N
              "Use it:", "", "```bash", f"limner generate \"{manifest.get('example_prompt', 'a photo of it')}\" --concept {folder}", "```"]
     for s in samples or []:
         lines.append(f"![sample]({s})")
-    (folder / "README.md").write_text("\n".join(lines) + "\n")
+    # renamed into place like the weights, so an interrupted rewrite leaves the previous card whole
+    write_text_atomic(folder / "README.md", "\n".join(lines) + "\n")

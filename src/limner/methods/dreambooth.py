@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -228,8 +231,15 @@ def save_lora(pipe, out: Path, cfg: DreamBoothConfig) -> None:
     te = {"text_encoder_lora_layers": layers(pipe.text_encoder)} if cfg.train_text_encoder else {}
     if cfg.train_text_encoder and getattr(pipe, "text_encoder_2", None) is not None:
         te["text_encoder_2_lora_layers"] = layers(pipe.text_encoder_2)
-    # the pipeline class's own writer: SD and SDXL files are exactly what their loaders read
-    type(pipe).save_lora_weights(out, unet_lora_layers=unet_layers, weight_name=LORA_FILE, safe_serialization=True, **te)
+    # the pipeline class's own writer: SD and SDXL files are exactly what their loaders read. It writes in
+    # place, so it writes into a folder of its own beside the file (same disk), renamed over the old file
+    # once complete: a crash leaves the previous weights, never a half-written file under their name
+    tmp = Path(tempfile.mkdtemp(prefix=f".{LORA_FILE}.", dir=out))
+    try:
+        type(pipe).save_lora_weights(tmp, unet_lora_layers=unet_layers, weight_name=LORA_FILE, safe_serialization=True, **te)
+        os.replace(tmp / LORA_FILE, out / LORA_FILE)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     full = {f"unet.{k}": v for k, v in unet_layers.items()}
     for arg, prefix in (("text_encoder_lora_layers", "text_encoder"), ("text_encoder_2_lora_layers", "text_encoder_2")):
         full |= {f"{prefix}.{k}": v for k, v in te.get(arg, {}).items()}
