@@ -160,3 +160,37 @@ def test_a_crash_while_diffusers_writes_the_lora_leaves_the_previous_file(tiny_b
         train()
     assert lora.read_bytes() == before, "the previous LoRA is intact"
     assert sorted(p.name for p in out.iterdir()) == names, "no half-written file or folder is left in the concept"
+
+
+def test_class_images_drawn_differently_are_cached_apart_and_the_default_key_is_kept(tiny_base, tmp_path):
+    import hashlib
+
+    from limner.methods.dreambooth import class_images
+
+    base, cache = load_base(str(tiny_base), device="cpu"), tmp_path / "cls"
+
+    def folders():
+        return {p.name: len(list(p.glob("*.png"))) for p in cache.iterdir()}
+
+    default = class_images(base, "a ball", 1, 1, cache)
+    # the key of today's default settings is the one every earlier cache has, so those caches keep working
+    legacy = hashlib.sha256(f"{base.fingerprint}|a ball|1".encode()).hexdigest()[:16]
+    assert folders() == {f"a_ball-{legacy}": 1}
+    assert all(np.array_equal(a, b) for a, b in zip(default, class_images(base, "a ball", 1, 1, cache, guidance_scale=5.0)))
+    assert len(folders()) == 1, "the defaults given explicitly are the same key"
+    class_images(base, "a ball", 1, 1, cache, guidance_scale=7.5)
+    class_images(base, "a ball", 1, 1, cache, scheduler="ddim")
+    class_images(base, "a ball", 1, 1, cache, resolution=base.resolution + 8)
+    class_images(base, "a ball", 1, 1, cache, negative_prompt="blurry")
+    assert len(folders()) == 5 and set(folders().values()) == {1}, "each way of drawing has its own images"
+
+
+def test_the_class_image_key_includes_the_precision():
+    from types import SimpleNamespace
+
+    from limner.methods.dreambooth import class_image_key
+
+    def key(dtype):
+        return class_image_key(SimpleNamespace(fingerprint="f", resolution=16, dtype=dtype), "a ball", 12)
+
+    assert len({key(torch.float32), key(torch.float16), key(torch.bfloat16)}) == 3

@@ -88,16 +88,40 @@ class DreamBoothConfig:
 # --------------------------------------------------------------------------------------------
 
 
-def class_images(base, class_prompt: str, count: int, steps: int, cache: Path | None, batch_size: int = 16) -> list[np.ndarray]:
+# how every class image was drawn before the key named it: a cache whose key leaves a setting out was drawn
+# with this value of it (fp32: the world bases' and the CPU's precision)
+CLASS_IMAGE_DRAWN = {"scheduler": "dpm++", "guidance": 5.0, "negative": "", "dtype": "float32"}
+
+
+def class_image_key(base, class_prompt: str, steps: int, guidance_scale: float = 5.0, scheduler: str = "dpm++",
+                    resolution: int | None = None, negative_prompt: str = "") -> str:
+    """The cache key of class images: the base, the prompt, and everything else that changes what is drawn.
+    A setting at the value every earlier cache was drawn with is left out of the key, so those caches
+    keep their key; steps is an integer, so no earlier key can equal one with a setting added."""
+    drawn = {"scheduler": scheduler, "guidance": float(guidance_scale), "negative": negative_prompt,
+             "dtype": str(base.dtype).removeprefix("torch."), "size": resolution or base.resolution}
+    earlier = CLASS_IMAGE_DRAWN | {"size": base.resolution}
+    extra = [f"{k}={v}" for k, v in drawn.items() if v != earlier[k]]
+    return hashlib.sha256("|".join([base.fingerprint, class_prompt, str(steps), *extra]).encode()).hexdigest()[:16]
+
+
+def class_images(base, class_prompt: str, count: int, steps: int, cache: Path | None, batch_size: int = 16, *,
+                 guidance_scale: float = 5.0, scheduler: str = "dpm++", resolution: int | None = None,
+                 negative_prompt: str = "") -> list[np.ndarray]:
+    """`count` images of the class prompt drawn by the frozen base (square, `resolution` px; default the
+    base's own), cached under a key of everything that changes them. The batch size is not in it: each
+    image has its own generator (generation.py), so batching does not change what is drawn."""
     from limner.generation import GenerationSettings, generate
 
     root = Path(cache or cache_dir("class-images"))
-    key = hashlib.sha256(f"{base.fingerprint}|{class_prompt}|{steps}".encode()).hexdigest()[:16]
+    key = class_image_key(base, class_prompt, steps, guidance_scale, scheduler, resolution, negative_prompt)
     folder = root / f"{class_prompt.replace(' ', '_')}-{key}"
     folder.mkdir(parents=True, exist_ok=True)
     have = sorted(folder.glob("*.png"))
     if len(have) < count:
-        s = GenerationSettings(class_prompt, num_images=count - len(have), seed=len(have), steps=steps, batch_size=batch_size)
+        s = GenerationSettings(class_prompt, negative_prompt=negative_prompt, num_images=count - len(have), seed=len(have), steps=steps,
+                               guidance_scale=guidance_scale, scheduler=scheduler, height=resolution, width=resolution,
+                               batch_size=batch_size)
         for i, im in enumerate(generate(base, s).images):
             with written_atomically(folder / f"{len(have) + i:05d}.png") as tmp:
                 im.save(tmp, format="PNG")
