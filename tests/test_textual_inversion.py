@@ -9,6 +9,7 @@ import torch
 from helpers import subject, ti_config
 from safetensors.torch import load_file
 
+from limner.concepts import read_manifest
 from limner.errors import LimnerError
 from limner.methods import get_method
 from limner.models.loading import load_base
@@ -23,7 +24,9 @@ def test_textual_inversion_trains_only_the_new_token_and_loads_in_plain_diffuser
     after = base.pipe.text_encoder.get_input_embeddings().weight.detach()
     assert torch.equal(after[: len(before)], before), "every other row is restored"
     vec = load_file(str(out / "learned_embeds.safetensors"))["<s*>"]
-    assert vec.shape == (4, 32) and (load_file(str(out / "embedding.safetensors"))["emb_params"] == vec).all()
+    # the A1111 file is named after the token: A1111 takes a file's name as the trigger word
+    assert read_manifest(out)["files"]["a1111"] == "s-star.safetensors" and not (out / "embedding.safetensors").exists()
+    assert vec.shape == (4, 32) and (load_file(str(out / "s-star.safetensors"))["emb_params"] == vec).all()
     init = before[base.pipe.tokenizer("ball", add_special_tokens=False).input_ids].mean(0)
     assert not torch.allclose(vec[0].float(), init, atol=1e-3), "the embedding moved"
     assert (out / "train_log.csv").read_text().count("\n") == 5 and (out / "README.md").exists()
@@ -104,3 +107,14 @@ def test_embedding_formats_load_into_a_base(tiny_base, tmp_path):
     ids = base.pipe.tokenizer("<a> <b> <c>", add_special_tokens=False).input_ids
     emb = base.pipe.text_encoder.get_input_embeddings().weight
     assert torch.allclose(emb[ids[0]], vec[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("token, name", [
+    ("<s*>", "s-star"), ("<blob>", "blob"), ("sks", "sks"), ("<new_1>", "new_1"), ("<my cat>", "my-cat"), ("<*>", "star"),
+    ("../<a>/b", "a-b"), ("<hund-ß>", "hund-ß"), ("<>", "embedding"), ("<con>", "con-embedding"), ("Lpt1", "Lpt1-embedding"),
+    ("learned_embeds", "learned_embeds-a1111"), ("<learned_embeds_2>", "learned_embeds_2-a1111"), ("x" * 300, "x" * 100),
+])
+def test_the_a1111_file_is_named_after_the_token_safely(token, name):
+    from limner.methods.textual_inversion import a1111_file_name
+
+    assert a1111_file_name(token) == f"{name}.safetensors"

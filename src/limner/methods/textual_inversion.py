@@ -46,7 +46,31 @@ STYLE_TEMPLATES = (
 TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
 
 DIFFUSERS_FILE = "learned_embeds.safetensors"
-A1111_FILE = "embedding.safetensors"  # {"emb_params": [n, d]}: A1111 / kohya / ComfyUI
+DIFFUSERS_FILE_2 = "learned_embeds_2.safetensors"  # SDXL's second text encoder, as diffusers' SDXL script writes it
+# {"emb_params": [n, d]} (SDXL: clip_l / clip_g) for A1111 / kohya / ComfyUI: named after the token
+# (a1111_file_name), since A1111 takes a file's name as the word that calls it. Concepts written
+# before have this name, and their limner.json says so.
+LEGACY_A1111_FILE = "embedding.safetensors"
+SYMBOL_WORDS = {"*": "star"}  # S*, the paper's name for the pseudo-word: "<s*>" -> "s-star"
+WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
+
+
+def a1111_file_name(token: str) -> str:
+    """The A1111 file of a token, "<stem>.safetensors", so the word A1111 takes from the name is the token's.
+
+    The rule: letters, digits, "_" and "-" stay; "*" is spelled "star"; every other run of characters
+    ("<", ">", spaces, "/", "." ...) becomes one "-", and none is left at either end. So "<s*>" ->
+    "s-star", "<blob>" -> "blob", "<my cat>" -> "my-cat". The name is safe on every common filesystem:
+    no separator or leading dot, at most 100 characters, not a name Windows reserves (those get
+    "-embedding"), never this concept's diffusers files (those get "-a1111"), and "embedding" if nothing
+    is left."""
+    spelled = "".join(f"-{SYMBOL_WORDS[c]}-" if c in SYMBOL_WORDS else c if c.isalnum() or c in "_-" else "-" for c in token)
+    stem = "-".join(w for w in spelled.split("-") if w)[:100].strip("-") or "embedding"
+    if stem.lower() in WINDOWS_RESERVED:
+        stem += "-embedding"
+    if f"{stem}.safetensors" in (DIFFUSERS_FILE, DIFFUSERS_FILE_2):
+        stem += "-a1111"
+    return f"{stem}.safetensors"
 
 
 def default_train_config() -> TrainConfig:
@@ -183,21 +207,19 @@ class TextualInversionTask(TrainingTask):
         self.rows.load(state)
 
 
-DIFFUSERS_FILE_2 = "learned_embeds_2.safetensors"  # SDXL's second text encoder, as diffusers' SDXL script writes it
-
-
 def save_embeddings(folder: Path, token: str, vectors: dict[str, torch.Tensor]) -> dict[str, str]:
     """SD: diffusers {token: [n, d]} and A1111/kohya {"emb_params": [n, d]}. SDXL: diffusers' two
     files and the A1111/ComfyUI {"clip_l": ..., "clip_g": ...}."""
+    a1111 = a1111_file_name(token)
     if "text_encoder_2" in vectors:
         layouts = {DIFFUSERS_FILE: {token: vectors["text_encoder"]}, DIFFUSERS_FILE_2: {token: vectors["text_encoder_2"]},
-                   A1111_FILE: {"clip_l": vectors["text_encoder"], "clip_g": vectors["text_encoder_2"]}}
+                   a1111: {"clip_l": vectors["text_encoder"], "clip_g": vectors["text_encoder_2"]}}
     else:
-        layouts = {DIFFUSERS_FILE: {token: vectors["text_encoder"]}, A1111_FILE: {"emb_params": vectors["text_encoder"]}}
+        layouts = {DIFFUSERS_FILE: {token: vectors["text_encoder"]}, a1111: {"emb_params": vectors["text_encoder"]}}
     for name, state in layouts.items():
         with written_atomically(folder / name) as tmp:
             save_file({k: v.detach().cpu().half().contiguous() for k, v in state.items()}, str(tmp))
-    return {"diffusers": DIFFUSERS_FILE, "a1111": A1111_FILE} | ({"diffusers_2": DIFFUSERS_FILE_2} if "text_encoder_2" in vectors else {})
+    return {"diffusers": DIFFUSERS_FILE, "a1111": a1111} | ({"diffusers_2": DIFFUSERS_FILE_2} if "text_encoder_2" in vectors else {})
 
 
 def load_embedding_file(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
@@ -324,7 +346,8 @@ class TextualInversion(TuningMethod):
         for concept in concepts:
             m = read_manifest(concept)
             if base.family == "sdxl":
-                load_embedding(base, Path(concept) / A1111_FILE, token=m["token"])
+                # the file limner.json names: the token's own name, or embedding.safetensors in concepts written before
+                load_embedding(base, Path(concept) / m.get("files", {}).get("a1111", LEGACY_A1111_FILE), token=m["token"])
             else:  # diffusers' own loader: the file is exactly what plain diffusers users load
                 base.pipe.load_textual_inversion(str(Path(concept) / DIFFUSERS_FILE), token=m["token"])
         return installation
