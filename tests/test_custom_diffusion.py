@@ -232,3 +232,44 @@ def test_custom_diffusion_retrieval_builds_its_index_once_and_rebuilds_it_when_t
     changed = retrieve(folder_pool(pool_dir), "a red thing", 2, clip, "clip-a")
     assert clip.embedded == 12 and [c for _, c in changed][0] == "a red thing"
     assert not list((tmp_path / "cache" / "retrieval").glob("*.tmp"))
+
+
+@pytest.mark.parametrize("mode", ["crossattn", "crossattn_kv"])
+def test_plain_diffusers_runs_a_custom_diffusion_concept_with_its_own_processors(tiny_base, tmp_path, mode):
+    """diffusers 0.42's `unet.load_attn_procs` silently does nothing with Custom Diffusion weights. What a
+    plain-diffusers user can do instead (the README's notes on formats show the same calls): put a
+    CustomDiffusionAttnProcessor on every attn2, load the file into the UNet's state dict (its keys are
+    the processors' parameter names) and the token with load_textual_inversion. The UNet then computes
+    what limner's install does."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.models.attention_processor import CustomDiffusionAttnProcessor
+
+    out = get_method("custom_diffusion").personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "c", mode=mode,
+                                                   prior_preservation=False, augment=False,
+                                                   train=TrainConfig(max_steps=2, batch_size=2, learning_rate=5e-2, checkpoint_every=0))
+    # plain diffusers
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_base)
+    unet = pipe.unet
+    processors = {}
+    for name, processor in unet.attn_processors.items():
+        attn = unet.get_submodule(name.removesuffix(".processor"))
+        if name.endswith("attn2.processor"):
+            processor = CustomDiffusionAttnProcessor(train_kv=True, train_q_out=mode == "crossattn", hidden_size=attn.to_q.out_features,
+                                                     cross_attention_dim=attn.to_k.in_features)
+        processors[name] = processor
+    unet.set_attn_processor(processors)
+    missing, unexpected = unet.load_state_dict(load_file(str(out / "pytorch_custom_diffusion_weights.safetensors")), strict=False)
+    assert not unexpected
+    pipe.load_textual_inversion(str(out / "<new1>.safetensors"), token="<new1>")
+    # limner
+    base = load_base(str(tiny_base), device="cpu")
+    get_method("custom_diffusion").install(base, [out])
+
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([500])
+    with torch.no_grad():
+        outputs = [p.unet(x, t, encoder_hidden_states=p.encode_prompt("a <new1> ball", "cpu", 1, False)[0]).sample for p in (pipe, base.pipe)]
+        plain = StableDiffusionPipeline.from_pretrained(tiny_base)
+        untouched = plain.unet(x, t, encoder_hidden_states=plain.encode_prompt("a ball", "cpu", 1, False)[0]).sample
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-5)
+    assert (outputs[0] - untouched).abs().max() > 1e-4
