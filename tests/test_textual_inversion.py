@@ -37,6 +37,10 @@ def test_textual_inversion_trains_only_the_new_token_and_loads_in_plain_diffuser
     with_token = pipe("a <s*> on the beach", num_inference_steps=2, generator=g(), output_type="np").images
     plain = pipe("a ball on the beach", num_inference_steps=2, generator=g(), output_type="np").images
     assert not np.allclose(with_token, plain)
+    # the A1111 form loads in plain diffusers too, under the token its name gives, and draws the same
+    a1111 = StableDiffusionPipeline.from_pretrained(tiny_base)
+    a1111.load_textual_inversion(str(out / "s-star.safetensors"), token="<s*>")
+    assert np.allclose(a1111("a <s*> on the beach", num_inference_steps=2, generator=g(), output_type="np").images, with_token, atol=1e-3)
 
 
 def test_generate_lays_a_textual_inversion_prompt_out_from_the_class_noun_first(tiny_base, tmp_path):
