@@ -173,8 +173,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("cuda_check: torch sees no CUDA device")
-    from limner.cli import build_encoders
-    from limner.evaluation.protocol import EvalSettings
+    from limner.evaluation.protocol import EvalSettings, build_encoders
     from limner.evaluation.subjects import world_subjects
 
     a.cache = a.cache or Path(tempfile.mkdtemp(prefix="limner-cuda-check-"))

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from limner.cli_options import BaseOpt, DeviceOpt, command, fail, output_folder
+from limner.commands.options import BaseOpt, DeviceOpt, command, fail, output_folder
 from limner.errors import LimnerError
 
 world_app = typer.Typer(no_args_is_help=True, help="The procedural world: its renderer, base model stack and probes.")

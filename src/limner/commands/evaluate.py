@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from limner.cli_options import BaseOpt, DeviceOpt, command, output_folder
+from limner.commands.options import BaseOpt, DeviceOpt, command, output_folder
 from limner.errors import LimnerError
 
 

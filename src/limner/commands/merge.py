@@ -1,0 +1,38 @@
+"""`limner merge`: separately trained Custom Diffusion concepts merged in closed form."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from limner.commands.options import BaseOpt, DeviceOpt, command, echo_notes, output_folder
+from limner.errors import LimnerError
+
+
+@command
+def merge_cmd(
+    concepts: Annotated[list[Path], typer.Argument(help="Custom Diffusion concept folders (distinct modifier tokens).")],
+    out: Annotated[Path, typer.Option("--out", help="The merged concept folder.")],
+    force: Annotated[bool, typer.Option("--force", help="Merge concepts trained on another base anyway.")] = False,
+    captions: Annotated[Optional[Path], typer.Option("--captions", help="Text file, one caption per line: the first 200 are the prompts whose "
+                                                     "meaning the merge keeps (the paper uses real captions). Default: the world's captions, "
+                                                     "or varied generic ones.")] = None,
+    base: BaseOpt = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Merge separately trained Custom Diffusion concepts in closed form (no training)."""
+    from limner.methods.custom_diffusion import merge
+    from limner.models.loading import load_base
+
+    if len(concepts) < 2:
+        raise LimnerError("merge needs at least two concept folders")
+    output_folder(out)
+    b = load_base(base, device=device, dtype="fp32")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        folder = merge(b, concepts, out, force=force, captions=captions)
+    echo_notes(caught)
+    typer.echo(f"merged concept written to {folder}")
