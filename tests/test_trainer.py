@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from limner.errors import LimnerError
 from limner.methods import Subject, get_method
 from limner.models.loading import load_base
-from limner.training import TrainConfig
+from limner.training import TrainConfig, TrainingTask
 
 
 def test_one_process_trains_in_full_then_mixed_precision(tiny_base, tmp_path):
@@ -200,3 +200,120 @@ def test_two_cpu_processes_under_accelerate_launch(tiny_base, tmp_path):
     manifest = json.loads((tmp_path / "c" / "limner.json").read_text())
     assert manifest["num_processes"] == 2 and manifest["steps"] == 3
     assert proc.stdout.count("concept written") == 1, "one process writes the artifact"
+
+
+class _Line(TrainingTask):
+    """A linear model on random data: the loop's bookkeeping is the point, not the model."""
+
+    def __init__(self):
+        torch.manual_seed(0)
+        self.model, self.seen = torch.nn.Linear(4, 1), []
+
+    def modules(self):
+        return {"model": self.model}
+
+    def trainable_parameters(self):
+        return list(self.model.parameters())
+
+    def loss(self, batch, generator):
+        return (self.wrapped["model"](batch["x"]) - batch["x"].sum(1, keepdim=True)).pow(2).mean()
+
+    def after_optimizer_step(self):
+        self.seen.append([p.detach().clone() for p in self.model.parameters()])
+
+    def trainable_state(self):
+        return dict(self.model.state_dict())
+
+    def load_trainable_state(self, state):
+        self.model.load_state_dict(state)
+
+
+def _batches(stop_at: int | None = None):
+    drawn = []
+
+    def next_batch(g):
+        drawn.append(1)
+        if len(drawn) == stop_at:
+            raise KeyboardInterrupt  # the process dies mid-run
+        return {"x": torch.randn(8, 4, generator=g)}
+
+    return next_batch
+
+
+def test_ema_and_lr_floor_resume_exactly(tmp_path):
+    """With ema_decay the task holds the EMA of its parameters when training ends (the build's warm-up:
+    decay min(d, (1 + step) / (10 + step))); the cosine ends at lr_floor of the peak; and a run killed
+    after a checkpoint, resumed, ends with the EMA and weights of the run that was never interrupted."""
+    from dataclasses import replace
+
+    from limner.training import lr_lambda, train, trained_state
+
+    cfg = TrainConfig(max_steps=7, learning_rate=0.05, lr_schedule="cosine", lr_warmup_steps=2, lr_floor=0.1, ema_decay=0.8,
+                      checkpoint_every=3, weight_decay=0.0)
+    straight = _Line()
+    start = [p.detach().clone() for p in straight.model.parameters()]
+    train(straight, _batches(), cfg, tmp_path / "a")
+
+    ema = start
+    for step, weights in enumerate(straight.seen):
+        decay = min(0.8, (1 + step) / (10 + step))
+        ema = [e * decay + w * (1 - decay) for e, w in zip(ema, weights)]
+    assert all(torch.allclose(p, e, atol=1e-6) for p, e in zip(straight.model.parameters(), ema)), "the EMA is swapped in"
+    raw = trained_state(tmp_path / "a")
+    assert torch.equal(raw["weight"], straight.seen[-1][0]) and not torch.equal(raw["weight"], straight.model.weight.detach())
+    assert lr_lambda(cfg)(cfg.max_steps) == pytest.approx(0.1) and lr_lambda(replace(cfg, lr_floor=0.0))(cfg.max_steps) == 0.0
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_Line(), _batches(stop_at=5), cfg, tmp_path / "b")  # dies in step 5, after the checkpoint at step 3
+    resumed = _Line()
+    train(resumed, _batches(), replace(cfg, resume="latest"), tmp_path / "b")
+    assert all(torch.equal(a, b) for a, b in zip(straight.model.parameters(), resumed.model.parameters())), "the same EMA"
+    assert torch.equal(trained_state(tmp_path / "b")["weight"], raw["weight"]), "the same trained weights"
+    with pytest.raises(LimnerError, match="ema_decay"):
+        train(_Line(), _batches(), replace(cfg, resume="latest", ema_decay=0.9, max_steps=9), tmp_path / "b")
+
+
+def test_new_trainer_settings_leave_existing_runs_as_they_were(tmp_path):
+    """At their defaults (no EMA, lr_floor 0, no peak given) the new settings change nothing: eval's cache
+    keys leave them out, a checkpoint written before they existed still resumes, and the log only gains
+    columns (time per step, TFLOP/s, MFU)."""
+    import csv
+
+    from limner.evaluation.cache_keys import key_settings
+    from limner.methods.settings import KEY_NEUTRAL
+    from limner.training import TrainConfig as Config
+    from limner.training import train
+
+    assert Config.__dataclass_fields__["lr_floor"].metadata[KEY_NEUTRAL] == 0.0
+    keyed = key_settings(get_method("textual_inversion"), {})["train"]
+    assert not {"lr_floor", "ema_decay", "peak_tflops"} & set(keyed)
+
+    cfg = TrainConfig(max_steps=4, learning_rate=0.05, checkpoint_every=2)
+    train(_Line(), _batches(), cfg, tmp_path)
+    meta_path = tmp_path / "checkpoints" / "step-000002" / "checkpoint.json"
+    meta = json.loads(meta_path.read_text())
+    for k in ("lr_floor", "ema_decay"):
+        del meta["config"][k]  # as the trainer wrote it before these settings existed
+    meta_path.write_text(json.dumps(meta))
+    (tmp_path / "checkpoints" / "step-000004").rename(tmp_path / "later")
+    log = train(_Line(), _batches(), TrainConfig(max_steps=4, learning_rate=0.05, checkpoint_every=2, resume="latest",
+                                                  peak_tflops=1.0), tmp_path)
+    assert log.resumed_from == 2 and log.flops_per_step == 2 * (2 * 8 * 4), "forward 2*B*in*out, and as much for the weight's gradient"
+    with open(tmp_path / "train_log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["step", "seconds", "loss", "step_seconds", "tflops", "mfu"] and len(rows) == 4
+    assert float(rows[-1]["step_seconds"]) > 0 and float(rows[-1]["mfu"]) == pytest.approx(float(rows[-1]["tflops"]))
+
+
+def test_drop_conditioning_replaces_whole_rows_with_the_empty_one():
+    from limner.training import drop_conditioning
+
+    ids, empty = torch.arange(12).view(4, 3), torch.tensor([[49406, 49407, 49407]])
+    g = torch.Generator().manual_seed(0)
+    assert drop_conditioning(ids, empty, 0.0, g) is ids and torch.equal(g.get_state(), torch.Generator().manual_seed(0).get_state())
+    assert torch.equal(drop_conditioning(ids, empty, 1.0, g), empty.expand(4, 3))
+    mixed = drop_conditioning(ids, empty, 0.5, torch.Generator().manual_seed(1))
+    drop = torch.rand(4, generator=torch.Generator().manual_seed(1)) < 0.5
+    assert torch.equal(mixed[drop], empty.expand(int(drop.sum()), 3)) and torch.equal(mixed[~drop], ids[~drop])
+    embeds = torch.randn(4, 2, 8)
+    assert torch.equal(drop_conditioning(embeds, torch.zeros(2, 8), 1.0, g), torch.zeros(4, 2, 8)), "image embeddings too"

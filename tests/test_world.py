@@ -152,7 +152,51 @@ def test_world_build_runs_every_stage_resumes_and_exports_a_diffusers_folder(tmp
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "world" / "base")
     assert pipe("a ball", num_inference_steps=1, output_type="np").images.shape == (1, 64, 64, 3)
     assert (tmp_path / "world" / "probes" / "subject.safetensors").exists()
-    ckpt = (tmp_path / "work" / "unet.ckpt").stat().st_mtime
+    ckpt = tmp_path / "work" / "unet" / "checkpoints" / "step-000003" / "trainable.safetensors"
+    mtime = ckpt.stat().st_mtime
     build(tmp_path / "world", tmp_path / "work", cfg, device="cpu")
-    assert (tmp_path / "work" / "unet.ckpt").stat().st_mtime == ckpt, "a finished stage is not trained again"
+    assert ckpt.stat().st_mtime == mtime, "a finished stage is not trained again"
     assert json.loads((tmp_path / "world" / "base" / "build.json").read_text())["config"]["unet_steps"] == 3
+    assert set(record["loss"]) >= {"clip", "vae", "unet", "instances", "instances_restart", "probe_subject"}
+
+
+def test_world_build_stage_resumes_where_it_stopped(tmp_path):
+    """An interrupted stage goes on from its newest checkpoint: the UNet (and its EMA) come out as in an
+    uninterrupted build, and a work folder of the old loop is refused instead of silently retrained."""
+    import torch
+    from safetensors.torch import load_file
+
+    from limner.errors import LimnerError
+    from limner.world import build as world_build
+    from limner.world.build import BuildConfig, build
+
+    cfg = BuildConfig(dataset_size=48, clip_steps=2, clip_batch=8, vae_steps=2, vae_batch=4, unet_steps=4, unet_batch=4,
+                      unet_warmup=1, instance_steps=0, checkpoint_every=2, probe_steps=1, probe_train_size=32)
+    torch.set_num_threads(1)
+    straight = build(tmp_path / "a", tmp_path / "work-a", cfg, device="cpu")
+
+    real_train, drawn = world_build.train, []
+
+    def train_until_interrupted(task, next_batch, settings, out, desc="train", validate=None):
+        def batches(g):
+            drawn.append(desc)
+            if drawn.count("unet") == 3:  # the UNet's third step, after its checkpoint at step 2
+                raise KeyboardInterrupt
+            return next_batch(g)
+
+        return real_train(task, batches, settings, out, desc=desc, validate=validate)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(world_build, "train", train_until_interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            build(tmp_path / "b", tmp_path / "work-b", cfg, device="cpu")
+    assert not (tmp_path / "b" / "base").exists()
+    resumed = build(tmp_path / "b", tmp_path / "work-b", cfg, device="cpu")
+    assert resumed["loss"] == straight["loss"]
+    a, b = (load_file(str(tmp_path / w / "base" / "unet" / "diffusion_pytorch_model.safetensors")) for w in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a), "the exported (EMA) UNet is the uninterrupted build's"
+
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "clip.ckpt").write_bytes(b"")
+    with pytest.raises(LimnerError, match="older build"):
+        build(tmp_path / "c", tmp_path / "old", cfg, device="cpu")

@@ -1,5 +1,6 @@
-"""Checkpoints: trainable values in safetensors, optimizer and generator state as plain tensors, so
-that a resumed run continues exactly as the uninterrupted run would have."""
+"""Checkpoints: trainable values (and their EMA, where the run keeps one) in safetensors, optimizer and
+generator state as plain tensors, so that a resumed run continues exactly as the uninterrupted run
+would have."""
 
 from __future__ import annotations
 
@@ -15,6 +16,14 @@ from limner.errors import LimnerError
 from limner.training.config import TrainConfig
 from limner.training.task import TrainingTask, TrainLog
 
+EMA_FILE = "ema.safetensors"
+
+
+def _ema_tensors(ema: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    # keyed by position in task.trainable_parameters(): the EMA follows the parameters, which have no names
+    # of their own (trainable_state() may name other things, e.g. a single embedding row)
+    return {str(i): v.detach().cpu().contiguous() for i, v in enumerate(ema)}
+
 
 def _checkpoint_dirs(out: Path) -> list[Path]:
     """Complete checkpoints, oldest first (a half-written one is still named step-N.tmp)."""
@@ -23,7 +32,9 @@ def _checkpoint_dirs(out: Path) -> list[Path]:
 
 
 def save_checkpoint(out: Path, step: int, task: TrainingTask, optimizer, scheduler, generator: torch.Generator,
-                    cfg: TrainConfig, log: TrainLog) -> Path:
+                    cfg: TrainConfig, log: TrainLog, ema: list[torch.Tensor] | None = None) -> Path:
+    """Writes checkpoints/step-N (the trainable values, the EMA's when `ema` is given, optimizer, schedule
+    and generator states) whole or not at all, and deletes all but the newest cfg.keep_checkpoints."""
     from safetensors.torch import save_file
 
     final = out / "checkpoints" / f"step-{step:06d}"
@@ -31,6 +42,8 @@ def save_checkpoint(out: Path, step: int, task: TrainingTask, optimizer, schedul
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in task.trainable_state().items()}, str(tmp / "trainable.safetensors"))
+    if ema is not None:
+        save_file(_ema_tensors(ema), str(tmp / EMA_FILE))
     torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(),
                 "generator": generator.get_state(), "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
     (tmp / "checkpoint.json").write_text(json.dumps({"step": step, "config": _resume_key(cfg), "curve": log.curve,
@@ -45,9 +58,15 @@ def save_checkpoint(out: Path, step: int, task: TrainingTask, optimizer, schedul
 def _resume_key(cfg: TrainConfig) -> dict:
     """The settings a resumed run must share with the run that wrote the checkpoint."""
     d = asdict(cfg)
-    for k in ("resume", "checkpoint_every", "keep_checkpoints", "max_steps", "validate_every"):
+    for k in ("resume", "checkpoint_every", "keep_checkpoints", "max_steps", "validate_every", "peak_tflops"):
         d.pop(k)
     return d
+
+
+def _saved_key(meta: dict) -> dict:
+    """The resume key a checkpoint was written with. A setting added since then is absent from it: its
+    default is what the trainer did before the setting existed (as for eval's cache key)."""
+    return _resume_key(TrainConfig()) | meta["config"]
 
 
 def find_checkpoint(out: Path, resume: str | None) -> Path | None:
@@ -63,12 +82,16 @@ def find_checkpoint(out: Path, resume: str | None) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path, task: TrainingTask, optimizer, scheduler, generator: torch.Generator, cfg: TrainConfig) -> tuple[int, dict]:
+def load_checkpoint(path: Path, task: TrainingTask, optimizer, scheduler, generator: torch.Generator, cfg: TrainConfig,
+                    ema: list[torch.Tensor] | None = None) -> tuple[int, dict]:
+    """Restores a checkpoint into the task, optimizer, schedule, generator (and `ema`, in place); returns
+    (its step, its checkpoint.json)."""
     from safetensors.torch import load_file
 
     meta = json.loads((path / "checkpoint.json").read_text())
-    if meta["config"] != _resume_key(cfg):
-        changed = sorted(k for k in meta["config"] if meta["config"][k] != _resume_key(cfg).get(k))
+    saved, wanted = _saved_key(meta), _resume_key(cfg)
+    if saved != wanted:
+        changed = sorted(k for k in saved if saved[k] != wanted.get(k))
         raise LimnerError(f"checkpoint {path} was written with other settings ({', '.join(changed)}); resume with the same "
                           "settings, or start a new run in another output folder")
     task.load_trainable_state(load_file(str(path / "trainable.safetensors")))
@@ -77,4 +100,21 @@ def load_checkpoint(path: Path, task: TrainingTask, optimizer, scheduler, genera
     scheduler.load_state_dict(state["lr_scheduler"])
     generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
+    if ema is not None:
+        saved_ema = load_file(str(path / EMA_FILE))
+        if len(saved_ema) != len(ema):
+            raise LimnerError(f"checkpoint {path} holds the average of {len(saved_ema)} parameters; this run trains {len(ema)}")
+        for i, v in enumerate(ema):
+            v.copy_(saved_ema[str(i)])
     return meta["step"], meta
+
+
+def trained_state(out: Path) -> dict[str, torch.Tensor]:
+    """The trainable values (not their average) of the newest checkpoint in `out`: where a following run
+    starts from (the world build's second UNet stage goes on from the first)."""
+    from safetensors.torch import load_file
+
+    found = _checkpoint_dirs(out)
+    if not found:
+        raise LimnerError(f"no checkpoint in {out / 'checkpoints'} to start from")
+    return load_file(str(found[-1] / "trainable.safetensors"))

@@ -4,7 +4,12 @@ defaults without importing the trainer's machinery."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
+
+# eval's cache key leaves a setting out at this metadata value (limner.methods.settings.KEY_NEUTRAL, which
+# this layer cannot import): a setting added after concepts were cached, at a default that does what the
+# trainer did before it existed, keeps those concepts' keys
+_KEY_NEUTRAL = "key_neutral"
 
 
 @dataclass
@@ -14,6 +19,8 @@ class TrainConfig:
     learning_rate: float = 1e-4
     lr_warmup_steps: int = 0
     lr_schedule: str = "constant"  # constant | cosine
+    # cosine decays to learning_rate * lr_floor, not to 0 (the world build's UNet uses 0.1)
+    lr_floor: float = field(default=0.0, metadata={_KEY_NEUTRAL: 0.0})
     weight_decay: float = 1e-2
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
@@ -33,6 +40,14 @@ class TrainConfig:
     min_snr_gamma: float | None = None  # None or 0: every timestep weighs the same
     validate_every: int = 0  # 0: no validation images during training
     resume: str | None = None  # "latest" or a checkpoint folder
+    # an exponential moving average of the trainable parameters, decay min(ema_decay, (1 + step) / (10 + step))
+    # (a warm-up, so the first steps' weights do not linger); kept in checkpoints, and swapped into the
+    # trainable parameters when training ends, so a task saves the average (as diffusers' EMAModel.copy_to);
+    # validation during training draws with the trained values
+    ema_decay: float | None = None
+    # the peak the progress bar's and train_log.csv's model FLOP utilisation is measured against, in TFLOP/s;
+    # None: the device's own (limner.training.throughput.default_peak_tflops). Reporting only: a resumed run may change it
+    peak_tflops: float | None = None
 
 
 def split_train_settings(cfg: TrainConfig, settings: dict) -> tuple[TrainConfig, dict]:

@@ -1,6 +1,8 @@
 """The training loop: accelerate (devices, mixed precision, gradient accumulation, several
-processes), the optimizer and learning-rate schedule, frozen weights in half precision, checkpoints
-and validation at their steps, and the CSV log. Everything else the loop needs lives beside it."""
+processes), the optimizer and learning-rate schedule (warm-up, cosine to a floor), an optional EMA of
+the trained parameters, frozen weights in half precision, checkpoints and validation at their steps,
+time per step and model FLOP utilisation, and the CSV log. Everything else the loop needs lives beside
+it. It serves short tuning runs and long pretraining (the world build's stages) alike."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from limner.io import disk_guard, written_atomically
 from limner.training.checkpoints import find_checkpoint, load_checkpoint, save_checkpoint
 from limner.training.config import TrainConfig
 from limner.training.task import TrainingTask, TrainLog
+from limner.training.throughput import Throughput, default_peak_tflops
 
 
 def is_main_process() -> bool:
@@ -39,15 +42,37 @@ def finish_processes() -> None:
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    """The learning rate's factor at each step: a linear warm-up, then constant or a cosine from 1 down
+    to cfg.lr_floor."""
+    floor = cfg.lr_floor
+
     def f(step: int) -> float:
         if step < cfg.lr_warmup_steps:
             return (step + 1) / cfg.lr_warmup_steps
         if cfg.lr_schedule == "cosine":
             t = (step - cfg.lr_warmup_steps) / max(1, cfg.max_steps - cfg.lr_warmup_steps)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
         return 1.0
 
     return f
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """The EMA's decay after optimizer step `step` (from 0): a warm-up, so the early weights fade fast."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+@torch.no_grad()
+def update_ema(ema: list[torch.Tensor], params: list[nn.Parameter], step: int, decay: float) -> None:
+    torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - ema_decay_at(step, decay))
+
+
+@torch.no_grad()
+def swap_in_ema(ema: list[torch.Tensor], params: list[nn.Parameter]) -> None:
+    """The average into the trained parameters, at the end of training: what the task saves. The
+    trained values themselves stay in the last checkpoint (checkpoints.trained_state)."""
+    for v, p in zip(ema, params):
+        p.copy_(v)
 
 
 def _trackers() -> list[str]:
@@ -112,19 +137,12 @@ def _forget_accelerator_settings() -> None:
         AcceleratorState._reset_state(reset_partial_state=not PartialState().use_distributed)
 
 
-def train(task: TrainingTask, next_batch: Callable[[torch.Generator], dict], cfg: TrainConfig, out: Path,
-          desc: str = "train", validate: Callable[[int], float | None] | None = None) -> TrainLog:
-    """Runs cfg.max_steps optimizer steps of task.loss on batches from next_batch(generator).
-
-    The generator that draws batches and noise is seeded from cfg.seed and the process index, saved
-    in every checkpoint and restored on resume, so a resumed run continues exactly as the
-    uninterrupted run would have."""
+def _accelerator(cfg: TrainConfig, modules: dict[str, nn.Module], out: Path):
+    """The run's Accelerator (its trackers started), with gradient checkpointing switched on where asked."""
     from accelerate import Accelerator
 
-    modules = task.modules()
     # on a CPU-only machine `accelerate launch --multi_gpu --num_processes N` runs N gloo processes
     on_cpu = next(next(iter(modules.values())).parameters()).device.type == "cpu"
-    out.mkdir(parents=True, exist_ok=True)
     _forget_accelerator_settings()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                               cpu=on_cpu, log_with=_trackers() or None, project_dir=str(out / "logs"))
@@ -136,6 +154,20 @@ def train(task: TrainingTask, next_batch: Callable[[torch.Generator], dict], cfg
                 m.enable_gradient_checkpointing()
             elif hasattr(m, "gradient_checkpointing_enable"):
                 m.gradient_checkpointing_enable()
+    return accelerator
+
+
+def train(task: TrainingTask, next_batch: Callable[[torch.Generator], dict], cfg: TrainConfig, out: Path,
+          desc: str = "train", validate: Callable[[int], float | None] | None = None) -> TrainLog:
+    """Runs cfg.max_steps optimizer steps of task.loss on batches from next_batch(generator).
+
+    The generator that draws batches and noise is seeded from cfg.seed and the process index, saved
+    in every checkpoint and restored on resume, so a resumed run continues exactly as the
+    uninterrupted run would have. With cfg.ema_decay, the task's trainable parameters hold their EMA
+    when this returns (validation during training draws with the trained values)."""
+    modules = task.modules()
+    out.mkdir(parents=True, exist_ok=True)
+    accelerator = _accelerator(cfg, modules, out)
     params = task.trainable_parameters()
     if not params:
         raise LimnerError("nothing to train: the method left no parameter trainable")
@@ -155,39 +187,50 @@ def train(task: TrainingTask, next_batch: Callable[[torch.Generator], dict], cfg
         task.wrapped = wrapped  # the accelerate-wrapped modules, for the task's forward passes
         task.accelerator = accelerator
         generator = torch.Generator().manual_seed(cfg.seed * 1000 + accelerator.process_index)
-        log = TrainLog(num_processes=accelerator.num_processes)
+        # the average starts from the weights training starts from; fp32 like the trained parameters
+        ema = [p.detach().clone() for p in params] if cfg.ema_decay else None
+        speed = Throughput(cfg.peak_tflops or default_peak_tflops(accelerator.device, accelerator.mixed_precision))
+        log = TrainLog(num_processes=accelerator.num_processes, peak_tflops=speed.peak_tflops)
         start = 0
         ckpt = find_checkpoint(out, cfg.resume)
         if ckpt is not None:
-            start, meta = load_checkpoint(ckpt, task, optimizer, scheduler, generator, cfg)
+            start, meta = load_checkpoint(ckpt, task, optimizer, scheduler, generator, cfg, ema=ema)
             log.curve, log.validation = meta["curve"], meta.get("validation", [])
             log.resumed_from = start
+            if start < cfg.max_steps and accelerator.is_main_process:
+                tqdm.write(f"[{desc}] resuming at step {start}/{cfg.max_steps} from {ckpt}")
         csv_path = out / "train_log.csv"
         t0 = time.perf_counter() - (log.curve[-1]["seconds"] if log.curve else 0.0)
         bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc=desc, disable=not accelerator.is_main_process,
                    mininterval=1)
         for step in bar:
+            t_step = time.perf_counter()
             for _ in range(cfg.gradient_accumulation_steps):
                 with accelerator.accumulate(*wrapped.values()):
-                    with accelerator.autocast():
-                        loss = task.loss(next_batch(generator), generator)
-                    accelerator.backward(loss)
+                    with speed.counting():
+                        with accelerator.autocast():
+                            loss = task.loss(next_batch(generator), generator)
+                        accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.max_grad_norm:
                         accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
             task.after_optimizer_step()
-            loss_value = accelerator.gather(loss.detach().float().reshape(1)).mean().item()
+            if ema is not None:
+                update_ema(ema, params, step, cfg.ema_decay)
+            loss_value = accelerator.gather(loss.detach().float().reshape(1)).mean().item()  # .item() waits for the device
+            speed.step_done(time.perf_counter() - t_step)
             log.curve.append({"step": step + 1, "seconds": round(time.perf_counter() - t0, 3), "loss": round(loss_value, 6)})
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", **speed.postfix())
             if accelerator.log_with:
-                accelerator.log({"loss": loss_value, "lr": scheduler.get_last_lr()[0]}, step=step + 1)
+                accelerator.log({"loss": loss_value, "lr": scheduler.get_last_lr()[0], **speed.scalars()}, step=step + 1)
             done = step + 1 == cfg.max_steps
             if accelerator.is_main_process and ((cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or done):
+                log.flops_per_step = speed.flops_per_step
                 with disk_guard(f"a checkpoint in {out / 'checkpoints'}"):
-                    save_checkpoint(out, step + 1, task, optimizer, scheduler, generator, cfg, log)
-                    write_csv(csv_path, log.curve)
+                    save_checkpoint(out, step + 1, task, optimizer, scheduler, generator, cfg, log, ema=ema)
+                    write_csv(csv_path, log.curve, log.flops_per_step, log.peak_tflops)
             if validate and accelerator.is_main_process and cfg.validate_every and ((step + 1) % cfg.validate_every == 0 or done):
                 t_validate = time.perf_counter()
                 frozen.restore()  # validation draws with the weights the pipeline had
@@ -198,16 +241,31 @@ def train(task: TrainingTask, next_batch: Callable[[torch.Generator], dict], cfg
                     log.validation.append({"step": step + 1, "seconds": log.curve[-1]["seconds"], "score": round(value, 4)})
     finally:
         frozen.restore()
+    if ema is not None:
+        swap_in_ema(ema, params)
     accelerator.wait_for_everyone()
     if accelerator.log_with:
         accelerator.end_training()
+    log.flops_per_step = speed.flops_per_step
     log.steps = cfg.max_steps
     log.seconds = log.curve[-1]["seconds"] if log.curve else 0.0
     return log
 
 
-def write_csv(path: Path, curve: list[dict]) -> None:
+def write_csv(path: Path, curve: list[dict], flops_per_step: float | None = None, peak_tflops: float | None = None) -> None:
+    """step, seconds (of training, validation left out), loss, then each step's own time and, where its
+    FLOPs were counted, the TFLOP/s achieved and the MFU against `peak_tflops` (blank where unknown)."""
     with written_atomically(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["step", "seconds", "loss"])
+        w = csv.DictWriter(f, fieldnames=["step", "seconds", "loss", "step_seconds", "tflops", "mfu"])
         w.writeheader()
-        w.writerows(curve)
+        previous = 0.0
+        for row in curve:
+            dt = row["seconds"] - previous
+            previous = row["seconds"]
+            tflops = flops_per_step / dt / 1e12 if flops_per_step and dt > 0 else None
+            mfu = tflops / peak_tflops if tflops is not None and peak_tflops else None
+            w.writerow(row | {"step_seconds": round(dt, 4), "tflops": _rounded(tflops), "mfu": _rounded(mfu)})
+
+
+def _rounded(x: float | None) -> float | str:
+    return "" if x is None else float(f"{x:.4g}")

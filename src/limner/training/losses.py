@@ -1,5 +1,5 @@
-"""The denoising loss every tuning method shares, with its training-time noise scheduler and the
-min-SNR weighting (which the world's base build reuses: it has its own loop)."""
+"""The denoising loss every tuning method and the world build share, with its training-time noise
+scheduler, the min-SNR weighting, and conditioning dropout (for classifier-free guidance)."""
 
 from __future__ import annotations
 
@@ -45,3 +45,16 @@ def denoising_loss(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor, g
     if min_snr_gamma:
         per_sample = per_sample * min_snr_weights(scheduler, t, min_snr_gamma)
     return per_sample if reduction == "none" else per_sample.mean()
+
+
+def drop_conditioning(cond: torch.Tensor, empty: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """`cond` with each row replaced by `empty` with probability `p`, so the model also learns the
+    unconditional prediction that classifier-free guidance needs. `cond` is [B, ...] (token ids, text or
+    image embeddings) and `empty` one row of the same shape (the empty caption's ids, zeros), with or
+    without the leading 1. One draw per row from `generator` (on the CPU, so the draws are the same on
+    every device); `p` 0 draws nothing."""
+    if not p:
+        return cond
+    drop = torch.rand(cond.shape[0], generator=generator) < p
+    keep = (~drop).to(cond.device).view(-1, *[1] * (cond.dim() - 1))
+    return torch.where(keep, cond, empty.to(cond).expand_as(cond))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,6 +14,11 @@ from torch import nn
 
 class TrainingTask(ABC):
     """What a method trains: its modules, its trainable parameters and its loss."""
+
+    # set by `train` before the first step: the accelerate-wrapped modules() (forward passes go through them,
+    # so that gradients are synchronised across processes) and the run's accelerate.Accelerator
+    wrapped: dict[str, nn.Module]
+    accelerator: Any
 
     @abstractmethod
     def modules(self) -> dict[str, nn.Module]:
@@ -48,3 +54,5 @@ class TrainLog:
     validation: list[dict] = field(default_factory=list)  # {"step", "seconds", "score"} when validation scores images
     resumed_from: int | None = None
     num_processes: int = 1
+    flops_per_step: float | None = None  # one optimizer step's model FLOPs in one process, counted once (training/throughput.py)
+    peak_tflops: float | None = None  # what MFU was measured against

@@ -11,14 +11,29 @@ Stages, each skipped when its output exists, each timed into build.json:
   instances_restart  a second cosine cycle on that set at half the learning rate (a warm restart)
   probes    classifiers on renderer ground truth (see probes.py)
   export    a standard diffusers folder in fp16
-Checkpoints are written every few hundred steps; an interrupted build continues where it stopped.
+
+Every training stage runs on the shared loop, `limner.training.train`, as a `TrainingTask`
+(world/stages.py): its schedule (warm-up, cosine down to LR_FLOOR of the peak), the UNet's EMA,
+checkpoints every `checkpoint_every` steps in work/STAGE/checkpoints/ (an interrupted build continues
+exactly where it stopped, `resume="latest"`), train_log.csv with time per step and MFU, and mixed
+precision on a GPU (bf16, else fp16 with loss scaling). Each stage keeps the settings it had in its
+own loop (losses, batch sizes, learning rates, weight decay, warm-up, EMA, dropout, gradient clipping
+of the UNet only). What differs from that loop, so a build is not bit-identical to an older one:
+- the generator that draws batches and noise is seeded (seed + k) * 1000 by the loop (it was seed + k),
+  and each stage's models are initialised after torch.manual_seed(seed + k) (the global generator ran
+  on from the build's start); the probes train on the loop too, so they resume mid-stage now;
+- AdamW is torch's fused kernel; fp16 (a GPU without bf16) scales the loss (there was no scaler);
+- the instances stages start from the previous stage's trained weights, as before, but their EMA
+  starts from those weights too (it started from the previous EMA; the EMA's warm-up leaves that
+  start a weight of ~3e-7 after 20 steps);
+- a work folder of the old loop (STAGE.ckpt files) is refused rather than silently retrained.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
-import math
 import os
 import shutil
 import time
@@ -27,15 +42,30 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from limner.errors import LimnerError
 from limner.images import to_unit_range
 from limner.io import write_json_atomic, write_text_atomic, written_atomically
 from limner.models.saving import save_pipeline
-from limner.training import min_snr_weights
+from limner.training import HALF, TrainConfig, find_checkpoint, train, trained_state
 from limner.world import stack
+from limner.world.stages import (
+    ClipTask,
+    DenoiserTask,
+    ProbeTask,
+    VaeTask,
+    WorldClip,
+    clip_batches,
+    image_batches,
+    latent_batches,
+    probe_batches,
+    training_scheduler,
+)
+
+LR_FLOOR = 0.1  # every stage's cosine ends at a tenth of its peak learning rate (the probes' ends at 0)
+# the probes' training settings
+PROBE_BATCH, PROBE_LR, PROBE_WEIGHT_DECAY = 128, 2e-3, 1e-4
 
 
 @dataclass
@@ -80,62 +110,42 @@ class BuildConfig:
 # --------------------------------------------------------------------------------------------
 
 
-def atomic_save(obj, path: Path) -> None:
+def save_tensors(obj, path: Path) -> None:
     """torch.save to a temporary name, then rename: a crash never leaves a half-written file."""
     with written_atomically(path) as tmp:
         torch.save(obj, tmp)
 
 
-def load_checkpoint(path: Path):
-    # our own checkpoint, but still loaded without unpickling arbitrary objects
+def load_tensors(path: Path):
+    # our own file, but still loaded without unpickling arbitrary objects
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def autocast(device: torch.device):
-    # on CPU, fp32: bf16 is emulated on CPUs without native support (AVX2 only), where a UNet step ran 14x slower
+def mixed_precision(device: torch.device) -> str:
+    """The precision the build trains and encodes in on `device`: on CPU fp32 (bf16 is emulated on CPUs
+    without native support, AVX2 only, where a UNet step ran 14x slower), on a GPU bf16, else fp16."""
     if device.type == "cpu":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-def cosine_lr(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+def autocast(device: torch.device):
+    """mixed_precision()'s autocast, for the stages that run models outside the training loop."""
+    precision = mixed_precision(device)
+    return contextlib.nullcontext() if precision == "no" else torch.autocast(device.type, dtype=HALF[precision])
 
 
-class Stage:
-    """A resumable training loop: modules, optimizer, step and the data generator's state are saved
-    every `every` steps and reloaded on start, so a resumed run continues exactly where it stopped."""
+def warmup_steps(steps: int) -> int:
+    """CLIP's and the VAE's warm-up: a tenth of the stage, at most 100 steps."""
+    return min(100, steps // 10 + 1)
 
-    def __init__(self, name: str, work: Path, total: int, every: int, modules: dict, optimizer, generator: torch.Generator):
-        self.name, self.path, self.total, self.every = name, work / f"{name}.ckpt", total, every
-        self.modules, self.optimizer, self.generator, self.step = modules, optimizer, generator, 0
-        if self.path.exists():
-            state = load_checkpoint(self.path)
-            for key, module in modules.items():
-                module.load_state_dict(state[key])
-            optimizer.load_state_dict(state["optimizer"])
-            generator.set_state(state["generator"])
-            self.step = state["step"]
-            if self.step < total:
-                tqdm.write(f"[{name}] resuming at step {self.step}/{total}")
 
-    def save(self) -> None:
-        state = {key: m.state_dict() for key, m in self.modules.items()}
-        state.update(optimizer=self.optimizer.state_dict(), generator=self.generator.get_state(), step=self.step)
-        atomic_save(state, self.path)
-
-    def steps(self):
-        if self.step >= self.total:
-            return
-        bar = tqdm(range(self.step, self.total), initial=self.step, total=self.total, desc=self.name, mininterval=2)
-        for step in bar:
-            yield step, bar
-            self.step = step + 1
-            if self.step % self.every == 0 or self.step == self.total:
-                self.save()
+def stage_config(cfg: BuildConfig, device: torch.device, **settings) -> TrainConfig:
+    """A stage's loop settings: cosine to LR_FLOOR, resumed from its newest checkpoint, one checkpoint kept
+    (a UNet stage's is four copies of the UNet: weights, EMA, AdamW's two moments)."""
+    base = dict(lr_schedule="cosine", lr_floor=LR_FLOOR, checkpoint_every=cfg.checkpoint_every, keep_checkpoints=1,
+                resume="latest", mixed_precision=mixed_precision(device))
+    return TrainConfig(**(base | settings))
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,39 +185,18 @@ def stage_data(cfg: BuildConfig, work: Path, name: str = "", instance_rate: floa
 # --------------------------------------------------------------------------------------------
 
 
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(captions, padding="max_length", truncation=True, max_length=stack.MAX_LENGTH, return_tensors="pt").input_ids
+
+
 def stage_clip(cfg: BuildConfig, work: Path, images, captions, tokenizer, device):
-    text_encoder = stack.build_text_encoder(tokenizer).to(device)
-    image_encoder = stack.build_image_encoder().to(device)
-    text_projection = torch.nn.Linear(stack.TEXT_DIM, stack.TEXT_DIM, bias=False).to(device)
-    logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07), device=device))
-    scale_holder = torch.nn.ParameterDict({"logit_scale": logit_scale})
-    params = [*text_encoder.parameters(), *image_encoder.parameters(), *text_projection.parameters(), logit_scale]
-    opt = torch.optim.AdamW(params, lr=cfg.clip_lr, weight_decay=0.1)
-    modules = {"text": text_encoder, "vision": image_encoder, "proj": text_projection, "scale": scale_holder}
-    g = torch.Generator().manual_seed(cfg.seed + 1)
-    stage = Stage("clip", work, cfg.clip_steps, cfg.checkpoint_every, modules, opt, g)
-    ids_all = tokenizer(captions, padding="max_length", truncation=True, max_length=stack.MAX_LENGTH, return_tensors="pt").input_ids
-    for step, bar in stage.steps():
-        for group in opt.param_groups:
-            group["lr"] = cfg.clip_lr * cosine_lr(step, cfg.clip_steps, min(100, cfg.clip_steps // 10 + 1))
-        idx = torch.randint(len(captions), (cfg.clip_batch,), generator=g)
-        pix = to_unit_range(images[idx.numpy()]).to(device)
-        ids = ids_all[idx].to(device)
-        with autocast(device):
-            txt = text_projection(text_encoder(ids).pooler_output)
-            img = image_encoder(pixel_values=pix).image_embeds
-        txt, img = F.normalize(txt.float(), dim=-1), F.normalize(img.float(), dim=-1)
-        logits = logit_scale.clamp(max=math.log(100)).exp() * img @ txt.t()
-        # identical captions in a batch are positives for each other, not negatives
-        same = (ids[:, None, :] == ids[None, :, :]).all(-1).float()
-        target = same / same.sum(1, keepdim=True)
-        loss = 0.5 * (torch.sum(-target * logits.log_softmax(1), 1).mean() + torch.sum(-target * logits.t().log_softmax(1), 1).mean())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    return text_encoder.eval(), image_encoder.eval(), text_projection.eval(), logit_scale.detach()
+    torch.manual_seed(cfg.seed + 1)
+    clip = WorldClip(tokenizer).to(device)
+    settings = stage_config(cfg, device, max_steps=cfg.clip_steps, batch_size=cfg.clip_batch, learning_rate=cfg.clip_lr,
+                            weight_decay=0.1, lr_warmup_steps=warmup_steps(cfg.clip_steps), max_grad_norm=0.0, seed=cfg.seed + 1)
+    train(ClipTask(clip), clip_batches(images, tokenize(tokenizer, captions), cfg.clip_batch), settings, work / "clip", desc="clip")
+    clip.eval()
+    return clip.text, clip.vision, clip.proj, clip.logit_scale.detach()
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,25 +205,11 @@ def stage_clip(cfg: BuildConfig, work: Path, images, captions, tokenizer, device
 
 
 def stage_vae(cfg: BuildConfig, work: Path, images, device):
+    torch.manual_seed(cfg.seed + 2)
     vae = stack.build_vae().to(device)
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(cfg.seed + 2)
-    stage = Stage("vae", work, cfg.vae_steps, cfg.checkpoint_every, {"vae": vae}, opt, g)
-    for step, bar in stage.steps():
-        for group in opt.param_groups:
-            group["lr"] = cfg.vae_lr * cosine_lr(step, cfg.vae_steps, min(100, cfg.vae_steps // 10 + 1))
-        idx = torch.randint(len(images), (cfg.vae_batch,), generator=g)
-        x = to_unit_range(images[idx.numpy()]).to(device)
-        with autocast(device):
-            posterior = vae.encode(x).latent_dist
-            recon = vae.decode(posterior.sample(generator=g)).sample
-        recon = recon.float()
-        loss = (recon - x).abs().mean() + F.mse_loss(recon, x) + cfg.vae_kl_weight * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+    settings = stage_config(cfg, device, max_steps=cfg.vae_steps, batch_size=cfg.vae_batch, learning_rate=cfg.vae_lr,
+                            weight_decay=0.0, lr_warmup_steps=warmup_steps(cfg.vae_steps), max_grad_norm=0.0, seed=cfg.seed + 2)
+    train(VaeTask(vae, cfg.vae_kl_weight), image_batches(images, cfg.vae_batch), settings, work / "vae", desc="vae")
     return vae.eval()
 
 
@@ -256,69 +231,19 @@ def encode_latents(vae, images, device, batch: int = 256) -> tuple[torch.Tensor,
 # --------------------------------------------------------------------------------------------
 
 
-def training_scheduler():
-    from diffusers import DDPMScheduler
-
-    # Stable Diffusion 1.x's training noise schedule
-    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-
-
-def train_denoiser(stage: Stage, lr: float, warmup: int, cached: dict, scaling: float, captions, tokenizer, text_encoder,
-                   cfg: BuildConfig, device) -> None:
-    """Denoising steps of the stage's `unet` (and its `ema`) on `cached` latents (mean, std) until `stage` is done:
-    min-SNR loss, warm-up + cosine."""
-    g, unet, ema = stage.generator, stage.modules["unet"], stage.modules["ema"]
-    scheduler = training_scheduler()
-    ids_all = tokenizer(captions, padding="max_length", truncation=True, max_length=stack.MAX_LENGTH, return_tensors="pt").input_ids
-    empty = tokenizer([""], padding="max_length", max_length=stack.MAX_LENGTH, return_tensors="pt").input_ids
-    text_encoder.requires_grad_(False)
-    t_start, first = time.time(), stage.step
-    for step, bar in stage.steps():
-        for group in stage.optimizer.param_groups:
-            group["lr"] = lr * cosine_lr(step, stage.total, warmup)
-        idx = torch.randint(len(captions), (cfg.unet_batch,), generator=g)
-        ids = ids_all[idx]
-        drop = torch.rand(cfg.unet_batch, generator=g) < cfg.cond_dropout
-        ids[drop] = empty
-        mean, std = cached["mean"][idx].float(), cached["std"][idx].float()
-        latents = (mean + std * torch.randn(mean.shape, generator=g)) * scaling
-        noise = torch.randn(latents.shape, generator=g)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.unet_batch,), generator=g)
-        noisy = scheduler.add_noise(latents, noise, t)
-        latents, noise, noisy, t, ids = (v.to(device) for v in (latents, noise, noisy, t, ids))
-        with torch.no_grad(), autocast(device):
-            cond = text_encoder(ids).last_hidden_state
-        with autocast(device):
-            pred = unet(noisy, t, cond).sample
-        per_sample = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
-        loss = (per_sample * min_snr_weights(scheduler, t, cfg.min_snr_gamma)).mean()
-        stage.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        stage.optimizer.step()
-        with torch.no_grad():
-            decay = min(cfg.unet_ema_decay, (1 + step) / (10 + step))
-            for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(p, 1 - decay)
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}", s_per_step=f"{(time.time() - t_start) / (step - first + 1):.2f}")
-
-
 def stage_unet(cfg: BuildConfig, work: Path, name: str, lr: float, warmup: int, steps: int, seed: int, latents, scaling: float,
-               captions, tokenizer, text_encoder, device, start: Path | None = None):
-    """Trains the UNet (from scratch, or on from the `start` checkpoint's weights) and returns its EMA."""
-    unet, ema = stack.build_unet().to(device), stack.build_unet().to(device)
-    if start is not None and not (work / f"{name}.ckpt").exists():  # once begun, the stage's own checkpoint is loaded below
-        state = load_checkpoint(start)
-        unet.load_state_dict(state["unet"])
-        ema.load_state_dict(state["ema"])
-    else:
-        ema.load_state_dict(unet.state_dict())
-    ema.requires_grad_(False)
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
-    stage = Stage(name, work, steps, cfg.checkpoint_every, {"unet": unet, "ema": ema}, opt, torch.Generator().manual_seed(seed))
-    train_denoiser(stage, lr, warmup, latents, scaling, captions, tokenizer, text_encoder, cfg, device)
-    return ema.eval()
+               captions, tokenizer, text_encoder, device, start: str | None = None):
+    """Trains the UNet (from scratch, or on from the trained weights of stage `start`) and returns its EMA."""
+    torch.manual_seed(seed)
+    task = DenoiserTask(stack.build_unet().to(device), text_encoder, cfg.min_snr_gamma)
+    if start is not None and find_checkpoint(work / name, "latest") is None:  # once begun, the stage resumes its own
+        task.load_trainable_state(trained_state(work / start))
+    empty = tokenize(tokenizer, [""])
+    batches = latent_batches(latents, scaling, tokenize(tokenizer, captions), empty, cfg.unet_batch, cfg.cond_dropout)
+    settings = stage_config(cfg, device, max_steps=steps, batch_size=cfg.unet_batch, learning_rate=lr, weight_decay=0.01,
+                            lr_warmup_steps=warmup, max_grad_norm=1.0, ema_decay=cfg.unet_ema_decay, seed=seed)
+    train(task, batches, settings, work / name, desc=name)
+    return task.model.eval()  # the loop swapped the EMA in at the end
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,20 +269,48 @@ def export_pipeline(out: Path, tokenizer, text_encoder, image_encoder, text_proj
 
 
 def stage_probes(cfg: BuildConfig, work: Path, vae) -> dict:
-    """Trains each probe not yet trained (the subject probe also on `vae`'s round trips); returns their
-    accuracies on fresh renders."""
-    from limner.world.probes import SPECS, save_probe, train_probe
+    """Trains each probe not yet trained (the generator-styled ones also on `vae`'s round trips); returns
+    their accuracies on fresh renders."""
+    from limner.world.probes import SPECS, evaluate_probe, save_probe
 
     folder = work / "probes"
     metrics = {}
     for name in SPECS:
         meta = folder / f"{name}.json"
         if not meta.exists():
-            n_train = min(cfg.probe_train_size, SPECS[name].train_size or cfg.probe_train_size)
-            net, acc = train_probe(name, steps=cfg.probe_steps, n_train=n_train, seed=cfg.seed, vae=vae)
-            save_probe(net, name, folder, acc)
+            net = train_probe(cfg, work, name, vae)
+            save_probe(net, name, folder, evaluate_probe(net, name, seed=cfg.seed + 1000))
         metrics[name] = json.loads(meta.read_text())["accuracy"]
     return metrics
+
+
+def train_probe(cfg: BuildConfig, work: Path, name: str, vae):
+    """Probe `name` trained on fresh renders (on the CPU, as it always was: the renders are the cost)."""
+    from limner.world.probes import SPECS, ProbeNet, make_set, vae_round_trip
+
+    spec = SPECS[name]
+    n_train = min(cfg.probe_train_size, spec.train_size or cfg.probe_train_size)
+    images, labels = make_set(name, n_train, cfg.seed)
+    round_trips = vae_round_trip(vae, images) if spec.generator_styled else None
+    torch.manual_seed(cfg.seed)
+    net = ProbeNet(spec.heads())
+    settings = stage_config(cfg, torch.device("cpu"), max_steps=cfg.probe_steps, batch_size=PROBE_BATCH, learning_rate=PROBE_LR,
+                            weight_decay=PROBE_WEIGHT_DECAY, lr_floor=0.0, max_grad_norm=0.0, seed=cfg.seed)
+    train(ProbeTask(net), probe_batches(spec, images, labels, round_trips, PROBE_BATCH), settings, work / f"probe_{name}",
+          desc=f"probe {name}")
+    return net.eval()
+
+
+def stage_losses(work: Path) -> dict[str, list[float]]:
+    """Each training stage's mean loss over its first and last tenth of steps (from its train_log.csv)."""
+    summary = {}
+    for path in sorted(work.glob("*/train_log.csv")):
+        with open(path, newline="") as f:
+            losses = [float(row["loss"]) for row in csv.DictReader(f)]
+        if losses:
+            k = max(1, len(losses) // 10)
+            summary[path.parent.name] = [round(sum(losses[:k]) / k, 4), round(sum(losses[-k:]) / k, 4)]
+    return summary
 
 
 def build(out: Path, work: Path, cfg: BuildConfig, device: str = "auto") -> dict:
@@ -371,6 +324,9 @@ def build(out: Path, work: Path, cfg: BuildConfig, device: str = "auto") -> dict
     record = json.loads(record_path.read_text()) if record_path.exists() else {"config": asdict(cfg), "seconds": {}}
     if record["config"] != asdict(cfg):
         raise LimnerError(f"--work {work} holds a build with another configuration; use another --work folder or delete it")
+    if any(work.glob("*.ckpt")):  # its cached latents are of a VAE this build would train anew
+        raise LimnerError(f"--work {work} holds checkpoints of an older build (STAGE.ckpt), which this one cannot resume; "
+                          "use another --work folder or delete it")
 
     def timed(name, fn, *args, **kwargs):
         t0 = time.time()
@@ -388,8 +344,8 @@ def build(out: Path, work: Path, cfg: BuildConfig, device: str = "auto") -> dict
     def cached_latents(name: str, images) -> dict:
         path = work / f"{name}.pt"
         if not path.exists():
-            atomic_save(dict(zip(("mean", "std"), timed(name, encode_latents, vae, images, dev))), path)
-        return load_checkpoint(path)
+            save_tensors(dict(zip(("mean", "std"), timed(name, encode_latents, vae, images, dev))), path)
+        return load_tensors(path)
 
     lat = cached_latents("latents", images)
     scaling = float(1.0 / (lat["mean"].float().std()))
@@ -400,14 +356,16 @@ def build(out: Path, work: Path, cfg: BuildConfig, device: str = "auto") -> dict
         images, captions = timed("data_instances", stage_data, cfg, work, "instances", cfg.instance_rate)
         lat = cached_latents("latents_instances", images)
         unet = timed("instances", stage_unet, cfg, work, "instances", cfg.instance_lr, cfg.instance_warmup, cfg.instance_steps,
-                     cfg.seed + 4, lat, scaling, captions, tokenizer, text_encoder, dev, start=work / "unet.ckpt")
+                     cfg.seed + 4, lat, scaling, captions, tokenizer, text_encoder, dev, start="unet")
         if cfg.instance_restart_steps:
             unet = timed("instances_restart", stage_unet, cfg, work, "instances_restart", cfg.instance_lr / 2, cfg.instance_warmup,
                          cfg.instance_restart_steps, cfg.seed + 5, lat, scaling, captions, tokenizer, text_encoder, dev,
-                         start=work / "instances.ckpt")
+                         start="instances")
     record["probes"] = timed("probes", stage_probes, cfg, work, vae)
-    timed("export", export_pipeline, out / "base", tokenizer, text_encoder.cpu(), image_encoder.cpu(), text_projection.cpu(), logit_scale.cpu(), vae.cpu(), unet.cpu())
+    timed("export", export_pipeline, out / "base", tokenizer, text_encoder.cpu(), image_encoder.cpu(), text_projection.cpu(),
+          logit_scale.cpu(), vae.cpu(), unet.cpu())
     shutil.copytree(work / "probes", out / "probes", dirs_exist_ok=True)
+    record["loss"] = stage_losses(work)
     record["device"] = str(dev)
     record["torch"] = torch.__version__
     write_json_atomic(out / "base" / "build.json", record)

@@ -242,37 +242,25 @@ def make_set(name: str, n: int, seed: int, desc: str | None = None) -> tuple[np.
 # --------------------------------------------------------------------------------------------
 
 
-def train_probe(name: str, steps: int = 900, n_train: int = 20_000, batch: int = 128, seed: int = 0, lr: float = 2e-3,
-                vae=None) -> tuple[ProbeNet, dict]:
-    """Trains probe `name` on fresh renders; a generator-styled probe (the subject probe) needs the world `vae`."""
-    spec = SPECS[name]
-    if spec.generator_styled and vae is None:
-        raise ValueError(f"the {name} probe learns from the world VAE's round trips: pass vae=")
-    images, labels = make_set(name, n_train, seed)
-    round_trips = vae_round_trip(vae, images) if spec.generator_styled else None
-    torch.manual_seed(seed)
-    net = ProbeNet(spec.heads())
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    g = torch.Generator().manual_seed(seed)
-    bar = tqdm(range(steps), desc=f"probe {name}", mininterval=2)
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr * 0.5 * (1 + np.cos(np.pi * step / steps))
-        idx = torch.randint(len(images), (batch,), generator=g).numpy()
-        if spec.generator_styled:  # half the batch as the VAE gives it back, all of it with detail lost
-            via_vae = (torch.rand(batch, generator=g) < 0.5).numpy()[:, None, None, None]
-            x = lose_detail(to_input(np.where(via_vae, round_trips[idx], images[idx])), g)
-        else:
-            x = degrade(to_input(images[idx]), g)
-        out = net(x)
-        loss = sum(F.cross_entropy(out[k], torch.from_numpy(labels[k][idx]), ignore_index=IGNORE) for k in spec.labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    net.eval()
-    return net, evaluate_probe(net, name, seed=seed + 1000)
+def probe_batch(spec: ProbeSpec, images: np.ndarray, labels: dict[str, np.ndarray], round_trips: np.ndarray | None, batch: int,
+                g: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A training batch of probe `spec` (inputs, labels per head) from its renders: degraded, or for a
+    generator-styled probe half as the world VAE gives them back (`round_trips`), all with detail lost.
+    The world build trains the probes on it (limner.world.stages.ProbeTask)."""
+    if spec.generator_styled and round_trips is None:
+        raise ValueError(f"the {spec.name} probe learns from the world VAE's round trips: pass round_trips")
+    idx = torch.randint(len(images), (batch,), generator=g).numpy()
+    if spec.generator_styled:
+        via_vae = (torch.rand(batch, generator=g) < 0.5).numpy()[:, None, None, None]
+        x = lose_detail(to_input(np.where(via_vae, round_trips[idx], images[idx])), g)
+    else:
+        x = degrade(to_input(images[idx]), g)
+    return x, {k: torch.from_numpy(labels[k][idx]) for k in spec.labels}
+
+
+def probe_loss(out: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The sum of every head's cross-entropy (a head with nothing to say about an image is IGNORE there)."""
+    return sum(F.cross_entropy(out[k], y.to(out[k].device), ignore_index=IGNORE) for k, y in labels.items())
 
 
 @torch.no_grad()
