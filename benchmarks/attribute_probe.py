@@ -27,13 +27,21 @@ from limner.models.loading import WORLD_PROBES, load_base  # noqa: E402
 from limner.world.check import ACCESSORY_CASES, accessory_prompts, accessory_renders, check_prompts, draw  # noqa: E402
 from limner.world.probes import Probes, vae_round_trip  # noqa: E402
 
-DEFAULT_PROBES = [WORLD_PROBES / "attributes.safetensors", ROOT / "benchmarks" / "attribute_probe" / "candidate" / "attributes.safetensors",
-                  WORLD_PROBES / "accessory.safetensors"]
+DEFAULT_PROBES = [
+    WORLD_PROBES / "attributes.safetensors",
+    ROOT / "benchmarks" / "attribute_probe" / "candidate" / "attributes.safetensors",
+    WORLD_PROBES / "accessory.safetensors",
+]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--probe", type=Path, action="append", help="A probe with an accessory head, e.g. probes/accessory.safetensors (repeatable).")
+    ap.add_argument(
+        "--probe",
+        type=Path,
+        action="append",
+        help="A probe with an accessory head, e.g. probes/accessory.safetensors (repeatable).",
+    )
     ap.add_argument("--per-subject", type=int, default=12)
     ap.add_argument("--plain", type=int, default=48, help="Base pictures asked for no accessory (false positives).")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "attribute_probe")
@@ -48,7 +56,9 @@ def main() -> None:
     results = {}
     for probe in args.probe or DEFAULT_PROBES:
         probes = Probes(probe.parent)
-        crisp, trip, got_asked, got_plain = (np.array(probes.read(probe.stem, im)["accessory"]) for im in (renders, round_trips, asked, plain))
+        crisp, trip, got_asked, got_plain = (
+            np.array(probes.read(probe.stem, im)["accessory"]) for im in (renders, round_trips, asked, plain)
+        )
         results[str(probe.relative_to(ROOT) if probe.is_relative_to(ROOT) else probe)] = {
             "renders_worn_read": float(np.mean(crisp[wearing] == worn[wearing])),
             "round_trips_worn_read": float(np.mean(trip[wearing] == worn[wearing])),
@@ -56,14 +66,20 @@ def main() -> None:
             "base_asked_read": float(np.mean(got_asked == np.array([a for _, a in asked_cases]))),
             "base_plain_read_as_worn": float(np.mean(got_plain != "none")),
         }
-    lines = [f"Accessory heads. {len(worn)} renders of the held-out subjects, two thirds wearing a hat or a "
-             f"bow, read as rendered and after the world VAE's round trip; the base's pictures: {ACCESSORY_CASES} asked for an "
-             f"accessory, {args.plain} asked for none.", "",
-             "| probe | renders wearing one, read right | round trips wearing one, read right | round trips bare, read as "
-             "wearing one | base asked, read right | base not asked, read as wearing one |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"Accessory heads. {len(worn)} renders of the held-out subjects, two thirds wearing a hat or a "
+        f"bow, read as rendered and after the world VAE's round trip; the base's pictures: {ACCESSORY_CASES} asked for an "
+        f"accessory, {args.plain} asked for none.",
+        "",
+        "| probe | renders wearing one, read right | round trips wearing one, read right | round trips bare, read as "
+        "wearing one | base asked, read right | base not asked, read as wearing one |",
+        "|---|---|---|---|---|---|",
+    ]
     for probe, r in results.items():
-        lines.append(f"| {probe} | {r['renders_worn_read']:.3f} | {r['round_trips_worn_read']:.3f} | "
-                     f"{r['round_trips_bare_read_as_worn']:.3f} | {r['base_asked_read']:.3f} | {r['base_plain_read_as_worn']:.3f} |")
+        lines.append(
+            f"| {probe} | {r['renders_worn_read']:.3f} | {r['round_trips_worn_read']:.3f} | "
+            f"{r['round_trips_bare_read_as_worn']:.3f} | {r['base_asked_read']:.3f} | {r['base_plain_read_as_worn']:.3f} |"
+        )
     table = "\n".join(lines)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -30,11 +30,39 @@ STEPS = "4"
 TRAIN = {
     "ti": ["--method", "textual_inversion", "--subject", "world:duo_ball"],
     "lora": ["--method", "dreambooth_lora", "--subject", "world:duo_ball", "--set", "num_class_images=4"],
-    "lora2": ["--method", "dreambooth_lora", "--subject", "world:cross_cup", "--token", "zwx", "--set", "num_class_images=4"],
+    "lora2": [
+        "--method",
+        "dreambooth_lora",
+        "--subject",
+        "world:cross_cup",
+        "--token",
+        "zwx",
+        "--set",
+        "num_class_images=4",
+    ],
     "full": ["--method", "dreambooth", "--subject", "world:duo_ball", "--set", "num_class_images=4"],
-    "cd": ["--method", "custom_diffusion", "--subject", "world:duo_ball", "--set", "reg_pool_size=200", "--set", "num_reg_images=8"],
-    "cd2": ["--method", "custom_diffusion", "--subject", "world:cross_cup", "--token", "<new2>", "--set", "reg_pool_size=200",
-            "--set", "num_reg_images=8"],
+    "cd": [
+        "--method",
+        "custom_diffusion",
+        "--subject",
+        "world:duo_ball",
+        "--set",
+        "reg_pool_size=200",
+        "--set",
+        "num_reg_images=8",
+    ],
+    "cd2": [
+        "--method",
+        "custom_diffusion",
+        "--subject",
+        "world:cross_cup",
+        "--token",
+        "<new2>",
+        "--set",
+        "reg_pool_size=200",
+        "--set",
+        "num_reg_images=8",
+    ],
 }
 GENERATE = {
     "ti": ("a <s*> on the beach", ["ti"], []),
@@ -75,8 +103,11 @@ def digest_file(path: Path) -> str:
 
 
 def weights(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): digest_file(p) for p in sorted(folder.rglob("*.safetensors"))
-            if "checkpoints" not in p.parts}
+    return {
+        str(p.relative_to(folder)): digest_file(p)
+        for p in sorted(folder.rglob("*.safetensors"))
+        if "checkpoints" not in p.parts
+    }
 
 
 def cache_keys() -> dict[str, str]:
@@ -86,8 +117,13 @@ def cache_keys() -> dict[str, str]:
         from limner.evaluation.cache_keys import concept_key
     except ImportError:
         from limner.evaluation.protocol import concept_key
-    configs = {"default": {}, "steps": {"max_steps": 600}, "rank": {"lora_rank": 8, "learning_rate": 1e-3},
-               "masked": {"background_weight": 0.1}, "kv": {"mode": "crossattn_kv"}}
+    configs = {
+        "default": {},
+        "steps": {"max_steps": 600},
+        "rank": {"lora_rank": 8, "learning_rate": 1e-3},
+        "masked": {"background_weight": 0.1},
+        "kv": {"mode": "crossattn_kv"},
+    }
     out = {}
     for name in ("textual_inversion", "dreambooth", "dreambooth_lora", "custom_diffusion"):
         m = get_method(name)
@@ -107,24 +143,58 @@ def run(work: Path) -> dict:
         record["concepts"][name] = weights(work / name)
     for name, (prompt, concepts, extra) in GENERATE.items():
         out = work / f"gen-{name}"
-        cli(["generate", prompt, "-n", "2", "--steps", "8", "--out", str(out), *extra,
-             *[a for c in concepts for a in ("--concept", str(work / c))]])
+        cli(
+            [
+                "generate",
+                prompt,
+                "-n",
+                "2",
+                "--steps",
+                "8",
+                "--out",
+                str(out),
+                *extra,
+                *[a for c in concepts for a in ("--concept", str(work / c))],
+            ]
+        )
         record["images"][name] = [digest_file(p) for p in sorted(out.glob("*.png"))]
     for name in ("ti", "lora", "cd"):
         out = work / f"eval-{name}"
-        cli(["eval", "--concept", str(work / name), "--subjects", "world:duo_ball", "--prompts", "3", "-n", "1", "--steps", "8",
-             "--no-bounds", "--cache", str(work / "eval-cache"), "--out", str(out)])
+        cli(
+            [
+                "eval",
+                "--concept",
+                str(work / name),
+                "--subjects",
+                "world:duo_ball",
+                "--prompts",
+                "3",
+                "-n",
+                "1",
+                "--steps",
+                "8",
+                "--no-bounds",
+                "--cache",
+                str(work / "eval-cache"),
+                "--out",
+                str(out),
+            ]
+        )
         results = json.loads((out / "results.json").read_text())
         (row,) = results["rows"].values()
-        record["eval"][name] = {"scores": {k: round(v, 6) for k, v in row["mean"].items()},
-                                "images": [digest_file(Path(p)) for ps in row["images"]["duo_ball"].values() for p in ps]}
+        record["eval"][name] = {
+            "scores": {k: round(v, 6) for k, v in row["mean"].items()},
+            "images": [digest_file(Path(p)) for ps in row["images"]["duo_ball"].values() for p in ps],
+        }
     return record
 
 
 def compare(now: dict, before: dict, path: str = "") -> list[str]:
     if isinstance(now, dict) and isinstance(before, dict):
         return [d for k in sorted(set(now) | set(before)) for d in compare(now.get(k), before.get(k), f"{path}/{k}")]
-    same = now == before or (isinstance(now, float) and isinstance(before, float) and np.isnan(now) and np.isnan(before))
+    same = now == before or (
+        isinstance(now, float) and isinstance(before, float) and np.isnan(now) and np.isnan(before)
+    )
     return [] if same else [f"{path}: {before} -> {now}"]
 
 

@@ -45,8 +45,12 @@ def loss_summary(log: Path) -> dict:
     seconds = [float(r["seconds"]) for r in rows]
     tenth = max(1, len(losses) // 10)
     steps = np.diff(seconds) if len(seconds) > 1 else np.array(seconds)
-    return {"loss_finite": all(math.isfinite(v) for v in losses), "loss_first": round(statistics.mean(losses[:tenth]), 4),
-            "loss_last": round(statistics.mean(losses[-tenth:]), 4), "seconds_per_step": round(float(np.median(steps)), 4)}
+    return {
+        "loss_finite": all(math.isfinite(v) for v in losses),
+        "loss_first": round(statistics.mean(losses[:tenth]), 4),
+        "loss_last": round(statistics.mean(losses[-tenth:]), 4),
+        "seconds_per_step": round(float(np.median(steps)), 4),
+    }
 
 
 def training_row(method, precision, subject, device, cache, enc, settings, steps) -> dict:
@@ -59,12 +63,22 @@ def training_row(method, precision, subject, device, cache, enc, settings, steps
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()  # loading, regularisation images and validation every sixth of training included
-    folder, meta = personalize_cached(method, subject, BaseHandle(None, device, fingerprint(WORLD_BASE)), cache, config)
-    row = {"method": method, "precision": precision, "subject": subject.name, "steps": meta.get("steps"),
-           "seconds": round(time.perf_counter() - t0, 2), "peak_memory_mb": round(peak_memory_mb(device), 1)}
+    folder, meta = personalize_cached(
+        method, subject, BaseHandle(None, device, fingerprint(WORLD_BASE)), cache, config
+    )
+    row = {
+        "method": method,
+        "precision": precision,
+        "subject": subject.name,
+        "steps": meta.get("steps"),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "peak_memory_mb": round(peak_memory_mb(device), 1),
+    }
     row |= loss_summary(folder / "train_log.csv")
     spec = f"{method}:" + ",".join(f"{k}={v}" for k, v in config.items())
-    scores = next(iter(run_eval([Row.parse(spec)], [subject], enc, cache, settings, device=device)["rows"].values()))["per_subject"]
+    scores = next(iter(run_eval([Row.parse(spec)], [subject], enc, cache, settings, device=device)["rows"].values()))[
+        "per_subject"
+    ]
     return row | {k: round(scores[subject.name][k], 3) for k in ("subject_fidelity", "prompt_fidelity")}
 
 
@@ -74,7 +88,11 @@ def generation_rows(record: dict, out: Path, device: str) -> None:
     from limner.generation import GenerationSettings, generate
     from limner.models.loading import load_base
 
-    runs = [(device, "fp32"), (device, "fp16"), (device, "bf16"), ("cpu", "fp32")] if device.startswith("cuda") else [("cpu", "fp32"), ("cpu", "bf16")]
+    runs = (
+        [(device, "fp32"), (device, "fp16"), (device, "bf16"), ("cpu", "fp32")]
+        if device.startswith("cuda")
+        else [("cpu", "fp32"), ("cpu", "bf16")]
+    )
     images0 = eps0 = None
     for dev, dtype in runs:
         base = load_base(None, device=dev, dtype=dtype)
@@ -88,11 +106,17 @@ def generation_rows(record: dict, out: Path, device: str) -> None:
         eps = unet_output(base)
         images0 = images if images0 is None else images0
         eps0 = eps if eps0 is None else eps0
-        record["generation"].append({
-            "device": dev, "dtype": dtype, "seconds_per_image": round(seconds / s.num_images, 4),
-            "finite": bool(np.isfinite(images).all()), "min_image_std": round(float(images.reshape(len(images), -1).std(1).min()), 2),
-            "mean_abs_diff_vs_first": round(float(np.abs(images - images0).mean()), 2),
-            "unet_rel_err_vs_first": round(float(np.linalg.norm(eps - eps0) / np.linalg.norm(eps0)), 5)})
+        record["generation"].append(
+            {
+                "device": dev,
+                "dtype": dtype,
+                "seconds_per_image": round(seconds / s.num_images, 4),
+                "finite": bool(np.isfinite(images).all()),
+                "min_image_std": round(float(images.reshape(len(images), -1).std(1).min()), 2),
+                "mean_abs_diff_vs_first": round(float(np.abs(images - images0).mean()), 2),
+                "unet_rel_err_vs_first": round(float(np.linalg.norm(eps - eps0) / np.linalg.norm(eps0)), 5),
+            }
+        )
         write(out, record)
         del base
         if dev.startswith("cuda"):
@@ -104,8 +128,12 @@ def unet_output(base) -> np.ndarray:
     pipe = base.pipe
     size, channels = pipe.unet.config.sample_size, pipe.unet.config.in_channels
     latents = torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(0))
-    ids = pipe.tokenizer(["a red ball on the beach"] * 2, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         return_tensors="pt").input_ids
+    ids = pipe.tokenizer(
+        ["a red ball on the beach"] * 2,
+        padding="max_length",
+        max_length=pipe.tokenizer.model_max_length,
+        return_tensors="pt",
+    ).input_ids
     with torch.no_grad():
         cond = pipe.text_encoder(ids.to(pipe.device))[0]
         eps = pipe.unet(latents.to(pipe.device, pipe.unet.dtype), 500, encoder_hidden_states=cond).sample
@@ -120,10 +148,17 @@ def synchronize(device: str) -> None:
 def demo_row(record: dict, out: Path, device: str) -> None:
     """`limner demo` in its own process, as a user runs it; its folder is OUT/demo."""
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "limner.cli", "demo", "--out", str(out / "demo"), "--device", device],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "limner.cli", "demo", "--out", str(out / "demo"), "--device", device],
+        capture_output=True,
+        text=True,
+    )
     tail = proc.stdout + (proc.stderr[-1500:] if proc.returncode else "")
-    record["demo"] = {"returncode": proc.returncode, "seconds": round(time.perf_counter() - t0, 1), "last_lines": tail.strip().splitlines()[-6:]}
+    record["demo"] = {
+        "returncode": proc.returncode,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "last_lines": tail.strip().splitlines()[-6:],
+    }
     write(out, record)
 
 
@@ -135,20 +170,39 @@ def cpu_reference(method: str, subject: str) -> float | None:
 
 
 def markdown(record: dict) -> str:
-    lines = [f"# The CUDA path on {record['gpu']} (torch {record['torch']})", "",
-             "| method | precision | subject | steps | s | s / step | peak MB | loss first -> last | finite | subject fid. | "
-             "CPU fp32 subject fid. | prompt fid. |", "|---" * 12 + "|"]
+    lines = [
+        f"# The CUDA path on {record['gpu']} (torch {record['torch']})",
+        "",
+        "| method | precision | subject | steps | s | s / step | peak MB | loss first -> last | finite | subject fid. | "
+        "CPU fp32 subject fid. | prompt fid. |",
+        "|---" * 12 + "|",
+    ]
     for r in record["training"]:
-        lines.append(f"| {r['method']} | {r['precision']} | {r['subject']} | {r['steps']} | {r['seconds']} | {r['seconds_per_step']} | "
-                     f"{r['peak_memory_mb']:.0f} | {r['loss_first']} -> {r['loss_last']} | {r['loss_finite']} | "
-                     f"{r.get('subject_fidelity', '—')} | {cpu_reference(r['method'], r['subject'])} | {r.get('prompt_fidelity', '—')} |")
-    lines += ["", "| generation | s / image | finite | min image std | mean abs diff vs the first row (0-255) | one UNet call: relative error |",
-              "|---|---|---|---|---|---|"]
-    lines += [f"| {g['device']} {g['dtype']} | {g['seconds_per_image']} | {g['finite']} | {g['min_image_std']} | {g['mean_abs_diff_vs_first']} | "
-              f"{g['unet_rel_err_vs_first']} |" for g in record["generation"]]
+        lines.append(
+            f"| {r['method']} | {r['precision']} | {r['subject']} | {r['steps']} | {r['seconds']} | {r['seconds_per_step']} | "
+            f"{r['peak_memory_mb']:.0f} | {r['loss_first']} -> {r['loss_last']} | {r['loss_finite']} | "
+            f"{r.get('subject_fidelity', '—')} | {cpu_reference(r['method'], r['subject'])} | {r.get('prompt_fidelity', '—')} |"
+        )
+    lines += [
+        "",
+        "| generation | s / image | finite | min image std | mean abs diff vs the first row (0-255) | one UNet call: relative error |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {g['device']} {g['dtype']} | {g['seconds_per_image']} | {g['finite']} | {g['min_image_std']} | {g['mean_abs_diff_vs_first']} | "
+        f"{g['unet_rel_err_vs_first']} |"
+        for g in record["generation"]
+    ]
     if "demo" in record:
         d = record["demo"]
-        lines += ["", f"`limner demo --device cuda`: exit {d['returncode']} in {d['seconds']} s", "", "```", *d["last_lines"], "```"]
+        lines += [
+            "",
+            f"`limner demo --device cuda`: exit {d['returncode']} in {d['seconds']} s",
+            "",
+            "```",
+            *d["last_lines"],
+            "```",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -163,9 +217,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/cuda"))
     ap.add_argument("--subjects", default="duo_ball,night_dog")
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--cache", type=Path, help="Eval cache (default: a fresh one, so that every row is trained and timed).")
+    ap.add_argument(
+        "--cache", type=Path, help="Eval cache (default: a fresh one, so that every row is trained and timed)."
+    )
     ap.add_argument("--budget", type=float, default=1e9, help="Seconds: no training row starts after this.")
-    ap.add_argument("--device", default="cuda", help="cpu runs the same checks, for trying the script itself (with --steps).")
+    ap.add_argument(
+        "--device", default="cuda", help="cpu runs the same checks, for trying the script itself (with --steps)."
+    )
     ap.add_argument("--steps", type=int, help="Training steps for every method (default: each method's).")
     ap.add_argument("--prompts", type=int, help="Bench prompts per subject (default: all).")
     ap.add_argument("--no-demo", action="store_true")
@@ -194,7 +252,9 @@ def main() -> None:
             for precision in PRECISIONS:
                 if time.monotonic() > deadline:
                     break
-                record["training"].append(training_row(method, precision, subject, a.device, a.cache, enc, settings, a.steps))
+                record["training"].append(
+                    training_row(method, precision, subject, a.device, a.cache, enc, settings, a.steps)
+                )
                 write(a.out, record)
     print(markdown(record))
 

@@ -54,14 +54,14 @@ def crops(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     out = []
     for cx in (0.27, 0.73):
         left = min(w - size, max(0, int(cx * w) - size // 2))
-        region = Image.fromarray(image[top:top + size, left:left + size]).resize((w, h), Image.BICUBIC)
+        region = Image.fromarray(image[top : top + size, left : left + size]).resize((w, h), Image.BICUBIC)
         out.append(np.asarray(region))
     return out[0], out[1]
 
 
 def window_crops(image: np.ndarray, lefts: list[int], window: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """The first and last region windows of a regional image."""
-    return image[:, lefts[0]:lefts[0] + window], image[:, lefts[-1]:lefts[-1] + window]
+    return image[:, lefts[0] : lefts[0] + window], image[:, lefts[-1] : lefts[-1] + window]
 
 
 def two_subject_scores(pairs: list[tuple[np.ndarray, np.ndarray]], left: str, right: str, probes) -> dict[str, float]:
@@ -72,8 +72,11 @@ def two_subject_scores(pairs: list[tuple[np.ndarray, np.ndarray]], left: str, ri
         probs, names = probes.subject_probabilities(np.stack([p[i] for p in pairs]))
         fidelity[side] = float(probs[:, names.index(subject)].mean())
         named[side] = probs.argmax(-1).numpy() == names.index(subject)
-    return {"left_fidelity": fidelity["left"], "right_fidelity": fidelity["right"],
-            "both_recognised": float((named["left"] & named["right"]).mean())}
+    return {
+        "left_fidelity": fidelity["left"],
+        "right_fidelity": fidelity["right"],
+        "both_recognised": float((named["left"] & named["right"]).mean()),
+    }
 
 
 def language_drift(base, left, right, probes) -> dict[str, float]:
@@ -96,8 +99,13 @@ def upper_bound_images(left, right, n: int) -> list[np.ndarray]:
     out = []
     for i in range(n):
         rng = np.random.default_rng([i, 7])
-        a, b = subject_object(left, rng, x=0.27, scale=(0.15, 0.22)), subject_object(right, rng, x=0.73, scale=(0.15, 0.22))
-        out.append(np.asarray(render(Scene(contexts[i % len(contexts)], [a, b], variant=int(rng.integers(2**31)))).pil()))
+        a, b = (
+            subject_object(left, rng, x=0.27, scale=(0.15, 0.22)),
+            subject_object(right, rng, x=0.73, scale=(0.15, 0.22)),
+        )
+        out.append(
+            np.asarray(render(Scene(contexts[i % len(contexts)], [a, b], variant=int(rng.integers(2**31)))).pil())
+        )
     return out
 
 
@@ -111,19 +119,30 @@ def single_renders(left, right, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
     pairs = []
     for i in range(n):
         rng = np.random.default_rng([i, 8])
-        scenes = [Scene(contexts[i % len(contexts)], [subject_object(s, rng)], variant=int(rng.integers(2**31))) for s in (left, right)]
+        scenes = [
+            Scene(contexts[i % len(contexts)], [subject_object(s, rng)], variant=int(rng.integers(2**31)))
+            for s in (left, right)
+        ]
         pairs.append(tuple(np.asarray(render(sc).pil()) for sc in scenes))
     return pairs
 
 
-def draw(base, prompts: list[str], regions: bool = False, seed: int = 0, **kwargs) -> tuple[list[np.ndarray], list, float]:
+def draw(
+    base, prompts: list[str], regions: bool = False, seed: int = 0, **kwargs
+) -> tuple[list[np.ndarray], list, float]:
     """The images, each one's (left crop, right crop), and the seconds per image."""
     from limner.generation import GenerationSettings, generate
 
     images, pairs, seconds = [], [], 0.0
     for j, prompt in enumerate(prompts):
-        s = GenerationSettings(prompt, num_images=IMAGES_PER_CONTEXT, seed=seed + 100 * j, steps=25,
-                               batch_size=IMAGES_PER_CONTEXT, regions=regions)
+        s = GenerationSettings(
+            prompt,
+            num_images=IMAGES_PER_CONTEXT,
+            seed=seed + 100 * j,
+            steps=25,
+            batch_size=IMAGES_PER_CONTEXT,
+            regions=regions,
+        )
         result = generate(base, s, **kwargs)
         seconds += result.record["timings"]["total_s"]
         lefts = [r["left"] for r in result.record.get("regions", [])]
@@ -177,20 +196,36 @@ def main() -> None:
         # K/V only (what the closed form solves for), Custom Diffusion's defaults (all of attn2) and
         # DreamBooth LoRA's defaults: the last two for per-window use
         for trained_as, folder, suffix, method, settings in (
-                (concepts, f"cd-{subject.name}", "", cd, {"modifier_token": token, "mode": MODE}),
-                (defaults, f"cd-{subject.name}-default", "-default", cd, {"modifier_token": token}),
-                (loras, f"lora-{subject.name}", " LoRA", get_method("dreambooth_lora"), {"identifier": identifier})):
-            trained_as[key] = trained(args.work / folder, f"train {subject.name}{suffix}", method, settings,
-                                      lambda f, m=method, s=subject, kw=settings: m.personalize(load_base(None, dtype="fp32"), s, f, **kw))
+            (concepts, f"cd-{subject.name}", "", cd, {"modifier_token": token, "mode": MODE}),
+            (defaults, f"cd-{subject.name}-default", "-default", cd, {"modifier_token": token}),
+            (loras, f"lora-{subject.name}", " LoRA", get_method("dreambooth_lora"), {"identifier": identifier}),
+        ):
+            trained_as[key] = trained(
+                args.work / folder,
+                f"train {subject.name}{suffix}",
+                method,
+                settings,
+                lambda f, m=method, s=subject, kw=settings: m.personalize(load_base(None, dtype="fp32"), s, f, **kw),
+            )
     t0 = time.perf_counter()
-    merged = merge(load_base(None, dtype="fp32"), [concepts["left"], concepts["right"]], args.work / f"merged-{a.name}+{b.name}")
+    merged = merge(
+        load_base(None, dtype="fp32"), [concepts["left"], concepts["right"]], args.work / f"merged-{a.name}+{b.name}"
+    )
     timings["merge"] = round(time.perf_counter() - t0, 1)
     # the same merge of the default (all of attn2) concepts: K/V in closed form, Q and out averaged
-    merged_default = merge(load_base(None, dtype="fp32"), [defaults["left"], defaults["right"]],
-                           args.work / f"merged-default-{a.name}+{b.name}")
+    merged_default = merge(
+        load_base(None, dtype="fp32"),
+        [defaults["left"], defaults["right"]],
+        args.work / f"merged-default-{a.name}+{b.name}",
+    )
     # one work folder serves every pair
-    joint = trained(args.work / f"joint-{a.name}+{b.name}", "joint training", cd, {"mode": MODE, "joint": [a.name, b.name]},
-                    lambda f: cd.personalize(load_base(None, dtype="fp32"), [a, b], f, mode=MODE))
+    joint = trained(
+        args.work / f"joint-{a.name}+{b.name}",
+        "joint training",
+        cd,
+        {"mode": MODE, "joint": [a.name, b.name]},
+        lambda f: cd.personalize(load_base(None, dtype="fp32"), [a, b], f, mode=MODE),
+    )
 
     def prompts(left_phrase: str, right_phrase: str, regions: bool) -> list[str]:
         if regions:
@@ -202,10 +237,16 @@ def main() -> None:
     upper = upper_bound_images(a.world, b.world, n)
     singles = single_renders(a.world, b.world, n)
     # variant -> (concept folders to apply, left phrase, right phrase)
-    variants = {"base, class nouns": ([], a.class_noun, b.class_noun),
-                "closed-form merge": ([merged], f"<new1> {a.class_noun}", f"<new2> {b.class_noun}"),
-                "closed-form merge of default concepts": ([merged_default], f"<new1> {a.class_noun}", f"<new2> {b.class_noun}"),
-                "joint training": ([joint], f"<new1> {a.class_noun}", f"<new2> {b.class_noun}")}
+    variants = {
+        "base, class nouns": ([], a.class_noun, b.class_noun),
+        "closed-form merge": ([merged], f"<new1> {a.class_noun}", f"<new2> {b.class_noun}"),
+        "closed-form merge of default concepts": (
+            [merged_default],
+            f"<new1> {a.class_noun}",
+            f"<new2> {b.class_noun}",
+        ),
+        "joint training": ([joint], f"<new1> {a.class_noun}", f"<new2> {b.class_noun}"),
+    }
     # each single concept alone in the two-subject prompt: only its own side should match
     for key, folder in concepts.items():
         tok = json.loads((folder / "limner.json").read_text())["tokens"][0]
@@ -226,38 +267,60 @@ def main() -> None:
         drift[name] = language_drift(base, a, b, probes)
     # separate concepts, each acting only in the window whose prompt names it, as
     # `limner generate --regions --concept A --concept B` applies them: regional prompts only
-    phrases = {"custom": (f"<new1> {a.class_noun}", f"<new2> {b.class_noun}"),
-               "lora": (f"{LORA_IDS[0]} {a.class_noun}", f"{LORA_IDS[1]} {b.class_noun}")}
-    for name, pair, kind in (("separate concepts, each in its window", concepts, "custom"),
-                             ("separate default (all of attn2) concepts, each in its window", defaults, "custom"),
-                             ("separate DreamBooth LoRA concepts, each in its window", loras, "lora")):
+    phrases = {
+        "custom": (f"<new1> {a.class_noun}", f"<new2> {b.class_noun}"),
+        "lora": (f"{LORA_IDS[0]} {a.class_noun}", f"{LORA_IDS[1]} {b.class_noun}"),
+    }
+    for name, pair, kind in (
+        ("separate concepts, each in its window", concepts, "custom"),
+        ("separate default (all of attn2) concepts, each in its window", defaults, "custom"),
+        ("separate DreamBooth LoRA concepts, each in its window", loras, "lora"),
+    ):
         base = load_base(None)
         region_prompts = prompts(*phrases[kind], True)
         applied = apply_concepts(base, [pair["left"], pair["right"]], split_regions(region_prompts[0]))
-        regional[f"{name}, {layouts[True]}"] = draw(base, region_prompts, True, conditioning=applied.condition(region_prompts[0], 25))
+        regional[f"{name}, {layouts[True]}"] = draw(
+            base, region_prompts, True, conditioning=applied.condition(region_prompts[0], 25)
+        )
     grids |= regional
     rows = {}
     for name, (_, pairs, per_image) in grids.items():
         rows[name] = two_subject_scores(pairs, a.name, b.name, probes) | {"seconds_per_image": per_image}
 
     args.out.mkdir(parents=True, exist_ok=True)
-    lines = [f"| {a.name} (left) + {b.name} (right) | P(left subject), left crop | P(right subject), right crop | both recognised "
-             "| s / image |", "|---|---|---|---|---|"]
-    lines += [f"| {k} | {v['left_fidelity']:.3f} | {v['right_fidelity']:.3f} | {v['both_recognised']:.3f} | "
-              f"{'—' if v['seconds_per_image'] is None else format(v['seconds_per_image'], '.3f')} |" for k, v in rows.items()]
-    note = (f"\n{n} images per row ({IMAGES_PER_CONTEXT} seeds x {len(CONTEXTS)} contexts), 25 DPM++ steps, guidance 5. "
-            "Chance for a probability is 1/12. One prompt: 64 px images, crops around the world's two-object positions. "
-            "Regional prompts: 112 px wide canvases, two 64 px windows overlapping by 16 px, each window scored; "
-            "its upper bound is each subject rendered alone. s / image: generation wall time per image, in batches of 4 "
-            f"({os.cpu_count()} CPU threads). Training seconds: " + ", ".join(f"{k} {v}" for k, v in timings.items()) +
-            ".\nCommand: `python benchmarks/merge_world.py`\n")
-    drift_lines = ["", f"| language drift: class prompt alone | P({a.name}), \"a {a.class_noun} ...\" | P({b.name}), \"a {b.class_noun} ...\" |",
-                   "|---|---|---|"] + [f"| {k} | {v['left']:.3f} | {v['right']:.3f} |" for k, v in drift.items()]
+    lines = [
+        f"| {a.name} (left) + {b.name} (right) | P(left subject), left crop | P(right subject), right crop | both recognised "
+        "| s / image |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {k} | {v['left_fidelity']:.3f} | {v['right_fidelity']:.3f} | {v['both_recognised']:.3f} | "
+        f"{'—' if v['seconds_per_image'] is None else format(v['seconds_per_image'], '.3f')} |"
+        for k, v in rows.items()
+    ]
+    note = (
+        f"\n{n} images per row ({IMAGES_PER_CONTEXT} seeds x {len(CONTEXTS)} contexts), 25 DPM++ steps, guidance 5. "
+        "Chance for a probability is 1/12. One prompt: 64 px images, crops around the world's two-object positions. "
+        "Regional prompts: 112 px wide canvases, two 64 px windows overlapping by 16 px, each window scored; "
+        "its upper bound is each subject rendered alone. s / image: generation wall time per image, in batches of 4 "
+        f"({os.cpu_count()} CPU threads). Training seconds: "
+        + ", ".join(f"{k} {v}" for k, v in timings.items())
+        + ".\nCommand: `python benchmarks/merge_world.py`\n"
+    )
+    drift_lines = [
+        "",
+        f'| language drift: class prompt alone | P({a.name}), "a {a.class_noun} ..." | P({b.name}), "a {b.class_noun} ..." |',
+        "|---|---|---|",
+    ] + [f"| {k} | {v['left']:.3f} | {v['right']:.3f} |" for k, v in drift.items()]
     (args.out / "results.md").write_text("\n".join(lines + drift_lines) + "\n" + note)
-    (args.out / "results.json").write_text(json.dumps({"rows": rows, "language_drift": drift, "seconds": timings}, indent=1))
+    (args.out / "results.json").write_text(
+        json.dumps({"rows": rows, "language_drift": drift, "seconds": timings}, indent=1)
+    )
     # one row of the grid per variant: the first image of each context (regional ones are wider)
     names = list(grids)
-    rows_of_images = [[Image.fromarray(grids[name][0][c * IMAGES_PER_CONTEXT]) for c in range(len(CONTEXTS))] for name in names]
+    rows_of_images = [
+        [Image.fromarray(grids[name][0][c * IMAGES_PER_CONTEXT]) for c in range(len(CONTEXTS))] for name in names
+    ]
     sheet = Image.new("RGB", (max(sum(im.width for im in row) for row in rows_of_images), 64 * len(names)), "white")
     for r, row in enumerate(rows_of_images):
         x = 0

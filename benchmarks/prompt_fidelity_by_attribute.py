@@ -40,17 +40,27 @@ def read_row(row: dict, subjects: list, probes: Probes) -> dict:
         scores = []
         for prompt in subject.prompts:
             want = attributes_asked(prompt)
-            predicted = probes.predict("attributes", at_64px(load_rgb(row["images"][subject.name][class_prompt(prompt.template, subject)])))
-            hits = {head: predicted[head].argmax(-1).numpy() == probes.labels("attributes", head).index(value) for head, value in want.items()}
+            predicted = probes.predict(
+                "attributes", at_64px(load_rgb(row["images"][subject.name][class_prompt(prompt.template, subject)]))
+            )
+            hits = {
+                head: predicted[head].argmax(-1).numpy() == probes.labels("attributes", head).index(value)
+                for head, value in want.items()
+            }
             for head, h in hits.items():
                 drawn.setdefault(head, []).extend(h.tolist())
             asked = [hits[head] for head in DRAWABLE if head in hits]
             scores.extend(np.mean(asked, axis=0).tolist())
         per_subject[subject.name] = float(np.mean(scores))
     lowest = min(per_subject, key=per_subject.get)
-    return {"drawn": {head: float(np.mean(h)) for head, h in drawn.items()}, "images_asked": {head: len(h) for head, h in drawn.items()},
-            "prompt_fidelity_drawable": float(np.mean(list(per_subject.values()))), "lowest": [lowest, per_subject[lowest]],
-            "per_subject": per_subject, "prompt_fidelity": row["mean"].get("prompt_fidelity")}
+    return {
+        "drawn": {head: float(np.mean(h)) for head, h in drawn.items()},
+        "images_asked": {head: len(h) for head, h in drawn.items()},
+        "prompt_fidelity_drawable": float(np.mean(list(per_subject.values()))),
+        "lowest": [lowest, per_subject[lowest]],
+        "per_subject": per_subject,
+        "prompt_fidelity": row["mean"].get("prompt_fidelity"),
+    }
 
 
 def main() -> None:
@@ -62,15 +72,21 @@ def main() -> None:
     subjects = load_subjects("world:" + ",".join(s["name"] for s in report["subjects"]))
     probes = Probes(WORLD_PROBES)
     rows = {name: read_row(row, subjects, probes) for name, row in report["rows"].items()}
-    lines = ["| row | prompt fidelity | context drawn | colour drawn | accessory drawn | prompt fidelity, context and colour only: mean | lowest subject |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| row | prompt fidelity | context drawn | colour drawn | accessory drawn | prompt fidelity, context and colour only: mean | lowest subject |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, r in rows.items():
         d = r["drawn"]
-        lines.append(f"| {name} | {r['prompt_fidelity']:.3f} | {d['context']:.3f} | {d['colour']:.3f} | {d['accessory']:.3f} | "
-                     f"{r['prompt_fidelity_drawable']:.3f} | {r['lowest'][0]} {r['lowest'][1]:.3f} |")
-    note = (f"\nRead from `{args.report.relative_to(ROOT) if args.report.is_relative_to(ROOT) else args.report}` "
-            f"({len(subjects)} subjects; images asked per attribute: {rows[next(iter(rows))]['images_asked']}). "
-            "Command: `python benchmarks/prompt_fidelity_by_attribute.py`.\n")
+        lines.append(
+            f"| {name} | {r['prompt_fidelity']:.3f} | {d['context']:.3f} | {d['colour']:.3f} | {d['accessory']:.3f} | "
+            f"{r['prompt_fidelity_drawable']:.3f} | {r['lowest'][0]} {r['lowest'][1]:.3f} |"
+        )
+    note = (
+        f"\nRead from `{args.report.relative_to(ROOT) if args.report.is_relative_to(ROOT) else args.report}` "
+        f"({len(subjects)} subjects; images asked per attribute: {rows[next(iter(rows))]['images_asked']}). "
+        "Command: `python benchmarks/prompt_fidelity_by_attribute.py`.\n"
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"report": str(args.report), "rows": rows}, indent=1))
     (args.out / "results.md").write_text("\n".join(lines) + "\n" + note)

@@ -29,7 +29,9 @@ from limner.world.probes import Probes  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--probes", type=Path, action="append", help="A probes folder holding subject.safetensors (repeatable).")
+    ap.add_argument(
+        "--probes", type=Path, action="append", help="A probes folder holding subject.safetensors (repeatable)."
+    )
     ap.add_argument("--per-subject", type=int, default=16)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "subject_probe")
     args = ap.parse_args()
@@ -42,11 +44,16 @@ def main() -> None:
         row = {}
         for strength, (images, labels) in sets.items():
             hit = subject_hits(probes, images, labels)
-            row[str(strength)] = {"accuracy": float(hit.mean()),
-                                  "per_subject": {s.name: float(hit[labels == i].mean()) for i, s in enumerate(SUBJECTS)}}
+            row[str(strength)] = {
+                "accuracy": float(hit.mean()),
+                "per_subject": {s.name: float(hit[labels == i].mean()) for i, s in enumerate(SUBJECTS)},
+            }
         results[str(folder)] = row
-    lines = [f"Subject probe accuracy (argmax among the 12 held-out subjects) on {args.per_subject} redrawn renders per "
-             "subject and strength.", ""]
+    lines = [
+        f"Subject probe accuracy (argmax among the 12 held-out subjects) on {args.per_subject} redrawn renders per "
+        "subject and strength.",
+        "",
+    ]
     header = "| probes | strength | all | " + " | ".join(s.name for s in SUBJECTS) + " |"
     lines += [header, "|" + "---|" * (3 + len(SUBJECTS))]
     for folder, row in results.items():
@@ -57,7 +64,9 @@ def main() -> None:
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.md").write_text(table + "\n")
-    (args.out / "results.json").write_text(json.dumps({"per_subject_images": args.per_subject, "results": results}, indent=2) + "\n")
+    (args.out / "results.json").write_text(
+        json.dumps({"per_subject_images": args.per_subject, "results": results}, indent=2) + "\n"
+    )
 
 
 if __name__ == "__main__":

@@ -46,23 +46,39 @@ SCRIPTS = {
 }
 TI_RECIPE = "3000 steps, lr 2e-3, no captions"
 # diffusers' script weighs every timestep alike: min_snr_gamma=0 turns limner's min-SNR weighting off
-TI_RECIPE_ARGS = ["--steps", "3000", "--lr", "2e-3", "--set", "captions=false", "--set", "weight_decay=0.01", "--set", "checkpoint_every=500",
-                  "--set", "min_snr_gamma=0"]
+TI_RECIPE_ARGS = [
+    "--steps",
+    "3000",
+    "--lr",
+    "2e-3",
+    "--set",
+    "captions=false",
+    "--set",
+    "weight_decay=0.01",
+    "--set",
+    "checkpoint_every=500",
+    "--set",
+    "min_snr_gamma=0",
+]
 # limner's defaults on other schedules: name -> extra arguments (the defaults are tuned for the
 # hardest world subjects; a user in a hurry shortens them)
 OTHER_RUNS = {
     # one TI seed's fidelity moves by up to 0.2 from the next: five more training seeds say whether
     # limner's defaults reach diffusers' recipe on average (report() uses the mean of the six); and
     # twice the steps, three seeds, since on the third edition the defaults' mean fell short
-    "textual_inversion": {**{f"seed {i}": ["--set", f"seed={i}"] for i in range(1, 6)},
-                          **{"800 steps" + (f", seed {i}" if i else ""): ["--steps", "800", "--set", f"seed={i}"] for i in range(3)}},
+    "textual_inversion": {
+        **{f"seed {i}": ["--set", f"seed={i}"] for i in range(1, 6)},
+        **{"800 steps" + (f", seed {i}" if i else ""): ["--steps", "800", "--set", f"seed={i}"] for i in range(3)},
+    },
     "dreambooth_lora": {"50 steps": ["--steps", "50"], "100 steps": ["--steps", "100"]},
     "custom_diffusion": {"50 steps": ["--steps", "50"], "100 steps": ["--steps", "100"]},
 }
 # --ti-recipe-in-limner: diffusers' TI recipe as limner runs it (the same 3000 x 4 samples at lr 2e-3,
 # object templates without captions, weight decay 1e-2), three seeds: is a gap between the tools the
 # recipe's or the implementation's? 13 minutes more, so not run by default
-TI_RECIPE_RUNS = {f"{TI_RECIPE}" + (f", seed {i}" if i else ""): [*TI_RECIPE_ARGS, "--set", f"seed={i}"] for i in range(3)}
+TI_RECIPE_RUNS = {
+    f"{TI_RECIPE}" + (f", seed {i}" if i else ""): [*TI_RECIPE_ARGS, "--set", f"seed={i}"] for i in range(3)
+}
 # diffusers' recipe with more training seeds: TI ends up to ~0.2 apart from one seed to the next, so
 # both tools' TI fidelity is the mean of three seeds (the wall time stays that of the seed-0 run)
 DIFFUSERS_SEEDS = {"textual_inversion": (1, 2)}
@@ -96,26 +112,57 @@ def run(cmd: list[str], log: Path, env: dict) -> dict:
 def environment(work: Path) -> dict:
     # limner's cache (class images, retrieval indexes) lives in the work folder: the prepare step
     # builds the world pool's CLIP index there, untimed, as diffusers' retrieve.py runs untimed
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT / "src"), TQDM_MININTERVAL="5", LIMNER_CACHE=str(work / "cache"))
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=str(ROOT / "src"),
+        TQDM_MININTERVAL="5",
+        LIMNER_CACHE=str(work / "cache"),
+    )
     env.pop("WANDB_MODE", None)
     return env
 
 
 def limner_cmd(method: str, subject: str, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "limner.cli", "train", "--method", method, "--subject", subject,
-            "--class-noun", CLASS_NOUN, "--out", str(out), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "limner.cli",
+        "train",
+        "--method",
+        method,
+        "--subject",
+        subject,
+        "--class-noun",
+        CLASS_NOUN,
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 # runs a script as `python script.py` does, then exits as limner's command line does: the exit handlers,
 # without the interpreter's teardown (which, with a CUDA build of torch, adds ~120 MiB to the peak)
-WITHOUT_TEARDOWN = ("import atexit, os, runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__'); "
-                    "atexit._run_exitfuncs(); sys.stdout.flush(); os._exit(0)")
+WITHOUT_TEARDOWN = (
+    "import atexit, os, runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__'); "
+    "atexit._run_exitfuncs(); sys.stdout.flush(); os._exit(0)"
+)
 
 
-def diffusers_cmd(repo: Path, method: str, base: Path, data: Path, out: Path, *extra: str, teardown: bool = True) -> list[str]:
+def diffusers_cmd(
+    repo: Path, method: str, base: Path, data: Path, out: Path, *extra: str, teardown: bool = True
+) -> list[str]:
     python = [sys.executable] if teardown else [sys.executable, "-c", WITHOUT_TEARDOWN]
-    script = [*python, str(repo / SCRIPTS[method]), f"--pretrained_model_name_or_path={base}", f"--output_dir={out}",
-              f"--resolution={RES}", "--seed=0", "--lr_scheduler=constant", "--lr_warmup_steps=0"]
+    script = [
+        *python,
+        str(repo / SCRIPTS[method]),
+        f"--pretrained_model_name_or_path={base}",
+        f"--output_dir={out}",
+        f"--resolution={RES}",
+        "--seed=0",
+        "--lr_scheduler=constant",
+        "--lr_warmup_steps=0",
+    ]
     data_arg = "--train_data_dir" if method == "textual_inversion" else "--instance_data_dir"
     return script + [f"{data_arg}={data}", *extra]
 
@@ -123,12 +170,37 @@ def diffusers_cmd(repo: Path, method: str, base: Path, data: Path, out: Path, *e
 def same_settings_args(method: str, steps: int) -> tuple[list[str], list[str]]:
     """(limner args, diffusers args) for one identical-settings run."""
     lr = SAME_LR[method]
-    limner = ["--steps", str(steps), "--batch-size", str(BATCH), "--lr", str(lr), "--set", "checkpoint_every=0",
-              "--set", "captions=false"]
-    diffusers = [f"--max_train_steps={steps}", f"--train_batch_size={BATCH}", f"--learning_rate={lr}", "--checkpointing_steps=100000"]
+    limner = [
+        "--steps",
+        str(steps),
+        "--batch-size",
+        str(BATCH),
+        "--lr",
+        str(lr),
+        "--set",
+        "checkpoint_every=0",
+        "--set",
+        "captions=false",
+    ]
+    diffusers = [
+        f"--max_train_steps={steps}",
+        f"--train_batch_size={BATCH}",
+        f"--learning_rate={lr}",
+        "--checkpointing_steps=100000",
+    ]
     if method == "textual_inversion":
-        limner += ["--set", "weight_decay=0.01", "--set", "min_snr_gamma=0"]  # diffusers' AdamW default, timesteps weighed alike
-        diffusers += ["--placeholder_token=<s*>", f"--initializer_token={CLASS_NOUN}", "--learnable_property=object", "--save_steps=100000"]
+        limner += [
+            "--set",
+            "weight_decay=0.01",
+            "--set",
+            "min_snr_gamma=0",
+        ]  # diffusers' AdamW default, timesteps weighed alike
+        diffusers += [
+            "--placeholder_token=<s*>",
+            f"--initializer_token={CLASS_NOUN}",
+            "--learnable_property=object",
+            "--save_steps=100000",
+        ]
     elif method in ("dreambooth", "dreambooth_lora"):
         limner += ["--set", "prior_preservation=none"]
         diffusers += [f"--instance_prompt=a sks {CLASS_NOUN}"]
@@ -137,27 +209,74 @@ def same_settings_args(method: str, steps: int) -> tuple[list[str], list[str]]:
             diffusers += ["--rank=8"]
     else:
         # the script's default --freeze_model crossattn_kv: attn2's K and V only
-        limner += ["--set", "prior_preservation=false", "--set", f"initializer={CD_INITIALIZER}", "--set", "mode=crossattn_kv"]
-        diffusers += [f"--instance_prompt=a photo of a <new1> {CLASS_NOUN}", "--modifier_token=<new1>", f"--initializer_token={CD_INITIALIZER}"]
+        limner += [
+            "--set",
+            "prior_preservation=false",
+            "--set",
+            f"initializer={CD_INITIALIZER}",
+            "--set",
+            "mode=crossattn_kv",
+        ]
+        diffusers += [
+            f"--instance_prompt=a photo of a <new1> {CLASS_NOUN}",
+            "--modifier_token=<new1>",
+            f"--initializer_token={CD_INITIALIZER}",
+        ]
     return limner, diffusers
 
 
 def recipe_args(method: str, class_dir: Path) -> list[str]:
     """diffusers' README recipe for each script (examples/*/README.md), at the world's 64 px."""
     if method == "textual_inversion":
-        return ["--placeholder_token=<s*>", f"--initializer_token={CLASS_NOUN}", "--learnable_property=object", "--train_batch_size=1",
-                "--gradient_accumulation_steps=4", "--max_train_steps=3000", "--learning_rate=5e-4", "--scale_lr", "--save_steps=100000"]
+        return [
+            "--placeholder_token=<s*>",
+            f"--initializer_token={CLASS_NOUN}",
+            "--learnable_property=object",
+            "--train_batch_size=1",
+            "--gradient_accumulation_steps=4",
+            "--max_train_steps=3000",
+            "--learning_rate=5e-4",
+            "--scale_lr",
+            "--save_steps=100000",
+        ]
     if method == "dreambooth":
-        return [f"--instance_prompt=a photo of sks {CLASS_NOUN}", "--with_prior_preservation", "--prior_loss_weight=1.0",
-                f"--class_prompt=a photo of {CLASS_NOUN}", f"--class_data_dir={class_dir}", "--num_class_images=200",
-                "--train_batch_size=1", "--learning_rate=5e-6", "--max_train_steps=800", "--checkpointing_steps=100000"]
+        return [
+            f"--instance_prompt=a photo of sks {CLASS_NOUN}",
+            "--with_prior_preservation",
+            "--prior_loss_weight=1.0",
+            f"--class_prompt=a photo of {CLASS_NOUN}",
+            f"--class_data_dir={class_dir}",
+            "--num_class_images=200",
+            "--train_batch_size=1",
+            "--learning_rate=5e-6",
+            "--max_train_steps=800",
+            "--checkpointing_steps=100000",
+        ]
     if method == "dreambooth_lora":
-        return [f"--instance_prompt=a photo of sks {CLASS_NOUN}", "--train_batch_size=1", "--learning_rate=1e-4",
-                "--max_train_steps=500", "--checkpointing_steps=100000"]
-    return [f"--class_data_dir={class_dir}", "--with_prior_preservation", "--real_prior", "--prior_loss_weight=1.0",
-            f"--class_prompt={CLASS_NOUN}", "--num_class_images=200", f"--instance_prompt=photo of a <new1> {CLASS_NOUN}",
-            "--train_batch_size=2", "--learning_rate=1e-5", "--max_train_steps=250", "--scale_lr", "--hflip", "--modifier_token=<new1>",
-            f"--initializer_token={CD_INITIALIZER}", "--checkpointing_steps=100000"]
+        return [
+            f"--instance_prompt=a photo of sks {CLASS_NOUN}",
+            "--train_batch_size=1",
+            "--learning_rate=1e-4",
+            "--max_train_steps=500",
+            "--checkpointing_steps=100000",
+        ]
+    return [
+        f"--class_data_dir={class_dir}",
+        "--with_prior_preservation",
+        "--real_prior",
+        "--prior_loss_weight=1.0",
+        f"--class_prompt={CLASS_NOUN}",
+        "--num_class_images=200",
+        f"--instance_prompt=photo of a <new1> {CLASS_NOUN}",
+        "--train_batch_size=2",
+        "--learning_rate=1e-5",
+        "--max_train_steps=250",
+        "--scale_lr",
+        "--hflip",
+        "--modifier_token=<new1>",
+        f"--initializer_token={CD_INITIALIZER}",
+        "--checkpointing_steps=100000",
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,7 +296,9 @@ def prepare(work: Path, refs: Path) -> None:
     pairs = regularization_set(load_base(None), CLASS_NOUN, CustomDiffusionConfig(num_reg_images=200))
     write_real_prior(work / "custom_diffusion" / "class-images", pairs)
     defaults = {m: digest(default_settings(get_method(m))) for m in METHODS}
-    (work / "prepared.json").write_text(json.dumps({"base": str(WORLD_BASE), "fingerprint": fingerprint(WORLD_BASE), "defaults": defaults}))
+    (work / "prepared.json").write_text(
+        json.dumps({"base": str(WORLD_BASE), "fingerprint": fingerprint(WORLD_BASE), "defaults": defaults})
+    )
 
 
 def write_references(folder: Path) -> None:
@@ -243,12 +364,32 @@ def score(concept: Path, env: dict) -> dict:
     """The artifact's world-bench subject fidelity, with what it was measured on."""
     work = concept.with_name(concept.name + "-eval")
     out = work / "report"
-    cmd = [sys.executable, "-m", "limner.cli", "eval", "--concept", str(concept), "--subjects", f"world:{SUBJECT}",
-           "-n", str(SCORE_IMAGES), "--no-bounds", "--cache", str(work / "eval-cache"), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "limner.cli",
+        "eval",
+        "--concept",
+        str(concept),
+        "--subjects",
+        f"world:{SUBJECT}",
+        "-n",
+        str(SCORE_IMAGES),
+        "--no-bounds",
+        "--cache",
+        str(work / "eval-cache"),
+        "--out",
+        str(out),
+    ]
     run(cmd, work / "eval.log", env)
     rows = json.loads((out / "results.json").read_text())["rows"]
     fidelity = round(next(iter(rows.values()))["mean"]["subject_fidelity"], 4)
-    return {"subject_fidelity": fidelity, "score_images": SCORE_IMAGES, "subject_probe": subject_probe(), "concept": str(concept)}
+    return {
+        "subject_fidelity": fidelity,
+        "score_images": SCORE_IMAGES,
+        "subject_probe": subject_probe(),
+        "concept": str(concept),
+    }
 
 
 @functools.cache  # asked for every row; the probe does not change during a run
@@ -272,8 +413,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--work", type=Path, default=Path("/tmp/limner-bench"))
     ap.add_argument("--methods", nargs="*", default=list(METHODS))
-    ap.add_argument("--no-other-schedules", action="store_true", help="skip limner's runs on other schedules (OTHER_RUNS)")
-    ap.add_argument("--ti-recipe-in-limner", action="store_true", help="also run diffusers' TI recipe with limner (TI_RECIPE_RUNS)")
+    ap.add_argument(
+        "--no-other-schedules", action="store_true", help="skip limner's runs on other schedules (OTHER_RUNS)"
+    )
+    ap.add_argument(
+        "--ti-recipe-in-limner", action="store_true", help="also run diffusers' TI recipe with limner (TI_RECIPE_RUNS)"
+    )
     ap.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     refs = args.work / "references"
@@ -282,7 +427,11 @@ def main() -> None:
     env = environment(args.work)
     # the data is prepared in a child process: this one stays small, because a child's peak RSS
     # (ru_maxrss) starts from its parent's size at the fork
-    run([sys.executable, __file__, "--diffusers", str(args.diffusers), "--work", str(args.work), "--prepare"], args.work / "prepare.log", env)
+    run(
+        [sys.executable, __file__, "--diffusers", str(args.diffusers), "--work", str(args.work), "--prepare"],
+        args.work / "prepare.log",
+        env,
+    )
     prepared = json.loads((args.work / "prepared.json").read_text())
     base = Path(prepared["base"])
     args.out.mkdir(parents=True, exist_ok=True)
@@ -302,26 +451,45 @@ def main() -> None:
         for rep in range(REPEATS):
             for steps in (SHORT, LONG) if rep == 0 else (LONG,):
                 lim, dif = same_settings_args(method, steps)
-                for tool, cmd in (("limner", limner_cmd(method, str(refs), work / f"limner-{steps}", *lim)),
-                                  ("diffusers", diffusers_cmd(args.diffusers, method, base, refs, work / f"diffusers-{steps}", *dif))):
-                    once(same_key(method, tool, steps, rep), lambda cmd=cmd, log=work / f"{tool}-{steps}.log": run(cmd, log, env))
+                for tool, cmd in (
+                    ("limner", limner_cmd(method, str(refs), work / f"limner-{steps}", *lim)),
+                    (
+                        "diffusers",
+                        diffusers_cmd(args.diffusers, method, base, refs, work / f"diffusers-{steps}", *dif),
+                    ),
+                ):
+                    once(
+                        same_key(method, tool, steps, rep),
+                        lambda cmd=cmd, log=work / f"{tool}-{steps}.log": run(cmd, log, env),
+                    )
                     shutil.rmtree(work / f"{tool}-{steps}", ignore_errors=True)
 
         # diffusers' script once more, ending as limner's command line ends: the memory the training needs
         quiet_out = work / "diffusers-without-teardown"
-        quiet_cmd = diffusers_cmd(args.diffusers, method, base, refs, quiet_out, *same_settings_args(method, SHORT)[1], teardown=False)
-        once(f"{method}/memory/diffusers-without-teardown", lambda cmd=quiet_cmd, log=work / "diffusers-without-teardown.log": run(cmd, log, env))
+        quiet_cmd = diffusers_cmd(
+            args.diffusers, method, base, refs, quiet_out, *same_settings_args(method, SHORT)[1], teardown=False
+        )
+        once(
+            f"{method}/memory/diffusers-without-teardown",
+            lambda cmd=quiet_cmd, log=work / "diffusers-without-teardown.log": run(cmd, log, env),
+        )
         shutil.rmtree(quiet_out, ignore_errors=True)
 
         # Custom Diffusion's real prior is written by prepare(); diffusers' DreamBooth draws its class
         # images into an empty folder inside the timed run, as limner draws its own
-        class_dir = args.work / "custom_diffusion" / "class-images" if method == "custom_diffusion" else work / "class-images"
+        class_dir = (
+            args.work / "custom_diffusion" / "class-images" if method == "custom_diffusion" else work / "class-images"
+        )
 
         def diffusers_recipe(seed: int = 0, method=method, work=work, class_dir=class_dir):
             name = "diffusers-recipe" + (f"-seed{seed}" if seed else "")
             out = work / name
-            cmd = diffusers_cmd(args.diffusers, method, base, refs, out, *recipe_args(method, class_dir), f"--seed={seed}")
-            return run(cmd, work / f"{name}.log", env) | score(wrap_diffusers_output(method, out, prepared["fingerprint"]), env)
+            cmd = diffusers_cmd(
+                args.diffusers, method, base, refs, out, *recipe_args(method, class_dir), f"--seed={seed}"
+            )
+            return run(cmd, work / f"{name}.log", env) | score(
+                wrap_diffusers_output(method, out, prepared["fingerprint"]), env
+            )
 
         def limner_recipe(label: str = "defaults", extra: tuple[str, ...] = (), method=method, work=work):
             name = "limner-" + label.replace(" ", "_").replace(",", "")
@@ -344,7 +512,9 @@ def main() -> None:
         if args.ti_recipe_in_limner and method == "textual_inversion":
             other = other | TI_RECIPE_RUNS
         for label, extra in other.items():
-            once(f"{method}/recipe/limner/{label}", lambda label=label, extra=tuple(extra): limner_recipe(label, extra))
+            once(
+                f"{method}/recipe/limner/{label}", lambda label=label, extra=tuple(extra): limner_recipe(label, extra)
+            )
     report(results, args.out)
 
 
@@ -354,15 +524,23 @@ def for_base(results: dict, fingerprint: str) -> dict:
     again when the world base has changed since they were measured."""
     if results.get("base_fingerprint") == fingerprint:
         # a row that must be scored again (rescore) and whose artifact is gone is trained again
-        gone = [k for k, v in results.items() if "/recipe/" in k and needs_scoring(v) and not Path(v["concept"]).exists()]
+        gone = [
+            k for k, v in results.items() if "/recipe/" in k and needs_scoring(v) and not Path(v["concept"]).exists()
+        ]
         if gone:
-            print(f"{len(gone)} recipe runs were read by another subject probe and their artifacts are gone: "
-                  "training them again", flush=True)
+            print(
+                f"{len(gone)} recipe runs were read by another subject probe and their artifacts are gone: "
+                "training them again",
+                flush=True,
+            )
         return {k: v for k, v in results.items() if k not in gone}
     stale = [k for k in results if "/recipe/" in k]
     if stale:
-        print(f"base changed ({results.get('base_fingerprint', 'unrecorded')} -> {fingerprint}): "
-              f"measuring the {len(stale)} recipe runs again", flush=True)
+        print(
+            f"base changed ({results.get('base_fingerprint', 'unrecorded')} -> {fingerprint}): "
+            f"measuring the {len(stale)} recipe runs again",
+            flush=True,
+        )
     return {k: v for k, v in results.items() if k not in stale} | {"base_fingerprint": fingerprint}
 
 
@@ -407,8 +585,13 @@ def per_step(results: dict, method: str, tool: str) -> float:
 def peak_memory(results: dict, method: str) -> tuple[float, float, bool]:
     """(limner MiB, diffusers MiB, clean): only runs started from a small parent count when both tools
     have one, because a child's ru_maxrss starts at its parent's size at the fork."""
+
     def peaks(tool: str, clean: bool) -> list[float]:
-        return [v["peak_rss_mib"] for k, v in results.items() if k.startswith(f"{method}/same/{tool}/") and (v.get("small_parent") or not clean)]
+        return [
+            v["peak_rss_mib"]
+            for k, v in results.items()
+            if k.startswith(f"{method}/same/{tool}/") and (v.get("small_parent") or not clean)
+        ]
 
     clean = bool(peaks("limner", True) and peaks("diffusers", True))
     return max(peaks("limner", clean)), max(peaks("diffusers", clean)), clean
@@ -446,10 +629,15 @@ def report(results: dict, out: Path) -> None:
     methods = [m for m in METHODS if same_key(m, "limner", LONG, 0) in results]
     mixed = [k for k, v in results.items() if "/recipe/" in k and v.get("score_images") != SCORE_IMAGES]
     if mixed:
-        raise SystemExit(f"scored with another number of images than {SCORE_IMAGES}: {', '.join(mixed)}; delete them and run again")
-    lines = ["| method | s/step limner | s/step diffusers | ratio | peak MiB limner | peak MiB diffusers (without exit teardown) | "
-             "diffusers recipe: fidelity, wall s | limner defaults: fidelity, wall s | limner, other schedules or seeds: fidelity, wall s | "
-             "wall-time ratio to diffusers' fidelity |", "|---|---|---|---|---|---|---|---|---|---|"]
+        raise SystemExit(
+            f"scored with another number of images than {SCORE_IMAGES}: {', '.join(mixed)}; delete them and run again"
+        )
+    lines = [
+        "| method | s/step limner | s/step diffusers | ratio | peak MiB limner | peak MiB diffusers (without exit teardown) | "
+        "diffusers recipe: fidelity, wall s | limner defaults: fidelity, wall s | limner, other schedules or seeds: fidelity, wall s | "
+        "wall-time ratio to diffusers' fidelity |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     table = {}
     for m in methods:
         ls, ds = per_step(results, m, "limner"), per_step(results, m, "diffusers")
@@ -460,7 +648,9 @@ def report(results: dict, out: Path) -> None:
         if f"{m}/recipe/limner" not in results or f"{m}/recipe/diffusers" not in results:
             # an interrupted run: the recipe rows of this method are still to be measured
             table[m] = {"step_ratio": ls / ds, "wall_ratio": float("nan"), "mem_ratio": lm / dm}
-            lines.append(f"| {m} | {ls:.3f} | {ds:.3f} | {ls / ds:.2f} | {lm:.0f}{mark} | {dm_text} | not measured yet | | | |")
+            lines.append(
+                f"| {m} | {ls:.3f} | {ds:.3f} | {ls / ds:.2f} | {lm:.0f}{mark} | {dm_text} | not measured yet | | | |"
+            )
             continue
         dr, lr = diffusers_fidelity(results, m), results[f"{m}/recipe/limner"]
         # the fastest limner run (defaults, or the defaults on another schedule) that reached at least
@@ -480,24 +670,33 @@ def report(results: dict, out: Path) -> None:
         fastest_good = min(good, key=lambda v: v["seconds"]) if good else None
         ratio = fastest_good["seconds"] / dr["seconds"] if reached else float("nan")
         table[m] = {"step_ratio": ls / ds, "wall_ratio": ratio, "mem_ratio": lm / dm}
-        lines.append(f"| {m} | {ls:.3f} | {ds:.3f} | {ls / ds:.2f} | {lm:.0f}{mark} | {dm_text} | {dr['subject_fidelity']:.3f}{' ' + dr['label'] if 'label' in dr else ''}, {dr['seconds']:.0f} | "
-                     f"{lr['subject_fidelity']:.3f}, {lr['seconds']:.0f} | "
-                     + "; ".join(f"{v['steps']}, {v['subject_fidelity']:.3f}, {v['seconds']:.0f}" for v in runs if v is not lr)
-                     + f" | {ratio:.2f}{'' if reached else ' (not reached)'} |")
-    note = (f"\nWorld base `{results.get('base_fingerprint', 'unrecorded')}`, subject `{SUBJECT}`; identical settings: batch {BATCH}, {RES} px, constant LR, s/step = (wall({LONG} steps) - "
-            f"wall({SHORT} steps)) / {LONG - SHORT}, each wall time the fastest of its runs (2-3). Recipes: diffusers' README settings at {RES} px; limner's defaults. Fidelity: "
-            f"world-bench subject fidelity of the finished artifact (16 prompts x {SCORE_IMAGES} images, `limner eval`). Wall time: the whole "
-            "training process, class images included. Peak memory: the largest max RSS of the training process over the "
-            "identical-settings runs started from a small parent process (* where only runs under an earlier version of this script, "
-            "whose parent held a loaded pipeline, exist: a child's ru_maxrss starts from its parent's size); in brackets, diffusers' "
-            "script run once more (50 steps) ending as limner's command line does, without the interpreter's teardown, which "
-            "with this CUDA build of torch adds ~120 MiB to any process's peak: the memory the training itself needs. Command: `python benchmarks/tuning_vs_diffusers.py --diffusers PATH` "
-            "(torch 2.14.1 + torchvision 0.29.1 venv, diffusers 0.42.1, 2 CPU cores).\n")
+        lines.append(
+            f"| {m} | {ls:.3f} | {ds:.3f} | {ls / ds:.2f} | {lm:.0f}{mark} | {dm_text} | {dr['subject_fidelity']:.3f}{' ' + dr['label'] if 'label' in dr else ''}, {dr['seconds']:.0f} | "
+            f"{lr['subject_fidelity']:.3f}, {lr['seconds']:.0f} | "
+            + "; ".join(f"{v['steps']}, {v['subject_fidelity']:.3f}, {v['seconds']:.0f}" for v in runs if v is not lr)
+            + f" | {ratio:.2f}{'' if reached else ' (not reached)'} |"
+        )
+    note = (
+        f"\nWorld base `{results.get('base_fingerprint', 'unrecorded')}`, subject `{SUBJECT}`; identical settings: batch {BATCH}, {RES} px, constant LR, s/step = (wall({LONG} steps) - "
+        f"wall({SHORT} steps)) / {LONG - SHORT}, each wall time the fastest of its runs (2-3). Recipes: diffusers' README settings at {RES} px; limner's defaults. Fidelity: "
+        f"world-bench subject fidelity of the finished artifact (16 prompts x {SCORE_IMAGES} images, `limner eval`). Wall time: the whole "
+        "training process, class images included. Peak memory: the largest max RSS of the training process over the "
+        "identical-settings runs started from a small parent process (* where only runs under an earlier version of this script, "
+        "whose parent held a loaded pipeline, exist: a child's ru_maxrss starts from its parent's size); in brackets, diffusers' "
+        "script run once more (50 steps) ending as limner's command line does, without the interpreter's teardown, which "
+        "with this CUDA build of torch adds ~120 MiB to any process's peak: the memory the training itself needs. Command: `python benchmarks/tuning_vs_diffusers.py --diffusers PATH` "
+        "(torch 2.14.1 + torchvision 0.29.1 venv, diffusers 0.42.1, 2 CPU cores).\n"
+    )
     (out / "results.md").write_text("\n".join(lines) + "\n" + note)
     fig, ax = plt.subplots(figsize=(7, 3.2))
     width = 0.25
-    for i, (key, label) in enumerate((("step_ratio", "time per step"), ("wall_ratio", "wall time to diffusers' fidelity"),
-                                      ("mem_ratio", "peak memory"))):
+    for i, (key, label) in enumerate(
+        (
+            ("step_ratio", "time per step"),
+            ("wall_ratio", "wall time to diffusers' fidelity"),
+            ("mem_ratio", "peak memory"),
+        )
+    ):
         ax.bar([j + i * width for j in range(len(methods))], [table[m][key] for m in methods], width, label=label)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.axhline(0.7, color="k", lw=0.8, ls="--")

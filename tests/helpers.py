@@ -27,7 +27,11 @@ def image_folder(folder, n=2):
 
 
 def ti_config(steps, **kw):
-    return {"train": TrainConfig(max_steps=steps, batch_size=2, learning_rate=5e-2, weight_decay=0.0, checkpoint_every=2, **kw)}
+    return {
+        "train": TrainConfig(
+            max_steps=steps, batch_size=2, learning_rate=5e-2, weight_decay=0.0, checkpoint_every=2, **kw
+        )
+    }
 
 
 def db_train(steps=2, **kw):
@@ -35,8 +39,19 @@ def db_train(steps=2, **kw):
 
 
 def two_custom_diffusion_concepts(tiny_base, tmp_path) -> tuple:
-    cfg = dict(prior_preservation=False, augment=False, train=TrainConfig(max_steps=2, batch_size=2, learning_rate=1e-2, checkpoint_every=0))
-    a = get_method("custom_diffusion").personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "a", **cfg)
-    b = get_method("custom_diffusion").personalize(load_base(str(tiny_base), device="cpu"), Subject("cube", "box", subject().images),
-                                                   tmp_path / "b", modifier_token="<new2>", **cfg)
+    cfg = dict(
+        prior_preservation=False,
+        augment=False,
+        train=TrainConfig(max_steps=2, batch_size=2, learning_rate=1e-2, checkpoint_every=0),
+    )
+    a = get_method("custom_diffusion").personalize(
+        load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "a", **cfg
+    )
+    b = get_method("custom_diffusion").personalize(
+        load_base(str(tiny_base), device="cpu"),
+        Subject("cube", "box", subject().images),
+        tmp_path / "b",
+        modifier_token="<new2>",
+        **cfg,
+    )
     return a, b

@@ -41,8 +41,12 @@ def tiny_unet(tiny_base):
 
 def unet_inputs(seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 500]), torch.randn(2, 7, CROSS, generator=g),
-            torch.randn(2, 4, CROSS, generator=g))
+    return (
+        torch.randn(2, 4, 8, 8, generator=g),
+        torch.tensor([10, 500]),
+        torch.randn(2, 7, CROSS, generator=g),
+        torch.randn(2, 4, CROSS, generator=g),
+    )
 
 
 @torch.no_grad()
@@ -136,8 +140,9 @@ def test_ip_attention_parameters_are_the_ip_projections_and_train(tiny_base):
     assert len(ip_attention_parameters(unet)) == 2 * 2 * layers
     second = ip_attention_parameters(unet, adapter=1)
     assert len(second) == 2 * layers
-    assert {id(p) for p in second} == {id(m.weight) for p in ip_processors(unet).values()
-                                       for m in (p.to_k_ip[1], p.to_v_ip[1])}
+    assert {id(p) for p in second} == {
+        id(m.weight) for p in ip_processors(unet).values() for m in (p.to_k_ip[1], p.to_v_ip[1])
+    }
     with pytest.raises(ValueError, match="adapter 2"):
         ip_attention_parameters(unet, adapter=2)
 
@@ -191,9 +196,17 @@ def image_encoder(folder):
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     torch.manual_seed(0)
-    CLIPVisionModelWithProjection(CLIPVisionConfig(
-        hidden_size=IMAGE_DIM, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32,
-        patch_size=8, projection_dim=IMAGE_DIM)).save_pretrained(folder / "image_encoder")
+    CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=IMAGE_DIM,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+            projection_dim=IMAGE_DIM,
+        )
+    ).save_pretrained(folder / "image_encoder")
 
 
 # variant -> (projection arguments, image features of one image: pooled [B, D] or patch tokens [B, P, D])
@@ -233,8 +246,9 @@ def test_diffusers_load_ip_adapter_runs_limner_weights_exactly_as_limner_does(ti
     assert torch.equal(ours, theirs)
     classes = {n: type(p) for n, p in ip_processors(unet).items()}
     assert {n: type(p) for n, p in ip_processors(pipe.unet).items()} == classes
-    assert all(torch.equal(v, ip_state_dict(pipe.unet)[k]) for k, v in ip_state_dict(unet).items()), \
+    assert all(torch.equal(v, ip_state_dict(pipe.unet)[k]) for k, v in ip_state_dict(unet).items()), (
         "limner reads back what diffusers loaded"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -253,11 +267,19 @@ def test_per_block_scales_change_only_the_named_blocks(tiny_base):
     randomize_ip_weights(unet)
 
     set_ip_scale(unet, {"up": {"block_1": [0.0, 0.5]}})
-    assert scales(unet) == {"down_blocks.0.attentions.0": [0.0], "mid_block.attentions.0": [0.0],
-                            "up_blocks.1.attentions.0": [0.0], "up_blocks.1.attentions.1": [0.5]}
+    assert scales(unet) == {
+        "down_blocks.0.attentions.0": [0.0],
+        "mid_block.attentions.0": [0.0],
+        "up_blocks.1.attentions.0": [0.0],
+        "up_blocks.1.attentions.1": [0.5],
+    }
     set_ip_scale(unet, {"down": 1.0, "mid": 0.25})
-    assert scales(unet) == {"down_blocks.0.attentions.0": [1.0], "mid_block.attentions.0": [0.25],
-                            "up_blocks.1.attentions.0": [0.0], "up_blocks.1.attentions.1": [0.0]}
+    assert scales(unet) == {
+        "down_blocks.0.attentions.0": [1.0],
+        "mid_block.attentions.0": [0.25],
+        "up_blocks.1.attentions.0": [0.0],
+        "up_blocks.1.attentions.1": [0.0],
+    }
 
     # up_blocks.1.attentions.1 runs last: every attn2 before it sees exactly what it sees at scale 0
     x, t, text, tokens = unet_inputs()
@@ -275,8 +297,12 @@ def test_scales_are_per_adapter_when_several_are_installed(tiny_base):
     unet = tiny_unet(tiny_base)
     install_ip_attention(unet, num_tokens=[4, 4])
     set_ip_scale(unet, [0.3, {"mid": 1.0}])
-    assert scales(unet) == {"down_blocks.0.attentions.0": [0.3, 0.0], "mid_block.attentions.0": [0.3, 1.0],
-                            "up_blocks.1.attentions.0": [0.3, 0.0], "up_blocks.1.attentions.1": [0.3, 0.0]}
+    assert scales(unet) == {
+        "down_blocks.0.attentions.0": [0.3, 0.0],
+        "mid_block.attentions.0": [0.3, 1.0],
+        "up_blocks.1.attentions.0": [0.3, 0.0],
+        "up_blocks.1.attentions.1": [0.3, 0.0],
+    }
     with pytest.raises(ValueError, match="no IP attention"):
         set_ip_scale(tiny_unet(tiny_base), 0.5)
 
@@ -326,7 +352,7 @@ class OfficialPerceiverAttention(nn.Module):
         x, latents = self.norm1(x), self.norm2(latents)
         q = self.split_heads(self.to_q(latents))
         k, v = map(self.split_heads, self.to_kv(torch.cat([x, latents], dim=1)).chunk(2, dim=-1))
-        s = self.dim_head ** -0.25
+        s = self.dim_head**-0.25
         weights = ((q * s) @ (k * s).transpose(-1, -2)).float().softmax(dim=-1).to(q.dtype)
         out = (weights @ v).transpose(1, 2).reshape(latents.shape[0], latents.shape[1], -1)
         return self.to_out(out)
@@ -339,11 +365,20 @@ class OfficialResampler(nn.Module):
         self.proj_in, self.proj_out = nn.Linear(embedding_dim, dim), nn.Linear(dim, output_dim)
         self.norm_out = nn.LayerNorm(output_dim)
         inner = int(dim * ff_mult)
-        self.layers = nn.ModuleList(nn.ModuleList([
-            OfficialPerceiverAttention(dim, dim_head, heads),
-            nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, inner, bias=False), nn.GELU(),
-                          nn.Linear(inner, dim, bias=False)),
-        ]) for _ in range(depth))
+        self.layers = nn.ModuleList(
+            nn.ModuleList(
+                [
+                    OfficialPerceiverAttention(dim, dim_head, heads),
+                    nn.Sequential(
+                        nn.LayerNorm(dim),
+                        nn.Linear(dim, inner, bias=False),
+                        nn.GELU(),
+                        nn.Linear(inner, dim, bias=False),
+                    ),
+                ]
+            )
+            for _ in range(depth)
+        )
 
     def forward(self, x):
         latents, x = self.latents.expand(x.shape[0], -1, -1), self.proj_in(x)
@@ -365,13 +400,24 @@ def perturb_norms(module, seed=4):
 
 def test_the_resampler_is_the_official_one_after_diffusers_conversion():
     torch.manual_seed(5)
-    official = OfficialResampler(dim=128, depth=4, dim_head=64, heads=2, num_queries=8, embedding_dim=48,
-                                 output_dim=CROSS)
+    official = OfficialResampler(
+        dim=128, depth=4, dim_head=64, heads=2, num_queries=8, embedding_dim=48, output_dim=CROSS
+    )
     perturb_norms(official)
     state = official.state_dict()
-    assert {"latents", "proj_in.weight", "norm_out.bias", "layers.3.0.norm1.weight", "layers.3.0.norm2.weight",
-            "layers.3.0.to_q.weight", "layers.3.0.to_kv.weight", "layers.3.0.to_out.weight", "layers.3.1.0.weight",
-            "layers.3.1.1.weight", "layers.3.1.3.weight"} <= set(state)
+    assert {
+        "latents",
+        "proj_in.weight",
+        "norm_out.bias",
+        "layers.3.0.norm1.weight",
+        "layers.3.0.norm2.weight",
+        "layers.3.0.to_q.weight",
+        "layers.3.0.to_kv.weight",
+        "layers.3.0.to_out.weight",
+        "layers.3.1.0.weight",
+        "layers.3.1.1.weight",
+        "layers.3.1.3.weight",
+    } <= set(state)
 
     ours = projection_from_state_dict(state)
     assert projection_variant(ours) == "plus"
@@ -434,11 +480,20 @@ def test_fuse_mlp_keys_and_shapes_are_the_official_ones():
     d = 8
     shapes = {k: tuple(v.shape) for k, v in FuseMLP(d).state_dict().items()}
     assert shapes == {
-        "mlp1.layernorm.weight": (2 * d,), "mlp1.layernorm.bias": (2 * d,),
-        "mlp1.fc1.weight": (d, 2 * d), "mlp1.fc1.bias": (d,), "mlp1.fc2.weight": (d, d), "mlp1.fc2.bias": (d,),
-        "mlp2.layernorm.weight": (d,), "mlp2.layernorm.bias": (d,),
-        "mlp2.fc1.weight": (d, d), "mlp2.fc1.bias": (d,), "mlp2.fc2.weight": (d, d), "mlp2.fc2.bias": (d,),
-        "layer_norm.weight": (d,), "layer_norm.bias": (d,),
+        "mlp1.layernorm.weight": (2 * d,),
+        "mlp1.layernorm.bias": (2 * d,),
+        "mlp1.fc1.weight": (d, 2 * d),
+        "mlp1.fc1.bias": (d,),
+        "mlp1.fc2.weight": (d, d),
+        "mlp1.fc2.bias": (d,),
+        "mlp2.layernorm.weight": (d,),
+        "mlp2.layernorm.bias": (d,),
+        "mlp2.fc1.weight": (d, d),
+        "mlp2.fc1.bias": (d,),
+        "mlp2.fc2.weight": (d, d),
+        "mlp2.fc2.bias": (d,),
+        "layer_norm.weight": (d,),
+        "layer_norm.bias": (d,),
     }
     assert FuseMLP(d, image_embed_dim=12).state_dict()["mlp1.fc1.weight"].shape == (d, d + 12)
 

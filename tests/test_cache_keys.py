@@ -28,7 +28,11 @@ def test_a_new_setting_that_is_off_by_default_keeps_the_concepts_trained_before_
     monkeypatch.setattr(cache_keys, "default_settings", lambda method: plain(method) | {"new_setting": None})
     assert concept_key(ti, {}, "subject", "base") == before
     assert concept_key(ti, {"new_setting": 2}, "subject", "base") != before
-    assert concept_key(ti, {"num_vectors": 8}, "subject", "base") != before != concept_key(ti, {}, "other subject", "base")
+    assert (
+        concept_key(ti, {"num_vectors": 8}, "subject", "base")
+        != before
+        != concept_key(ti, {}, "other subject", "base")
+    )
 
 
 def test_a_subjects_masks_enter_its_fingerprint_only_where_training_reads_them():

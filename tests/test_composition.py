@@ -37,14 +37,19 @@ def test_several_custom_diffusion_concepts_compose_instead_of_overwriting(tiny_b
     # regional prompts: each window is denoised with the weights of the concept its prompt names
     base = load_base(str(tiny_base), device="cpu")
     original = installed(base)
-    use_window = apply_concepts(base, [a, b], ["a <new2> box", "a <NEW1> dog", "a tree"]).condition("", 2).before_window
+    use_window = (
+        apply_concepts(base, [a, b], ["a <new2> box", "a <NEW1> dog", "a tree"]).condition("", 2).before_window
+    )
     for i, want in enumerate((weights[b], weights[a], original)):
         use_window(i)
         assert same(installed(base), want), f"window {i}"
     # after a regional generation the pipeline is as it was
     use_window(1)
-    generate(base, GenerationSettings("a <new2> box BREAK a <new1> dog", num_images=1, steps=2, regions=True),
-             before_window=use_window)
+    generate(
+        base,
+        GenerationSettings("a <new2> box BREAK a <new1> dog", num_images=1, steps=2, regions=True),
+        before_window=use_window,
+    )
     assert same(installed(base), original)
     with pytest.warns(UserWarning, match="acts in none of them"):
         apply_concepts(load_base(str(tiny_base), device="cpu"), [a, b], ["a <new1> dog", "a tree"])
@@ -55,17 +60,27 @@ def test_custom_diffusion_and_lora_concepts_together(tiny_base, tmp_path):
     from limner.methods.custom_diffusion import WEIGHTS_FILE, layer_weights, read_weights
 
     a, b = two_custom_diffusion_concepts(tiny_base, tmp_path)
-    lora = get_method("dreambooth_lora").personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "lora",
-                                                    train=db_train(), prior_preservation="none")
+    lora = get_method("dreambooth_lora").personalize(
+        load_base(str(tiny_base), device="cpu"),
+        subject(),
+        tmp_path / "lora",
+        train=db_train(),
+        prior_preservation="none",
+    )
     for regions in (None, ["a <new1> ball", "a sks ball", "a <new2> box"]):
         base = load_base(str(tiny_base), device="cpu")
         hook = apply_concepts(base, [lora, a, b], regions).condition("a <new1> ball", 2).before_window
         state = layer_weights(base.pipe.unet, "crossattn")
-        assert not any("base_layer" in k or "lora" in k for k in state), "the LoRA's wrappers are not Custom Diffusion weights"
+        assert not any("base_layer" in k or "lora" in k for k in state), (
+            "the LoRA's wrappers are not Custom Diffusion weights"
+        )
         if regions:
             hook(0)
             own = read_weights(a / WEIGHTS_FILE)
-            assert all(torch.allclose(layer_weights(base.pipe.unet, "crossattn")[k], v.float(), atol=1e-3) for k, v in own.items())
+            assert all(
+                torch.allclose(layer_weights(base.pipe.unet, "crossattn")[k], v.float(), atol=1e-3)
+                for k, v in own.items()
+            )
             hook(None)
 
 
@@ -73,9 +88,14 @@ def test_with_regions_each_lora_acts_only_in_the_windows_that_name_it(tiny_base,
     from limner.conditioning import apply_concepts
 
     def lora(name, identifier, noun):
-        return get_method("dreambooth_lora").personalize(load_base(str(tiny_base), device="cpu"), Subject(name, noun, subject().images),
-                                                        tmp_path / name, identifier=identifier, prior_preservation="none",
-                                                        train=TrainConfig(max_steps=3, batch_size=2, learning_rate=5e-2, checkpoint_every=0))
+        return get_method("dreambooth_lora").personalize(
+            load_base(str(tiny_base), device="cpu"),
+            Subject(name, noun, subject().images),
+            tmp_path / name,
+            identifier=identifier,
+            prior_preservation="none",
+            train=TrainConfig(max_steps=3, batch_size=2, learning_rate=5e-2, checkpoint_every=0),
+        )
 
     a, b = lora("blob", "sks", "ball"), lora("cube", "zwx", "box")
     g = torch.Generator().manual_seed(0)
@@ -96,7 +116,9 @@ def test_with_regions_each_lora_acts_only_in_the_windows_that_name_it(tiny_base,
     both = alone([a, b])
     assert (both - only_a).abs().max() > 1e-4 and (both - only_b).abs().max() > 1e-4
     base = load_base(str(tiny_base), device="cpu")
-    use_window = apply_concepts(base, [a, b], ["a zwx box", "a sks ball, at night", "a tree"]).condition("", 2).before_window
+    use_window = (
+        apply_concepts(base, [a, b], ["a zwx box", "a sks ball, at night", "a tree"]).condition("", 2).before_window
+    )
     for i, want in enumerate((only_b, only_a, plain)):
         use_window(i)
         assert torch.allclose(unet_output(base), want, atol=1e-5), f"window {i}"
@@ -108,15 +130,23 @@ def test_generate_composes_concepts_per_region_from_the_command_line(tiny_base, 
     from limner.cli import app
 
     def lora(name, identifier, noun):
-        return get_method("dreambooth_lora").personalize(load_base(str(tiny_base), device="cpu"), Subject(name, noun, subject().images),
-                                                        tmp_path / name, identifier=identifier, prior_preservation="none", train=db_train())
+        return get_method("dreambooth_lora").personalize(
+            load_base(str(tiny_base), device="cpu"),
+            Subject(name, noun, subject().images),
+            tmp_path / name,
+            identifier=identifier,
+            prior_preservation="none",
+            train=db_train(),
+        )
 
     a, b = lora("blob", "sks", "ball"), lora("cube", "zwx", "box")
     runner = CliRunner()
 
     def generate(prompt, *concepts, out="o", regions=True):
         args = ["generate", prompt, "-n", "1", "--steps", "2", "--base", str(tiny_base), "--out", str(tmp_path / out)]
-        return runner.invoke(app, args + ["--regions"] * regions + [a for c in concepts for a in ("--concept", str(c))])
+        return runner.invoke(
+            app, args + ["--regions"] * regions + [a for c in concepts for a in ("--concept", str(c))]
+        )
 
     r = generate("a sks ball BREAK a zwx box", a, b)
     assert r.exit_code == 0, r.output
@@ -125,7 +155,12 @@ def test_generate_composes_concepts_per_region_from_the_command_line(tiny_base, 
     assert [region["concepts"] for region in record["regions"]] == [[str(a)], [str(b)]]
     r = generate("a sks ball BREAK a box", a, b, out="o2")
     assert r.exit_code == 0 and "note: no region's prompt names zwx" in r.output
-    full = get_method("dreambooth").personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "full", train=db_train(),
-                                               prior_preservation="none")
+    full = get_method("dreambooth").personalize(
+        load_base(str(tiny_base), device="cpu"),
+        subject(),
+        tmp_path / "full",
+        train=db_train(),
+        prior_preservation="none",
+    )
     r = generate("a sks ball", full, full, out="o3", regions=False)
     assert r.exit_code == 2 and "replaces the whole UNet" in r.output

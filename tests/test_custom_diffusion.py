@@ -52,9 +52,15 @@ def test_custom_diffusion_trains_kv_and_token_and_round_trips(tiny_base, tmp_pat
     base = load_base(str(tiny_base), device="cpu")
     k_before = {n: m.to_k.weight.detach().clone() for n, m in base.pipe.unet.named_modules() if n.endswith("attn2")}
     q_before = {n: m.to_q.weight.detach().clone() for n, m in base.pipe.unet.named_modules() if n.endswith("attn2")}
-    out = get_method("custom_diffusion").personalize(base, subject(), tmp_path / "c", prior_preservation=False, augment_variants=3,
-                                                   mode="crossattn_kv",
-                                                   train=TrainConfig(max_steps=3, batch_size=2, learning_rate=1e-2, checkpoint_every=0))
+    out = get_method("custom_diffusion").personalize(
+        base,
+        subject(),
+        tmp_path / "c",
+        prior_preservation=False,
+        augment_variants=3,
+        mode="crossattn_kv",
+        train=TrainConfig(max_steps=3, batch_size=2, learning_rate=1e-2, checkpoint_every=0),
+    )
     state = load_file(str(out / "pytorch_custom_diffusion_weights.safetensors"))
     assert len(state) == 2 * len(k_before) and all(".attn2.processor.to_" in k for k in state)
     for n, m in base.pipe.unet.named_modules():
@@ -67,7 +73,10 @@ def test_custom_diffusion_trains_kv_and_token_and_round_trips(tiny_base, tmp_pat
     for n, m in fresh.pipe.unet.named_modules():
         if n.endswith("attn2"):
             assert torch.allclose(m.to_k.weight, state[f"{n}.processor.to_k_custom_diffusion.weight"].float())
-    torch.save({**state, "down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.x": torch.zeros(1)}, tmp_path / "cd.bin")
+    torch.save(
+        {**state, "down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.x": torch.zeros(1)},
+        tmp_path / "cd.bin",
+    )
     with pytest.raises(LimnerError, match="allow-pickle"):
         read_weights(tmp_path / "cd.bin")
     assert set(read_weights(tmp_path / "cd.bin", allow_pickle=True)) == set(state)
@@ -75,20 +84,33 @@ def test_custom_diffusion_trains_kv_and_token_and_round_trips(tiny_base, tmp_pat
 
 def test_custom_diffusion_default_trains_all_of_attn2_in_diffusers_layout(tiny_base, tmp_path):
     base = load_base(str(tiny_base), device="cpu")
-    out = get_method("custom_diffusion").personalize(base, subject(), tmp_path / "c", prior_preservation=False, augment_variants=1,
-                                                   train=TrainConfig(max_steps=2, batch_size=2, learning_rate=1e-2, checkpoint_every=0))
+    out = get_method("custom_diffusion").personalize(
+        base,
+        subject(),
+        tmp_path / "c",
+        prior_preservation=False,
+        augment_variants=1,
+        train=TrainConfig(max_steps=2, batch_size=2, learning_rate=1e-2, checkpoint_every=0),
+    )
     state = load_file(str(out / "pytorch_custom_diffusion_weights.safetensors"))
     layers = [n for n, _ in base.pipe.unet.named_modules() if n.endswith("attn2")]
     for name in layers:  # the keys diffusers' CustomDiffusionAttnProcessor has with train_q_out=True
-        for key in ("to_q_custom_diffusion.weight", "to_k_custom_diffusion.weight", "to_v_custom_diffusion.weight",
-                    "to_out_custom_diffusion.0.weight", "to_out_custom_diffusion.0.bias"):
+        for key in (
+            "to_q_custom_diffusion.weight",
+            "to_k_custom_diffusion.weight",
+            "to_v_custom_diffusion.weight",
+            "to_out_custom_diffusion.0.weight",
+            "to_out_custom_diffusion.0.bias",
+        ):
             assert f"{name}.processor.{key}" in state
     fresh = load_base(str(tiny_base), device="cpu")
     get_method("custom_diffusion").install(fresh, [out])
     for name in layers:
         attn = fresh.pipe.unet.get_submodule(name)
         assert torch.allclose(attn.to_q.weight, state[f"{name}.processor.to_q_custom_diffusion.weight"].float())
-        assert torch.allclose(attn.to_out[0].weight, state[f"{name}.processor.to_out_custom_diffusion.0.weight"].float())
+        assert torch.allclose(
+            attn.to_out[0].weight, state[f"{name}.processor.to_out_custom_diffusion.0.weight"].float()
+        )
 
 
 def test_merge_constrains_only_what_follows_the_modifier_token(tiny_base):
@@ -117,9 +139,16 @@ def test_custom_diffusion_merge_of_two_concepts(tiny_base, tmp_path):
     assert {"<new1>", "<new2>"} <= set(fresh.pipe.tokenizer.get_vocab())
     with pytest.raises(LimnerError, match="share a modifier token"):
         merge(load_base(str(tiny_base), device="cpu"), [a, a], tmp_path / "m2")
-    kv = get_method("custom_diffusion").personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "kv",
-                                                    modifier_token="<new3>", mode="crossattn_kv", prior_preservation=False, augment=False,
-                                                    train=TrainConfig(max_steps=1, batch_size=2, checkpoint_every=0))
+    kv = get_method("custom_diffusion").personalize(
+        load_base(str(tiny_base), device="cpu"),
+        subject(),
+        tmp_path / "kv",
+        modifier_token="<new3>",
+        mode="crossattn_kv",
+        prior_preservation=False,
+        augment=False,
+        train=TrainConfig(max_steps=1, batch_size=2, checkpoint_every=0),
+    )
     with pytest.raises(LimnerError, match=r"different modes.*\(crossattn\).*\(crossattn_kv\)"):
         merge(load_base(str(tiny_base), device="cpu"), [a, kv], tmp_path / "m3")
 
@@ -131,17 +160,26 @@ def test_merge_keeps_each_concept_on_every_row_of_its_prompts(tiny_base, tmp_pat
     from limner.training.conditioning import PromptEncoder
 
     a, b = two_custom_diffusion_concepts(tiny_base, tmp_path)
-    merged = cd.read_weights(cd.merge(load_base(str(tiny_base), device="cpu"), [a, b], tmp_path / "m") / cd.WEIGHTS_FILE)
+    merged = cd.read_weights(
+        cd.merge(load_base(str(tiny_base), device="cpu"), [a, b], tmp_path / "m") / cd.WEIGHTS_FILE
+    )
     base = load_base(str(tiny_base), device="cpu")
     W0 = cd.layer_weights(base.pipe.unet, "crossattn")
     manifests = cd.read_concepts(base, [a, b])
     cd.load_tokens(base, [a, b], manifests)
     encoder = PromptEncoder(base.pipe, base.resolution)
     for concept, manifest in zip((a, b), manifests):
-        prompts, token_id = manifest["training_prompts"], base.pipe.tokenizer.convert_tokens_to_ids(manifest["tokens"][0])
+        prompts, token_id = (
+            manifest["training_prompts"],
+            base.pipe.tokenizer.convert_tokens_to_ids(manifest["tokens"][0]),
+        )
         feats = encoder.encode(encoder.tokenize(prompts))[0].float()
-        ids = base.pipe.tokenizer(prompts, padding="max_length", max_length=feats.shape[1], return_tensors="pt").input_ids
-        X = torch.cat([f[int((i == token_id).nonzero()[0]):] for f, i in zip(feats, ids)])  # from the token to the last pad
+        ids = base.pipe.tokenizer(
+            prompts, padding="max_length", max_length=feats.shape[1], return_tensors="pt"
+        ).input_ids
+        X = torch.cat(
+            [f[int((i == token_id).nonzero()[0]) :] for f, i in zip(feats, ids)]
+        )  # from the token to the last pad
         tuned = cd.read_weights(concept / cd.WEIGHTS_FILE)
         for key in (k for k in tuned if "to_k_custom" in k or "to_v_custom" in k):
             want = tuned[key].float() @ X.t()
@@ -160,10 +198,15 @@ def test_merge_keeps_the_meaning_of_the_captions_it_is_given(tiny_base, tmp_path
     a, b = two_custom_diffusion_concepts(tiny_base, tmp_path)
     (tmp_path / "caps.txt").write_text("a red car in the city\n\na dog on the grass\n")
     (tmp_path / "empty.txt").write_text("\n")
-    merge = lambda out, *extra: CliRunner().invoke(app, ["merge", str(a), str(b), "--out", str(tmp_path / out),  # noqa: E731
-                                                         "--base", str(tiny_base), "--device", "cpu", *extra])
+
+    def merge(out, *extra):
+        args = ["merge", str(a), str(b), "--out", str(tmp_path / out), "--base", str(tiny_base), "--device", "cpu"]
+        return CliRunner().invoke(app, [*args, *extra])
+
     assert merge("generic").exit_code == 0 and merge("given", "--captions", str(tmp_path / "caps.txt")).exit_code == 0
-    weights = [read_weights(tmp_path / out / "pytorch_custom_diffusion_weights.safetensors") for out in ("generic", "given")]
+    weights = [
+        read_weights(tmp_path / out / "pytorch_custom_diffusion_weights.safetensors") for out in ("generic", "given")
+    ]
     assert any(not torch.allclose(weights[0][k].float(), weights[1][k].float()) for k in weights[0])
     r = merge("bad", "--captions", str(tmp_path / "empty.txt"))
     assert r.exit_code != 0 and "empty.txt has no captions" in r.output and not (tmp_path / "bad").exists()
@@ -185,9 +228,17 @@ def test_merge_keeps_the_meaning_of_world_captions_or_generic_prompts():
 def test_custom_diffusion_joint_training_of_two_concepts(tiny_base, tmp_path):
     from limner.methods.custom_diffusion import CustomDiffusion
 
-    cfg = dict(prior_preservation=False, augment=False, train=TrainConfig(max_steps=2, batch_size=2, learning_rate=1e-2, checkpoint_every=0))
-    out = CustomDiffusion().personalize(load_base(str(tiny_base), device="cpu"), [subject(), Subject("cube", "box", subject().images)],
-                                                tmp_path / "joint", **cfg)
+    cfg = dict(
+        prior_preservation=False,
+        augment=False,
+        train=TrainConfig(max_steps=2, batch_size=2, learning_rate=1e-2, checkpoint_every=0),
+    )
+    out = CustomDiffusion().personalize(
+        load_base(str(tiny_base), device="cpu"),
+        [subject(), Subject("cube", "box", subject().images)],
+        tmp_path / "joint",
+        **cfg,
+    )
     manifest = json.loads((out / "limner.json").read_text())
     assert manifest["subject"] == ["blob", "cube"] and manifest["tokens"] == ["<new1>", "<new2>"]
     fresh = load_base(str(tiny_base), device="cpu")
@@ -207,7 +258,9 @@ def test_custom_diffusion_retrieval_builds_its_index_once_and_rebuilds_it_when_t
 
         def images(self, images):
             self.embedded += len(images)
-            return torch.nn.functional.normalize(torch.tensor(np.stack([np.asarray(i, float).mean((0, 1)) for i in images])).float(), dim=-1)
+            return torch.nn.functional.normalize(
+                torch.tensor(np.stack([np.asarray(i, float).mean((0, 1)) for i in images])).float(), dim=-1
+            )
 
         def texts(self, texts):
             return torch.tensor([[1.0, 0.0, 0.0]])
@@ -223,9 +276,13 @@ def test_custom_diffusion_retrieval_builds_its_index_once_and_rebuilds_it_when_t
     clip = MeanColourCLIP()
 
     first = retrieve(folder_pool(pool_dir), "a red thing", 2, clip, "clip-a")
-    assert [c for _, c in first] == ["a red thing", "a pink thing"] and clip.embedded == 4, "uncaptioned images are not in the pool"
+    assert [c for _, c in first] == ["a red thing", "a pink thing"] and clip.embedded == 4, (
+        "uncaptioned images are not in the pool"
+    )
     again = retrieve(folder_pool(pool_dir), "a red thing", 2, clip, "clip-a")
-    assert [c for _, c in again] == ["a red thing", "a pink thing"] and clip.embedded == 4, "the cached index is reused"
+    assert [c for _, c in again] == ["a red thing", "a pink thing"] and clip.embedded == 4, (
+        "the cached index is reused"
+    )
     retrieve(folder_pool(pool_dir), "a red thing", 2, clip, "clip-b")
     assert clip.embedded == 8, "another CLIP model gets its own index"
     Image.new("RGB", (16, 16), (10, 10, 10)).save(pool_dir / "pink.png")  # a changed file
@@ -244,9 +301,15 @@ def test_plain_diffusers_runs_a_custom_diffusion_concept_with_its_own_processors
     from diffusers import StableDiffusionPipeline
     from diffusers.models.attention_processor import CustomDiffusionAttnProcessor
 
-    out = get_method("custom_diffusion").personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "c", mode=mode,
-                                                   prior_preservation=False, augment=False,
-                                                   train=TrainConfig(max_steps=2, batch_size=2, learning_rate=5e-2, checkpoint_every=0))
+    out = get_method("custom_diffusion").personalize(
+        load_base(str(tiny_base), device="cpu"),
+        subject(),
+        tmp_path / "c",
+        mode=mode,
+        prior_preservation=False,
+        augment=False,
+        train=TrainConfig(max_steps=2, batch_size=2, learning_rate=5e-2, checkpoint_every=0),
+    )
     # plain diffusers
     pipe = StableDiffusionPipeline.from_pretrained(tiny_base)
     unet = pipe.unet
@@ -254,11 +317,17 @@ def test_plain_diffusers_runs_a_custom_diffusion_concept_with_its_own_processors
     for name, processor in unet.attn_processors.items():
         attn = unet.get_submodule(name.removesuffix(".processor"))
         if name.endswith("attn2.processor"):
-            processor = CustomDiffusionAttnProcessor(train_kv=True, train_q_out=mode == "crossattn", hidden_size=attn.to_q.out_features,
-                                                     cross_attention_dim=attn.to_k.in_features)
+            processor = CustomDiffusionAttnProcessor(
+                train_kv=True,
+                train_q_out=mode == "crossattn",
+                hidden_size=attn.to_q.out_features,
+                cross_attention_dim=attn.to_k.in_features,
+            )
         processors[name] = processor
     unet.set_attn_processor(processors)
-    missing, unexpected = unet.load_state_dict(load_file(str(out / "pytorch_custom_diffusion_weights.safetensors")), strict=False)
+    missing, unexpected = unet.load_state_dict(
+        load_file(str(out / "pytorch_custom_diffusion_weights.safetensors")), strict=False
+    )
     assert not unexpected
     pipe.load_textual_inversion(str(out / "<new1>.safetensors"), token="<new1>")
     # limner
@@ -268,7 +337,10 @@ def test_plain_diffusers_runs_a_custom_diffusion_concept_with_its_own_processors
     g = torch.Generator().manual_seed(0)
     x, t = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([500])
     with torch.no_grad():
-        outputs = [p.unet(x, t, encoder_hidden_states=p.encode_prompt("a <new1> ball", "cpu", 1, False)[0]).sample for p in (pipe, base.pipe)]
+        outputs = [
+            p.unet(x, t, encoder_hidden_states=p.encode_prompt("a <new1> ball", "cpu", 1, False)[0]).sample
+            for p in (pipe, base.pipe)
+        ]
         plain = StableDiffusionPipeline.from_pretrained(tiny_base)
         untouched = plain.unet(x, t, encoder_hidden_states=plain.encode_prompt("a ball", "cpu", 1, False)[0]).sample
     assert torch.allclose(outputs[0], outputs[1], atol=1e-5)

@@ -25,7 +25,11 @@ def peft_refused_by_transformers() -> str | None:
     from transformers.integrations import peft as integration
 
     need, have = integration.MIN_PEFT_VERSION, version("peft")
-    return f"transformers {version('transformers')} wants peft >= {need}, installed {have}" if Version(have) < Version(need) else None
+    return (
+        f"transformers {version('transformers')} wants peft >= {need}, installed {have}"
+        if Version(have) < Version(need)
+        else None
+    )
 
 
 @pytest.mark.parametrize("prior", ["class_images", "frozen", "none"])
@@ -33,8 +37,16 @@ def test_dreambooth_lora_prior_modes_and_interop(tiny_base, tmp_path, prior):
     from diffusers import StableDiffusionPipeline
 
     base = load_base(str(tiny_base), device="cpu")
-    out = get_method("dreambooth_lora").personalize(base, subject(), tmp_path / "c", train=db_train(), prior_preservation=prior,
-                                                   num_class_images=3, class_image_steps=2, class_image_cache=str(tmp_path / "cls"))
+    out = get_method("dreambooth_lora").personalize(
+        base,
+        subject(),
+        tmp_path / "c",
+        train=db_train(),
+        prior_preservation=prior,
+        num_class_images=3,
+        class_image_steps=2,
+        class_image_cache=str(tmp_path / "cls"),
+    )
     assert (out / "pytorch_lora_weights.safetensors").exists() and (out / "lora_kohya.safetensors").exists()
     if prior == "class_images":
         assert len(list((tmp_path / "cls").rglob("*.png"))) == 3
@@ -46,7 +58,9 @@ def test_dreambooth_lora_prior_modes_and_interop(tiny_base, tmp_path, prior):
         pipe.set_progress_bar_config(disable=True)
         if load:
             load(pipe)
-        return pipe("a sks ball", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+        return pipe(
+            "a sks ball", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np"
+        ).images
 
     plain = run(None)
     with_diffusers = run(lambda p: p.load_lora_weights(str(out), weight_name="pytorch_lora_weights.safetensors"))
@@ -59,7 +73,9 @@ def test_dreambooth_full_saves_a_pipeline_that_plain_diffusers_loads(tiny_base, 
     from diffusers import StableDiffusionPipeline
 
     base = load_base(str(tiny_base), device="cpu")
-    out = get_method("dreambooth").personalize(base, subject(), tmp_path / "c", train=db_train(), prior_preservation="none")
+    out = get_method("dreambooth").personalize(
+        base, subject(), tmp_path / "c", train=db_train(), prior_preservation="none"
+    )
     pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline")
     assert pipe("a sks ball", num_inference_steps=1, output_type="np").images.shape == (1, 16, 16, 3)
     fresh = load_base(str(tiny_base), device="cpu")
@@ -70,23 +86,30 @@ def test_dreambooth_full_saves_a_pipeline_that_plain_diffusers_loads(tiny_base, 
 
 def test_dreambooth_rejects_bad_rank(tiny_base, tmp_path):
     with pytest.raises(LimnerError, match="rank"):
-        get_method("dreambooth_lora").personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "c", lora_rank=0)
+        get_method("dreambooth_lora").personalize(
+            load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "c", lora_rank=0
+        )
 
 
 def test_to_kohya_takes_the_text_encoders_keys_and_names_them_as_kohya_does():
     from limner.adapters.lora import to_kohya
 
     down, up = torch.ones(2, 8), torch.ones(8, 2)
-    state = {"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora.down.weight": down,
-             "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora.up.weight": up,
-             # diffusers' converted text-encoder keys: transformers 5 has no `text_model.` level, 4 has
-             "text_encoder.encoder.layers.0.self_attn.q_proj.lora_linear_layer.down.weight": down,
-             "text_encoder.encoder.layers.0.self_attn.q_proj.lora_linear_layer.up.weight": up,
-             "text_encoder.text_model.encoder.layers.1.self_attn.v_proj.lora_linear_layer.down.weight": down,
-             "text_encoder.text_model.encoder.layers.1.self_attn.v_proj.lora_linear_layer.up.weight": up}
+    state = {
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora.down.weight": down,
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora.up.weight": up,
+        # diffusers' converted text-encoder keys: transformers 5 has no `text_model.` level, 4 has
+        "text_encoder.encoder.layers.0.self_attn.q_proj.lora_linear_layer.down.weight": down,
+        "text_encoder.encoder.layers.0.self_attn.q_proj.lora_linear_layer.up.weight": up,
+        "text_encoder.text_model.encoder.layers.1.self_attn.v_proj.lora_linear_layer.down.weight": down,
+        "text_encoder.text_model.encoder.layers.1.self_attn.v_proj.lora_linear_layer.up.weight": up,
+    }
     out = to_kohya(state, 4)
-    for name in ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k",
-                 "lora_te_text_model_encoder_layers_0_self_attn_q_proj", "lora_te_text_model_encoder_layers_1_self_attn_v_proj"):
+    for name in (
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k",
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj",
+        "lora_te_text_model_encoder_layers_1_self_attn_v_proj",
+    ):
         assert torch.equal(out[f"{name}.lora_down.weight"], down) and torch.equal(out[f"{name}.lora_up.weight"], up)
         assert float(out[f"{name}.alpha"]) == 4.0
     assert len(out) == 9
@@ -98,8 +121,14 @@ def test_dreambooth_lora_trains_the_text_encoder_and_plain_diffusers_loads_both_
 
     if reason := peft_refused_by_transformers():
         pytest.skip(f"the text encoder's LoRA needs another peft here: {reason}")
-    out = get_method("dreambooth_lora").personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "c",
-                                                   train=db_train(), prior_preservation="none", train_text_encoder=True)
+    out = get_method("dreambooth_lora").personalize(
+        load_base(str(tiny_base), device="cpu"),
+        subject(),
+        tmp_path / "c",
+        train=db_train(),
+        prior_preservation="none",
+        train_text_encoder=True,
+    )
     assert (out / "limner.json").exists()
     kohya = load_file(str(out / "lora_kohya.safetensors"))
     assert any(k.startswith("lora_te_text_model_encoder_layers_") for k in kohya)
@@ -109,7 +138,9 @@ def test_dreambooth_lora_trains_the_text_encoder_and_plain_diffusers_loads_both_
         pipe = StableDiffusionPipeline.from_pretrained(tiny_base)
         if weight_name:
             pipe.load_lora_weights(str(out), weight_name=weight_name)
-        ids = pipe.tokenizer(["a sks ball"], padding="max_length", max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+        ids = pipe.tokenizer(
+            ["a sks ball"], padding="max_length", max_length=pipe.tokenizer.model_max_length, return_tensors="pt"
+        ).input_ids
         with torch.no_grad():
             return pipe.text_encoder(ids)[0]
 
@@ -122,20 +153,32 @@ def test_dreambooth_lora_trains_the_text_encoder_and_plain_diffusers_loads_both_
 def test_text_encoder_lora_refused_up_front_where_transformers_refuses_peft(tiny_base, tmp_path, monkeypatch):
     from transformers.integrations import peft as integration
 
-    if not peft_refused_by_transformers():  # make this stack one that refuses, as transformers >= 5.24 with peft 0.21 does
+    if (
+        not peft_refused_by_transformers()
+    ):  # make this stack one that refuses, as transformers >= 5.24 with peft 0.21 does
         monkeypatch.setattr(integration, "MIN_PEFT_VERSION", "99.0.0")
     classes = tmp_path / "cls"
     with pytest.raises(LimnerError, match=r"train_text_encoder.*peft >= \S+.*installed.*peft \S+"):
-        get_method("dreambooth_lora").personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "c", train=db_train(),
-                                                  train_text_encoder=True, num_class_images=2, class_image_steps=1,
-                                                  class_image_cache=str(classes))
+        get_method("dreambooth_lora").personalize(
+            load_base(str(tiny_base), device="cpu"),
+            subject(),
+            tmp_path / "c",
+            train=db_train(),
+            train_text_encoder=True,
+            num_class_images=2,
+            class_image_steps=1,
+            class_image_cache=str(classes),
+        )
     assert not list(classes.rglob("*.png")), "refused before drawing class images or training"
     assert not (tmp_path / "c" / "limner.json").exists()
     # a concept whose text encoder has a LoRA (trained where peft was newer) gets the same clear error from install
     concept = tmp_path / "te-concept"
     concept.mkdir()
-    (concept / "limner.json").write_text(json.dumps({"method": "dreambooth_lora", "lora": True, "tokens": ["sks"],
-                                                     "config": {"train_text_encoder": True}}))
+    (concept / "limner.json").write_text(
+        json.dumps(
+            {"method": "dreambooth_lora", "lora": True, "tokens": ["sks"], "config": {"train_text_encoder": True}}
+        )
+    )
     with pytest.raises(LimnerError, match=r"peft >= "):
         get_method("dreambooth_lora").install(load_base(str(tiny_base), device="cpu"), [concept])
 
@@ -144,8 +187,13 @@ def test_a_crash_while_diffusers_writes_the_lora_leaves_the_previous_file(tiny_b
     from diffusers import StableDiffusionPipeline
 
     def train():
-        return get_method("dreambooth_lora").personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "c",
-                                                         train=db_train(), prior_preservation="none")
+        return get_method("dreambooth_lora").personalize(
+            load_base(str(tiny_base), device="cpu"),
+            subject(),
+            tmp_path / "c",
+            train=db_train(),
+            prior_preservation="none",
+        )
 
     out = train()
     lora = out / "pytorch_lora_weights.safetensors"
@@ -176,7 +224,9 @@ def test_class_images_drawn_differently_are_cached_apart_and_the_default_key_is_
     # the key of today's default settings is the one every earlier cache has, so those caches keep working
     legacy = hashlib.sha256(f"{base.fingerprint}|a ball|1".encode()).hexdigest()[:16]
     assert folders() == {f"a_ball-{legacy}": 1}
-    assert all(np.array_equal(a, b) for a, b in zip(default, class_images(base, "a ball", 1, 1, cache, guidance_scale=5.0)))
+    assert all(
+        np.array_equal(a, b) for a, b in zip(default, class_images(base, "a ball", 1, 1, cache, guidance_scale=5.0))
+    )
     assert len(folders()) == 1, "the defaults given explicitly are the same key"
     class_images(base, "a ball", 1, 1, cache, guidance_scale=7.5)
     class_images(base, "a ball", 1, 1, cache, scheduler="ddim")

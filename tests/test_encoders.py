@@ -8,7 +8,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from limner.encoders import FaceAnalysis, FaceEmbedder, ImageEncoder, InsightFaceEmbedder, TextEncoder, WorldCLIP, WorldFaceEmbedder
+from limner.encoders import (
+    FaceAnalysis,
+    FaceEmbedder,
+    ImageEncoder,
+    InsightFaceEmbedder,
+    TextEncoder,
+    WorldCLIP,
+    WorldFaceEmbedder,
+)
 from limner.images import at_64px, to_unit_range
 from limner.models.loading import WORLD_BASE, WORLD_PROBES
 
@@ -58,6 +66,8 @@ def test_world_encoders_fit_their_roles():
 def test_image_helpers():
     pixels = np.array([[[0, 255, 51]]], np.uint8)[None]
     x = to_unit_range(pixels)
-    assert x.shape == (1, 3, 1, 1) and x.flatten()[:2].tolist() == [-1.0, 1.0] and abs(x.flatten()[2].item() + 0.6) < 1e-6
+    assert (
+        x.shape == (1, 3, 1, 1) and x.flatten()[:2].tolist() == [-1.0, 1.0] and abs(x.flatten()[2].item() + 0.6) < 1e-6
+    )
     mixed = [Image.new("RGBA", (80, 96)), np.zeros((64, 64, 3), np.uint8)]
     assert at_64px(mixed).shape == (2, 64, 64, 3)

@@ -31,12 +31,31 @@ def tiny_clip(tmp_path_factory):
     folder = tmp_path_factory.mktemp("clip")
     tok = build_tokenizer()
     torch.manual_seed(0)
-    cfg = CLIPConfig(text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                      max_position_embeddings=tok.model_max_length, eos_token_id=tok.eos_token_id),
-                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8),
-                     projection_dim=16)
+    cfg = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=tok.model_max_length,
+            eos_token_id=tok.eos_token_id,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    )
     CLIPModel(cfg).save_pretrained(folder)
-    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}), tokenizer=tok).save_pretrained(folder)
+    CLIPProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tok,
+    ).save_pretrained(folder)
     return folder
 
 
@@ -45,7 +64,16 @@ def tiny_dino(tmp_path_factory):
     from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
 
     folder = tmp_path_factory.mktemp("dino")
-    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)).save_pretrained(folder)
+    Dinov2Model(
+        Dinov2Config(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=32,
+            patch_size=8,
+        )
+    ).save_pretrained(folder)
     BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder
 
@@ -155,18 +183,37 @@ def test_cli_rejects_unknown_method_and_missing_clip(tmp_path):
 
 
 def test_world_bench_bounds_cache_and_report(tmp_path):
-    args = ["eval", "--subjects", "world:duo_ball,ada", "--prompts", "2", "-n", "2", "--steps", "6", "--cache", str(tmp_path / "cache"),
-            "--out", str(tmp_path / "report"), "--device", "cpu"]
+    args = [
+        "eval",
+        "--subjects",
+        "world:duo_ball,ada",
+        "--prompts",
+        "2",
+        "-n",
+        "2",
+        "--steps",
+        "6",
+        "--cache",
+        str(tmp_path / "cache"),
+        "--out",
+        str(tmp_path / "report"),
+        "--device",
+        "cpu",
+    ]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     results = json.loads((tmp_path / "report" / "results.json").read_text())
     lower, upper = results["rows"]["lower-bound"]["mean"], results["rows"]["upper-bound"]["mean"]
-    assert upper["subject_fidelity"] > lower["subject_fidelity"] + 0.2, "renders of the subject are the subject; the class prompt is not"
+    assert upper["subject_fidelity"] > lower["subject_fidelity"] + 0.2, (
+        "renders of the subject are the subject; the class prompt is not"
+    )
     assert upper["prompt_fidelity"] >= 0.9
     for key in ("clip_i", "clip_t", "diversity", "face_sim", "language_drift"):
         assert key in lower
     assert results["cache"]["misses"] > 0
-    assert set(results["probes"]) == {"attributes", "accessory", "subject", "identity"}, "a result says which probes read it"
+    assert set(results["probes"]) == {"attributes", "accessory", "subject", "identity"}, (
+        "a result says which probes read it"
+    )
     # a rerun does no work twice, and drops the images of an earlier page it no longer shows
     images = tmp_path / "report" / "images"
     (images / "0123456789abcdef.png").write_bytes(b"an image of an earlier report")
@@ -181,7 +228,9 @@ def test_world_bench_bounds_cache_and_report(tmp_path):
     assert left == {Path(s).name for s in srcs if s.startswith("images/")} | {"notes.txt"}
     refs = re.findall(r"references: (.*?)</div>", page)
     assert len(refs) == 2 and refs[0] != refs[1], "each subject shows its own references"
-    assert (tmp_path / "report" / "fidelity.png").exists() and "| lower-bound |" in (tmp_path / "report" / "results.md").read_text()
+    assert (tmp_path / "report" / "fidelity.png").exists() and "| lower-bound |" in (
+        tmp_path / "report" / "results.md"
+    ).read_text()
 
 
 def test_image_modes_are_converted_faithfully(tmp_path):
@@ -200,12 +249,32 @@ def test_image_modes_are_converted_faithfully(tmp_path):
 
 
 def test_bench_measures_each_row_in_its_own_process(tmp_path):
-    r = runner.invoke(app, ["bench", "--subject", "world:duo_ball", "-n", "1", "--steps", "2", "--cache", str(tmp_path / "cache"),
-                            "--out", str(tmp_path / "report"), "--device", "cpu", "--method", "textual_inversion:max_steps=2"])
+    r = runner.invoke(
+        app,
+        [
+            "bench",
+            "--subject",
+            "world:duo_ball",
+            "-n",
+            "1",
+            "--steps",
+            "2",
+            "--cache",
+            str(tmp_path / "cache"),
+            "--out",
+            str(tmp_path / "report"),
+            "--device",
+            "cpu",
+            "--method",
+            "textual_inversion:max_steps=2",
+        ],
+    )
     assert r.exit_code == 0, r.output
     record, trained = json.loads((tmp_path / "report" / "bench.json").read_text())
     assert record["row"] == "lower-bound" and record["seconds_per_image"] > 0 and record["peak_memory_mb"] > 50
-    assert trained["row"] == "textual_inversion:max_steps=2" and trained["steps"] == 2, "a row's settings reach its training"
+    assert trained["row"] == "textual_inversion:max_steps=2" and trained["steps"] == 2, (
+        "a row's settings reach its training"
+    )
     assert trained["train_peak_memory_mb"] > 50 and not trained["cached_concept"]
     assert "| lower-bound |" in (tmp_path / "report" / "bench.md").read_text()
     r = runner.invoke(app, ["bench", "--subject", "world:duo_ball,ada", "--out", str(tmp_path / "r2")])

@@ -28,8 +28,24 @@ def base(tiny_base):
 
 
 def test_generate_writes_pngs_with_parameters_grid_and_record(tiny_base, tmp_path):
-    r = cli("generate", "a red ball on the beach", "-n", 3, "--seed", 7, "--steps", 2, "--base", tiny_base, "--out", tmp_path,
-            "--batch-size", 2, "--scheduler", "euler")
+    r = cli(
+        "generate",
+        "a red ball on the beach",
+        "-n",
+        3,
+        "--seed",
+        7,
+        "--steps",
+        2,
+        "--base",
+        tiny_base,
+        "--out",
+        tmp_path,
+        "--batch-size",
+        2,
+        "--scheduler",
+        "euler",
+    )
     assert r.exit_code == 0, r.output
     record = json.loads((tmp_path / "00001.json").read_text())
     assert record["seeds"] == [7, 8, 9] and record["settings"]["scheduler"] == "euler"
@@ -48,7 +64,9 @@ def test_generate_writes_pngs_with_parameters_grid_and_record(tiny_base, tmp_pat
 def test_each_image_depends_only_on_its_seed(base):
     s = GenerationSettings("a blue cup in the snow", num_images=3, seed=5, steps=2, batch_size=3)
     together = generate(base, s).images
-    alone = generate(base, GenerationSettings("a blue cup in the snow", num_images=1, seed=7, steps=2, batch_size=1)).images
+    alone = generate(
+        base, GenerationSettings("a blue cup in the snow", num_images=1, seed=7, steps=2, batch_size=1)
+    ).images
     assert np.array_equal(np.asarray(together[2]), np.asarray(alone[0]))
     assert not np.array_equal(np.asarray(together[0]), np.asarray(together[1]))
 
@@ -64,7 +82,9 @@ def test_layout_steps_follow_the_layout_prompt_then_the_prompt(request, folder, 
 
     plain = draw("a red ball on the beach")
     # swapping to the very same words changes nothing: the swap keeps the negative half where it was
-    assert np.array_equal(draw("a red ball on the beach", layout_prompt="a red ball on the beach", layout_steps=2), plain)
+    assert np.array_equal(
+        draw("a red ball on the beach", layout_prompt="a red ball on the beach", layout_steps=2), plain
+    )
     mixed = draw("a red ball on the beach", layout_prompt="a blue cup in the snow", layout_steps=3)
     assert not np.array_equal(mixed, plain) and not np.array_equal(mixed, draw("a blue cup in the snow"))
 
@@ -103,7 +123,9 @@ def assert_error(result, *needles):
 
 
 def test_missing_base_path(tmp_path):
-    assert_error(cli("generate", "a ball", "--base", tmp_path / "nope", "--out", tmp_path / "o"), "does not exist", "nope")
+    assert_error(
+        cli("generate", "a ball", "--base", tmp_path / "nope", "--out", tmp_path / "o"), "does not exist", "nope"
+    )
 
 
 def test_empty_base_folder(tmp_path):
@@ -119,11 +141,19 @@ def test_folder_missing_a_component(tiny_base, tmp_path):
 
 
 def test_unknown_scheduler(tiny_base, tmp_path):
-    assert_error(cli("generate", "a ball", "--scheduler", "magic", "--base", tiny_base, "--out", tmp_path / "o"), "magic", "dpm++")
+    assert_error(
+        cli("generate", "a ball", "--scheduler", "magic", "--base", tiny_base, "--out", tmp_path / "o"),
+        "magic",
+        "dpm++",
+    )
 
 
 def test_size_not_multiple_of_8(tiny_base, tmp_path):
-    assert_error(cli("generate", "a ball", "--height", 30, "--base", tiny_base, "--out", tmp_path / "o"), "--height 30", "multiple of 8")
+    assert_error(
+        cli("generate", "a ball", "--height", 30, "--base", tiny_base, "--out", tmp_path / "o"),
+        "--height 30",
+        "multiple of 8",
+    )
 
 
 def test_output_path_is_a_file(tiny_base, tmp_path):
@@ -156,7 +186,10 @@ def test_auto_precision_is_half_on_a_gpu_but_full_for_the_world_base():
 
     gpu = torch.device("cuda")
     assert resolve_dtype("auto", gpu) == torch.float16 and resolve_dtype("auto", gpu, world=True) == torch.float32
-    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32 and resolve_dtype("bf16", gpu, world=True) == torch.bfloat16
+    assert (
+        resolve_dtype("auto", torch.device("cpu")) == torch.float32
+        and resolve_dtype("bf16", gpu, world=True) == torch.bfloat16
+    )
 
 
 def test_the_command_line_drops_only_transformers_torchvision_fallback_notice():
@@ -173,7 +206,9 @@ def test_the_command_line_drops_only_transformers_torchvision_fallback_notice():
     log.addHandler(handler)
     log.setLevel(logging.WARNING)  # the tests run transformers at TRANSFORMERS_VERBOSITY=error
     try:
-        log.warning("`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil` ...")
+        log.warning(
+            "`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil` ..."
+        )
         log.warning("some other notice")
     finally:
         log.removeHandler(handler)

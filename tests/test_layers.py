@@ -72,8 +72,14 @@ def _imported_names(node: ast.AST, module: str, is_package: bool) -> list[str]:
             prefix = node.module or ""
         # `from pkg import sub` loads the submodule when there is one, else pkg (the name is an attribute)
         return [f"{prefix}.{alias.name}" for alias in node.names]
-    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "import_module"
-            and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+    if (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "import_module"
+        and node.args
+        and isinstance(node.args[0], ast.Constant)
+        and isinstance(node.args[0].value, str)
+    ):
         return [node.args[0].value]
     return []
 
@@ -105,10 +111,14 @@ def declared_layers() -> list[Layer]:
             current = None
     parsed = [Layer(n, name, tuple(p.strip() for p in text.split(",") if p.strip())) for n, name, text in layers]
     assert parsed, "no layers declared in src/limner/__init__.py's docstring"
-    assert [layer.number for layer in parsed] == list(range(1, len(parsed) + 1)), "layers must be numbered 1, 2, 3, ... bottom to top"
+    assert [layer.number for layer in parsed] == list(range(1, len(parsed) + 1)), (
+        "layers must be numbered 1, 2, 3, ... bottom to top"
+    )
     for layer in parsed:
         for p in layer.patterns:
-            assert re.fullmatch(r"limner(\.\w+)*(\.\*)?", p), f"layer {layer.number}: {p!r} is not a module name or a package.*"
+            assert re.fullmatch(r"limner(\.\w+)*(\.\*)?", p), (
+                f"layer {layer.number}: {p!r} is not a module name or a package.*"
+            )
     return parsed
 
 
@@ -206,8 +216,13 @@ def test_every_module_has_a_layer():
 
 def test_no_import_cycles():
     found = cycles(import_edges())
-    report = ["  " + " -> ".join([c[0].source] + [e.target for e in c]) + "\n" + "\n".join(f"      {e.where()}: {e.source} imports {e.target}"
-                                                                                       for e in c) for c in found]
+    report = [
+        "  "
+        + " -> ".join([c[0].source] + [e.target for e in c])
+        + "\n"
+        + "\n".join(f"      {e.where()}: {e.source} imports {e.target}" for e in c)
+        for c in found
+    ]
     assert not found, f"{len(found)} import cycle(s):\n" + "\n".join(report)
 
 
@@ -215,20 +230,38 @@ def test_no_import_from_a_lower_layer_to_a_higher_one():
     layers = declared_layers()
     edges = import_edges()
     placed = layer_of(sorted({e.source for e in edges} | {e.target for e in edges}), layers)
-    upward = [e for e in edges if e.source in placed and e.target in placed and placed[e.target].number > placed[e.source].number]
-    report = [f"  {e.where()}: {e.source} ({placed[e.source].number} {placed[e.source].name}) imports {e.target} "
-              f"({placed[e.target].number} {placed[e.target].name})" for e in upward]
+    upward = [
+        e
+        for e in edges
+        if e.source in placed and e.target in placed and placed[e.target].number > placed[e.source].number
+    ]
+    report = [
+        f"  {e.where()}: {e.source} ({placed[e.source].number} {placed[e.source].name}) imports {e.target} "
+        f"({placed[e.target].number} {placed[e.target].name})"
+        for e in upward
+    ]
     assert not upward, f"{len(upward)} import(s) from a lower layer to a higher one:\n" + "\n".join(report)
 
 
 def test_the_walker_reads_lazy_relative_and_type_checking_imports(tmp_path):
     """The rules above are only as good as the walk: it must see the imports a module hides."""
-    code = ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from limner.io import cache_dir\n"
-            "def f():\n    from . import heldout\n    from .render import render\n    import limner.errors\n")
+    code = (
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from limner.io import cache_dir\n"
+        "def f():\n    from . import heldout\n    from .render import render\n    import limner.errors\n"
+    )
     names = [n for node in ast.walk(ast.parse(code)) for n in _imported_names(node, "limner.world.bench", False)]
     modules = all_modules()
-    assert {_resolve(n, modules) for n in names} >= {"limner.io", "limner.world.heldout", "limner.world.render", "limner.errors"}
-    in_init = [n for node in ast.walk(ast.parse("from .loop import train\n")) for n in _imported_names(node, "limner.training", True)]
+    assert {_resolve(n, modules) for n in names} >= {
+        "limner.io",
+        "limner.world.heldout",
+        "limner.world.render",
+        "limner.errors",
+    }
+    in_init = [
+        n
+        for node in ast.walk(ast.parse("from .loop import train\n"))
+        for n in _imported_names(node, "limner.training", True)
+    ]
     assert _resolve(in_init[0], modules) == "limner.training.loop"
 
 

@@ -51,11 +51,24 @@ class PromptOffset(AdapterMethod):
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         colour = torch.tensor(np.mean([im.reshape(-1, 3).mean(0) for im in subject.images], axis=0) / 255.0).float()
-        offset = load_file(str(Path(adapter) / "projection.safetensors"))["projection"] @ colour * float(settings.get("strength", 0.3))
+        offset = (
+            load_file(str(Path(adapter) / "projection.safetensors"))["projection"]
+            @ colour
+            * float(settings.get("strength", 0.3))
+        )
         save_file({"offset": offset.contiguous()}, str(out / "offset.safetensors"))
-        manifest = {"method": self.name, "subject": subject.name, "class_noun": subject.class_noun, "tokens": [],
-                    "base_fingerprint": base.fingerprint, "base_path": str(base.path), "steps": 0, "config": settings,
-                    "adapter": str(adapter), "adapter_fingerprint": adapter_fingerprint(adapter)}
+        manifest = {
+            "method": self.name,
+            "subject": subject.name,
+            "class_noun": subject.class_noun,
+            "tokens": [],
+            "base_fingerprint": base.fingerprint,
+            "base_path": str(base.path),
+            "steps": 0,
+            "config": settings,
+            "adapter": str(adapter),
+            "adapter_fingerprint": adapter_fingerprint(adapter),
+        }
         write_json_atomic(out / "limner.json", manifest)
         write_model_card(out, manifest)
         return out
@@ -91,7 +104,11 @@ CASES = {
     "textual_inversion": ({"train": QUICK, "num_vectors": 1}, ("num_vectors", 0), "a <s*> on the beach"),
     "dreambooth": ({"train": QUICK, "prior_preservation": "none"}, ("prior_preservation", "sometimes"), "a sks ball"),
     "dreambooth_lora": ({"train": QUICK, "prior_preservation": "none"}, ("lora_rank", 0), "a sks ball"),
-    "custom_diffusion": ({"train": QUICK, "prior_preservation": False, "augment": False}, ("mode", "everything"), "a <new1> ball"),
+    "custom_diffusion": (
+        {"train": QUICK, "prior_preservation": False, "augment": False},
+        ("mode", "everything"),
+        "a <new1> ball",
+    ),
     "prompt_offset": ({}, ("adapter", "/no/such/adapter"), "a ball"),  # a bad adapter folder fails naming it
 }
 
@@ -110,10 +127,15 @@ def test_method_contract(name, tiny_base, tmp_path, toy_method):
     method = get_method(name)
     settings, bad, prompt = CASES[name]
     if method.capabilities.needs_adapter:  # pretrained once per base, then every subject is encoded with it
-        settings = settings | {"adapter": method.pretrain(load_base(str(tiny_base), device="cpu"), "toy", tmp_path / "adapter")}
+        settings = settings | {
+            "adapter": method.pretrain(load_base(str(tiny_base), device="cpu"), "toy", tmp_path / "adapter")
+        }
     concept = method.personalize(load_base(str(tiny_base), device="cpu"), blob(), tmp_path / "c", **settings)
     manifest = read_manifest(concept)
-    assert manifest["method"] == name and manifest["base_fingerprint"] == load_base(str(tiny_base), device="cpu").fingerprint
+    assert (
+        manifest["method"] == name
+        and manifest["base_fingerprint"] == load_base(str(tiny_base), device="cpu").fingerprint
+    )
     assert method.family in ("tuning", "encoder", "identity")
 
     # installed, the concept changes the picture; uninstalled, the base draws exactly what it drew before
@@ -136,7 +158,9 @@ def test_method_contract(name, tiny_base, tmp_path, toy_method):
     if bad is not None:
         key, value = bad
         with pytest.raises(LimnerError, match=key):
-            method.personalize(load_base(str(tiny_base), device="cpu"), blob(), tmp_path / "bad", **(settings | {key: value}))
+            method.personalize(
+                load_base(str(tiny_base), device="cpu"), blob(), tmp_path / "bad", **(settings | {key: value})
+            )
     if method.config_cls is not None:
         with pytest.raises(LimnerError, match="no setting 'colour_of_the_sky'"):
             method.personalize(load_base(str(tiny_base), device="cpu"), blob(), tmp_path / "bad2", colour_of_the_sky=1)
@@ -152,16 +176,51 @@ def test_a_registered_method_runs_in_generate_and_eval_unchanged(toy_method, tmp
     adapter = method.pretrain(load_base(), "world", tmp_path / "adapter")
     concept = method.personalize(load_base(), subject, tmp_path / "toy", adapter=adapter)
     runner = CliRunner()
-    r = runner.invoke(app, ["generate", "a ball on the beach", "-n", "1", "--steps", "2", "--concept", str(concept),
-                            "--out", str(tmp_path / "gen")])
+    r = runner.invoke(
+        app,
+        [
+            "generate",
+            "a ball on the beach",
+            "-n",
+            "1",
+            "--steps",
+            "2",
+            "--concept",
+            str(concept),
+            "--out",
+            str(tmp_path / "gen"),
+        ],
+    )
     assert r.exit_code == 0, r.output
-    r = runner.invoke(app, ["generate", "a ball on the beach", "-n", "1", "--steps", "2", "--out", str(tmp_path / "plain")])
+    r = runner.invoke(
+        app, ["generate", "a ball on the beach", "-n", "1", "--steps", "2", "--out", str(tmp_path / "plain")]
+    )
     assert r.exit_code == 0, r.output
-    with_offset, plain = (np.asarray(__import__("PIL.Image").Image.open(next((tmp_path / d).glob("*-00.png"))))
-                          for d in ("gen", "plain"))
+    with_offset, plain = (
+        np.asarray(__import__("PIL.Image").Image.open(next((tmp_path / d).glob("*-00.png")))) for d in ("gen", "plain")
+    )
     assert not np.array_equal(with_offset, plain)
-    r = runner.invoke(app, ["eval", "--method", f"prompt_offset:adapter={adapter}", "--subjects", "world:duo_ball", "--prompts", "1", "-n", "1",
-                            "--steps", "2", "--no-bounds", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "report")])
+    r = runner.invoke(
+        app,
+        [
+            "eval",
+            "--method",
+            f"prompt_offset:adapter={adapter}",
+            "--subjects",
+            "world:duo_ball",
+            "--prompts",
+            "1",
+            "-n",
+            "1",
+            "--steps",
+            "2",
+            "--no-bounds",
+            "--cache",
+            str(tmp_path / "cache"),
+            "--out",
+            str(tmp_path / "report"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     results = json.loads((tmp_path / "report" / "results.json").read_text())
     (row,) = results["rows"].values()

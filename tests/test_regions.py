@@ -25,7 +25,9 @@ def test_prompts_split_on_break():
 
 def test_a_region_names_a_token_as_a_word_of_its_own():
     assert mentions("a <new1> box on the beach", "<new1>") and not mentions("a <new10> box", "<new1>")
-    assert mentions("a sks dog, at night", "sks") and not mentions("a sksx dog", "sks") and not mentions("a dog", "sks")
+    assert (
+        mentions("a sks dog, at night", "sks") and not mentions("a sksx dog", "sks") and not mentions("a dog", "sks")
+    )
 
 
 @pytest.mark.parametrize("regions", [2, 3, 4])
@@ -44,14 +46,16 @@ def colours(images, lefts):
     names = probes.labels("attributes", "colour")
     out = []
     for left in lefts:
-        crops = np.stack([np.asarray(im.convert("RGB"))[:, left:left + 64] for im in images])
+        crops = np.stack([np.asarray(im.convert("RGB"))[:, left : left + 64] for im in images])
         out.append([names[i] for i in probes.predict("attributes", crops)["colour"].argmax(-1)])
     return out
 
 
 def test_each_window_draws_its_own_prompt_on_the_world():
     base = load_base(device="cpu")
-    s = GenerationSettings("a red ball on the grass BREAK a blue ball on the grass", num_images=3, steps=12, regions=True)
+    s = GenerationSettings(
+        "a red ball on the grass BREAK a blue ball on the grass", num_images=3, steps=12, regions=True
+    )
     result = generate(base, s)
     lefts = [r["left"] for r in result.record["regions"]]
     assert result.images[0].size == (112, 64) and lefts == [0, 48]
@@ -70,7 +74,9 @@ def test_regions_on_a_user_folder_and_sdxl(tiny_base, tiny_sdxl):
         result = generate(base, s)
         assert result.images[0].size == (canvas_width(base.resolution, 3), base.resolution)
         assert [r["prompt"] for r in result.record["regions"]] == ["a ball", "a cup", "a kite"]
-        assert not np.array_equal(np.asarray(result.images[0]), np.asarray(result.images[1])), "each image has its own seed"
+        assert not np.array_equal(np.asarray(result.images[0]), np.asarray(result.images[1])), (
+            "each image has its own seed"
+        )
 
 
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
@@ -88,14 +94,42 @@ def test_window_by_window_denoising_matches_all_windows_at_once(tiny_base, tiny_
 def test_cli_regions_and_bad_input(tiny_base, tmp_path):
     runner = CliRunner()
     out = tmp_path / "out"
-    r = runner.invoke(app, ["generate", "a ball BREAK a cup", "--regions", "--base", str(tiny_base), "-n", "1", "--steps", "2",
-                            "--out", str(out)])
+    r = runner.invoke(
+        app,
+        [
+            "generate",
+            "a ball BREAK a cup",
+            "--regions",
+            "--base",
+            str(tiny_base),
+            "-n",
+            "1",
+            "--steps",
+            "2",
+            "--out",
+            str(out),
+        ],
+    )
     assert r.exit_code == 0, r.output
     record = json.loads((out / "00001.json").read_text())
     assert record["settings"]["regions"] and len(record["regions"]) == 2
     assert Image.open(out / "00001-00.png").size == (record["settings"]["width"], record["settings"]["height"])
-    r = runner.invoke(app, ["generate", "a ball and a cup", "--regions", "--base", str(tiny_base), "--out", str(tmp_path / "x")])
+    r = runner.invoke(
+        app, ["generate", "a ball and a cup", "--regions", "--base", str(tiny_base), "--out", str(tmp_path / "x")]
+    )
     assert r.exit_code != 0 and "BREAK" in r.output
-    r = runner.invoke(app, ["generate", "a ball BREAK a cup", "--regions", "--width", "8", "--base", str(tiny_base),
-                            "--out", str(tmp_path / "y")])
+    r = runner.invoke(
+        app,
+        [
+            "generate",
+            "a ball BREAK a cup",
+            "--regions",
+            "--width",
+            "8",
+            "--base",
+            str(tiny_base),
+            "--out",
+            str(tmp_path / "y"),
+        ],
+    )
     assert r.exit_code != 0 and "narrower than one region" in r.output

@@ -30,7 +30,9 @@ def test_plain_diffusers_loads_and_generates():
 
     pipe = StableDiffusionPipeline.from_pretrained(WORLD_BASE)
     pipe.set_progress_bar_config(disable=True)
-    out = pipe("a red ball on the beach", num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np")
+    out = pipe(
+        "a red ball on the beach", num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np"
+    )
     assert out.images.shape == (1, 64, 64, 3)
     assert out.images.std() > 0.05, "a picture, not a flat field"
 
@@ -51,7 +53,10 @@ def test_world_check_reads_back_what_was_asked():
     assert set(report["accuracy"]) == {"class", "colour", "context", "accessory"}
     assert len(report["cases"]) == 8 + ACCESSORY_CASES and report["seconds_per_image"] > 0
     worn = report["cases"][8:]
-    assert all(f"with a {c['want']['accessory']} " in c["prompt"] and c["got"]["accessory"] in ("none", "hat", "bow") for c in worn)
+    assert all(
+        f"with a {c['want']['accessory']} " in c["prompt"] and c["got"]["accessory"] in ("none", "hat", "bow")
+        for c in worn
+    )
     # chance is 1/8 for context and 1/12 for class: a working model is far above it even on 8 prompts
     assert report["accuracy"]["context"] >= 0.5 and report["accuracy"]["class"] >= 0.4
 

@@ -25,7 +25,9 @@ def test_textual_inversion_trains_only_the_new_token_and_loads_in_plain_diffuser
     assert torch.equal(after[: len(before)], before), "every other row is restored"
     vec = load_file(str(out / "learned_embeds.safetensors"))["<s*>"]
     # the A1111 file is named after the token: A1111 takes a file's name as the trigger word
-    assert read_manifest(out)["files"]["a1111"] == "s-star.safetensors" and not (out / "embedding.safetensors").exists()
+    assert (
+        read_manifest(out)["files"]["a1111"] == "s-star.safetensors" and not (out / "embedding.safetensors").exists()
+    )
     assert vec.shape == (4, 32) and (load_file(str(out / "s-star.safetensors"))["emb_params"] == vec).all()
     init = before[base.pipe.tokenizer("ball", add_special_tokens=False).input_ids].mean(0)
     assert not torch.allclose(vec[0].float(), init, atol=1e-3), "the embedding moved"
@@ -40,7 +42,11 @@ def test_textual_inversion_trains_only_the_new_token_and_loads_in_plain_diffuser
     # the A1111 form loads in plain diffusers too, under the token its name gives, and draws the same
     a1111 = StableDiffusionPipeline.from_pretrained(tiny_base)
     a1111.load_textual_inversion(str(out / "s-star.safetensors"), token="<s*>")
-    assert np.allclose(a1111("a <s*> on the beach", num_inference_steps=2, generator=g(), output_type="np").images, with_token, atol=1e-3)
+    assert np.allclose(
+        a1111("a <s*> on the beach", num_inference_steps=2, generator=g(), output_type="np").images,
+        with_token,
+        atol=1e-3,
+    )
 
 
 def test_generate_lays_a_textual_inversion_prompt_out_from_the_class_noun_first(tiny_base, tmp_path):
@@ -50,12 +56,30 @@ def test_generate_lays_a_textual_inversion_prompt_out_from_the_class_noun_first(
 
     from limner.cli import app
 
-    concept = get_method("textual_inversion").personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "c", **ti_config(1))
+    concept = get_method("textual_inversion").personalize(
+        load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "c", **ti_config(1)
+    )
 
     def settings(*extra):
         out = tmp_path / f"out{len(extra)}"
-        r = CliRunner().invoke(app, ["generate", "a <s*> with a hat on the beach", "-n", "1", "--steps", "10", "--base", str(tiny_base),
-                                     "--concept", str(concept), "--out", str(out), *extra])
+        r = CliRunner().invoke(
+            app,
+            [
+                "generate",
+                "a <s*> with a hat on the beach",
+                "-n",
+                "1",
+                "--steps",
+                "10",
+                "--base",
+                str(tiny_base),
+                "--concept",
+                str(concept),
+                "--out",
+                str(out),
+                *extra,
+            ],
+        )
         assert r.exit_code == 0, r.output
         return json.loads((out / "00001.json").read_text())["settings"]
 
@@ -72,7 +96,9 @@ def test_norm_cap_holds_learned_vectors_to_a_multiple_of_the_words_norm(tiny_bas
     def learned_norms(folder, **settings):
         base = load_base(str(tiny_base), device="cpu")
         words = base.pipe.text_encoder.get_input_embeddings().weight.detach().norm(dim=-1).mean()
-        out = get_method("textual_inversion").personalize(base, subject(), tmp_path / folder, **ti_config(4), **settings)
+        out = get_method("textual_inversion").personalize(
+            base, subject(), tmp_path / folder, **ti_config(4), **settings
+        )
         return load_file(str(out / "learned_embeds.safetensors"))["<s*>"].float().norm(dim=-1) / words
 
     assert learned_norms("free").max() > 1.2
@@ -83,8 +109,9 @@ def test_norm_cap_holds_learned_vectors_to_a_multiple_of_the_words_norm(tiny_bas
 
 def test_placeholder_already_in_vocabulary(tiny_base, tmp_path):
     with pytest.raises(LimnerError, match="already in the tokenizer"):
-        get_method("textual_inversion").personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "c",
-                                                    token="ball", **ti_config(1))
+        get_method("textual_inversion").personalize(
+            load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "c", token="ball", **ti_config(1)
+        )
 
 
 def test_embedding_formats_load_into_a_base(tiny_base, tmp_path):
@@ -95,7 +122,10 @@ def test_embedding_formats_load_into_a_base(tiny_base, tmp_path):
     vec = torch.randn(2, 32)
     save_file({"<a>": vec}, str(tmp_path / "diffusers.safetensors"))
     save_file({"emb_params": vec}, str(tmp_path / "kohya.safetensors"))
-    torch.save({"string_to_param": {"*": vec}, "name": "<c>", "string_to_token": {"*": 265}, "step": 100}, tmp_path / "a1111.pt")
+    torch.save(
+        {"string_to_param": {"*": vec}, "name": "<c>", "string_to_token": {"*": 265}, "step": 100},
+        tmp_path / "a1111.pt",
+    )
     save_file({"clip_l": torch.randn(1, 32), "clip_g": torch.randn(1, 64)}, str(tmp_path / "sdxl.safetensors"))
     base = load_base(str(tiny_base), device="cpu")
     assert load_embedding(base, tmp_path / "diffusers.safetensors") == "<a>"
@@ -113,11 +143,25 @@ def test_embedding_formats_load_into_a_base(tiny_base, tmp_path):
     assert torch.allclose(emb[ids[0]], vec[0], atol=1e-6)
 
 
-@pytest.mark.parametrize("token, name", [
-    ("<s*>", "s-star"), ("<blob>", "blob"), ("sks", "sks"), ("<new_1>", "new_1"), ("<my cat>", "my-cat"), ("<*>", "star"),
-    ("../<a>/b", "a-b"), ("<hund-ß>", "hund-ß"), ("<>", "embedding"), ("<con>", "con-embedding"), ("Lpt1", "Lpt1-embedding"),
-    ("learned_embeds", "learned_embeds-a1111"), ("<learned_embeds_2>", "learned_embeds_2-a1111"), ("x" * 300, "x" * 100),
-])
+@pytest.mark.parametrize(
+    "token, name",
+    [
+        ("<s*>", "s-star"),
+        ("<blob>", "blob"),
+        ("sks", "sks"),
+        ("<new_1>", "new_1"),
+        ("<my cat>", "my-cat"),
+        ("<*>", "star"),
+        ("../<a>/b", "a-b"),
+        ("<hund-ß>", "hund-ß"),
+        ("<>", "embedding"),
+        ("<con>", "con-embedding"),
+        ("Lpt1", "Lpt1-embedding"),
+        ("learned_embeds", "learned_embeds-a1111"),
+        ("<learned_embeds_2>", "learned_embeds_2-a1111"),
+        ("x" * 300, "x" * 100),
+    ],
+)
 def test_the_a1111_file_is_named_after_the_token_safely(token, name):
     from limner.methods.textual_inversion import a1111_file_name
 

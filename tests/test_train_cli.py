@@ -20,11 +20,46 @@ def test_cli_train_then_generate_with_the_concept(tiny_base, tmp_path):
 
     folder = image_folder(tmp_path / "subj")
     runner = CliRunner()
-    r = runner.invoke(app, ["train", "--method", "textual_inversion", "--subject", str(folder), "--class-noun", "ball", "--steps", "2",
-                            "--batch-size", "1", "--token", "<blob>", "--base", str(tiny_base), "--out", str(tmp_path / "concept")])
+    r = runner.invoke(
+        app,
+        [
+            "train",
+            "--method",
+            "textual_inversion",
+            "--subject",
+            str(folder),
+            "--class-noun",
+            "ball",
+            "--steps",
+            "2",
+            "--batch-size",
+            "1",
+            "--token",
+            "<blob>",
+            "--base",
+            str(tiny_base),
+            "--out",
+            str(tmp_path / "concept"),
+        ],
+    )
     assert r.exit_code == 0, r.output
-    r = runner.invoke(app, ["generate", "a <blob> in the snow", "-n", "1", "--steps", "1", "--base", str(tiny_base),
-                            "--concept", str(tmp_path / "concept"), "--out", str(tmp_path / "img")])
+    r = runner.invoke(
+        app,
+        [
+            "generate",
+            "a <blob> in the snow",
+            "-n",
+            "1",
+            "--steps",
+            "1",
+            "--base",
+            str(tiny_base),
+            "--concept",
+            str(tmp_path / "concept"),
+            "--out",
+            str(tmp_path / "img"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     # another base: refused unless --force
     from conftest import build_tiny_pipeline
@@ -37,7 +72,20 @@ def test_cli_train_then_generate_with_the_concept(tiny_base, tmp_path):
     state = load_file(str(unet_file))
     state = {k: v + 0.01 for k, v in state.items()}
     save_file(state, str(unet_file))
-    args = ["generate", "a <blob>", "-n", "1", "--steps", "1", "--base", str(other), "--concept", str(tmp_path / "concept"), "--out", str(tmp_path / "o2")]
+    args = [
+        "generate",
+        "a <blob>",
+        "-n",
+        "1",
+        "--steps",
+        "1",
+        "--base",
+        str(other),
+        "--concept",
+        str(tmp_path / "concept"),
+        "--out",
+        str(tmp_path / "o2"),
+    ]
     r = runner.invoke(app, args)
     assert r.exit_code == 2 and "trained on base" in r.output
     assert runner.invoke(app, args + ["--force"]).exit_code == 0
@@ -49,16 +97,49 @@ def test_cli_train_settings_and_token_reach_the_method(tiny_base, tmp_path):
     from limner.cli import app
 
     folder = image_folder(tmp_path / "subj")
-    args = ["train", "--method", "dreambooth_lora", "--subject", str(folder), "--class-noun", "ball", "--steps", "1", "--batch-size", "1",
-            "--base", str(tiny_base), "--out", str(tmp_path / "c")]
-    r = CliRunner().invoke(app, args + ["--token", "zwx", "--set", "prior_preservation=none", "--set", "lora_rank=2", "--set", "checkpoint_every=0",
-                                        "--set", "seed=3"])
+    args = [
+        "train",
+        "--method",
+        "dreambooth_lora",
+        "--subject",
+        str(folder),
+        "--class-noun",
+        "ball",
+        "--steps",
+        "1",
+        "--batch-size",
+        "1",
+        "--base",
+        str(tiny_base),
+        "--out",
+        str(tmp_path / "c"),
+    ]
+    r = CliRunner().invoke(
+        app,
+        args
+        + [
+            "--token",
+            "zwx",
+            "--set",
+            "prior_preservation=none",
+            "--set",
+            "lora_rank=2",
+            "--set",
+            "checkpoint_every=0",
+            "--set",
+            "seed=3",
+        ],
+    )
     assert r.exit_code == 0, r.output
     m = json.loads((tmp_path / "c" / "limner.json").read_text())
     assert m["identifier"] == "zwx" and m["config"]["lora_rank"] == 2 and m["config"]["train"]["checkpoint_every"] == 0
     assert m["config"]["train"]["seed"] == 3, "a trainer setting given with --set is not reset by an option left out"
-    r = CliRunner().invoke(app, args[:-1] + [str(tmp_path / "c2"), "--set", "seed=3", "--seed", "5", "--set", "prior_preservation=none"])
-    assert r.exit_code == 0 and json.loads((tmp_path / "c2" / "limner.json").read_text())["config"]["train"]["seed"] == 5, "the explicit option wins"
+    r = CliRunner().invoke(
+        app, args[:-1] + [str(tmp_path / "c2"), "--set", "seed=3", "--seed", "5", "--set", "prior_preservation=none"]
+    )
+    assert (
+        r.exit_code == 0 and json.loads((tmp_path / "c2" / "limner.json").read_text())["config"]["train"]["seed"] == 5
+    ), "the explicit option wins"
     r = CliRunner().invoke(app, args + ["--set", "prior_preservation"])
     assert r.exit_code == 2 and "key=value" in r.output
 
@@ -71,18 +152,30 @@ def test_cli_trains_a_concepts_list_jointly_with_custom_diffusion_only(tiny_base
     from limner.cli import app
     from limner.methods.custom_diffusion import default_train_config
 
-    entries = [{"name": name, "path": str(image_folder(tmp_path / name)), "class_noun": noun} for name, noun in (("blob", "ball"), ("cube", "box"))]
+    entries = [
+        {"name": name, "path": str(image_folder(tmp_path / name)), "class_noun": noun}
+        for name, noun in (("blob", "ball"), ("cube", "box"))
+    ]
     concepts = tmp_path / "concepts.json"
     concepts.write_text(json.dumps(entries))
     assert default_train_config(2).max_steps == 2 * default_train_config().max_steps
     args = ["train", "--subject", str(concepts), "--steps", "1", "--batch-size", "1", "--base", str(tiny_base)]
-    r = CliRunner().invoke(app, [*args, "--method", "custom_diffusion", "--set", "prior_preservation=false", "--out", str(tmp_path / "joint")])
+    r = CliRunner().invoke(
+        app,
+        [*args, "--method", "custom_diffusion", "--set", "prior_preservation=false", "--out", str(tmp_path / "joint")],
+    )
     assert r.exit_code == 0, r.output
     manifest = json.loads((tmp_path / "joint" / "limner.json").read_text())
-    assert manifest["subject"] == ["blob", "cube"] and manifest["class_nouns"] == ["ball", "box"] and manifest["steps"] == 1
+    assert (
+        manifest["subject"] == ["blob", "cube"]
+        and manifest["class_nouns"] == ["ball", "box"]
+        and manifest["steps"] == 1
+    )
     r = CliRunner().invoke(app, [*args, "--method", "dreambooth_lora", "--out", str(tmp_path / "db")])
     assert r.exit_code != 0 and "trains one at a time" in r.output and not (tmp_path / "db").exists()
-    r = CliRunner().invoke(app, [*args, "--method", "custom_diffusion", "--token", "<cat>", "--out", str(tmp_path / "tok")])
+    r = CliRunner().invoke(
+        app, [*args, "--method", "custom_diffusion", "--token", "<cat>", "--out", str(tmp_path / "tok")]
+    )
     assert r.exit_code == 2 and "<new1> to <new2>" in r.output and not (tmp_path / "tok").exists()
 
 
@@ -107,8 +200,25 @@ def test_bad_subject_folders_get_specific_errors_and_leave_earlier_concepts_alon
     from limner.cli import app
 
     def train(folder, out, *extra):
-        return CliRunner().invoke(app, ["train", "--method", "textual_inversion", "--subject", str(folder), "--steps", "1",
-                                        "--batch-size", "1", "--base", str(tiny_base), "--out", str(out), *extra])
+        return CliRunner().invoke(
+            app,
+            [
+                "train",
+                "--method",
+                "textual_inversion",
+                "--subject",
+                str(folder),
+                "--steps",
+                "1",
+                "--batch-size",
+                "1",
+                "--base",
+                str(tiny_base),
+                "--out",
+                str(out),
+                *extra,
+            ],
+        )
 
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -120,7 +230,9 @@ def test_bad_subject_folders_get_specific_errors_and_leave_earlier_concepts_alon
     Image.fromarray(np.arange(48 * 40, dtype=np.uint16).reshape(40, 48) * 30).save(single / "a.png")
     (single / "notes.md").write_text("not an image")
     good = tmp_path / "good"
-    r = train(single, good, "--class-noun", "teddy bear")  # a class noun of two words: its tokens' mean initialises <s*>
+    r = train(
+        single, good, "--class-noun", "teddy bear"
+    )  # a class noun of two words: its tokens' mean initialises <s*>
     assert r.exit_code == 0, r.output
     before = {p.name: p.read_bytes() for p in good.iterdir() if p.is_file()}
     # a corrupt file: an error naming it, and the concept already in --out is untouched
@@ -140,5 +252,7 @@ def test_the_command_line_process_keeps_exit_codes_and_output(tmp_path):
 
     ok = limner("train", "--help")
     assert ok.returncode == 0 and "--subject" in ok.stdout
-    bad = limner("train", "--method", "textual_inversion", "--subject", str(tmp_path / "missing"), "--out", str(tmp_path / "c"))
+    bad = limner(
+        "train", "--method", "textual_inversion", "--subject", str(tmp_path / "missing"), "--out", str(tmp_path / "c")
+    )
     assert bad.returncode == 2 and "missing" in bad.stderr and not (tmp_path / "c" / "limner.json").exists()

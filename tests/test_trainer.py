@@ -23,8 +23,15 @@ def test_one_process_trains_in_full_then_mixed_precision(tiny_base, tmp_path):
     """accelerate refuses a second Accelerator with another precision in the same process: a notebook
     that trains twice, or an eval comparing precisions, must still work, and bf16 must still learn."""
     method = get_method("textual_inversion")
-    outs = [method.personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / f"{i}-{p}", **ti_config(2, mixed_precision=p))
-            for i, p in enumerate(("no", "bf16", "no"))]
+    outs = [
+        method.personalize(
+            load_base(str(tiny_base), device="cpu"),
+            subject(),
+            tmp_path / f"{i}-{p}",
+            **ti_config(2, mixed_precision=p),
+        )
+        for i, p in enumerate(("no", "bf16", "no"))
+    ]
     vectors = [load_file(str(o / "learned_embeds.safetensors"))["<s*>"] for o in outs]
     assert torch.equal(vectors[0], vectors[2]), "the full-precision run after a bf16 one is the run it was before"
     assert not torch.equal(vectors[0], vectors[1]), "bf16 autocast took effect"
@@ -64,7 +71,13 @@ def test_mixed_precision_holds_frozen_weights_in_half_and_gives_them_back(tmp_pa
     task, validated = Probe(), []
     before = task.frozen.weight.detach().clone()
     cfg = TrainConfig(max_steps=2, mixed_precision="bf16", checkpoint_every=0, validate_every=1)
-    train(task, lambda g: {"x": torch.randn(2, 4, generator=g)}, cfg, tmp_path, validate=lambda step: validated.append(task.frozen.weight.dtype))
+    train(
+        task,
+        lambda g: {"x": torch.randn(2, 4, generator=g)},
+        cfg,
+        tmp_path,
+        validate=lambda step: validated.append(task.frozen.weight.dtype),
+    )
     assert task.seen == [(torch.bfloat16, torch.float32)] * 2
     assert validated == [torch.float32] * 2, "validation draws with the weights the pipeline had"
     assert task.frozen.weight.dtype == torch.float32 and torch.equal(task.frozen.weight, before), "given back exactly"
@@ -85,15 +98,18 @@ def test_masked_loss_weighs_the_subject_and_not_its_backgrounds(tiny_base, tmp_p
 
     w = subject_loss_weights(blob, 32, 4, True, 0.25)  # centre crop 40 x 40 -> 32 x 32 -> a 4 x 4 latent
     assert w.shape == (6, 1, 4, 4)
-    assert torch.allclose(w[0, 0, :, :2], torch.ones(4, 2), atol=0.01) and torch.allclose(w[0, 0, :, 3], torch.full((4,), 0.25), atol=0.01)
+    assert torch.allclose(w[0, 0, :, :2], torch.ones(4, 2), atol=0.01) and torch.allclose(
+        w[0, 0, :, 3], torch.full((4,), 0.25), atol=0.01
+    )
     assert 0.25 < float(w[0, 0, 0, 2]) < 1, "a latent pixel on the subject's edge weighs in between"
     assert torch.equal(w[3], w[0].flip(-1)), "a mirrored image gets the mirrored mask"
     with pytest.raises(LimnerError, match="one mask per reference image"):
         subject_loss_weights(Subject("blob", "ball", images, masks=masks[:2]), 32, 4, False, 0.0)
 
     def vectors(name, **settings):
-        out = get_method("textual_inversion").personalize(load_base(str(tiny_base), device="cpu"), blob, tmp_path / name,
-                                                          **ti_config(3), **settings)
+        out = get_method("textual_inversion").personalize(
+            load_base(str(tiny_base), device="cpu"), blob, tmp_path / name, **ti_config(3), **settings
+        )
         return load_file(str(out / "learned_embeds.safetensors"))["<s*>"].float()
 
     whole = vectors("whole")
@@ -102,8 +118,13 @@ def test_masked_loss_weighs_the_subject_and_not_its_backgrounds(tiny_base, tmp_p
     with pytest.raises(LimnerError, match="background_weight"):
         vectors("bad", background_weight=2.0)
     with pytest.raises(LimnerError, match="masks/NAME.png"):
-        get_method("textual_inversion").personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "no-masks",
-                                                    **ti_config(1), background_weight=0.5)
+        get_method("textual_inversion").personalize(
+            load_base(str(tiny_base), device="cpu"),
+            subject(),
+            tmp_path / "no-masks",
+            **ti_config(1),
+            background_weight=0.5,
+        )
 
 
 def test_reference_images_are_mirrored_only_when_asked(tiny_base, tmp_path):
@@ -134,7 +155,14 @@ def test_captions_reach_the_training_prompts_and_can_be_turned_off(tiny_base, tm
     out = db.personalize(base, s, tmp_path / "c", train=db_train(), prior_preservation="none")
     prompts = json.loads((out / "limner.json").read_text())["training_prompts"]
     assert prompts == ["a sks ball on the beach", "a sks ball in the snow", "a sks ball"]
-    off = db.personalize(load_base(str(tiny_base), device="cpu"), s, tmp_path / "d", train=db_train(), prior_preservation="none", captions=False)
+    off = db.personalize(
+        load_base(str(tiny_base), device="cpu"),
+        s,
+        tmp_path / "d",
+        train=db_train(),
+        prior_preservation="none",
+        captions=False,
+    )
     assert json.loads((off / "limner.json").read_text())["training_prompts"] == ["a sks ball"] * 3
     s.captions = ["on the beach"]
     with pytest.raises(LimnerError, match="1 captions for 3 images"):
@@ -143,22 +171,31 @@ def test_captions_reach_the_training_prompts_and_can_be_turned_off(tiny_base, tm
 
 def test_resume_latest_gives_the_same_result_as_an_uninterrupted_run(tiny_base, tmp_path):
 
-    straight = get_method("textual_inversion").personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "a", **ti_config(6))
+    straight = get_method("textual_inversion").personalize(
+        load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "a", **ti_config(6)
+    )
     # interrupted after 4 steps (checkpoint at 4), then resumed to 6
-    get_method("textual_inversion").personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "b", **ti_config(4))
-    resumed = get_method("textual_inversion").personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "b",
-                                                          **ti_config(6, resume="latest"))
+    get_method("textual_inversion").personalize(
+        load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "b", **ti_config(4)
+    )
+    resumed = get_method("textual_inversion").personalize(
+        load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "b", **ti_config(6, resume="latest")
+    )
     a = load_file(str(straight / "learned_embeds.safetensors"))["<s*>"]
     b = load_file(str(resumed / "learned_embeds.safetensors"))["<s*>"]
     assert torch.equal(a, b)
 
 
 def test_resume_with_other_settings_is_refused(tiny_base, tmp_path):
-    get_method("textual_inversion").personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "c", **ti_config(2))
+    get_method("textual_inversion").personalize(
+        load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "c", **ti_config(2)
+    )
     cfg = ti_config(4, resume="latest")
     cfg["train"].learning_rate = 1e-3
     with pytest.raises(LimnerError, match="learning_rate"):
-        get_method("textual_inversion").personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "c", **cfg)
+        get_method("textual_inversion").personalize(
+            load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "c", **cfg
+        )
 
 
 def test_validation_images_and_a_full_disk(tiny_base, tmp_path, monkeypatch):
@@ -178,8 +215,9 @@ def test_validation_images_and_a_full_disk(tiny_base, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ti, "save_file", full_disk)
     with pytest.raises(LimnerError, match="disk is full"):
-        get_method("textual_inversion").personalize(load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "c",
-                                                    **ti_config(6, resume="latest"))
+        get_method("textual_inversion").personalize(
+            load_base(str(tiny_base), device="cpu"), subject(), tmp_path / "c", **ti_config(6, resume="latest")
+        )
     assert (out / "learned_embeds.safetensors").read_bytes() == before, "the earlier artifact is intact"
 
 
@@ -188,12 +226,40 @@ def test_two_cpu_processes_under_accelerate_launch(tiny_base, tmp_path):
     import subprocess
     import sys
 
-
     folder = image_folder(tmp_path / "subj")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--module", "limner.cli", "train", "--method", "textual_inversion",
-           "--subject", str(folder), "--class-noun", "ball", "--steps", "3", "--batch-size", "1", "--base", str(tiny_base),
-           "--out", str(tmp_path / "c"), "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--module",
+        "limner.cli",
+        "train",
+        "--method",
+        "textual_inversion",
+        "--subject",
+        str(folder),
+        "--class-noun",
+        "ball",
+        "--steps",
+        "3",
+        "--batch-size",
+        "1",
+        "--base",
+        str(tiny_base),
+        "--out",
+        str(tmp_path / "c"),
+        "--device",
+        "cpu",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -248,8 +314,16 @@ def test_ema_and_lr_floor_resume_exactly(tmp_path):
 
     from limner.training import lr_lambda, train, trained_state
 
-    cfg = TrainConfig(max_steps=7, learning_rate=0.05, lr_schedule="cosine", lr_warmup_steps=2, lr_floor=0.1, ema_decay=0.8,
-                      checkpoint_every=3, weight_decay=0.0)
+    cfg = TrainConfig(
+        max_steps=7,
+        learning_rate=0.05,
+        lr_schedule="cosine",
+        lr_warmup_steps=2,
+        lr_floor=0.1,
+        ema_decay=0.8,
+        checkpoint_every=3,
+        weight_decay=0.0,
+    )
     straight = _Line()
     start = [p.detach().clone() for p in straight.model.parameters()]
     train(straight, _batches(), cfg, tmp_path / "a")
@@ -258,16 +332,25 @@ def test_ema_and_lr_floor_resume_exactly(tmp_path):
     for step, weights in enumerate(straight.seen):
         decay = min(0.8, (1 + step) / (10 + step))
         ema = [e * decay + w * (1 - decay) for e, w in zip(ema, weights)]
-    assert all(torch.allclose(p, e, atol=1e-6) for p, e in zip(straight.model.parameters(), ema)), "the EMA is swapped in"
+    assert all(torch.allclose(p, e, atol=1e-6) for p, e in zip(straight.model.parameters(), ema)), (
+        "the EMA is swapped in"
+    )
     raw = trained_state(tmp_path / "a")
-    assert torch.equal(raw["weight"], straight.seen[-1][0]) and not torch.equal(raw["weight"], straight.model.weight.detach())
-    assert lr_lambda(cfg)(cfg.max_steps) == pytest.approx(0.1) and lr_lambda(replace(cfg, lr_floor=0.0))(cfg.max_steps) == 0.0
+    assert torch.equal(raw["weight"], straight.seen[-1][0]) and not torch.equal(
+        raw["weight"], straight.model.weight.detach()
+    )
+    assert (
+        lr_lambda(cfg)(cfg.max_steps) == pytest.approx(0.1)
+        and lr_lambda(replace(cfg, lr_floor=0.0))(cfg.max_steps) == 0.0
+    )
 
     with pytest.raises(KeyboardInterrupt):
         train(_Line(), _batches(stop_at=5), cfg, tmp_path / "b")  # dies in step 5, after the checkpoint at step 3
     resumed = _Line()
     train(resumed, _batches(), replace(cfg, resume="latest"), tmp_path / "b")
-    assert all(torch.equal(a, b) for a, b in zip(straight.model.parameters(), resumed.model.parameters())), "the same EMA"
+    assert all(torch.equal(a, b) for a, b in zip(straight.model.parameters(), resumed.model.parameters())), (
+        "the same EMA"
+    )
     assert torch.equal(trained_state(tmp_path / "b")["weight"], raw["weight"]), "the same trained weights"
     with pytest.raises(LimnerError, match="ema_decay"):
         train(_Line(), _batches(), replace(cfg, resume="latest", ema_decay=0.9, max_steps=9), tmp_path / "b")
@@ -296,9 +379,15 @@ def test_new_trainer_settings_leave_existing_runs_as_they_were(tmp_path):
         del meta["config"][k]  # as the trainer wrote it before these settings existed
     meta_path.write_text(json.dumps(meta))
     (tmp_path / "checkpoints" / "step-000004").rename(tmp_path / "later")
-    log = train(_Line(), _batches(), TrainConfig(max_steps=4, learning_rate=0.05, checkpoint_every=2, resume="latest",
-                                                  peak_tflops=1.0), tmp_path)
-    assert log.resumed_from == 2 and log.flops_per_step == 2 * (2 * 8 * 4), "forward 2*B*in*out, and as much for the weight's gradient"
+    log = train(
+        _Line(),
+        _batches(),
+        TrainConfig(max_steps=4, learning_rate=0.05, checkpoint_every=2, resume="latest", peak_tflops=1.0),
+        tmp_path,
+    )
+    assert log.resumed_from == 2 and log.flops_per_step == 2 * (2 * 8 * 4), (
+        "forward 2*B*in*out, and as much for the weight's gradient"
+    )
     with open(tmp_path / "train_log.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["step", "seconds", "loss", "step_seconds", "tflops", "mfu"] and len(rows) == 4
@@ -310,10 +399,14 @@ def test_drop_conditioning_replaces_whole_rows_with_the_empty_one():
 
     ids, empty = torch.arange(12).view(4, 3), torch.tensor([[49406, 49407, 49407]])
     g = torch.Generator().manual_seed(0)
-    assert drop_conditioning(ids, empty, 0.0, g) is ids and torch.equal(g.get_state(), torch.Generator().manual_seed(0).get_state())
+    assert drop_conditioning(ids, empty, 0.0, g) is ids and torch.equal(
+        g.get_state(), torch.Generator().manual_seed(0).get_state()
+    )
     assert torch.equal(drop_conditioning(ids, empty, 1.0, g), empty.expand(4, 3))
     mixed = drop_conditioning(ids, empty, 0.5, torch.Generator().manual_seed(1))
     drop = torch.rand(4, generator=torch.Generator().manual_seed(1)) < 0.5
     assert torch.equal(mixed[drop], empty.expand(int(drop.sum()), 3)) and torch.equal(mixed[~drop], ids[~drop])
     embeds = torch.randn(4, 2, 8)
-    assert torch.equal(drop_conditioning(embeds, torch.zeros(2, 8), 1.0, g), torch.zeros(4, 2, 8)), "image embeddings too"
+    assert torch.equal(drop_conditioning(embeds, torch.zeros(2, 8), 1.0, g), torch.zeros(4, 2, 8)), (
+        "image embeddings too"
+    )

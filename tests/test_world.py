@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 
 from limner.world import vocab
-from limner.world.bench import IDENTITIES, SUBJECTS, heldout_identity_keys, identity_references, object_prompts, subject_references
+from limner.world.bench import (
+    IDENTITIES,
+    SUBJECTS,
+    heldout_identity_keys,
+    identity_references,
+    object_prompts,
+    subject_references,
+)
 from limner.world.render import CharacterSpec, ObjectSpec, Scene, render
 from limner.world.scenes import heldout_combos, is_heldout_combo, near_heldout_subject, random_render, random_scene
 from limner.world.stack import build_tokenizer
@@ -30,11 +37,15 @@ def test_ground_truth_is_consistent(seed):
         inside = np.zeros_like(e.mask)
         inside[y0:y1, x0:x1] = True
         assert not (e.mask & ~inside).any(), "the mask lies inside the bbox"
-        assert e.mask[y0].any() and e.mask[y1 - 1].any() and e.mask[:, x0].any() and e.mask[:, x1 - 1].any(), "the bbox is tight"
+        assert e.mask[y0].any() and e.mask[y1 - 1].any() and e.mask[:, x0].any() and e.mask[:, x1 - 1].any(), (
+            "the bbox is tight"
+        )
         assert re.search(rf"\b{e.cls}\b", r.caption), "the caption names every entity's class"
         if e.kind == "character":
             fx, fy = e.face_keypoints[:, 0], e.face_keypoints[:, 1]
-            assert ((fx >= x0 - 1) & (fx <= x1 + 1) & (fy >= y0 - 1) & (fy <= y1 + 1)).all(), "face keypoints lie on the character"
+            assert ((fx >= x0 - 1) & (fx <= x1 + 1) & (fy >= y0 - 1) & (fy <= y1 + 1)).all(), (
+                "face keypoints lie on the character"
+            )
             assert e.identity is not None
     others = [phrase for ctx, phrase in vocab.CONTEXTS.items() if ctx != r.context]
     assert not any(phrase in r.caption for phrase in others), "the caption never names another context"
@@ -84,11 +95,16 @@ def test_two_tone_instances_are_named_in_captions_but_never_near_a_heldout_subje
         assert set(s.caption.split()) <= words, s.caption
         o = s.entities[0]
         if isinstance(o, ObjectSpec) and o.subject is not None:
-            assert not near_heldout_subject(o.subject) and o.subject.emblem_colour not in (o.subject.colour_a, o.subject.colour_b)
+            assert not near_heldout_subject(o.subject) and o.subject.emblem_colour not in (
+                o.subject.colour_a,
+                o.subject.colour_b,
+            )
             instances.append((o.subject, s.caption))
     assert len(instances) > 300
     assert len({(i.cls, i.emblem) for i, _ in instances}) == len(vocab.OBJECT_CLASSES) * len(vocab.EMBLEMS)
-    named = [c for i, c in instances if f"{i.colour_a} and {i.colour_b} {i.cls} with a {i.emblem_colour} {i.emblem}" in c]
+    named = [
+        c for i, c in instances if f"{i.colour_a} and {i.colour_b} {i.cls} with a {i.emblem_colour} {i.emblem}" in c
+    ]
     assert 0.5 < len(named) / len(instances) < 0.9, "most captions name the looks, some do not"
     for subject in SUBJECTS:  # a subject, or any one-look change of it, is out of the training distribution
         assert near_heldout_subject(subject)
@@ -98,7 +114,12 @@ def test_two_tone_instances_are_named_in_captions_but_never_near_a_heldout_subje
 
 def test_bench_has_references_and_prompts():
     assert len(SUBJECTS) >= 12 and len(IDENTITIES) >= 8
-    assert len(vocab.CONTEXTS) >= 8 and len(vocab.OBJECT_CLASSES) >= 8 and len(vocab.COLOURS) >= 10 and len(vocab.PATTERNS) >= 4
+    assert (
+        len(vocab.CONTEXTS) >= 8
+        and len(vocab.OBJECT_CLASSES) >= 8
+        and len(vocab.COLOURS) >= 10
+        and len(vocab.PATTERNS) >= 4
+    )
     refs = subject_references(SUBJECTS[0])
     assert len(refs) == 5 and len({r.context for r in refs}) == 5
     assert all(r.entities[0].attributes["subject"] == SUBJECTS[0].name for r in refs)
@@ -143,12 +164,28 @@ def test_world_build_runs_every_stage_resumes_and_exports_a_diffusers_folder(tmp
 
     from limner.world.build import BuildConfig, build
 
-    cfg = BuildConfig(dataset_size=64, clip_steps=2, clip_batch=16, vae_steps=2, vae_batch=8, unet_steps=3, unet_batch=4,
-                      unet_warmup=1, instance_dataset_size=32, instance_steps=2, instance_warmup=1, instance_restart_steps=2,
-                      checkpoint_every=2, probe_steps=2, probe_train_size=64)
+    cfg = BuildConfig(
+        dataset_size=64,
+        clip_steps=2,
+        clip_batch=16,
+        vae_steps=2,
+        vae_batch=8,
+        unet_steps=3,
+        unet_batch=4,
+        unet_warmup=1,
+        instance_dataset_size=32,
+        instance_steps=2,
+        instance_warmup=1,
+        instance_restart_steps=2,
+        checkpoint_every=2,
+        probe_steps=2,
+        probe_train_size=64,
+    )
     torch.set_num_threads(1)
     record = build(tmp_path / "world", tmp_path / "work", cfg, device="cpu")
-    assert {"data", "clip", "vae", "latents", "unet", "instances", "instances_restart", "probes", "export"} <= set(record["seconds"])
+    assert {"data", "clip", "vae", "latents", "unet", "instances", "instances_restart", "probes", "export"} <= set(
+        record["seconds"]
+    )
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "world" / "base")
     assert pipe("a ball", num_inference_steps=1, output_type="np").images.shape == (1, 64, 64, 3)
     assert (tmp_path / "world" / "probes" / "subject.safetensors").exists()
@@ -170,8 +207,20 @@ def test_world_build_stage_resumes_where_it_stopped(tmp_path):
     from limner.world import build as world_build
     from limner.world.build import BuildConfig, build
 
-    cfg = BuildConfig(dataset_size=48, clip_steps=2, clip_batch=8, vae_steps=2, vae_batch=4, unet_steps=4, unet_batch=4,
-                      unet_warmup=1, instance_steps=0, checkpoint_every=2, probe_steps=1, probe_train_size=32)
+    cfg = BuildConfig(
+        dataset_size=48,
+        clip_steps=2,
+        clip_batch=8,
+        vae_steps=2,
+        vae_batch=4,
+        unet_steps=4,
+        unet_batch=4,
+        unet_warmup=1,
+        instance_steps=0,
+        checkpoint_every=2,
+        probe_steps=1,
+        probe_train_size=32,
+    )
     torch.set_num_threads(1)
     straight = build(tmp_path / "a", tmp_path / "work-a", cfg, device="cpu")
 

@@ -15,7 +15,8 @@ everything in it, the most specific name winning) and checks every import agains
    limner.commands.*, limner.cli
 
 `world/` spans layers: its data (2) sit below everything, its probes (3) are instruments the
-encoders use, and its build (with its training stages) and check (7) are tools that train and draw with the layers between.
+encoders use, and its build (with its training stages) and check (7) are tools that train and draw
+with the layers between.
 `limner.images` (uint8 pictures to model inputs) is core because encoders, probes, the trainer's
 data and the world build all use it. `limner.commands` holds one module per command (its shared options
 in `commands.options`); `limner.cli` assembles them.

@@ -18,8 +18,12 @@ from limner.commands.methods import methods_cmd
 from limner.commands.train import train_cmd
 from limner.commands.world import world_app
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Subject-driven personalization of text-to-image diffusion models.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Subject-driven personalization of text-to-image diffusion models.",
+)
 app.command("generate")(generate)
 app.command("train")(train_cmd)
 app.command("demo")(demo_cmd)

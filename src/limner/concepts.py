@@ -18,7 +18,9 @@ MANIFEST = "limner.json"
 def read_manifest(folder: Path) -> dict:
     path = Path(folder) / MANIFEST
     if not path.exists():
-        raise LimnerError(f"concept {folder} has no {MANIFEST}; it is not a limner concept folder (train one with `limner train`)")
+        raise LimnerError(
+            f"concept {folder} has no {MANIFEST}; it is not a limner concept folder (train one with `limner train`)"
+        )
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -29,29 +31,49 @@ def check_base(manifest: dict, folder: Path, base, force: bool = False) -> None:
     """A concept trained on another base gets a clear error unless forced."""
     want = manifest.get("base_fingerprint")
     if want and want != base.fingerprint and not force:
-        raise LimnerError(f"concept {folder} was trained on base {want} ({manifest.get('base_path', '?')}) but the loaded base is "
-                          f"{base.fingerprint} ({base.path}); load that base, or pass --force to apply it anyway")
+        raise LimnerError(
+            f"concept {folder} was trained on base {want} ({manifest.get('base_path', '?')}) but the loaded base is "
+            f"{base.fingerprint} ({base.path}); load that base, or pass --force to apply it anyway"
+        )
 
 
 def write_concept(out: Path, method: str, trained_on, base, log, wall_seconds: float, **fields) -> dict:
     """Writes limner.json (the fields every trained concept shares, plus the method's own) and the
     model card; returns the manifest."""
-    manifest = {"method": method, "subject": trained_on.name, "class_noun": trained_on.class_noun,
-                "base_fingerprint": base.fingerprint, "base_path": str(base.path), "steps": log.steps,
-                "seconds": round(log.seconds, 2), "wall_seconds": round(wall_seconds, 2), "curve": log.curve,
-                "validation": log.validation, "num_processes": log.num_processes} | fields
+    manifest = {
+        "method": method,
+        "subject": trained_on.name,
+        "class_noun": trained_on.class_noun,
+        "base_fingerprint": base.fingerprint,
+        "base_path": str(base.path),
+        "steps": log.steps,
+        "seconds": round(log.seconds, 2),
+        "wall_seconds": round(wall_seconds, 2),
+        "curve": log.curve,
+        "validation": log.validation,
+        "num_processes": log.num_processes,
+    } | fields
     write_json_atomic(Path(out) / MANIFEST, manifest)
     write_model_card(Path(out), manifest)
     return manifest
 
 
 def write_model_card(folder: Path, manifest: dict, samples: list[str] | None = None) -> None:
-    lines = [f"# {manifest.get('subject', folder.name)} ({manifest['method']})", "",
-             f"A limner concept: `{manifest['method']}` personalization of a *{manifest.get('class_noun', '?')}*.", "",
-             f"- base: `{manifest.get('base_path')}` (fingerprint `{manifest.get('base_fingerprint')}`)",
-             f"- tokens: {', '.join(f'`{t}`' for t in manifest.get('tokens', [])) or '—'}",
-             f"- steps: {manifest.get('steps')}, training time: {manifest.get('seconds', '?')} s", "",
-             "Use it:", "", "```bash", f"limner generate \"{manifest.get('example_prompt', 'a photo of it')}\" --concept {folder}", "```"]
+    lines = [
+        f"# {manifest.get('subject', folder.name)} ({manifest['method']})",
+        "",
+        f"A limner concept: `{manifest['method']}` personalization of a *{manifest.get('class_noun', '?')}*.",
+        "",
+        f"- base: `{manifest.get('base_path')}` (fingerprint `{manifest.get('base_fingerprint')}`)",
+        f"- tokens: {', '.join(f'`{t}`' for t in manifest.get('tokens', [])) or '—'}",
+        f"- steps: {manifest.get('steps')}, training time: {manifest.get('seconds', '?')} s",
+        "",
+        "Use it:",
+        "",
+        "```bash",
+        f'limner generate "{manifest.get("example_prompt", "a photo of it")}" --concept {folder}',
+        "```",
+    ]
     for s in samples or []:
         lines.append(f"![sample]({s})")
     # renamed into place like the weights, so an interrupted rewrite leaves the previous card whole

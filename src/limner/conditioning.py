@@ -34,8 +34,10 @@ class AppliedConcepts:
             check_base(manifest, folder, base, force)
         self.methods = [get_method(m["method"]) for m in self.manifests]
         self.groups: list[tuple[Method, list[Path]]] = []
-        for key in sorted(dict.fromkeys(install_key(m) for m in self.methods),
-                          key=lambda k: not next(m for m in self.methods if install_key(m) == k).installs_first):
+        for key in sorted(
+            dict.fromkeys(install_key(m) for m in self.methods),
+            key=lambda k: not next(m for m in self.methods if install_key(m) == k).installs_first,
+        ):
             members = [i for i, m in enumerate(self.methods) if install_key(m) == key]
             self.groups.append((self.methods[members[0]], [self.folders[i] for i in members]))
         self.installations: list[Installation] = []
@@ -50,13 +52,20 @@ class AppliedConcepts:
         """What the concepts add to one generation of `prompt` in `steps` denoising steps.
         `layout_steps` overrides the methods' default number of steps laid out from the class prompt."""
         # regional prompts draw every window from its own prompt from the first step (no layout steps yet)
-        layout, wanted = (None, 0) if self.regions else layout_prompt(self.manifests, self.methods, prompt, steps, layout_steps)
+        layout, wanted = (
+            (None, 0) if self.regions else layout_prompt(self.manifests, self.methods, prompt, steps, layout_steps)
+        )
         kwargs: dict = {}
         for method, concepts in self.groups:
             kwargs |= method.condition(self.base, concepts, prompt)
         hooks = [i.before_window for i in self.installations if i.before_window is not None]
-        return Conditioning(layout_prompt=layout, layout_steps=wanted, pipe_kwargs=kwargs,
-                            before_window=chain(hooks) if hooks else None, region_concepts=self.region_concepts())
+        return Conditioning(
+            layout_prompt=layout,
+            layout_steps=wanted,
+            pipe_kwargs=kwargs,
+            before_window=chain(hooks) if hooks else None,
+            region_concepts=self.region_concepts(),
+        )
 
     def region_concepts(self) -> list[list[str]] | None:
         """For the record: per region, the concepts acting in it (a concept that replaces the UNet acts in all)."""
@@ -81,7 +90,9 @@ class AppliedConcepts:
         self.uninstall()
 
 
-def apply_concepts(base: Base, folders: list[Path], regions: list[str] | None = None, force: bool = False) -> AppliedConcepts:
+def apply_concepts(
+    base: Base, folders: list[Path], regions: list[str] | None = None, force: bool = False
+) -> AppliedConcepts:
     """Installs concept folders into a loaded base (see `AppliedConcepts`). Notes on what was done (a
     concept no region names) are warnings."""
     return AppliedConcepts(base, folders, regions, force)
@@ -95,8 +106,9 @@ def chain(hooks: list[WindowHook]) -> WindowHook:
     return before_window
 
 
-def layout_prompt(manifests: list[dict], methods: list[Method], prompt: str, steps: int,
-                  layout_steps: int | None = None) -> tuple[str | None, int]:
+def layout_prompt(
+    manifests: list[dict], methods: list[Method], prompt: str, steps: int, layout_steps: int | None = None
+) -> tuple[str | None, int]:
     """The prompt with each concept's token replaced by its class noun, and how many denoising steps follow
     it before the prompt itself takes over: `layout_steps`, or else the largest default among the methods of
     the concepts the prompt names. (None, 0) where nothing applies."""
@@ -109,7 +121,10 @@ def layout_prompt(manifests: list[dict], methods: list[Method], prompt: str, ste
         wanted = max(wanted, method.layout_steps(steps))
     if layout_steps is not None:
         if layout_steps and layout == prompt:
-            raise LimnerError("--layout-steps: the prompt names no applied concept's token, so there is no class prompt to lay out from")
+            raise LimnerError(
+                "--layout-steps: the prompt names no applied concept's token, so there is no class prompt to lay out "
+                "from"
+            )
         wanted = layout_steps
     return (layout, wanted) if wanted else (None, 0)
 

@@ -33,12 +33,22 @@ def new_contexts(subject, n: int = 4) -> list:
     article = "a portrait of a {} " if subject.kind == "identity" else "a {} "
     prompts = [BenchPrompt(article + vocab.CONTEXTS[c], "recontextualisation", context=c) for c in unseen]
     if subject.kind != "identity":
-        prompts += [BenchPrompt(f"a {{}} with a hat {vocab.CONTEXTS[c]}", "accessorisation", context=c, accessory="hat") for c in unseen]
+        prompts += [
+            BenchPrompt(f"a {{}} with a hat {vocab.CONTEXTS[c]}", "accessorisation", context=c, accessory="hat")
+            for c in unseen
+        ]
     return prompts[:n]
 
 
-def run_demo(out: Path, subject_name: str = "duo_ball", method_name: str = DEFAULT_METHOD, steps: int | None = None,
-             images_per_prompt: int = 2, device: str = "auto", seed: int = 0) -> dict:
+def run_demo(
+    out: Path,
+    subject_name: str = "duo_ball",
+    method_name: str = DEFAULT_METHOD,
+    steps: int | None = None,
+    images_per_prompt: int = 2,
+    device: str = "auto",
+    seed: int = 0,
+) -> dict:
     from dataclasses import replace
 
     from limner.conditioning import apply_concepts, concept_prompt
@@ -58,7 +68,11 @@ def run_demo(out: Path, subject_name: str = "duo_ball", method_name: str = DEFAU
     train_cfg = method.default_train_config()
     overrides = {}
     if train_cfg is not None:
-        overrides["train"] = replace(train_cfg, seed=seed, max_steps=steps or (DEFAULT_METHOD_STEPS if method_name == DEFAULT_METHOD else train_cfg.max_steps))
+        overrides["train"] = replace(
+            train_cfg,
+            seed=seed,
+            max_steps=steps or (DEFAULT_METHOD_STEPS if method_name == DEFAULT_METHOD else train_cfg.max_steps),
+        )
     concept = method.personalize(load_base(device=device, dtype="fp32"), subject, out / "concept", **overrides)
     train_s = time.perf_counter() - t0
     # 2. Four contexts the references never showed
@@ -67,11 +81,21 @@ def run_demo(out: Path, subject_name: str = "duo_ball", method_name: str = DEFAU
     applied = apply_concepts(base, [concept])
     lower = load_base(device=device)
     probes = Probes(WORLD_PROBES)
-    enc = Encoders(clip=None, face=WorldFaceEmbedder(WORLD_PROBES) if subject.kind == "identity" else None, probes=probes)
-    rows, scores = [], {"personalized": {"subject_fidelity": [], "prompt_fidelity": []}, "base_class_prompt": {"subject_fidelity": [], "prompt_fidelity": []}}
+    enc = Encoders(
+        clip=None, face=WorldFaceEmbedder(WORLD_PROBES) if subject.kind == "identity" else None, probes=probes
+    )
+    rows, scores = (
+        [],
+        {
+            "personalized": {"subject_fidelity": [], "prompt_fidelity": []},
+            "base_class_prompt": {"subject_fidelity": [], "prompt_fidelity": []},
+        },
+    )
     t1 = time.perf_counter()
     for p in prompts:
-        s = GenerationSettings(concept_prompt(concept, p.template), num_images=images_per_prompt, seed=seed, batch_size=images_per_prompt)
+        s = GenerationSettings(
+            concept_prompt(concept, p.template), num_images=images_per_prompt, seed=seed, batch_size=images_per_prompt
+        )
         ims = generate(base, s, conditioning=applied.condition(s.prompt, s.steps)).images
         base_ims = generate(lower, replace(s, prompt=p.template.format(subject.class_noun))).images
         for key, batch in (("personalized", ims), ("base_class_prompt", base_ims)):
@@ -95,17 +119,27 @@ def run_demo(out: Path, subject_name: str = "duo_ball", method_name: str = DEFAU
     grid_path = out / "demo-grid.png"
     grid.save(grid_path)
     summary = {k: {m: round(float(np.mean(v)), 3) for m, v in d.items()} for k, d in scores.items()}
-    record = {"subject": subject_name, "method": method_name, "concept": str(concept), "prompts": [r[0] for r in rows],
-              "scores": summary, "train_seconds": round(train_s, 1), "generate_seconds": round(gen_s, 1),
-              "total_seconds": round(time.perf_counter() - t0, 1), "grid": str(grid_path)}
+    record = {
+        "subject": subject_name,
+        "method": method_name,
+        "concept": str(concept),
+        "prompts": [r[0] for r in rows],
+        "scores": summary,
+        "train_seconds": round(train_s, 1),
+        "generate_seconds": round(gen_s, 1),
+        "total_seconds": round(time.perf_counter() - t0, 1),
+        "grid": str(grid_path),
+    }
     write_json_atomic(out / "scores.json", record)
     return record
 
 
 def format_summary(record: dict) -> str:
     s = record["scores"]
-    return (f"{record['method']} learned {record['subject']} in {record['train_seconds']:.0f} s. "
-            f"Subject fidelity {s['personalized']['subject_fidelity']:.2f} (base model, class prompt: "
-            f"{s['base_class_prompt']['subject_fidelity']:.2f}); prompt fidelity {s['personalized']['prompt_fidelity']:.2f}.\n"
-            f"Grid: {record['grid']}  Scores: {Path(record['grid']).parent / 'scores.json'}")
-
+    return (
+        f"{record['method']} learned {record['subject']} in {record['train_seconds']:.0f} s. "
+        f"Subject fidelity {s['personalized']['subject_fidelity']:.2f} (base model, class prompt: "
+        f"{s['base_class_prompt']['subject_fidelity']:.2f}); prompt fidelity "
+        f"{s['personalized']['prompt_fidelity']:.2f}.\n"
+        f"Grid: {record['grid']}  Scores: {Path(record['grid']).parent / 'scores.json'}"
+    )

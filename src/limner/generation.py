@@ -89,11 +89,16 @@ def check_settings(base: Base, s: GenerationSettings) -> tuple[int, int]:
         regions = len(split_regions(s.prompt))
         width = canvas_width(base.resolution, regions) if s.width is None else s.width
         if width < base.resolution:
-            raise LimnerError(f"--width {width} is narrower than one region's window ({base.resolution} px, the base's native "
-                              f"size); leave --width out for {canvas_width(base.resolution, regions)}")
+            raise LimnerError(
+                f"--width {width} is narrower than one region's window ({base.resolution} px, the base's native "
+                f"size); leave --width out for {canvas_width(base.resolution, regions)}"
+            )
     for name, v in (("--height", height), ("--width", width)):
         if v <= 0 or v % 8:
-            raise LimnerError(f"{name} {v} is not a positive multiple of 8 (the VAE works on 8-pixel blocks); try {max(8, round(v / 8) * 8)}")
+            raise LimnerError(
+                f"{name} {v} is not a positive multiple of 8 (the VAE works on 8-pixel blocks); try "
+                f"{max(8, round(v / 8) * 8)}"
+            )
     for name, v in (("-n/--num-images", s.num_images), ("--batch-size", s.batch_size), ("--steps", s.steps)):
         if v <= 0:
             raise LimnerError(f"{name} must be at least 1, got {v}")
@@ -103,7 +108,9 @@ def check_settings(base: Base, s: GenerationSettings) -> tuple[int, int]:
         if not 0 < s.layout_steps < s.steps:
             raise LimnerError(f"--layout-steps {s.layout_steps} must be between 1 and --steps - 1 ({s.steps - 1})")
         if not s.layout_prompt:
-            raise LimnerError("layout_steps needs a layout_prompt: the prompt with the class noun in place of the concept's token")
+            raise LimnerError(
+                "layout_steps needs a layout_prompt: the prompt with the class noun in place of the concept's token"
+            )
         if s.regions:
             raise LimnerError("--layout-steps does not work with --regions yet; draw without one of them")
     return height, width
@@ -124,8 +131,10 @@ def a1111_parameters(s: GenerationSettings, seed: int, height: int, width: int, 
     lines = [s.prompt]
     if s.negative_prompt:
         lines.append(f"Negative prompt: {s.negative_prompt}")
-    lines.append(f"Steps: {s.steps}, Sampler: {s.scheduler}, CFG scale: {s.guidance_scale}, Seed: {seed}, "
-                 f"Size: {width}x{height}, Model hash: {base.fingerprint}, Model: {base.path.name}")
+    lines.append(
+        f"Steps: {s.steps}, Sampler: {s.scheduler}, CFG scale: {s.guidance_scale}, Seed: {seed}, "
+        f"Size: {width}x{height}, Model hash: {base.fingerprint}, Model: {base.path.name}"
+    )
     return "\n".join(lines)
 
 
@@ -163,8 +172,13 @@ def prepare_output(out: Path | None) -> None:
 
 
 @torch.no_grad()
-def generate(base: Base, s: GenerationSettings, out: Path | None = None, conditioning: Conditioning | None = None,
-             **pipe_kwargs: Any) -> GenerationResult:
+def generate(
+    base: Base,
+    s: GenerationSettings,
+    out: Path | None = None,
+    conditioning: Conditioning | None = None,
+    **pipe_kwargs: Any,
+) -> GenerationResult:
     """Generates s.num_images images; with `out`, writes PNGs (with parameters), a grid and a JSON record.
 
     `conditioning` is what applied concepts add (limner.conditioning): layout steps, per-call pipeline
@@ -184,8 +198,12 @@ def generate(base: Base, s: GenerationSettings, out: Path | None = None, conditi
     prompts = split_regions(s.prompt) if s.regions else [s.prompt]
     lefts = window_offsets(width, base.resolution, len(prompts), pipe.vae_scale_factor) if s.regions else []
     labels = [f"region {i + 1} prompt" for i in range(len(prompts))] if s.regions else ["prompt"]
-    warnings_seen = [w for w in [truncation_warning(pipe.tokenizer, p, label) for p, label in zip(prompts, labels)] +
-                     [truncation_warning(pipe.tokenizer, s.negative_prompt, "negative prompt")] if w]
+    warnings_seen = [
+        w
+        for w in [truncation_warning(pipe.tokenizer, p, label) for p, label in zip(prompts, labels)]
+        + [truncation_warning(pipe.tokenizer, s.negative_prompt, "negative prompt")]
+        if w
+    ]
     for w in warnings_seen:
         warnings.warn(w, stacklevel=2)
     # 2. Scheduler
@@ -201,17 +219,32 @@ def generate(base: Base, s: GenerationSettings, out: Path | None = None, conditi
             continue
         call = dict(pipe_kwargs)
         text = text_inputs(pipe, s, n, call, base.family == "sdxl")
-        result = pipe(negative_prompt=[s.negative_prompt] * n if s.negative_prompt else None,
-                      num_inference_steps=s.steps, guidance_scale=s.guidance_scale, height=height, width=width,
-                      generator=gens, **text, **call)
+        result = pipe(
+            negative_prompt=[s.negative_prompt] * n if s.negative_prompt else None,
+            num_inference_steps=s.steps,
+            guidance_scale=s.guidance_scale,
+            height=height,
+            width=width,
+            generator=gens,
+            **text,
+            **call,
+        )
         images += result.images
     seconds = time.perf_counter() - t0
     # 4. Record
     record = {
-        "prompt": s.prompt, "negative_prompt": s.negative_prompt, "seeds": [s.seed + i for i in range(s.num_images)],
+        "prompt": s.prompt,
+        "negative_prompt": s.negative_prompt,
+        "seeds": [s.seed + i for i in range(s.num_images)],
         "settings": asdict(s) | {"height": height, "width": width},
-        "base": {"path": str(base.path), "fingerprint": base.fingerprint, "family": base.family, "world": base.is_world},
-        "device": str(base.device), "dtype": str(base.dtype).replace("torch.", ""),
+        "base": {
+            "path": str(base.path),
+            "fingerprint": base.fingerprint,
+            "family": base.family,
+            "world": base.is_world,
+        },
+        "device": str(base.device),
+        "dtype": str(base.dtype).replace("torch.", ""),
         "timings": {"total_s": round(seconds, 3), "per_image_s": round(seconds / s.num_images, 4)},
         "warnings": warnings_seen,
     }
@@ -248,7 +281,9 @@ def text_inputs(pipe: Any, s: GenerationSettings, n: int, call: dict, sdxl: bool
 def encoded_prompt(pipe: Any, prompt: str, n: int, sdxl: bool) -> dict[str, torch.Tensor]:
     """The prompt's text conditioning as the step-end callback names it."""
     if sdxl:  # two encoders' hidden states, and the pooled embedding SDXL also conditions on
-        embeds, _, pooled, _ = pipe.encode_prompt(prompt, device=pipe.device, num_images_per_prompt=n, do_classifier_free_guidance=False)
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompt, device=pipe.device, num_images_per_prompt=n, do_classifier_free_guidance=False
+        )
         return {"prompt_embeds": embeds, "add_text_embeds": pooled}
     return {"prompt_embeds": pipe.encode_prompt(prompt, pipe.device, n, False)[0]}
 
@@ -265,23 +300,52 @@ def switch_conditioning_after(wanted: dict[str, torch.Tensor], n: int, steps: in
     return {"callback_on_step_end": swap, "callback_on_step_end_tensor_inputs": list(wanted)}
 
 
-def draw_regions(base: Base, s: GenerationSettings, prompts: list[str], lefts: list[int], gens: list[torch.Generator],
-                 height: int, width: int, cross_attention_kwargs: dict | None = None, before_window=None,
-                 **unsupported) -> list[Image.Image]:
+def draw_regions(
+    base: Base,
+    s: GenerationSettings,
+    prompts: list[str],
+    lefts: list[int],
+    gens: list[torch.Generator],
+    height: int,
+    width: int,
+    cross_attention_kwargs: dict | None = None,
+    before_window=None,
+    **unsupported,
+) -> list[Image.Image]:
     if unsupported:
         raise LimnerError(f"regional prompts do not take {', '.join(sorted(unsupported))}; draw without --regions")
-    return regional_images(base.pipe, prompts, lefts, base.resolution, s.negative_prompt, gens, s.steps, s.guidance_scale,
-                           height, width, cross_attention_kwargs=cross_attention_kwargs, before_window=before_window)
+    return regional_images(
+        base.pipe,
+        prompts,
+        lefts,
+        base.resolution,
+        s.negative_prompt,
+        gens,
+        s.steps,
+        s.guidance_scale,
+        height,
+        width,
+        cross_attention_kwargs=cross_attention_kwargs,
+        before_window=before_window,
+    )
 
 
-def write_outputs(result: GenerationResult, s: GenerationSettings, base: Base, out: Path, height: int, width: int) -> None:
+def write_outputs(
+    result: GenerationResult, s: GenerationSettings, base: Base, out: Path, height: int, width: int
+) -> None:
     """One PNG per image (parameters in its metadata), a grid and the JSON record; every file is
     written under a temporary name and renamed, so an interrupted run leaves no half-written file."""
     run = next_run_id(out)
     for i, (im, seed) in enumerate(zip(result.images, result.record["seeds"])):
         path = out / f"{run:05d}-{i:02d}.png"
-        save_png(im, path, {"parameters": a1111_parameters(s, seed, height, width, base),
-                            "limner": json.dumps({"seed": seed, "base_fingerprint": base.fingerprint})})
+        save_png(
+            im,
+            path,
+            {
+                "parameters": a1111_parameters(s, seed, height, width, base),
+                "limner": json.dumps({"seed": seed, "base_fingerprint": base.fingerprint}),
+            },
+        )
         result.paths.append(path)
     grid = out / f"{run:05d}-grid.png"
     save_png(make_grid(result.images), grid, {"parameters": a1111_parameters(s, s.seed, height, width, base)})

@@ -25,4 +25,6 @@ def to_unit_range(images: np.ndarray) -> torch.Tensor:
 def at_64px(images: list[ImageLike]) -> np.ndarray:
     """uint8 [B, 64, 64, 3], the world's resolution: PIL images in RGB, resized to 64 px; arrays are
     taken as they are (already the world's uint8 64 px pictures)."""
-    return np.stack([np.asarray(im.convert("RGB").resize((64, 64)) if isinstance(im, Image.Image) else im) for im in images])
+    return np.stack(
+        [np.asarray(im.convert("RGB").resize((64, 64)) if isinstance(im, Image.Image) else im) for im in images]
+    )

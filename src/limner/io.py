@@ -52,6 +52,8 @@ def disk_guard(what: str):
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             from limner.errors import LimnerError
 
-            raise LimnerError(f"the disk is full while writing {what}; earlier files are intact. Free some space and run the "
-                              "same command again (training continues with --resume latest)") from e
+            raise LimnerError(
+                f"the disk is full while writing {what}; earlier files are intact. Free some space and run the "
+                "same command again (training continues with --resume latest)"
+            ) from e
         raise

@@ -33,8 +33,10 @@ def split_regions(prompt: str) -> list[str]:
     """The prompts of the regions, left to right."""
     parts = [p.strip(" ,") for p in prompt.split(SEPARATOR)]
     if len(parts) < 2 or not all(parts):
-        raise LimnerError(f"--regions needs two or more non-empty prompts separated by {SEPARATOR!r}, e.g. "
-                          f"'a <new1> ball on the beach {SEPARATOR} a <new2> cup on the beach'; got {prompt!r}")
+        raise LimnerError(
+            f"--regions needs two or more non-empty prompts separated by {SEPARATOR!r}, e.g. "
+            f"'a <new1> ball on the beach {SEPARATOR} a <new2> cup on the beach'; got {prompt!r}"
+        )
     return parts
 
 
@@ -52,7 +54,9 @@ def prompt_names(prompt: str, tokens: list[str]) -> bool:
 def warn_if_unnamed(concept: str, words: list[str], prompts: list[str]) -> None:
     """A concept acts only in the regions that name it: say so when none does."""
     if not any(prompt_names(p, words) for p in prompts):
-        warnings.warn(f"no region's prompt names {' or '.join(words)}, so {concept} acts in none of them", stacklevel=3)
+        warnings.warn(
+            f"no region's prompt names {' or '.join(words)}, so {concept} acts in none of them", stacklevel=3
+        )
 
 
 def canvas_width(window: int, regions: int, overlap: float = OVERLAP) -> int:
@@ -68,7 +72,9 @@ def window_offsets(canvas: int, window: int, regions: int, factor: int = 1) -> l
     return [factor * round(i * (lat_canvas - lat_window) / (regions - 1)) for i in range(regions)]
 
 
-def encode_regions(pipe, prompts: list[str], negative: str) -> tuple[torch.Tensor, torch.Tensor, dict | None, dict | None]:
+def encode_regions(
+    pipe, prompts: list[str], negative: str
+) -> tuple[torch.Tensor, torch.Tensor, dict | None, dict | None]:
     """Text conditioning of each region's prompt and of the negative prompt: (cond [k, L, D], uncond,
     and on SDXL the pooled embeddings the UNet also takes)."""
     negatives = [negative] * len(prompts) if negative else None
@@ -76,15 +82,27 @@ def encode_regions(pipe, prompts: list[str], negative: str) -> tuple[torch.Tenso
     if getattr(pipe, "text_encoder_2", None) is None:
         cond, uncond = pipe.encode_prompt(prompts, device, 1, True, negative_prompt=negatives)
         return cond, uncond, None, None
-    cond, uncond, pooled, pooled_uncond = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1,
-                                                             do_classifier_free_guidance=True, negative_prompt=negatives)
+    cond, uncond, pooled, pooled_uncond = pipe.encode_prompt(
+        prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True, negative_prompt=negatives
+    )
     return cond, uncond, {"text_embeds": pooled}, {"text_embeds": pooled_uncond}
 
 
 @torch.no_grad()
-def regional_images(pipe, prompts: list[str], lefts: list[int], window: int, negative: str, generators: list[torch.Generator],
-                    steps: int, guidance: float, height: int, width: int, cross_attention_kwargs: dict | None = None,
-                    before_window: WindowHook | None = None) -> list[Image.Image]:
+def regional_images(
+    pipe,
+    prompts: list[str],
+    lefts: list[int],
+    window: int,
+    negative: str,
+    generators: list[torch.Generator],
+    steps: int,
+    guidance: float,
+    height: int,
+    width: int,
+    cross_attention_kwargs: dict | None = None,
+    before_window: WindowHook | None = None,
+) -> list[Image.Image]:
     """One image per generator: a height x width canvas whose windows (`window` pixels wide, left edges
     `lefts` from `window_offsets`) are each denoised with their own prompt.
 
@@ -101,8 +119,10 @@ def regional_images(pipe, prompts: list[str], lefts: list[int], window: int, neg
     hidden = torch.cat(([uncond.repeat_interleave(n, 0)] if guided else []) + [cond.repeat_interleave(n, 0)])
     added_kwargs = None
     if added is not None:  # SDXL: pooled text and the size / crop conditioning of one window
-        pooled = torch.cat(([added_uncond["text_embeds"].repeat_interleave(n, 0)] if guided else []) +
-                           [added["text_embeds"].repeat_interleave(n, 0)])
+        pooled = torch.cat(
+            ([added_uncond["text_embeds"].repeat_interleave(n, 0)] if guided else [])
+            + [added["text_embeds"].repeat_interleave(n, 0)]
+        )
         time_ids = torch.tensor([[height, window, 0, 0, height, window]], device=device, dtype=pooled.dtype)
         added_kwargs = {"text_embeds": pooled, "time_ids": time_ids.repeat(len(pooled), 1)}
     # one UNet call for all windows, or one per window when each window has its own weights; for each
@@ -119,7 +139,7 @@ def regional_images(pipe, prompts: list[str], lefts: list[int], window: int, neg
     offsets = [x // factor for x in lefts]
     coverage = torch.zeros(lat_w, device=device, dtype=torch.float32)
     for o in offsets:
-        coverage[o:o + lat_win] += 1
+        coverage[o : o + lat_win] += 1
     shape = (1, unet.config.in_channels, lat_h, lat_w)
     latents = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators]).to(device)
     scheduler.set_timesteps(steps, device=device)
@@ -134,9 +154,14 @@ def regional_images(pipe, prompts: list[str], lefts: list[int], window: int, neg
             for group, hidden_rows, added_rows in calls:
                 if before_window is not None:
                     before_window(group[0])
-                views = torch.cat([x[..., offsets[i]:offsets[i] + lat_win] for i in group])
-                pred = unet(torch.cat([views, views]) if guided else views, t, encoder_hidden_states=hidden_rows,
-                            added_cond_kwargs=added_rows, cross_attention_kwargs=cross_attention_kwargs).sample.float()
+                views = torch.cat([x[..., offsets[i] : offsets[i] + lat_win] for i in group])
+                pred = unet(
+                    torch.cat([views, views]) if guided else views,
+                    t,
+                    encoder_hidden_states=hidden_rows,
+                    added_cond_kwargs=added_rows,
+                    cross_attention_kwargs=cross_attention_kwargs,
+                ).sample.float()
                 if guided:
                     pred_uncond, pred_cond = pred.chunk(2)
                     pred = pred_uncond + guidance * (pred_cond - pred_uncond)
@@ -145,7 +170,7 @@ def regional_images(pipe, prompts: list[str], lefts: list[int], window: int, neg
             # average each view's prediction where windows overlap
             total = torch.zeros_like(latents)
             for i, o in enumerate(offsets):
-                total[..., o:o + lat_win] += eps[i * n:(i + 1) * n]
+                total[..., o : o + lat_win] += eps[i * n : (i + 1) * n]
             latents = scheduler.step(total / coverage, t, latents, **step_kwargs).prev_sample
     finally:
         if before_window is not None:

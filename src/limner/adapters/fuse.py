@@ -58,8 +58,9 @@ class FuseMLP(nn.Module):
         fused = text_embeds + self.mlp1(torch.cat([text_embeds, image_embeds], dim=-1))
         return self.layer_norm(self.mlp2(fused))
 
-    def fuse_at(self, text_embeds: torch.Tensor, image_embeds: torch.Tensor,
-                positions: torch.Tensor | Sequence[Sequence[int]]) -> torch.Tensor:
+    def fuse_at(
+        self, text_embeds: torch.Tensor, image_embeds: torch.Tensor, positions: torch.Tensor | Sequence[Sequence[int]]
+    ) -> torch.Tensor:
         """text_embeds [B, L, d] with position positions[b][k] replaced by the fusion of that token and image
         k of sample b (image_embeds [B, N, d_image]). Other positions are untouched; the input is not modified.
 
@@ -82,13 +83,16 @@ def _position_matrix(positions: torch.Tensor | Sequence[Sequence[int]], batch: i
             raise ValueError(f"more trigger positions than images ({num_images}) in a sample")
         matrix = torch.tensor([list(row) + [-1] * (num_images - len(row)) for row in positions], dtype=torch.long)
     if tuple(matrix.shape) != (batch, num_images):
-        raise ValueError(f"positions must be [{batch}, {num_images}] (a row per sample, one per image); "
-                         f"got shape {tuple(matrix.shape)}")
+        raise ValueError(
+            f"positions must be [{batch}, {num_images}] (a row per sample, one per image); "
+            f"got shape {tuple(matrix.shape)}"
+        )
     return matrix
 
 
-def _trigger_indices(positions: torch.Tensor | Sequence[Sequence[int]], batch: int, seq_len: int, num_images: int,
-                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _trigger_indices(
+    positions: torch.Tensor | Sequence[Sequence[int]], batch: int, seq_len: int, num_images: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(sample, image, token) index triples of every used trigger position."""
     matrix = _position_matrix(positions, batch, num_images).to(device)
     rows, images = (matrix >= 0).nonzero(as_tuple=True)

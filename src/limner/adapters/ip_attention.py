@@ -92,8 +92,10 @@ def ip_layer_ids(unet: UNet2DConditionModel) -> dict[str, int]:
         if name.endswith("attn1.processor") or "motion_modules" in name or name.startswith("encoder_hid_proj."):
             continue
         if not name.endswith("attn2.processor"):
-            raise ValueError(f"{name} is a cross-attention slot that is not an attn2: the official IP-Adapter layout "
-                             "is defined for UNets whose attention layers are attn1/attn2 pairs (SD 1.x/2.x, SDXL)")
+            raise ValueError(
+                f"{name} is a cross-attention slot that is not an attn2: the official IP-Adapter layout "
+                "is defined for UNets whose attention layers are attn1/attn2 pairs (SD 1.x/2.x, SDXL)"
+            )
         ids[name] = key_id
         key_id += 2
     return ids
@@ -102,7 +104,8 @@ def ip_layer_ids(unet: UNet2DConditionModel) -> dict[str, int]:
 def _new_ip_processor(attn: nn.Module, current: object, num_tokens: list[int], scale: float) -> nn.Module:
     to_k, to_v = _plain_linear(attn.to_k), _plain_linear(attn.to_v)
     processor = _processor_class_for(current)(
-        hidden_size=to_k.out_features, cross_attention_dim=to_k.in_features, num_tokens=num_tokens, scale=scale)
+        hidden_size=to_k.out_features, cross_attention_dim=to_k.in_features, num_tokens=num_tokens, scale=scale
+    )
     with torch.no_grad():  # image keys and values start where the text ones are (paper, official training)
         for k_ip, v_ip in zip(processor.to_k_ip, processor.to_v_ip):
             k_ip.weight.copy_(to_k.weight)
@@ -110,8 +113,9 @@ def _new_ip_processor(attn: nn.Module, current: object, num_tokens: list[int], s
     return processor.to(device=to_k.weight.device, dtype=to_k.weight.dtype)
 
 
-def install_ip_attention(unet: UNet2DConditionModel, num_tokens: int | list[int] = 4,
-                         scale: float = 1.0) -> dict[str, nn.Module]:
+def install_ip_attention(
+    unet: UNet2DConditionModel, num_tokens: int | list[int] = 4, scale: float = 1.0
+) -> dict[str, nn.Module]:
     """Puts an IP processor on every attn2; attn1 and every other processor stay as they are.
 
     num_tokens: the image tokens of each adapter (a list installs several adapters side by side, as
@@ -197,12 +201,15 @@ def ip_state_dict(unet: UNet2DConditionModel, adapter: int = 0) -> dict[str, tor
     """One adapter's IP attention weights in the official layout: {"ip_adapter.{i}.to_k_ip.weight": ...}."""
     _check_adapter(unet, adapter)
     ids = ip_layer_ids(unet)
-    return {f"ip_adapter.{ids[name]}.{proj}.weight": getattr(processor, proj)[adapter].weight.detach().cpu().clone()
-            for name, processor in ip_processors(unet).items() for proj in _PROJECTIONS}
+    return {
+        f"ip_adapter.{ids[name]}.{proj}.weight": getattr(processor, proj)[adapter].weight.detach().cpu().clone()
+        for name, processor in ip_processors(unet).items()
+        for proj in _PROJECTIONS
+    }
 
 
 def _ip_entries(state: Mapping[str, object]) -> dict[str, torch.Tensor]:
-    """"{i}.to_k_ip.weight" -> tensor, from a flat file ("ip_adapter." prefixes, as in .safetensors) or the
+    """ "{i}.to_k_ip.weight" -> tensor, from a flat file ("ip_adapter." prefixes, as in .safetensors) or the
     nested .bin layout ({"image_proj": {...}, "ip_adapter": {...}}). Other entries (image_proj.*) are ignored."""
     if isinstance(state.get("ip_adapter"), Mapping):
         return dict(state["ip_adapter"])
@@ -215,23 +222,31 @@ def load_ip_state_dict(unet: UNet2DConditionModel, state: Mapping[str, object], 
     _check_adapter(unet, adapter)
     entries = _ip_entries(state)
     processors = ip_processors(unet)
-    wanted = {f"{i}.{proj}.weight": (processors[name], proj) for name, i in ip_layer_ids(unet).items()
-              for proj in _PROJECTIONS}
+    wanted = {
+        f"{i}.{proj}.weight": (processors[name], proj)
+        for name, i in ip_layer_ids(unet).items()
+        for proj in _PROJECTIONS
+    }
     missing, unexpected = sorted(wanted.keys() - entries.keys()), sorted(entries.keys() - wanted.keys())
     if missing or unexpected:
-        raise LimnerError(f"IP-Adapter weights do not match this UNet (missing {missing[:4]}, unexpected "
-                          f"{unexpected[:4]}): were they trained for another base?")
+        raise LimnerError(
+            f"IP-Adapter weights do not match this UNet (missing {missing[:4]}, unexpected "
+            f"{unexpected[:4]}): were they trained for another base?"
+        )
     with torch.no_grad():
         for key, (processor, proj) in wanted.items():
             weight = getattr(processor, proj)[adapter].weight
             if weight.shape != entries[key].shape:
-                raise LimnerError(f"IP-Adapter weight ip_adapter.{key} has shape {tuple(entries[key].shape)}, "
-                                  f"this UNet needs {tuple(weight.shape)}: was it trained for another base?")
+                raise LimnerError(
+                    f"IP-Adapter weight ip_adapter.{key} has shape {tuple(entries[key].shape)}, "
+                    f"this UNet needs {tuple(weight.shape)}: was it trained for another base?"
+                )
             weight.copy_(entries[key])
 
 
-def with_image_tokens(text_embeds: torch.Tensor,
-                      image_tokens: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def with_image_tokens(
+    text_embeds: torch.Tensor, image_tokens: torch.Tensor | Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The UNet's encoder_hidden_states with image tokens: (text [B, L, d], [tokens of adapter 0, ...])."""
     tokens = [image_tokens] if isinstance(image_tokens, torch.Tensor) else list(image_tokens)
     return text_embeds, [t.to(text_embeds.dtype) for t in tokens]

@@ -25,8 +25,8 @@ def text_encoder_lora_problem() -> str | None:
 
     transformers' own peft integration adds it (and diffusers' `load_lora_weights` loads it through
     the same integration), and every entry point of that integration refuses a peft older than its
-    MIN_PEFT_VERSION (0.5 in transformers 4.57, 0.18 in 5.0, 0.20 in 5.20 to 5.23, 0.22 from 5.24). The UNet's LoRA goes
-    through diffusers' integration, which has its own, lower, minimum."""
+    MIN_PEFT_VERSION (0.5 in transformers 4.57, 0.18 in 5.0, 0.20 in 5.20 to 5.23, 0.22 from 5.24).
+    The UNet's LoRA goes through diffusers' integration, which has its own, lower, minimum."""
     from importlib.metadata import PackageNotFoundError, version
 
     from packaging.version import Version
@@ -42,9 +42,11 @@ def text_encoder_lora_problem() -> str | None:
         have = None
     if need is None or (have is not None and Version(have) >= Version(need)):
         return None
-    return (f"a text encoder's LoRA needs peft >= {need} with transformers {version('transformers')} (installed: "
-            f"peft {have or 'none'}); install peft>={need}, or, where no such peft is published yet, transformers<5.24 "
-            "(whose 5.20 to 5.23 take peft 0.20 and 0.21)")
+    return (
+        f"a text encoder's LoRA needs peft >= {need} with transformers {version('transformers')} (installed: "
+        f"peft {have or 'none'}); install peft>={need}, or, where no such peft is published yet, transformers<5.24 "
+        "(whose 5.20 to 5.23 take peft 0.20 and 0.21)"
+    )
 
 
 def to_kohya(diffusers_state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
@@ -58,11 +60,17 @@ def to_kohya(diffusers_state: dict[str, torch.Tensor], alpha: float) -> dict[str
     sdxl = any(k.startswith("text_encoder_2.") for k in diffusers_state)
     for key, value in diffusers_state.items():
         prefix, _, rest = key.partition(".")
-        match = re.fullmatch(r"(.+)\.(lora_A|lora_B|lora\.down|lora\.up|lora_linear_layer\.down|lora_linear_layer\.up)\.weight", rest)
+        match = re.fullmatch(
+            r"(.+)\.(lora_A|lora_B|lora\.down|lora\.up|lora_linear_layer\.down|lora_linear_layer\.up)\.weight", rest
+        )
         if match is None:
             raise ValueError(f"not a LoRA weight key: {key}")
         module, kind = match.groups()
-        head = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if sdxl else "lora_te_", "text_encoder_2": "lora_te2_"}[prefix]
+        head = {
+            "unet": "lora_unet_",
+            "text_encoder": "lora_te1_" if sdxl else "lora_te_",
+            "text_encoder_2": "lora_te2_",
+        }[prefix]
         if prefix != "unet" and not module.startswith("text_model."):
             module = f"text_model.{module}"
         name = head + module.replace(".", "_")

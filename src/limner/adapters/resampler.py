@@ -34,12 +34,15 @@ _OFFICIAL_NAMES = {
     "plain": [(r"^image_embeds\.", "proj.")],
     "full": [(r"^ff\.net\.0\.proj\.", "proj.0."), (r"^ff\.net\.2\.", "proj.2."), (r"^norm\.", "proj.3.")],
     "faceid": [(r"^ff\.net\.0\.proj\.", "proj.0."), (r"^ff\.net\.2\.", "proj.2.")],
-    "plus": [(r"^layers\.(\d+)\.ln0\.", r"layers.\1.0.norm1."), (r"^layers\.(\d+)\.ln1\.", r"layers.\1.0.norm2."),
-             (r"^layers\.(\d+)\.attn\.to_q\.", r"layers.\1.0.to_q."),
-             (r"^layers\.(\d+)\.attn\.to_out\.0\.", r"layers.\1.0.to_out."),
-             (r"^layers\.(\d+)\.ff\.0\.", r"layers.\1.1.0."),
-             (r"^layers\.(\d+)\.ff\.1\.net\.0\.proj\.", r"layers.\1.1.1."),
-             (r"^layers\.(\d+)\.ff\.1\.net\.2\.", r"layers.\1.1.3.")],
+    "plus": [
+        (r"^layers\.(\d+)\.ln0\.", r"layers.\1.0.norm1."),
+        (r"^layers\.(\d+)\.ln1\.", r"layers.\1.0.norm2."),
+        (r"^layers\.(\d+)\.attn\.to_q\.", r"layers.\1.0.to_q."),
+        (r"^layers\.(\d+)\.attn\.to_out\.0\.", r"layers.\1.0.to_out."),
+        (r"^layers\.(\d+)\.ff\.0\.", r"layers.\1.1.0."),
+        (r"^layers\.(\d+)\.ff\.1\.net\.0\.proj\.", r"layers.\1.1.1."),
+        (r"^layers\.(\d+)\.ff\.1\.net\.2\.", r"layers.\1.1.3."),
+    ],
 }
 
 
@@ -51,12 +54,25 @@ def _classes() -> dict[str, type]:
         IPAdapterPlusImageProjection,
     )
 
-    return {"plain": ImageProjection, "plus": IPAdapterPlusImageProjection, "full": IPAdapterFullImageProjection,
-            "faceid": IPAdapterFaceIDImageProjection}
+    return {
+        "plain": ImageProjection,
+        "plus": IPAdapterPlusImageProjection,
+        "full": IPAdapterFullImageProjection,
+        "faceid": IPAdapterFaceIDImageProjection,
+    }
 
 
-def resampler(*, embedding_dim: int, output_dim: int, dim: int = 768, depth: int = 4, dim_head: int = 64,
-              heads: int | None = None, num_queries: int = 16, ff_mult: float = 4) -> nn.Module:
+def resampler(
+    *,
+    embedding_dim: int,
+    output_dim: int,
+    dim: int = 768,
+    depth: int = 4,
+    dim_head: int = 64,
+    heads: int | None = None,
+    num_queries: int = 16,
+    ff_mult: float = 4,
+) -> nn.Module:
     """The Perceiver Resampler, with the official argument names (IP-Adapter Plus for SD 1.5: dim 768, heads 12,
     16 queries, embedding_dim 1280 from ViT-H; InstantID: dim 1280, heads 20, 16 queries, embedding_dim 512).
 
@@ -65,14 +81,29 @@ def resampler(*, embedding_dim: int, output_dim: int, dim: int = 768, depth: int
     heads = heads or dim // dim_head
     asked = {"dim_head": dim_head, "depth": depth, "ff_mult": ff_mult}
     if asked != _LOADABLE or heads < 1:
-        raise ValueError("diffusers' loader reads only Resamplers with dim_head 64, depth 4, ff_mult 4 and "
-                         f"dim >= 64; got {asked | {'dim': dim}}")
-    return _classes()["plus"](embed_dims=embedding_dim, output_dims=output_dim, hidden_dims=dim, depth=depth,
-                              dim_head=dim_head, heads=heads, num_queries=num_queries, ffn_ratio=ff_mult)
+        raise ValueError(
+            "diffusers' loader reads only Resamplers with dim_head 64, depth 4, ff_mult 4 and "
+            f"dim >= 64; got {asked | {'dim': dim}}"
+        )
+    return _classes()["plus"](
+        embed_dims=embedding_dim,
+        output_dims=output_dim,
+        hidden_dims=dim,
+        depth=depth,
+        dim_head=dim_head,
+        heads=heads,
+        num_queries=num_queries,
+        ffn_ratio=ff_mult,
+    )
 
 
-def image_projection(variant: str, image_embed_dim: int, cross_attention_dim: int, num_tokens: int | None = None,
-                     **resampler_args: int | float) -> nn.Module:
+def image_projection(
+    variant: str,
+    image_embed_dim: int,
+    cross_attention_dim: int,
+    num_tokens: int | None = None,
+    **resampler_args: int | float,
+) -> nn.Module:
     """A new image projection of one variant (see the module docstring).
 
     image_embed_dim: the encoder feature width (pooled embedding for plain/faceid, patch tokens for plus/full);
@@ -84,16 +115,24 @@ def image_projection(variant: str, image_embed_dim: int, cross_attention_dim: in
         raise ValueError(f"{', '.join(resampler_args)} only apply to the plus projection (the Resampler)")
     cls = _classes()[variant]
     if variant == "plain":
-        return cls(image_embed_dim=image_embed_dim, cross_attention_dim=cross_attention_dim,
-                   num_image_text_embeds=num_tokens or 4)
+        return cls(
+            image_embed_dim=image_embed_dim,
+            cross_attention_dim=cross_attention_dim,
+            num_image_text_embeds=num_tokens or 4,
+        )
     if variant == "plus":
-        return resampler(embedding_dim=image_embed_dim, output_dim=cross_attention_dim, num_queries=num_tokens or 16,
-                         **resampler_args)
+        return resampler(
+            embedding_dim=image_embed_dim,
+            output_dim=cross_attention_dim,
+            num_queries=num_tokens or 16,
+            **resampler_args,
+        )
     if variant == "full":
         return cls(image_embed_dim=image_embed_dim, cross_attention_dim=cross_attention_dim)
     # FaceID's MLP widens the face embedding 2x before projecting it to the tokens
-    return cls(image_embed_dim=image_embed_dim, cross_attention_dim=cross_attention_dim, mult=2,
-               num_tokens=num_tokens or 4)
+    return cls(
+        image_embed_dim=image_embed_dim, cross_attention_dim=cross_attention_dim, mult=2, num_tokens=num_tokens or 4
+    )
 
 
 def projection_variant(module: nn.Module) -> str:
@@ -150,4 +189,5 @@ def projection_from_state_dict(state: Mapping[str, object]) -> nn.Module:
 
     # the converter is a UNet method but reads `self` only for low_cpu_mem_usage, which is off here
     return UNet2DConditionLoadersMixin._convert_ip_adapter_image_proj_to_diffusers(
-        None, _image_proj_entries(state), low_cpu_mem_usage=False)
+        None, _image_proj_entries(state), low_cpu_mem_usage=False
+    )

@@ -12,9 +12,16 @@ from limner.commands.options import DeviceOpt, command
 
 @command
 def demo_cmd(
-    subject: Annotated[str, typer.Option("--subject", help="A held-out world subject (see `limner world subjects`).")] = "duo_ball",
-    method: Annotated[Optional[str], typer.Option("--method", help="Default: the best fidelity per minute on the world bench.")] = None,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Training steps (default: 150 for DreamBooth, the method's own otherwise).")] = None,
+    subject: Annotated[
+        str, typer.Option("--subject", help="A held-out world subject (see `limner world subjects`).")
+    ] = "duo_ball",
+    method: Annotated[
+        Optional[str], typer.Option("--method", help="Default: the best fidelity per minute on the world bench.")
+    ] = None,
+    steps: Annotated[
+        Optional[int],
+        typer.Option("--steps", help="Training steps (default: 150 for DreamBooth, the method's own otherwise)."),
+    ] = None,
     out: Annotated[Path, typer.Option("--out")] = Path("demo"),
     device: DeviceOpt = "auto",
 ) -> None:

@@ -13,24 +13,57 @@ from limner.errors import LimnerError
 
 @command
 def eval_cmd(
-    method: Annotated[Optional[list[str]], typer.Option("--method", help="A method to personalize with (repeatable).")] = None,
-    concept: Annotated[Optional[list[Path]], typer.Option("--concept", help="An existing concept folder to score (repeatable).")] = None,
-    subjects: Annotated[str, typer.Option("--subjects", help="world, world:objects, world:identities, world:NAME,..., a folder or a manifest.")] = "world:objects",
-    class_noun: Annotated[Optional[str], typer.Option("--class-noun", help="Class noun for a subject folder without subject.json.")] = None,
+    method: Annotated[
+        Optional[list[str]], typer.Option("--method", help="A method to personalize with (repeatable).")
+    ] = None,
+    concept: Annotated[
+        Optional[list[Path]], typer.Option("--concept", help="An existing concept folder to score (repeatable).")
+    ] = None,
+    subjects: Annotated[
+        str,
+        typer.Option(
+            "--subjects", help="world, world:objects, world:identities, world:NAME,..., a folder or a manifest."
+        ),
+    ] = "world:objects",
+    class_noun: Annotated[
+        Optional[str], typer.Option("--class-noun", help="Class noun for a subject folder without subject.json.")
+    ] = None,
     images: Annotated[int, typer.Option("-n", "--images-per-prompt")] = 4,
-    prompts: Annotated[Optional[int], typer.Option("--prompts", help="Use only the first K prompts of each subject.")] = None,
+    prompts: Annotated[
+        Optional[int], typer.Option("--prompts", help="Use only the first K prompts of each subject.")
+    ] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     steps: Annotated[int, typer.Option("--steps")] = 25,
     guidance: Annotated[float, typer.Option("--guidance")] = 5.0,
-    bounds: Annotated[bool, typer.Option("--bounds/--no-bounds", help="Include the lower/upper reference rows.")] = True,
-    clip: Annotated[Optional[Path], typer.Option("--clip", help="Local CLIPModel folder (default on the world: the world's CLIP).")] = None,
+    bounds: Annotated[
+        bool, typer.Option("--bounds/--no-bounds", help="Include the lower/upper reference rows.")
+    ] = True,
+    clip: Annotated[
+        Optional[Path], typer.Option("--clip", help="Local CLIPModel folder (default on the world: the world's CLIP).")
+    ] = None,
     dino: Annotated[Optional[Path], typer.Option("--dino", help="Local DINO / DINOv2 folder.")] = None,
-    face: Annotated[Optional[Path], typer.Option("--face", help="Local insightface model folder (default on the world: its identity embedder).")] = None,
-    cache: Annotated[Path, typer.Option("--cache", help="Cache of concepts and generated images (reruns do no work twice).")] = Path(".limner-cache"),
-    out: Annotated[Path, typer.Option("--out", help="Report folder: results.json, results.md, plots, index.html.")] = Path("eval-report"),
+    face: Annotated[
+        Optional[Path],
+        typer.Option("--face", help="Local insightface model folder (default on the world: its identity embedder)."),
+    ] = None,
+    cache: Annotated[
+        Path, typer.Option("--cache", help="Cache of concepts and generated images (reruns do no work twice).")
+    ] = Path(".limner-cache"),
+    out: Annotated[
+        Path, typer.Option("--out", help="Report folder: results.json, results.md, plots, index.html.")
+    ] = Path("eval-report"),
     html_prompts: Annotated[int, typer.Option("--html-prompts", help="Prompts per subject shown in index.html.")] = 8,
-    html_images: Annotated[int, typer.Option("--html-images", help="Images per prompt and method shown in index.html.")] = 4,
-    layout_steps: Annotated[Optional[int], typer.Option("--layout-steps", help="A concept's first K denoising steps follow the class prompt (the layout), the rest its own; default: the method's (Textual Inversion: a fifth), 0: off.")] = None,
+    html_images: Annotated[
+        int, typer.Option("--html-images", help="Images per prompt and method shown in index.html.")
+    ] = 4,
+    layout_steps: Annotated[
+        Optional[int],
+        typer.Option(
+            "--layout-steps",
+            help="A concept's first K denoising steps follow the class prompt (the layout), the rest its own; "
+            "default: the method's (Textual Inversion: a fifth), 0: off.",
+        ),
+    ] = None,
     base: BaseOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
@@ -43,7 +76,11 @@ def eval_cmd(
     from limner.evaluation.subjects import load_subjects
     from limner.methods import get_method
 
-    for flag, v in (("-n/--images-per-prompt", images), ("--prompts", prompts if prompts is not None else 1), ("--steps", steps)):
+    for flag, v in (
+        ("-n/--images-per-prompt", images),
+        ("--prompts", prompts if prompts is not None else 1),
+        ("--steps", steps),
+    ):
         if v < 1:
             raise LimnerError(f"{flag} must be at least 1, got {v}")
     subs = load_subjects(subjects, class_noun)
@@ -58,21 +95,39 @@ def eval_cmd(
     enc = build_encoders(world, base, clip, dino, face, device)
     if layout_steps is not None and not 0 <= layout_steps < steps:
         raise LimnerError(f"--layout-steps {layout_steps} must be between 0 and --steps - 1 ({steps - 1})")
-    settings = EvalSettings(images_per_prompt=images, seed=seed, steps=steps, guidance=guidance, max_prompts=prompts,
-                            layout_steps=layout_steps)
+    settings = EvalSettings(
+        images_per_prompt=images,
+        seed=seed,
+        steps=steps,
+        guidance=guidance,
+        max_prompts=prompts,
+        layout_steps=layout_steps,
+    )
     results = run_eval(rows, subs, enc, cache, settings, base=base, device=device)
     written = write_report(results, out, html_prompts, html_images)
     typer.echo(markdown_table(results))
-    typer.echo(f"report: {written['html']} ({results['seconds']:.0f} s; cache hits {results['cache']['hits']}, "
-               f"misses {results['cache']['misses']})")
+    typer.echo(
+        f"report: {written['html']} ({results['seconds']:.0f} s; cache hits {results['cache']['hits']}, "
+        f"misses {results['cache']['misses']})"
+    )
 
 
 @command
 def bench_cmd(
-    method: Annotated[Optional[list[str]], typer.Option("--method", help="Methods to measure (repeatable): METHOD or METHOD:key=value,... "
-                                                        "with method or trainer settings, e.g. dreambooth_lora:mixed_precision=fp16.")] = None,
-    subject: Annotated[str, typer.Option("--subject", help="One subject (world:NAME or a folder).")] = "world:duo_ball",
-    class_noun: Annotated[Optional[str], typer.Option("--class-noun", help="Class noun for a subject folder without subject.json.")] = None,
+    method: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--method",
+            help="Methods to measure (repeatable): METHOD or METHOD:key=value,... "
+            "with method or trainer settings, e.g. dreambooth_lora:mixed_precision=fp16.",
+        ),
+    ] = None,
+    subject: Annotated[
+        str, typer.Option("--subject", help="One subject (world:NAME or a folder).")
+    ] = "world:duo_ball",
+    class_noun: Annotated[
+        Optional[str], typer.Option("--class-noun", help="Class noun for a subject folder without subject.json.")
+    ] = None,
     images: Annotated[int, typer.Option("-n", "--images", help="Images to time per row.")] = 8,
     steps: Annotated[int, typer.Option("--steps")] = 25,
     cache: Annotated[Path, typer.Option("--cache")] = Path(".limner-cache"),
@@ -87,11 +142,12 @@ def bench_cmd(
     from limner.io import write_json_atomic, write_text_atomic
     from limner.methods import get_method
 
-
     for m in method or []:
         name = Row.parse(m).method
         if name is None:
-            raise LimnerError(f"--method {m}: bench measures the lower bound first by itself; name methods to compare with it")
+            raise LimnerError(
+                f"--method {m}: bench measures the lower bound first by itself; name methods to compare with it"
+            )
         get_method(name)
     if images < 1 or steps < 1:
         raise LimnerError("-n/--images and --steps must be at least 1")

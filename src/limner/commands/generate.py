@@ -24,17 +24,39 @@ def generate(
     height: Annotated[Optional[int], typer.Option("--height", help="Default: the base's native size.")] = None,
     width: Annotated[Optional[int], typer.Option("--width")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 4,
-    regions: Annotated[bool, typer.Option("--regions", help="The prompt is several prompts separated by BREAK, drawn left to right, "
-                                          "each in its own window of a wider canvas (MultiDiffusion): composes concepts a single "
-                                          "prompt cannot place together.")] = False,
+    regions: Annotated[
+        bool,
+        typer.Option(
+            "--regions",
+            help="The prompt is several prompts separated by BREAK, drawn left to right, "
+            "each in its own window of a wider canvas (MultiDiffusion): composes concepts a single "
+            "prompt cannot place together.",
+        ),
+    ] = False,
     out: Annotated[Path, typer.Option("--out", help="Folder for PNGs, grid and JSON record.")] = Path("out"),
-    concept: Annotated[Optional[list[Path]], typer.Option("--concept", help="A concept folder to apply (repeatable: concepts compose).")] = None,
-    embedding: Annotated[Optional[list[str]], typer.Option("--embedding", help="A Textual Inversion file, FILE or FILE:TOKEN (diffusers, A1111/kohya, SDXL).")] = None,
-    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow .pt/.bin embeddings (read with weights_only=True).")] = False,
+    concept: Annotated[
+        Optional[list[Path]],
+        typer.Option("--concept", help="A concept folder to apply (repeatable: concepts compose)."),
+    ] = None,
+    embedding: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--embedding", help="A Textual Inversion file, FILE or FILE:TOKEN (diffusers, A1111/kohya, SDXL)."
+        ),
+    ] = None,
+    allow_pickle: Annotated[
+        bool, typer.Option("--allow-pickle", help="Allow .pt/.bin embeddings (read with weights_only=True).")
+    ] = False,
     force: Annotated[bool, typer.Option("--force", help="Apply concepts trained on another base anyway.")] = False,
-    layout_steps: Annotated[Optional[int], typer.Option("--layout-steps", help="The first K denoising steps follow the prompt with each concept's "
-                                                        "token replaced by its class noun (default: the concepts' method's; Textual "
-                                                        "Inversion: a fifth of --steps), 0: off.")] = None,
+    layout_steps: Annotated[
+        Optional[int],
+        typer.Option(
+            "--layout-steps",
+            help="The first K denoising steps follow the prompt with each concept's "
+            "token replaced by its class noun (default: the concepts' method's; Textual "
+            "Inversion: a fifth of --steps), 0: off.",
+        ),
+    ] = None,
     base: BaseOpt = None,
     config: ConfigOpt = None,
     device: DeviceOpt = "auto",
@@ -49,9 +71,19 @@ def generate(
 
     if regions and layout_steps:
         raise LimnerError("--layout-steps does not work with --regions yet; draw without one of them")
-    settings = GenerationSettings(prompt=prompt, negative_prompt=negative, num_images=num_images, seed=seed, steps=steps,
-                                  guidance_scale=guidance, scheduler=scheduler, height=height, width=width, batch_size=batch_size,
-                                  regions=regions)
+    settings = GenerationSettings(
+        prompt=prompt,
+        negative_prompt=negative,
+        num_images=num_images,
+        seed=seed,
+        steps=steps,
+        guidance_scale=guidance,
+        scheduler=scheduler,
+        height=height,
+        width=width,
+        batch_size=batch_size,
+        regions=regions,
+    )
     b = load_base(base, device=device, dtype=dtype, config=config)
     check_settings(b, settings)
     prepare_output(out)

@@ -14,12 +14,20 @@ from limner.errors import LimnerError
 
 @command
 def merge_cmd(
-    concepts: Annotated[list[Path], typer.Argument(help="Custom Diffusion concept folders (distinct modifier tokens).")],
+    concepts: Annotated[
+        list[Path], typer.Argument(help="Custom Diffusion concept folders (distinct modifier tokens).")
+    ],
     out: Annotated[Path, typer.Option("--out", help="The merged concept folder.")],
     force: Annotated[bool, typer.Option("--force", help="Merge concepts trained on another base anyway.")] = False,
-    captions: Annotated[Optional[Path], typer.Option("--captions", help="Text file, one caption per line: the first 200 are the prompts whose "
-                                                     "meaning the merge keeps (the paper uses real captions). Default: the world's captions, "
-                                                     "or varied generic ones.")] = None,
+    captions: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--captions",
+            help="Text file, one caption per line: the first 200 are the prompts whose "
+            "meaning the merge keeps (the paper uses real captions). Default: the world's captions, "
+            "or varied generic ones.",
+        ),
+    ] = None,
     base: BaseOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:

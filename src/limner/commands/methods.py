@@ -11,7 +11,9 @@ from limner.commands.options import command
 
 @command
 def methods_cmd(
-    name: Annotated[Optional[str], typer.Argument(help="A method: list its settings (for --set) with defaults and help.")] = None,
+    name: Annotated[
+        Optional[str], typer.Argument(help="A method: list its settings (for --set) with defaults and help.")
+    ] = None,
 ) -> None:
     """List the methods, or one method's settings."""
     from limner.methods import get_method, method_names

@@ -14,12 +14,20 @@ import typer
 
 from limner.errors import LimnerError
 
-BaseOpt = Annotated[Optional[str], typer.Option("--base", help="A local SD 1.x/2.x/SDXL diffusers folder or .safetensors file. "
-                                                "Default: the world base.")]
-ConfigOpt = Annotated[Optional[str], typer.Option("--config", help="For a single-file --base: a local diffusers folder of the "
-                                                  "same architecture.")]
+BaseOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--base", help="A local SD 1.x/2.x/SDXL diffusers folder or .safetensors file. Default: the world base."
+    ),
+]
+ConfigOpt = Annotated[
+    Optional[str],
+    typer.Option("--config", help="For a single-file --base: a local diffusers folder of the same architecture."),
+]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (fp16 on GPUs, fp32 on CPU and for the world base), fp32, fp16 or bf16.")]
+DtypeOpt = Annotated[
+    str, typer.Option("--dtype", help="auto (fp16 on GPUs, fp32 on CPU and for the world base), fp32, fp16 or bf16.")
+]
 
 
 def fail(message: str, code: int = 2) -> None:

@@ -16,10 +16,17 @@ world_app = typer.Typer(no_args_is_help=True, help="The procedural world: its re
 
 @world_app.command("build")
 def world_build(
-    out: Annotated[Optional[Path], typer.Option("--out", help="World folder to write (base/ and probes/). Default: the package's assets.")] = None,
-    work: Annotated[Path, typer.Option("--work", help="Folder for data caches and checkpoints (resumable).")] = Path(".limner-build"),
+    out: Annotated[
+        Optional[Path],
+        typer.Option("--out", help="World folder to write (base/ and probes/). Default: the package's assets."),
+    ] = None,
+    work: Annotated[Path, typer.Option("--work", help="Folder for data caches and checkpoints (resumable).")] = Path(
+        ".limner-build"
+    ),
     device: DeviceOpt = "auto",
-    quick: Annotated[bool, typer.Option("--quick", help="A tiny build (minutes) to try the pipeline; not for shipping.")] = False,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="A tiny build (minutes) to try the pipeline; not for shipping.")
+    ] = False,
 ) -> None:
     """Train the world's tokenizer, CLIP, VAE, UNet and probes from renders (resumable)."""
     from limner.models.loading import ASSETS
@@ -42,7 +49,9 @@ def world_check_cmd(
     base: BaseOpt = None,
     device: DeviceOpt = "auto",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the full report here.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Also write a grid of the generated images here.")] = None,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", help="Also write a grid of the generated images here.")
+    ] = None,
 ) -> None:
     """Generate from held-out caption combinations and report what the probes read back."""
     from limner.models.loading import load_base
@@ -66,14 +75,17 @@ def world_check_cmd(
 @world_app.command("subjects")
 @command
 def world_subjects(
-    out: Annotated[Path, typer.Option("--out", help="Folder to write one sub-folder of reference images per subject.")] = Path("world-subjects"),
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder to write one sub-folder of reference images per subject.")
+    ] = Path("world-subjects"),
 ) -> None:
     """Write the held-out world-bench subjects' 5 reference images each (objects and identities)."""
     from limner.world.bench import IDENTITIES, SUBJECTS, identity_references, subject_references
 
     output_folder(out)
-    for name, cls, refs in [(s.name, s.cls, subject_references(s)) for s in SUBJECTS] + \
-                           [(b.name, b.cls, identity_references(b)) for b in IDENTITIES]:
+    for name, cls, refs in [(s.name, s.cls, subject_references(s)) for s in SUBJECTS] + [
+        (b.name, b.cls, identity_references(b)) for b in IDENTITIES
+    ]:
         folder = out / name
         folder.mkdir(parents=True, exist_ok=True)
         for i, r in enumerate(refs):

@@ -22,8 +22,10 @@ class CLIPEncoder:
         folder = Path(folder)
         kind = transformers_model_type(folder, "CLIP (CLIPModel)", "--clip")
         if kind != "clip":
-            raise LimnerError(f"--clip {folder}: this is a '{kind or 'unknown'}' model, not CLIP; give a CLIPModel folder "
-                              "such as openai/clip-vit-base-patch32 saved locally")
+            raise LimnerError(
+                f"--clip {folder}: this is a '{kind or 'unknown'}' model, not CLIP; give a CLIPModel folder "
+                "such as openai/clip-vit-base-patch32 saved locally"
+            )
         self.model = CLIPModel.from_pretrained(folder, local_files_only=True).to(device).eval()
         self.processor = CLIPProcessor.from_pretrained(folder, local_files_only=True)
         self.device = device
@@ -54,7 +56,9 @@ class WorldCLIP:
         folder = Path(base_folder)
         self.tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
         self.text = CLIPTextModel.from_pretrained(folder / "text_encoder").to(device, torch.float32).eval()
-        self.vision = CLIPVisionModelWithProjection.from_pretrained(folder / "image_encoder").to(device, torch.float32).eval()
+        self.vision = (
+            CLIPVisionModelWithProjection.from_pretrained(folder / "image_encoder").to(device, torch.float32).eval()
+        )
         head = load_file(str(folder / "clip_text_projection.safetensors"))
         self.projection = head["text_projection.weight"].float().to(device)
         self.device = device
@@ -67,7 +71,12 @@ class WorldCLIP:
 
     @torch.no_grad()
     def texts(self, texts: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.tokenizer.model_max_length,
-                             return_tensors="pt").input_ids.to(self.device)
+        ids = self.tokenizer(
+            texts,
+            padding="max_length",
+            truncation=True,
+            max_length=self.tokenizer.model_max_length,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
         pooled = self.text(ids).pooler_output.float()
         return F.normalize(pooled @ self.projection.t(), dim=-1).cpu()

@@ -22,8 +22,10 @@ class DINOEncoder:
         folder = Path(folder)
         kind = transformers_model_type(folder, "DINO or DINOv2 (ViT)", "--dino")
         if kind not in ("dinov2", "vit", "dinov2_with_registers", "dinov3_vit"):
-            raise LimnerError(f"--dino {folder}: this is a '{kind or 'unknown'}' model; give a DINO ViT or DINOv2 folder "
-                              "(e.g. facebook/dino-vits16 saved locally)")
+            raise LimnerError(
+                f"--dino {folder}: this is a '{kind or 'unknown'}' model; give a DINO ViT or DINOv2 folder "
+                "(e.g. facebook/dino-vits16 saved locally)"
+            )
         self.model = AutoModel.from_pretrained(folder, local_files_only=True).to(device).eval()
         self.processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
         self.device = device

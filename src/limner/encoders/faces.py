@@ -66,17 +66,27 @@ class InsightFaceEmbedder:
     def __init__(self, folder: str | Path, device: str = "cpu"):
         folder = Path(folder)
         if not folder.is_dir() or not list(folder.glob("*.onnx")):
-            raise LimnerError(f"--face {folder}: no .onnx models there; give a local insightface model folder (e.g. "
-                              "models/buffalo_l with det_10g.onnx and w600k_r50.onnx)")
+            raise LimnerError(
+                f"--face {folder}: no .onnx models there; give a local insightface model folder (e.g. "
+                "models/buffalo_l with det_10g.onnx and w600k_r50.onnx)"
+            )
         if folder.parent.name != "models":
             # insightface looks for <root>/models/<name> and downloads the pack when it is not exactly there
-            raise LimnerError(f"--face {folder}: insightface needs the layout <root>/models/<name>/*.onnx (e.g. "
-                              "~/.insightface/models/buffalo_l); move the folder there so nothing is downloaded")
+            raise LimnerError(
+                f"--face {folder}: insightface needs the layout <root>/models/<name>/*.onnx (e.g. "
+                "~/.insightface/models/buffalo_l); move the folder there so nothing is downloaded"
+            )
         try:
             from insightface.app import FaceAnalysis
         except ImportError as e:
-            raise LimnerError("--face needs the insightface and onnxruntime packages: pip install insightface onnxruntime") from e
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else ["CPUExecutionProvider"]
+            raise LimnerError(
+                "--face needs the insightface and onnxruntime packages: pip install insightface onnxruntime"
+            ) from e
+        providers = (
+            ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            if device.startswith("cuda")
+            else ["CPUExecutionProvider"]
+        )
         self.app = FaceAnalysis(name=folder.name, root=str(folder.parent.parent), providers=providers)
         self.app.prepare(ctx_id=0 if device.startswith("cuda") else -1, det_size=(640, 640))
         self.name = f"face:{folder.name}"
@@ -86,7 +96,12 @@ class InsightFaceEmbedder:
         for im in to_pil(images):
             faces = self.app.get(np.asarray(im.convert("RGB"))[:, :, ::-1])  # insightface reads BGR, as OpenCV does
             # insightface segments nothing: no mask
-            found.append([Face(box=f.bbox, keypoints=f.kps, embedding=torch.from_numpy(f.normed_embedding).float()) for f in faces])
+            found.append(
+                [
+                    Face(box=f.bbox, keypoints=f.kps, embedding=torch.from_numpy(f.normed_embedding).float())
+                    for f in faces
+                ]
+            )
         return found
 
     def faces(self, images: list[ImageLike]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,5 +13,7 @@ def transformers_model_type(folder: Path, what: str, flag: str) -> str:
     """The folder's config.json model_type; raises when the folder is not a transformers model folder."""
     cfg = folder / "config.json"
     if not folder.is_dir() or not cfg.exists():
-        raise LimnerError(f"{flag} {folder}: not a transformers model folder (no config.json); point it at a local {what} folder")
+        raise LimnerError(
+            f"{flag} {folder}: not a transformers model folder (no config.json); point it at a local {what} folder"
+        )
     return json.loads(cfg.read_text()).get("model_type", "")

@@ -25,11 +25,26 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def measure(row: str, subject_spec: str, class_noun: str | None, base: str | None, device: str, images: int, steps: int,
-            cache: Path) -> dict:
+def measure(
+    row: str,
+    subject_spec: str,
+    class_noun: str | None,
+    base: str | None,
+    device: str,
+    images: int,
+    steps: int,
+    cache: Path,
+) -> dict:
     """Runs in the worker: personalize (methods), then time `images` generations."""
     from limner.conditioning import apply_concepts, concept_prompt
-    from limner.evaluation.protocol import FIDELITY_THRESHOLD, LOWER, BaseHandle, Row, personalize_cached, time_to_fidelity
+    from limner.evaluation.protocol import (
+        FIDELITY_THRESHOLD,
+        LOWER,
+        BaseHandle,
+        Row,
+        personalize_cached,
+        time_to_fidelity,
+    )
     from limner.evaluation.subjects import load_subjects
     from limner.generation import GenerationSettings, generate
     from limner.models.loading import WORLD_BASE, fingerprint, load_base
@@ -69,16 +84,41 @@ def measure(row: str, subject_spec: str, class_noun: str | None, base: str | Non
     return record
 
 
-def run_bench(rows: list[str], subject_spec: str, base: str | None, device: str, images: int, steps: int, cache: Path,
-              class_noun: str | None = None) -> list[dict]:
+def run_bench(
+    rows: list[str],
+    subject_spec: str,
+    base: str | None,
+    device: str,
+    images: int,
+    steps: int,
+    cache: Path,
+    class_noun: str | None = None,
+) -> list[dict]:
     import tempfile
 
     records = []
     for row in rows:
         with tempfile.TemporaryDirectory() as tmp:
             result = Path(tmp) / "result.json"
-            cmd = [sys.executable, "-m", "limner.evaluation.bench", "--row", row, "--subject", subject_spec, "--device", device,
-                   "--images", str(images), "--steps", str(steps), "--cache", str(cache), "--result", str(result)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "limner.evaluation.bench",
+                "--row",
+                row,
+                "--subject",
+                subject_spec,
+                "--device",
+                device,
+                "--images",
+                str(images),
+                "--steps",
+                str(steps),
+                "--cache",
+                str(cache),
+                "--result",
+                str(result),
+            ]
             cmd += (["--base", base] if base else []) + (["--class-noun", class_noun] if class_noun else [])
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0 or not result.exists():
@@ -88,12 +128,17 @@ def run_bench(rows: list[str], subject_spec: str, base: str | None, device: str,
 
 
 def markdown(records: list[dict]) -> str:
-    lines = ["| row | personalize s | steps | train s to fidelity 0.5 | s / image | peak memory MB (process) | device |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| row | personalize s | steps | train s to fidelity 0.5 | s / image | peak memory MB (process) | device |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in records:
         ttf = r.get("time_to_fidelity")
-        lines.append(f"| {r['row']} | {r.get('personalize_seconds', '—')} | {r.get('steps') or '—'} | {'—' if ttf is None else f'{ttf:.0f}'} | "
-                     f"{r['seconds_per_image']:.3f} | {r['peak_memory_mb']:.0f} | {r['device']} |")
+        lines.append(
+            f"| {r['row']} | {r.get('personalize_seconds', '—')} | {r.get('steps') or '—'} | "
+            f"{'—' if ttf is None else f'{ttf:.0f}'} | "
+            f"{r['seconds_per_image']:.3f} | {r['peak_memory_mb']:.0f} | {r['device']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -109,7 +154,9 @@ def _worker() -> None:
     ap.add_argument("--class-noun")
     ap.add_argument("--result", type=Path, required=True)
     a = ap.parse_args()
-    a.result.write_text(json.dumps(measure(a.row, a.subject, a.class_noun, a.base, a.device, a.images, a.steps, a.cache)))
+    a.result.write_text(
+        json.dumps(measure(a.row, a.subject, a.class_noun, a.base, a.device, a.images, a.steps, a.cache))
+    )
 
 
 if __name__ == "__main__":

@@ -64,17 +64,37 @@ class BaseHandle:
         self._base = None
 
 
-def generate_cached(handle: BaseHandle, cache: ImageCache, prompt: str, settings: EvalSettings, key_parts: dict,
-                    prepare: Callable[[Base], AppliedConcepts] | None = None, layout_prompt: str | None = None,
-                    layout_steps: int = 0) -> list[Path]:
+def generate_cached(
+    handle: BaseHandle,
+    cache: ImageCache,
+    prompt: str,
+    settings: EvalSettings,
+    key_parts: dict,
+    prepare: Callable[[Base], AppliedConcepts] | None = None,
+    layout_prompt: str | None = None,
+    layout_steps: int = 0,
+) -> list[Path]:
     """N images of one prompt, from the cache where possible; `prepare(base)` installs the row's concept
     (once) and returns it. With `layout_steps`, the first steps follow `layout_prompt`."""
     from limner.generation import GenerationSettings, generate
 
-    layout = {"layout_prompt": layout_prompt, "layout_steps": layout_steps} if layout_steps else {}  # keys without it are unchanged
-    keys = [digest(key_parts | layout | {"prompt": prompt, "seed": settings.seed + i, "steps": settings.steps,
-                                         "guidance": settings.guidance, "scheduler": settings.scheduler})
-            for i in range(settings.images_per_prompt)]
+    layout = (
+        {"layout_prompt": layout_prompt, "layout_steps": layout_steps} if layout_steps else {}
+    )  # keys without it are unchanged
+    keys = [
+        digest(
+            key_parts
+            | layout
+            | {
+                "prompt": prompt,
+                "seed": settings.seed + i,
+                "steps": settings.steps,
+                "guidance": settings.guidance,
+                "scheduler": settings.scheduler,
+            }
+        )
+        for i in range(settings.images_per_prompt)
+    ]
     missing = [i for i, k in enumerate(keys) if not cache.path(k).exists()]
     cache.hits += len(keys) - len(missing)
     cache.misses += len(missing)
@@ -84,11 +104,21 @@ def generate_cached(handle: BaseHandle, cache: ImageCache, prompt: str, settings
         # one batched call when the run is contiguous (the usual case); image i always has seed + i
         runs = [missing] if missing == list(range(missing[0], missing[-1] + 1)) else [[i] for i in missing]
         for run in runs:
-            s = GenerationSettings(prompt=prompt, num_images=len(run), seed=settings.seed + run[0], steps=settings.steps,
-                                   guidance_scale=settings.guidance, scheduler=settings.scheduler, batch_size=len(run),
-                                   layout_prompt=layout_prompt if layout_steps else None, layout_steps=layout_steps)
+            s = GenerationSettings(
+                prompt=prompt,
+                num_images=len(run),
+                seed=settings.seed + run[0],
+                steps=settings.steps,
+                guidance_scale=settings.guidance,
+                scheduler=settings.scheduler,
+                batch_size=len(run),
+                layout_prompt=layout_prompt if layout_steps else None,
+                layout_steps=layout_steps,
+            )
             # the concepts' per-call arguments; the layout steps are the row's (the key names them)
-            pipe_kwargs = applied.condition(prompt, settings.steps, layout_steps=0).pipe_kwargs if applied is not None else {}
+            pipe_kwargs = (
+                applied.condition(prompt, settings.steps, layout_steps=0).pipe_kwargs if applied is not None else {}
+            )
             for i, image in zip(run, generate(base, s, **pipe_kwargs).images):
                 cache.put(keys[i], image)
     return [cache.path(k) for k in keys]
@@ -104,7 +134,9 @@ def concept_fingerprint(concept: Path) -> str:
     return digest([stable, fingerprint(Path(concept), skip=("limner.json", "README.md", "train_log.csv"))])
 
 
-def personalize_cached(method_name: str, subject: EvalSubject, handle: BaseHandle, cache_root: Path, config: dict) -> tuple[Path, dict]:
+def personalize_cached(
+    method_name: str, subject: EvalSubject, handle: BaseHandle, cache_root: Path, config: dict
+) -> tuple[Path, dict]:
     """Trains (or encodes) a concept once per (method, subject, base, config); reused afterwards."""
     from limner.concepts import read_manifest, write_json_atomic
 
@@ -129,7 +161,9 @@ def personalize_cached(method_name: str, subject: EvalSubject, handle: BaseHandl
 
         handle.reset()
         # trained in full precision (mixed precision is the trainer's business), whatever the device
-        method.personalize(load_base(handle.spec, device=handle.device, dtype="fp32"), subject, work, score=score, **config)
+        method.personalize(
+            load_base(handle.spec, device=handle.device, dtype="fp32"), subject, work, score=score, **config
+        )
         meta = read_manifest(work)
         meta.setdefault("personalize_seconds", round(time.perf_counter() - t0, 2))
         write_json_atomic(work / "limner.json", meta)

@@ -43,7 +43,9 @@ def settings_with(method: Method, overrides: dict) -> dict:
     # "5" on the command line reads as an int; a float setting keeps it as 5.0, as its default would be
     floats = {f.name for f in train_fields + (fields(cfg) if cfg is not None else ()) if "float" in str(f.type)}
     for key, value in overrides.items():
-        (train if key in train_names else settings)[key] = float(value) if key in floats and type(value) is int else value
+        (train if key in train_names else settings)[key] = (
+            float(value) if key in floats and type(value) is int else value
+        )
     return settings
 
 
@@ -55,14 +57,24 @@ def key_settings(method: Method, overrides: dict) -> dict:
     neutral = {f.name: f.metadata[KEY_NEUTRAL] for f in declared if KEY_NEUTRAL in f.metadata}
 
     def keyed(settings: dict) -> dict:
-        return {k: keyed(v) if isinstance(v, dict) else v for k, v in settings.items()
-                if v is not None and not (k in neutral and v == neutral[k])}
+        return {
+            k: keyed(v) if isinstance(v, dict) else v
+            for k, v in settings.items()
+            if v is not None and not (k in neutral and v == neutral[k])
+        }
 
     return keyed(settings_with(method, overrides))
 
 
 def concept_key(method: Method, config: dict, subject_fingerprint: str, base_fingerprint: str) -> str:
     """A trained concept's cache key (see the module docstring)."""
-    key = {"method": method.name, "settings": key_settings(method, config), "subject": subject_fingerprint, "base": base_fingerprint}
+    key = {
+        "method": method.name,
+        "settings": key_settings(method, config),
+        "subject": subject_fingerprint,
+        "base": base_fingerprint,
+    }
     inputs = method.key_inputs(config)
-    return digest(key | ({"inputs": inputs} if inputs else {}))  # keys of methods without other inputs stay as they were
+    return digest(
+        key | ({"inputs": inputs} if inputs else {})
+    )  # keys of methods without other inputs stay as they were

@@ -27,8 +27,24 @@ from limner.evaluation.cache import (
     save_references,
 )
 from limner.evaluation.cache_keys import digest
-from limner.evaluation.rows import FIDELITY_THRESHOLD, LOWER, UPPER, EvalSettings, Row, RowResult, class_prompt, layout_steps_of
-from limner.evaluation.scoring import Encoders, aggregate, build_encoders, score_subject, time_to_fidelity, world_measures
+from limner.evaluation.rows import (
+    FIDELITY_THRESHOLD,
+    LOWER,
+    UPPER,
+    EvalSettings,
+    Row,
+    RowResult,
+    class_prompt,
+    layout_steps_of,
+)
+from limner.evaluation.scoring import (
+    Encoders,
+    aggregate,
+    build_encoders,
+    score_subject,
+    time_to_fidelity,
+    world_measures,
+)
 from limner.evaluation.subjects import EvalSubject
 from limner.world.bench import BenchPrompt
 
@@ -56,8 +72,14 @@ def render_upper_bound(subject: EvalSubject, prompt: BenchPrompt, seed: int) -> 
     return render(Scene(ctx, [spec], variant=int(rng.integers(2**31)))).pil()
 
 
-def row_images(row: Row, subject: EvalSubject, handle: BaseHandle, cache: ImageCache, settings: EvalSettings,
-               concept: Path | None = None) -> dict[str, list[Path]]:
+def row_images(
+    row: Row,
+    subject: EvalSubject,
+    handle: BaseHandle,
+    cache: ImageCache,
+    settings: EvalSettings,
+    concept: Path | None = None,
+) -> dict[str, list[Path]]:
     """prompt text -> image paths, for every prompt of the subject (and the class-only drift prompt)."""
     prompts = subject.prompts[: settings.max_prompts] if settings.max_prompts else subject.prompts
     out: dict[str, list[Path]] = {}
@@ -65,11 +87,18 @@ def row_images(row: Row, subject: EvalSubject, handle: BaseHandle, cache: ImageC
         if subject.world is None:
             raise LimnerError("the upper bound needs world subjects (it renders the subject itself)")
         for p in prompts:
-            keys = [digest({"row": UPPER, "subject": subject.fingerprint(), "prompt": p.template, "seed": settings.seed + i})
-                    for i in range(settings.images_per_prompt)]
+            keys = [
+                digest(
+                    {"row": UPPER, "subject": subject.fingerprint(), "prompt": p.template, "seed": settings.seed + i}
+                )
+                for i in range(settings.images_per_prompt)
+            ]
             out[class_prompt(p.template, subject)] = [
-                cache.path(k) if cache.path(k).exists() else cache.put(k, render_upper_bound(subject, p, settings.seed + i))
-                for i, k in enumerate(keys)]
+                cache.path(k)
+                if cache.path(k).exists()
+                else cache.put(k, render_upper_bound(subject, p, settings.seed + i))
+                for i, k in enumerate(keys)
+            ]
         return out
     key = {"base": handle.fingerprint, "precision": handle.precision, "row": row.method or row.name}
     applied: list[AppliedConcepts] = []
@@ -96,8 +125,16 @@ def row_images(row: Row, subject: EvalSubject, handle: BaseHandle, cache: ImageC
     return out
 
 
-def run_eval(rows: list[Row], subjects: list[EvalSubject], enc: Encoders, cache_root: Path, settings: EvalSettings,
-             base: str | None = None, device: str = "auto", method_config: dict | None = None) -> dict:
+def run_eval(
+    rows: list[Row],
+    subjects: list[EvalSubject],
+    enc: Encoders,
+    cache_root: Path,
+    settings: EvalSettings,
+    base: str | None = None,
+    device: str = "auto",
+    method_config: dict | None = None,
+) -> dict:
     """Runs every row on every subject and returns the results (JSON-ready)."""
     from limner.models.loading import WORLD_BASE, check_folder, fingerprint
     from limner.world.probes import probe_digests
@@ -117,21 +154,33 @@ def run_eval(rows: list[Row], subjects: list[EvalSubject], enc: Encoders, cache_
             concept = row.concept
             if row.method is not None and concept is None:
                 config = (method_config or {}) | dict(row.config)
-                concept, res.concepts[subject.name] = personalize_cached(row.method, subject, handle, cache_root, config)
+                concept, res.concepts[subject.name] = personalize_cached(
+                    row.method, subject, handle, cache_root, config
+                )
             images = row_images(row, subject, handle, cache, settings, concept)
             res.per_subject[subject.name] = score_subject(subject, images, enc)
             res.images[subject.name] = {k: [str(p) for p in v] for k, v in images.items()}
             res.seconds[subject.name] = round(time.perf_counter() - t0, 2)
     return {
-        "settings": asdict(settings), "base": str(base_path), "base_fingerprint": handle.fingerprint,
+        "settings": asdict(settings),
+        "base": str(base_path),
+        "base_fingerprint": handle.fingerprint,
         "world": all(s.world is not None for s in subjects),
         "subjects": [{"name": s.name, "class_noun": s.class_noun, "kind": s.kind} for s in subjects],
         "encoders": {k: getattr(getattr(enc, k), "name", None) for k in ("clip", "dino", "face")},
         "probes": probe_digests(enc.probes.folder) if enc.probes is not None else None,
-        "rows": {r: {"mean": aggregate(v.per_subject), "per_subject": v.per_subject, "images": v.images,
-                     "concepts": v.concepts, "seconds": v.seconds, "layout_steps": v.layout_steps,
-                     "time_to_fidelity": time_to_fidelity(v.concepts, FIDELITY_THRESHOLD) if v.concepts else None}
-                 for r, v in results.items()},
+        "rows": {
+            r: {
+                "mean": aggregate(v.per_subject),
+                "per_subject": v.per_subject,
+                "images": v.images,
+                "concepts": v.concepts,
+                "seconds": v.seconds,
+                "layout_steps": v.layout_steps,
+                "time_to_fidelity": time_to_fidelity(v.concepts, FIDELITY_THRESHOLD) if v.concepts else None,
+            }
+            for r, v in results.items()
+        },
         "references": references,
         "cache": {"hits": cache.hits, "misses": cache.misses},
         "seconds": round(time.perf_counter() - t_start, 2),
@@ -139,5 +188,21 @@ def run_eval(rows: list[Row], subjects: list[EvalSubject], enc: Encoders, cache_
 
 
 # the protocol's public names, wherever they live
-__all__ = ["FIDELITY_THRESHOLD", "LOWER", "UPPER", "BaseHandle", "Encoders", "EvalSettings", "ImageCache", "Row", "RowResult",
-           "build_encoders", "personalize_cached", "row_images", "run_eval", "score_subject", "time_to_fidelity", "world_measures"]
+__all__ = [
+    "FIDELITY_THRESHOLD",
+    "LOWER",
+    "UPPER",
+    "BaseHandle",
+    "Encoders",
+    "EvalSettings",
+    "ImageCache",
+    "Row",
+    "RowResult",
+    "build_encoders",
+    "personalize_cached",
+    "row_images",
+    "run_eval",
+    "score_subject",
+    "time_to_fidelity",
+    "world_measures",
+]

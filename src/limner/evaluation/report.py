@@ -26,9 +26,16 @@ PAPER_DREAMBENCH = {
 }
 
 COLUMNS = [  # (key, header) in display order; a column appears when any row has it
-    ("subject_fidelity", "subject fidelity"), ("prompt_fidelity", "prompt fidelity"), ("language_drift", "language drift"),
-    ("class_prompt_accuracy", "class-prompt class acc."), ("dino", "DINO"), ("clip_i", "CLIP-I"), ("clip_t", "CLIP-T"),
-    ("face_sim", "Face-Sim"), ("face_div", "Face-Div"), ("diversity", "diversity"),
+    ("subject_fidelity", "subject fidelity"),
+    ("prompt_fidelity", "prompt fidelity"),
+    ("language_drift", "language drift"),
+    ("class_prompt_accuracy", "class-prompt class acc."),
+    ("dino", "DINO"),
+    ("clip_i", "CLIP-I"),
+    ("clip_t", "CLIP-T"),
+    ("face_sim", "Face-Sim"),
+    ("face_div", "Face-Div"),
+    ("diversity", "diversity"),
 ]
 
 
@@ -44,25 +51,45 @@ def markdown_table(results: dict) -> str:
         cells = [f"{r['mean'][k]:.3f}" if k in r["mean"] else "—" for k, _ in cols]
         if timed:
             t = r.get("time_to_fidelity")
-            cells.append("—" if not t else f"{t['mean_seconds']:.0f} ({t['reached']}/{t['of']})" if t["mean_seconds"] is not None else f"never (0/{t['of']})")
+            cells.append(
+                "—"
+                if not t
+                else f"{t['mean_seconds']:.0f} ({t['reached']}/{t['of']})"
+                if t["mean_seconds"] is not None
+                else f"never (0/{t['of']})"
+            )
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     notes = [
         "",
-        f"{len(results['subjects'])} subjects, {results['settings']['images_per_prompt']} images per prompt, seeds from "
+        f"{len(results['subjects'])} subjects, {results['settings']['images_per_prompt']} images per prompt, seeds "
+        "from "
         f"{results['settings']['seed']}, {results['settings']['steps']} {results['settings']['scheduler']} steps, "
         f"guidance {results['settings']['guidance']}, {layout_note(results)}. Encoders: "
-        + ", ".join(f"{k} = {v}" for k, v in results["encoders"].items() if v) + "."
-        + ("" if not results.get("probes") else " Probes: " + ", ".join(f"{k} {v}" for k, v in results["probes"].items()) + "."),
+        + ", ".join(f"{k} = {v}" for k, v in results["encoders"].items() if v)
+        + "."
+        + (
+            ""
+            if not results.get("probes")
+            else " Probes: " + ", ".join(f"{k} {v}" for k, v in results["probes"].items()) + "."
+        ),
     ]
     if results["world"]:
-        notes.append(f"`{LOWER}`: the base model given only the class noun; `{UPPER}`: fresh renders of the subject doing what "
-                     "the prompt asks. Subject fidelity: the subject probe's probability of the right subject among the 12 held-out subjects (objects) or "
-                     "identity-embedding cosine (characters). Prompt fidelity: share of the asked context / colour / accessory "
-                     "the attribute probe reads back. Language drift: subject fidelity of images from the class prompt alone "
-                     "(lower is better). Diversity: mean pairwise CLIP distance across seeds.")
+        notes.append(
+            f"`{LOWER}`: the base model given only the class noun; `{UPPER}`: fresh renders of the subject doing what "
+            "the prompt asks. Subject fidelity: the subject probe's probability of the right subject among the 12 "
+            "held-out subjects (objects) or "
+            "identity-embedding cosine (characters). Prompt fidelity: share of the asked context / colour / accessory "
+            "the attribute probe reads back. Language drift: subject fidelity of images from the class prompt alone "
+            "(lower is better). Diversity: mean pairwise CLIP distance across seeds."
+        )
     else:
-        notes += ["", "Reported in the papers on DreamBench (real photos; for reference only, not this run):", "",
-                  "| paper | DINO | CLIP-I | CLIP-T |", "|---|---|---|---|"]
+        notes += [
+            "",
+            "Reported in the papers on DreamBench (real photos; for reference only, not this run):",
+            "",
+            "| paper | DINO | CLIP-I | CLIP-T |",
+            "|---|---|---|---|",
+        ]
         for k, (d, ci, ct) in PAPER_DREAMBENCH.items():
             notes.append(f"| {k} | {d:.3f} | {ci:.3f} | {'—' if ct is None else f'{ct:.3f}'} |")
     return "\n".join(lines + notes) + "\n"
@@ -75,7 +102,11 @@ def plot_fidelity(results: dict, path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = {n: r["mean"] for n, r in results["rows"].items() if "subject_fidelity" in r["mean"] and "prompt_fidelity" in r["mean"]}
+    pts = {
+        n: r["mean"]
+        for n, r in results["rows"].items()
+        if "subject_fidelity" in r["mean"] and "prompt_fidelity" in r["mean"]
+    }
     x_key, y_key = ("prompt_fidelity", "subject_fidelity") if pts else ("clip_t", "clip_i")
     pts = pts or {n: r["mean"] for n, r in results["rows"].items() if "clip_t" in r["mean"]}
     if not pts:
@@ -118,10 +149,27 @@ def plot_training_curves(results: dict, path: Path) -> Path | None:
         for j, meta in enumerate(metas):
             curve = meta.get("curve") or []
             # a running mean keeps the noisy per-step loss readable
-            losses = np.convolve([c["loss"] for c in curve], np.ones(20) / 20, mode="valid") if len(curve) >= 20 else [c["loss"] for c in curve]
-            ax_loss.plot([c["seconds"] for c in curve][-len(losses):], losses, color=colour, alpha=0.5, label=name if j == 0 else None)
+            losses = (
+                np.convolve([c["loss"] for c in curve], np.ones(20) / 20, mode="valid")
+                if len(curve) >= 20
+                else [c["loss"] for c in curve]
+            )
+            ax_loss.plot(
+                [c["seconds"] for c in curve][-len(losses) :],
+                losses,
+                color=colour,
+                alpha=0.5,
+                label=name if j == 0 else None,
+            )
             val = meta.get("validation") or []
-            ax_fid.plot([v["seconds"] for v in val], [v["score"] for v in val], color=colour, alpha=0.5, marker=".", label=name if j == 0 else None)
+            ax_fid.plot(
+                [v["seconds"] for v in val],
+                [v["score"] for v in val],
+                color=colour,
+                alpha=0.5,
+                marker=".",
+                label=name if j == 0 else None,
+            )
     for ax, label in ((ax_loss, "training loss (running mean)"), (ax_fid, "subject fidelity (validation)")):
         ax.set_xlabel("training seconds")
         ax.set_ylabel(label)
@@ -149,10 +197,12 @@ def write_html(results: dict, out: Path, max_prompts: int = 8, max_images: int =
         shown.add(dst.name)
         return f"images/{dst.name}"
 
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>limner eval</title><style>",
-             "body{font-family:sans-serif;margin:20px} img{image-rendering:pixelated;width:96px;height:96px;margin:1px}",
-             "td{vertical-align:top;padding:2px 6px} th{text-align:left} .p{font-size:12px;color:#444;max-width:220px}",
-             "</style></head><body><h1>limner eval</h1>"]
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>limner eval</title><style>",
+        "body{font-family:sans-serif;margin:20px} img{image-rendering:pixelated;width:96px;height:96px;margin:1px}",
+        "td{vertical-align:top;padding:2px 6px} th{text-align:left} .p{font-size:12px;color:#444;max-width:220px}",
+        "</style></head><body><h1>limner eval</h1>",
+    ]
     parts.append("<pre>" + html.escape(markdown_table(results)) + "</pre>")
     for plot in ("fidelity.png", "training_curves.png"):
         if (out / plot).exists():
@@ -181,7 +231,6 @@ def write_html(results: dict, out: Path, max_prompts: int = 8, max_images: int =
         if stale.name not in shown and COPIED_IMAGE.fullmatch(stale.name):
             stale.unlink()
     return page
-
 
 
 def write_report(results: dict, out: Path, html_prompts: int = 8, html_images: int = 4) -> dict[str, Path]:

@@ -64,8 +64,10 @@ class Row:
         if not mine and len(subjects) == 1:
             return subjects
         if not mine:
-            raise LimnerError(f"--concept {self.concept} was trained on subject {name!r}, which is not among --subjects "
-                              f"({', '.join(s.name for s in subjects)}); pass --subjects with that subject")
+            raise LimnerError(
+                f"--concept {self.concept} was trained on subject {name!r}, which is not among --subjects "
+                f"({', '.join(s.name for s in subjects)}); pass --subjects with that subject"
+            )
         return mine
 
 

@@ -26,7 +26,9 @@ class Encoders:
     probes: object | None = None  # world Probes, for ground-truth measures
 
 
-def build_encoders(world: bool, base: str | None, clip: Path | None, dino: Path | None, face: Path | None, device: str) -> Encoders:
+def build_encoders(
+    world: bool, base: str | None, clip: Path | None, dino: Path | None, face: Path | None, device: str
+) -> Encoders:
     """The encoders that score images: the world's CLIP, identity embedder and probes on the world
     base; local CLIP / DINO / insightface folders on real subjects."""
     from limner.encoders import CLIPEncoder, DINOEncoder, InsightFaceEmbedder, WorldCLIP, WorldFaceEmbedder
@@ -35,12 +37,18 @@ def build_encoders(world: bool, base: str | None, clip: Path | None, dino: Path 
 
     dev = str(resolve_device(device))
     if clip is None and not (world and base is None):
-        raise LimnerError("scoring real images needs --clip PATH, a local CLIPModel folder (e.g. openai/clip-vit-large-patch14 "
-                          "saved with save_pretrained)")
+        raise LimnerError(
+            "scoring real images needs --clip PATH, a local CLIPModel folder (e.g. openai/clip-vit-large-patch14 "
+            "saved with save_pretrained)"
+        )
     clip_enc = CLIPEncoder(clip, dev) if clip else WorldCLIP(WORLD_BASE, dev)
     face_enc = InsightFaceEmbedder(face, dev) if face else (WorldFaceEmbedder(WORLD_PROBES) if world else None)
-    return Encoders(clip=clip_enc, dino=DINOEncoder(dino, dev) if dino else None, face=face_enc,
-                    probes=Probes(WORLD_PROBES) if world else None)
+    return Encoders(
+        clip=clip_enc,
+        dino=DINOEncoder(dino, dev) if dino else None,
+        face=face_enc,
+        probes=Probes(WORLD_PROBES) if world else None,
+    )
 
 
 def load_rgb(paths: list[Path]) -> list[Image.Image]:
@@ -131,7 +139,11 @@ def world_fidelity_score(subject: EvalSubject):
     from limner.models.loading import WORLD_PROBES
     from limner.world.probes import Probes
 
-    enc = Encoders(clip=None, face=WorldFaceEmbedder(WORLD_PROBES) if subject.kind == "identity" else None, probes=Probes(WORLD_PROBES))
+    enc = Encoders(
+        clip=None,
+        face=WorldFaceEmbedder(WORLD_PROBES) if subject.kind == "identity" else None,
+        probes=Probes(WORLD_PROBES),
+    )
     return lambda images: float(np.mean(world_measures(subject, None, images, enc)[0]))
 
 
@@ -143,8 +155,13 @@ def time_to_fidelity(concepts: dict[str, dict], threshold: float) -> dict:
         hit = [v["seconds"] for v in meta.get("validation", []) if v["score"] >= threshold]
         times[subject] = hit[0] if hit else None
     reached = [t for t in times.values() if t is not None]
-    return {"threshold": threshold, "per_subject": times, "reached": len(reached), "of": len(times),
-            "mean_seconds": float(np.mean(reached)) if reached else None}
+    return {
+        "threshold": threshold,
+        "per_subject": times,
+        "reached": len(reached),
+        "of": len(times),
+        "mean_seconds": float(np.mean(reached)) if reached else None,
+    }
 
 
 def aggregate(per_subject: dict[str, dict[str, float]]) -> dict[str, float]:

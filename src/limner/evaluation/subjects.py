@@ -20,31 +20,72 @@ from PIL import Image, ImageOps
 from limner.errors import LimnerError
 from limner.io import IMAGE_SUFFIXES
 from limner.subject import Subject
-from limner.world.bench import IDENTITIES, SUBJECTS, BenchPrompt, identity_prompts, identity_references, object_prompts, subject_references
+from limner.world.bench import (
+    IDENTITIES,
+    SUBJECTS,
+    BenchPrompt,
+    identity_prompts,
+    identity_references,
+    object_prompts,
+    subject_references,
+)
 from limner.world.vocab import CONTEXTS
 
 # DreamBench's prompt lists (DreamBooth paper, dataset/prompts_and_classes.txt); "{}" is the subject.
 DREAMBENCH_OBJECT = [
-    "a {} in the jungle", "a {} in the snow", "a {} on the beach", "a {} on a cobblestone street", "a {} on top of pink fabric",
-    "a {} on top of a wooden floor", "a {} with a city in the background", "a {} with a mountain in the background",
-    "a {} with a blue house in the background", "a {} on top of a purple rug in a forest", "a {} with a wheat field in the background",
-    "a {} with a tree and autumn leaves in the background", "a {} with the Eiffel Tower in the background", "a {} floating on top of water",
-    "a {} floating in an ocean of milk", "a {} on top of green grass with sunflowers around it", "a {} on top of a mirror",
-    "a {} on top of the sidewalk in a crowded street", "a {} on top of a dirt road", "a {} on top of a white rug",
-    "a red {}", "a purple {}", "a shiny {}", "a wet {}", "a cube shaped {}",
+    "a {} in the jungle",
+    "a {} in the snow",
+    "a {} on the beach",
+    "a {} on a cobblestone street",
+    "a {} on top of pink fabric",
+    "a {} on top of a wooden floor",
+    "a {} with a city in the background",
+    "a {} with a mountain in the background",
+    "a {} with a blue house in the background",
+    "a {} on top of a purple rug in a forest",
+    "a {} with a wheat field in the background",
+    "a {} with a tree and autumn leaves in the background",
+    "a {} with the Eiffel Tower in the background",
+    "a {} floating on top of water",
+    "a {} floating in an ocean of milk",
+    "a {} on top of green grass with sunflowers around it",
+    "a {} on top of a mirror",
+    "a {} on top of the sidewalk in a crowded street",
+    "a {} on top of a dirt road",
+    "a {} on top of a white rug",
+    "a red {}",
+    "a purple {}",
+    "a shiny {}",
+    "a wet {}",
+    "a cube shaped {}",
 ]
 DREAMBENCH_LIVE = DREAMBENCH_OBJECT[:10] + [
-    "a {} wearing a red hat", "a {} wearing a santa hat", "a {} wearing a rainbow scarf", "a {} wearing a black top hat and a monocle",
-    "a {} in a chef outfit", "a {} in a firefighter outfit", "a {} in a police outfit", "a {} wearing pink glasses",
-    "a {} wearing a yellow shirt", "a {} in a purple wizard outfit",
-    "a red {}", "a purple {}", "a shiny {}", "a wet {}", "a cube shaped {}",
+    "a {} wearing a red hat",
+    "a {} wearing a santa hat",
+    "a {} wearing a rainbow scarf",
+    "a {} wearing a black top hat and a monocle",
+    "a {} in a chef outfit",
+    "a {} in a firefighter outfit",
+    "a {} in a police outfit",
+    "a {} wearing pink glasses",
+    "a {} wearing a yellow shirt",
+    "a {} in a purple wizard outfit",
+    "a red {}",
+    "a purple {}",
+    "a shiny {}",
+    "a wet {}",
+    "a cube shaped {}",
 ]
 _RECONTEXT = 20  # DreamBench: the first prompts recontextualise, the rest accessorise / change properties
 
 
 def dreambench_prompts(live: bool) -> list[BenchPrompt]:
     templates = DREAMBENCH_LIVE if live else DREAMBENCH_OBJECT
-    kinds = ["recontextualisation"] * (10 if live else _RECONTEXT) + (["accessorisation"] * 10 if live else []) + ["property"] * 5
+    kinds = (
+        ["recontextualisation"] * (10 if live else _RECONTEXT)
+        + (["accessorisation"] * 10 if live else [])
+        + ["property"] * 5
+    )
     return [BenchPrompt(t, k) for t, k in zip(templates, kinds, strict=True)]
 
 
@@ -69,16 +110,32 @@ class EvalSubject(Subject):
 
 def _world_object(s) -> EvalSubject:
     refs = subject_references(s)
-    return EvalSubject(s.name, s.cls, [r.image for r in refs], [r.entities[0].mask for r in refs], kind="object",
-                       prompts=object_prompts(), world=s, meta={"contexts": [r.context for r in refs]},
-                       captions=[CONTEXTS[r.context] for r in refs])
+    return EvalSubject(
+        s.name,
+        s.cls,
+        [r.image for r in refs],
+        [r.entities[0].mask for r in refs],
+        kind="object",
+        prompts=object_prompts(),
+        world=s,
+        meta={"contexts": [r.context for r in refs]},
+        captions=[CONTEXTS[r.context] for r in refs],
+    )
 
 
 def _world_identity(b) -> EvalSubject:
     refs = identity_references(b)
-    return EvalSubject(b.name, b.cls, [r.image for r in refs], [r.entities[0].mask for r in refs], kind="identity",
-                       prompts=identity_prompts(), world=b, meta={"contexts": [r.context for r in refs]},
-                       captions=[CONTEXTS[r.context] for r in refs])
+    return EvalSubject(
+        b.name,
+        b.cls,
+        [r.image for r in refs],
+        [r.entities[0].mask for r in refs],
+        kind="identity",
+        prompts=identity_prompts(),
+        world=b,
+        meta={"contexts": [r.context for r in refs]},
+        captions=[CONTEXTS[r.context] for r in refs],
+    )
 
 
 def world_subjects(spec: str) -> list[EvalSubject]:
@@ -95,15 +152,20 @@ def world_subjects(spec: str) -> list[EvalSubject]:
         wanted = [n.strip() for n in part.split(",") if n.strip()]
     missing = [n for n in wanted if n not in makers]
     if missing or not wanted:
-        raise LimnerError(f"--subjects {spec}: unknown world subject(s) {', '.join(missing) or '(none given)'}; known: objects, identities, "
-                          + ", ".join(makers))
+        raise LimnerError(
+            f"--subjects {spec}: unknown world subject(s) {', '.join(missing) or '(none given)'}; known: objects, "
+            "identities, " + ", ".join(makers)
+        )
     return [makers[n][0](makers[n][1]) for n in wanted]
 
 
 def image_files(folder: Path) -> list[Path]:
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise LimnerError(f"subject folder {folder} has no images (png, jpg, jpeg, webp, bmp); put the subject's reference images there")
+        raise LimnerError(
+            f"subject folder {folder} has no images (png, jpg, jpeg, webp, bmp); put the subject's reference images "
+            "there"
+        )
     return files
 
 
@@ -139,8 +201,10 @@ def load_masks(folder: Path, images: list[np.ndarray]) -> list[np.ndarray] | Non
     for f, image in zip(image_files(folder), images):
         found = [m for m in sorted(mask_dir.glob(f"{f.stem}.*")) if m.suffix.lower() in IMAGE_SUFFIXES]
         if not found:
-            raise LimnerError(f"{mask_dir} has no mask for {f.name}: add {mask_dir / f.stem}.png (white where the subject is), "
-                              "or remove the masks folder")
+            raise LimnerError(
+                f"{mask_dir} has no mask for {f.name}: add {mask_dir / f.stem}.png (white where the subject is), "
+                "or remove the masks folder"
+            )
         try:
             with Image.open(found[0]) as im:
                 im = ImageOps.exif_transpose(im)
@@ -149,8 +213,10 @@ def load_masks(folder: Path, images: list[np.ndarray]) -> list[np.ndarray] | Non
         except (OSError, SyntaxError, ValueError) as e:
             raise LimnerError(f"{found[0]} is not a readable mask image ({e}); remove or replace it") from e
         if mask.shape != image.shape[:2]:
-            raise LimnerError(f"{found[0]} is {mask.shape[1]}x{mask.shape[0]} but {f.name} is {image.shape[1]}x{image.shape[0]}; "
-                              "a mask must be the size of its image")
+            raise LimnerError(
+                f"{found[0]} is {mask.shape[1]}x{mask.shape[0]} but {f.name} is {image.shape[1]}x{image.shape[0]}; "
+                "a mask must be the size of its image"
+            )
         masks.append(mask)
     return masks
 
@@ -177,18 +243,28 @@ def folder_subject(folder: Path, class_noun: str | None = None, name: str | None
     try:
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     except json.JSONDecodeError as e:
-        raise LimnerError(f"{meta_path} is not valid JSON ({e}); it should look like {{\"class_noun\": \"dog\"}}") from e
+        raise LimnerError(f'{meta_path} is not valid JSON ({e}); it should look like {{"class_noun": "dog"}}') from e
     noun = class_noun or meta.get("class_noun")
     if not noun:
-        raise LimnerError(f"subject folder {folder} has no class noun: add subject.json with {{\"class_noun\": \"dog\"}} or pass --class-noun")
+        raise LimnerError(
+            f"subject folder {folder} has no class noun: add subject.json with "
+            '{"class_noun": "dog"} or pass --class-noun'
+        )
     live = bool(meta.get("live", False))
     kind = meta.get("kind", "object")
     if kind not in ("object", "identity"):
         raise LimnerError(f"{meta_path}: kind must be 'object' or 'identity', got {kind!r}")
     images = load_images(folder)
-    return EvalSubject(name or meta.get("name", folder.name), noun, images, load_masks(folder, images), kind=kind,
-                       prompts=dreambench_prompts(live), meta={"path": str(folder), "live": live},
-                       captions=load_captions(folder))
+    return EvalSubject(
+        name or meta.get("name", folder.name),
+        noun,
+        images,
+        load_masks(folder, images),
+        kind=kind,
+        prompts=dreambench_prompts(live),
+        meta={"path": str(folder), "live": live},
+        captions=load_captions(folder),
+    )
 
 
 def load_subjects(spec: str, class_noun: str | None = None) -> list[EvalSubject]:
@@ -196,18 +272,26 @@ def load_subjects(spec: str, class_noun: str | None = None) -> list[EvalSubject]
         return world_subjects(spec)
     path = Path(spec).expanduser()
     if not path.exists():
-        raise LimnerError(f"--subjects {path} does not exist; give a folder of reference images, a folder of such folders, "
-                          "a JSON manifest, or world[:objects|:identities]")
+        raise LimnerError(
+            f"--subjects {path} does not exist; give a folder of reference images, a folder of such folders, "
+            "a JSON manifest, or world[:objects|:identities]"
+        )
     if path.is_file():
         if path.suffix != ".json":
-            raise LimnerError(f"--subjects {path}: a file must be a JSON manifest [{{\"name\", \"path\", \"class_noun\"}}, ...]")
+            raise LimnerError(
+                f'--subjects {path}: a file must be a JSON manifest [{{"name", "path", "class_noun"}}, ...]'
+            )
         try:
             entries = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise LimnerError(f"--subjects {path} is not valid JSON ({e})") from e
         if not isinstance(entries, list) or not all(isinstance(e, dict) and "path" in e for e in entries):
-            raise LimnerError(f"--subjects {path}: a manifest is a list of {{\"path\": ..., \"class_noun\": ..., \"name\": ...}} entries")
-        return [folder_subject((path.parent / e["path"]).resolve(), e.get("class_noun"), e.get("name")) for e in entries]
+            raise LimnerError(
+                f'--subjects {path}: a manifest is a list of {{"path": ..., "class_noun": ..., "name": ...}} entries'
+            )
+        return [
+            folder_subject((path.parent / e["path"]).resolve(), e.get("class_noun"), e.get("name")) for e in entries
+        ]
     subfolders = sorted(p for p in path.iterdir() if p.is_dir())
     if any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir()) or not subfolders:
         return [folder_subject(path, class_noun)]

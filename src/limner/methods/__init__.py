@@ -12,6 +12,22 @@ from limner.methods.registry import REGISTRY, get_method, method_names, register
 from limner.methods.settings import added_setting, parse_setting, setting, split_settings, with_settings
 from limner.subject import Subject
 
-__all__ = ["FAMILIES", "REGISTRY", "Capabilities", "Conditioning", "Installation", "Method", "Subject", "WindowHook",
-           "added_setting", "get_method", "install_key", "method_names", "parse_setting", "register", "setting",
-           "split_settings", "with_settings"]
+__all__ = [
+    "FAMILIES",
+    "REGISTRY",
+    "Capabilities",
+    "Conditioning",
+    "Installation",
+    "Method",
+    "Subject",
+    "WindowHook",
+    "added_setting",
+    "get_method",
+    "install_key",
+    "method_names",
+    "parse_setting",
+    "register",
+    "setting",
+    "split_settings",
+    "with_settings",
+]

@@ -66,18 +66,30 @@ class AdapterMethod(Method):
     def adapter_for(self, base: Base, adapter: str | Path | None) -> Path:
         folder = Path(adapter) if adapter is not None else self.default_adapter(base)
         if folder is None:
-            raise LimnerError(f"{self.name} needs a pretrained adapter for this base: pass --set adapter=DIR (a folder that "
-                              f"`limner pretrain --method {self.name}` wrote, or the method's official files)")
+            raise LimnerError(
+                f"{self.name} needs a pretrained adapter for this base: pass --set adapter=DIR (a folder that "
+                f"`limner pretrain --method {self.name}` wrote, or the method's official files)"
+            )
         manifest = read_adapter_manifest(folder)
         if manifest.get("method") != self.name:
             raise LimnerError(f"adapter {folder} is a {manifest.get('method')} adapter, not {self.name}'s")
         if manifest.get("base_fingerprint") not in (None, base.fingerprint):
-            raise LimnerError(f"adapter {folder} was pretrained on base {manifest['base_fingerprint']} but the loaded base is "
-                              f"{base.fingerprint} ({base.path}); pretrain one for this base")
+            raise LimnerError(
+                f"adapter {folder} was pretrained on base {manifest['base_fingerprint']} but the loaded base is "
+                f"{base.fingerprint} ({base.path}); pretrain one for this base"
+            )
         return folder
 
-    def personalize(self, base: Base, subject: Subject | list[Subject], out: Path, *, score: Score | None = None,
-                    adapter: str | Path | None = None, **overrides: Any) -> Path:
+    def personalize(
+        self,
+        base: Base,
+        subject: Subject | list[Subject],
+        out: Path,
+        *,
+        score: Score | None = None,
+        adapter: str | Path | None = None,
+        **overrides: Any,
+    ) -> Path:
         if isinstance(subject, (list, tuple)):
             if len(subject) != 1:
                 raise LimnerError(f"{self.name} encodes one subject per concept, got {len(subject)}")

@@ -2,10 +2,11 @@
 
 Data flows one way: reference images -> `Subject` -> `Method` (train, or encode with a pretrained
 adapter) -> concept folder -> `install` into a loaded base -> a `Conditioning` per generation
-(limner.generation defines it: what generation takes besides the prompt) -> images -> evaluation. A method declares what it can do (`Capabilities`) rather than being probed for
-it, and owns how its concepts compose: `install` takes all of its concepts of one generation at once
-(Custom Diffusion merges them, LoRAs become named peft adapters) and returns an `Installation` that
-undoes itself, so evaluation need not reload the base after every concept.
+(limner.generation defines it: what generation takes besides the prompt) -> images -> evaluation. A
+method declares what it can do (`Capabilities`) rather than being probed for it, and owns how its
+concepts compose: `install` takes all of its concepts of one generation at once (Custom Diffusion merges
+them, LoRAs become named peft adapters) and returns an `Installation` that undoes itself, so evaluation
+need not reload the base after every concept.
 """
 
 from __future__ import annotations
@@ -69,8 +70,9 @@ class Method(ABC):
     layout_fraction: ClassVar[float] = 0.0
 
     @abstractmethod
-    def personalize(self, base: Base, subject: Subject | list[Subject], out: Path, *, score: Score | None = None,
-                    **overrides: Any) -> Path:
+    def personalize(
+        self, base: Base, subject: Subject | list[Subject], out: Path, *, score: Score | None = None, **overrides: Any
+    ) -> Path:
         """Writes a concept folder for the subject (several, where `capabilities.joint`); returns it."""
 
     @abstractmethod
@@ -118,4 +120,14 @@ def install_key(method: Method) -> str:
     return method.install_group or method.name
 
 
-__all__ = ["FAMILIES", "Capabilities", "Conditioning", "Family", "Installation", "Method", "Score", "WindowHook", "install_key"]
+__all__ = [
+    "FAMILIES",
+    "Capabilities",
+    "Conditioning",
+    "Family",
+    "Installation",
+    "Method",
+    "Score",
+    "WindowHook",
+    "install_key",
+]

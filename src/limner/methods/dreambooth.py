@@ -54,17 +54,24 @@ PRIOR_MODES = ("none", "class_images", "frozen")
 def default_train_config(lora: bool) -> TrainConfig:
     # diffusers' README recipe is lr 5e-6 (full) / 1e-4 (LoRA) for 400-800 steps at 512 px; the small
     # world model moves less per step, so the world defaults are larger (docs/README.md)
-    return TrainConfig(max_steps=600 if lora else 300, batch_size=4, learning_rate=2e-3 if lora else 2e-4, checkpoint_every=100)
+    return TrainConfig(
+        max_steps=600 if lora else 300, batch_size=4, learning_rate=2e-3 if lora else 2e-4, checkpoint_every=100
+    )
 
 
 @dataclass
 class DreamBoothConfig:
     identifier: str = setting("sks", "the rare word [V] bound to the subject")
-    lora_rank: int | None = setting(None, "None: fine-tune the whole UNet; N: rank-N LoRA adapters (dreambooth_lora: 16)")
+    lora_rank: int | None = setting(
+        None, "None: fine-tune the whole UNet; N: rank-N LoRA adapters (dreambooth_lora: 16)"
+    )
     lora_alpha: float | None = setting(None, "LoRA scale numerator (default: the rank)")
     train_text_encoder: bool = setting(False, "also train the text encoder(s)")
-    prior_preservation: str = setting("class_images", "none | class_images (the paper's) | frozen (the frozen model's own "
-                                                      "prediction on the same batch, no class images)")
+    prior_preservation: str = setting(
+        "class_images",
+        "none | class_images (the paper's) | frozen (the frozen model's own "
+        "prediction on the same batch, no class images)",
+    )
     num_class_images: int = setting(50, "class images the frozen base draws once (cached) for prior preservation")
     prior_loss_weight: float = setting(1.0, "weight of the prior-preservation loss")
     class_image_steps: int = setting(12, "DPM++ steps per class image (the class probe scores 12 steps as 25)")
@@ -93,21 +100,43 @@ class DreamBoothConfig:
 CLASS_IMAGE_DRAWN = {"scheduler": "dpm++", "guidance": 5.0, "negative": "", "dtype": "float32"}
 
 
-def class_image_key(base, class_prompt: str, steps: int, guidance_scale: float = 5.0, scheduler: str = "dpm++",
-                    resolution: int | None = None, negative_prompt: str = "") -> str:
+def class_image_key(
+    base,
+    class_prompt: str,
+    steps: int,
+    guidance_scale: float = 5.0,
+    scheduler: str = "dpm++",
+    resolution: int | None = None,
+    negative_prompt: str = "",
+) -> str:
     """The cache key of class images: the base, the prompt, and everything else that changes what is drawn.
     A setting at the value every earlier cache was drawn with is left out of the key, so those caches
     keep their key; steps is an integer, so no earlier key can equal one with a setting added."""
-    drawn = {"scheduler": scheduler, "guidance": float(guidance_scale), "negative": negative_prompt,
-             "dtype": str(base.dtype).removeprefix("torch."), "size": resolution or base.resolution}
+    drawn = {
+        "scheduler": scheduler,
+        "guidance": float(guidance_scale),
+        "negative": negative_prompt,
+        "dtype": str(base.dtype).removeprefix("torch."),
+        "size": resolution or base.resolution,
+    }
     earlier = CLASS_IMAGE_DRAWN | {"size": base.resolution}
     extra = [f"{k}={v}" for k, v in drawn.items() if v != earlier[k]]
     return hashlib.sha256("|".join([base.fingerprint, class_prompt, str(steps), *extra]).encode()).hexdigest()[:16]
 
 
-def class_images(base, class_prompt: str, count: int, steps: int, cache: Path | None, batch_size: int = 16, *,
-                 guidance_scale: float = 5.0, scheduler: str = "dpm++", resolution: int | None = None,
-                 negative_prompt: str = "") -> list[np.ndarray]:
+def class_images(
+    base,
+    class_prompt: str,
+    count: int,
+    steps: int,
+    cache: Path | None,
+    batch_size: int = 16,
+    *,
+    guidance_scale: float = 5.0,
+    scheduler: str = "dpm++",
+    resolution: int | None = None,
+    negative_prompt: str = "",
+) -> list[np.ndarray]:
     """`count` images of the class prompt drawn by the frozen base (square, `resolution` px; default the
     base's own), cached under a key of everything that changes them. The batch size is not in it: each
     image has its own generator (generation.py), so batching does not change what is drawn."""
@@ -119,9 +148,18 @@ def class_images(base, class_prompt: str, count: int, steps: int, cache: Path | 
     folder.mkdir(parents=True, exist_ok=True)
     have = sorted(folder.glob("*.png"))
     if len(have) < count:
-        s = GenerationSettings(class_prompt, negative_prompt=negative_prompt, num_images=count - len(have), seed=len(have), steps=steps,
-                               guidance_scale=guidance_scale, scheduler=scheduler, height=resolution, width=resolution,
-                               batch_size=batch_size)
+        s = GenerationSettings(
+            class_prompt,
+            negative_prompt=negative_prompt,
+            num_images=count - len(have),
+            seed=len(have),
+            steps=steps,
+            guidance_scale=guidance_scale,
+            scheduler=scheduler,
+            height=resolution,
+            width=resolution,
+            batch_size=batch_size,
+        )
         for i, im in enumerate(generate(base, s).images):
             with written_atomically(folder / f"{len(have) + i:05d}.png") as tmp:
                 im.save(tmp, format="PNG")
@@ -139,7 +177,9 @@ def class_images(base, class_prompt: str, count: int, steps: int, cache: Path | 
 
 
 class DreamBoothTask(TrainingTask):
-    def __init__(self, pipe, encoder: PromptEncoder, cfg: DreamBoothConfig, instance_prompts: list[str], class_prompt: str):
+    def __init__(
+        self, pipe, encoder: PromptEncoder, cfg: DreamBoothConfig, instance_prompts: list[str], class_prompt: str
+    ):
         self.pipe, self.encoder, self.cfg = pipe, encoder, cfg
         self.train_cfg = cfg.train
         self.noise = noise_scheduler(pipe)
@@ -170,7 +210,9 @@ class DreamBoothTask(TrainingTask):
         self.prompts = {"instance": instance_prompts, "class": [class_prompt]}
         self.tokens = {k: encoder.tokenize(p) for k, p in self.prompts.items()}
         # text-encoder outputs are cached whenever the text encoders are frozen
-        self.cached = None if cfg.train_text_encoder else {k: encoder.encode_frozen(p) for k, p in self.prompts.items()}
+        self.cached = (
+            None if cfg.train_text_encoder else {k: encoder.encode_frozen(p) for k, p in self.prompts.items()}
+        )
 
     def modules(self):
         mods = {"unet": self.pipe.unet}
@@ -197,7 +239,9 @@ class DreamBoothTask(TrainingTask):
         if "class" in batch:  # the paper's prior preservation: instance and class images in one batch
             cond, kw = concat([self.cond("instance", rows), self.cond("class", [0] * batch["class"].shape[0])])
             latents = torch.cat([inst, batch["class"]]).to(cond)
-            per = denoising_loss(unet, sched, latents, cond, generator, tc.noise_offset, tc.min_snr_gamma, reduction="none", **kw)
+            per = denoising_loss(
+                unet, sched, latents, cond, generator, tc.noise_offset, tc.min_snr_gamma, reduction="none", **kw
+            )
             return per[:n].mean() + self.cfg.prior_loss_weight * per[n:].mean()
         cond, kw = self.cond("instance", rows)
         loss = denoising_loss(unet, sched, inst.to(cond), cond, generator, tc.noise_offset, tc.min_snr_gamma, **kw)
@@ -208,7 +252,9 @@ class DreamBoothTask(TrainingTask):
     def frozen_prior(self, unet, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """MSE between the tuned and the frozen model's predictions for the class prompt."""
         noise = torch.randn(latents.shape, generator=generator).to(latents)
-        t = torch.randint(0, self.noise.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(latents.device)
+        t = torch.randint(0, self.noise.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(
+            latents.device
+        )
         noisy = self.noise.add_noise(latents, noise, t)
         cond, kw = self.cond("class", [0] * latents.shape[0])
         with torch.no_grad():
@@ -260,15 +306,26 @@ def save_lora(pipe, out: Path, cfg: DreamBoothConfig) -> None:
     # once complete: a crash leaves the previous weights, never a half-written file under their name
     tmp = Path(tempfile.mkdtemp(prefix=f".{LORA_FILE}.", dir=out))
     try:
-        type(pipe).save_lora_weights(tmp, unet_lora_layers=unet_layers, weight_name=LORA_FILE, safe_serialization=True, **te)
+        type(pipe).save_lora_weights(
+            tmp, unet_lora_layers=unet_layers, weight_name=LORA_FILE, safe_serialization=True, **te
+        )
         os.replace(tmp / LORA_FILE, out / LORA_FILE)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     full = {f"unet.{k}": v for k, v in unet_layers.items()}
-    for arg, prefix in (("text_encoder_lora_layers", "text_encoder"), ("text_encoder_2_lora_layers", "text_encoder_2")):
+    for arg, prefix in (
+        ("text_encoder_lora_layers", "text_encoder"),
+        ("text_encoder_2_lora_layers", "text_encoder_2"),
+    ):
         full |= {f"{prefix}.{k}": v for k, v in te.get(arg, {}).items()}
     with written_atomically(out / KOHYA_FILE) as tmp:
-        save_file({k: v.detach().cpu().half().contiguous() for k, v in to_kohya(full, cfg.lora_alpha or cfg.lora_rank).items()}, str(tmp))
+        save_file(
+            {
+                k: v.detach().cpu().half().contiguous()
+                for k, v in to_kohya(full, cfg.lora_alpha or cfg.lora_rank).items()
+            },
+            str(tmp),
+        )
 
 
 def adapter_name(concept: Path, manifest: dict) -> str:
@@ -301,14 +358,23 @@ class DreamBooth(TuningMethod):
             raise LimnerError(f"identifier {cfg.identifier!r} must be a rare word different from the class noun")
         if cfg.lora_rank is not None and cfg.train_text_encoder and (problem := text_encoder_lora_problem()):
             # before the class images and the training, which the refusal would otherwise end
-            raise LimnerError(f"--set train_text_encoder=true: {problem}; or leave the text encoder frozen (train_text_encoder=false)")
+            raise LimnerError(
+                f"--set train_text_encoder=true: {problem}; or leave the text encoder frozen "
+                "(train_text_encoder=false)"
+            )
         instance_prompt = f"a {cfg.identifier} {subject.class_noun}"
         class_prompt = f"a {subject.class_noun}"
         inst = encode_images(pipe.vae, subject.images, base.resolution, flip=cfg.train.flip)
         cls_lat: LatentCache | None = None
         if cfg.prior_preservation == "class_images":
-            ims = class_images(base, class_prompt, cfg.num_class_images, cfg.class_image_steps, cfg.class_image_cache,
-                               cfg.class_image_batch)
+            ims = class_images(
+                base,
+                class_prompt,
+                cfg.num_class_images,
+                cfg.class_image_steps,
+                cfg.class_image_cache,
+                cfg.class_image_batch,
+            )
             cls_lat = encode_images(pipe.vae, ims, base.resolution, flip=False)
         instance_prompts = [with_caption(instance_prompt, c) for c in image_captions(subject, cfg.captions)]
         task = DreamBoothTask(pipe, PromptEncoder(pipe, base.resolution), cfg, instance_prompts, class_prompt)
@@ -321,8 +387,13 @@ class DreamBooth(TuningMethod):
                 batch["class"] = cls_lat.sample(torch.randint(len(cls_lat.mean), (bs,), generator=g), g)
             return batch
 
-        return TuningRun(task, next_batch, [f"{instance_prompt} on the beach", f"{instance_prompt} in the snow"],
-                         f"{self.name} {subject.name}", {"instance_prompts": instance_prompts, "instance_prompt": instance_prompt})
+        return TuningRun(
+            task,
+            next_batch,
+            [f"{instance_prompt} on the beach", f"{instance_prompt} in the snow"],
+            f"{self.name} {subject.name}",
+            {"instance_prompts": instance_prompts, "instance_prompt": instance_prompt},
+        )
 
     def save(self, base: Base, subjects: list[Subject], cfg: DreamBoothConfig, run: TuningRun, out: Path) -> dict:
         if cfg.lora_rank is not None:
@@ -331,19 +402,33 @@ class DreamBooth(TuningMethod):
         else:
             save_pipeline(base.pipe, out / PIPELINE_DIR)
             files = {"pipeline": PIPELINE_DIR}
-        return {"tokens": [cfg.identifier], "identifier": cfg.identifier, "config": asdict(cfg), "files": files,
-                "lora": cfg.lora_rank is not None, "training_prompts": run.state["instance_prompts"],
-                "example_prompt": f"{run.state['instance_prompt']} on the beach"}
+        return {
+            "tokens": [cfg.identifier],
+            "identifier": cfg.identifier,
+            "config": asdict(cfg),
+            "files": files,
+            "lora": cfg.lora_rank is not None,
+            "training_prompts": run.state["instance_prompts"],
+            "example_prompt": f"{run.state['instance_prompt']} on the beach",
+        }
 
     def install(self, base: Base, concepts: list[Path], regions: list[str] | None = None) -> Installation:
         manifests = [read_manifest(c) for c in concepts]
         full = [c for c, m in zip(concepts, manifests) if not m.get("lora")]
         if len(full) > 1:
-            raise LimnerError(f"--concept {full[0]} and --concept {full[1]} are both full DreamBooth models, and each replaces the "
-                              "whole UNet; compose LoRA concepts instead (train with --method dreambooth_lora)")
+            raise LimnerError(
+                f"--concept {full[0]} and --concept {full[1]} are both full DreamBooth models, and each replaces the "
+                "whole UNet; compose LoRA concepts instead (train with --method dreambooth_lora)"
+            )
         for concept, m in zip(concepts, manifests):  # checked before anything is installed, so nothing needs undoing
-            if m.get("lora") and m.get("config", {}).get("train_text_encoder") and (problem := text_encoder_lora_problem()):
-                raise LimnerError(f"concept {concept} has a LoRA on the text encoder, which cannot be loaded here: {problem}")
+            if (
+                m.get("lora")
+                and m.get("config", {}).get("train_text_encoder")
+                and (problem := text_encoder_lora_problem())
+            ):
+                raise LimnerError(
+                    f"concept {concept} has a LoRA on the text encoder, which cannot be loaded here: {problem}"
+                )
         installation = Installation()
         if full:
             installation.undo.append(install_full(base, full[0], read_manifest(full[0])))
@@ -381,10 +466,15 @@ def install_full(base: Base, concept: Path, manifest: dict) -> Callable[[], None
     from limner.models.loading import dtype_kwarg
 
     pipe = base.pipe
-    names = ["unet"] + ([n for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None]
-                        if manifest["config"].get("train_text_encoder") else [])
+    names = ["unet"] + (
+        [n for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None]
+        if manifest["config"].get("train_text_encoder")
+        else []
+    )
     originals = {n: getattr(pipe, n) for n in names}
-    pipe.unet = UNet2DConditionModel.from_pretrained(concept / PIPELINE_DIR / "unet", **dtype_kwarg(base.dtype)).to(base.device)
+    pipe.unet = UNet2DConditionModel.from_pretrained(concept / PIPELINE_DIR / "unet", **dtype_kwarg(base.dtype)).to(
+        base.device
+    )
     for name in names[1:]:
         cls = type(originals[name])
         setattr(pipe, name, cls.from_pretrained(concept / PIPELINE_DIR / name).to(base.device, base.dtype))

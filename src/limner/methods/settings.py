@@ -53,8 +53,10 @@ def with_settings(config: Any, overrides: dict, method: str) -> Any:
     known = {f.name for f in fields(config)}
     unknown = sorted(set(overrides) - known)
     if unknown:
-        raise LimnerError(f"{method} has no setting {', '.join(map(repr, unknown))}; its settings: {', '.join(sorted(known))} "
-                          f"(`limner methods {method}` explains each)")
+        raise LimnerError(
+            f"{method} has no setting {', '.join(map(repr, unknown))}; its settings: {', '.join(sorted(known))} "
+            f"(`limner methods {method}` explains each)"
+        )
     return replace(config, **overrides)
 
 
@@ -70,21 +72,33 @@ def describe(config_cls: type) -> list[tuple[str, Any, str]]:
     """(name, default, help) of every setting: what `limner train --method M --help-settings` shows."""
     rows = []
     for f in fields(config_cls):
-        default = f.default if f.default is not MISSING else (f.default_factory() if f.default_factory is not MISSING else None)
+        default = (
+            f.default
+            if f.default is not MISSING
+            else (f.default_factory() if f.default_factory is not MISSING else None)
+        )
         rows.append((f.name, default, f.metadata.get(HELP, "")))
     return rows
 
 
-def command_line_settings(method: Any, items: list[str], num_subjects: int = 1, token: str | None = None,
-                          num_vectors: int | None = None, **trainer_options: Any) -> dict:
+def command_line_settings(
+    method: Any,
+    items: list[str],
+    num_subjects: int = 1,
+    token: str | None = None,
+    num_vectors: int | None = None,
+    **trainer_options: Any,
+) -> dict:
     """The overrides `limner train` passes to `personalize`: `--set` items (method and trainer settings in one
     list), `--token` and `--num-vectors`, and trainer options given as flags (`--steps`, `--lr`, ...), which
     win over `--set`; options left out (None) keep what `--set` or the defaults say."""
     overrides = dict(parse_setting(item, "--set") for item in items)
     if token is not None:
         if num_subjects > 1:
-            raise LimnerError(f"--token: joint training names its {num_subjects} tokens <new1> to <new{num_subjects}> "
-                              "(one per subject, in --subject's order); leave --token out")
+            raise LimnerError(
+                f"--token: joint training names its {num_subjects} tokens <new1> to <new{num_subjects}> "
+                "(one per subject, in --subject's order); leave --token out"
+            )
         if method.token_setting is None:
             raise LimnerError(f"--token: {method.name} has no token or identifier to set")
         overrides[method.token_setting] = token

@@ -34,13 +34,32 @@ if TYPE_CHECKING:
     from limner.models.loading import Base
 
 OBJECT_TEMPLATES = (
-    "a photo of a {}", "a rendering of a {}", "a picture of a {}", "a {}", "a photo of the {}", "a close up photo of a {}",
-    "a photo of a small {}", "a photo of a big {}", "a good photo of a {}", "a bright photo of the {}", "a dark photo of a {}",
-    "a cropped photo of the {}", "a photo of one {}", "a clean photo of a {}", "a photo of my {}", "a nice picture of the {}",
+    "a photo of a {}",
+    "a rendering of a {}",
+    "a picture of a {}",
+    "a {}",
+    "a photo of the {}",
+    "a close up photo of a {}",
+    "a photo of a small {}",
+    "a photo of a big {}",
+    "a good photo of a {}",
+    "a bright photo of the {}",
+    "a dark photo of a {}",
+    "a cropped photo of the {}",
+    "a photo of one {}",
+    "a clean photo of a {}",
+    "a photo of my {}",
+    "a nice picture of the {}",
 )
 STYLE_TEMPLATES = (
-    "a painting in the style of {}", "a rendering in the style of {}", "a picture in the style of {}", "a drawing in the style of {}",
-    "a photo in the style of {}", "art in the style of {}", "a nice painting in the style of {}", "a {} style painting",
+    "a painting in the style of {}",
+    "a rendering in the style of {}",
+    "a picture in the style of {}",
+    "a drawing in the style of {}",
+    "a photo in the style of {}",
+    "art in the style of {}",
+    "a nice painting in the style of {}",
+    "a {} style painting",
 )
 
 TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
@@ -64,7 +83,9 @@ def a1111_file_name(token: str) -> str:
     no separator or leading dot, at most 100 characters, not a name Windows reserves (those get
     "-embedding"), never this concept's diffusers files (those get "-a1111"), and "embedding" if nothing
     is left."""
-    spelled = "".join(f"-{SYMBOL_WORDS[c]}-" if c in SYMBOL_WORDS else c if c.isalnum() or c in "_-" else "-" for c in token)
+    spelled = "".join(
+        f"-{SYMBOL_WORDS[c]}-" if c in SYMBOL_WORDS else c if c.isalnum() or c in "_-" else "-" for c in token
+    )
     stem = "-".join(w for w in spelled.split("-") if w)[:100].strip("-") or "embedding"
     if stem.lower() in WINDOWS_RESERVED:
         stem += "-embedding"
@@ -76,7 +97,9 @@ def a1111_file_name(token: str) -> str:
 def default_train_config() -> TrainConfig:
     # min-SNR weighting (gamma 5, Hang et al. 2023) costs nothing per step and weighs down the nearly
     # noise-free timesteps, whose gradients the paper finds pull against the others' (measured: docs/README.md)
-    return TrainConfig(max_steps=400, batch_size=4, learning_rate=5e-3, weight_decay=0.0, checkpoint_every=100, min_snr_gamma=5.0)
+    return TrainConfig(
+        max_steps=400, batch_size=4, learning_rate=5e-3, weight_decay=0.0, checkpoint_every=100, min_snr_gamma=5.0
+    )
 
 
 @dataclass
@@ -86,10 +109,16 @@ class TextualInversionConfig:
     initializer: str | None = setting(None, "the word S* starts from (default: the class noun)")
     templates: str = setting("object", "prompt templates: object | style")
     captions: bool = setting(True, "append each reference image's caption (if it has one) to its prompts")
-    norm_cap: float | None = setting(None, "after each step, cut each vector's norm to at most this multiple of a word's "
-                                           "(None: free; free vectors end 4-6x a word's norm)")
-    background_weight: float | None = setting(None, "weight of the pixels off the subject in the loss, from the subject's masks "
-                                                    "(None: the paper's loss over the whole image)")
+    norm_cap: float | None = setting(
+        None,
+        "after each step, cut each vector's norm to at most this multiple of a word's "
+        "(None: free; free vectors end 4-6x a word's norm)",
+    )
+    background_weight: float | None = setting(
+        None,
+        "weight of the pixels off the subject in the loss, from the subject's masks "
+        "(None: the paper's loss over the whole image)",
+    )
     train: TrainConfig = setting(default_factory=default_train_config, help="trainer settings")
 
     def __post_init__(self) -> None:
@@ -98,9 +127,15 @@ class TextualInversionConfig:
         if self.templates not in TEMPLATES:
             raise LimnerError(f"--set templates={self.templates!r}: use one of {', '.join(TEMPLATES)}")
         if self.background_weight is not None and not 0 <= self.background_weight <= 1:
-            raise LimnerError(f"--set background_weight={self.background_weight}: give a weight from 0 (subject only) to 1 (the whole image)")
+            raise LimnerError(
+                f"--set background_weight={self.background_weight}: give a weight from 0 (subject only) to 1 (the "
+                "whole image)"
+            )
         if self.norm_cap is not None and self.norm_cap <= 0:
-            raise LimnerError(f"--set norm_cap={self.norm_cap}: give a positive multiple of the vocabulary's mean norm (e.g. 2), or leave it unset")
+            raise LimnerError(
+                f"--set norm_cap={self.norm_cap}: give a positive multiple of the vocabulary's mean norm (e.g. 2), or "
+                "leave it unset"
+            )
 
 
 def placeholder_tokens(token: str, num_vectors: int) -> list[str]:
@@ -114,7 +149,10 @@ def add_tokens(tokenizer, text_encoder, tokens: list[str], initializer: str) -> 
     vocab = tokenizer.get_vocab()
     clash = [t for t in tokens if t in vocab or f"{t}</w>" in vocab]  # CLIP's BPE stores whole words with "</w>"
     if clash:
-        raise LimnerError(f"token {clash[0]!r} is already in the tokenizer's vocabulary; choose another --token (e.g. '<{clash[0].strip('<>')}-1>')")
+        raise LimnerError(
+            f"token {clash[0]!r} is already in the tokenizer's vocabulary; choose another --token (e.g. "
+            f"'<{clash[0].strip('<>')}-1>')"
+        )
     init_ids = tokenizer(initializer, add_special_tokens=False).input_ids
     if not init_ids:
         raise LimnerError(f"--initializer {initializer!r} tokenizes to nothing; give a word such as the class noun")
@@ -169,12 +207,21 @@ class NewTokenRows:
 
 def add_tokens_everywhere(encoder: PromptEncoder, tokens: list[str], initializer: str) -> dict[str, list[int]]:
     """The tokens added to every tokenizer / text encoder pair of the pipeline."""
-    return {name: add_tokens(tok, te, tokens, initializer) for tok, (name, te) in zip(encoder.tokenizers, encoder.text_encoders().items())}
+    return {
+        name: add_tokens(tok, te, tokens, initializer)
+        for tok, (name, te) in zip(encoder.tokenizers, encoder.text_encoders().items())
+    }
 
 
 class TextualInversionTask(TrainingTask):
-    def __init__(self, pipe, encoder: PromptEncoder, token_ids: dict[str, list[int]], cfg: TrainConfig,
-                 norm_cap: float | None = None):
+    def __init__(
+        self,
+        pipe,
+        encoder: PromptEncoder,
+        token_ids: dict[str, list[int]],
+        cfg: TrainConfig,
+        norm_cap: float | None = None,
+    ):
         self.pipe, self.encoder, self.cfg, self.norm_cap = pipe, encoder, cfg, norm_cap
         self.noise = noise_scheduler(pipe)
         pipe.unet.requires_grad_(False)
@@ -192,8 +239,17 @@ class TextualInversionTask(TrainingTask):
     def loss(self, batch, generator):
         cond, kwargs = self.encoder.encode(batch["input_ids"], self.wrapped)
         latents = batch["latents"].to(cond.device, cond.dtype)
-        return denoising_loss(self.pipe.unet, self.noise, latents, cond, generator, self.cfg.noise_offset,
-                              self.cfg.min_snr_gamma, mask=batch.get("mask"), **kwargs)
+        return denoising_loss(
+            self.pipe.unet,
+            self.noise,
+            latents,
+            cond,
+            generator,
+            self.cfg.noise_offset,
+            self.cfg.min_snr_gamma,
+            mask=batch.get("mask"),
+            **kwargs,
+        )
 
     def after_optimizer_step(self):
         self.rows.restore_others()
@@ -212,14 +268,19 @@ def save_embeddings(folder: Path, token: str, vectors: dict[str, torch.Tensor]) 
     files and the A1111/ComfyUI {"clip_l": ..., "clip_g": ...}."""
     a1111 = a1111_file_name(token)
     if "text_encoder_2" in vectors:
-        layouts = {DIFFUSERS_FILE: {token: vectors["text_encoder"]}, DIFFUSERS_FILE_2: {token: vectors["text_encoder_2"]},
-                   a1111: {"clip_l": vectors["text_encoder"], "clip_g": vectors["text_encoder_2"]}}
+        layouts = {
+            DIFFUSERS_FILE: {token: vectors["text_encoder"]},
+            DIFFUSERS_FILE_2: {token: vectors["text_encoder_2"]},
+            a1111: {"clip_l": vectors["text_encoder"], "clip_g": vectors["text_encoder_2"]},
+        }
     else:
         layouts = {DIFFUSERS_FILE: {token: vectors["text_encoder"]}, a1111: {"emb_params": vectors["text_encoder"]}}
     for name, state in layouts.items():
         with written_atomically(folder / name) as tmp:
             save_file({k: v.detach().cpu().half().contiguous() for k, v in state.items()}, str(tmp))
-    return {"diffusers": DIFFUSERS_FILE, "a1111": a1111} | ({"diffusers_2": DIFFUSERS_FILE_2} if "text_encoder_2" in vectors else {})
+    return {"diffusers": DIFFUSERS_FILE, "a1111": a1111} | (
+        {"diffusers_2": DIFFUSERS_FILE_2} if "text_encoder_2" in vectors else {}
+    )
 
 
 def load_embedding_file(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
@@ -229,8 +290,11 @@ def load_embedding_file(path: Path, allow_pickle: bool = False) -> dict[str, tor
     path = Path(path)
     if path.suffix in (".pt", ".bin"):
         if not allow_pickle:
-            raise LimnerError(f"{path} is a pickle file; limner loads it only with --allow-pickle (read with torch.load(weights_only=True)). "
-                              "Prefer a .safetensors embedding.")
+            raise LimnerError(
+                f"{path} is a pickle file; limner loads it only with --allow-pickle (read with "
+                "torch.load(weights_only=True)). "
+                "Prefer a .safetensors embedding."
+            )
         state = torch.load(path, map_location="cpu", weights_only=True)
         if "string_to_param" in state:
             return {"token": state.get("name"), "vectors": state["string_to_param"]["*"]}
@@ -243,7 +307,10 @@ def load_embedding_file(path: Path, allow_pickle: bool = False) -> dict[str, tor
     if len(state) == 1:
         token, vectors = next(iter(state.items()))
         return {"token": token, "vectors": vectors}
-    raise LimnerError(f"{path}: not a Textual Inversion embedding (expected {{token: tensor}}, emb_params, clip_l/clip_g or string_to_param)")
+    raise LimnerError(
+        f"{path}: not a Textual Inversion embedding (expected {{token: tensor}}, emb_params, clip_l/clip_g or "
+        "string_to_param)"
+    )
 
 
 def load_embedding(base, path: Path, token: str | None = None, allow_pickle: bool = False) -> str:
@@ -255,14 +322,20 @@ def load_embedding(base, path: Path, token: str | None = None, allow_pickle: boo
     if "clip_l" in emb:
         if base.family != "sdxl":
             raise LimnerError(f"{path} is an SDXL embedding (clip_l + clip_g); load an SDXL base to use it")
-        pipe.load_textual_inversion(emb["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
-        pipe.load_textual_inversion(emb["clip_g"], token=token, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+        pipe.load_textual_inversion(
+            emb["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
+        )
+        pipe.load_textual_inversion(
+            emb["clip_g"], token=token, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
+        )
         return token
     vectors = emb["vectors"]
     width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
     if vectors.shape[-1] != width:
-        raise LimnerError(f"{path}: embedding width {vectors.shape[-1]} does not match this base's text encoder ({width}); "
-                          "it was trained for another model family")
+        raise LimnerError(
+            f"{path}: embedding width {vectors.shape[-1]} does not match this base's text encoder ({width}); "
+            "it was trained for another model family"
+        )
     pipe.load_textual_inversion(vectors, token=token)
     return token
 
@@ -278,8 +351,15 @@ def load_embedding_spec(base: Base, spec: str, allow_pickle: bool = False) -> st
 def text_restorer(pipe: Any) -> Callable[[], None]:
     """Undoes the new tokens that loading embeddings adds: each tokenizer as it was, and each text
     encoder's embedding matrix cut back to its old rows (loading writes only the rows it adds)."""
-    pairs = [(t, e) for t, e in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")) if getattr(pipe, e, None) is not None]
-    saved = [(t, copy.deepcopy(getattr(pipe, t)), e, getattr(pipe, e).get_input_embeddings().num_embeddings) for t, e in pairs]
+    pairs = [
+        (t, e)
+        for t, e in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
+        if getattr(pipe, e, None) is not None
+    ]
+    saved = [
+        (t, copy.deepcopy(getattr(pipe, t)), e, getattr(pipe, e).get_input_embeddings().num_embeddings)
+        for t, e in pairs
+    ]
 
     def restore() -> None:
         for tok_name, tokenizer, te_name, rows in saved:
@@ -318,11 +398,15 @@ class TextualInversion(TuningMethod):
         phrase = " ".join(tokens)
         # token ids [image, template, ...]: every template, followed by that image's caption
         captions = image_captions(subject, cfg.captions)
-        prompt_ids = torch.stack([encoder.tokenize([with_caption(t.format(phrase), c) for t in templates]) for c in captions])
+        prompt_ids = torch.stack(
+            [encoder.tokenize([with_caption(t.format(phrase), c) for t in templates]) for c in captions]
+        )
         latents = encode_images(pipe.vae, subject.images, base.resolution, flip=cfg.train.flip)
         weights = None
         if cfg.background_weight is not None:
-            weights = subject_loss_weights(subject, base.resolution, latents.mean.shape[-1], cfg.train.flip, cfg.background_weight)
+            weights = subject_loss_weights(
+                subject, base.resolution, latents.mean.shape[-1], cfg.train.flip, cfg.background_weight
+            )
 
         def next_batch(g: torch.Generator) -> dict:
             idx = torch.randint(len(latents.mean), (cfg.train.batch_size,), generator=g)
@@ -332,14 +416,28 @@ class TextualInversion(TuningMethod):
 
         task = TextualInversionTask(pipe, encoder, ids, cfg.train, cfg.norm_cap)
         prompts = [with_caption(templates[0].format(phrase), c) for c in captions]
-        return TuningRun(task, next_batch, [f"a {phrase} on the beach", f"a {phrase} in the snow"],
-                         f"textual inversion {subject.name}", {"tokens": tokens, "training_prompts": prompts})
+        return TuningRun(
+            task,
+            next_batch,
+            [f"a {phrase} on the beach", f"a {phrase} in the snow"],
+            f"textual inversion {subject.name}",
+            {"tokens": tokens, "training_prompts": prompts},
+        )
 
-    def save(self, base: Base, subjects: list[Subject], cfg: TextualInversionConfig, run: TuningRun, out: Path) -> dict:
+    def save(
+        self, base: Base, subjects: list[Subject], cfg: TextualInversionConfig, run: TuningRun, out: Path
+    ) -> dict:
         files = save_embeddings(out, cfg.token, run.task.rows.vectors())
-        return {"tokens": run.state["tokens"], "token": cfg.token, "num_vectors": cfg.num_vectors, "config": asdict(cfg),
-                "files": files, "family": base.family, "training_prompts": run.state["training_prompts"],
-                "example_prompt": f"a photo of a {cfg.token} on the beach"}
+        return {
+            "tokens": run.state["tokens"],
+            "token": cfg.token,
+            "num_vectors": cfg.num_vectors,
+            "config": asdict(cfg),
+            "files": files,
+            "family": base.family,
+            "training_prompts": run.state["training_prompts"],
+            "example_prompt": f"a photo of a {cfg.token} on the beach",
+        }
 
     def install(self, base: Base, concepts: list[Path], regions: list[str] | None = None) -> Installation:
         installation = Installation(undo=[text_restorer(base.pipe)])
@@ -347,7 +445,9 @@ class TextualInversion(TuningMethod):
             m = read_manifest(concept)
             if base.family == "sdxl":
                 # the file limner.json names: the token's own name, or embedding.safetensors in concepts written before
-                load_embedding(base, Path(concept) / m.get("files", {}).get("a1111", LEGACY_A1111_FILE), token=m["token"])
+                load_embedding(
+                    base, Path(concept) / m.get("files", {}).get("a1111", LEGACY_A1111_FILE), token=m["token"]
+                )
             else:  # diffusers' own loader: the file is exactly what plain diffusers users load
                 base.pipe.load_textual_inversion(str(Path(concept) / DIFFUSERS_FILE), token=m["token"])
         return installation

@@ -36,7 +36,9 @@ class TuningRun:
     """What `prepare` sets up for one training run."""
 
     task: TrainingTask
-    next_batch: Callable[[torch.Generator], dict]  # draws one batch from the generator the trainer seeds and checkpoints
+    next_batch: Callable[
+        [torch.Generator], dict
+    ]  # draws one batch from the generator the trainer seeds and checkpoints
     validation_prompts: list[str]  # drawn during training (--set validate_every=N)
     description: str  # the progress bar's label
     state: dict[str, Any]  # what `save` needs besides the task (tokens, prompts)
@@ -46,11 +48,15 @@ class TuningMethod(Method):
     family = "tuning"
     artifact = "the weights"  # what `save` writes, for the full-disk message
 
-    def personalize(self, base: Base, subject: Subject | list[Subject], out: Path, *, score: Score | None = None,
-                    **overrides: Any) -> Path:
+    def personalize(
+        self, base: Base, subject: Subject | list[Subject], out: Path, *, score: Score | None = None, **overrides: Any
+    ) -> Path:
         subjects = list(subject) if isinstance(subject, (list, tuple)) else [subject]
         if len(subjects) > 1 and not self.capabilities.joint:
-            raise LimnerError(f"{len(subjects)} subjects given; {self.name} trains one at a time (Custom Diffusion trains several jointly)")
+            raise LimnerError(
+                f"{len(subjects)} subjects given; {self.name} trains one at a time (Custom Diffusion trains several "
+                "jointly)"
+            )
         cfg = self.configure(overrides, len(subjects))
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

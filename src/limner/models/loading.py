@@ -20,8 +20,10 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 WORLD_BASE = ASSETS / "world" / "base"
 WORLD_PROBES = ASSETS / "world" / "probes"
 
-FOLDER_HINT = ("expected a diffusers folder (model_index.json with unet/, vae/, text_encoder/, tokenizer/, "
-               "scheduler/) or a single-file .safetensors checkpoint with --config")
+FOLDER_HINT = (
+    "expected a diffusers folder (model_index.json with unet/, vae/, text_encoder/, tokenizer/, "
+    "scheduler/) or a single-file .safetensors checkpoint with --config"
+)
 
 
 @dataclass
@@ -52,14 +54,22 @@ def resolve_device(device: str = "auto") -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError as e:
-        raise LimnerError(f"--device {device!r} is not a device torch knows (use auto, cpu, cuda, cuda:N or mps)") from e
+        raise LimnerError(
+            f"--device {device!r} is not a device torch knows (use auto, cpu, cuda, cuda:N or mps)"
+        ) from e
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise LimnerError(f"--device {device}: this torch build sees no CUDA device; use --device cpu or auto")
     return dev
 
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
 
 
 def resolve_dtype(dtype: str, device: torch.device, world: bool = False) -> torch.dtype:
@@ -88,7 +98,9 @@ def check_folder(path: Path) -> dict:
     missing piece."""
     if not path.exists():
         if path == WORLD_BASE:
-            raise LimnerError(f"the world base is missing from {path}; reinstall limner or rebuild it with `limner world build`")
+            raise LimnerError(
+                f"the world base is missing from {path}; reinstall limner or rebuild it with `limner world build`"
+            )
         raise LimnerError(f"base path {path} does not exist; {FOLDER_HINT}")
     if path.is_dir() and not any(path.iterdir()):
         raise LimnerError(f"base folder {path} is empty; {FOLDER_HINT}")
@@ -105,12 +117,16 @@ def check_folder(path: Path) -> dict:
     for name in required:
         entry = index.get(name)
         if not entry or entry[0] is None:
-            raise LimnerError(f"base folder {path}: model_index.json lists no '{name}' component; this folder is not a "
-                              "complete Stable Diffusion pipeline")
+            raise LimnerError(
+                f"base folder {path}: model_index.json lists no '{name}' component; this folder is not a "
+                "complete Stable Diffusion pipeline"
+            )
         folder = path / name
         if not folder.is_dir() or not any(folder.iterdir()):
-            raise LimnerError(f"base folder {path} lacks the '{name}' component (expected files in {folder}); copy it "
-                              "from the original model folder")
+            raise LimnerError(
+                f"base folder {path} lacks the '{name}' component (expected files in {folder}); copy it "
+                "from the original model folder"
+            )
         if name not in ("tokenizer", "tokenizer_2", "scheduler"):
             if not (folder / "config.json").exists():
                 raise LimnerError(f"base folder {path}: {folder}/config.json is missing")
@@ -142,8 +158,18 @@ def fingerprint(path: Path, skip: tuple[str, ...] = ("build.json",)) -> str:
     up to 64 MiB; for larger ones the header and 256 samples spread over the file, so a fine-tune
     that changes any large part of the weights changes the id). Costs well under a second."""
     h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and p.name not in skip
-                                                 and "checkpoints" not in p.relative_to(path).parts and not p.name.endswith(".tmp"))
+    files = (
+        [path]
+        if path.is_file()
+        else sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file()
+            and p.name not in skip
+            and "checkpoints" not in p.relative_to(path).parts
+            and not p.name.endswith(".tmp")
+        )
+    )
     for f in files:
         h.update((f.name if path.is_file() else str(f.relative_to(path))).encode())
         _hash_file(h, f)
@@ -156,7 +182,9 @@ def _pipeline_class(index: dict):
     return StableDiffusionXLPipeline if "XL" in index.get("_class_name", "") else StableDiffusionPipeline
 
 
-def load_base(base: str | os.PathLike | None = None, device: str = "auto", dtype: str = "auto", config: str | None = None) -> Base:
+def load_base(
+    base: str | os.PathLike | None = None, device: str = "auto", dtype: str = "auto", config: str | None = None
+) -> Base:
     """Loads the world base (base=None) or a local SD 1.x/2.x/SDXL model.
 
     `base` may be a diffusers folder or a single-file .safetensors checkpoint; the latter needs
@@ -175,28 +203,46 @@ def load_base(base: str | os.PathLike | None = None, device: str = "auto", dtype
         index = check_folder(path)
         cls = _pipeline_class(index)
         family = "sdxl" if "XL" in cls.__name__ else "sd"
-        kwargs = {"safety_checker": None, "requires_safety_checker": False} if family == "sd" and "safety_checker" in index else {}
+        kwargs = (
+            {"safety_checker": None, "requires_safety_checker": False}
+            if family == "sd" and "safety_checker" in index
+            else {}
+        )
         # a CLIP vision tower in the folder (the world ships one for its CLIP) is not needed to generate
         # or train: left on disk, it costs no memory (image-prompt methods load their own encoder)
         kwargs |= {name: None for name in ("image_encoder", "feature_extractor") if name in index}
         pipe = cls.from_pretrained(path, local_files_only=True, **dtype_kwarg(torch_dtype), **kwargs)
     pipe.to(dev)
     pipe.set_progress_bar_config(disable=True)
-    return Base(pipe=pipe, path=path, family=family, fingerprint=fingerprint(path), is_world=is_world, device=dev, dtype=torch_dtype)
+    return Base(
+        pipe=pipe,
+        path=path,
+        family=family,
+        fingerprint=fingerprint(path),
+        is_world=is_world,
+        device=dev,
+        dtype=torch_dtype,
+    )
 
 
 def _load_single_file(path: Path, config: str | None, torch_dtype: torch.dtype):
     if path.suffix not in (".safetensors", ".sft"):
-        raise LimnerError(f"base file {path} is not a .safetensors checkpoint; limner loads weights only from safetensors "
-                          "(convert .ckpt files first) or from a diffusers folder")
+        raise LimnerError(
+            f"base file {path} is not a .safetensors checkpoint; limner loads weights only from safetensors "
+            "(convert .ckpt files first) or from a diffusers folder"
+        )
     if config is None:
-        raise LimnerError(f"base file {path} is a single-file checkpoint: pass --config DIR, a local diffusers folder of "
-                          "the same architecture (its model_index.json and component configs), since nothing can be "
-                          "fetched from a hub")
+        raise LimnerError(
+            f"base file {path} is a single-file checkpoint: pass --config DIR, a local diffusers folder of "
+            "the same architecture (its model_index.json and component configs), since nothing can be "
+            "fetched from a hub"
+        )
     cfg_path = Path(config).expanduser()
     if not (cfg_path / "model_index.json").exists():
-        raise LimnerError(f"--config {cfg_path} has no model_index.json; point it at a diffusers folder of the same "
-                          "architecture as the checkpoint")
+        raise LimnerError(
+            f"--config {cfg_path} has no model_index.json; point it at a diffusers folder of the same "
+            "architecture as the checkpoint"
+        )
     index = json.loads((cfg_path / "model_index.json").read_text())
     cls = _pipeline_class(index)
     pipe = cls.from_single_file(str(path), config=str(cfg_path), local_files_only=True, **dtype_kwarg(torch_dtype))

@@ -13,7 +13,16 @@ this file re-exports their public names, so `from limner.training import train` 
 
 from limner.training.checkpoints import find_checkpoint, load_checkpoint, save_checkpoint, trained_state
 from limner.training.config import TrainConfig, split_train_settings
-from limner.training.loop import HALF, NORMS, FrozenInHalf, finish_processes, is_main_process, lr_lambda, train, write_csv
+from limner.training.loop import (
+    HALF,
+    NORMS,
+    FrozenInHalf,
+    finish_processes,
+    is_main_process,
+    lr_lambda,
+    train,
+    write_csv,
+)
 from limner.training.losses import denoising_loss, drop_conditioning, min_snr_weights, noise_scheduler
 from limner.training.task import TrainingTask, TrainLog
 from limner.training.validation import make_validator

@@ -31,8 +31,17 @@ def _checkpoint_dirs(out: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
-def save_checkpoint(out: Path, step: int, task: TrainingTask, optimizer, scheduler, generator: torch.Generator,
-                    cfg: TrainConfig, log: TrainLog, ema: list[torch.Tensor] | None = None) -> Path:
+def save_checkpoint(
+    out: Path,
+    step: int,
+    task: TrainingTask,
+    optimizer,
+    scheduler,
+    generator: torch.Generator,
+    cfg: TrainConfig,
+    log: TrainLog,
+    ema: list[torch.Tensor] | None = None,
+) -> Path:
     """Writes checkpoints/step-N (the trainable values, the EMA's when `ema` is given, optimizer, schedule
     and generator states) whole or not at all, and deletes all but the newest cfg.keep_checkpoints."""
     from safetensors.torch import save_file
@@ -41,13 +50,24 @@ def save_checkpoint(out: Path, step: int, task: TrainingTask, optimizer, schedul
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in task.trainable_state().items()}, str(tmp / "trainable.safetensors"))
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in task.trainable_state().items()},
+        str(tmp / "trainable.safetensors"),
+    )
     if ema is not None:
         save_file(_ema_tensors(ema), str(tmp / EMA_FILE))
-    torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(),
-                "generator": generator.get_state(), "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
-    (tmp / "checkpoint.json").write_text(json.dumps({"step": step, "config": _resume_key(cfg), "curve": log.curve,
-                                                      "validation": log.validation}))
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "lr_scheduler": scheduler.state_dict(),
+            "generator": generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+        },
+        tmp / "state.pt",
+    )
+    (tmp / "checkpoint.json").write_text(
+        json.dumps({"step": step, "config": _resume_key(cfg), "curve": log.curve, "validation": log.validation})
+    )
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in _checkpoint_dirs(out)[: -cfg.keep_checkpoints]:
@@ -77,13 +97,22 @@ def find_checkpoint(out: Path, resume: str | None) -> Path | None:
         return found[-1] if found else None
     path = Path(resume)
     if not (path / "checkpoint.json").exists():
-        raise LimnerError(f"--resume {resume}: not a limner checkpoint folder (no checkpoint.json); use 'latest' or a "
-                          f"folder under {out / 'checkpoints'}")
+        raise LimnerError(
+            f"--resume {resume}: not a limner checkpoint folder (no checkpoint.json); use 'latest' or a "
+            f"folder under {out / 'checkpoints'}"
+        )
     return path
 
 
-def load_checkpoint(path: Path, task: TrainingTask, optimizer, scheduler, generator: torch.Generator, cfg: TrainConfig,
-                    ema: list[torch.Tensor] | None = None) -> tuple[int, dict]:
+def load_checkpoint(
+    path: Path,
+    task: TrainingTask,
+    optimizer,
+    scheduler,
+    generator: torch.Generator,
+    cfg: TrainConfig,
+    ema: list[torch.Tensor] | None = None,
+) -> tuple[int, dict]:
     """Restores a checkpoint into the task, optimizer, schedule, generator (and `ema`, in place); returns
     (its step, its checkpoint.json)."""
     from safetensors.torch import load_file
@@ -92,8 +121,10 @@ def load_checkpoint(path: Path, task: TrainingTask, optimizer, scheduler, genera
     saved, wanted = _saved_key(meta), _resume_key(cfg)
     if saved != wanted:
         changed = sorted(k for k in saved if saved[k] != wanted.get(k))
-        raise LimnerError(f"checkpoint {path} was written with other settings ({', '.join(changed)}); resume with the same "
-                          "settings, or start a new run in another output folder")
+        raise LimnerError(
+            f"checkpoint {path} was written with other settings ({', '.join(changed)}); resume with the same "
+            "settings, or start a new run in another output folder"
+        )
     task.load_trainable_state(load_file(str(path / "trainable.safetensors")))
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
@@ -103,7 +134,9 @@ def load_checkpoint(path: Path, task: TrainingTask, optimizer, scheduler, genera
     if ema is not None:
         saved_ema = load_file(str(path / EMA_FILE))
         if len(saved_ema) != len(ema):
-            raise LimnerError(f"checkpoint {path} holds the average of {len(saved_ema)} parameters; this run trains {len(ema)}")
+            raise LimnerError(
+                f"checkpoint {path} holds the average of {len(saved_ema)} parameters; this run trains {len(ema)}"
+            )
         for i, v in enumerate(ema):
             v.copy_(saved_ema[str(i)])
     return meta["step"], meta

@@ -21,11 +21,17 @@ class PromptEncoder:
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         """[B, n_encoders, L] token ids (each tokenizer pads to its own limit; SDXL's are equal)."""
-        ids = [tok(prompts, padding="max_length", truncation=True, max_length=tok.model_max_length, return_tensors="pt").input_ids
-               for tok in self.tokenizers]
+        ids = [
+            tok(
+                prompts, padding="max_length", truncation=True, max_length=tok.model_max_length, return_tensors="pt"
+            ).input_ids
+            for tok in self.tokenizers
+        ]
         return torch.stack(ids, dim=1)
 
-    def encode(self, ids: torch.Tensor, encoders: dict[str, torch.nn.Module] | None = None) -> tuple[torch.Tensor, dict]:
+    def encode(
+        self, ids: torch.Tensor, encoders: dict[str, torch.nn.Module] | None = None
+    ) -> tuple[torch.Tensor, dict]:
         """(encoder_hidden_states, unet kwargs) for token ids from `tokenize`. `encoders` may be the
         accelerate-wrapped text encoders (so gradients reach trained embeddings across processes)."""
         encoders = encoders or self.text_encoders()
@@ -58,4 +64,6 @@ def concat(parts: list[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, dict]:
     if not parts[0][1]:
         return cond, {}
     keys = parts[0][1]["added_cond_kwargs"].keys()
-    return cond, {"added_cond_kwargs": {k: torch.cat([p[1]["added_cond_kwargs"][k].to(cond) for p in parts]) for k in keys}}
+    return cond, {
+        "added_cond_kwargs": {k: torch.cat([p[1]["added_cond_kwargs"][k].to(cond) for p in parts]) for k in keys}
+    }

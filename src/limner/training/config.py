@@ -46,7 +46,8 @@ class TrainConfig:
     # validation during training draws with the trained values
     ema_decay: float | None = None
     # the peak the progress bar's and train_log.csv's model FLOP utilisation is measured against, in TFLOP/s;
-    # None: the device's own (limner.training.throughput.default_peak_tflops). Reporting only: a resumed run may change it
+    # None: the device's own (limner.training.throughput.default_peak_tflops). Reporting only: a resumed
+    # run may change it
     peak_tflops: float | None = None
 
 
@@ -54,4 +55,6 @@ def split_train_settings(cfg: TrainConfig, settings: dict) -> tuple[TrainConfig,
     """(cfg with the settings that name trainer fields applied, the remaining method settings): one
     flat list of key=value settings on the command line reaches both."""
     names = {f.name for f in fields(TrainConfig)}
-    return replace(cfg, **{k: v for k, v in settings.items() if k in names}), {k: v for k, v in settings.items() if k not in names}
+    return replace(cfg, **{k: v for k, v in settings.items() if k in names}), {
+        k: v for k, v in settings.items() if k not in names
+    }

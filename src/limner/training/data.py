@@ -24,19 +24,26 @@ def fit_square(image: np.ndarray, resolution: int) -> np.ndarray:
     return np.asarray(im.crop((left, top, left + resolution, top + resolution)))
 
 
-def subject_loss_weights(subject, resolution: int, latent_size: int, flip: bool, background_weight: float) -> torch.Tensor:
+def subject_loss_weights(
+    subject, resolution: int, latent_size: int, flip: bool, background_weight: float
+) -> torch.Tensor:
     """Per training row, in encode_images' order (originals, then mirrors), the loss weight of each latent
     pixel: 1 where the subject covers it, `background_weight` where nothing of it does, in between at its
     edge. The subject's masks are fitted to the square exactly as its images are."""
     masks = subject.masks
     if not masks or len(masks) != len(subject.images):
-        raise LimnerError(f"subject {subject.name}: a masked loss needs one mask per reference image "
-                          f"({len(masks or [])} masks for {len(subject.images)} images); put masks/NAME.png beside each NAME.jpg "
-                          "(white where the subject is), or leave background_weight unset")
+        raise LimnerError(
+            f"subject {subject.name}: a masked loss needs one mask per reference image "
+            f"({len(masks or [])} masks for {len(subject.images)} images); put masks/NAME.png beside each NAME.jpg "
+            "(white where the subject is), or leave background_weight unset"
+        )
     fitted = []
     for i, (mask, image) in enumerate(zip(masks, subject.images)):
         if mask.shape[:2] != image.shape[:2]:
-            raise LimnerError(f"subject {subject.name}: mask {i} is {mask.shape[1]}x{mask.shape[0]}, its image {image.shape[1]}x{image.shape[0]}")
+            raise LimnerError(
+                f"subject {subject.name}: mask {i} is {mask.shape[1]}x{mask.shape[0]}, its image "
+                f"{image.shape[1]}x{image.shape[0]}"
+            )
         grey = np.repeat(mask.astype(np.uint8)[..., None] * 255, 3, axis=-1)
         fitted.append(fit_square(grey, resolution)[..., 0] / 255.0)
     rows = fitted + ([m[:, ::-1] for m in fitted] if flip else [])
@@ -87,7 +94,7 @@ def encode_images(vae, images: list[np.ndarray], resolution: int, flip: bool = F
     means, stds = [], []
     device, dtype = vae.device, vae.dtype
     for i in range(0, len(rows), batch):
-        d = vae.encode(to_unit_range(np.stack(rows[i:i + batch])).to(device, dtype)).latent_dist
+        d = vae.encode(to_unit_range(np.stack(rows[i : i + batch])).to(device, dtype)).latent_dist
         means.append(d.mean.float().cpu())
         stds.append(d.std.float().cpu())
     scaling = float(vae.config.scaling_factor)

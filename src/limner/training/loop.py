@@ -97,10 +97,18 @@ class FrozenInHalf:
 
     def __init__(self, dtype: torch.dtype | None, modules: Iterable[nn.Module]):
         self.dtype, self.halved = dtype, False
-        frozen = {id(p): p for m in modules for sub in m.modules() if not isinstance(sub, NORMS)
-                  for p in sub.parameters(recurse=False) if not p.requires_grad and p.is_floating_point()}
+        frozen = {
+            id(p): p
+            for m in modules
+            for sub in m.modules()
+            if not isinstance(sub, NORMS)
+            for p in sub.parameters(recurse=False)
+            if not p.requires_grad and p.is_floating_point()
+        }
         self.params = list(frozen.values()) if dtype is not None else []
-        self.kept: list[tuple[nn.Parameter, torch.dtype, torch.Tensor | None]] | None = None  # decided at the first halve()
+        self.kept: list[tuple[nn.Parameter, torch.dtype, torch.Tensor | None]] | None = (
+            None  # decided at the first halve()
+        )
 
     def _plan(self, p: nn.Parameter) -> tuple[nn.Parameter, torch.dtype, torch.Tensor | None] | None:
         """(p, its dtype, a CPU copy where casting back would round it), or None to leave p as it is."""
@@ -144,8 +152,13 @@ def _accelerator(cfg: TrainConfig, modules: dict[str, nn.Module], out: Path):
     # on a CPU-only machine `accelerate launch --multi_gpu --num_processes N` runs N gloo processes
     on_cpu = next(next(iter(modules.values())).parameters()).device.type == "cpu"
     _forget_accelerator_settings()
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                              cpu=on_cpu, log_with=_trackers() or None, project_dir=str(out / "logs"))
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        cpu=on_cpu,
+        log_with=_trackers() or None,
+        project_dir=str(out / "logs"),
+    )
     if accelerator.log_with:
         accelerator.init_trackers("limner")
     if cfg.gradient_checkpointing:
@@ -157,8 +170,14 @@ def _accelerator(cfg: TrainConfig, modules: dict[str, nn.Module], out: Path):
     return accelerator
 
 
-def train(task: TrainingTask, next_batch: Callable[[torch.Generator], dict], cfg: TrainConfig, out: Path,
-          desc: str = "train", validate: Callable[[int], float | None] | None = None) -> TrainLog:
+def train(
+    task: TrainingTask,
+    next_batch: Callable[[torch.Generator], dict],
+    cfg: TrainConfig,
+    out: Path,
+    desc: str = "train",
+    validate: Callable[[int], float | None] | None = None,
+) -> TrainLog:
     """Runs cfg.max_steps optimizer steps of task.loss on batches from next_batch(generator).
 
     The generator that draws batches and noise is seeded from cfg.seed and the process index, saved
@@ -201,8 +220,14 @@ def train(task: TrainingTask, next_batch: Callable[[torch.Generator], dict], cfg
                 tqdm.write(f"[{desc}] resuming at step {start}/{cfg.max_steps} from {ckpt}")
         csv_path = out / "train_log.csv"
         t0 = time.perf_counter() - (log.curve[-1]["seconds"] if log.curve else 0.0)
-        bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc=desc, disable=not accelerator.is_main_process,
-                   mininterval=1)
+        bar = tqdm(
+            range(start, cfg.max_steps),
+            initial=start,
+            total=cfg.max_steps,
+            desc=desc,
+            disable=not accelerator.is_main_process,
+            mininterval=1,
+        )
         for step in bar:
             t_step = time.perf_counter()
             for _ in range(cfg.gradient_accumulation_steps):
@@ -219,26 +244,43 @@ def train(task: TrainingTask, next_batch: Callable[[torch.Generator], dict], cfg
             task.after_optimizer_step()
             if ema is not None:
                 update_ema(ema, params, step, cfg.ema_decay)
-            loss_value = accelerator.gather(loss.detach().float().reshape(1)).mean().item()  # .item() waits for the device
+            loss_value = (
+                accelerator.gather(loss.detach().float().reshape(1)).mean().item()
+            )  # .item() waits for the device
             speed.step_done(time.perf_counter() - t_step)
-            log.curve.append({"step": step + 1, "seconds": round(time.perf_counter() - t0, 3), "loss": round(loss_value, 6)})
+            log.curve.append(
+                {"step": step + 1, "seconds": round(time.perf_counter() - t0, 3), "loss": round(loss_value, 6)}
+            )
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", **speed.postfix())
             if accelerator.log_with:
-                accelerator.log({"loss": loss_value, "lr": scheduler.get_last_lr()[0], **speed.scalars()}, step=step + 1)
+                accelerator.log(
+                    {"loss": loss_value, "lr": scheduler.get_last_lr()[0], **speed.scalars()}, step=step + 1
+                )
             done = step + 1 == cfg.max_steps
-            if accelerator.is_main_process and ((cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or done):
+            if accelerator.is_main_process and (
+                (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or done
+            ):
                 log.flops_per_step = speed.flops_per_step
                 with disk_guard(f"a checkpoint in {out / 'checkpoints'}"):
                     save_checkpoint(out, step + 1, task, optimizer, scheduler, generator, cfg, log, ema=ema)
                     write_csv(csv_path, log.curve, log.flops_per_step, log.peak_tflops)
-            if validate and accelerator.is_main_process and cfg.validate_every and ((step + 1) % cfg.validate_every == 0 or done):
+            if (
+                validate
+                and accelerator.is_main_process
+                and cfg.validate_every
+                and ((step + 1) % cfg.validate_every == 0 or done)
+            ):
                 t_validate = time.perf_counter()
                 frozen.restore()  # validation draws with the weights the pipeline had
                 value = validate(step + 1)
                 frozen.halve()
-                t0 += time.perf_counter() - t_validate  # the clock stops while validating: reported times are training times
+                t0 += (
+                    time.perf_counter() - t_validate
+                )  # the clock stops while validating: reported times are training times
                 if value is not None:
-                    log.validation.append({"step": step + 1, "seconds": log.curve[-1]["seconds"], "score": round(value, 4)})
+                    log.validation.append(
+                        {"step": step + 1, "seconds": log.curve[-1]["seconds"], "score": round(value, 4)}
+                    )
     finally:
         frozen.restore()
     if ema is not None:
@@ -252,7 +294,9 @@ def train(task: TrainingTask, next_batch: Callable[[torch.Generator], dict], cfg
     return log
 
 
-def write_csv(path: Path, curve: list[dict], flops_per_step: float | None = None, peak_tflops: float | None = None) -> None:
+def write_csv(
+    path: Path, curve: list[dict], flops_per_step: float | None = None, peak_tflops: float | None = None
+) -> None:
     """step, seconds (of training, validation left out), loss, then each step's own time and, where its
     FLOPs were counted, the TFLOP/s achieved and the MFU against `peak_tflops` (blank where unknown)."""
     with written_atomically(path) as tmp, open(tmp, "w", newline="") as f:

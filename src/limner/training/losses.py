@@ -23,9 +23,18 @@ def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.T
     return torch.clamp(snr, max=gamma) / denominator
 
 
-def denoising_loss(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor, generator: torch.Generator,
-                   noise_offset: float = 0.0, min_snr_gamma: float | None = None, mask: torch.Tensor | None = None,
-                   reduction: str = "mean", **unet_kwargs) -> torch.Tensor:
+def denoising_loss(
+    unet,
+    scheduler,
+    latents: torch.Tensor,
+    cond: torch.Tensor,
+    generator: torch.Generator,
+    noise_offset: float = 0.0,
+    min_snr_gamma: float | None = None,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    **unet_kwargs,
+) -> torch.Tensor:
     """Epsilon (or v) prediction MSE at random timesteps, with optional noise offset, min-SNR weighting
     and a spatial mask (1 where the loss counts). reduction='none' gives one value per sample."""
     b = latents.shape[0]
@@ -35,7 +44,11 @@ def denoising_loss(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor, g
     t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(latents.device)
     noisy = scheduler.add_noise(latents, noise, t)
     pred = unet(noisy, t, cond, **unet_kwargs).sample.float()
-    target = noise.float() if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t).float()
+    target = (
+        noise.float()
+        if scheduler.config.prediction_type == "epsilon"
+        else scheduler.get_velocity(latents, noise, t).float()
+    )
     err = F.mse_loss(pred, target, reduction="none")
     if mask is not None:
         m = F.interpolate(mask.float(), size=err.shape[-2:], mode="nearest").to(err)

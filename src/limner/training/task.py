@@ -54,5 +54,7 @@ class TrainLog:
     validation: list[dict] = field(default_factory=list)  # {"step", "seconds", "score"} when validation scores images
     resumed_from: int | None = None
     num_processes: int = 1
-    flops_per_step: float | None = None  # one optimizer step's model FLOPs in one process, counted once (training/throughput.py)
+    flops_per_step: float | None = (
+        None  # one optimizer step's model FLOPs in one process, counted once (training/throughput.py)
+    )
     peak_tflops: float | None = None  # what MFU was measured against

@@ -3,9 +3,10 @@ while it trains.
 
 The FLOPs of one training step (the task's forward and backward passes) are counted once, on the first
 step a run takes, with the formulas of torch's FlopCounterMode (`FlopCount`): they count the matrix
-products, convolutions and attention that do the model's work, not element-wise ops or the optimizer. MFU is those FLOPs over the
-measured time of a step, divided by the device's peak (`TrainConfig.peak_tflops`, else
-`default_peak_tflops`). With several processes each one reports its own share against one device.
+products, convolutions and attention that do the model's work, not element-wise ops or the optimizer.
+MFU is those FLOPs over the measured time of a step, divided by the device's peak
+(`TrainConfig.peak_tflops`, else `default_peak_tflops`). With several processes each one reports its own
+share against one device.
 """
 
 from __future__ import annotations
@@ -73,8 +74,10 @@ def _register_cpu_attention() -> None:
     on a CPU: count it with torch's own attention formulas."""
     from torch.utils import flop_counter as fc
 
-    pairs = (("_scaled_dot_product_flash_attention_for_cpu", "sdpa_flop"),
-             ("_scaled_dot_product_flash_attention_for_cpu_backward", "sdpa_backward_flop"))
+    pairs = (
+        ("_scaled_dot_product_flash_attention_for_cpu", "sdpa_flop"),
+        ("_scaled_dot_product_flash_attention_for_cpu_backward", "sdpa_backward_flop"),
+    )
     for op_name, formula in pairs:
         op, count = getattr(torch.ops.aten, op_name, None), getattr(fc, formula, None)
         if op is not None and count is not None and op not in fc.flop_registry:

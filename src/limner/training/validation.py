@@ -9,8 +9,14 @@ from pathlib import Path
 import torch
 
 
-def make_validator(base, prompts: list[str], out: Path, images_per_prompt: int = 2, steps: int = 20,
-                   score: Callable[[list], float] | None = None) -> Callable[[int], float | None]:
+def make_validator(
+    base,
+    prompts: list[str],
+    out: Path,
+    images_per_prompt: int = 2,
+    steps: int = 20,
+    score: Callable[[list], float] | None = None,
+) -> Callable[[int], float | None]:
     """Validation images during training: a grid per call in out/validation/, made with the
     pipeline as it is at that step (no gradients, and GPU memory freed afterwards). With `score`
     (e.g. the world's subject probe), each call also returns a number, logged against time."""

@@ -20,9 +20,22 @@ from limner.world.render import CharacterSpec, ObjectSpec, Render, Scene, Subjec
 from limner.world.scenes import random_character
 
 # the held-out data live in heldout.py (scenes.py needs them too); importable from here as before
-__all__ = ["IDENTITIES", "REFERENCE_COUNT", "SUBJECTS", "BenchIdentity", "BenchPrompt", "heldout_identity_keys", "identity_by_name",
-           "identity_character", "identity_prompts", "identity_references", "object_prompts", "subject_by_name", "subject_object",
-           "subject_references"]
+__all__ = [
+    "IDENTITIES",
+    "REFERENCE_COUNT",
+    "SUBJECTS",
+    "BenchIdentity",
+    "BenchPrompt",
+    "heldout_identity_keys",
+    "identity_by_name",
+    "identity_character",
+    "identity_prompts",
+    "identity_references",
+    "object_prompts",
+    "subject_by_name",
+    "subject_object",
+    "subject_references",
+]
 
 
 def subject_by_name(name: str) -> Subject:
@@ -47,8 +60,15 @@ REFERENCE_COUNT = 5
 
 
 def subject_object(subject: Subject, rng: np.random.Generator, x: float = 0.5, scale=(0.26, 0.4)) -> ObjectSpec:
-    return ObjectSpec(cls=subject.cls, colour=subject.colour_a, x=x + rng.uniform(-0.06, 0.06), y=rng.uniform(0.5, 0.62),
-                      scale=rng.uniform(*scale), rotation=rng.uniform(-20, 20), subject=subject)
+    return ObjectSpec(
+        cls=subject.cls,
+        colour=subject.colour_a,
+        x=x + rng.uniform(-0.06, 0.06),
+        y=rng.uniform(0.5, 0.62),
+        scale=rng.uniform(*scale),
+        rotation=rng.uniform(-20, 20),
+        subject=subject,
+    )
 
 
 def identity_character(b: BenchIdentity, rng: np.random.Generator, framing: str = "portrait") -> CharacterSpec:
@@ -61,7 +81,9 @@ def subject_references(subject: Subject, count: int = REFERENCE_COUNT, seed: int
     refs = []
     for ctx in contexts:
         spec = subject_object(subject, rng)
-        scene = Scene(str(ctx), [spec], variant=int(rng.integers(2**31)), caption=f"a {subject.cls} {vocab.CONTEXTS[ctx]}")
+        scene = Scene(
+            str(ctx), [spec], variant=int(rng.integers(2**31)), caption=f"a {subject.cls} {vocab.CONTEXTS[ctx]}"
+        )
         refs.append(render(scene))
     return refs
 
@@ -73,7 +95,12 @@ def identity_references(b: BenchIdentity, count: int = REFERENCE_COUNT, seed: in
     for ctx in contexts:
         spec = identity_character(b, rng)
         spec.identity_name = b.name
-        scene = Scene(str(ctx), [spec], variant=int(rng.integers(2**31)), caption=f"a portrait of a {b.cls} {vocab.CONTEXTS[ctx]}")
+        scene = Scene(
+            str(ctx),
+            [spec],
+            variant=int(rng.integers(2**31)),
+            caption=f"a portrait of a {b.cls} {vocab.CONTEXTS[ctx]}",
+        )
         refs.append(render(scene))
     return refs
 
@@ -94,16 +121,30 @@ class BenchPrompt:
 
 
 def object_prompts() -> list[BenchPrompt]:
-    prompts = [BenchPrompt("a {} " + phrase, "recontextualisation", context=ctx) for ctx, phrase in vocab.CONTEXTS.items()]
+    prompts = [
+        BenchPrompt("a {} " + phrase, "recontextualisation", context=ctx) for ctx, phrase in vocab.CONTEXTS.items()
+    ]
     for acc, ctx in (("hat", "beach"), ("bow", "snow"), ("hat", "city"), ("bow", "room")):
-        prompts.append(BenchPrompt(f"a {{}} with a {acc} {vocab.CONTEXTS[ctx]}", "accessorisation", context=ctx, accessory=acc))
+        prompts.append(
+            BenchPrompt(f"a {{}} with a {acc} {vocab.CONTEXTS[ctx]}", "accessorisation", context=ctx, accessory=acc)
+        )
     for colour, ctx in (("red", "grass"), ("blue", "desert"), ("green", "night"), ("yellow", "underwater")):
         prompts.append(BenchPrompt(f"a {colour} {{}} {vocab.CONTEXTS[ctx]}", "property", context=ctx, colour=colour))
     return prompts
 
 
 def identity_prompts() -> list[BenchPrompt]:
-    prompts = [BenchPrompt("a portrait of a {} " + phrase, "recontextualisation", context=ctx) for ctx, phrase in vocab.CONTEXTS.items()]
+    prompts = [
+        BenchPrompt("a portrait of a {} " + phrase, "recontextualisation", context=ctx)
+        for ctx, phrase in vocab.CONTEXTS.items()
+    ]
     for colour, ctx in (("red", "beach"), ("blue", "city"), ("green", "snow"), ("yellow", "room")):
-        prompts.append(BenchPrompt(f"a portrait of a {{}} in a {colour} shirt {vocab.CONTEXTS[ctx]}", "property", context=ctx, colour=colour))
+        prompts.append(
+            BenchPrompt(
+                f"a portrait of a {{}} in a {colour} shirt {vocab.CONTEXTS[ctx]}",
+                "property",
+                context=ctx,
+                colour=colour,
+            )
+        )
     return prompts

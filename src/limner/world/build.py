@@ -100,9 +100,23 @@ class BuildConfig:
     @classmethod
     def quick(cls) -> BuildConfig:
         """A tiny build that runs in a few minutes: proves the pipeline, not fit to ship."""
-        return cls(dataset_size=2000, clip_steps=30, clip_batch=64, vae_steps=30, vae_batch=16, unet_steps=40,
-                   unet_batch=16, unet_warmup=10, instance_dataset_size=500, instance_steps=20, instance_warmup=5,
-                   instance_restart_steps=10, checkpoint_every=20, probe_steps=30, probe_train_size=1000)
+        return cls(
+            dataset_size=2000,
+            clip_steps=30,
+            clip_batch=64,
+            vae_steps=30,
+            vae_batch=16,
+            unet_steps=40,
+            unet_batch=16,
+            unet_warmup=10,
+            instance_dataset_size=500,
+            instance_steps=20,
+            instance_warmup=5,
+            instance_restart_steps=10,
+            checkpoint_every=20,
+            probe_steps=30,
+            probe_train_size=1000,
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,8 +157,14 @@ def warmup_steps(steps: int) -> int:
 def stage_config(cfg: BuildConfig, device: torch.device, **settings) -> TrainConfig:
     """A stage's loop settings: cosine to LR_FLOOR, resumed from its newest checkpoint, one checkpoint kept
     (a UNet stage's is four copies of the UNet: weights, EMA, AdamW's two moments)."""
-    base = dict(lr_schedule="cosine", lr_floor=LR_FLOOR, checkpoint_every=cfg.checkpoint_every, keep_checkpoints=1,
-                resume="latest", mixed_precision=mixed_precision(device))
+    base = dict(
+        lr_schedule="cosine",
+        lr_floor=LR_FLOOR,
+        checkpoint_every=cfg.checkpoint_every,
+        keep_checkpoints=1,
+        resume="latest",
+        mixed_precision=mixed_precision(device),
+    )
     return TrainConfig(**(base | settings))
 
 
@@ -153,7 +173,9 @@ def stage_config(cfg: BuildConfig, device: torch.device, **settings) -> TrainCon
 # --------------------------------------------------------------------------------------------
 
 
-def render_dataset(n: int, seed: int, desc: str = "render", instance_rate: float = 0.0) -> tuple[np.ndarray, list[str]]:
+def render_dataset(
+    n: int, seed: int, desc: str = "render", instance_rate: float = 0.0
+) -> tuple[np.ndarray, list[str]]:
     from limner.world.render import render
     from limner.world.scenes import random_scene
 
@@ -186,15 +208,32 @@ def stage_data(cfg: BuildConfig, work: Path, name: str = "", instance_rate: floa
 
 
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
-    return tokenizer(captions, padding="max_length", truncation=True, max_length=stack.MAX_LENGTH, return_tensors="pt").input_ids
+    return tokenizer(
+        captions, padding="max_length", truncation=True, max_length=stack.MAX_LENGTH, return_tensors="pt"
+    ).input_ids
 
 
 def stage_clip(cfg: BuildConfig, work: Path, images, captions, tokenizer, device):
     torch.manual_seed(cfg.seed + 1)
     clip = WorldClip(tokenizer).to(device)
-    settings = stage_config(cfg, device, max_steps=cfg.clip_steps, batch_size=cfg.clip_batch, learning_rate=cfg.clip_lr,
-                            weight_decay=0.1, lr_warmup_steps=warmup_steps(cfg.clip_steps), max_grad_norm=0.0, seed=cfg.seed + 1)
-    train(ClipTask(clip), clip_batches(images, tokenize(tokenizer, captions), cfg.clip_batch), settings, work / "clip", desc="clip")
+    settings = stage_config(
+        cfg,
+        device,
+        max_steps=cfg.clip_steps,
+        batch_size=cfg.clip_batch,
+        learning_rate=cfg.clip_lr,
+        weight_decay=0.1,
+        lr_warmup_steps=warmup_steps(cfg.clip_steps),
+        max_grad_norm=0.0,
+        seed=cfg.seed + 1,
+    )
+    train(
+        ClipTask(clip),
+        clip_batches(images, tokenize(tokenizer, captions), cfg.clip_batch),
+        settings,
+        work / "clip",
+        desc="clip",
+    )
     clip.eval()
     return clip.text, clip.vision, clip.proj, clip.logit_scale.detach()
 
@@ -207,8 +246,17 @@ def stage_clip(cfg: BuildConfig, work: Path, images, captions, tokenizer, device
 def stage_vae(cfg: BuildConfig, work: Path, images, device):
     torch.manual_seed(cfg.seed + 2)
     vae = stack.build_vae().to(device)
-    settings = stage_config(cfg, device, max_steps=cfg.vae_steps, batch_size=cfg.vae_batch, learning_rate=cfg.vae_lr,
-                            weight_decay=0.0, lr_warmup_steps=warmup_steps(cfg.vae_steps), max_grad_norm=0.0, seed=cfg.seed + 2)
+    settings = stage_config(
+        cfg,
+        device,
+        max_steps=cfg.vae_steps,
+        batch_size=cfg.vae_batch,
+        learning_rate=cfg.vae_lr,
+        weight_decay=0.0,
+        lr_warmup_steps=warmup_steps(cfg.vae_steps),
+        max_grad_norm=0.0,
+        seed=cfg.seed + 2,
+    )
     train(VaeTask(vae, cfg.vae_kl_weight), image_batches(images, cfg.vae_batch), settings, work / "vae", desc="vae")
     return vae.eval()
 
@@ -220,7 +268,7 @@ def encode_latents(vae, images, device, batch: int = 256) -> tuple[torch.Tensor,
     means, stds = [], []
     for i in tqdm(range(0, len(images), batch), desc="latents", mininterval=2):
         with autocast(device):
-            d = vae.encode(to_unit_range(np.asarray(images[i:i + batch])).to(device)).latent_dist
+            d = vae.encode(to_unit_range(np.asarray(images[i : i + batch])).to(device)).latent_dist
         means.append(d.mean.float().cpu().half())
         stds.append(d.std.float().cpu().half())
     return torch.cat(means), torch.cat(stds)
@@ -231,8 +279,22 @@ def encode_latents(vae, images, device, batch: int = 256) -> tuple[torch.Tensor,
 # --------------------------------------------------------------------------------------------
 
 
-def stage_unet(cfg: BuildConfig, work: Path, name: str, lr: float, warmup: int, steps: int, seed: int, latents, scaling: float,
-               captions, tokenizer, text_encoder, device, start: str | None = None):
+def stage_unet(
+    cfg: BuildConfig,
+    work: Path,
+    name: str,
+    lr: float,
+    warmup: int,
+    steps: int,
+    seed: int,
+    latents,
+    scaling: float,
+    captions,
+    tokenizer,
+    text_encoder,
+    device,
+    start: str | None = None,
+):
     """Trains the UNet (from scratch, or on from the trained weights of stage `start`) and returns its EMA."""
     torch.manual_seed(seed)
     task = DenoiserTask(stack.build_unet().to(device), text_encoder, cfg.min_snr_gamma)
@@ -240,8 +302,18 @@ def stage_unet(cfg: BuildConfig, work: Path, name: str, lr: float, warmup: int, 
         task.load_trainable_state(trained_state(work / start))
     empty = tokenize(tokenizer, [""])
     batches = latent_batches(latents, scaling, tokenize(tokenizer, captions), empty, cfg.unet_batch, cfg.cond_dropout)
-    settings = stage_config(cfg, device, max_steps=steps, batch_size=cfg.unet_batch, learning_rate=lr, weight_decay=0.01,
-                            lr_warmup_steps=warmup, max_grad_norm=1.0, ema_decay=cfg.unet_ema_decay, seed=seed)
+    settings = stage_config(
+        cfg,
+        device,
+        max_steps=steps,
+        batch_size=cfg.unet_batch,
+        learning_rate=lr,
+        weight_decay=0.01,
+        lr_warmup_steps=warmup,
+        max_grad_norm=1.0,
+        ema_decay=cfg.unet_ema_decay,
+        seed=seed,
+    )
     train(task, batches, settings, work / name, desc=name)
     return task.model.eval()  # the loop swapped the EMA in at the end
 
@@ -251,21 +323,40 @@ def stage_unet(cfg: BuildConfig, work: Path, name: str, lr: float, warmup: int, 
 # --------------------------------------------------------------------------------------------
 
 
-def export_pipeline(out: Path, tokenizer, text_encoder, image_encoder, text_projection, logit_scale, vae, unet) -> None:
+def export_pipeline(
+    out: Path, tokenizer, text_encoder, image_encoder, text_projection, logit_scale, vae, unet
+) -> None:
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
     from safetensors.torch import save_file
     from transformers import CLIPImageProcessor
 
     scheduler = DPMSolverMultistepScheduler.from_config(training_scheduler().config)
-    feature_extractor = CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64},
-                                           image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=feature_extractor, image_encoder=image_encoder,
-                                   requires_safety_checker=False)
+    feature_extractor = CLIPImageProcessor(
+        size={"shortest_edge": 64},
+        crop_size={"height": 64, "width": 64},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=feature_extractor,
+        image_encoder=image_encoder,
+        requires_safety_checker=False,
+    )
     save_pipeline(pipe, out)
     # CLIP-T needs the text projection, which the SD text encoder (CLIPTextModel) does not carry
-    save_file({"text_projection.weight": text_projection.weight.detach().half().contiguous(),
-               "logit_scale": logit_scale.reshape(1).float()}, str(out / "clip_text_projection.safetensors"))
+    save_file(
+        {
+            "text_projection.weight": text_projection.weight.detach().half().contiguous(),
+            "logit_scale": logit_scale.reshape(1).float(),
+        },
+        str(out / "clip_text_projection.safetensors"),
+    )
 
 
 def stage_probes(cfg: BuildConfig, work: Path, vae) -> dict:
@@ -294,10 +385,24 @@ def train_probe(cfg: BuildConfig, work: Path, name: str, vae):
     round_trips = vae_round_trip(vae, images) if spec.generator_styled else None
     torch.manual_seed(cfg.seed)
     net = ProbeNet(spec.heads())
-    settings = stage_config(cfg, torch.device("cpu"), max_steps=cfg.probe_steps, batch_size=PROBE_BATCH, learning_rate=PROBE_LR,
-                            weight_decay=PROBE_WEIGHT_DECAY, lr_floor=0.0, max_grad_norm=0.0, seed=cfg.seed)
-    train(ProbeTask(net), probe_batches(spec, images, labels, round_trips, PROBE_BATCH), settings, work / f"probe_{name}",
-          desc=f"probe {name}")
+    settings = stage_config(
+        cfg,
+        torch.device("cpu"),
+        max_steps=cfg.probe_steps,
+        batch_size=PROBE_BATCH,
+        learning_rate=PROBE_LR,
+        weight_decay=PROBE_WEIGHT_DECAY,
+        lr_floor=0.0,
+        max_grad_norm=0.0,
+        seed=cfg.seed,
+    )
+    train(
+        ProbeTask(net),
+        probe_batches(spec, images, labels, round_trips, PROBE_BATCH),
+        settings,
+        work / f"probe_{name}",
+        desc=f"probe {name}",
+    )
     return net.eval()
 
 
@@ -323,10 +428,14 @@ def build(out: Path, work: Path, cfg: BuildConfig, device: str = "auto") -> dict
     record_path = work / "build.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else {"config": asdict(cfg), "seconds": {}}
     if record["config"] != asdict(cfg):
-        raise LimnerError(f"--work {work} holds a build with another configuration; use another --work folder or delete it")
+        raise LimnerError(
+            f"--work {work} holds a build with another configuration; use another --work folder or delete it"
+        )
     if any(work.glob("*.ckpt")):  # its cached latents are of a VAE this build would train anew
-        raise LimnerError(f"--work {work} holds checkpoints of an older build (STAGE.ckpt), which this one cannot resume; "
-                          "use another --work folder or delete it")
+        raise LimnerError(
+            f"--work {work} holds checkpoints of an older build (STAGE.ckpt), which this one cannot resume; "
+            "use another --work folder or delete it"
+        )
 
     def timed(name, fn, *args, **kwargs):
         t0 = time.time()
@@ -338,7 +447,9 @@ def build(out: Path, work: Path, cfg: BuildConfig, device: str = "auto") -> dict
     torch.manual_seed(cfg.seed)
     tokenizer = stack.build_tokenizer()
     images, captions = timed("data", stage_data, cfg, work)
-    text_encoder, image_encoder, text_projection, logit_scale = timed("clip", stage_clip, cfg, work, images, captions, tokenizer, dev)
+    text_encoder, image_encoder, text_projection, logit_scale = timed(
+        "clip", stage_clip, cfg, work, images, captions, tokenizer, dev
+    )
     vae = timed("vae", stage_vae, cfg, work, images, dev)
 
     def cached_latents(name: str, images) -> dict:
@@ -350,20 +461,76 @@ def build(out: Path, work: Path, cfg: BuildConfig, device: str = "auto") -> dict
     lat = cached_latents("latents", images)
     scaling = float(1.0 / (lat["mean"].float().std()))
     vae.register_to_config(scaling_factor=scaling)
-    unet = timed("unet", stage_unet, cfg, work, "unet", cfg.unet_lr, cfg.unet_warmup, cfg.unet_steps, cfg.seed + 3, lat, scaling,
-                 captions, tokenizer, text_encoder, dev)
+    unet = timed(
+        "unet",
+        stage_unet,
+        cfg,
+        work,
+        "unet",
+        cfg.unet_lr,
+        cfg.unet_warmup,
+        cfg.unet_steps,
+        cfg.seed + 3,
+        lat,
+        scaling,
+        captions,
+        tokenizer,
+        text_encoder,
+        dev,
+    )
     if cfg.instance_steps:
         images, captions = timed("data_instances", stage_data, cfg, work, "instances", cfg.instance_rate)
         lat = cached_latents("latents_instances", images)
-        unet = timed("instances", stage_unet, cfg, work, "instances", cfg.instance_lr, cfg.instance_warmup, cfg.instance_steps,
-                     cfg.seed + 4, lat, scaling, captions, tokenizer, text_encoder, dev, start="unet")
+        unet = timed(
+            "instances",
+            stage_unet,
+            cfg,
+            work,
+            "instances",
+            cfg.instance_lr,
+            cfg.instance_warmup,
+            cfg.instance_steps,
+            cfg.seed + 4,
+            lat,
+            scaling,
+            captions,
+            tokenizer,
+            text_encoder,
+            dev,
+            start="unet",
+        )
         if cfg.instance_restart_steps:
-            unet = timed("instances_restart", stage_unet, cfg, work, "instances_restart", cfg.instance_lr / 2, cfg.instance_warmup,
-                         cfg.instance_restart_steps, cfg.seed + 5, lat, scaling, captions, tokenizer, text_encoder, dev,
-                         start="instances")
+            unet = timed(
+                "instances_restart",
+                stage_unet,
+                cfg,
+                work,
+                "instances_restart",
+                cfg.instance_lr / 2,
+                cfg.instance_warmup,
+                cfg.instance_restart_steps,
+                cfg.seed + 5,
+                lat,
+                scaling,
+                captions,
+                tokenizer,
+                text_encoder,
+                dev,
+                start="instances",
+            )
     record["probes"] = timed("probes", stage_probes, cfg, work, vae)
-    timed("export", export_pipeline, out / "base", tokenizer, text_encoder.cpu(), image_encoder.cpu(), text_projection.cpu(),
-          logit_scale.cpu(), vae.cpu(), unet.cpu())
+    timed(
+        "export",
+        export_pipeline,
+        out / "base",
+        tokenizer,
+        text_encoder.cpu(),
+        image_encoder.cpu(),
+        text_projection.cpu(),
+        logit_scale.cpu(),
+        vae.cpu(),
+        unet.cpu(),
+    )
     shutil.copytree(work / "probes", out / "probes", dirs_exist_ok=True)
     record["loss"] = stage_losses(work)
     record["device"] = str(dev)

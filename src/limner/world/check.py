@@ -44,7 +44,9 @@ def accessory_renders(per_subject: int, seed: int = 4242) -> tuple[np.ndarray, n
         for k in range(per_subject):
             spec = subject_object(subject, rng)
             spec.accessory = [*vocab.OBJECT_ACCESSORIES, None][k % 3]
-            images.append(render(Scene(str(rng.choice(list(vocab.CONTEXTS))), [spec], variant=int(rng.integers(2**31)))).image)
+            images.append(
+                render(Scene(str(rng.choice(list(vocab.CONTEXTS))), [spec], variant=int(rng.integers(2**31)))).image
+            )
             worn.append(spec.accessory or "none")
     return np.stack(images), np.array(worn)
 
@@ -55,7 +57,9 @@ def check_prompts(n: int, seed: int = 0) -> list[tuple[str, str, str, str]]:
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(combos))
     picked = [combos[i] for i in np.resize(order, n)]
-    return [(f"{with_article(f'{colour} {cls}')} {vocab.CONTEXTS[ctx]}", cls, colour, ctx) for cls, colour, ctx in picked]
+    return [
+        (f"{with_article(f'{colour} {cls}')} {vocab.CONTEXTS[ctx]}", cls, colour, ctx) for cls, colour, ctx in picked
+    ]
 
 
 def accessory_prompts(n: int, seed: int = 0) -> list[tuple[str, str]]:
@@ -69,8 +73,9 @@ def accessory_prompts(n: int, seed: int = 0) -> list[tuple[str, str]]:
 
 
 @torch.no_grad()
-def redrawn_subjects(base: Base, strength: float, per_subject: int = 8, seed: int = 4242, steps: int = 25,
-                     guidance: float = 5.0) -> tuple[np.ndarray, np.ndarray]:
+def redrawn_subjects(
+    base: Base, strength: float, per_subject: int = 8, seed: int = 4242, steps: int = 25, guidance: float = 5.0
+) -> tuple[np.ndarray, np.ndarray]:
     """Renders of the held-out subjects, each noised to `strength` and denoised by the base model given
     only "a CLASS CONTEXT": uint8 images [12 * per_subject, 64, 64, 3] and their subject indices."""
     from diffusers import StableDiffusionImg2ImgPipeline
@@ -81,16 +86,25 @@ def redrawn_subjects(base: Base, strength: float, per_subject: int = 8, seed: in
     for i, subject in enumerate(SUBJECTS):
         for _ in range(per_subject):
             context = str(rng.choice(list(vocab.CONTEXTS)))
-            renders.append(render(Scene(context, [subject_object(subject, rng)], variant=int(rng.integers(2**31)))).image)
+            renders.append(
+                render(Scene(context, [subject_object(subject, rng)], variant=int(rng.integers(2**31)))).image
+            )
             labels.append(i)
             prompts.append(f"a {subject.cls} {vocab.CONTEXTS[context]}")
     pipe = StableDiffusionImg2ImgPipeline(**base.pipe.components)
     pipe.set_progress_bar_config(disable=True)
     images = []
     for k in range(0, len(renders), 16):
-        batch = [Image.fromarray(r) for r in renders[k:k + 16]]
-        out = pipe(prompts[k:k + 16], image=batch, strength=strength, num_inference_steps=steps, guidance_scale=guidance,
-                   generator=torch.Generator().manual_seed(seed + k), output_type="np").images
+        batch = [Image.fromarray(r) for r in renders[k : k + 16]]
+        out = pipe(
+            prompts[k : k + 16],
+            image=batch,
+            strength=strength,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=torch.Generator().manual_seed(seed + k),
+            output_type="np",
+        ).images
         images.append((out * 255).round().astype(np.uint8))
     return np.concatenate(images), np.array(labels)
 
@@ -106,20 +120,49 @@ def subject_probe_check(base: Base, probes: Probes, per_subject: int = 8) -> dic
     accuracy = {}
     for strength in REDRAW_STRENGTHS:
         accuracy[str(strength)] = float(subject_hits(probes, *redrawn_subjects(base, strength, per_subject)).mean())
-    return {"per_subject": per_subject, "accuracy": accuracy, "floor": SUBJECT_PROBE_FLOOR,
-            "passes_floor": accuracy[str(REDRAW_STRENGTHS[0])] >= SUBJECT_PROBE_FLOOR}
+    return {
+        "per_subject": per_subject,
+        "accuracy": accuracy,
+        "floor": SUBJECT_PROBE_FLOOR,
+        "passes_floor": accuracy[str(REDRAW_STRENGTHS[0])] >= SUBJECT_PROBE_FLOOR,
+    }
 
 
-def draw(base: Base, prompts: list[str], seed: int = 0, steps: int = 25, guidance: float = 5.0, scheduler: str = "dpm++") -> list[np.ndarray]:
+def draw(
+    base: Base, prompts: list[str], seed: int = 0, steps: int = 25, guidance: float = 5.0, scheduler: str = "dpm++"
+) -> list[np.ndarray]:
     """One 64 px picture per prompt, the i-th from seed + i."""
-    return [at_64px(generate(base, GenerationSettings(prompt=prompt, num_images=1, seed=seed + i, steps=steps, guidance_scale=guidance,
-                                                      scheduler=scheduler, batch_size=1)).images)[0]
-            for i, prompt in enumerate(prompts)]
+    return [
+        at_64px(
+            generate(
+                base,
+                GenerationSettings(
+                    prompt=prompt,
+                    num_images=1,
+                    seed=seed + i,
+                    steps=steps,
+                    guidance_scale=guidance,
+                    scheduler=scheduler,
+                    batch_size=1,
+                ),
+            ).images
+        )[0]
+        for i, prompt in enumerate(prompts)
+    ]
 
 
-def world_check(base: Base, n: int = 48, seed: int = 0, steps: int = 25, guidance: float = 5.0,
-                scheduler: str = "dpm++", probes_dir: Path = WORLD_PROBES, out: Path | None = None,
-                subject_probe: bool = True, accessory: bool = True) -> dict:
+def world_check(
+    base: Base,
+    n: int = 48,
+    seed: int = 0,
+    steps: int = 25,
+    guidance: float = 5.0,
+    scheduler: str = "dpm++",
+    probes_dir: Path = WORLD_PROBES,
+    out: Path | None = None,
+    subject_probe: bool = True,
+    accessory: bool = True,
+) -> dict:
     if n < 1:
         raise LimnerError(f"-n must be at least 1, got {n}")
     probes = Probes(probes_dir)
@@ -144,10 +187,23 @@ def world_check(base: Base, n: int = 48, seed: int = 0, steps: int = 25, guidanc
         drawn = np.stack(draw(base, [prompt for prompt, _ in worn], seed, steps, guidance, scheduler))
         got = probes.read_attributes(drawn, ("accessory",))["accessory"]
         accuracy["accessory"] = float(np.mean([g == want for g, (_, want) in zip(got, worn)]))
-        rows += [{"prompt": prompt, "want": {"accessory": want}, "got": {"accessory": g}} for g, (prompt, want) in zip(got, worn)]
-    report = {"n": n, "seed": seed, "steps": steps, "guidance": guidance, "scheduler": scheduler,
-              "accuracy": accuracy, "floors": FLOORS, "passes_floors": all(accuracy[k] >= f for k, f in FLOORS.items()),
-              "seconds_per_image": round(seconds / n, 4), "base_fingerprint": base.fingerprint, "cases": rows}
+        rows += [
+            {"prompt": prompt, "want": {"accessory": want}, "got": {"accessory": g}}
+            for g, (prompt, want) in zip(got, worn)
+        ]
+    report = {
+        "n": n,
+        "seed": seed,
+        "steps": steps,
+        "guidance": guidance,
+        "scheduler": scheduler,
+        "accuracy": accuracy,
+        "floors": FLOORS,
+        "passes_floors": all(accuracy[k] >= f for k, f in FLOORS.items()),
+        "seconds_per_image": round(seconds / n, 4),
+        "base_fingerprint": base.fingerprint,
+        "cases": rows,
+    }
     if subject_probe:
         report["subject_probe"] = subject_probe_check(base, probes)
         report["passes_floors"] = report["passes_floors"] and report["subject_probe"]["passes_floor"]
@@ -164,7 +220,10 @@ def format_table(report: dict) -> str:
     for k, f in FLOORS.items():
         lines.append(f"| {k} | {report['accuracy'][k]:.3f} | {f:.2f} |")
     if "accessory" in report["accuracy"]:
-        lines.append(f"| accessory (a hat or a bow, {ACCESSORY_CASES} more prompts) | {report['accuracy']['accessory']:.3f} | — |")
+        lines.append(
+            f"| accessory (a hat or a bow, {ACCESSORY_CASES} more prompts) | {report['accuracy']['accessory']:.3f} | "
+            "— |"
+        )
     if "subject_probe" in report:
         sp = report["subject_probe"]
         for strength, acc in sp["accuracy"].items():

@@ -48,13 +48,27 @@ class ProbeNet(nn.Module):
         super().__init__()
 
         def block(cin: int, cout: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.SiLU(),
-                                 nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.SiLU(), nn.MaxPool2d(2))
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, padding=1),
+                nn.BatchNorm2d(cout),
+                nn.SiLU(),
+                nn.Conv2d(cout, cout, 3, padding=1),
+                nn.BatchNorm2d(cout),
+                nn.SiLU(),
+                nn.MaxPool2d(2),
+            )
 
-        self.features = nn.Sequential(nn.Conv2d(3, width, 3, stride=2, padding=1), nn.SiLU(),  # 32 px
-                                      block(width, width * 2), block(width * 2, width * 4),  # 16, 8 px
-                                      block(width * 4, width * 4), nn.AdaptiveAvgPool2d(1), nn.Flatten(),  # 4 px
-                                      nn.Linear(width * 4, feature_dim), nn.SiLU())
+        self.features = nn.Sequential(
+            nn.Conv2d(3, width, 3, stride=2, padding=1),
+            nn.SiLU(),  # 32 px
+            block(width, width * 2),
+            block(width * 2, width * 4),  # 16, 8 px
+            block(width * 4, width * 4),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),  # 4 px
+            nn.Linear(width * 4, feature_dim),
+            nn.SiLU(),
+        )
         self.heads = nn.ModuleDict({name: nn.Linear(feature_dim, n) for name, n in heads.items()})
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -75,11 +89,20 @@ class ProbeSpec:
         return {k: len(v) for k, v in self.labels.items()}
 
 
-ATTRIBUTES = ProbeSpec("attributes", {"class": list(vocab.CLASSES), "colour": list(vocab.COLOURS),
-                                      "accessory": ["none", *vocab.OBJECT_ACCESSORIES], "context": list(vocab.CONTEXTS)})
+ATTRIBUTES = ProbeSpec(
+    "attributes",
+    {
+        "class": list(vocab.CLASSES),
+        "colour": list(vocab.COLOURS),
+        "accessory": ["none", *vocab.OBJECT_ACCESSORIES],
+        "context": list(vocab.CONTEXTS),
+    },
+)
 IGNORE = -100  # a head with nothing to say about this image (e.g. accessory of a character)
 # three classes need fewer renders, and each one's VAE round trip is most of the probe's cost (120 ms on a laptop CPU)
-ACCESSORY = ProbeSpec("accessory", {"accessory": ATTRIBUTES.labels["accessory"]}, generator_styled=True, train_size=6000)
+ACCESSORY = ProbeSpec(
+    "accessory", {"accessory": ATTRIBUTES.labels["accessory"]}, generator_styled=True, train_size=6000
+)
 SUBJECT = ProbeSpec("subject", {"subject": [s.name for s in SUBJECTS] + [OTHER]}, generator_styled=True)
 IDENTITY = ProbeSpec("identity", {k: [str(i) for i in range(n)] for k, n in vocab.IDENTITY_FACTORS.items()})
 SPECS = {s.name: s for s in (ATTRIBUTES, ACCESSORY, SUBJECT, IDENTITY)}
@@ -145,9 +168,9 @@ def vae_round_trip(vae, images: np.ndarray, batch: int = 250) -> np.ndarray:
     """uint8 renders -> the same renders encoded and decoded by the world VAE (posterior mean)."""
     out = np.zeros_like(images)
     for i in tqdm(range(0, len(images), batch), desc="vae round trip", mininterval=2):
-        x = to_input(images[i:i + batch]).to(vae.device, vae.dtype)
+        x = to_input(images[i : i + batch]).to(vae.device, vae.dtype)
         y = vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
-        out[i:i + batch] = y.add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        out[i : i + batch] = y.add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
     return out
 
 
@@ -165,10 +188,20 @@ def _attributes_sample(rng: np.random.Generator) -> tuple[Render, dict[str, int]
             o.accessory = str(rng.choice(vocab.OBJECT_ACCESSORIES))
         r = render(Scene(context, [o], variant=int(rng.integers(2**31))))
         acc = 0 if o.accessory is None else 1 + vocab.OBJECT_ACCESSORIES.index(o.accessory)
-        return r, {"class": vocab.CLASSES.index(o.cls), "colour": list(vocab.COLOURS).index(o.colour), "accessory": acc, "context": ctx}
+        return r, {
+            "class": vocab.CLASSES.index(o.cls),
+            "colour": list(vocab.COLOURS).index(o.colour),
+            "accessory": acc,
+            "context": ctx,
+        }
     c = random_character(rng, 0.5, "portrait" if rng.random() < 0.6 else "full", set())
     r = render(Scene(context, [c], variant=int(rng.integers(2**31))))
-    return r, {"class": vocab.CLASSES.index(c.cls), "colour": list(vocab.COLOURS).index(c.shirt_colour), "accessory": IGNORE, "context": ctx}
+    return r, {
+        "class": vocab.CLASSES.index(c.cls),
+        "colour": list(vocab.COLOURS).index(c.shirt_colour),
+        "accessory": IGNORE,
+        "context": ctx,
+    }
 
 
 def _accessory_sample(rng: np.random.Generator) -> tuple[Render, dict[str, int]]:
@@ -180,7 +213,9 @@ def _accessory_sample(rng: np.random.Generator) -> tuple[Render, dict[str, int]]
         spec = random_object(rng, 0.5, (0.18, 0.42))
     worn = int(rng.integers(3))
     spec.accessory = ACCESSORY.labels["accessory"][worn] if worn else None
-    return render(Scene(str(rng.choice(list(vocab.CONTEXTS))), [spec], variant=int(rng.integers(2**31)))), {"accessory": worn}
+    return render(Scene(str(rng.choice(list(vocab.CONTEXTS))), [spec], variant=int(rng.integers(2**31)))), {
+        "accessory": worn
+    }
 
 
 def _subject_sample(rng: np.random.Generator) -> tuple[Render, dict[str, int]]:
@@ -222,7 +257,12 @@ def _identity_sample(rng: np.random.Generator) -> tuple[Render, dict[str, int]]:
     return r, dict(zip(vocab.IDENTITY_FACTORS, c.identity.factors()))
 
 
-SAMPLERS = {"attributes": _attributes_sample, "accessory": _accessory_sample, "subject": _subject_sample, "identity": _identity_sample}
+SAMPLERS = {
+    "attributes": _attributes_sample,
+    "accessory": _accessory_sample,
+    "subject": _subject_sample,
+    "identity": _identity_sample,
+}
 
 
 def make_set(name: str, n: int, seed: int, desc: str | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -242,8 +282,14 @@ def make_set(name: str, n: int, seed: int, desc: str | None = None) -> tuple[np.
 # --------------------------------------------------------------------------------------------
 
 
-def probe_batch(spec: ProbeSpec, images: np.ndarray, labels: dict[str, np.ndarray], round_trips: np.ndarray | None, batch: int,
-                g: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def probe_batch(
+    spec: ProbeSpec,
+    images: np.ndarray,
+    labels: dict[str, np.ndarray],
+    round_trips: np.ndarray | None,
+    batch: int,
+    g: torch.Generator,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """A training batch of probe `spec` (inputs, labels per head) from its renders: degraded, or for a
     generator-styled probe half as the world VAE gives them back (`round_trips`), all with detail lost.
     The world build trains the probes on it (limner.world.stages.ProbeTask)."""
@@ -271,7 +317,7 @@ def evaluate_probe(net: ProbeNet, name: str, n: int = 2000, seed: int = 12345) -
     g = torch.Generator().manual_seed(seed)
     preds: dict[str, list[np.ndarray]] = {k: [] for k in spec.labels}
     for i in range(0, n, 250):
-        out = net(degrade(to_input(images[i:i + 250]), g))
+        out = net(degrade(to_input(images[i : i + 250]), g))
         for k in spec.labels:
             preds[k].append(out[k].argmax(-1).numpy())
     acc = {}
@@ -290,13 +336,25 @@ def identification_accuracy(net: ProbeNet, per_identity: int = 10) -> float:
     identity's centroid; fresh portraits in new poses and contexts must land nearest their own."""
     from limner.world.bench import identity_references
 
-    centroids = torch.stack([embed_identity(net, np.stack([r.image for r in identity_references(b)])).mean(0) for b in IDENTITIES])
+    centroids = torch.stack(
+        [embed_identity(net, np.stack([r.image for r in identity_references(b)])).mean(0) for b in IDENTITIES]
+    )
     centroids = F.normalize(centroids, dim=-1)
     rng = np.random.default_rng(777)
     correct = total = 0
     for i, b in enumerate(IDENTITIES):
-        imgs = np.stack([render(Scene(str(rng.choice(list(vocab.CONTEXTS))), [identity_character(b, rng)], variant=int(rng.integers(2**31)))).image
-                         for _ in range(per_identity)])
+        imgs = np.stack(
+            [
+                render(
+                    Scene(
+                        str(rng.choice(list(vocab.CONTEXTS))),
+                        [identity_character(b, rng)],
+                        variant=int(rng.integers(2**31)),
+                    )
+                ).image
+                for _ in range(per_identity)
+            ]
+        )
         sims = embed_identity(net, imgs) @ centroids.t()
         correct += int((sims.argmax(-1) == i).sum())
         total += per_identity
@@ -325,7 +383,9 @@ def load_probe(folder: Path, name: str) -> ProbeNet:
     if not path.exists():
         from limner.errors import LimnerError
 
-        raise LimnerError(f"probe {name!r} not found at {path}; reinstall limner or run `limner world build` to make it")
+        raise LimnerError(
+            f"probe {name!r} not found at {path}; reinstall limner or run `limner world build` to make it"
+        )
     net = ProbeNet(SPECS[name].heads())
     state = {k: v.float() if v.dtype.is_floating_point else v for k, v in load_file(str(path)).items()}
     net.load_state_dict(state)
@@ -333,7 +393,8 @@ def load_probe(folder: Path, name: str) -> ProbeNet:
 
 
 def probe_digests(folder: Path) -> dict[str, str]:
-    """Which probes read a result: a digest of each probe's weights, so that readings by different probes are never mixed."""
+    """Which probes read a result: a digest of each probe's weights, so that readings by different
+    probes are never mixed."""
     paths = {name: Path(folder) / f"{name}.safetensors" for name in SPECS}
     return {name: hashlib.sha256(path.read_bytes()).hexdigest()[:16] for name, path in paths.items() if path.exists()}
 

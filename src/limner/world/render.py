@@ -255,8 +255,11 @@ def object_parts(cls: str) -> list[list[tuple[float, float]]]:
     if cls == "ball":
         return [_circle(0, 0, 1.0)]
     if cls == "box":
-        return [_rect(-0.8, -0.45, 0.6, 0.95), [(-0.8, -0.45), (-0.45, -0.85), (0.95, -0.85), (0.6, -0.45)],
-                [(0.6, -0.45), (0.95, -0.85), (0.95, 0.55), (0.6, 0.95)]]
+        return [
+            _rect(-0.8, -0.45, 0.6, 0.95),
+            [(-0.8, -0.45), (-0.45, -0.85), (0.95, -0.85), (0.6, -0.45)],
+            [(0.6, -0.45), (0.95, -0.85), (0.95, 0.55), (0.6, 0.95)],
+        ]
     if cls == "cup":
         # a C-shaped handle: outer arc out, inner arc back
         arc = np.linspace(-math.pi / 2, math.pi / 2, 12)
@@ -279,13 +282,26 @@ def object_parts(cls: str) -> list[list[tuple[float, float]]]:
             pts.append((r * math.cos(a), r * math.sin(a)))
         return [pts]
     if cls == "teddy":
-        return [_ellipse(0, 0.38, 0.55, 0.58), _circle(0, -0.42, 0.42), _circle(-0.36, -0.78, 0.17),
-                _circle(0.36, -0.78, 0.17), _ellipse(-0.6, 0.25, 0.17, 0.3), _ellipse(0.6, 0.25, 0.17, 0.3)]
+        return [
+            _ellipse(0, 0.38, 0.55, 0.58),
+            _circle(0, -0.42, 0.42),
+            _circle(-0.36, -0.78, 0.17),
+            _circle(0.36, -0.78, 0.17),
+            _ellipse(-0.6, 0.25, 0.17, 0.3),
+            _ellipse(0.6, 0.25, 0.17, 0.3),
+        ]
     if cls == "dog":
-        return [_ellipse(-0.1, 0.1, 0.68, 0.34), _circle(0.62, -0.32, 0.32), _ellipse(0.48, -0.3, 0.12, 0.26),
-                _rect(-0.65, 0.2, -0.48, 0.85), _rect(-0.3, 0.2, -0.13, 0.85), _rect(0.15, 0.2, 0.32, 0.85),
-                _rect(0.38, 0.2, 0.55, 0.85), [(-0.72, -0.05), (-0.98, -0.5), (-0.9, -0.55), (-0.66, -0.15)],
-                _ellipse(0.92, -0.25, 0.16, 0.12)]
+        return [
+            _ellipse(-0.1, 0.1, 0.68, 0.34),
+            _circle(0.62, -0.32, 0.32),
+            _ellipse(0.48, -0.3, 0.12, 0.26),
+            _rect(-0.65, 0.2, -0.48, 0.85),
+            _rect(-0.3, 0.2, -0.13, 0.85),
+            _rect(0.15, 0.2, 0.32, 0.85),
+            _rect(0.38, 0.2, 0.55, 0.85),
+            [(-0.72, -0.05), (-0.98, -0.5), (-0.9, -0.55), (-0.66, -0.15)],
+            _ellipse(0.92, -0.25, 0.16, 0.12),
+        ]
     raise ValueError(f"unknown object class {cls!r}; known: {', '.join(vocab.OBJECT_CLASSES)}")
 
 
@@ -359,7 +375,9 @@ def paint_object(canvas: Image.Image, spec: ObjectSpec, rng: np.random.Generator
         s = spec.subject
         layer = Image.new("RGB", (CANVAS, CANVAS), rgb(s.colour_a))
         ld = ImageDraw.Draw(layer)
-        half = _transform(_rect(0, -2, 2, 2) if s.split == "vertical" else _rect(-2, 0, 2, 2), cx, cy, size, spec.rotation)
+        half = _transform(
+            _rect(0, -2, 2, 2) if s.split == "vertical" else _rect(-2, 0, 2, 2), cx, cy, size, spec.rotation
+        )
         ld.polygon(half, fill=rgb(s.colour_b))
         er = size * 0.32
         # the emblem sits across the split; a crescent's cut takes the colour of the half under it
@@ -374,7 +392,9 @@ def paint_object(canvas: Image.Image, spec: ObjectSpec, rng: np.random.Generator
     for p in polys:
         d.line(p + [p[0]], fill=outline, width=2)
     if spec.cls in ("teddy", "dog"):
-        eye = _transform([(0.62, -0.4)] if spec.cls == "dog" else [(-0.14, -0.48), (0.14, -0.48)], cx, cy, size, spec.rotation)
+        eye = _transform(
+            [(0.62, -0.4)] if spec.cls == "dog" else [(-0.14, -0.48), (0.14, -0.48)], cx, cy, size, spec.rotation
+        )
         for ex, ey in eye:
             d.ellipse([ex - 2, ey - 2, ex + 2, ey + 2], fill=(10, 10, 10))
     if spec.cls == "kite":
@@ -391,7 +411,10 @@ def paint_object(canvas: Image.Image, spec: ObjectSpec, rng: np.random.Generator
     elif spec.accessory == "bow":
         top = min(y for p in polys for _, y in p)
         bx, by, r = cx, top + size * 0.15, size * 0.22
-        bow = [[(bx, by), (bx - 2 * r, by - r), (bx - 2 * r, by + r)], [(bx, by), (bx + 2 * r, by - r), (bx + 2 * r, by + r)]]
+        bow = [
+            [(bx, by), (bx - 2 * r, by - r), (bx - 2 * r, by + r)],
+            [(bx, by), (bx + 2 * r, by - r), (bx + 2 * r, by + r)],
+        ]
         for b in bow:
             d.polygon(b, fill=(40, 200, 220), outline=(20, 20, 20))
             ImageDraw.Draw(mask).polygon(b, fill=255)
@@ -411,8 +434,11 @@ def _body_geometry(spec: CharacterSpec) -> dict:
         hx, hy = spec.x * CANVAS, spec.y * CANVAS - CANVAS * 0.06
         neck = (hx, hy + hr * 1.05)
         sh_w = hr * (1.25 if child else 1.7)
-        kp = {"neck": neck, "left_shoulder": (hx - sh_w, neck[1] + hr * 0.25),
-              "right_shoulder": (hx + sh_w, neck[1] + hr * 0.25)}
+        kp = {
+            "neck": neck,
+            "left_shoulder": (hx - sh_w, neck[1] + hr * 0.25),
+            "right_shoulder": (hx + sh_w, neck[1] + hr * 0.25),
+        }
         return {"hx": hx, "hy": hy, "hr": hr, "kp": kp}
     height = CANVAS * 0.78 * spec.scale * (0.68 if child else 1.0)
     hr = height * (0.12 if child else 0.095)
@@ -423,9 +449,15 @@ def _body_geometry(spec: CharacterSpec) -> dict:
     sh_w = hr * (1.3 if child else 1.8)
     hip_y = neck[1] + height * 0.38
     arm = height * 0.34
-    kp = {"neck": neck, "left_shoulder": (hx - sh_w, neck[1] + hr * 0.3), "right_shoulder": (hx + sh_w, neck[1] + hr * 0.3),
-          "left_hip": (hx - sh_w * 0.55, hip_y), "right_hip": (hx + sh_w * 0.55, hip_y),
-          "left_foot": (hx - sh_w * 0.6, feet_y), "right_foot": (hx + sh_w * 0.6, feet_y)}
+    kp = {
+        "neck": neck,
+        "left_shoulder": (hx - sh_w, neck[1] + hr * 0.3),
+        "right_shoulder": (hx + sh_w, neck[1] + hr * 0.3),
+        "left_hip": (hx - sh_w * 0.55, hip_y),
+        "right_hip": (hx + sh_w * 0.55, hip_y),
+        "left_foot": (hx - sh_w * 0.6, feet_y),
+        "right_foot": (hx + sh_w * 0.6, feet_y),
+    }
     kp["left_knee"] = ((kp["left_hip"][0] + kp["left_foot"][0]) / 2, (hip_y + feet_y) / 2)
     kp["right_knee"] = ((kp["right_hip"][0] + kp["right_foot"][0]) / 2, (hip_y + feet_y) / 2)
     for side, sign in (("left", -1), ("right", 1)):
@@ -502,14 +534,20 @@ def paint_character(canvas: Image.Image, spec: CharacterSpec, rng: np.random.Gen
     d.polygon(head, fill=skin, outline=outline)
     md.polygon(head, fill=255)
     if style in ("short", "long", "bun"):
-        cap = T([(aspect * math.cos(t), -abs(math.sin(t)) * 1.06) for t in np.linspace(0, math.pi, 16)] + [(-aspect * 0.9, -0.45), (aspect * 0.9, -0.45)][::-1])
+        cap = T(
+            [(aspect * math.cos(t), -abs(math.sin(t)) * 1.06) for t in np.linspace(0, math.pi, 16)]
+            + [(-aspect * 0.9, -0.45), (aspect * 0.9, -0.45)][::-1]
+        )
         d.polygon(cap, fill=hair)
         md.polygon(cap, fill=255)
     elif style == "spiky":
         spikes = []
         for i in range(7):
             t = math.pi * (i + 0.5) / 7
-            spikes += [(aspect * math.cos(t - 0.2) * 0.95, -math.sin(t - 0.2) * 0.95), (aspect * math.cos(t) * 1.35, -math.sin(t) * 1.35)]
+            spikes += [
+                (aspect * math.cos(t - 0.2) * 0.95, -math.sin(t - 0.2) * 0.95),
+                (aspect * math.cos(t) * 1.35, -math.sin(t) * 1.35),
+            ]
         spikes = T([(aspect, -0.2)] + spikes + [(-aspect, -0.2)])
         d.polygon(spikes, fill=hair)
         md.polygon(spikes, fill=255)
@@ -519,7 +557,9 @@ def paint_character(canvas: Image.Image, spec: CharacterSpec, rng: np.random.Gen
     er = max(hr * 0.13, 1.6)
     for ex, ey in eyes:
         d.ellipse([ex - er, ey - er, ex + er, ey + er], fill=(250, 250, 250))
-        d.ellipse([ex - er * 0.65, ey - er * 0.65, ex + er * 0.65, ey + er * 0.65], fill=vocab.EYE_COLOURS[ident.eye_colour])
+        d.ellipse(
+            [ex - er * 0.65, ey - er * 0.65, ex + er * 0.65, ey + er * 0.65], fill=vocab.EYE_COLOURS[ident.eye_colour]
+        )
     ns = vocab.NOSE_SIZES[ident.nose]
     nose_tip = T([(0, 0.28)])[0]
     d.polygon(T([(0, 0.28 - ns * 2), (ns, 0.3), (-ns, 0.3)]), fill=shade(skin, -0.25))
@@ -576,19 +616,37 @@ def render(scene: Scene) -> Render:
     visible = []
     for i, m in enumerate(masks_2x):
         mm = _downsample_mask(m)
-        for later in masks_2x[i + 1:]:
+        for later in masks_2x[i + 1 :]:
             mm &= ~_downsample_mask(later)
         visible.append(mm)
     truths = []
     for e, mm, x in zip(scene.entities, visible, extras):
         if isinstance(e, ObjectSpec):
-            attrs = {"colour": e.colour, "pattern": e.pattern, "accessory": e.accessory,
-                     "subject": e.subject.name if e.subject else None}
+            attrs = {
+                "colour": e.colour,
+                "pattern": e.pattern,
+                "accessory": e.accessory,
+                "subject": e.subject.name if e.subject else None,
+            }
             truths.append(EntityTruth("object", e.cls, attrs, mm, _bbox(mm)))
         else:
-            attrs = {"shirt_colour": e.shirt_colour, "shirt_pattern": e.shirt_pattern, "framing": e.framing,
-                     "identity_factors": e.identity.factors()}
-            truths.append(EntityTruth("character", e.cls, attrs, mm, _bbox(mm), face_keypoints=x["face"],
-                                      body_keypoints=x["body"], identity=e.identity_name or e.identity.key()))
+            attrs = {
+                "shirt_colour": e.shirt_colour,
+                "shirt_pattern": e.shirt_pattern,
+                "framing": e.framing,
+                "identity_factors": e.identity.factors(),
+            }
+            truths.append(
+                EntityTruth(
+                    "character",
+                    e.cls,
+                    attrs,
+                    mm,
+                    _bbox(mm),
+                    face_keypoints=x["face"],
+                    body_keypoints=x["body"],
+                    identity=e.identity_name or e.identity.key(),
+                )
+            )
     image = np.asarray(canvas.resize((SIZE, SIZE), Image.BOX))
     return Render(image=image, context=scene.context, caption=scene.caption, entities=truths)

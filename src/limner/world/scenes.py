@@ -26,8 +26,13 @@ def is_heldout_combo(cls: str, colour: str, context: str) -> bool:
 
 
 def heldout_combos() -> list[tuple[str, str, str]]:
-    return [(k, c, x) for k in vocab.OBJECT_CLASSES for c in vocab.COLOURS for x in vocab.CONTEXTS
-            if is_heldout_combo(k, c, x)]
+    return [
+        (k, c, x)
+        for k in vocab.OBJECT_CLASSES
+        for c in vocab.COLOURS
+        for x in vocab.CONTEXTS
+        if is_heldout_combo(k, c, x)
+    ]
 
 
 def random_identity(rng: np.random.Generator, exclude: set[str] = frozenset()) -> Identity:
@@ -119,13 +124,22 @@ def random_instance(rng: np.random.Generator, cls: str, colour: str) -> Subject:
     while True:
         others = [c for c in vocab.COLOURS if c != colour]
         second = str(rng.choice(others))
-        instance = Subject("instance", cls, colour, second, str(rng.choice(SPLITS)), str(rng.choice(vocab.EMBLEMS)),
-                           str(rng.choice([c for c in others if c != second])))
+        instance = Subject(
+            "instance",
+            cls,
+            colour,
+            second,
+            str(rng.choice(SPLITS)),
+            str(rng.choice(vocab.EMBLEMS)),
+            str(rng.choice([c for c in others if c != second])),
+        )
         if not near_heldout_subject(instance):
             return instance
 
 
-def random_object(rng: np.random.Generator, x: float, scale_range=(0.22, 0.4), instance_rate: float = 0.0) -> ObjectSpec:
+def random_object(
+    rng: np.random.Generator, x: float, scale_range=(0.22, 0.4), instance_rate: float = 0.0
+) -> ObjectSpec:
     o = ObjectSpec(
         cls=str(rng.choice(vocab.OBJECT_CLASSES)),
         colour=str(rng.choice(list(vocab.COLOURS))),
@@ -141,8 +155,15 @@ def random_object(rng: np.random.Generator, x: float, scale_range=(0.22, 0.4), i
     return o
 
 
-def random_character(rng: np.random.Generator, x: float, framing: str, exclude: set[str], scale: float = 1.0,
-                     identity: Identity | None = None, cls: str | None = None) -> CharacterSpec:
+def random_character(
+    rng: np.random.Generator,
+    x: float,
+    framing: str,
+    exclude: set[str],
+    scale: float = 1.0,
+    identity: Identity | None = None,
+    cls: str | None = None,
+) -> CharacterSpec:
     return CharacterSpec(
         cls=cls or str(rng.choice(vocab.CHARACTER_CLASSES)),
         identity=identity or random_identity(rng, exclude),
@@ -157,14 +178,19 @@ def random_character(rng: np.random.Generator, x: float, framing: str, exclude: 
     )
 
 
-def random_scene(rng: np.random.Generator, exclude_identities: set[str] | None = None,
-                 avoid_heldout_combos: bool = True, instance_rate: float = 0.0) -> Scene:
+def random_scene(
+    rng: np.random.Generator,
+    exclude_identities: set[str] | None = None,
+    avoid_heldout_combos: bool = True,
+    instance_rate: float = 0.0,
+) -> Scene:
     """One scene of the base-model training distribution (held-out subjects never appear). A single
     object is a two-tone instance with an emblem at `instance_rate`."""
     exclude = heldout_identity_keys() if exclude_identities is None else exclude_identities
     context = str(rng.choice(list(vocab.CONTEXTS)))
-    kind = rng.choice(["object", "two_objects", "character", "object_character", "two_characters"],
-                      p=[0.42, 0.16, 0.26, 0.08, 0.08])
+    kind = rng.choice(
+        ["object", "two_objects", "character", "object_character", "two_characters"], p=[0.42, 0.16, 0.26, 0.08, 0.08]
+    )
     entities: list[Entity]
     if kind == "object":
         o = random_object(rng, 0.5, instance_rate=instance_rate)
@@ -183,7 +209,10 @@ def random_scene(rng: np.random.Generator, exclude_identities: set[str] | None =
         left.x, right.x = 0.27 + rng.uniform(-0.04, 0.04), 0.73 + rng.uniform(-0.04, 0.04)
         entities = [left, right]
     else:
-        entities = [random_character(rng, 0.28, "full", exclude, 0.85), random_character(rng, 0.72, "full", exclude, 0.85)]
+        entities = [
+            random_character(rng, 0.28, "full", exclude, 0.85),
+            random_character(rng, 0.72, "full", exclude, 0.85),
+        ]
     scene = Scene(context=context, entities=entities, variant=int(rng.integers(2**31)))
     scene.caption = caption_for(scene, rng)
     return scene

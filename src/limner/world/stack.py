@@ -20,20 +20,50 @@ MAX_LENGTH = 32  # world captions are at most ~25 tokens; a short context keeps 
 TEXT_DIM = 256
 BOS, EOS, PAD, UNK = "<|startoftext|>", "<|endoftext|>", "<|endoftext|>", "<|endoftext|>"
 
-TEXT_CONFIG = dict(vocab_size=0, hidden_size=TEXT_DIM, intermediate_size=1024, num_hidden_layers=4,
-                   num_attention_heads=4, max_position_embeddings=MAX_LENGTH, projection_dim=TEXT_DIM,
-                   hidden_act="quick_gelu")
-VISION_CONFIG = dict(image_size=64, patch_size=8, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-                     num_attention_heads=4, projection_dim=TEXT_DIM, hidden_act="quick_gelu")
-VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 128),
-                  down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-                  layers_per_block=1, norm_num_groups=16, sample_size=64)
+TEXT_CONFIG = dict(
+    vocab_size=0,
+    hidden_size=TEXT_DIM,
+    intermediate_size=1024,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    max_position_embeddings=MAX_LENGTH,
+    projection_dim=TEXT_DIM,
+    hidden_act="quick_gelu",
+)
+VISION_CONFIG = dict(
+    image_size=64,
+    patch_size=8,
+    hidden_size=256,
+    intermediate_size=1024,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    projection_dim=TEXT_DIM,
+    hidden_act="quick_gelu",
+)
+VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    block_out_channels=(32, 64, 128),
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    layers_per_block=1,
+    norm_num_groups=16,
+    sample_size=64,
+)
 # attention at 8x8 and 4x4 only: at 16x16 it would cost twice the step time for little gain at 64 px
-UNET_CONFIG = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
-                   block_out_channels=(64, 128, 256),
-                   down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                   up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                   cross_attention_dim=TEXT_DIM, attention_head_dim=8, norm_num_groups=16)
+UNET_CONFIG = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    block_out_channels=(64, 128, 256),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=TEXT_DIM,
+    attention_head_dim=8,
+    norm_num_groups=16,
+)
 
 
 def _bpe_pieces(word: str) -> list[str]:
@@ -48,7 +78,7 @@ def _apply_bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str
         rank, i = min(pairs)
         if rank == 1 << 30:
             break
-        pieces = pieces[:i] + [pieces[i] + pieces[i + 1]] + pieces[i + 2:]
+        pieces = pieces[:i] + [pieces[i] + pieces[i + 1]] + pieces[i + 2 :]
     return pieces
 
 
@@ -59,7 +89,11 @@ def build_tokenizer() -> CLIPTokenizer:
     so every world word ends as exactly one token. Any other word still tokenizes (into smaller
     pieces), as real CLIP tokenizers do with rare words.
     """
-    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)] + list("<>,.!?'-_|()[]{}:;/\"&+*=#")
+    chars = (
+        [chr(c) for c in range(ord("a"), ord("z") + 1)]
+        + [str(d) for d in range(10)]
+        + list("<>,.!?'-_|()[]{}:;/\"&+*=#")
+    )
     tokens: list[str] = []
     for c in chars:
         tokens += [c, c + "</w>"]
@@ -84,8 +118,13 @@ def build_tokenizer() -> CLIPTokenizer:
 
 
 def build_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
-    cfg = dict(TEXT_CONFIG, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    cfg = dict(
+        TEXT_CONFIG,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return CLIPTextModel(CLIPTextConfig(**cfg))
 
 

@@ -168,12 +168,19 @@ class DenoiserTask(WholeModelTask):
         device = _device(self.model)
         with torch.no_grad():
             cond = self.text_encoder(batch["ids"].to(device)).last_hidden_state
-        return denoising_loss(self.wrapped[self.name], self.scheduler, batch["latents"].to(device), cond, generator,
-                              min_snr_gamma=self.min_snr_gamma)
+        return denoising_loss(
+            self.wrapped[self.name],
+            self.scheduler,
+            batch["latents"].to(device),
+            cond,
+            generator,
+            min_snr_gamma=self.min_snr_gamma,
+        )
 
 
-def latent_batches(cached: dict, scaling: float, ids: torch.Tensor, empty_ids: torch.Tensor, batch: int,
-                   cond_dropout: float) -> Batches:
+def latent_batches(
+    cached: dict, scaling: float, ids: torch.Tensor, empty_ids: torch.Tensor, batch: int, cond_dropout: float
+) -> Batches:
     """Latents drawn from each image's cached posterior (mean, std), scaled, and its caption's ids, the
     empty caption's with probability `cond_dropout`."""
 
@@ -198,8 +205,9 @@ class ProbeTask(WholeModelTask):
         return probe_loss(self.forward(batch["x"]), batch["labels"])
 
 
-def probe_batches(spec: ProbeSpec, images: np.ndarray, labels: dict[str, np.ndarray], round_trips: np.ndarray | None,
-                  batch: int) -> Batches:
+def probe_batches(
+    spec: ProbeSpec, images: np.ndarray, labels: dict[str, np.ndarray], round_trips: np.ndarray | None, batch: int
+) -> Batches:
     def next_batch(g: torch.Generator) -> dict:
         x, y = probe_batch(spec, images, labels, round_trips, batch, g)
         return {"x": x, "labels": y}

@@ -38,11 +38,46 @@ from limner.methods.custom_diffusion.merge import (
     read_concepts,
 )
 from limner.methods.custom_diffusion.method import CustomDiffusion
-from limner.methods.custom_diffusion.retrieval import Pool, folder_pool, pool_index, regularization_set, retrieve, world_pool
+from limner.methods.custom_diffusion.retrieval import (
+    Pool,
+    folder_pool,
+    pool_index,
+    regularization_set,
+    retrieve,
+    world_pool,
+)
 from limner.methods.custom_diffusion.task import CustomDiffusionTask, instance_prompt, rescale
 
-__all__ = ["MODES", "WEIGHTS_FILE", "CustomDiffusion", "CustomDiffusionConfig", "CustomDiffusionTask", "Pool", "closed_form",
-           "closed_form_solver", "compose", "concept_features", "cross_attention_layers", "default_train_config", "folder_pool",
-           "generic_captions", "install_weights", "instance_prompt", "layer_weights", "load_tokens", "merge", "merge_captions", "merged_weights",
-           "pool_index", "prompt_features", "read_concepts", "read_weights", "regularization_set", "rescale", "retrieve", "save_concept",
-           "trained_projections", "world_pool"]
+__all__ = [
+    "MODES",
+    "WEIGHTS_FILE",
+    "CustomDiffusion",
+    "CustomDiffusionConfig",
+    "CustomDiffusionTask",
+    "Pool",
+    "closed_form",
+    "closed_form_solver",
+    "compose",
+    "concept_features",
+    "cross_attention_layers",
+    "default_train_config",
+    "folder_pool",
+    "generic_captions",
+    "install_weights",
+    "instance_prompt",
+    "layer_weights",
+    "load_tokens",
+    "merge",
+    "merge_captions",
+    "merged_weights",
+    "pool_index",
+    "prompt_features",
+    "read_concepts",
+    "read_weights",
+    "regularization_set",
+    "rescale",
+    "retrieve",
+    "save_concept",
+    "trained_projections",
+    "world_pool",
+]

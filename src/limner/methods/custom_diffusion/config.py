@@ -14,27 +14,34 @@ if TYPE_CHECKING:
     pass
 
 
-
-
 def default_train_config(num_concepts: int = 1) -> TrainConfig:
     # the paper: lr 1e-5 (x batch), 250 steps single-concept at 512 px; the small world model needs more.
     # Joint training gets as many steps per concept, as the paper's 500 for two (docs/README.md)
-    return TrainConfig(max_steps=750 * num_concepts, batch_size=4, learning_rate=1e-3, weight_decay=0.0, checkpoint_every=100)
+    return TrainConfig(
+        max_steps=750 * num_concepts, batch_size=4, learning_rate=1e-3, weight_decay=0.0, checkpoint_every=100
+    )
 
 
 @dataclass
 class CustomDiffusionConfig:
     modifier_token: str = setting("<new1>", "the modifier token V* placed before the class noun")
     initializer: str = setting("ktn", "the rare word V* starts from, as in the paper")
-    mode: str = setting("crossattn", "crossattn: all of attn2 (Q, K, V, out); crossattn_kv: K and V only (the paper's "
-                                     "default, and what the closed-form merge solves for)")
+    mode: str = setting(
+        "crossattn",
+        "crossattn: all of attn2 (Q, K, V, out); crossattn_kv: K and V only (the paper's "
+        "default, and what the closed-form merge solves for)",
+    )
     prior_preservation: bool = setting(True, "train on retrieved real images with their own captions too")
     num_reg_images: int = setting(100, "regularisation images retrieved per subject")
-    reg_pool: str | None = setting(None, "folder of captioned images (x.png + x.txt) to retrieve from (default on the world: renders)")
+    reg_pool: str | None = setting(
+        None, "folder of captioned images (x.png + x.txt) to retrieve from (default on the world: renders)"
+    )
     reg_pool_size: int = setting(1500, "world renders to retrieve from")
     clip: str | None = setting(None, "CLIPModel folder for retrieval from a real pool")
     prior_loss_weight: float = setting(1.0, "weight of the regularisation loss")
-    augment: bool = setting(True, "rescale references with 'far away' / 'zoomed in' prompts, the loss masked to the valid region")
+    augment: bool = setting(
+        True, "rescale references with 'far away' / 'zoomed in' prompts, the loss masked to the valid region"
+    )
     augment_variants: int = setting(8, "rescaled variants per reference image (their latents are cached)")
     captions: bool = setting(True, "append each reference image's caption (if it has one) to its prompts")
     train: TrainConfig | None = setting(None, "trainer settings (default: the method's, 750 steps per concept)")

@@ -17,8 +17,6 @@ if TYPE_CHECKING:
     pass
 
 
-
-
 WEIGHTS_FILE = "pytorch_custom_diffusion_weights.safetensors"
 MODES = {"crossattn_kv": ("to_k", "to_v"), "crossattn": ("to_q", "to_k", "to_v", "to_out.0")}
 
@@ -45,16 +43,22 @@ def base_layer(module: torch.nn.Module) -> torch.nn.Module:
 # Regularisation images: retrieved from a captioned pool by CLIP similarity to the class prompt
 
 
-_KEY = {"to_k": "to_k_custom_diffusion", "to_v": "to_v_custom_diffusion", "to_q": "to_q_custom_diffusion",
-        "to_out.0": "to_out_custom_diffusion.0"}
+_KEY = {
+    "to_k": "to_k_custom_diffusion",
+    "to_v": "to_v_custom_diffusion",
+    "to_q": "to_q_custom_diffusion",
+    "to_out.0": "to_out_custom_diffusion.0",
+}
 
 
 def layer_weights(unet, mode: str) -> dict[str, torch.Tensor]:
     """diffusers' Custom Diffusion layout: '<attn2 name>.processor.to_k_custom_diffusion.weight', ..."""
     # a copy: on a CPU in fp32, .cpu().float() would be the parameter itself, and installing other weights
     # would change what was meant to be kept
-    return {f"{name}.processor.{_KEY[proj]}.{pname}": p.detach().to("cpu", torch.float32, copy=True)
-            for name, proj, pname, p in trained_projections(unet, mode)}
+    return {
+        f"{name}.processor.{_KEY[proj]}.{pname}": p.detach().to("cpu", torch.float32, copy=True)
+        for name, proj, pname, p in trained_projections(unet, mode)
+    }
 
 
 def read_weights(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
@@ -64,7 +68,9 @@ def read_weights(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tens
     path = Path(path)
     if path.suffix == ".bin":
         if not allow_pickle:
-            raise LimnerError(f"{path} is a pickle file; load it only with --allow-pickle (read with torch.load(weights_only=True))")
+            raise LimnerError(
+                f"{path} is a pickle file; load it only with --allow-pickle (read with torch.load(weights_only=True))"
+            )
         state = torch.load(path, map_location="cpu", weights_only=True)
     else:
         state = load_file(str(path))
@@ -81,11 +87,16 @@ def install_weights(unet, state: dict[str, torch.Tensor]) -> int:
         layer, _, rest = key.partition(".processor.")
         proj_key, _, pname = rest.rpartition(".")
         if layer not in layers or proj_key not in reverse:
-            raise LimnerError(f"Custom Diffusion weight {key} does not match this UNet (no layer {layer}); was it trained on another base?")
+            raise LimnerError(
+                f"Custom Diffusion weight {key} does not match this UNet (no layer {layer}); was it trained on "
+                "another base?"
+            )
         target = base_layer(layers[layer].get_submodule(reverse[proj_key]))
         param = getattr(target, pname)
         if param.shape != value.shape:
-            raise LimnerError(f"Custom Diffusion weight {key} has shape {tuple(value.shape)}, the UNet's is {tuple(param.shape)}")
+            raise LimnerError(
+                f"Custom Diffusion weight {key} has shape {tuple(value.shape)}, the UNet's is {tuple(param.shape)}"
+            )
         with torch.no_grad():
             param.copy_(value.to(param))
         n += 1
@@ -99,8 +110,12 @@ def save_concept(pipe, folder: Path, mode: str, tokens: list[str], vectors: dict
         save_file({k: v.half() for k, v in layer_weights(pipe.unet, mode).items()}, str(tmp))
     files = {"weights": WEIGHTS_FILE, "tokens": {}}
     for i, token in enumerate(tokens):
-        rows = {name: v[i:i + 1].detach().cpu().half().contiguous() for name, v in vectors.items()}
-        state = {"clip_l": rows["text_encoder"], "clip_g": rows["text_encoder_2"]} if "text_encoder_2" in rows else {token: rows["text_encoder"]}
+        rows = {name: v[i : i + 1].detach().cpu().half().contiguous() for name, v in vectors.items()}
+        state = (
+            {"clip_l": rows["text_encoder"], "clip_g": rows["text_encoder_2"]}
+            if "text_encoder_2" in rows
+            else {token: rows["text_encoder"]}
+        )
         name = f"{token}.safetensors"
         with written_atomically(folder / name) as tmp:
             save_file(state, str(tmp))

@@ -49,14 +49,17 @@ def prompt_features(encoder: PromptEncoder, prompts: list[str], from_token: str 
     first = [0] * len(prompts)
     if from_token is not None:
         token_id = tokenizer.convert_tokens_to_ids(from_token)
-        ids = tokenizer(prompts, padding="max_length", truncation=True, max_length=feats.shape[1], return_tensors="pt").input_ids
+        ids = tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=feats.shape[1], return_tensors="pt"
+        ).input_ids
         first = [int((row == token_id).nonzero()[0]) for row in ids]
     rows = torch.cat([feats[i, start:] for i, start in enumerate(first)])
     return torch.unique(rows.round(decimals=5), dim=0)
 
 
-def closed_form_solver(C_reg: torch.Tensor, C: torch.Tensor, constraint_weight: float = 10.0,
-                       ridge: float = 1e-4) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def closed_form_solver(
+    C_reg: torch.Tensor, C: torch.Tensor, constraint_weight: float = 10.0, ridge: float = 1e-4
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The merge for every layer that reads these features: W = solve(W0, V) minimises
     ||W C_reg^T - W0 C_reg^T||^2 + w ||W C^T - V||^2, the paper's eq. 4-5 with its constraint W C^T = V
     made a weighted least-squares term, w = constraint_weight * N / M per row.
@@ -79,8 +82,14 @@ def closed_form_solver(C_reg: torch.Tensor, C: torch.Tensor, constraint_weight: 
     return solve
 
 
-def closed_form(W0: torch.Tensor, C_reg: torch.Tensor, C: torch.Tensor, V: torch.Tensor,
-                constraint_weight: float = 10.0, ridge: float = 1e-4) -> torch.Tensor:
+def closed_form(
+    W0: torch.Tensor,
+    C_reg: torch.Tensor,
+    C: torch.Tensor,
+    V: torch.Tensor,
+    constraint_weight: float = 10.0,
+    ridge: float = 1e-4,
+) -> torch.Tensor:
     """The merged weights of one layer (see `closed_form_solver`)."""
     return closed_form_solver(C_reg, C, constraint_weight, ridge)(W0, V)
 
@@ -88,13 +97,62 @@ def closed_form(W0: torch.Tensor, C_reg: torch.Tensor, C: torch.Tensor, V: torch
 # C_reg on a real base without a caption file: varied everyday captions. The paper takes 200 real
 # captions; a handful of "a photo of a dog" prompts gives a few dozen distinct feature rows for 768 or
 # 2048 dimensions, so the solve's ridge, not the captions, would decide what the merge keeps.
-GENERIC_NOUNS = ("dog", "cat", "person", "woman", "man", "child", "car", "bicycle", "house", "tree", "flower", "cup",
-                 "chair", "table", "book", "bird", "horse", "boat", "mountain", "city street", "bowl of fruit",
-                 "teddy bear", "backpack", "guitar", "clock", "lamp", "vase", "shoe", "hat", "kitchen")
-GENERIC_SETTINGS = ("", "on a table", "in a park", "on the beach", "in the snow", "at night", "in a living room",
-                    "in the city", "in a forest", "under a blue sky", "next to a window", "on the grass")
-GENERIC_FORMS = ("a photo of a {}", "a {}", "a close-up photo of a {}", "a painting of a {}", "a picture of a {}",
-                 "a watercolor of a {}", "an old photo of a {}", "a drawing of a {}")
+GENERIC_NOUNS = (
+    "dog",
+    "cat",
+    "person",
+    "woman",
+    "man",
+    "child",
+    "car",
+    "bicycle",
+    "house",
+    "tree",
+    "flower",
+    "cup",
+    "chair",
+    "table",
+    "book",
+    "bird",
+    "horse",
+    "boat",
+    "mountain",
+    "city street",
+    "bowl of fruit",
+    "teddy bear",
+    "backpack",
+    "guitar",
+    "clock",
+    "lamp",
+    "vase",
+    "shoe",
+    "hat",
+    "kitchen",
+)
+GENERIC_SETTINGS = (
+    "",
+    "on a table",
+    "in a park",
+    "on the beach",
+    "in the snow",
+    "at night",
+    "in a living room",
+    "in the city",
+    "in a forest",
+    "under a blue sky",
+    "next to a window",
+    "on the grass",
+)
+GENERIC_FORMS = (
+    "a photo of a {}",
+    "a {}",
+    "a close-up photo of a {}",
+    "a painting of a {}",
+    "a picture of a {}",
+    "a watercolor of a {}",
+    "an old photo of a {}",
+    "a drawing of a {}",
+)
 
 
 def generic_captions(n: int) -> list[str]:
@@ -111,7 +169,9 @@ def merge_captions(base, n: int, captions: Path | None = None) -> list[str]:
         try:
             lines = [line.strip() for line in Path(captions).read_text(encoding="utf-8").splitlines() if line.strip()]
         except (OSError, UnicodeDecodeError) as e:
-            raise LimnerError(f"--captions {captions}: cannot read it as text ({e}); give a UTF-8 file with one caption per line") from e
+            raise LimnerError(
+                f"--captions {captions}: cannot read it as text ({e}); give a UTF-8 file with one caption per line"
+            ) from e
         if not lines:
             raise LimnerError(f"--captions {captions} has no captions; give one caption per line")
         return lines[:n]
@@ -126,15 +186,22 @@ def read_concepts(base, concepts: list[Path], force: bool = False) -> list[dict]
     manifests = [read_manifest(c) for c in concepts]
     for c, m in zip(concepts, manifests):
         if m.get("method") != METHOD:
-            raise LimnerError(f"{c} is a {m.get('method')} concept; only Custom Diffusion concepts merge in closed form")
+            raise LimnerError(
+                f"{c} is a {m.get('method')} concept; only Custom Diffusion concepts merge in closed form"
+            )
         check_base(m, c, base, force)
     tokens = [t for m in manifests for t in m["tokens"]]
     if len(set(tokens)) != len(tokens):
-        raise LimnerError(f"the concepts share a modifier token ({', '.join(tokens)}); train them with distinct tokens (e.g. <new1>, <new2>)")
+        raise LimnerError(
+            f"the concepts share a modifier token ({', '.join(tokens)}); train them with distinct tokens (e.g. "
+            "<new1>, <new2>)"
+        )
     if len({m["mode"] for m in manifests}) != 1:
         modes = ", ".join(f"{c} ({m['mode']})" for c, m in zip(concepts, manifests))
-        raise LimnerError(f"Custom Diffusion concepts of different modes cannot be merged or composed: {modes}; "
-                          "train them with one --set mode=crossattn_kv (what the closed-form merge solves for) or mode=crossattn")
+        raise LimnerError(
+            f"Custom Diffusion concepts of different modes cannot be merged or composed: {modes}; "
+            "train them with one --set mode=crossattn_kv (what the closed-form merge solves for) or mode=crossattn"
+        )
     return manifests
 
 
@@ -147,18 +214,26 @@ def concept_features(encoder: PromptEncoder, manifest: dict) -> torch.Tensor:
     nouns = manifest.get("class_nouns") or []
     nouns = nouns if len(nouns) == len(tokens) else [manifest["class_noun"]] * len(tokens)
     trained = manifest.get("training_prompts") or []
-    rows = [prompt_features(encoder, [f"{t} {n}", f"a photo of a {t} {n}", *(p for p in trained if t in p.split())], from_token=t)
-            for t, n in zip(tokens, nouns)]
+    rows = [
+        prompt_features(
+            encoder, [f"{t} {n}", f"a photo of a {t} {n}", *(p for p in trained if t in p.split())], from_token=t
+        )
+        for t, n in zip(tokens, nouns)
+    ]
     return torch.unique(torch.cat(rows), dim=0)
 
 
-def merged_weights(base, concepts: list[Path], manifests: list[dict], num_reg_captions: int = 200,
-                   captions: Path | None = None) -> dict[str, torch.Tensor]:
+def merged_weights(
+    base, concepts: list[Path], manifests: list[dict], num_reg_captions: int = 200, captions: Path | None = None
+) -> dict[str, torch.Tensor]:
     """The closed-form merge of the concepts' attn2 weights (their modifier tokens must be loaded)."""
     mode = manifests[0]["mode"]
     if mode == "crossattn":
-        warnings.warn("the closed form covers attn2's K and V; these concepts also trained Q and the output projection, "
-                      "which are averaged. For the paper's merge, train with --set mode=crossattn_kv.", stacklevel=3)
+        warnings.warn(
+            "the closed form covers attn2's K and V; these concepts also trained Q and the output projection, "
+            "which are averaged. For the paper's merge, train with --set mode=crossattn_kv.",
+            stacklevel=3,
+        )
     encoder = PromptEncoder(base.pipe, base.resolution)
     W0 = layer_weights(base.pipe.unet, mode)
     tuned = [read_weights(Path(c) / m["files"]["weights"]) for c, m in zip(concepts, manifests)]
@@ -185,8 +260,9 @@ def load_tokens(base, concepts: list[Path], manifests: list[dict]) -> None:
             load_embedding(base, Path(c) / name, token=token)
 
 
-def compose(base: Base, concepts: list[Path], region_prompts: list[str] | None = None,
-            force: bool = False) -> WindowHook | None:
+def compose(
+    base: Base, concepts: list[Path], region_prompts: list[str] | None = None, force: bool = False
+) -> WindowHook | None:
     """Several separately trained concepts in one generation, each with its modifier tokens.
 
     Without regions they are merged in closed form. With regional prompts (one per window, left to
@@ -226,8 +302,14 @@ def compose(base: Base, concepts: list[Path], region_prompts: list[str] | None =
     return use_window
 
 
-def merge(base, concepts: list[Path], out: Path, num_reg_captions: int = 200, force: bool = False,
-          captions: Path | None = None) -> Path:
+def merge(
+    base,
+    concepts: list[Path],
+    out: Path,
+    num_reg_captions: int = 200,
+    force: bool = False,
+    captions: Path | None = None,
+) -> Path:
     """Merges separately trained Custom Diffusion concepts (distinct modifier tokens) into one."""
     pipe = base.pipe
     manifests = read_concepts(base, concepts, force)
@@ -238,15 +320,27 @@ def merge(base, concepts: list[Path], out: Path, num_reg_captions: int = 200, fo
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     install_weights(pipe.unet, merged)
-    vectors = {name: te.get_input_embeddings().weight[tok.convert_tokens_to_ids(tokens)].detach().float()
-               for tok, (name, te) in zip(encoder.tokenizers, encoder.text_encoders().items())}
+    vectors = {
+        name: te.get_input_embeddings().weight[tok.convert_tokens_to_ids(tokens)].detach().float()
+        for tok, (name, te) in zip(encoder.tokenizers, encoder.text_encoders().items())
+    }
     with disk_guard(f"the merged concept in {out}"):
         files = save_concept(pipe, out, mode, tokens, vectors)
-    manifest = {"method": METHOD, "subject": [m["subject"] for m in manifests], "class_noun": manifests[0]["class_noun"],
-                "class_nouns": [m["class_noun"] for m in manifests], "tokens": tokens, "mode": mode, "merged_from": [str(c) for c in concepts],
-                "base_fingerprint": base.fingerprint, "base_path": str(base.path), "files": files, "steps": 0,
-                "example_prompt": " and ".join(f"a {m['tokens'][0]} {m['class_noun']}" for m in manifests),
-                "training_prompts": sorted({p for m in manifests for p in m.get("training_prompts") or []})}
+    manifest = {
+        "method": METHOD,
+        "subject": [m["subject"] for m in manifests],
+        "class_noun": manifests[0]["class_noun"],
+        "class_nouns": [m["class_noun"] for m in manifests],
+        "tokens": tokens,
+        "mode": mode,
+        "merged_from": [str(c) for c in concepts],
+        "base_fingerprint": base.fingerprint,
+        "base_path": str(base.path),
+        "files": files,
+        "steps": 0,
+        "example_prompt": " and ".join(f"a {m['tokens'][0]} {m['class_noun']}" for m in manifests),
+        "training_prompts": sorted({p for m in manifests for p in m.get("training_prompts") or []}),
+    }
     write_json_atomic(out / MANIFEST, manifest)
     write_model_card(out, manifest)
     return out

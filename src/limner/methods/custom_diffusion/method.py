@@ -56,7 +56,11 @@ class CustomDiffusion(TuningMethod):
         for subject, token in zip(subjects, tokens):
             for im, caption in zip(subject.images, image_captions(subject, cfg.captions)):
                 for v in range(cfg.augment_variants if cfg.augment else 1):
-                    aug, mask, prefix = rescale(im, res, rng) if cfg.augment and v > 0 else (fit_square(im, res), np.ones((res, res), bool), "")
+                    aug, mask, prefix = (
+                        rescale(im, res, rng)
+                        if cfg.augment and v > 0
+                        else (fit_square(im, res), np.ones((res, res), bool), "")
+                    )
                     images.append(aug)
                     masks.append(mask)
                     prompts.append(with_caption(instance_prompt(prefix, token, subject.class_noun), caption))
@@ -79,16 +83,27 @@ class CustomDiffusion(TuningMethod):
                 batch.update(reg_latents=reg_lat.sample(ridx, g), reg_idx=ridx)
             return batch
 
-        return TuningRun(task, next_batch, [f"a {t} {s.class_noun} on the beach" for t, s in zip(tokens, subjects)],
-                         f"custom diffusion {'+'.join(s.name for s in subjects)}", {"tokens": tokens, "prompts": prompts})
+        return TuningRun(
+            task,
+            next_batch,
+            [f"a {t} {s.class_noun} on the beach" for t, s in zip(tokens, subjects)],
+            f"custom diffusion {'+'.join(s.name for s in subjects)}",
+            {"tokens": tokens, "prompts": prompts},
+        )
 
     def save(self, base: Base, subjects: list[Subject], cfg: CustomDiffusionConfig, run: TuningRun, out: Path) -> dict:
         tokens = run.state["tokens"]
         files = save_concept(base.pipe, out, cfg.mode, tokens, run.task.rows.vectors())
         joint = {} if len(subjects) == 1 else {"subject": [s.name for s in subjects]}
-        return joint | {"class_nouns": [s.class_noun for s in subjects], "tokens": tokens, "config": asdict(cfg), "mode": cfg.mode,
-                        "files": files, "example_prompt": f"a {tokens[0]} {subjects[0].class_noun} on the beach",
-                        "training_prompts": sorted(set(run.state["prompts"]))}
+        return joint | {
+            "class_nouns": [s.class_noun for s in subjects],
+            "tokens": tokens,
+            "config": asdict(cfg),
+            "mode": cfg.mode,
+            "files": files,
+            "example_prompt": f"a {tokens[0]} {subjects[0].class_noun} on the beach",
+            "training_prompts": sorted(set(run.state["prompts"])),
+        }
 
     def install(self, base: Base, concepts: list[Path], regions: list[str] | None = None) -> Installation:
         """One concept: its weights and tokens. Several, or regional prompts: composed (`compose`), as
@@ -96,7 +111,9 @@ class CustomDiffusion(TuningMethod):
         manifests = [read_manifest(c) for c in concepts]
         installation = Installation(undo=[text_restorer(base.pipe)])
         unet = base.pipe.unet
-        original = layer_weights(unet, "crossattn" if any(m["mode"] == "crossattn" for m in manifests) else "crossattn_kv")
+        original = layer_weights(
+            unet, "crossattn" if any(m["mode"] == "crossattn" for m in manifests) else "crossattn_kv"
+        )
         installation.undo.append(lambda: install_weights(unet, original))
         if len(concepts) > 1 or regions:
             # the caller has checked each concept's base (and honoured --force)

@@ -45,18 +45,24 @@ def world_pool(n: int, seed: int = 7) -> Pool:
 
     # the renderer's source is part of the key: a change to the world changes what render i shows
     world = files("limner.world")
-    code = hashlib.sha256(b"".join((world / f).read_bytes() for f in ("render.py", "scenes.py", "vocab.py"))).hexdigest()[:12]
+    code = hashlib.sha256(
+        b"".join((world / f).read_bytes() for f in ("render.py", "scenes.py", "vocab.py"))
+    ).hexdigest()[:12]
     return Pool(f"world-{seed}-{n}-{code}", n, load)
 
 
 def folder_pool(folder: Path) -> Pool:
     folder = Path(folder)
-    images = [p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES and p.with_suffix(".txt").exists()]
+    images = [
+        p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES and p.with_suffix(".txt").exists()
+    ]
     if not images:
         raise LimnerError(f"reg_pool {folder}: no captioned images (each image needs a .txt caption beside it)")
     # a changed, added or removed file changes the key, and with it the index
     stats = [(p.name, p.stat()) for p in images]  # ctime changes with every write, whatever the mtime says
-    stamp = hashlib.sha256("".join(f"{n}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}\n" for n, st in stats).encode()).hexdigest()[:16]
+    stamp = hashlib.sha256(
+        "".join(f"{n}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}\n" for n, st in stats).encode()
+    ).hexdigest()[:16]
 
     def load(indices: list[int]) -> list[tuple[np.ndarray, str]]:
         pairs = []
@@ -78,14 +84,21 @@ def pool_index(pool: Pool, clip, clip_id: str, chunk: int = 256) -> torch.Tensor
             return embs
     except Exception:  # noqa: BLE001 - missing or unreadable: the index is built again
         pass
-    embs = torch.cat([clip.images([im for im, _ in pool.load(list(range(i, min(i + chunk, pool.size))))])
-                      for i in range(0, pool.size, chunk)])
+    embs = torch.cat(
+        [
+            clip.images([im for im, _ in pool.load(list(range(i, min(i + chunk, pool.size))))])
+            for i in range(0, pool.size, chunk)
+        ]
+    )
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with written_atomically(path) as tmp:
             save_file({"embeddings": embs.contiguous()}, str(tmp))
     except Exception as e:  # noqa: BLE001 - a cache that cannot be written (read-only, full) only costs the next run time
-        warnings.warn(f"could not cache the retrieval index in {path.parent} ({e}); set LIMNER_CACHE to a writable folder", stacklevel=2)
+        warnings.warn(
+            f"could not cache the retrieval index in {path.parent} ({e}); set LIMNER_CACHE to a writable folder",
+            stacklevel=2,
+        )
     return embs
 
 
@@ -102,16 +115,28 @@ def regularization_set(base, class_noun: str, cfg: CustomDiffusionConfig) -> lis
 
     if cfg.reg_pool:
         if not cfg.clip:
-            raise LimnerError("retrieving regularisation images from --reg-pool needs a CLIP model: set clip to a local CLIPModel folder")
-        return retrieve(folder_pool(Path(cfg.reg_pool)), f"a photo of a {class_noun}", cfg.num_reg_images, CLIPEncoder(cfg.clip),
-                        fingerprint(Path(cfg.clip)))
+            raise LimnerError(
+                "retrieving regularisation images from --reg-pool needs a CLIP model: set clip to a local CLIPModel "
+                "folder"
+            )
+        return retrieve(
+            folder_pool(Path(cfg.reg_pool)),
+            f"a photo of a {class_noun}",
+            cfg.num_reg_images,
+            CLIPEncoder(cfg.clip),
+            fingerprint(Path(cfg.clip)),
+        )
     if not base.is_world:
-        raise LimnerError("Custom Diffusion's prior preservation on a real model needs reg_pool (a folder of captioned images) and "
-                          "clip; or set prior_preservation to false")
+        raise LimnerError(
+            "Custom Diffusion's prior preservation on a real model needs reg_pool (a folder of captioned images) and "
+            "clip; or set prior_preservation to false"
+        )
     from limner.models.loading import WORLD_BASE
 
     # the world's CLIP lives in the base folder: the base's fingerprint names it
-    return retrieve(world_pool(cfg.reg_pool_size), f"a {class_noun}", cfg.num_reg_images, WorldCLIP(WORLD_BASE), base.fingerprint)
+    return retrieve(
+        world_pool(cfg.reg_pool_size), f"a {class_noun}", cfg.num_reg_images, WorldCLIP(WORLD_BASE), base.fingerprint
+    )
 
 
 # --------------------------------------------------------------------------------------------

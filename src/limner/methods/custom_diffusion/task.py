@@ -33,14 +33,18 @@ def rescale(image: np.ndarray, resolution: int, rng: np.random.Generator) -> tup
         canvas = np.zeros_like(im)
         mask = np.zeros(im.shape[:2], bool)
         y, x = rng.integers(0, resolution - size + 1, 2)
-        canvas[y:y + size, x:x + size] = small
-        mask[y:y + size, x:x + size] = True
+        canvas[y : y + size, x : x + size] = small
+        mask[y : y + size, x : x + size] = True
         return canvas, mask, str(rng.choice(SHRINK_PREFIXES))
     if r < 2 / 3:  # enlarge and crop
         size = int(resolution * rng.uniform(1.2, 1.4))
         big = np.asarray(Image.fromarray(im).resize((size, size), Image.BICUBIC))
         y, x = rng.integers(0, size - resolution + 1, 2)
-        return big[y:y + resolution, x:x + resolution].copy(), np.ones(im.shape[:2], bool), str(rng.choice(ENLARGE_PREFIXES))
+        return (
+            big[y : y + resolution, x : x + resolution].copy(),
+            np.ones(im.shape[:2], bool),
+            str(rng.choice(ENLARGE_PREFIXES)),
+        )
     return im, np.ones(im.shape[:2], bool), ""
 
 
@@ -52,11 +56,15 @@ def instance_prompt(prefix: str, token: str, class_noun: str) -> str:
 
 
 class CustomDiffusionTask(TrainingTask):
-    def __init__(self, pipe, encoder: PromptEncoder, cfg: CustomDiffusionConfig, token_ids: dict[str, list[int]], reg_cond):
+    def __init__(
+        self, pipe, encoder: PromptEncoder, cfg: CustomDiffusionConfig, token_ids: dict[str, list[int]], reg_cond
+    ):
         self.pipe, self.encoder, self.cfg, self.train_cfg, self.reg_cond = pipe, encoder, cfg, cfg.train, reg_cond
         self.noise = noise_scheduler(pipe)
         pipe.unet.requires_grad_(False)
-        self.weights = {f"{name}.{proj}.{pname}": p for name, proj, pname, p in trained_projections(pipe.unet, cfg.mode)}
+        self.weights = {
+            f"{name}.{proj}.{pname}": p for name, proj, pname, p in trained_projections(pipe.unet, cfg.mode)
+        }
         for p in self.weights.values():
             p.requires_grad_(True)
         self.rows = NewTokenRows(encoder.text_encoders(), token_ids)
@@ -76,8 +84,18 @@ class CustomDiffusionTask(TrainingTask):
             cond, kw = concat([(cond, kw), select(*self.reg_cond, batch["reg_idx"])])
             latents = torch.cat([latents, batch["reg_latents"].to(cond)])
             mask = torch.cat([mask, torch.ones((latents.shape[0] - n, *mask.shape[1:]), dtype=mask.dtype)])
-        per = denoising_loss(unet, self.noise, latents, cond, generator, tc.noise_offset, tc.min_snr_gamma,
-                             mask=mask, reduction="none", **kw)
+        per = denoising_loss(
+            unet,
+            self.noise,
+            latents,
+            cond,
+            generator,
+            tc.noise_offset,
+            tc.min_snr_gamma,
+            mask=mask,
+            reduction="none",
+            **kw,
+        )
         loss = per[:n].mean()
         if per.shape[0] > n:
             loss = loss + self.cfg.prior_loss_weight * per[n:].mean()
@@ -87,7 +105,9 @@ class CustomDiffusionTask(TrainingTask):
         self.rows.restore_others()
 
     def trainable_state(self):
-        return {k: v.detach().float() for k, v in self.weights.items()} | {f"tokens.{k}": v for k, v in self.rows.vectors().items()}
+        return {k: v.detach().float() for k, v in self.weights.items()} | {
+            f"tokens.{k}": v for k, v in self.rows.vectors().items()
+        }
 
     def load_trainable_state(self, state):
         with torch.no_grad():
