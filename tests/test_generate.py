@@ -214,3 +214,19 @@ def test_the_command_line_drops_only_transformers_torchvision_fallback_notice():
         log.removeHandler(handler)
         log.setLevel(level)
     assert seen == ["some other notice"]
+
+
+def test_the_libraries_loading_bars_show_only_with_verbose(tiny_base, tmp_path):
+    """A user sees limner's own progress and results; diffusers' and transformers' loading bars only on --verbose."""
+    import subprocess
+    import sys
+
+    def run(*flags):
+        args = ["generate", "a ball", "-n", "1", "--steps", "1", "--base", str(tiny_base), "--out", str(tmp_path)]
+        command = [sys.executable, "-m", "limner.cli", *flags, *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+    quiet, verbose = run(), run("--verbose")
+    assert quiet.returncode == verbose.returncode == 0, quiet.stderr + verbose.stderr
+    assert "wrote 1 images" in quiet.stdout and "Loading pipeline components" not in quiet.stderr
+    assert "Loading pipeline components" in verbose.stderr

@@ -6,7 +6,7 @@ from __future__ import annotations
 import atexit
 import os
 import sys
-from typing import NoReturn
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -32,6 +32,29 @@ app.command("methods")(methods_cmd)
 app.command("eval")(eval_cmd)
 app.command("bench")(bench_cmd)
 app.add_typer(world_app, name="world")
+
+
+@app.callback()
+def options(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="Also show the libraries' own loading bars, notices and warnings.")
+    ] = False,
+) -> None:
+    """Subject-driven personalization of text-to-image diffusion models."""
+    if not verbose:
+        quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """A user sees limner's progress bars and results. diffusers and transformers draw a bar for every
+    pipeline they load ("Loading pipeline components", "Loading weights") and write ("Writing model
+    shards"), and log notices that concern their own internals: those stay off unless --verbose."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    for library in (diffusers_logging, transformers_logging):
+        library.disable_progress_bar()
+        library.set_verbosity_error()
 
 
 def quiet_torchvision_fallback() -> None:
