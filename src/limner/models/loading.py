@@ -11,10 +11,16 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Union
 
 import torch
 
 from limner.errors import LimnerError
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    Pipeline = Union[StableDiffusionPipeline, StableDiffusionXLPipeline]
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 WORLD_BASE = ASSETS / "world" / "base"
@@ -30,7 +36,7 @@ FOLDER_HINT = (
 class Base:
     """A loaded base model and what identifies it."""
 
-    pipe: object  # a diffusers StableDiffusionPipeline or StableDiffusionXLPipeline
+    pipe: Pipeline
     path: Path
     family: str  # "sd" (1.x / 2.x) or "sdxl"
     fingerprint: str
