@@ -221,19 +221,20 @@ def test_validation_images_and_a_full_disk(tiny_base, tmp_path, monkeypatch):
     assert (out / "learned_embeds.safetensors").read_bytes() == before, "the earlier artifact is intact"
 
 
-def test_two_cpu_processes_under_accelerate_launch(tiny_base, tmp_path):
+def _launch(processes: int, tiny_base, folder, out, *args: str):
+    """`limner train` of Textual Inversion on the tiny base, under `accelerate launch` with N gloo processes
+    on the CPU (a CPU-only machine runs `--multi_gpu` as gloo processes)."""
     import os
     import subprocess
     import sys
 
-    folder = image_folder(tmp_path / "subj")
     cmd = [
         sys.executable,
         "-m",
         "accelerate.commands.launch",
         "--multi_gpu",
         "--num_processes",
-        "2",
+        str(processes),
         "--num_machines",
         "1",
         "--mixed_precision",
@@ -249,23 +250,72 @@ def test_two_cpu_processes_under_accelerate_launch(tiny_base, tmp_path):
         str(folder),
         "--class-noun",
         "ball",
-        "--steps",
-        "3",
         "--batch-size",
         "1",
         "--base",
         str(tiny_base),
         "--out",
-        str(tmp_path / "c"),
+        str(out),
         "--device",
         "cpu",
+        *args,
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_two_cpu_processes_under_accelerate_launch(tiny_base, tmp_path):
+    proc = _launch(2, tiny_base, image_folder(tmp_path / "subj"), tmp_path / "c", "--steps", "3")
     manifest = json.loads((tmp_path / "c" / "limner.json").read_text())
     assert manifest["num_processes"] == 2 and manifest["steps"] == 3
     assert proc.stdout.count("concept written") == 1, "one process writes the artifact"
+
+
+def test_two_processes_resume_exactly_and_follow_the_one_process_lr_schedule(tiny_base, tmp_path):
+    """Each process draws its own batches and noise, so each process's generator state is in the checkpoint
+    (restoring process 0's in both made them draw the same batches after a resume); and the learning rate
+    follows the same curve per optimizer step whatever the number of processes (accelerate's scheduler stepped
+    once per process: a cosine reached its end halfway with two)."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from limner.cli import app
+
+    folder = image_folder(tmp_path / "subj")
+    run = ["--steps", "4", "--set", "lr_schedule=cosine", "--set", "lr_warmup_steps=1"]
+    run += ["--set", "checkpoint_every=1", "--set", "keep_checkpoints=4"]
+    _launch(2, tiny_base, folder, tmp_path / "straight", *run)
+    # the straight run's checkpoint at step 1 is what a run killed after step 1 leaves behind (killed later, the
+    # old schedule's steps after the resume all had a learning rate of 0: they learned nothing to compare)
+    shutil.copytree(tmp_path / "straight/checkpoints/step-000001", tmp_path / "resumed/checkpoints/step-000001")
+    _launch(2, tiny_base, folder, tmp_path / "resumed", *run, "--resume", "latest")
+    vectors = [load_file(str(tmp_path / d / "learned_embeds.safetensors"))["<s*>"] for d in ("straight", "resumed")]
+    assert torch.equal(*vectors), "the resumed run ends where the uninterrupted one does"
+
+    common = ["--subject", str(folder), "--class-noun", "ball", "--batch-size", "1", "--base", str(tiny_base)]
+    r = CliRunner().invoke(
+        app,
+        ["train", "--method", "textual_inversion", *common, "--out", str(tmp_path / "one"), "--device", "cpu", *run],
+    )
+    assert r.exit_code == 0, r.output
+
+    def lrs(name):
+        return [row["lr"] for row in json.loads((tmp_path / name / "limner.json").read_text())["curve"]]
+
+    assert lrs("one") == pytest.approx([5e-3, 5e-3, 3.75e-3, 1.25e-3])  # warm-up, then the cosine from step 1 to 4
+    assert lrs("straight") == lrs("resumed") == lrs("one")
+
+    # one process cannot go on with the batches of two
+    shutil.copytree(tmp_path / "straight/checkpoints/step-000001", tmp_path / "single/checkpoints/step-000001")
+    r = CliRunner().invoke(
+        app,
+        ["train", "--method", "textual_inversion", *common, "--out", str(tmp_path / "single"), "--device", "cpu"]
+        + [*run, "--resume", "latest"],
+    )
+    assert r.exit_code != 0 and "written by 2 process(es)" in r.output, r.output
 
 
 class _Line(TrainingTask):
@@ -390,7 +440,7 @@ def test_new_trainer_settings_leave_existing_runs_as_they_were(tmp_path):
     )
     with open(tmp_path / "train_log.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["step", "seconds", "loss", "step_seconds", "tflops", "mfu"] and len(rows) == 4
+    assert list(rows[0]) == ["step", "seconds", "loss", "lr", "step_seconds", "tflops", "mfu"] and len(rows) == 4
     assert float(rows[-1]["step_seconds"]) > 0 and float(rows[-1]["mfu"]) == pytest.approx(float(rows[-1]["tflops"]))
 
 

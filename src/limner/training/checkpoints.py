@@ -1,6 +1,6 @@
 """Checkpoints: trainable values (and their EMA, where the run keeps one) in safetensors, optimizer and
-generator state as plain tensors, so that a resumed run continues exactly as the uninterrupted run
-would have."""
+generator state as plain tensors (every process's generators: each draws its own batches and noise),
+so that a resumed run continues exactly as the uninterrupted run would have."""
 
 from __future__ import annotations
 
@@ -37,13 +37,14 @@ def save_checkpoint(
     task: TrainingTask,
     optimizer,
     scheduler,
-    generator: torch.Generator,
+    rng: list[dict[str, torch.Tensor]],
     cfg: TrainConfig,
     log: TrainLog,
     ema: list[torch.Tensor] | None = None,
 ) -> Path:
     """Writes checkpoints/step-N (the trainable values, the EMA's when `ema` is given, optimizer, schedule
-    and generator states) whole or not at all, and deletes all but the newest cfg.keep_checkpoints."""
+    and each process's generator states, `rng` from rng_states) whole or not at all, and deletes all but the
+    newest cfg.keep_checkpoints."""
     from safetensors.torch import save_file
 
     final = out / "checkpoints" / f"step-{step:06d}"
@@ -60,8 +61,7 @@ def save_checkpoint(
         {
             "optimizer": optimizer.state_dict(),
             "lr_scheduler": scheduler.state_dict(),
-            "generator": generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
+            "rng": rng,
         },
         tmp / "state.pt",
     )
@@ -73,6 +73,18 @@ def save_checkpoint(
     for old in _checkpoint_dirs(out)[: -cfg.keep_checkpoints]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def rng_states(accelerator, generator: torch.Generator) -> list[dict[str, torch.Tensor]]:
+    """The batch and noise generator's state and torch's own, of every process in process order (to be called
+    by all processes together). Each process draws its own batches and noise; restoring process 0's state in
+    all of them would make every process draw the same batches after a resume."""
+    state = {"generator": generator.get_state(), "torch_rng": torch.get_rng_state()}
+    if accelerator.num_processes == 1:
+        return [state]
+    from accelerate.utils import gather_object
+
+    return gather_object([state])
 
 
 def _resume_key(cfg: TrainConfig) -> dict:
@@ -112,9 +124,11 @@ def load_checkpoint(
     generator: torch.Generator,
     cfg: TrainConfig,
     ema: list[torch.Tensor] | None = None,
+    process_index: int = 0,
+    num_processes: int = 1,
 ) -> tuple[int, dict]:
-    """Restores a checkpoint into the task, optimizer, schedule, generator (and `ema`, in place); returns
-    (its step, its checkpoint.json)."""
+    """Restores a checkpoint into the task, optimizer, schedule, this process's generator (and `ema`, in
+    place); returns (its step, its checkpoint.json)."""
     from safetensors.torch import load_file
 
     meta = json.loads((path / "checkpoint.json").read_text())
@@ -125,12 +139,19 @@ def load_checkpoint(
             f"checkpoint {path} was written with other settings ({', '.join(changed)}); resume with the same "
             "settings, or start a new run in another output folder"
         )
-    task.load_trainable_state(load_file(str(path / "trainable.safetensors")))
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    # written before each process's state was kept: the one process's state at the top level
+    rng = state.get("rng") or [{"generator": state["generator"], "torch_rng": state["torch_rng"]}]
+    if len(rng) != num_processes:
+        raise LimnerError(
+            f"checkpoint {path} was written by {len(rng)} process(es), each drawing its own batches and noise; "
+            f"this run has {num_processes}: resume with {len(rng)} (accelerate launch --num_processes {len(rng)})"
+        )
+    task.load_trainable_state(load_file(str(path / "trainable.safetensors")))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["lr_scheduler"])
-    generator.set_state(state["generator"])
-    torch.set_rng_state(state["torch_rng"])
+    generator.set_state(rng[process_index]["generator"])
+    torch.set_rng_state(rng[process_index]["torch_rng"])
     if ema is not None:
         saved_ema = load_file(str(path / EMA_FILE))
         if len(saved_ema) != len(ema):

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from limner.errors import LimnerError
 from limner.io import disk_guard, written_atomically
-from limner.training.checkpoints import find_checkpoint, load_checkpoint, save_checkpoint
+from limner.training.checkpoints import find_checkpoint, load_checkpoint, rng_states, save_checkpoint
 from limner.training.config import TrainConfig
 from limner.training.task import TrainingTask, TrainLog
 from limner.training.throughput import Throughput, default_peak_tflops
@@ -181,7 +181,7 @@ def train(
     """Runs cfg.max_steps optimizer steps of task.loss on batches from next_batch(generator).
 
     The generator that draws batches and noise is seeded from cfg.seed and the process index, saved
-    in every checkpoint and restored on resume, so a resumed run continues exactly as the
+    (each process's) in every checkpoint and restored on resume, so a resumed run continues exactly as the
     uninterrupted run would have. With cfg.ema_decay, the task's trainable parameters hold their EMA
     when this returns (validation during training draws with the trained values)."""
     modules = task.modules()
@@ -199,10 +199,13 @@ def train(
         # fine-tune's step on a CPU
         fused = all(p.device.type in ("cpu", "cuda") for p in params) or None
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused)
+        # the schedule counts optimizer steps, stepped by the loop once per step taken: accelerate's prepared
+        # scheduler steps once per process at each optimizer step (it assumes the batches of N processes
+        # stand for N steps of one), so with 2 processes a cosine reached its end halfway
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         names = list(modules)
-        prepared = accelerator.prepare(*modules.values(), optimizer, scheduler)
-        wrapped, optimizer, scheduler = dict(zip(names, prepared[:-2])), prepared[-2], prepared[-1]
+        prepared = accelerator.prepare(*modules.values(), optimizer)
+        wrapped, optimizer = dict(zip(names, prepared[:-1])), prepared[-1]
         task.wrapped = wrapped  # the accelerate-wrapped modules, for the task's forward passes
         task.accelerator = accelerator
         generator = torch.Generator().manual_seed(cfg.seed * 1000 + accelerator.process_index)
@@ -213,7 +216,17 @@ def train(
         start = 0
         ckpt = find_checkpoint(out, cfg.resume)
         if ckpt is not None:
-            start, meta = load_checkpoint(ckpt, task, optimizer, scheduler, generator, cfg, ema=ema)
+            start, meta = load_checkpoint(
+                ckpt,
+                task,
+                optimizer,
+                scheduler,
+                generator,
+                cfg,
+                ema=ema,
+                process_index=accelerator.process_index,
+                num_processes=accelerator.num_processes,
+            )
             log.curve, log.validation = meta["curve"], meta.get("validation", [])
             log.resumed_from = start
             if start < cfg.max_steps and accelerator.is_main_process:
@@ -230,6 +243,7 @@ def train(
         )
         for step in bar:
             t_step = time.perf_counter()
+            lr = scheduler.get_last_lr()[0]  # what this step's update uses
             for _ in range(cfg.gradient_accumulation_steps):
                 with accelerator.accumulate(*wrapped.values()):
                     with speed.counting():
@@ -239,7 +253,9 @@ def train(
                     if accelerator.sync_gradients and cfg.max_grad_norm:
                         accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                     optimizer.step()
-                    scheduler.step()
+                    # as accelerate's own scheduler did: not after a step that fp16's loss scaler skipped
+                    if accelerator.sync_gradients and not optimizer.step_was_skipped:
+                        scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
             task.after_optimizer_step()
             if ema is not None:
@@ -249,21 +265,24 @@ def train(
             )  # .item() waits for the device
             speed.step_done(time.perf_counter() - t_step)
             log.curve.append(
-                {"step": step + 1, "seconds": round(time.perf_counter() - t0, 3), "loss": round(loss_value, 6)}
+                {
+                    "step": step + 1,
+                    "seconds": round(time.perf_counter() - t0, 3),
+                    "loss": round(loss_value, 6),
+                    "lr": lr,
+                }
             )
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", **speed.postfix())
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", **speed.postfix())
             if accelerator.log_with:
-                accelerator.log(
-                    {"loss": loss_value, "lr": scheduler.get_last_lr()[0], **speed.scalars()}, step=step + 1
-                )
+                accelerator.log({"loss": loss_value, "lr": lr, **speed.scalars()}, step=step + 1)
             done = step + 1 == cfg.max_steps
-            if accelerator.is_main_process and (
-                (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or done
-            ):
-                log.flops_per_step = speed.flops_per_step
-                with disk_guard(f"a checkpoint in {out / 'checkpoints'}"):
-                    save_checkpoint(out, step + 1, task, optimizer, scheduler, generator, cfg, log, ema=ema)
-                    write_csv(csv_path, log.curve, log.flops_per_step, log.peak_tflops)
+            if (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or done:
+                rng = rng_states(accelerator, generator)  # all processes take part
+                if accelerator.is_main_process:
+                    log.flops_per_step = speed.flops_per_step
+                    with disk_guard(f"a checkpoint in {out / 'checkpoints'}"):
+                        save_checkpoint(out, step + 1, task, optimizer, scheduler, rng, cfg, log, ema=ema)
+                        write_csv(csv_path, log.curve, log.flops_per_step, log.peak_tflops)
             if (
                 validate
                 and accelerator.is_main_process
@@ -297,10 +316,11 @@ def train(
 def write_csv(
     path: Path, curve: list[dict], flops_per_step: float | None = None, peak_tflops: float | None = None
 ) -> None:
-    """step, seconds (of training, validation left out), loss, then each step's own time and, where its
-    FLOPs were counted, the TFLOP/s achieved and the MFU against `peak_tflops` (blank where unknown)."""
+    """step, seconds (of training, validation left out), loss, the learning rate the step used (blank in rows
+    logged before it was), then each step's own time and, where its FLOPs were counted, the TFLOP/s achieved
+    and the MFU against `peak_tflops` (blank where unknown)."""
     with written_atomically(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["step", "seconds", "loss", "step_seconds", "tflops", "mfu"])
+        w = csv.DictWriter(f, fieldnames=["step", "seconds", "loss", "lr", "step_seconds", "tflops", "mfu"])
         w.writeheader()
         previous = 0.0
         for row in curve:

@@ -50,7 +50,7 @@ class TrainingTask(ABC):
 class TrainLog:
     steps: int = 0
     seconds: float = 0.0
-    curve: list[dict] = field(default_factory=list)  # {"step", "seconds", "loss"}
+    curve: list[dict] = field(default_factory=list)  # {"step", "seconds", "loss", "lr"}
     validation: list[dict] = field(default_factory=list)  # {"step", "seconds", "score"} when validation scores images
     resumed_from: int | None = None
     num_processes: int = 1
