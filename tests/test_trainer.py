@@ -406,6 +406,41 @@ def test_ema_and_lr_floor_resume_exactly(tmp_path):
         train(_Line(), _batches(), replace(cfg, resume="latest", ema_decay=0.9, max_steps=9), tmp_path / "b")
 
 
+def test_fp16_loss_scale_resumes_exactly(tmp_path, monkeypatch):
+    """Under fp16 the loss scaler's state (its scale, the good steps since it last grew) is in the checkpoint:
+    a resumed run skips and scales the steps the uninterrupted run did. accelerate 1.16 gives a CPU no scaler
+    under fp16 (nor autocast: it trains in fp32), so this run gets what a GPU gets: torch's GradScaler (on
+    the CPU), fp16 autocast, and gradients unscaled before clipping."""
+    from dataclasses import replace
+
+    import limner.training.loop as loop
+    from limner.training import train
+
+    scalers, make_accelerator = [], loop._accelerator
+
+    def as_on_a_gpu(cfg, modules, out):
+        accelerator = make_accelerator(cfg, modules, out)
+        accelerator.native_amp = True
+        # the default initial scale overflows fp16 at first; growing every 2nd good step, it overflows again
+        accelerator.scaler = torch.amp.GradScaler("cpu", growth_interval=2)
+        scalers.append(accelerator.scaler)
+        return accelerator
+
+    monkeypatch.setattr(loop, "_accelerator", as_on_a_gpu)
+    cfg = TrainConfig(max_steps=6, learning_rate=0.05, checkpoint_every=3, mixed_precision="fp16", weight_decay=0.0)
+    straight = _Line()
+    train(straight, _batches(), cfg, tmp_path / "a")
+    skipped = [torch.equal(a[0], b[0]) for a, b in zip(straight.seen, straight.seen[1:])]
+    assert any(skipped[2:]), "the scaler skips a step after the checkpoint at step 3"
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_Line(), _batches(stop_at=5), cfg, tmp_path / "b")  # dies in step 5, after the checkpoint at step 3
+    resumed = _Line()
+    train(resumed, _batches(), replace(cfg, resume="latest"), tmp_path / "b")
+    assert scalers[2].state_dict() == scalers[0].state_dict()
+    assert all(torch.equal(a, b) for a, b in zip(straight.model.parameters(), resumed.model.parameters()))
+
+
 def test_new_trainer_settings_leave_existing_runs_as_they_were(tmp_path):
     """At their defaults (no EMA, lr_floor 0, no peak given) the new settings change nothing: eval's cache
     keys leave them out, a checkpoint written before they existed still resumes, and the log only gains

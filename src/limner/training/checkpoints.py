@@ -1,6 +1,6 @@
 """Checkpoints: trainable values (and their EMA, where the run keeps one) in safetensors, optimizer and
-generator state as plain tensors (every process's generators: each draws its own batches and noise),
-so that a resumed run continues exactly as the uninterrupted run would have."""
+generator state as plain tensors (every process's generators: each draws its own batches and noise), and
+fp16's loss scale, so that a resumed run continues exactly as the uninterrupted run would have."""
 
 from __future__ import annotations
 
@@ -41,10 +41,11 @@ def save_checkpoint(
     cfg: TrainConfig,
     log: TrainLog,
     ema: list[torch.Tensor] | None = None,
+    scaler=None,
 ) -> Path:
-    """Writes checkpoints/step-N (the trainable values, the EMA's when `ema` is given, optimizer, schedule
-    and each process's generator states, `rng` from rng_states) whole or not at all, and deletes all but the
-    newest cfg.keep_checkpoints."""
+    """Writes checkpoints/step-N (the trainable values, the EMA's when `ema` is given, optimizer, schedule,
+    each process's generator states, `rng` from rng_states, and the fp16 loss scaler's state when `scaler` is
+    given) whole or not at all, and deletes all but the newest cfg.keep_checkpoints."""
     from safetensors.torch import save_file
 
     final = out / "checkpoints" / f"step-{step:06d}"
@@ -62,6 +63,10 @@ def save_checkpoint(
             "optimizer": optimizer.state_dict(),
             "lr_scheduler": scheduler.state_dict(),
             "rng": rng,
+            # the scale and the good steps since it last grew: without them a resumed run starts again from
+            # the initial scale, skipping steps on overflow that the uninterrupted run took. One state serves
+            # all processes: they unscale the same all-reduced gradients, so they scale alike
+            **({"scaler": scaler.state_dict()} if scaler is not None else {}),
         },
         tmp / "state.pt",
     )
@@ -126,9 +131,10 @@ def load_checkpoint(
     ema: list[torch.Tensor] | None = None,
     process_index: int = 0,
     num_processes: int = 1,
+    scaler=None,
 ) -> tuple[int, dict]:
-    """Restores a checkpoint into the task, optimizer, schedule, this process's generator (and `ema`, in
-    place); returns (its step, its checkpoint.json)."""
+    """Restores a checkpoint into the task, optimizer, schedule, this process's generator, `ema` (in place)
+    and the fp16 loss `scaler`, each where given; returns (its step, its checkpoint.json)."""
     from safetensors.torch import load_file
 
     meta = json.loads((path / "checkpoint.json").read_text())
@@ -152,6 +158,8 @@ def load_checkpoint(
     scheduler.load_state_dict(state["lr_scheduler"])
     generator.set_state(rng[process_index]["generator"])
     torch.set_rng_state(rng[process_index]["torch_rng"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     if ema is not None:
         saved_ema = load_file(str(path / EMA_FILE))
         if len(saved_ema) != len(ema):

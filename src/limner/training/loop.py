@@ -226,6 +226,7 @@ def train(
                 ema=ema,
                 process_index=accelerator.process_index,
                 num_processes=accelerator.num_processes,
+                scaler=accelerator.scaler,
             )
             log.curve, log.validation = meta["curve"], meta.get("validation", [])
             log.resumed_from = start
@@ -281,7 +282,18 @@ def train(
                 if accelerator.is_main_process:
                     log.flops_per_step = speed.flops_per_step
                     with disk_guard(f"a checkpoint in {out / 'checkpoints'}"):
-                        save_checkpoint(out, step + 1, task, optimizer, scheduler, rng, cfg, log, ema=ema)
+                        save_checkpoint(
+                            out,
+                            step + 1,
+                            task,
+                            optimizer,
+                            scheduler,
+                            rng,
+                            cfg,
+                            log,
+                            ema=ema,
+                            scaler=accelerator.scaler,
+                        )
                         write_csv(csv_path, log.curve, log.flops_per_step, log.peak_tflops)
             if (
                 validate
