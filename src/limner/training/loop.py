@@ -254,7 +254,8 @@ def train(
                     if accelerator.sync_gradients and cfg.max_grad_norm:
                         accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                     optimizer.step()
-                    # as accelerate's own scheduler did: not after a step that fp16's loss scaler skipped
+                    # as accelerate's own scheduler did: not after a step it reports that fp16's loss scaler
+                    # skipped (it reports none with the fused AdamW, whose kernel skips the update itself)
                     if accelerator.sync_gradients and not optimizer.step_was_skipped:
                         scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
