@@ -55,3 +55,36 @@ def two_custom_diffusion_concepts(tiny_base, tmp_path) -> tuple:
         **cfg,
     )
     return a, b
+
+
+def record_first_step_gradients(monkeypatch) -> tuple[list, list]:
+    """Makes the trainer's AdamW record, at its first step, each trained parameter's gradient as the backward
+    pass gave it and as the step receives it (after clipping): two lists in the optimizer's order, filled
+    when training runs (one process, no gradient accumulation)."""
+    import torch
+
+    raw, clipped = [], []
+
+    class Recording(torch.optim.AdamW):
+        def __init__(self, params, **kw):
+            params = list(params)
+            super().__init__(params, **kw)
+            raw.extend([None] * len(params))
+            for i, p in enumerate(params):
+                p.register_hook(lambda g, i=i: raw.__setitem__(i, g.detach().clone()) if raw[i] is None else None)
+
+        def step(self, *args, **kw):
+            if not clipped:
+                clipped.extend(p.grad.detach().clone() for p in self.param_groups[0]["params"])
+            return super().step(*args, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Recording)
+    return raw, clipped
+
+
+def clipped_alone(grads: list, max_norm: float) -> list:
+    """The gradients as torch.nn.utils.clip_grad_norm_ clips them when they are all there is."""
+    import torch
+
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    return [g * (max_norm / (norm + 1e-6)).clamp(max=1.0) for g in grads]

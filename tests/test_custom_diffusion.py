@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import subject, two_custom_diffusion_concepts
+from helpers import clipped_alone, record_first_step_gradients, subject, two_custom_diffusion_concepts
 from safetensors.torch import load_file
 
 from limner.errors import LimnerError
@@ -80,6 +80,28 @@ def test_custom_diffusion_trains_kv_and_token_and_round_trips(tiny_base, tmp_pat
     with pytest.raises(LimnerError, match="allow-pickle"):
         read_weights(tmp_path / "cd.bin")
     assert set(read_weights(tmp_path / "cd.bin", allow_pickle=True)) == set(state)
+
+
+def test_gradient_clipping_sees_the_projections_and_only_the_modifier_tokens_row(tiny_base, tmp_path, monkeypatch):
+    """One norm clips the trained projections and the modifier token's row together, as diffusers' script
+    clips them: the embedding matrix's other rows are zeroed before clipping and count for nothing."""
+    raw, clipped = record_first_step_gradients(monkeypatch)
+    base = load_base(str(tiny_base), device="cpu")
+    vocab = len(base.pipe.text_encoder.get_input_embeddings().weight)
+    get_method("custom_diffusion").personalize(
+        base,
+        subject(),
+        tmp_path / "c",
+        prior_preservation=False,
+        augment=False,
+        train=TrainConfig(max_steps=1, batch_size=2, learning_rate=1e-2, checkpoint_every=0, max_grad_norm=1e-3),
+    )
+    *projections, g = raw
+    *projections_clipped, c = clipped
+    assert g[:vocab].abs().sum() > 0, "the prompt's other words got gradients"
+    expected = clipped_alone([*projections, g[vocab:]], 1e-3)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=0) for a, b in zip([*projections_clipped, c[vocab:]], expected))
+    assert not c[:vocab].any(), "the other rows' gradients are zeroed"
 
 
 def test_custom_diffusion_default_trains_all_of_attn2_in_diffusers_layout(tiny_base, tmp_path):

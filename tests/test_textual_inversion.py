@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import subject, ti_config
+from helpers import clipped_alone, record_first_step_gradients, subject, ti_config
 from safetensors.torch import load_file
 
 from limner.concepts import read_manifest
@@ -47,6 +47,20 @@ def test_textual_inversion_trains_only_the_new_token_and_loads_in_plain_diffuser
         with_token,
         atol=1e-3,
     )
+
+
+def test_gradient_clipping_sees_only_the_new_tokens_rows(tiny_base, tmp_path, monkeypatch):
+    """The optimizer holds whole embedding matrices, but only the new tokens' rows train: the other rows'
+    gradients (the prompt's other words get some) are zeroed before clipping, as diffusers' Custom Diffusion
+    script does, so they do not inflate the norm the new rows are clipped by."""
+    raw, clipped = record_first_step_gradients(monkeypatch)
+    base = load_base(str(tiny_base), device="cpu")
+    vocab = len(base.pipe.text_encoder.get_input_embeddings().weight)
+    get_method("textual_inversion").personalize(base, subject(), tmp_path / "c", **ti_config(1, max_grad_norm=1e-3))
+    (g,), (c,) = raw, clipped
+    assert g[:vocab].abs().sum() > 0 and g[vocab:].norm() > 1e-3, "the other rows had gradients; the new rows clip"
+    assert torch.allclose(c[vocab:], clipped_alone([g[vocab:]], 1e-3)[0], rtol=1e-5, atol=0)
+    assert not c[:vocab].any(), "the other rows' gradients are zeroed"
 
 
 def test_generate_lays_a_textual_inversion_prompt_out_from_the_class_noun_first(tiny_base, tmp_path):

@@ -167,7 +167,10 @@ def add_tokens(tokenizer, text_encoder, tokens: list[str], initializer: str) -> 
 
 class NewTokenRows:
     """The new tokens' rows of each text encoder's embedding matrix (two on SDXL): the only trainable
-    rows. The optimizer sees whole matrices, so every other row is restored after each step."""
+    rows. The optimizer sees whole matrices, so every other row's gradient is zeroed before clipping (else
+    the prompt's other words count in the norm that clips the new rows; diffusers' Custom Diffusion script
+    zeroes them before clipping too), and every other row is restored after each step (AdamW's weight decay
+    moves a row whose gradient is zero; diffusers' Textual Inversion script restores them)."""
 
     def __init__(self, encoders: dict[str, torch.nn.Module], token_ids: dict[str, list[int]]):
         self.token_ids, self.embeddings, self.originals, self.keep, self.word_norm = token_ids, {}, {}, {}, {}
@@ -182,6 +185,12 @@ class NewTokenRows:
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return list(self.embeddings.values())
+
+    @torch.no_grad()
+    def zero_others_gradients(self) -> None:
+        for name, emb in self.embeddings.items():
+            if emb.grad is not None:
+                emb.grad[self.keep[name]] = 0
 
     @torch.no_grad()
     def restore_others(self) -> None:
@@ -250,6 +259,9 @@ class TextualInversionTask(TrainingTask):
             mask=batch.get("mask"),
             **kwargs,
         )
+
+    def before_clipping(self):
+        self.rows.zero_others_gradients()
 
     def after_optimizer_step(self):
         self.rows.restore_others()

@@ -251,8 +251,10 @@ def train(
                         with accelerator.autocast():
                             loss = task.loss(next_batch(generator), generator)
                         accelerator.backward(loss)
-                    if accelerator.sync_gradients and cfg.max_grad_norm:
-                        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                    if accelerator.sync_gradients:
+                        task.before_clipping()
+                        if cfg.max_grad_norm:
+                            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                     optimizer.step()
                     # as accelerate's own scheduler did: not after a step it reports that fp16's loss scaler
                     # skipped (it reports none with the fused AdamW, whose kernel skips the update itself)

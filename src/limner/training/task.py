@@ -35,6 +35,11 @@ class TrainingTask(ABC):
         precision under mixed precision, as the frozen parts of modules() are."""
         return {}
 
+    def before_clipping(self) -> None:  # noqa: B027 - optional hook
+        """Once an optimizer step's gradients are complete (accumulated, and synchronised across processes),
+        before they are clipped and applied. E.g. Textual Inversion zeroes the gradients of every embedding
+        row but the new tokens', which would otherwise count in the clipping norm."""
+
     def after_optimizer_step(self) -> None:  # noqa: B027 - optional hook
         """E.g. Textual Inversion restores every embedding row but the new tokens'."""
 

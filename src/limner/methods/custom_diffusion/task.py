@@ -101,6 +101,9 @@ class CustomDiffusionTask(TrainingTask):
             loss = loss + self.cfg.prior_loss_weight * per[n:].mean()
         return loss
 
+    def before_clipping(self):
+        self.rows.zero_others_gradients()
+
     def after_optimizer_step(self):
         self.rows.restore_others()
 
