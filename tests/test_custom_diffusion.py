@@ -367,3 +367,44 @@ def test_plain_diffusers_runs_a_custom_diffusion_concept_with_its_own_processors
         untouched = plain.unet(x, t, encoder_hidden_states=plain.encode_prompt("a ball", "cpu", 1, False)[0]).sample
     assert torch.allclose(outputs[0], outputs[1], atol=1e-5)
     assert (outputs[0] - untouched).abs().max() > 1e-4
+
+
+def test_the_papers_merge_meets_its_equality_and_is_the_closest_such_solution_on_the_captions():
+    from limner.methods.custom_diffusion.merge import paper_solver
+
+    g = torch.Generator().manual_seed(0)
+    W0, C_reg, C = torch.randn(8, 16, generator=g), torch.randn(200, 16, generator=g), torch.randn(3, 16, generator=g)
+    V = torch.randn(8, 3, generator=g)
+    W = paper_solver(C_reg, C)(W0, V)
+    assert torch.allclose(W @ C.t(), V, atol=1e-4), "the paper's constraint holds exactly"
+    other = W0 + (V - W0 @ C.t()) @ torch.linalg.pinv(C.t())  # another solution: the minimum-norm update
+    assert ((W - W0) @ C_reg.t()).norm() < ((other - W0) @ C_reg.t()).norm()
+
+
+def test_limner_merge_offers_the_papers_solve_beside_its_own(tiny_base, tmp_path):
+    from typer.testing import CliRunner
+
+    from limner.cli import app
+    from limner.methods.custom_diffusion import read_weights
+    from limner.methods.custom_diffusion.merge import paper_features, prompt_features
+    from limner.training.conditioning import PromptEncoder
+
+    a, b = two_custom_diffusion_concepts(tiny_base, tmp_path)
+    args = ["merge", str(a), str(b), "--base", str(tiny_base), "--device", "cpu"]
+    for solve in ("weighted", "paper"):
+        r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / solve), "--solve", solve])
+        assert r.exit_code == 0, r.output
+        assert json.loads((tmp_path / solve / "limner.json").read_text())["merge"] == solve
+    files = [tmp_path / s / "pytorch_custom_diffusion_weights.safetensors" for s in ("weighted", "paper")]
+    weights = [read_weights(f) for f in files]
+    assert any(not torch.allclose(weights[0][k].float(), weights[1][k].float()) for k in weights[0])
+    r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "x"), "--solve", "exact"])
+    assert r.exit_code == 2 and "--solve 'exact'" in r.output
+    # the paper constrains its two prompts from the modifier token through the end token: no padding rows
+    base = load_base(str(tiny_base), device="cpu")
+    get_method("custom_diffusion").install(base, [a])
+    encoder = PromptEncoder(base.pipe, base.resolution)
+    manifest = json.loads((a / "limner.json").read_text())
+    padded = prompt_features(encoder, ["<new1> ball"], from_token="<new1>")
+    # "<new1>", "ball", "</s>" in each of the two prompts (causal: the rows differ between them)
+    assert len(paper_features(encoder, manifest)) == 6 < len(padded)

@@ -28,6 +28,14 @@ def merge_cmd(
             "or varied generic ones.",
         ),
     ] = None,
+    solve: Annotated[
+        str,
+        typer.Option(
+            "--solve",
+            help="weighted (limner's: the concepts' prompts with padding rows, a weighted least-squares "
+            "constraint) or paper (the paper's equality-constrained solve on its two prompts).",
+        ),
+    ] = "weighted",
     base: BaseOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
@@ -41,6 +49,6 @@ def merge_cmd(
     b = load_base(base, device=device, dtype="fp32")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        folder = merge(b, concepts, out, force=force, captions=captions)
+        folder = merge(b, concepts, out, force=force, captions=captions, solve=solve)
     echo_notes(caught)
     typer.echo(f"merged concept written to {folder}")

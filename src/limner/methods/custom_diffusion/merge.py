@@ -10,6 +10,13 @@ a weighted least-squares form of the paper's equality-constrained problem (its e
 padding rows are constrained, C has more rows than the feature dimension and the equality has no
 solution. The same solve serves regional composition, where each window gets the merge of the concepts
 its prompt names.
+
+`solve="paper"` (`limner merge --solve paper`) is the paper's own: C holds only the rows of its two
+prompts ("<new1> dog", "a photo of a <new1> dog") from the modifier token through the end token, no
+padding, and the constraint is an equality:
+
+    W = argmin ||W C_reg^T - W0 C_reg^T||   s.t.   W C^T = V
+      = W0 + v d^T,   d^T = C (C_reg^T C_reg)^-1,   v = (V - W0 C^T) (d^T C^T)^-1.
 """
 
 from __future__ import annotations
@@ -38,22 +45,28 @@ if TYPE_CHECKING:
 
 
 @torch.no_grad()
-def prompt_features(encoder: PromptEncoder, prompts: list[str], from_token: str | None = None) -> torch.Tensor:
+def prompt_features(
+    encoder: PromptEncoder, prompts: list[str], from_token: str | None = None, through_end: bool = False
+) -> torch.Tensor:
     """Every encoder-output row the UNet's cross-attention sees for these prompts, padding included,
     deduplicated: the inputs of W_k and W_v. With `from_token`, only the rows from that token on: the
     text encoder is causal, so the rows before it (begin token, "a photo of") are the same in every
     prompt and belong to C_reg, not to one concept. The rows after the end token matter as much as the
-    phrase: they carry the concept too, and a merge that leaves them out loses it."""
+    phrase: they carry the concept too, and a merge that leaves them out loses it. `through_end`: only
+    up to the end token, as the paper constrains them."""
     tokenizer = encoder.tokenizers[0]
     feats = encoder.encode(encoder.tokenize(prompts))[0].float().cpu()
+    ids = tokenizer(
+        prompts, padding="max_length", truncation=True, max_length=feats.shape[1], return_tensors="pt"
+    ).input_ids
     first = [0] * len(prompts)
     if from_token is not None:
         token_id = tokenizer.convert_tokens_to_ids(from_token)
-        ids = tokenizer(
-            prompts, padding="max_length", truncation=True, max_length=feats.shape[1], return_tensors="pt"
-        ).input_ids
         first = [int((row == token_id).nonzero()[0]) for row in ids]
-    rows = torch.cat([feats[i, start:] for i, start in enumerate(first)])
+    last = [feats.shape[1]] * len(prompts)
+    if through_end:  # the first end token after the begin token, and nothing after it
+        last = [int((row[1:] == tokenizer.eos_token_id).nonzero()[0]) + 2 for row in ids]
+    rows = torch.cat([feats[i, start:end] for i, (start, end) in enumerate(zip(first, last))])
     return torch.unique(rows.round(decimals=5), dim=0)
 
 
@@ -80,6 +93,23 @@ def closed_form_solver(
         return torch.linalg.lu_solve(*factors, B.t()).t()  # A is symmetric
 
     return solve
+
+
+def paper_solver(C_reg: torch.Tensor, C: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The paper's equality-constrained merge (module docstring): W = W0 + v d^T with d^T = C (C_reg^T
+    C_reg)^-1 and v = (V - W0 C^T) (d^T C^T)^-1. The inverses are pseudo-inverses, so a singular C_reg^T
+    C_reg (fewer captions than dimensions) or dependent constraint rows still give the paper's answer
+    where it exists. C_reg [N, d]; C [M, d]; W0 [out, d]; V [out, M]."""
+    d_t = C @ torch.linalg.pinv(C_reg.t() @ C_reg)  # [M, d]
+    inverse = torch.linalg.pinv(d_t @ C.t())  # [M, M]
+
+    def solve(W0: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        return W0 + (V - W0 @ C.t()) @ inverse @ d_t
+
+    return solve
+
+
+MERGE_SOLVES = ("weighted", "paper")
 
 
 def closed_form(
@@ -224,9 +254,17 @@ def concept_features(encoder: PromptEncoder, manifest: dict) -> torch.Tensor:
 
 
 def merged_weights(
-    base, concepts: list[Path], manifests: list[dict], num_reg_captions: int = 200, captions: Path | None = None
+    base,
+    concepts: list[Path],
+    manifests: list[dict],
+    num_reg_captions: int = 200,
+    captions: Path | None = None,
+    solve: str = "weighted",
 ) -> dict[str, torch.Tensor]:
-    """The closed-form merge of the concepts' attn2 weights (their modifier tokens must be loaded)."""
+    """The closed-form merge of the concepts' attn2 weights (their modifier tokens must be loaded):
+    limner's weighted solve, or the paper's (`solve="paper"`, see the module docstring)."""
+    if solve not in MERGE_SOLVES:
+        raise LimnerError(f"--solve {solve!r}: use one of {', '.join(MERGE_SOLVES)}")
     mode = manifests[0]["mode"]
     if mode == "crossattn":
         warnings.warn(
@@ -242,16 +280,29 @@ def merged_weights(
     # prompts and the concept's training prompts. On the world (regional prompts, both subjects
     # recognised) the paper's two prompts alone kept 0.000 and 0.083 of images on two pairs, because
     # the concept also lives in the rows after the phrase; these constraints keep 0.375 and 0.583.
-    per_concept = [concept_features(encoder, m) for m in manifests]
+    per_concept = [(paper_features if solve == "paper" else concept_features)(encoder, m) for m in manifests]
     C = torch.cat(per_concept)
-    solve, merged = closed_form_solver(C_reg, C), {}
+    solver, merged = (paper_solver if solve == "paper" else closed_form_solver)(C_reg, C), {}
     for key, w0 in W0.items():
         if not key.endswith(".weight") or not any(p in key for p in ("to_k_custom", "to_v_custom")):
             merged[key] = torch.stack([t[key].float() for t in tuned]).mean(0)  # q/out (crossattn mode): average
             continue
         V = torch.cat([t[key].float() @ c.t() for t, c in zip(tuned, per_concept)], dim=1)
-        merged[key] = solve(w0, V)
+        merged[key] = solver(w0, V)
     return merged
+
+
+def paper_features(encoder: PromptEncoder, manifest: dict) -> torch.Tensor:
+    """C as the paper constrains it: for each modifier token, the rows of "<new1> noun" and "a photo of a
+    <new1> noun" from the token through the end token, no padding."""
+    tokens = manifest["tokens"]
+    nouns = manifest.get("class_nouns") or []
+    nouns = nouns if len(nouns) == len(tokens) else [manifest["class_noun"]] * len(tokens)
+    rows = [
+        prompt_features(encoder, [f"{t} {n}", f"a photo of a {t} {n}"], from_token=t, through_end=True)
+        for t, n in zip(tokens, nouns)
+    ]
+    return torch.unique(torch.cat(rows), dim=0)
 
 
 def load_tokens(base, concepts: list[Path], manifests: list[dict]) -> None:
@@ -309,12 +360,14 @@ def merge(
     num_reg_captions: int = 200,
     force: bool = False,
     captions: Path | None = None,
+    solve: str = "weighted",
 ) -> Path:
-    """Merges separately trained Custom Diffusion concepts (distinct modifier tokens) into one."""
+    """Merges separately trained Custom Diffusion concepts (distinct modifier tokens) into one, with
+    limner's weighted solve or the paper's (`solve="paper"`)."""
     pipe = base.pipe
     manifests = read_concepts(base, concepts, force)
     load_tokens(base, concepts, manifests)
-    merged = merged_weights(base, concepts, manifests, num_reg_captions, captions)
+    merged = merged_weights(base, concepts, manifests, num_reg_captions, captions, solve)
     mode, tokens = manifests[0]["mode"], [t for m in manifests for t in m["tokens"]]
     encoder = PromptEncoder(pipe, base.resolution)
     out = Path(out)
@@ -334,6 +387,7 @@ def merge(
         "tokens": tokens,
         "mode": mode,
         "merged_from": [str(c) for c in concepts],
+        "merge": solve,
         "base_fingerprint": base.fingerprint,
         "base_path": str(base.path),
         "files": files,
