@@ -33,13 +33,7 @@ class AppliedConcepts:
         for folder, manifest in zip(self.folders, self.manifests):
             check_base(manifest, folder, base, force)
         self.methods = [get_method(m["method"]) for m in self.manifests]
-        self.groups: list[tuple[Method, list[Path]]] = []
-        for key in sorted(
-            dict.fromkeys(install_key(m) for m in self.methods),
-            key=lambda k: not next(m for m in self.methods if install_key(m) == k).installs_first,
-        ):
-            members = [i for i, m in enumerate(self.methods) if install_key(m) == key]
-            self.groups.append((self.methods[members[0]], [self.folders[i] for i in members]))
+        self.groups = install_groups(self.methods, self.folders)
         self.installations: list[Installation] = []
         try:
             for method, concepts in self.groups:
@@ -88,6 +82,15 @@ class AppliedConcepts:
 
     def __exit__(self, *exc: object) -> None:
         self.uninstall()
+
+
+def install_groups(methods: list[Method], folders: list[Path]) -> list[tuple[Method, list[Path]]]:
+    """The concepts grouped by the method call that installs them, in the order they were given, the
+    groups of methods that may replace whole models first."""
+    groups: dict[str, tuple[Method, list[Path]]] = {}
+    for method, folder in zip(methods, folders):
+        groups.setdefault(install_key(method), (method, []))[1].append(folder)
+    return sorted(groups.values(), key=lambda group: not group[0].installs_first)
 
 
 def apply_concepts(
