@@ -212,6 +212,13 @@ def main() -> None:
         load_base(None, dtype="fp32"), [concepts["left"], concepts["right"]], args.work / f"merged-{a.name}+{b.name}"
     )
     timings["merge"] = round(time.perf_counter() - t0, 1)
+    # the paper's own solve (its two prompts, no padding rows, an equality constraint) beside limner's
+    merged_paper = merge(
+        load_base(None, dtype="fp32"),
+        [concepts["left"], concepts["right"]],
+        args.work / f"merged-paper-{a.name}+{b.name}",
+        solve="paper",
+    )
     # the same merge of the default (all of attn2) concepts: K/V in closed form, Q and out averaged
     merged_default = merge(
         load_base(None, dtype="fp32"),
@@ -240,6 +247,7 @@ def main() -> None:
     variants = {
         "base, class nouns": ([], a.class_noun, b.class_noun),
         "closed-form merge": ([merged], f"<new1> {a.class_noun}", f"<new2> {b.class_noun}"),
+        "closed-form merge, the paper's solve": ([merged_paper], f"<new1> {a.class_noun}", f"<new2> {b.class_noun}"),
         "closed-form merge of default concepts": (
             [merged_default],
             f"<new1> {a.class_noun}",
