@@ -88,3 +88,15 @@ def clipped_alone(grads: list, max_norm: float) -> list:
 
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
     return [g * (max_norm / (norm + 1e-6)).clamp(max=1.0) for g in grads]
+
+
+def lora_concept(tiny_base, out, name: str, identifier: str, noun: str, train):
+    """A DreamBooth LoRA concept of a subject `name` (a `noun`) in `out`, without prior preservation."""
+    return get_method("dreambooth_lora").personalize(
+        load_base(str(tiny_base), device="cpu"),
+        Subject(name, noun, subject().images),
+        out,
+        identifier=identifier,
+        prior_preservation="none",
+        train=train,
+    )

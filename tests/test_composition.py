@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
-from helpers import db_train, subject, two_custom_diffusion_concepts
+from helpers import db_train, lora_concept, subject, two_custom_diffusion_concepts
 
-from limner.methods import Subject, get_method
+from limner.methods import get_method
 from limner.models.loading import load_base
 from limner.training import TrainConfig
 
@@ -88,14 +88,8 @@ def test_with_regions_each_lora_acts_only_in_the_windows_that_name_it(tiny_base,
     from limner.conditioning import apply_concepts
 
     def lora(name, identifier, noun):
-        return get_method("dreambooth_lora").personalize(
-            load_base(str(tiny_base), device="cpu"),
-            Subject(name, noun, subject().images),
-            tmp_path / name,
-            identifier=identifier,
-            prior_preservation="none",
-            train=TrainConfig(max_steps=3, batch_size=2, learning_rate=5e-2, checkpoint_every=0),
-        )
+        train = TrainConfig(max_steps=3, batch_size=2, learning_rate=5e-2, checkpoint_every=0)
+        return lora_concept(tiny_base, tmp_path / name, name, identifier, noun, train)
 
     a, b = lora("blob", "sks", "ball"), lora("cube", "zwx", "box")
     g = torch.Generator().manual_seed(0)
@@ -130,14 +124,7 @@ def test_generate_composes_concepts_per_region_from_the_command_line(tiny_base, 
     from limner.cli import app
 
     def lora(name, identifier, noun):
-        return get_method("dreambooth_lora").personalize(
-            load_base(str(tiny_base), device="cpu"),
-            Subject(name, noun, subject().images),
-            tmp_path / name,
-            identifier=identifier,
-            prior_preservation="none",
-            train=db_train(),
-        )
+        return lora_concept(tiny_base, tmp_path / name, name, identifier, noun, db_train())
 
     a, b = lora("blob", "sks", "ball"), lora("cube", "zwx", "box")
     runner = CliRunner()

@@ -17,7 +17,8 @@ from limner.evaluation.rows import EvalSettings
 from limner.evaluation.scoring import world_fidelity_score
 from limner.evaluation.subjects import EvalSubject
 from limner.io import written_atomically
-from limner.methods import get_method, split_settings
+from limner.methods import get_method
+from limner.training import split_train_settings
 
 if TYPE_CHECKING:
     from limner.models.loading import Base
@@ -152,7 +153,7 @@ def personalize_cached(
             from dataclasses import replace
 
             # training settings (max_steps=600, learning_rate=1e-3) go into the method's TrainConfig
-            train_cfg, config = split_settings(train_cfg, config)
+            train_cfg, config = split_train_settings(train_cfg, config)
             # validation every sixth of training, scored by the world's probes: a fidelity-vs-time curve
             every = max(1, train_cfg.max_steps // 6) if subject.world is not None else 0
             config = config | {"train": replace(train_cfg, resume="latest", validate_every=every)}

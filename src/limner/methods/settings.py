@@ -12,6 +12,7 @@ from dataclasses import MISSING, Field, field, fields, replace
 from typing import Any
 
 from limner.errors import LimnerError
+from limner.training.config import split_train_settings
 
 HELP = "help"
 # the value at which a setting stays out of eval's cache key (limner.evaluation.cache_keys): a setting
@@ -60,14 +61,6 @@ def with_settings(config: Any, overrides: dict, method: str) -> Any:
     return replace(config, **overrides)
 
 
-def split_settings(train_config: Any, settings: dict) -> tuple[Any, dict]:
-    """(train_config with the settings that name its fields applied, the remaining method settings):
-    one flat list of key=value settings reaches both the trainer and the method."""
-    names = {f.name for f in fields(train_config)}
-    trainer = {k: v for k, v in settings.items() if k in names}
-    return replace(train_config, **trainer), {k: v for k, v in settings.items() if k not in names}
-
-
 def describe(config_cls: type) -> list[tuple[str, Any, str]]:
     """(name, default, help) of every setting: what `limner train --method M --help-settings` shows."""
     rows = []
@@ -106,6 +99,6 @@ def command_line_settings(
         overrides["num_vectors"] = num_vectors
     train = method.default_train_config(num_subjects)
     if train is not None:
-        train, overrides = split_settings(train, overrides)
+        train, overrides = split_train_settings(train, overrides)
         overrides["train"] = replace(train, **{k: v for k, v in trainer_options.items() if v is not None})
     return overrides
