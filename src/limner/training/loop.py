@@ -271,7 +271,7 @@ def train(
             log.curve.append(
                 {
                     "step": step + 1,
-                    "seconds": round(time.perf_counter() - t0, 3),
+                    "seconds": round(time.perf_counter() - t0, 6),
                     "loss": round(loss_value, 6),
                     "lr": lr,
                 }
@@ -343,7 +343,7 @@ def write_csv(
             previous = row["seconds"]
             tflops = flops_per_step / dt / 1e12 if flops_per_step and dt > 0 else None
             mfu = tflops / peak_tflops if tflops is not None and peak_tflops else None
-            w.writerow(row | {"step_seconds": round(dt, 4), "tflops": _rounded(tflops), "mfu": _rounded(mfu)})
+            w.writerow(row | {"step_seconds": _rounded(dt), "tflops": _rounded(tflops), "mfu": _rounded(mfu)})
 
 
 def _rounded(x: float | None) -> float | str:
