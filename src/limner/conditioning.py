@@ -121,7 +121,7 @@ def layout_prompt(
         if not token or not noun or token not in prompt:
             continue
         layout = layout.replace(f"{token} {noun}", noun).replace(token, noun)  # "a sks dog" and "a <s*>" alike
-        wanted = max(wanted, method.layout_steps(steps))
+        wanted = max(wanted, method.layout_steps(steps, manifest))
     if layout_steps is not None:
         if layout_steps and layout == prompt:
             raise LimnerError(

@@ -18,6 +18,7 @@ from limner.evaluation.scoring import world_fidelity_score
 from limner.evaluation.subjects import EvalSubject
 from limner.io import written_atomically
 from limner.methods import get_method
+from limner.methods.settings import with_recipe
 from limner.training import split_train_settings
 
 if TYPE_CHECKING:
@@ -149,6 +150,7 @@ def personalize_cached(
         work = folder.with_name(folder.name + ".partial")
         t0 = time.perf_counter()
         train_cfg = method.default_train_config()
+        config = with_recipe(method, config)  # the recipe's trainer settings join the ones split off below
         if train_cfg is not None and "train" not in config:
             from dataclasses import replace
 

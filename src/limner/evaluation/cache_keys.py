@@ -15,7 +15,7 @@ from dataclasses import asdict, fields
 from typing import Any
 
 from limner.methods import Method
-from limner.methods.settings import KEY_NEUTRAL
+from limner.methods.settings import KEY_NEUTRAL, with_recipe
 from limner.training import TrainConfig
 
 
@@ -36,6 +36,7 @@ def default_settings(method: Method) -> dict:
 def settings_with(method: Method, overrides: dict) -> dict:
     """default_settings() with `overrides` (method and training settings in one flat dict, as on the
     command line) applied."""
+    overrides = with_recipe(method, overrides)
     settings, cfg = default_settings(method), method.default_config()
     train_fields = fields(TrainConfig)
     train_names = {f.name for f in train_fields}

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from limner.concepts import read_manifest
 from limner.conditioning import AppliedConcepts, apply_concepts, concept_prompt
 from limner.errors import LimnerError
 from limner.evaluation.cache import (
@@ -111,7 +112,7 @@ def row_images(
                 applied.append(apply_concepts(base, [concept]))
             return applied[0]
 
-    layout_steps = layout_steps_of(row, settings)
+    layout_steps = layout_steps_of(row, settings, read_manifest(concept) if concept is not None else None)
     try:
         for p in prompts:
             class_text = class_prompt(p.template, subject)
@@ -157,6 +158,8 @@ def run_eval(
                 concept, res.concepts[subject.name] = personalize_cached(
                     row.method, subject, handle, cache_root, config
                 )
+            if concept is not None:
+                res.layout_steps = layout_steps_of(row, settings, read_manifest(concept))
             images = row_images(row, subject, handle, cache, settings, concept)
             res.per_subject[subject.name] = score_subject(subject, images, enc)
             res.images[subject.name] = {k: [str(p) for p in v] for k, v in images.items()}

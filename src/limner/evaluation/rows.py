@@ -81,13 +81,14 @@ class RowResult:
     layout_steps: int = 0  # of each concept's first denoising steps, drawn from the class prompt
 
 
-def layout_steps_of(row: Row, settings: EvalSettings) -> int:
-    """How many of a row's first denoising steps follow the class prompt: the setting, or the method's default."""
+def layout_steps_of(row: Row, settings: EvalSettings, manifest: dict | None = None) -> int:
+    """How many of a row's first denoising steps follow the class prompt: the setting, or the concept's
+    default (its manifest's, where given; else its method's)."""
     if row.method is None:
         return 0
     if settings.layout_steps is not None:
         return settings.layout_steps
-    return get_method(row.method).layout_steps(settings.steps)
+    return get_method(row.method).layout_steps(settings.steps, manifest)
 
 
 def class_prompt(template: str, subject: EvalSubject) -> str:

@@ -93,9 +93,11 @@ class Method(ABC):
         """Whether a concept acts in a region window with this prompt: where the prompt names one of its tokens."""
         return prompt_names(region_prompt, manifest.get("tokens", []))
 
-    def layout_steps(self, steps: int) -> int:
-        """How many of `steps` denoising steps follow the class prompt by default."""
-        return round(self.layout_fraction * steps)
+    def layout_steps(self, steps: int, manifest: dict | None = None) -> int:
+        """How many of `steps` denoising steps follow the class prompt by default: the concept's own
+        `layout_fraction` setting where its manifest records one, else the method's."""
+        fraction = (manifest or {}).get("config", {}).get("layout_fraction", self.layout_fraction)
+        return round(fraction * steps)
 
     def default_config(self) -> Any:
         """The method's settings dataclass with its defaults; None for a method without settings."""
@@ -104,6 +106,11 @@ class Method(ABC):
     def default_train_config(self, num_subjects: int = 1) -> TrainConfig | None:
         """The trainer's defaults for this method (`num_subjects` trained jointly); None if it does not train."""
         return None
+
+    def recipes(self, num_subjects: int = 1) -> dict[str, dict[str, Any]]:
+        """Named sets of settings besides limner's defaults (`--set recipe=paper`): name -> flat settings,
+        method and trainer settings alike, for `num_subjects` trained jointly."""
+        return {}
 
     def reads_masks(self, overrides: dict) -> bool:
         """Whether a run with these settings reads the subject's masks."""

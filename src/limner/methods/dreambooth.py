@@ -31,7 +31,7 @@ from limner.errors import LimnerError
 from limner.io import cache_dir, written_atomically
 from limner.methods.base import Capabilities, Installation
 from limner.methods.registry import register
-from limner.methods.settings import setting
+from limner.methods.settings import recipe_setting, setting
 from limner.methods.tuning import TuningMethod, TuningRun
 from limner.models.saving import save_pipeline
 from limner.regions import prompt_names, warn_if_unnamed
@@ -59,6 +59,24 @@ def default_train_config(lora: bool) -> TrainConfig:
     )
 
 
+# The paper's method as diffusers' example README trains it (examples/dreambooth): instance prompts without
+# captions, batch 1, weight decay 1e-2; full: prior preservation on 200 class images, lr 5e-6, 800 steps;
+# LoRA: rank 4 (alpha 4), no prior preservation, lr 1e-4, 500 steps
+PAPER_RECIPE = {"captions": False, "batch_size": 1, "weight_decay": 1e-2, "checkpoint_every": 100}
+PAPER_RECIPE_FULL = PAPER_RECIPE | {
+    "prior_preservation": "class_images",
+    "num_class_images": 200,
+    "learning_rate": 5e-6,
+    "max_steps": 800,
+}
+PAPER_RECIPE_LORA = PAPER_RECIPE | {
+    "lora_rank": 4,
+    "prior_preservation": "none",
+    "learning_rate": 1e-4,
+    "max_steps": 500,
+}
+
+
 @dataclass
 class DreamBoothConfig:
     identifier: str = setting("sks", "the rare word [V] bound to the subject")
@@ -78,6 +96,7 @@ class DreamBoothConfig:
     class_image_batch: int = setting(16, "class images drawn per batch")
     class_image_cache: str | None = setting(None, "where class images are kept (default: $LIMNER_CACHE/class-images)")
     captions: bool = setting(True, "append each reference image's caption (if it has one) to its prompt")
+    recipe: str = recipe_setting()
     train: TrainConfig | None = setting(None, "trainer settings (default: the method's)")
 
     def __post_init__(self) -> None:
@@ -347,6 +366,9 @@ class DreamBooth(TuningMethod):
 
     def default_train_config(self, num_subjects: int = 1) -> TrainConfig:
         return default_train_config(self.lora_default)
+
+    def recipes(self, num_subjects: int = 1) -> dict[str, dict[str, Any]]:
+        return {"paper": PAPER_RECIPE_LORA if self.lora_default else PAPER_RECIPE_FULL}
 
     def train_defaults(self, cfg: DreamBoothConfig, num_subjects: int) -> TrainConfig:
         return default_train_config(cfg.lora_rank is not None)

@@ -35,6 +35,31 @@ def added_setting(default: Any) -> Field:
     return setting(default, added=True)
 
 
+LIMNER_RECIPE = "limner"  # limner's own defaults: no recipe applied
+
+
+def recipe_setting() -> Field:
+    """The `recipe` field every tuning method's settings carry: which named set of defaults made a concept."""
+    return setting(
+        LIMNER_RECIPE,
+        "limner: limner's defaults; paper: the paper's recipe as its official code (or diffusers' example) runs it "
+        "(`limner methods NAME` lists what each recipe sets; settings given beside it win)",
+        added=True,
+    )
+
+
+def with_recipe(method: Any, overrides: dict, num_subjects: int = 1) -> dict:
+    """`overrides` with `recipe=NAME` expanded into that recipe's settings (method and trainer settings in one
+    flat dict); a setting given explicitly wins over the recipe's. Unchanged without a recipe."""
+    name = overrides.get("recipe", LIMNER_RECIPE)
+    if name == LIMNER_RECIPE:
+        return overrides
+    recipes = method.recipes(num_subjects)
+    if name not in recipes:
+        raise LimnerError(f"--set recipe={name}: {method.name} has the recipes {', '.join([LIMNER_RECIPE, *recipes])}")
+    return recipes[name] | overrides
+
+
 def parse_setting(item: str, where: str) -> tuple[str, object]:
     """'key=value' -> (key, value), the value read as int, float or bool where it looks like one."""
     key, eq, text = item.partition("=")
@@ -97,6 +122,7 @@ def command_line_settings(
         overrides[method.token_setting] = token
     if num_vectors is not None:
         overrides["num_vectors"] = num_vectors
+    overrides = with_recipe(method, overrides, num_subjects)
     train = method.default_train_config(num_subjects)
     if train is not None:
         train, overrides = split_train_settings(train, overrides)

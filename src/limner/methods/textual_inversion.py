@@ -23,7 +23,7 @@ from limner.errors import LimnerError
 from limner.io import written_atomically
 from limner.methods.base import Capabilities, Installation
 from limner.methods.registry import register
-from limner.methods.settings import setting
+from limner.methods.settings import recipe_setting, setting
 from limner.methods.tuning import TuningMethod, TuningRun
 from limner.subject import Subject
 from limner.training import TrainConfig, TrainingTask, denoising_loss, noise_scheduler
@@ -94,6 +94,25 @@ def a1111_file_name(token: str) -> str:
     return f"{stem}.safetensors"
 
 
+# The paper's method as diffusers' example README trains it on SD (examples/textual_inversion): one vector, no
+# captions, no layout steps at generation, every timestep weighed alike, no gradient clipping, mirrored
+# references, weight decay 1e-2, lr 5e-4 scaled by the 4 images of each step (--scale_lr) for 3000 steps. Its
+# batch of 1 accumulated over 4 is one batch of 4 here: the same mean gradient per step.
+PAPER_RECIPE = {
+    "num_vectors": 1,
+    "captions": False,
+    "layout_fraction": 0.0,
+    "max_steps": 3000,
+    "batch_size": 4,
+    "learning_rate": 2e-3,
+    "weight_decay": 1e-2,
+    "min_snr_gamma": None,
+    "max_grad_norm": 0.0,
+    "flip": True,
+    "checkpoint_every": 500,
+}
+
+
 def default_train_config() -> TrainConfig:
     # min-SNR weighting (gamma 5, Hang et al. 2023) costs nothing per step and weighs down the nearly
     # noise-free timesteps, whose gradients the paper finds pull against the others' (measured: docs/README.md)
@@ -119,9 +138,17 @@ class TextualInversionConfig:
         "weight of the pixels off the subject in the loss, from the subject's masks "
         "(None: the paper's loss over the whole image)",
     )
+    layout_fraction: float = setting(
+        0.2,
+        "share of the denoising steps drawn from the class prompt before S* takes over (limner's; the paper: 0)",
+        added=True,
+    )
+    recipe: str = recipe_setting()
     train: TrainConfig = setting(default_factory=default_train_config, help="trainer settings")
 
     def __post_init__(self) -> None:
+        if not 0 <= self.layout_fraction < 1:
+            raise LimnerError(f"--set layout_fraction={self.layout_fraction}: give a share from 0 (none) to below 1")
         if self.num_vectors < 1:
             raise LimnerError(f"num_vectors (--num-vectors) must be at least 1, got {self.num_vectors}")
         if self.templates not in TEMPLATES:
@@ -393,6 +420,9 @@ class TextualInversion(TuningMethod):
     # S*'s vectors, several times a word's norm, outweigh the prompt's other words; drawing the first fifth
     # of the steps from the class prompt settles the place and the things asked for first (docs/world-bench-ti)
     layout_fraction = 0.2
+
+    def recipes(self, num_subjects: int = 1) -> dict[str, dict[str, Any]]:
+        return {"paper": PAPER_RECIPE}
 
     def reads_masks(self, overrides: dict) -> bool:
         return overrides.get("background_weight") is not None  # the masked loss

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from abc import abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,9 +23,10 @@ from limner.concepts import write_concept
 from limner.errors import LimnerError
 from limner.io import disk_guard
 from limner.methods.base import Method, Score
-from limner.methods.settings import with_settings
+from limner.methods.settings import with_recipe, with_settings
 from limner.subject import Subject
 from limner.training import TrainConfig, TrainingTask, is_main_process, make_validator, train
+from limner.training.config import trainer_settings
 
 if TYPE_CHECKING:
     from limner.models.loading import Base
@@ -74,10 +75,15 @@ class TuningMethod(Method):
 
     def configure(self, overrides: dict, num_subjects: int = 1) -> Any:
         """The settings for a run: the defaults with `overrides` applied (validated by the settings
-        dataclass), and the trainer's defaults where none were given."""
+        dataclass; `recipe=NAME` expanded), and the trainer's defaults where no `train` was given, with any
+        trainer settings among the overrides (`max_steps=50`) applied. A given `train` is taken whole: the
+        command line builds it with the recipe's and the flags' trainer settings already in it."""
+        train_given = overrides.get("train") is not None
+        train_settings, overrides = trainer_settings(with_recipe(self, overrides, num_subjects))
         cfg = with_settings(self.default_config(), overrides, self.name)
-        if cfg.train is None:
-            cfg.train = self.train_defaults(cfg, num_subjects)
+        if not train_given:
+            defaults = cfg.train if cfg.train is not None else self.train_defaults(cfg, num_subjects)
+            cfg.train = replace(defaults, **train_settings)
         return cfg
 
     def train_defaults(self, cfg: Any, num_subjects: int) -> TrainConfig:

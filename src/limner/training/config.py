@@ -54,7 +54,11 @@ class TrainConfig:
 def split_train_settings(cfg: TrainConfig, settings: dict) -> tuple[TrainConfig, dict]:
     """(cfg with the settings that name trainer fields applied, the remaining method settings): one
     flat list of key=value settings on the command line reaches both."""
+    train, rest = trainer_settings(settings)
+    return replace(cfg, **train), rest
+
+
+def trainer_settings(settings: dict) -> tuple[dict, dict]:
+    """(the settings that name trainer fields, the rest) of one flat dict of settings."""
     names = {f.name for f in fields(TrainConfig)}
-    return replace(cfg, **{k: v for k, v in settings.items() if k in names}), {
-        k: v for k, v in settings.items() if k not in names
-    }
+    return {k: v for k, v in settings.items() if k in names}, {k: v for k, v in settings.items() if k not in names}

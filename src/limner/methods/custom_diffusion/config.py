@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from limner.errors import LimnerError
 from limner.methods.custom_diffusion.formats import MODES
-from limner.methods.settings import setting
+from limner.methods.settings import recipe_setting, setting
 from limner.training import TrainConfig
-
-if TYPE_CHECKING:
-    pass
 
 
 def default_train_config(num_concepts: int = 1) -> TrainConfig:
@@ -22,10 +18,34 @@ def default_train_config(num_concepts: int = 1) -> TrainConfig:
     )
 
 
+def paper_recipe(num_concepts: int = 1) -> dict:
+    """The paper's method as diffusers' example README trains it (examples/custom_diffusion): K and V of
+    attn2 only, 200 retrieved real images, rescaling augmentation and mirrored references, no captions,
+    batch 2 at lr 1e-5 scaled by the batch (--scale_lr), weight decay 1e-2, 250 steps per concept (the
+    README's 500 for two), and one initial rare word per joint concept, as the official code gives them."""
+    return {
+        "mode": "crossattn_kv",
+        "initializer": "ktn+pll+ucd",
+        "captions": False,
+        "num_reg_images": 200,
+        "augment": True,
+        "flip": True,
+        "max_steps": 250 * num_concepts,
+        "batch_size": 2,
+        "learning_rate": 2e-5,
+        "weight_decay": 1e-2,
+        "checkpoint_every": 125,
+    }
+
+
 @dataclass
 class CustomDiffusionConfig:
     modifier_token: str = setting("<new1>", "the modifier token V* placed before the class noun")
-    initializer: str = setting("ktn", "the rare word V* starts from, as in the paper")
+    initializer: str = setting(
+        "ktn",
+        "the rare word V* starts from, as in the paper; jointly trained tokens take one word each from a "
+        "'+'-separated list (ktn+pll+ucd), in turn",
+    )
     mode: str = setting(
         "crossattn",
         "crossattn: all of attn2 (Q, K, V, out); crossattn_kv: K and V only (the paper's "
@@ -44,8 +64,11 @@ class CustomDiffusionConfig:
     )
     augment_variants: int = setting(8, "rescaled variants per reference image (their latents are cached)")
     captions: bool = setting(True, "append each reference image's caption (if it has one) to its prompts")
+    recipe: str = recipe_setting()
     train: TrainConfig | None = setting(None, "trainer settings (default: the method's, 750 steps per concept)")
 
     def __post_init__(self) -> None:
+        if not all(self.initializer.split("+")):
+            raise LimnerError(f"--set initializer={self.initializer!r}: give a word, or words joined by '+'")
         if self.mode not in MODES:
             raise LimnerError(f"mode {self.mode!r}: use one of {', '.join(MODES)}")

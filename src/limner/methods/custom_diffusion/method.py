@@ -6,14 +6,14 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from limner.concepts import read_manifest
 from limner.methods.base import Capabilities, Installation
-from limner.methods.custom_diffusion.config import CustomDiffusionConfig, default_train_config
+from limner.methods.custom_diffusion.config import CustomDiffusionConfig, default_train_config, paper_recipe
 from limner.methods.custom_diffusion.formats import (
     install_weights,
     layer_weights,
@@ -45,12 +45,17 @@ class CustomDiffusion(TuningMethod):
     def default_train_config(self, num_subjects: int = 1) -> TrainConfig:
         return default_train_config(num_subjects)
 
+    def recipes(self, num_subjects: int = 1) -> dict[str, dict[str, Any]]:
+        return {"paper": paper_recipe(num_subjects)}
+
     def prepare(self, base: Base, subjects: list[Subject], cfg: CustomDiffusionConfig) -> TuningRun:
         """One or several concepts trained together; concept i gets modifier token <new{i+1}>."""
         pipe, res = base.pipe, base.resolution
         encoder = PromptEncoder(pipe, res)
         tokens = [cfg.modifier_token] if len(subjects) == 1 else [f"<new{i + 1}>" for i in range(len(subjects))]
-        token_ids = add_tokens_everywhere(encoder, tokens, cfg.initializer)
+        words = cfg.initializer.split("+")
+        added = [add_tokens_everywhere(encoder, [t], words[i % len(words)]) for i, t in enumerate(tokens)]
+        token_ids = {name: [i for ids in added for i in ids[name]] for name in added[0]}
         rng = np.random.default_rng(cfg.train.seed)
         images, masks, prompts = [], [], []
         for subject, token in zip(subjects, tokens):
