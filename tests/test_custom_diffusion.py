@@ -408,3 +408,26 @@ def test_limner_merge_offers_the_papers_solve_beside_its_own(tiny_base, tmp_path
     padded = prompt_features(encoder, ["<new1> ball"], from_token="<new1>")
     # "<new1>", "ball", "</s>" in each of the two prompts (causal: the rows differ between them)
     assert len(paper_features(encoder, manifest)) == 6 < len(padded)
+
+
+def test_the_papers_recipe_trains_two_concepts_with_mirrored_references_and_one_rare_word_each(tiny_base, tmp_path):
+    """recipe=paper: K/V only, mirrored references (whose masks and prompts follow them: a crash before), and
+    jointly trained tokens starting from the official code's words in turn (ktn, pll), not all from one."""
+    from limner.methods.custom_diffusion import CustomDiffusion
+
+    overrides = dict(recipe="paper", prior_preservation=False, max_steps=2, learning_rate=0.0, checkpoint_every=0)
+    out = CustomDiffusion().personalize(
+        load_base(str(tiny_base), device="cpu"),
+        [subject(), Subject("cube", "box", subject().images)],
+        tmp_path,
+        **overrides,
+    )
+    manifest = json.loads((out / "limner.json").read_text())
+    assert manifest["config"]["recipe"] == "paper" and manifest["config"]["mode"] == "crossattn_kv"
+    assert manifest["config"]["train"]["flip"] and manifest["config"]["train"]["batch_size"] == 2
+    pipe = load_base(str(tiny_base), device="cpu").pipe
+    emb = pipe.text_encoder.get_input_embeddings().weight
+    for token, word in (("<new1>", "ktn"), ("<new2>", "pll")):
+        ids = pipe.tokenizer(word, add_special_tokens=False).input_ids
+        saved = load_file(out / f"{token}.safetensors")[token].float()
+        assert torch.allclose(saved[0], emb[ids].mean(0), atol=1e-3), f"{token} starts from {word!r}"

@@ -70,6 +70,8 @@ class CustomDiffusion(TuningMethod):
                     masks.append(mask)
                     prompts.append(with_caption(instance_prompt(prefix, token, subject.class_noun), caption))
         lat = encode_images(pipe.vae, images, res, flip=cfg.train.flip)
+        if cfg.train.flip:  # the mirror images' rows follow the originals', and their valid regions mirror too
+            masks += [m[:, ::-1] for m in masks]
         mask_t = torch.from_numpy(np.stack(masks)).float()[:, None]
         ids = encoder.tokenize(prompts)
         reg_lat, reg_cond = None, None
@@ -82,7 +84,7 @@ class CustomDiffusion(TuningMethod):
 
         def next_batch(g: torch.Generator) -> dict:
             idx = torch.randint(len(lat.mean), (bs,), generator=g)
-            batch = {"latents": lat.sample(idx, g), "mask": mask_t[idx], "input_ids": ids[idx]}
+            batch = {"latents": lat.sample(idx, g), "mask": mask_t[idx], "input_ids": ids[lat.source[idx]]}
             if reg_lat is not None:
                 ridx = torch.randint(len(reg_lat.mean), (bs,), generator=g)
                 batch.update(reg_latents=reg_lat.sample(ridx, g), reg_idx=ridx)
