@@ -256,3 +256,40 @@ def test_the_command_line_process_keeps_exit_codes_and_output(tmp_path):
         "train", "--method", "textual_inversion", "--subject", str(tmp_path / "missing"), "--out", str(tmp_path / "c")
     )
     assert bad.returncode == 2 and "missing" in bad.stderr and not (tmp_path / "c" / "limner.json").exists()
+
+
+def test_recipe_paper_trains_the_papers_settings_and_says_so(tiny_base, tmp_path):
+    """`--set recipe=paper` is the paper's recipe (one vector, no captions, no layout steps, 3000 steps at
+    2e-3 for Textual Inversion), what is given beside it wins, the manifest and model card say which recipe
+    made the concept, and its generations lay nothing out from the class prompt; an unknown recipe is an
+    error naming the ones there are."""
+    from typer.testing import CliRunner
+
+    from limner.cli import app
+    from limner.concepts import read_manifest
+    from limner.conditioning import apply_concepts
+    from limner.models.loading import load_base
+
+    folder = image_folder(tmp_path / "subj")
+    args = ["train", "--method", "textual_inversion", "--subject", str(folder), "--class-noun", "ball"]
+    args += ["--base", str(tiny_base), "--set", "recipe=paper", "--set", "batch_size=1", "--steps", "2"]
+    r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "paper")])
+    assert r.exit_code == 0, r.output
+    m = read_manifest(tmp_path / "paper")
+    cfg, train = m["config"], m["config"]["train"]
+    assert (cfg["recipe"], cfg["num_vectors"], cfg["captions"], cfg["layout_fraction"]) == ("paper", 1, False, 0.0)
+    assert (train["learning_rate"], train["min_snr_gamma"], train["max_grad_norm"], train["flip"]) == (
+        2e-3,
+        None,
+        0.0,
+        True,
+    )
+    assert (train["max_steps"], train["batch_size"]) == (2, 1), "settings given beside the recipe win"
+    assert "recipe: the paper's" in (tmp_path / "paper" / "README.md").read_text()
+    base = load_base(str(tiny_base), device="cpu")
+    applied = apply_concepts(base, [tmp_path / "paper"])
+    assert applied.condition("a <s*> in the snow", 25).layout_steps == 0
+    applied.uninstall()
+    r = CliRunner().invoke(app, [*args[:-4], "--set", "recipe=original", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "recipe=original" in r.output and "limner, paper" in r.output
+    assert not (tmp_path / "x" / "limner.json").exists()

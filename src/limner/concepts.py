@@ -58,7 +58,15 @@ def write_concept(out: Path, method: str, trained_on, base, log, wall_seconds: f
     return manifest
 
 
+# what a concept's recipe setting (limner.methods.settings.recipe_setting) means, for its model card
+RECIPES = {
+    "limner": "limner's defaults (not the paper's settings; `limner methods METHOD` lists both)",
+    "paper": "the paper's, as its official code or diffusers' example trains it (`--set recipe=paper`)",
+}
+
+
 def write_model_card(folder: Path, manifest: dict, samples: list[str] | None = None) -> None:
+    recipe = manifest.get("config", {}).get("recipe")
     lines = [
         f"# {manifest.get('subject', folder.name)} ({manifest['method']})",
         "",
@@ -67,6 +75,7 @@ def write_model_card(folder: Path, manifest: dict, samples: list[str] | None = N
         f"- base: `{manifest.get('base_path')}` (fingerprint `{manifest.get('base_fingerprint')}`)",
         f"- tokens: {', '.join(f'`{t}`' for t in manifest.get('tokens', [])) or '—'}",
         f"- steps: {manifest.get('steps')}, training time: {manifest.get('seconds', '?')} s",
+        *([f"- recipe: {RECIPES.get(recipe, recipe)}"] if recipe else []),
         "",
         "Use it:",
         "",

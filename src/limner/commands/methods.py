@@ -35,3 +35,5 @@ def methods_cmd(
     train = m.default_train_config()
     if train is not None:
         typer.echo("trainer settings (--set too): " + ", ".join(f"{k}={v!r}" for k, v in vars(train).items()))
+    for recipe, settings in m.recipes().items():
+        typer.echo(f"--set recipe={recipe} sets: " + ", ".join(f"{k}={v!r}" for k, v in settings.items()))
