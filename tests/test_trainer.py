@@ -495,3 +495,66 @@ def test_drop_conditioning_replaces_whole_rows_with_the_empty_one():
     assert torch.equal(drop_conditioning(embeds, torch.zeros(2, 8), 1.0, g), torch.zeros(4, 2, 8)), (
         "image embeddings too"
     )
+
+
+def test_resume_continues_the_data_stream_where_the_checkpoint_left_it(tmp_path):
+    """train(..., data=stream) keeps each process's position in the stream in every checkpoint and restores it
+    before the first resumed step: a run killed after a checkpoint and resumed on a freshly opened stream reads
+    the samples the uninterrupted run read, and ends with its weights. Without the position the resumed run
+    would read the stream from its start again and end elsewhere (checked too)."""
+    import shutil
+    from dataclasses import replace
+
+    from PIL import Image
+
+    from limner.data import open_stream
+    from limner.training import train
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rows = []
+    for i in range(10):
+        Image.new("RGB", (20, 20), (i * 25, 255 - i * 20, i * 7)).save(folder / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": f"image {i}"}))
+    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+
+    def batches(stream, stop_at: int | None = None):
+        it, drawn = iter(stream), []
+
+        def next_batch(g):
+            drawn.append(1)
+            if len(drawn) == stop_at:
+                raise KeyboardInterrupt  # the process dies mid-run
+            colours = np.stack([next(it).image.mean((0, 1)) / 255 for _ in range(3)])
+            return {"x": torch.from_numpy(np.c_[colours, np.ones(3)]).float()}
+
+        return next_batch
+
+    cfg = TrainConfig(max_steps=7, learning_rate=0.05, checkpoint_every=3, weight_decay=0.0)
+    straight, stream = _Line(), open_stream(str(folder), seed=1)
+    train(straight, batches(stream), cfg, tmp_path / "a", data=stream)
+    assert json.loads((tmp_path / "a" / "checkpoints" / "step-000007" / "data-rank0.json").read_text()) == (
+        stream.state_dict()
+    )
+
+    with pytest.raises(KeyboardInterrupt):  # dies in step 5, after the checkpoint at step 3
+        train(_Line(), batches(s := open_stream(str(folder), seed=1), stop_at=5), cfg, tmp_path / "b", data=s)
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
+    resumed, fresh = _Line(), open_stream(str(folder), seed=1)
+    train(resumed, batches(fresh), replace(cfg, resume="latest"), tmp_path / "b", data=fresh)
+    assert all(torch.equal(a, b) for a, b in zip(straight.model.parameters(), resumed.model.parameters()))
+    assert fresh.state_dict() == stream.state_dict()
+
+    blind, restarted = _Line(), open_stream(str(folder), seed=1)  # resumed without the stream's position
+    train(blind, batches(restarted), replace(cfg, resume="latest"), tmp_path / "c")
+    assert not torch.equal(blind.model.weight, straight.model.weight), "the position is what made it exact"
+
+    shutil.rmtree(tmp_path / "c" / "checkpoints" / "step-000007")  # step 6: written by the run without the stream
+    with pytest.raises(LimnerError, match="holds no position in the data stream"):
+        train(
+            _Line(),
+            batches(s := open_stream(str(folder), seed=1)),
+            replace(cfg, resume="latest"),
+            tmp_path / "c",
+            data=s,
+        )

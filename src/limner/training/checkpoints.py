@@ -1,6 +1,7 @@
 """Checkpoints: trainable values (and their EMA, where the run keeps one) in safetensors, optimizer and
-generator state as plain tensors (every process's generators: each draws its own batches and noise), and
-fp16's loss scale, so that a resumed run continues exactly as the uninterrupted run would have."""
+generator state as plain tensors (every process's generators: each draws its own batches and noise),
+fp16's loss scale, and where the run reads a data stream, each process's position in it (data-rank{N}.json),
+so that a resumed run continues exactly as the uninterrupted run would have."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -17,6 +19,19 @@ from limner.training.config import TrainConfig
 from limner.training.task import TrainingTask, TrainLog
 
 EMA_FILE = "ema.safetensors"
+
+
+class DataPosition(Protocol):
+    """What the loop needs of a data stream to resume it (limner.data's streams are such): its position as a
+    JSON-able dict, and a way back to it."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def data_file(rank: int) -> str:
+    return f"data-rank{rank}.json"
 
 
 def _ema_tensors(ema: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -42,10 +57,12 @@ def save_checkpoint(
     log: TrainLog,
     ema: list[torch.Tensor] | None = None,
     scaler=None,
+    data: list[str] | None = None,
 ) -> Path:
     """Writes checkpoints/step-N (the trainable values, the EMA's when `ema` is given, optimizer, schedule,
-    each process's generator states, `rng` from rng_states, and the fp16 loss scaler's state when `scaler` is
-    given) whole or not at all, and deletes all but the newest cfg.keep_checkpoints."""
+    each process's generator states, `rng` from rng_states, the fp16 loss scaler's state when `scaler` is
+    given, and each process's data position, `data` from data_positions, where given) whole or not at all,
+    and deletes all but the newest cfg.keep_checkpoints."""
     from safetensors.torch import save_file
 
     final = out / "checkpoints" / f"step-{step:06d}"
@@ -70,6 +87,8 @@ def save_checkpoint(
         },
         tmp / "state.pt",
     )
+    for rank, position in enumerate(data or []):
+        (tmp / data_file(rank)).write_text(position)
     (tmp / "checkpoint.json").write_text(
         json.dumps({"step": step, "config": _resume_key(cfg), "curve": log.curve, "validation": log.validation})
     )
@@ -90,6 +109,35 @@ def rng_states(accelerator, generator: torch.Generator) -> list[dict[str, torch.
     from accelerate.utils import gather_object
 
     return gather_object([state])
+
+
+def data_positions(accelerator, data: DataPosition) -> list[str]:
+    """Every process's position in its data stream, as JSON text in process order (to be called by all
+    processes together, as rng_states). Serialised here, so a position that is not JSON fails in the step
+    that wrote it, naming the stream, instead of leaving a checkpoint that cannot be resumed."""
+    try:
+        position = json.dumps(data.state_dict())
+    except (TypeError, ValueError) as e:
+        raise LimnerError(
+            f"the data stream {type(data).__name__}'s state_dict() is not JSON ({e}): return plain ints, "
+            "floats, strings, lists and dicts"
+        ) from e
+    if accelerator.num_processes == 1:
+        return [position]
+    from accelerate.utils import gather_object
+
+    return gather_object([position])
+
+
+def _load_data_position(path: Path, data: DataPosition, process_index: int) -> None:
+    file = path / data_file(process_index)
+    if not file.is_file():
+        raise LimnerError(
+            f"checkpoint {path} holds no position in the data stream for process {process_index} (the run that "
+            "wrote it read no stream, or fewer processes): resume it as it was started, or start a new run in "
+            "another output folder"
+        )
+    data.load_state_dict(json.loads(file.read_text()))
 
 
 def _resume_key(cfg: TrainConfig) -> dict:
@@ -132,9 +180,11 @@ def load_checkpoint(
     process_index: int = 0,
     num_processes: int = 1,
     scaler=None,
+    data: DataPosition | None = None,
 ) -> tuple[int, dict]:
-    """Restores a checkpoint into the task, optimizer, schedule, this process's generator, `ema` (in place)
-    and the fp16 loss `scaler`, each where given; returns (its step, its checkpoint.json)."""
+    """Restores a checkpoint into the task, optimizer, schedule, this process's generator, `ema` (in place),
+    the fp16 loss `scaler` and this process's position in the `data` stream, each where given; returns (its
+    step, its checkpoint.json)."""
     from safetensors.torch import load_file
 
     meta = json.loads((path / "checkpoint.json").read_text())
@@ -153,6 +203,8 @@ def load_checkpoint(
             f"checkpoint {path} was written by {len(rng)} process(es), each drawing its own batches and noise; "
             f"this run has {num_processes}: resume with {len(rng)} (accelerate launch --num_processes {len(rng)})"
         )
+    if data is not None:  # first: a position that does not fit the stream changes nothing else
+        _load_data_position(path, data, process_index)
     task.load_trainable_state(load_file(str(path / "trainable.safetensors")))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["lr_scheduler"])

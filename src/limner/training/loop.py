@@ -18,7 +18,14 @@ from tqdm.auto import tqdm
 
 from limner.errors import LimnerError
 from limner.io import disk_guard, written_atomically
-from limner.training.checkpoints import find_checkpoint, load_checkpoint, rng_states, save_checkpoint
+from limner.training.checkpoints import (
+    DataPosition,
+    data_positions,
+    find_checkpoint,
+    load_checkpoint,
+    rng_states,
+    save_checkpoint,
+)
 from limner.training.config import TrainConfig
 from limner.training.task import TrainingTask, TrainLog
 from limner.training.throughput import Throughput, default_peak_tflops
@@ -177,13 +184,18 @@ def train(
     out: Path,
     desc: str = "train",
     validate: Callable[[int], float | None] | None = None,
+    data: DataPosition | None = None,
 ) -> TrainLog:
     """Runs cfg.max_steps optimizer steps of task.loss on batches from next_batch(generator).
 
     The generator that draws batches and noise is seeded from cfg.seed and the process index, saved
     (each process's) in every checkpoint and restored on resume, so a resumed run continues exactly as the
-    uninterrupted run would have. With cfg.ema_decay, the task's trainable parameters hold their EMA
-    when this returns (validation during training draws with the trained values)."""
+    uninterrupted run would have. Where next_batch reads a stream (limner.data), pass it as `data`: its
+    position is saved beside the generators and restored before the first step, so the resumed run reads
+    the samples the uninterrupted one would have. next_batch must take from it only what each step uses
+    (no read-ahead), or the saved position runs ahead of the training. With cfg.ema_decay, the task's
+    trainable parameters hold their EMA when this returns (validation during training draws with the trained
+    values)."""
     modules = task.modules()
     out.mkdir(parents=True, exist_ok=True)
     accelerator = _accelerator(cfg, modules, out)
@@ -227,6 +239,7 @@ def train(
                 process_index=accelerator.process_index,
                 num_processes=accelerator.num_processes,
                 scaler=accelerator.scaler,
+                data=data,
             )
             log.curve, log.validation = meta["curve"], meta.get("validation", [])
             log.resumed_from = start
@@ -282,6 +295,7 @@ def train(
             done = step + 1 == cfg.max_steps
             if (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or done:
                 rng = rng_states(accelerator, generator)  # all processes take part
+                positions = data_positions(accelerator, data) if data is not None else None
                 if accelerator.is_main_process:
                     log.flops_per_step = speed.flops_per_step
                     with disk_guard(f"a checkpoint in {out / 'checkpoints'}"):
@@ -296,6 +310,7 @@ def train(
                             log,
                             ema=ema,
                             scaler=accelerator.scaler,
+                            data=positions,
                         )
                         write_csv(csv_path, log.curve, log.flops_per_step, log.peak_tflops)
             if (
