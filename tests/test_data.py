@@ -96,7 +96,7 @@ def saved_dataset(root: Path, n: int) -> Path:
     return root
 
 
-SOURCES = {"folder": image_folder, "tar": lambda r, n: tar_shards(r, 3, n // 3), "parquet": parquet_files}
+SOURCES = {"folder": image_folder, "tar": lambda r, n: tar_shards(r, 6, n // 6), "parquet": parquet_files}
 SOURCES["arrow"] = saved_dataset
 
 
@@ -135,8 +135,11 @@ def test_world_stream_is_seeded_pure_per_sample_and_resumes_exactly():
     ranks = [take(open_stream("world", seed=3, rank=r, world_size=2), 3) for r in (0, 1)]
     assert [x.subject for pair in zip(*ranks) for x in pair] == [x.subject for x in first]
     with pytest.raises(LimnerError, match="world_size=2"):
-        resumed.load_state_dict(ranks[1] and open_stream("world", seed=3, world_size=2).state_dict())
-    assert stream.describe() | {} == stream.describe() and stream.describe()["samples"] == 9
+        resumed.load_state_dict(open_stream("world", seed=3, world_size=2).state_dict())
+    described = stream.describe()
+    assert described["kind"] == "world" and described["seed"] == 3 and described["pair"] == "self"
+    assert described["samples"] == 9 and described["skipped"] == {}
+    json.dumps(described)
 
 
 def test_world_stream_never_shows_a_heldout_subject_or_anything_near_it():
@@ -321,3 +324,10 @@ def test_bad_arguments_are_errors_naming_them(tmp_path):
         (tmp_path / "mixed" / "a.tar").write_bytes(b"")
         (tmp_path / "mixed" / "b.parquet").write_bytes(b"")
         open_stream(str(tmp_path / "mixed"))
+
+
+def test_parquet_without_pyarrow_says_how_to_get_it(tmp_path, monkeypatch):
+    (tmp_path / "x.parquet").write_bytes(b"PAR1")
+    monkeypatch.setitem(__import__("sys").modules, "pyarrow", None)  # as if it were not installed
+    with pytest.raises(LimnerError, match=r"needs pyarrow: pip install 'limner\[data\]'"):
+        open_stream(str(tmp_path))

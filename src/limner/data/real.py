@@ -66,8 +66,8 @@ def decode(raw: Raw, resolution: int) -> np.ndarray | str:
                 return "too small"
             im.draft("RGB", (resolution, resolution))  # JPEG: decode at a reduced scale no smaller than needed
             return np.asarray(square(im.convert("RGB"), resolution))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        return "undecodable"
+    except Exception:  # PIL's decoders raise many kinds of error on damaged files (OSError, SyntaxError, EOFError,
+        return "undecodable"  # struct.error, ...): any of them makes the file a skip, not the end of a long run
 
 
 def caption(text: object) -> str | None:
@@ -91,7 +91,7 @@ class RealStream:
         self.epoch = self.group = self.row = self.start = 0  # start: the epoch position of the group's first row
         self.tried = self.yielded = 0
         self.skipped: dict[str, int] = {}
-        self._group: tuple | None = None  # the open group: ((epoch, group), blocks, which, index, order)
+        self._group: tuple | None = None  # the open group: ((epoch, group), blocks, ends, order)
 
     # ---- order ------------------------------------------------------------------------------
     def _group_blocks(self, epoch: int, group: int) -> list[int]:
@@ -110,28 +110,29 @@ class RealStream:
 
     def __next__(self) -> Sample:
         while True:
-            blocks, which, index, order = self._open_group()
+            blocks, ends, order = self._open_group()
             j = self.row + (self.rank - self.start - self.row) % self.world_size  # this rank's next row
             if j >= len(order):
                 self._next_group(len(order))
                 continue
             self.row = j + 1
-            sample = self._sample(blocks[which[order[j]]], int(index[order[j]]))
+            q = int(order[j])  # the candidate's place in its group: block b, row q - (rows before b)
+            b = int(np.searchsorted(ends, q, side="right"))
+            sample = self._sample(blocks[b], q - (int(ends[b - 1]) if b else 0))
             if sample is not None:
                 return sample
 
     def _open_group(self) -> tuple:
-        """The blocks of the current group, and the order its candidates are read in: (blocks, block of
-        each candidate, its index in that block, the order), opened once per group."""
+        """The blocks of the current group, where each block's rows end in the group's count, and the order its
+        candidates are read in, opened once per group. The order is all the memory a group costs: 8 bytes a
+        candidate."""
         key = (self.epoch, self.group)
         if self._group is None or self._group[0] != key:
             self.close()
             blocks = [self.source.open_block(b) for b in self._group_blocks(*key)]
-            sizes = [len(b) for b in blocks]
-            which = np.repeat(np.arange(len(blocks)), sizes)
-            index = np.concatenate([np.arange(n) for n in sizes])
-            order = np.random.default_rng([self.seed, *key]).permutation(len(which))
-            self._group = (key, blocks, which, index, order)
+            ends = np.cumsum([len(b) for b in blocks])
+            order = np.random.default_rng([self.seed, *key]).permutation(int(ends[-1]))
+            self._group = (key, blocks, ends, order)
         return self._group[1:]
 
     def _next_group(self, rows: int) -> None:
