@@ -100,3 +100,64 @@ def lora_concept(tiny_base, out, name: str, identifier: str, noun: str, train):
         prior_preservation="none",
         train=train,
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Encoder methods (IP-Adapter): a tiny CLIP vision tower and a tiny pretraining stream
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def tiny_image_encoder(folder, width=16, image_size=32):
+    """A random CLIPVisionModelWithProjection saved in `folder` (17 tokens of width 16 for a 32 px picture)."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=image_size,
+            patch_size=8,
+            projection_dim=width,
+        )
+    ).save_pretrained(folder)
+    return folder
+
+
+class ToyStream:
+    """A finite stream with the interface of limner.data's (samples with image, text, references, mask,
+    subject; state_dict/load_state_dict; skipped; describe), over a few random pictures."""
+
+    def __init__(self, n=4, size=24, seed=0):
+        from types import SimpleNamespace
+
+        rng = np.random.default_rng(seed)
+        self.samples = [
+            SimpleNamespace(
+                image=rng.integers(0, 255, (size, size, 3), dtype=np.uint8),
+                text=f"a photo of a ball {i}",
+                references=[],
+                mask=None,
+                subject=f"s{i}",
+            )
+            for i in range(n)
+        ]
+        self.position, self.skipped = 0, 0
+
+    def __iter__(self):
+        while self.position < len(self.samples):
+            self.position += 1
+            yield self.samples[self.position - 1]
+        self.position = 0
+
+    def state_dict(self):
+        return {"position": self.position}
+
+    def load_state_dict(self, state):
+        self.position = state["position"]
+
+    def describe(self):
+        return f"toy stream of {len(self.samples)} samples"

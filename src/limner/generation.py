@@ -218,6 +218,8 @@ def generate(
             images += draw_regions(base, s, prompts, lefts, gens, height, width, **pipe_kwargs)
             continue
         call = dict(pipe_kwargs)
+        if "ip_adapter_image_embeds" in call:
+            call["ip_adapter_image_embeds"] = image_embeds_for_batch(pipe, call["ip_adapter_image_embeds"], n, s)
         text = text_inputs(pipe, s, n, call, base.family == "sdxl")
         result = pipe(
             negative_prompt=[s.negative_prompt] * n if s.negative_prompt else None,
@@ -276,6 +278,21 @@ def text_inputs(pipe: Any, s: GenerationSettings, n: int, call: dict, sdxl: bool
     else:
         wanted = encoded_prompt(pipe, s.prompt, n, sdxl)
     return {"prompt": [s.layout_prompt] * n} | switch_conditioning_after(wanted, n, s.layout_steps)
+
+
+def image_embeds_for_batch(pipe: Any, embeds: list[torch.Tensor], n: int, s: GenerationSettings) -> list:
+    """`ip_adapter_image_embeds` for a batch of n images, from one row each of [negative; positive] (what a
+    method's condition gives, the form diffusers takes under classifier-free guidance): each half repeated n
+    times, or the positive half alone where the pipeline runs without guidance. Other shapes pass as given."""
+    guided = s.guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None  # the pipeline's own test
+    batch = []
+    for e in embeds:
+        if e.shape[0] != 2:
+            batch.append(e)
+            continue
+        negative, positive = e[:1].expand(n, *e.shape[1:]), e[1:].expand(n, *e.shape[1:])
+        batch.append(torch.cat([negative, positive]) if guided else positive)
+    return batch
 
 
 def encoded_prompt(pipe: Any, prompt: str, n: int, sdxl: bool) -> dict[str, torch.Tensor]:

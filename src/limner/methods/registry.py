@@ -12,7 +12,8 @@ from limner.errors import LimnerError
 from limner.methods.base import FAMILIES, Method
 
 REGISTRY: dict[str, type[Method]] = {}
-BUILTIN = ("textual_inversion", "dreambooth", "custom_diffusion")  # modules of limner.methods that define methods
+# modules of limner.methods that define methods
+BUILTIN = ("textual_inversion", "dreambooth", "custom_diffusion", "ip_adapter")
 
 
 def register(cls: type[Method]) -> type[Method]:
