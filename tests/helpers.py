@@ -161,3 +161,34 @@ class ToyStream:
 
     def describe(self):
         return f"toy stream of {len(self.samples)} samples"
+
+
+def tiny_ip_base(folder):
+    """The tiny SD pipeline (conftest's) with a tiny CLIP vision tower as its image_encoder component, as the world
+    base has one: what IP-Adapter reads references with."""
+    from conftest import build_tiny_pipeline
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPVisionModelWithProjection
+
+    build_tiny_pipeline(folder)
+    encoder = tiny_image_encoder(folder.parent / f"{folder.name}-image-encoder")
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    pipe.register_modules(image_encoder=CLIPVisionModelWithProjection.from_pretrained(encoder))
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def pretraining_folder(folder, n=4, size=24):
+    """A user's pretraining data: an image folder with metadata.jsonl (datasets' imagefolder convention)."""
+    import json
+
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": f"a photo of a ball {i}"}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder

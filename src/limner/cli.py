@@ -15,6 +15,7 @@ from limner.commands.evaluate import bench_cmd, eval_cmd
 from limner.commands.generate import generate
 from limner.commands.merge import merge_cmd
 from limner.commands.methods import methods_cmd
+from limner.commands.pretrain import pretrain_cmd
 from limner.commands.train import train_cmd
 from limner.commands.world import world_app
 
@@ -26,6 +27,7 @@ app = typer.Typer(
 )
 app.command("generate")(generate)
 app.command("train")(train_cmd)
+app.command("pretrain")(pretrain_cmd)
 app.command("demo")(demo_cmd)
 app.command("merge")(merge_cmd)
 app.command("methods")(methods_cmd)

@@ -22,11 +22,22 @@ def demo_cmd(
         Optional[int],
         typer.Option("--steps", help="Training steps (default: 150 for DreamBooth, the method's own otherwise)."),
     ] = None,
+    adapter: Annotated[
+        Optional[str],
+        typer.Option(
+            "--adapter",
+            help="Encoder methods: the pretrained adapter to encode with (default: the one limner ships for the "
+            "world).",
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option("--out")] = Path("demo"),
     device: DeviceOpt = "auto",
 ) -> None:
-    """Personalize a held-out world subject and draw it in 4 new contexts (a few minutes on a CPU)."""
+    """Personalize a held-out world subject and draw it in 4 new contexts (a few minutes on a CPU; an encoder
+    method such as IP-Adapter encodes the references in seconds)."""
     from limner.demo import DEFAULT_METHOD, format_summary, run_demo
 
-    record = run_demo(out, subject_name=subject, method_name=method or DEFAULT_METHOD, steps=steps, device=device)
+    record = run_demo(
+        out, subject_name=subject, method_name=method or DEFAULT_METHOD, steps=steps, device=device, adapter=adapter
+    )
     typer.echo(format_summary(record))

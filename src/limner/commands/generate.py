@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Annotated, Optional
@@ -10,6 +11,45 @@ import typer
 
 from limner.commands.options import BaseOpt, ConfigOpt, DeviceOpt, DtypeOpt, command, echo_notes
 from limner.errors import LimnerError
+
+SCALE = "scale"  # the per-call setting --ip-scale sets (an AdapterMethod's call_settings)
+
+
+def check_image_options(image: list[Path], method: str | None, adapter: str | None, ip_scale, concepts: list[Path]):
+    """The encoder method that encodes --image (None without --image), after checking the options belong together."""
+    from limner.commands.pretrain import encoder_method
+    from limner.concepts import read_manifest
+    from limner.methods import get_method, method_names
+    from limner.methods.adapter import AdapterMethod
+
+    if not image:
+        for flag, value in (("--method", method), ("--adapter", adapter)):
+            if value is not None:
+                raise LimnerError(
+                    f"{flag} is for --image (references encoded on the fly); give --image REF.png, or apply a "
+                    "concept folder with --concept (it names its own method and adapter)"
+                )
+        if ip_scale is not None:
+            methods = [get_method(read_manifest(c)["method"]) for c in concepts]
+            if not any(isinstance(m, AdapterMethod) and SCALE in m.call_settings for m in methods):
+                raise LimnerError(
+                    "--ip-scale sets the image scale of --image references or of image-prompt concepts, and no "
+                    "concept given has one"
+                )
+        return None
+    if method is None:
+        encoders = [n for n in method_names() if isinstance(get_method(n), AdapterMethod)]
+        raise LimnerError(f"--image: name the method that encodes it with --method ({', '.join(encoders)})")
+    return encoder_method(method, "--image")
+
+
+def set_image_scale(applied, base, scale: float) -> None:
+    """--ip-scale: the scale of every installed concept that takes one, for this call."""
+    from limner.methods.adapter import AdapterMethod
+
+    for method, concepts in applied.groups:
+        if isinstance(method, AdapterMethod) and SCALE in method.call_settings:
+            method.set_call_settings(base, concepts, {SCALE: scale})
 
 
 @command
@@ -45,9 +85,35 @@ def generate(
         ),
     ] = None,
     allow_pickle: Annotated[
-        bool, typer.Option("--allow-pickle", help="Allow .pt/.bin embeddings (read with weights_only=True).")
+        bool,
+        typer.Option("--allow-pickle", help="Allow .pt/.bin embeddings and adapters (read with weights_only=True)."),
     ] = False,
     force: Annotated[bool, typer.Option("--force", help="Apply concepts trained on another base anyway.")] = False,
+    image: Annotated[
+        Optional[list[Path]],
+        typer.Option(
+            "--image",
+            help="A reference picture of the subject (repeatable), encoded on the fly by --method (an encoder "
+            "method: see `limner methods`), as diffusers' ip_adapter_image.",
+        ),
+    ] = None,
+    method: Annotated[Optional[str], typer.Option("--method", help="The encoder method that encodes --image.")] = None,
+    adapter: Annotated[
+        Optional[str],
+        typer.Option(
+            "--adapter",
+            help="For --image: the pretrained adapter (a `limner pretrain` folder or an official file). Default: "
+            "the one limner ships for the world base.",
+        ),
+    ] = None,
+    ip_scale: Annotated[
+        Optional[float],
+        typer.Option(
+            "--ip-scale",
+            help="The image scale of the --image references and of image-prompt concepts, for this call "
+            "(0: image off; about 0.5 lets the text steer too). Default: each concept's own.",
+        ),
+    ] = None,
     layout_steps: Annotated[
         Optional[int],
         typer.Option(
@@ -71,6 +137,9 @@ def generate(
 
     if regions and layout_steps:
         raise LimnerError("--layout-steps does not work with --regions yet; draw without one of them")
+    if ip_scale is not None and ip_scale < 0:
+        raise LimnerError(f"--ip-scale {ip_scale}: an image scale must be 0 or more (0 switches the image off)")
+    encoder = check_image_options(image or [], method, adapter, ip_scale, concept or [])
     settings = GenerationSettings(
         prompt=prompt,
         negative_prompt=negative,
@@ -86,12 +155,27 @@ def generate(
     )
     b = load_base(base, device=device, dtype=dtype, config=config)
     check_settings(b, settings)
-    prepare_output(out)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        applied = apply_concepts(b, concept or [], split_regions(prompt) if regions else None, force)
-    echo_notes(caught)
-    conditioning = applied.condition(prompt, steps, layout_steps)
+    with tempfile.TemporaryDirectory(prefix="limner-references-") as tmp:
+        folders = list(concept or [])
+        if encoder is not None:  # the references, encoded into a concept folder that lives for this call
+            folders.append(
+                encoder.concept_from_files(
+                    b,
+                    list(image or []),
+                    Path(tmp) / "concept",
+                    class_noun="subject",
+                    adapter=adapter,
+                    **({"allow_pickle": True} if allow_pickle else {}),
+                )
+            )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            applied = apply_concepts(b, folders, split_regions(prompt) if regions else None, force)
+        echo_notes(caught)
+        if ip_scale is not None:
+            set_image_scale(applied, b, ip_scale)
+        prepare_output(out)
+        conditioning = applied.condition(prompt, steps, layout_steps)
     for spec in embedding or []:
         if (token := load_embedding_spec(b, spec, allow_pickle)) not in prompt:
             typer.echo(f"warning: the prompt does not contain the embedding's token {token!r}", err=True)

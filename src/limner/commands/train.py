@@ -10,6 +10,32 @@ import typer
 from limner.commands.options import BaseOpt, DeviceOpt, command, output_folder
 from limner.errors import LimnerError
 
+TRAINER_FLAGS = {
+    "steps": "--steps",
+    "lr": "--lr",
+    "batch_size": "--batch-size",
+    "mixed_precision": "--mixed-precision",
+    "resume": "--resume",
+}
+
+
+def check_encoder_options(method, adapter: str | None, allow_pickle: bool, **trainer_flags) -> None:
+    """--adapter and --allow-pickle are for methods that encode with a pretrained adapter; the trainer's flags for
+    methods that train (an encoder method given them would ignore them silently)."""
+    from limner.methods.adapter import AdapterMethod
+
+    encodes = isinstance(method, AdapterMethod)
+    if not encodes and (adapter is not None or allow_pickle):
+        flag = "--adapter" if adapter is not None else "--allow-pickle"
+        raise LimnerError(f"{flag}: {method.name} trains on the subject and reads no pretrained adapter")
+    if encodes and method.default_train_config() is None:
+        given = [TRAINER_FLAGS[k] for k, v in trainer_flags.items() if v is not None]
+        if given:
+            raise LimnerError(
+                f"{', '.join(given)}: {method.name} does not train on the subject, it encodes the references with "
+                f"its pretrained adapter (seconds); trainer settings go to `limner pretrain --method {method.name}`"
+            )
+
 
 @command
 def train_cmd(
@@ -44,6 +70,17 @@ def train_cmd(
             "or trainer setting, e.g. --set prior_preservation=none --set checkpoint_every=50.",
         ),
     ] = None,
+    adapter: Annotated[
+        Optional[str],
+        typer.Option(
+            "--adapter",
+            help="Encoder methods: the pretrained adapter to encode with (a `limner pretrain` folder or an official "
+            "file). Default: the one limner ships for the world base.",
+        ),
+    ] = None,
+    allow_pickle: Annotated[
+        bool, typer.Option("--allow-pickle", help="Encoder methods: read a pickled .bin adapter (weights_only).")
+    ] = False,
     base: BaseOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
@@ -64,6 +101,16 @@ def train_cmd(
     if mixed_precision not in (None, "no", "fp16", "bf16"):
         raise LimnerError(f"--mixed-precision {mixed_precision!r}: use no, fp16 or bf16")
     output_folder(out)
+    check_encoder_options(
+        m,
+        adapter,
+        allow_pickle,
+        steps=steps,
+        lr=lr,
+        batch_size=batch_size,
+        mixed_precision=mixed_precision,
+        resume=resume,
+    )
     overrides = command_line_settings(
         m,
         setting or [],
@@ -77,6 +124,10 @@ def train_cmd(
         resume=resume,
         seed=seed,
     )
+    if adapter is not None:
+        overrides["adapter"] = adapter
+    if allow_pickle:
+        overrides["allow_pickle"] = True
     b = load_base(base, device=device, dtype="fp32")  # trainable weights stay fp32; --mixed-precision speeds it up
     folder = m.personalize(b, subs if len(subs) > 1 else subs[0], out, **overrides)
     finish_processes()

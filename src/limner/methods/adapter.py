@@ -3,6 +3,7 @@
     pretrain(base, data, out) -> adapter folder      hours, once per base (the shared training loop)
     encode(base, adapter, subject, out) -> concept   seconds per subject, no training
     personalize = encode with the adapter named by `adapter=` (or the method's shipped one for the base)
+    concept_from_files(base, paths, out, ...)        `limner generate --image ref.png`: files read, checked, encoded
 
 An adapter folder holds the weights in the method's official layout and `adapter.json`: method,
 variant, base fingerprint, what it was trained on, steps, time, settings. A concept records its
@@ -15,7 +16,7 @@ from __future__ import annotations
 import json
 from abc import abstractmethod
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from limner.errors import LimnerError
 from limner.io import write_json_atomic
@@ -41,6 +42,24 @@ def read_adapter_manifest(folder: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def read_reference_files(paths: list[str | Path]) -> list:
+    """Image files as uint8 RGB arrays; an unreadable one (corrupt, empty, not a picture) is an error naming it."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise LimnerError(f"reference image {path} does not exist")
+        try:
+            with Image.open(path) as im:
+                images.append(np.asarray(im.convert("RGB")))
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            raise LimnerError(f"reference image {path} could not be read ({e}); give a PNG, JPEG or WebP") from e
+    return images
+
+
 def adapter_fingerprint(folder: Path) -> str:
     """The adapter's weights and settings: not its logs or checkpoints."""
     from limner.models.loading import fingerprint
@@ -50,6 +69,9 @@ def adapter_fingerprint(folder: Path) -> str:
 
 class AdapterMethod(Method):
     capabilities = Capabilities(needs_adapter=True)
+    # settings a concept of this method takes per generation, overriding what it recorded (`limner generate
+    # --ip-scale` sets "scale"): see `set_call_settings`
+    call_settings: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def pretrain(self, base: Base, data: Any, out: Path, **settings: Any) -> Path:
@@ -95,6 +117,30 @@ class AdapterMethod(Method):
                 raise LimnerError(f"{self.name} encodes one subject per concept, got {len(subject)}")
             (subject,) = subject
         return self.encode(base, self.adapter_for(base, adapter), subject, Path(out), **overrides)
+
+    def concept_from_files(
+        self,
+        base: Base,
+        paths: list[str | Path],
+        out: Path,
+        *,
+        class_noun: str,
+        adapter: str | Path | None = None,
+        name: str | None = None,
+        **settings: Any,
+    ) -> Path:
+        """A concept folder from reference image files (`limner generate --image ref.png`): read, checked,
+        encoded with `adapter` (or the method's shipped one for the base)."""
+        default_name = Path(paths[0]).stem if paths else "subject"
+        subject = Subject(name or default_name, class_noun, read_reference_files(paths))
+        return self.personalize(base, subject, Path(out), adapter=adapter, **settings)
+
+    def set_call_settings(self, base: Base, concepts: list[Path], settings: dict[str, Any]) -> None:
+        """Overrides, for the generations to come, settings the installed `concepts` recorded (those named in
+        `call_settings`); the installation's undo puts everything back."""
+        unknown = sorted(set(settings) - set(self.call_settings))
+        if unknown:
+            raise LimnerError(f"{self.name} concepts take no per-call setting {', '.join(unknown)}")
 
     def key_inputs(self, overrides: dict) -> dict:
         adapter = overrides.get("adapter")

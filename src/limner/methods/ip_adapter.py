@@ -72,6 +72,7 @@ from limner.methods.adapter import (
     AdapterMethod,
     adapter_fingerprint,
     read_adapter_manifest,
+    read_reference_files,
     write_adapter_manifest,
 )
 from limner.methods.base import Capabilities, Installation
@@ -740,22 +741,49 @@ class IPAdapter(AdapterMethod):
 
     def personalize(self, base: Base, subject: Any, out: Path, *, score: Any = None, **overrides: Any) -> Path:
         with_settings(IPAdapterSettings(), {k: v for k, v in overrides.items() if k != "adapter"}, self.name)
+        if overrides.get("adapter") is None:  # the shipped adapter of the variant asked for
+            overrides["adapter"] = self.default_adapter(base, overrides.get("variant"))
         return super().personalize(base, subject, out, score=score, **overrides)  # settings fail before any work
+
+    def default_adapter(self, base: Base, variant: str | None = None) -> Path | None:
+        """The adapter limner ships for the world base (assets/world/adapters/ip_adapter-<variant>/), where this
+        install has it; None otherwise (a real base, or an install without it)."""
+        from limner.models.loading import ASSETS, WORLD_BASE
+
+        world = base.is_world or Path(base.path).resolve() == WORLD_BASE.resolve()
+        folder = ASSETS / "world" / "adapters" / f"{self.name}-{variant or IPAdapterSettings().variant}"
+        return folder if world and (folder / ADAPTER_MANIFEST).is_file() else None
 
     def adapter_for(self, base: Base, adapter: str | Path | None) -> Path:
         """A limner adapter folder (checked as this method's and this base's), or an official file (or a folder
         holding one): its dimensions are checked when it is read."""
-        if adapter is None and self.default_adapter(base) is None:
-            raise LimnerError(
-                "ip_adapter needs a pretrained adapter for this base: pass --set adapter=DIR, a folder that "
-                "`limner pretrain --method ip_adapter` wrote, or an official IP-Adapter .safetensors file (e.g. "
-                "h94/IP-Adapter's models/ip-adapter_sd15.safetensors with its image_encoder/ beside it)"
-            )
         path = Path(adapter).expanduser() if adapter is not None else self.default_adapter(base)
+        if path is None:
+            shipped = "this install of limner has no world adapter yet" if base.is_world else "limner ships none"
+            data = "world" if base.is_world else "world|FOLDER|DATASET|SHARDS"
+            raise LimnerError(
+                f"{self.name} needs a pretrained adapter for this base ({base.path}) and {shipped}: pretrain one with "
+                f"`limner pretrain --method {self.name} --data {data} --out DIR`, or take an official IP-Adapter "
+                ".safetensors file for the base (e.g. h94/IP-Adapter's models/ip-adapter_sd15.safetensors with its "
+                "image_encoder/ beside it), and pass it with --adapter DIR|FILE (limner generate, train and demo; "
+                f"--method {self.name}:adapter=DIR in limner eval and bench)"
+            )
         if path.is_dir() and (path / ADAPTER_MANIFEST).is_file():
             return super().adapter_for(base, path)
         weights_file(path)  # exists, and is (or holds) one weight file
         return path
+
+    call_settings = ("scale",)
+
+    def set_call_settings(self, base: Base, concepts: list[Path], settings: dict[str, Any]) -> None:
+        """`scale` for every installed concept (the concepts' slots in the order `install` took them)."""
+        super().set_call_settings(base, concepts, settings)
+        if "scale" in settings:
+            scale = _parse_scale(settings["scale"])
+            try:
+                set_ip_scale(base.pipe.unet, [scale] * len(concepts))
+            except (ValueError, KeyError) as e:
+                raise LimnerError(f"scale: {e}") from e
 
     def encode(self, base: Base, adapter: Path, subject: Subject, out: Path, **settings: Any) -> Path:
         """Encodes the subject's references with the adapter's image encoder into a concept folder: the features
@@ -871,21 +899,6 @@ class IPAdapter(AdapterMethod):
         return template.format(read_manifest(concept)["class_noun"])
 
 
-def read_reference_files(paths: list[str | Path]) -> list[np.ndarray]:
-    """Image files as uint8 RGB arrays; an unreadable one is an error naming it."""
-    from PIL import Image, UnidentifiedImageError
-
-    images = []
-    for path in paths:
-        path = Path(path)
-        try:
-            with Image.open(path) as im:
-                images.append(np.asarray(im.convert("RGB")))
-        except (OSError, UnidentifiedImageError) as e:
-            raise LimnerError(f"reference image {path} could not be read ({e}); give a PNG, JPEG or WebP") from e
-    return images
-
-
 def concept_from_images(
     base: Base,
     images: list[str | Path],
@@ -897,10 +910,9 @@ def concept_from_images(
     **settings: Any,
 ) -> Path:
     """A concept folder from reference image files (`limner generate --image ref.png`): read, checked, encoded."""
-    method = IPAdapter()
-    default_name = Path(images[0]).stem if images else "subject"
-    subject = Subject(name or default_name, class_noun, read_reference_files(images))
-    return method.encode(base, method.adapter_for(base, adapter), subject, Path(out), **settings)
+    return IPAdapter().concept_from_files(
+        base, images, out, class_noun=class_noun, adapter=adapter, name=name, **settings
+    )
 
 
 __all__ = [
