@@ -558,3 +558,21 @@ def test_resume_continues_the_data_stream_where_the_checkpoint_left_it(tmp_path)
             tmp_path / "c",
             data=s,
         )
+
+
+def test_clipping_matches_torch_bit_for_bit_and_leaves_gradients_under_the_cap_alone():
+    from accelerate import Accelerator
+
+    from limner.training.loop import clip_gradients
+
+    accelerator = Accelerator(cpu=True)
+    for scale in (0.01, 10.0, float("nan")):
+        grads = [torch.randn(5, 3) * scale, torch.randn(7) * scale]
+        ours = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+        theirs = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+        for p, q, g in zip(ours, theirs, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        clip_gradients(accelerator, ours, 1.0)
+        torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+        for p, q in zip(ours, theirs):
+            assert torch.equal(p.grad, q.grad) or (p.grad.isnan().all() and q.grad.isnan().all())

@@ -82,6 +82,25 @@ def swap_in_ema(ema: list[torch.Tensor], params: list[nn.Parameter]) -> None:
         p.copy_(v)
 
 
+def clip_gradients(accelerator, params: list[nn.Parameter], max_norm: float) -> None:
+    """accelerate's clip_grad_norm_, less its one wasted pass: torch multiplies every gradient by the clipping
+    coefficient even when the norm is under the cap and the coefficient is exactly 1 (a full fine-tune's norms
+    mostly are: ~3% of its step on the CPU). Same numbers, bit for bit; DeepSpeed, FSDP and XLA keep accelerate's
+    own, which they need."""
+    from accelerate.utils import DistributedType
+
+    plain = accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+    if not plain or not hasattr(torch.nn.utils, "get_total_norm"):  # torch < 2.6 has no separate pieces
+        accelerator.clip_grad_norm_(params, max_norm)
+        return
+    accelerator.unscale_gradients()  # fp16: the scaler's factor out first, as accelerate does
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads, 2.0)
+    coefficient = max_norm / (total + 1e-6)  # torch's, which it clamps at 1
+    if not coefficient >= 1:  # a NaN norm too, which torch spreads to every gradient
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+
+
 def _trackers() -> list[str]:
     import importlib.util
 
@@ -267,7 +286,7 @@ def train(
                     if accelerator.sync_gradients:
                         task.before_clipping()
                         if cfg.max_grad_norm:
-                            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                            clip_gradients(accelerator, params, cfg.max_grad_norm)
                     optimizer.step()
                     # as accelerate's own scheduler did: not after a step it reports that fp16's loss scaler
                     # skipped (it reports none with the fused AdamW, whose kernel skips the update itself)
