@@ -419,6 +419,13 @@ def main() -> None:
     ap.add_argument(
         "--ti-recipe-in-limner", action="store_true", help="also run diffusers' TI recipe with limner (TI_RECIPE_RUNS)"
     )
+    ap.add_argument(
+        "--per-step-only",
+        action="store_true",
+        help="measure the identical-settings rows (time per step, memory) of both tools again, in this one run, and "
+        "keep the recorded fidelity rows as they are (for a change that leaves what limner learns bit for bit the "
+        "same: benchmarks/behaviour_fingerprint.py)",
+    )
     ap.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     refs = args.work / "references"
@@ -437,7 +444,13 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    results = for_defaults(for_base(results, prepared["fingerprint"]), prepared["defaults"])
+    if args.per_step_only:
+        timed = [
+            k for k in results if any(k.startswith(f"{m}/same/") or k.startswith(f"{m}/memory/") for m in args.methods)
+        ]
+        results = {k: v for k, v in results.items() if k not in timed}
+    else:
+        results = for_defaults(for_base(results, prepared["fingerprint"]), prepared["defaults"])
 
     def once(key: str, fn):
         if key not in results:
@@ -474,6 +487,8 @@ def main() -> None:
             lambda cmd=quiet_cmd, log=work / "diffusers-without-teardown.log": run(cmd, log, env),
         )
         shutil.rmtree(quiet_out, ignore_errors=True)
+        if args.per_step_only:
+            continue
 
         # Custom Diffusion's real prior is written by prepare(); diffusers' DreamBooth draws its class
         # images into an empty folder inside the timed run, as limner draws its own
