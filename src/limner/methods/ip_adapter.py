@@ -585,7 +585,9 @@ def _open_data(data: Any, base: Base, cfg: IPAdapterSettings, train_cfg: TrainCo
 
     from limner.data import open_stream
 
-    state = PartialState()
+    # cpu=True on a CPU base: under `accelerate launch` on a machine without a GPU, a plain PartialState() sees one
+    # process (the Accelerator the loop makes starts gloo), and every process would read the same samples
+    state = PartialState(cpu=torch.device(base.device).type == "cpu")
     return open_stream(
         str(data),
         seed=train_cfg.seed,
