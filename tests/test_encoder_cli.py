@@ -240,12 +240,28 @@ def test_eval_and_demo_run_an_encoder_method_unchanged(world_adapter, tmp_path):
         assert not (tmp_path / "demo").exists()
 
 
-def test_demo_encodes_in_seconds(world_adapter, tmp_path, monkeypatch):
+def test_the_shipped_world_adapter_is_the_default(world_adapter, refs, tmp_path, monkeypatch):
+    """With a world adapter where limner ships it, --image, the demo and eval need no --adapter; eval keys a concept
+    by the shipped adapter's fingerprint."""
     import limner.demo
+    from limner.evaluation.cache_keys import concept_key
+    from limner.methods import get_method
+    from limner.models import loading
 
+    method = get_method(METHOD)
+    key_before = concept_key(method, {}, "s", "b")
+    monkeypatch.setattr(loading, "ASSETS", tmp_path / "assets")
+    shutil.copytree(world_adapter, tmp_path / "assets" / "world" / "adapters" / f"{METHOD}-plain")
+    assert (
+        method.default_adapter(loading.load_base(device="cpu")) == tmp_path / "assets/world/adapters/ip_adapter-plain"
+    )
+    assert concept_key(method, {}, "s", "b") != key_before
+    assert method.default_adapter(loading.load_base(device="cpu"), "plus") is None
+    r = run("generate", "a ball", *GEN, "--method", METHOD, "--image", refs / "ref.png", "--out", tmp_path / "g")
+    assert r.exit_code == 0, r.output
     contexts = limner.demo.new_contexts
     monkeypatch.setattr(limner.demo, "new_contexts", lambda subject, n=4: contexts(subject, 1))  # one, for time
-    r = run("demo", "--method", METHOD, "--adapter", world_adapter, "--out", tmp_path / "demo")
+    r = run("demo", "--method", METHOD, "--out", tmp_path / "demo")
     assert r.exit_code == 0, r.output
     assert f"{METHOD} encoded duo_ball's 5 references in" in r.output and "no training" in r.output
     record = json.loads((tmp_path / "demo" / "scores.json").read_text())

@@ -142,6 +142,11 @@ class AdapterMethod(Method):
         if unknown:
             raise LimnerError(f"{self.name} concepts take no per-call setting {', '.join(unknown)}")
 
+    def shipped_adapter(self, settings: dict) -> Path | None:
+        """The adapter limner ships for the world base for these settings, where this install has it."""
+        return None
+
     def key_inputs(self, overrides: dict) -> dict:
-        adapter = overrides.get("adapter")
+        # no adapter named: the shipped one, so a concept encoded with it is not reused once it is pretrained again
+        adapter = overrides.get("adapter") or self.shipped_adapter(overrides)
         return {"adapter": adapter_fingerprint(Path(adapter))} if adapter is not None else {}

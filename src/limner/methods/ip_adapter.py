@@ -750,11 +750,17 @@ class IPAdapter(AdapterMethod):
     def default_adapter(self, base: Base, variant: str | None = None) -> Path | None:
         """The adapter limner ships for the world base (assets/world/adapters/ip_adapter-<variant>/), where this
         install has it; None otherwise (a real base, or an install without it)."""
-        from limner.models.loading import ASSETS, WORLD_BASE
+        from limner.models.loading import WORLD_BASE
 
         world = base.is_world or Path(base.path).resolve() == WORLD_BASE.resolve()
-        folder = ASSETS / "world" / "adapters" / f"{self.name}-{variant or IPAdapterSettings().variant}"
-        return folder if world and (folder / ADAPTER_MANIFEST).is_file() else None
+        return self.shipped_adapter({"variant": variant}) if world else None
+
+    def shipped_adapter(self, settings: dict) -> Path | None:
+        from limner.models import loading
+
+        variant = settings.get("variant") or IPAdapterSettings().variant
+        folder = loading.ASSETS / "world" / "adapters" / f"{self.name}-{variant}"
+        return folder if (folder / ADAPTER_MANIFEST).is_file() else None
 
     def adapter_for(self, base: Base, adapter: str | Path | None) -> Path:
         """A limner adapter folder (checked as this method's and this base's), or an official file (or a folder
