@@ -80,6 +80,10 @@ def adapter(ip_base, tmp_path_factory):
     a, b = load_file(str(out / WEIGHTS)), load_file(str(again / WEIGHTS))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((again / "adapter.json").read_text())["settings"] == manifest["settings"]
+    # --force pretrains again from step 0, not from the old run's checkpoints
+    r = run("pretrain", "--from", out, "--out", again, "--base", ip_base, "--steps", "1", "--force")
+    assert r.exit_code == 0 and "plain, 1 step;" in r.output, r.output
+    assert [p.name for p in (again / "checkpoints").iterdir()] == ["step-000001"]
     return out
 
 

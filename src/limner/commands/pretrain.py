@@ -44,6 +44,10 @@ def adapter_size(out: Path) -> int:
     return sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and not skip & set(p.relative_to(out).parts))
 
 
+def steps_text(steps: int | None) -> str | None:
+    return None if steps is None else f"{steps} step{'' if steps == 1 else 's'}"
+
+
 def human_size(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
@@ -126,7 +130,12 @@ def pretrain_cmd(
         ),
     ] = None,
     force: Annotated[
-        bool, typer.Option("--force", help="Pretrain again into an --out that already holds a finished adapter.")
+        bool,
+        typer.Option(
+            "--force",
+            help="Pretrain again from step 0 into an --out that already holds a finished adapter (its checkpoints "
+            "go; the adapter stays until the new one is written).",
+        ),
     ] = False,
     base: BaseOpt = None,
     device: DeviceOpt = "auto",
@@ -185,6 +194,9 @@ def pretrain_cmd(
             "that base with --base (or another one on purpose: it is then a new adapter, not a reproduction)"
         )
     created = not out.exists()
+    if force and not resume and (out / "checkpoints").is_dir() and is_main_process():
+        # a new run from step 0: the old run's checkpoints would outrank its own (newest step kept, resumed from)
+        shutil.rmtree(out / "checkpoints")
     try:
         folder = Path(m.pretrain(b, data, out, **settings))
     except BaseException:
@@ -196,6 +208,6 @@ def pretrain_cmd(
     if is_main_process():
         manifest = read_adapter_manifest(folder) if (folder / ADAPTER_MANIFEST).is_file() else {}
         what = ", ".join(
-            str(x) for x in (manifest.get("method"), manifest.get("variant"), f"{manifest.get('steps')} steps") if x
+            str(x) for x in (manifest.get("method"), manifest.get("variant"), steps_text(manifest.get("steps"))) if x
         )
         typer.echo(f"adapter written to {folder} ({what}; {human_size(adapter_size(folder))})")
