@@ -110,7 +110,7 @@ def score_subject(subject: EvalSubject, images: dict[str, list[Path]], enc: Enco
         cls = enc.probes.predict("attributes", at_64px(drift_ims))["class"].argmax(-1)
         labels = enc.probes.labels("attributes", "class")
         add("class_prompt_accuracy", [labels[int(c)] == subject.class_noun for c in cls])
-    return {k: float(np.nanmean(v)) for k, v in acc.items() if v}
+    return {k: nan_mean(v) for k, v in acc.items() if v}
 
 
 def world_measures(subject: EvalSubject, prompt: BenchPrompt | None, images: list[Image.Image], enc: Encoders):
@@ -166,4 +166,12 @@ def time_to_fidelity(concepts: dict[str, dict], threshold: float) -> dict:
 
 def aggregate(per_subject: dict[str, dict[str, float]]) -> dict[str, float]:
     names = sorted({k for v in per_subject.values() for k in v})
-    return {k: float(np.nanmean([v[k] for v in per_subject.values() if k in v])) for k in names}
+    return {k: nan_mean([v[k] for v in per_subject.values() if k in v]) for k in names}
+
+
+def nan_mean(values) -> float:
+    """The mean of what is not NaN; NaN, without numpy's warning, where nothing is (e.g. prompt fidelity over
+    prompts that ask for nothing the probe reads)."""
+    a = np.asarray(values, dtype=float).ravel()
+    a = a[~np.isnan(a)]
+    return float(a.mean()) if a.size else float("nan")
