@@ -178,6 +178,20 @@ def test_a_batch_of_images_draws_each_as_alone(ip_base, adapters, tmp_path):
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(batch, alone))
 
 
+def test_num_references_encodes_only_the_first_ones(ip_base, adapters, tmp_path):
+    """The bench's "from 1 reference" row: num_references=1 encodes the first reference alone."""
+    from safetensors.torch import load_file
+
+    base, method = load_base(str(ip_base), device="cpu"), get_method("ip_adapter")
+    first = method.personalize(base, subject(1), tmp_path / "first", adapter=adapters["plain"])
+    one = method.personalize(base, subject(3), tmp_path / "one", adapter=adapters["plain"], num_references=1)
+    every = method.personalize(base, subject(3), tmp_path / "all", adapter=adapters["plain"])
+    embeds = {c.name: load_file(next(c.glob("*.safetensors"))) for c in (first, one, every)}
+    assert all(torch.equal(embeds["first"][k], embeds["one"][k]) for k in embeds["first"])
+    assert not all(torch.equal(embeds["all"][k], embeds["one"][k]) for k in embeds["all"])
+    assert len(list((one / "references").iterdir())) == 1
+
+
 def test_official_files_read_as_safetensors_and_bin_only_with_allow_pickle(ip_base, adapters, tmp_path):
     base = load_base(str(ip_base), device="cpu")
     method = get_method("ip_adapter")

@@ -151,6 +151,9 @@ class IPAdapterSettings:
     references: str = setting(
         "mean", "several references: mean (their embeddings averaged) or concat (all their tokens attended together)"
     )
+    num_references: int | None = setting(
+        None, "use only the subject's first N reference images (None: all of them)", added=True
+    )
     drop_image: float = setting(0.05, "pretrain: share of samples whose image embedding is zeroed (paper: 0.05)")
     drop_text: float = setting(0.05, "pretrain: share of samples whose caption is emptied (paper: 0.05)")
     drop_both: float = setting(0.05, "pretrain: share of samples with both dropped (paper: 0.05)")
@@ -183,6 +186,8 @@ class IPAdapterSettings:
             raise LimnerError("num_tokens: the full variant keeps one token per patch; leave num_tokens out")
         if self.resampler_dim < 64 or self.resampler_dim % 64:
             raise LimnerError(f"resampler_dim {self.resampler_dim} must be a positive multiple of 64 (heads of 64)")
+        if self.num_references is not None and (isinstance(self.num_references, bool) or self.num_references < 1):
+            raise LimnerError(f"num_references must be at least 1, got {self.num_references}")
         if self.references not in ("mean", "concat"):
             raise LimnerError(f"references {self.references!r} is unknown; choose mean or concat")
         drops = {"drop_image": self.drop_image, "drop_text": self.drop_text, "drop_both": self.drop_both}
@@ -799,7 +804,7 @@ class IPAdapter(AdapterMethod):
         t0 = time.perf_counter()
         cfg = with_settings(IPAdapterSettings(), settings, self.name)
         adapter, out = Path(adapter), Path(out)
-        images = _check_references(subject.images, f"subject {subject.name}")
+        images = _check_references(subject.images[: cfg.num_references], f"subject {subject.name}")
         manifest = read_adapter_manifest(adapter) if (adapter / ADAPTER_MANIFEST).is_file() else {}
         weights = read_adapter_weights(adapter, cfg.allow_pickle)
         encoder_folder = find_image_encoder(base, adapter, cfg.image_encoder)
