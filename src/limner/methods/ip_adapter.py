@@ -204,6 +204,11 @@ class IPAdapterSettings:
         return self.num_tokens or (PLAIN_TOKENS if self.variant == "plain" else 16)
 
 
+# adapter.json keeps about this many points of the loss curve (a shipped adapter's manifest stays small);
+# train_log.csv beside it has every step
+CURVE_POINTS = 500
+
+
 def pretrain_defaults() -> TrainConfig:
     """The paper's optimiser (AdamW, lr 1e-4, weight decay 0.01), batch 8 as its official scripts per GPU."""
     return TrainConfig(max_steps=1000, batch_size=8, learning_rate=1e-4, weight_decay=0.01, checkpoint_every=500)
@@ -738,7 +743,7 @@ class IPAdapter(AdapterMethod):
                 steps=log.steps,
                 seconds=round(log.seconds, 2),
                 wall_seconds=round(time.perf_counter() - t0, 2),
-                curve=log.curve,
+                curve=log.curve[:: max(1, len(log.curve) // CURVE_POINTS)][:-1] + log.curve[-1:],
                 settings=asdict(cfg),
                 train=asdict(train_cfg),
                 num_processes=log.num_processes,
