@@ -25,6 +25,10 @@ ConfigOpt = Annotated[
     typer.Option("--config", help="For a single-file --base: a local diffusers folder of the same architecture."),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+# the trainer's options that `limner train` and `limner pretrain` share
+MixedPrecisionOpt = Annotated[Optional[str], typer.Option("--mixed-precision", help="no (default), fp16 or bf16.")]
+ResumeOpt = Annotated[Optional[str], typer.Option("--resume", help="'latest' or a checkpoint folder.")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Default 0.")]
 DtypeOpt = Annotated[
     str, typer.Option("--dtype", help="auto (fp16 on GPUs, fp32 on CPU and for the world base), fp32, fp16 or bf16.")
 ]

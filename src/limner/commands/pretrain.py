@@ -13,7 +13,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from limner.commands.options import BaseOpt, DeviceOpt, command, output_folder
+from limner.commands.options import BaseOpt, DeviceOpt, MixedPrecisionOpt, ResumeOpt, SeedOpt, command, output_folder
 from limner.errors import LimnerError
 
 # what --from reruns of the trainer's recorded settings: everything but where the run resumed from
@@ -116,11 +116,9 @@ def pretrain_cmd(
     steps: Annotated[Optional[int], typer.Option("--steps")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Per process.")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr")] = None,
-    mixed_precision: Annotated[
-        Optional[str], typer.Option("--mixed-precision", help="no (default), fp16 or bf16.")
-    ] = None,
-    resume: Annotated[Optional[str], typer.Option("--resume", help="'latest' or a checkpoint folder.")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Default 0.")] = None,
+    mixed_precision: MixedPrecisionOpt = None,
+    resume: ResumeOpt = None,
+    seed: SeedOpt = None,
     setting: Annotated[
         Optional[list[str]],
         typer.Option(

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from limner.commands.options import BaseOpt, DeviceOpt, command, output_folder
+from limner.commands.options import BaseOpt, DeviceOpt, MixedPrecisionOpt, ResumeOpt, SeedOpt, command, output_folder
 from limner.errors import LimnerError
 
 TRAINER_FLAGS = {
@@ -57,11 +57,9 @@ def train_cmd(
     num_vectors: Annotated[
         Optional[int], typer.Option("--num-vectors", help="Textual Inversion: vectors per token.")
     ] = None,
-    mixed_precision: Annotated[
-        Optional[str], typer.Option("--mixed-precision", help="no (default), fp16 or bf16.")
-    ] = None,
-    resume: Annotated[Optional[str], typer.Option("--resume", help="'latest' or a checkpoint folder.")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Default 0.")] = None,
+    mixed_precision: MixedPrecisionOpt = None,
+    resume: ResumeOpt = None,
+    seed: SeedOpt = None,
     setting: Annotated[
         Optional[list[str]],
         typer.Option(
