@@ -125,6 +125,7 @@ def test_custom_diffusion_default_trains_all_of_attn2_in_diffusers_layout(tiny_b
             "to_out_custom_diffusion.0.bias",
         ):
             assert f"{name}.processor.{key}" in state
+    assert "limner's variant; the paper trains K and V only" in (out / "README.md").read_text(), "the card says so"
     fresh = load_base(str(tiny_base), device="cpu")
     get_method("custom_diffusion").install(fresh, [out])
     for name in layers:

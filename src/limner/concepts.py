@@ -76,6 +76,7 @@ def write_model_card(folder: Path, manifest: dict, samples: list[str] | None = N
         f"- tokens: {', '.join(f'`{t}`' for t in manifest.get('tokens', [])) or '—'}",
         f"- steps: {manifest.get('steps')}, training time: {manifest.get('seconds', '?')} s",
         *([f"- recipe: {RECIPES.get(recipe, recipe)}"] if recipe else []),
+        *([f"- trains: {manifest['trains']}"] if manifest.get("trains") else []),
         "",
         "Use it:",
         "",

@@ -35,6 +35,13 @@ if TYPE_CHECKING:
     from limner.models.loading import Base
 
 
+# what a concept's mode trained, for its model card: the paper's method is K and V only
+TRAINS = {
+    "crossattn_kv": "the K and V projections of every cross-attention (the paper's Custom Diffusion)",
+    "crossattn": "all of every cross-attention: Q, K, V and out (limner's variant; the paper trains K and V only)",
+}
+
+
 @register
 class CustomDiffusion(TuningMethod):
     name = "custom_diffusion"
@@ -107,6 +114,7 @@ class CustomDiffusion(TuningMethod):
             "tokens": tokens,
             "config": asdict(cfg),
             "mode": cfg.mode,
+            "trains": TRAINS[cfg.mode],
             "files": files,
             "example_prompt": f"a {tokens[0]} {subjects[0].class_noun} on the beach",
             "training_prompts": sorted(set(run.state["prompts"])),
