@@ -20,6 +20,11 @@ from limner.evaluation.report import write_report
 SAME = ("settings", "base_fingerprint", "encoders")
 
 
+def unset_dropped(value):
+    """A settings dict without its unset (None) entries: a setting added since, left unset, draws as before."""
+    return {k: v for k, v in value.items() if v is not None} if isinstance(value, dict) else value
+
+
 def published_image(report: Path, src: str) -> str:
     """Where the report keeps its copy of `src` (write_html names copies after the source's full path)."""
     name = hashlib.sha256(str(Path(src).resolve()).encode()).hexdigest()[:16] + Path(src).suffix
@@ -28,12 +33,15 @@ def published_image(report: Path, src: str) -> str:
 
 
 def repoint(report: Path, results: dict) -> dict:
+    """The published rows' images, pointed at the report's copies; the page showed only some of them, and the
+    others (no longer anywhere) are left out of the page, not out of the scores."""
     for row in results["rows"].values():
         for prompts in row["images"].values():
             for prompt, paths in prompts.items():
-                prompts[prompt] = [published_image(report, p) for p in paths]
+                prompts[prompt] = [q for q in (published_image(report, p) for p in paths) if Path(q).exists()]
     results["references"] = {
-        s: [published_image(report, p) for p in paths] for s, paths in results.get("references", {}).items()
+        s: [q for q in (published_image(report, p) for p in paths) if Path(q).exists()]
+        for s, paths in results.get("references", {}).items()
     }
     return results
 
@@ -42,17 +50,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("report", type=Path, help="the published report folder (its results.json is read)")
     ap.add_argument("runs", type=Path, nargs="+", help="results.json of newer eval runs")
+    ap.add_argument("--html-prompts", type=int, default=2, help="prompts per subject on the page (the report's 2)")
+    ap.add_argument("--html-images", type=int, default=2, help="images per prompt on the page (the report's 2)")
+    ap.add_argument("--label", action="append", default=[], help="'OLD=>NEW': show row OLD under the name NEW")
     args = ap.parse_args()
     results = repoint(args.report, json.loads((args.report / "results.json").read_text()))
     subjects = [s["name"] for s in results["subjects"]]
     for path in args.runs:
         run = json.loads(path.read_text())
-        differ = [k for k in SAME if run.get(k) != results.get(k)]
+        differ = [k for k in SAME if unset_dropped(run.get(k)) != unset_dropped(results.get(k))]
         if differ or [s["name"] for s in run["subjects"]] != subjects:
             raise SystemExit(f"{path}: {', '.join(differ) or 'subjects'} differ from {args.report}'s; not added")
         results["rows"].update(run["rows"])
         print(f"{path}: {', '.join(run['rows'])}")
-    write_report(results, args.report)
+    for old, _, new in (item.partition("=>") for item in args.label):
+        results["rows"] = {new if name == old else name: row for name, row in results["rows"].items()}
+    write_report(results, args.report, args.html_prompts, args.html_images)
 
 
 if __name__ == "__main__":
