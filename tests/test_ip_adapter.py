@@ -24,9 +24,9 @@ from limner.methods.ip_adapter import (
     EMBEDS,
     WEIGHTS,
     ImageEncoder,
+    IPAdapter,
     _batches,
     _Pretraining,
-    concept_from_images,
     detach,
     read_adapter_weights,
 )
@@ -387,8 +387,12 @@ def test_reference_files_and_a_missing_adapter(ip_base, adapters, tmp_path):
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG not really")
     with pytest.raises(LimnerError, match="corrupt.png could not be read"):
-        concept_from_images(base, [good, corrupt], tmp_path / "c", class_noun="ball", adapter=adapters["plain"])
-    concept = concept_from_images(base, [good], tmp_path / "c", class_noun="ball", adapter=adapters["plain"])
+        IPAdapter().concept_from_files(
+            base, [good, corrupt], tmp_path / "c", class_noun="ball", adapter=adapters["plain"]
+        )
+    concept = IPAdapter().concept_from_files(
+        base, [good], tmp_path / "c", class_noun="ball", adapter=adapters["plain"]
+    )
     assert read_manifest(concept)["subject"] == "ref" and (concept / "references" / "00.png").is_file()
     assert get_method("ip_adapter").prompt("a {} on the beach", concept) == "a ball on the beach"
     with pytest.raises(LimnerError, match="limner pretrain"):

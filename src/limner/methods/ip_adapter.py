@@ -33,7 +33,7 @@ input (`image_embeds.safetensors`: exactly diffusers' `ip_adapter_image_embeds`)
 `limner.json` naming the adapter by path and fingerprint. Official files are read too: `.safetensors` always,
 pickled `.bin` only with `allow_pickle=True` (then `torch.load(weights_only=True)`).
 
-Public functions for the command line: `IPAdapter.pretrain`, `IPAdapter.encode`, `concept_from_images`,
+Public functions for the command line: `IPAdapter.pretrain`, `IPAdapter.encode`, `IPAdapter.concept_from_files`,
 `read_adapter_weights`.
 """
 
@@ -917,29 +917,12 @@ class IPAdapter(AdapterMethod):
         return template.format(read_manifest(concept)["class_noun"])
 
 
-def concept_from_images(
-    base: Base,
-    images: list[str | Path],
-    out: Path,
-    *,
-    class_noun: str,
-    adapter: str | Path | None = None,
-    name: str | None = None,
-    **settings: Any,
-) -> Path:
-    """A concept folder from reference image files (`limner generate --image ref.png`): read, checked, encoded."""
-    return IPAdapter().concept_from_files(
-        base, images, out, class_noun=class_noun, adapter=adapter, name=name, **settings
-    )
-
-
 __all__ = [
     "VARIANTS",
     "IPAdapter",
     "IPAdapterSettings",
     "ImageEncoder",
     "check_fits",
-    "concept_from_images",
     "detect_variant",
     "official_state",
     "read_adapter_weights",
