@@ -14,8 +14,9 @@ import pytest
 from PIL import Image
 
 from limner.data import Sample, SampleStream, open_stream
-from limner.data.world import BACKGROUND_GREY, WorldStream, near_heldout_identity
+from limner.data.world import WorldStream, near_heldout_identity
 from limner.errors import LimnerError
+from limner.images import BACKGROUND_GREY
 from limner.world import vocab
 from limner.world.heldout import IDENTITIES, SUBJECTS, heldout_identity_keys
 from limner.world.render import Identity, Subject
@@ -187,6 +188,17 @@ def test_world_view_pairing_shows_another_view_on_grey():
         assert grey[0, 0] and grey[-1, -1] and 0.4 < grey.mean() < 0.98, "the background painted out"
     big = take(open_stream("world", resolution=96, pair="view"), 1)[0]
     assert big.image.shape == big.references[0].shape == (96, 96, 3) and big.mask.shape == (96, 96)
+
+
+def test_world_class_captions_leave_the_looks_to_the_image(tmp_path):
+    full, bare = take(open_stream("world", seed=3), 40), take(open_stream("world", seed=3, captions="class"), 40)
+    looks = set(vocab.COLOURS) | set(vocab.PATTERNS) - {"plain"}
+    for a, b in zip(full, bare):
+        assert a.subject == b.subject and np.array_equal(a.image, b.image), "the same pictures either way"
+        assert not looks & set(b.text.split()), b.text
+    assert sum(bool(looks & set(a.text.split())) for a in full) > 20, "the full captions do name them"
+    with pytest.raises(LimnerError, match="captions='class' with data"):
+        open_stream(str(SOURCES["folder"](tmp_path / "f", 2)), captions="class")
 
 
 # --------------------------------------------------------------------------------------------

@@ -192,6 +192,39 @@ def test_num_references_encodes_only_the_first_ones(ip_base, adapters, tmp_path)
     assert len(list((one / "references").iterdir())) == 1
 
 
+def test_references_are_cut_out_where_the_adapter_learned_on_cut_outs(ip_base, adapters, tmp_path):
+    """A pair=view adapter saw its subjects on grey: its references are encoded the same way where the subject
+    has masks (mask_references=None follows the adapter), and either choice can be forced."""
+    from PIL import Image
+
+    from limner.images import BACKGROUND_GREY
+
+    base, method = load_base(str(ip_base), device="cpu"), get_method("ip_adapter")
+    masks = [np.zeros(im.shape[:2], bool) for im in references(2)]
+    for m in masks:
+        m[10:30, 12:36] = True
+    masked = Subject("blob", "ball", references(2), masks)
+    view = tmp_path / "view-adapter"
+    shutil.copytree(adapters["plain"], view)
+    manifest = json.loads((view / "adapter.json").read_text())
+    manifest["settings"]["pair"] = "view"
+    (view / "adapter.json").write_text(json.dumps(manifest))
+
+    def encoded(adapter, out, **settings):
+        concept = method.personalize(base, masked, tmp_path / out, adapter=adapter, **settings)
+        ref = np.asarray(Image.open(concept / "references" / "00.png"))
+        return ref, json.loads((concept / "limner.json").read_text())["config"]["mask_references"]
+
+    ref, cut = encoded(view, "view")
+    assert (
+        cut and (ref[~masks[0]] == BACKGROUND_GREY).all() and np.array_equal(ref[masks[0]], references(2)[0][masks[0]])
+    )
+    ref, cut = encoded(adapters["plain"], "self")
+    assert not cut and np.array_equal(ref, references(2)[0]), "the paper's pairing: the whole picture"
+    assert encoded(adapters["plain"], "forced", mask_references=True)[1]
+    assert not encoded(view, "unmasked", mask_references=False)[1]
+
+
 def test_official_files_read_as_safetensors_and_bin_only_with_allow_pickle(ip_base, adapters, tmp_path):
     base = load_base(str(ip_base), device="cpu")
     method = get_method("ip_adapter")

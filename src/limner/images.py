@@ -28,3 +28,14 @@ def at_64px(images: list[ImageLike]) -> np.ndarray:
     return np.stack(
         [np.asarray(im.convert("RGB").resize((64, 64)) if isinstance(im, Image.Image) else im) for im in images]
     )
+
+
+BACKGROUND_GREY = 127  # what a cut-out reference shows where its subject is not
+
+
+def cut_out(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The subject alone on grey: a reference that says nothing about the scene it was photographed in."""
+    mask = np.asarray(mask).astype(bool)
+    if mask.shape != image.shape[:2]:
+        mask = np.asarray(Image.fromarray(mask).resize(image.shape[1::-1], Image.NEAREST))
+    return np.where(mask[..., None], image, np.uint8(BACKGROUND_GREY)).astype(np.uint8)

@@ -10,25 +10,42 @@ loop keeps its `state_dict()` in each checkpoint (`train(..., data=stream)`).
 from __future__ import annotations
 
 from limner.data.real import RealStream
-from limner.data.sample import PAIRS, Sample, SampleStream, check_stream_args
+from limner.data.sample import CAPTIONS, PAIRS, Sample, SampleStream, check_stream_args
 from limner.data.world import WorldStream
 from limner.errors import LimnerError
 
-__all__ = ["PAIRS", "Sample", "SampleStream", "open_stream"]
+__all__ = ["CAPTIONS", "PAIRS", "Sample", "SampleStream", "open_stream"]
 
 
 def open_stream(
-    spec: str, *, seed: int = 0, rank: int = 0, world_size: int = 1, resolution: int = 64, pair: str = "self"
+    spec: str,
+    *,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    resolution: int = 64,
+    pair: str = "self",
+    captions: str = "full",
 ) -> SampleStream:
     """The stream `spec` names: "world", or a path (see limner.data.sources for the formats). Real data
-    offer one view of each image: pair="view" is the world's alone."""
+    offer one view of each image and the captions they come with: pair="view" and captions="class" are the
+    world's alone."""
     check_stream_args(spec, seed, rank, world_size, resolution, pair)
+    if captions not in CAPTIONS:
+        raise LimnerError(f"captions={captions!r} for data {spec!r}: use one of {', '.join(CAPTIONS)}")
     if spec == "world":
-        return WorldStream(seed=seed, rank=rank, world_size=world_size, resolution=resolution, pair=pair)
+        return WorldStream(
+            seed=seed, rank=rank, world_size=world_size, resolution=resolution, pair=pair, captions=captions
+        )
     if pair != "self":
         raise LimnerError(
             f"pair={pair!r} with data {spec}: a second view of each subject exists only in the world stream; use "
             "pair=self (condition on the target image itself, as the IP-Adapter paper does) on your own data"
+        )
+    if captions != "full":
+        raise LimnerError(
+            f"captions={captions!r} with data {spec}: your data's captions are used as they are; the world stream "
+            "alone can leave a subject's looks out of its captions"
         )
     from limner.data.sources import open_source
 

@@ -19,6 +19,9 @@ from PIL import Image
 from limner.errors import LimnerError
 
 PAIRS = ("self", "view")
+# the world stream's captions: full (the subject's looks named, as the base was trained) or class (class noun,
+# accessory and context only: the looks left to the image prompt, as a bench prompt leaves them)
+CAPTIONS = ("full", "class")
 MIN_SIDE = 16  # pixels: an image smaller than this on either side is skipped, not upscaled into a blur
 
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from limner.data.sample import Sample, square_array, square_mask
 from limner.errors import LimnerError
+from limner.images import cut_out
 from limner.world import vocab
 from limner.world.heldout import IDENTITIES
 from limner.world.render import SIZE, CharacterSpec, Identity, ObjectSpec, Scene, Subject, render
@@ -30,7 +31,6 @@ from limner.world.scenes import caption_for, is_heldout_combo, random_identity, 
 # an instance is only recognisable by its two colours and emblem, which is what the encoder must learn to
 # carry. Characters are there for the identity methods; plain objects keep the base's common case.
 SUBJECT_KINDS: dict[str, float] = {"instance": 0.55, "object": 0.15, "character": 0.30}
-BACKGROUND_GREY = 127  # what a pair="view" reference shows where its subject is not
 OBJECT_SCALE = (0.2, 0.42)  # the base saw 0.22-0.4 (single objects) and 0.14-0.22 (beside another)
 
 
@@ -122,25 +122,33 @@ def _entity(rng: np.random.Generator, subject: WorldSubject) -> ObjectSpec | Cha
     )
 
 
-def draw_view(rng: np.random.Generator, subject: WorldSubject) -> tuple[np.ndarray, str, np.ndarray]:
-    """(64 px image, caption, subject mask) of the subject in a random context, pose and scale."""
+def draw_view(
+    rng: np.random.Generator, subject: WorldSubject, looks: bool = True
+) -> tuple[np.ndarray, str, np.ndarray]:
+    """(64 px image, caption, subject mask) of the subject in a random context, pose and scale; with
+    looks=False the caption names its class, accessory and context but not its colours or emblem."""
     scene = Scene(_context(rng, subject), [_entity(rng, subject)], variant=int(rng.integers(2**31)))
-    scene.caption = caption_for(scene, rng)
+    scene.caption = caption_for(scene, rng, looks=looks)
     r = render(scene)
     return r.image, r.caption, r.entities[0].mask
-
-
-def cut_out(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The subject alone on grey: a reference that says nothing about the target's scene."""
-    return np.where(mask[..., None], image, np.uint8(BACKGROUND_GREY)).astype(np.uint8)
 
 
 class WorldStream:
     """The world's endless sample stream (see the module docstring). Rendering is on the CPU: about 1.6 ms
     a view at 64 px on one core, two views a sample with pair="view"."""
 
-    def __init__(self, *, seed: int = 0, rank: int = 0, world_size: int = 1, resolution: int = SIZE, pair="self"):
+    def __init__(
+        self,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        resolution: int = SIZE,
+        pair: str = "self",
+        captions: str = "full",
+    ):
         self.seed, self.rank, self.world_size, self.resolution, self.pair = seed, rank, world_size, resolution, pair
+        self.captions = captions
         self.k = 0  # the next sample of this rank
         self.skipped: dict[str, int] = {}  # nothing is ever skipped: every draw renders
 
@@ -152,7 +160,8 @@ class WorldStream:
         """This rank's sample k: a pure function of (seed, rank, world_size, k)."""
         g = k * self.world_size + self.rank
         subject = self.subject(k)
-        image, caption, mask = draw_view(np.random.default_rng([self.seed, g, 1]), subject)
+        looks = self.captions == "full"
+        image, caption, mask = draw_view(np.random.default_rng([self.seed, g, 1]), subject, looks)
         if self.pair == "view":
             other, _, other_mask = draw_view(np.random.default_rng([self.seed, g, 2]), subject)
             reference = self._fit(cut_out(other, other_mask))
@@ -198,6 +207,7 @@ class WorldStream:
             "path": None,
             "seed": self.seed,
             "pair": self.pair,
+            "captions": self.captions,
             "resolution": self.resolution,
             "rank": self.rank,
             "world_size": self.world_size,

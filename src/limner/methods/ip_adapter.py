@@ -65,7 +65,7 @@ from limner.adapters import (
 )
 from limner.concepts import MANIFEST, read_manifest, write_model_card
 from limner.errors import LimnerError
-from limner.images import to_pil, to_unit_range
+from limner.images import cut_out, to_pil, to_unit_range
 from limner.io import disk_guard, write_json_atomic, written_atomically
 from limner.methods.adapter import (
     ADAPTER_MANIFEST,
@@ -165,10 +165,23 @@ class IPAdapterSettings:
     allow_pickle: bool = setting(
         False, "read a pickled official .bin adapter (torch.load with weights_only=True); only files you trust"
     )
+    mask_references: bool | None = setting(
+        None,
+        "encode each reference cut out on grey where the subject has masks (None: as the adapter was pretrained, "
+        "cut out for pair=view); the paper encodes the whole picture, whose background can outweigh the subject",
+        added=True,
+    )
     pair: str = setting(
         "self",
         "pretrain: what each sample is conditioned on: self (the target image itself, as the paper) or view (another "
         "view of the same subject, background masked out; the world stream only)",
+    )
+
+    captions: str = setting(
+        "full",
+        "pretrain on the world stream: full (captions name the subject's colours and emblem, as the base was "
+        "trained) or class (class noun and context only, so the image prompt must carry the looks)",
+        added=True,
     )
 
     def __post_init__(self) -> None:
@@ -605,6 +618,7 @@ def _open_data(data: Any, base: Base, cfg: IPAdapterSettings, train_cfg: TrainCo
         world_size=state.num_processes,
         resolution=base.resolution,
         pair=cfg.pair,
+        captions=cfg.captions,
     )
 
 
@@ -811,6 +825,12 @@ class IPAdapter(AdapterMethod):
         adapter, out = Path(adapter), Path(out)
         images = _check_references(subject.images[: cfg.num_references], f"subject {subject.name}")
         manifest = read_adapter_manifest(adapter) if (adapter / ADAPTER_MANIFEST).is_file() else {}
+        masked = cfg.mask_references
+        if masked is None:
+            masked = manifest.get("settings", {}).get("pair") == "view"
+        cfg.mask_references = bool(masked and subject.masks)  # the concept's card records what was encoded
+        if cfg.mask_references:
+            images = [cut_out(im, m) for im, m in zip(images, subject.masks)]
         weights = read_adapter_weights(adapter, cfg.allow_pickle)
         encoder_folder = find_image_encoder(base, adapter, cfg.image_encoder)
         wanted = manifest.get("image_encoder_fingerprint")

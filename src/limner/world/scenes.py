@@ -80,16 +80,17 @@ def character_phrase(c: CharacterSpec, clothes: bool, name: str | None = None) -
     return phrase
 
 
-def caption_for(scene: Scene, rng: np.random.Generator, full: bool = False) -> str:
+def caption_for(scene: Scene, rng: np.random.Generator, full: bool = False, looks: bool = True) -> str:
     """A caption for a scene. With full=False some facts are dropped at random, as real captions
-    do, which teaches the model class-only and context-free prompts too."""
+    do, which teaches the model class-only and context-free prompts too. With looks=False no entity's
+    colours, pattern, emblem or clothes are named: what an image prompt has to supply."""
     drop = (lambda p: rng.random() < p) if not full else (lambda p: False)
     phrases = []
     for e in scene.entities:
         if isinstance(e, ObjectSpec):
-            phrases.append(object_phrase(e, colour=not drop(0.12), pattern=not drop(0.25)))
+            phrases.append(object_phrase(e, colour=looks and not drop(0.12), pattern=looks and not drop(0.25)))
         else:
-            phrases.append(character_phrase(e, clothes=full or rng.random() < 0.5))
+            phrases.append(character_phrase(e, clothes=looks and (full or rng.random() < 0.5)))
     if len(phrases) == 2:
         text = f"{phrases[0]} on the left and {phrases[1]} on the right"
     else:
