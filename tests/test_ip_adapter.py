@@ -225,6 +225,31 @@ def test_references_are_cut_out_where_the_adapter_learned_on_cut_outs(ip_base, a
     assert not encoded(view, "unmasked", mask_references=False)[1]
 
 
+def test_finetune_trains_the_concepts_own_adapter_which_diffusers_loads(ip_base, adapters, tmp_path):
+    """finetune_steps: the concept carries its own fine-tuned copy of the adapter in the official layout;
+    limner draws with it, and plain diffusers loads it from the concept folder and draws the same."""
+    base, method = load_base(str(ip_base), device="cpu"), get_method("ip_adapter")
+    encoded = method.personalize(base, subject(3), tmp_path / "encoded", adapter=adapters["plain"])
+    tuned = method.personalize(base, subject(3), tmp_path / "tuned", adapter=adapters["plain"], finetune_steps=3)
+    assert not (encoded / WEIGHTS).exists() and read_manifest(encoded)["adapter_weights"] is None
+    start, mine = load_file(str(adapters["plain"] / WEIGHTS)), load_file(str(tuned / WEIGHTS))
+    assert set(mine) == set(start) and all(v.dtype == torch.float16 for v in mine.values())
+    assert any(not torch.equal(start[k], mine[k]) for k in start), "the fine-tune moved the weights"
+    assert (tuned / "train_log.csv").is_file() and read_manifest(tuned)["config"]["finetune_steps"] == 3
+    ours = limner_image(base, tuned)
+    assert not np.array_equal(ours, limner_image(base, encoded))
+
+    pipe = diffusers_pipe(ip_base)
+    pipe.load_ip_adapter(str(tuned), subfolder="", weight_name=WEIGHTS)
+    stored = load_file(str(tuned / EMBEDS))
+    theirs = diffusers_image(
+        pipe, base, ip_adapter_image_embeds=[torch.stack([stored["negative_image_embeds"], stored["image_embeds"]])]
+    )
+    assert np.abs(ours.astype(int) - theirs.astype(int)).max() == 0
+    with pytest.raises(LimnerError, match="finetune_steps"):
+        method.personalize(base, subject(1), tmp_path / "bad", adapter=adapters["plain"], finetune_steps=-1)
+
+
 def test_official_files_read_as_safetensors_and_bin_only_with_allow_pickle(ip_base, adapters, tmp_path):
     base = load_base(str(ip_base), device="cpu")
     method = get_method("ip_adapter")

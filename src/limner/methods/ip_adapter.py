@@ -42,7 +42,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -177,6 +177,14 @@ class IPAdapterSettings:
         "view of the same subject, background masked out; the world stream only)",
     )
 
+    finetune_steps: int = setting(
+        0,
+        "few-shot fine-tune after encoding (limner's, not the paper's): steps of the projection and to_k_ip / "
+        "to_v_ip on the subject's own references, each drawn with another one as its image prompt; the concept "
+        "then carries its own copy of the adapter's weights (0: encode only, as the paper)",
+        added=True,
+    )
+    finetune_learning_rate: float = setting(1e-4, "the fine-tune's AdamW learning rate", added=True)
     captions: str = setting(
         "full",
         "pretrain on the world stream: full (captions name the subject's colours and emblem, as the base was "
@@ -201,6 +209,14 @@ class IPAdapterSettings:
             raise LimnerError(f"resampler_dim {self.resampler_dim} must be a positive multiple of 64 (heads of 64)")
         if self.num_references is not None and (isinstance(self.num_references, bool) or self.num_references < 1):
             raise LimnerError(f"num_references must be at least 1, got {self.num_references}")
+        if (
+            isinstance(self.finetune_steps, bool)
+            or not isinstance(self.finetune_steps, int)
+            or self.finetune_steps < 0
+        ):
+            raise LimnerError(f"finetune_steps must be a whole number, 0 or more, got {self.finetune_steps!r}")
+        if not self.finetune_learning_rate > 0:
+            raise LimnerError(f"finetune_learning_rate must be positive, got {self.finetune_learning_rate}")
         if self.references not in ("mean", "concat"):
             raise LimnerError(f"references {self.references!r} is unknown; choose mean or concat")
         drops = {"drop_image": self.drop_image, "drop_text": self.drop_text, "drop_both": self.drop_both}
@@ -519,7 +535,15 @@ class _Pretraining(TrainingTask):
     """The paper's training: frozen UNet, VAE, text and image encoders; the projection and to_k_ip / to_v_ip
     learn the noise-prediction MSE, with the image, the text or both dropped."""
 
-    def __init__(self, base: Base, encoder: ImageEncoder, cfg: IPAdapterSettings, train_cfg: TrainConfig):
+    def __init__(
+        self,
+        base: Base,
+        encoder: ImageEncoder,
+        cfg: IPAdapterSettings,
+        train_cfg: TrainConfig,
+        weights: dict | None = None,
+    ):
+        """`weights`: an adapter's official state to start from (a fine-tune); None starts a new adapter."""
         from limner.training.conditioning import PromptEncoder
 
         self.base, self.encoder, self.cfg, self.train_cfg = base, encoder, cfg, train_cfg
@@ -529,11 +553,14 @@ class _Pretraining(TrainingTask):
             if m is not None:
                 m.requires_grad_(False)
         device = base.device
-        with torch.random.fork_rng(devices=[]):  # the projection's initial weights follow the run's seed
-            torch.manual_seed(train_cfg.seed)
-            self.projection = self._new_projection(encoder, cfg)
+        if weights is None:
+            with torch.random.fork_rng(devices=[]):  # the projection's initial weights follow the run's seed
+                torch.manual_seed(train_cfg.seed)
+                self.projection = self._new_projection(encoder, cfg)
+        else:
+            self.projection = load_projection(weights, "the adapter")
         self.projection = self.projection.to(device, torch.float32)
-        attach(self.unet, [self.projection])
+        attach(self.unet, [self.projection], None if weights is None else [weights])
         self.params = [*self.unet.encoder_hid_proj.parameters(), *ip_attention_parameters(self.unet)]
         for p in self.params:
             p.data = p.data.float()  # trained in fp32 whatever the base's dtype
@@ -849,9 +876,45 @@ class IPAdapter(AdapterMethod):
         positive, negative = encoder.features(pixels, variant).float(), encoder.unconditional(pixels, variant).float()
         if cfg.references == "mean":
             positive, negative = positive.mean(0, keepdim=True), negative[:1]
-        return self._write_concept(base, adapter, subject, out, cfg, variant, images, positive, negative, t0, found)
+        tuned = None
+        if cfg.finetune_steps:
+            tuned = self._finetune(base, encoder, weights, replace(cfg, variant=variant), subject, images, out)
+        return self._write_concept(
+            base, adapter, subject, out, cfg, variant, images, positive, negative, t0, found, tuned
+        )
 
-    def _write_concept(self, base, adapter, subject, out, cfg, variant, images, positive, negative, t0, encoder_fp):
+    def _finetune(self, base, encoder, weights, cfg, subject, conditions, out) -> dict[str, torch.Tensor]:
+        """The adapter trained on (reference, another reference as image prompt) pairs of this subject alone."""
+        from limner.data import Sample
+
+        texts = subject.captions or [""] * len(subject.images)
+        n = len(conditions)
+        samples = [
+            Sample(
+                image=np.asarray(subject.images[i]),
+                text=f"a {subject.class_noun} {texts[i]}".strip(),
+                references=[conditions[(i + 1) % n]],
+            )
+            for i in range(n)
+        ]
+        train_cfg = replace(
+            pretrain_defaults(),
+            max_steps=cfg.finetune_steps,
+            batch_size=min(4, n),
+            learning_rate=cfg.finetune_learning_rate,
+            checkpoint_every=0,
+        )
+        task = _Pretraining(base, encoder, cfg, train_cfg, weights=weights)
+        try:
+            train(task, _batches(samples, base, encoder, train_cfg.batch_size), train_cfg, out, "ip_adapter finetune")
+            return official_state(task.projection, base.pipe.unet)
+        finally:
+            detach(base.pipe.unet)
+            base.pipe.unet.requires_grad_(False)
+
+    def _write_concept(
+        self, base, adapter, subject, out, cfg, variant, images, positive, negative, t0, encoder_fp, tuned=None
+    ):
         from safetensors.torch import save_file
 
         out.mkdir(parents=True, exist_ok=True)
@@ -863,6 +926,10 @@ class IPAdapter(AdapterMethod):
             embeds = {k: v.contiguous() for k, v in embeds.items()}
             with written_atomically(out / EMBEDS) as tmp:
                 save_file(embeds, str(tmp), metadata={"variant": variant})
+            if tuned is not None:  # the concept's own adapter, in the official layout (diffusers loads it too)
+                half = {k: v.to(torch.float16).contiguous() for k, v in tuned.items()}
+                with written_atomically(out / WEIGHTS) as tmp:
+                    save_file(half, str(tmp), metadata={"format": "pt"})
             manifest = {
                 "method": self.name,
                 "subject": subject.name,
@@ -878,6 +945,7 @@ class IPAdapter(AdapterMethod):
                 "adapter_fingerprint": adapter_fingerprint(adapter),
                 "image_encoder_fingerprint": encoder_fp,
                 "num_references": len(images),
+                "adapter_weights": WEIGHTS if tuned is not None else None,
                 "example_prompt": f"a {subject.class_noun} on the beach",
             }
             write_json_atomic(out / MANIFEST, manifest)
@@ -904,9 +972,11 @@ class IPAdapter(AdapterMethod):
                     f"{manifest['adapter_fingerprint']}, now {adapter_fingerprint(adapter)}); encode it again"
                 )
             config = manifest.get("config", {})
-            weights = read_adapter_weights(adapter, bool(config.get("allow_pickle")))
-            check_fits(unet, weights, adapter)
-            projections.append(load_projection(weights, adapter))
+            own = manifest.get("adapter_weights")  # fine-tuned: the concept's own copy of the adapter
+            source = Path(concept) / own if own else adapter
+            weights = read_adapter_weights(source, bool(config.get("allow_pickle")) and not own)
+            check_fits(unet, weights, source)
+            projections.append(load_projection(weights, source))
             states.append(weights)
             scales.append(_parse_scale(config.get("scale", 1.0)))
         attach(unet, projections, states)
