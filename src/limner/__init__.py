@@ -4,7 +4,7 @@ Layers, bottom to top. A module imports from its own layer and the layers below 
 layer above; tests/test_layers.py reads this list (`N. name: modules`, `pkg.*` for a package and
 everything in it, the most specific name winning) and checks every import against it, lazy ones too.
 
-1. core: limner, limner.errors, limner.io, limner.images
+1. core: limner, limner.errors, limner.io, limner.images, limner.values
 2. world data: limner.world, limner.world.vocab, limner.world.render, limner.world.scenes, limner.world.heldout,
    limner.world.bench
 3. models and encoders: limner.models.*, limner.world.stack, limner.encoders.*, limner.world.probes, limner.data.*
@@ -12,7 +12,7 @@ everything in it, the most specific name winning) and checks every import agains
 5. concepts and methods: limner.subject, limner.concepts, limner.methods.*
 6. conditioning: limner.conditioning
 7. tools: limner.evaluation.*, limner.demo, limner.world.check, limner.world.build, limner.world.stages,
-   limner.commands.*, limner.cli
+   limner.commands.*, limner.app.*, limner.cli
 
 `world/` spans layers: its data (2) sit below everything, its probes (3) are instruments the
 encoders use, and its build (with its training stages) and check (7) are tools that train and draw

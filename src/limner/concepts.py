@@ -27,6 +27,31 @@ def read_manifest(folder: Path) -> dict:
         raise LimnerError(f"{path} is not valid JSON ({e})") from e
 
 
+def concept_files(manifest: dict) -> set[str]:
+    """The file names a concept's manifest lists under "files" (however the method nests them)."""
+
+    def names(value) -> set[str]:
+        if isinstance(value, str):
+            return {value}
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
+        return {n for v in items for n in names(v)}
+
+    return names(manifest.get("files", {}))
+
+
+def remove_stale_files(folder: Path, old: dict, new: dict) -> list[str]:
+    """After a concept was trained again into its folder (--force): the files the old manifest listed that the
+    new one does not (an embedding named after the old token), so no old weights are left beside the new."""
+    from limner.io import child
+
+    stale = sorted(concept_files(old) - concept_files(new))
+    for name in stale:
+        path = child(Path(folder), name, f"{folder}/{MANIFEST}'s file")
+        if path.is_file():
+            path.unlink()
+    return stale
+
+
 def check_base(manifest: dict, folder: Path, base, force: bool = False) -> None:
     """A concept trained on another base gets a clear error unless forced."""
     want = manifest.get("base_fingerprint")

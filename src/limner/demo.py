@@ -68,9 +68,18 @@ def run_demo(
 
     (subject,) = world_subjects(f"world:{subject_name}")
     method = get_method(method_name)
+    overrides: dict = {}
+    train_cfg = method.default_train_config()
+    if train_cfg is not None:  # checked (--steps 0 refused) before the base loads
+        overrides["train"] = replace(
+            train_cfg,
+            seed=seed,
+            max_steps=steps
+            if steps is not None
+            else (DEFAULT_METHOD_STEPS if method_name == DEFAULT_METHOD else train_cfg.max_steps),
+        )
     trainable = load_base(device=device, dtype="fp32")
     encodes = isinstance(method, AdapterMethod)
-    overrides: dict = {}
     if encodes:  # before anything is written: the adapter it encodes with (the world's shipped one by default)
         if steps is not None:
             raise LimnerError(f"--steps: {method_name} does not train, it encodes the references with its adapter")
@@ -80,13 +89,6 @@ def run_demo(
     prepare_output(out)
     t0 = time.perf_counter()
     # 1. Personalize from the 5 references: train, or encode with the pretrained adapter
-    train_cfg = method.default_train_config()
-    if train_cfg is not None:
-        overrides["train"] = replace(
-            train_cfg,
-            seed=seed,
-            max_steps=steps or (DEFAULT_METHOD_STEPS if method_name == DEFAULT_METHOD else train_cfg.max_steps),
-        )
     concept = method.personalize(trainable, subject, out / "concept", **overrides)
     train_s = time.perf_counter() - t0
     # 2. Four contexts the references never showed

@@ -21,6 +21,7 @@ from limner.errors import LimnerError
 from limner.io import write_json_atomic, written_atomically
 from limner.models.loading import Base
 from limner.regions import WindowHook, canvas_width, regional_images, split_regions, window_offsets
+from limner.values import bounds, parse_fields
 
 SCHEDULERS = {
     "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
@@ -35,20 +36,24 @@ SCHEDULERS = {
 class GenerationSettings:
     prompt: str
     negative_prompt: str = ""
-    num_images: int = 4
-    seed: int = 0
-    steps: int = 25
-    guidance_scale: float = 5.0
-    scheduler: str = "dpm++"
-    height: int | None = None  # None: the base's native resolution
-    width: int | None = None
-    batch_size: int = 4
+    num_images: int = field(default=4, metadata=bounds(at_least=1, flag="-n/--num-images"))
+    seed: int = field(default=0, metadata=bounds(at_least=0, flag="--seed"))
+    steps: int = field(default=25, metadata=bounds(at_least=1, flag="--steps"))
+    guidance_scale: float = field(default=5.0, metadata=bounds(at_least=0, flag="--guidance"))
+    scheduler: str = field(default="dpm++", metadata=bounds(choices=tuple(SCHEDULERS), flag="--scheduler"))
+    # None: the base's native resolution; a multiple of 8 (check_settings, which knows the base)
+    height: int | None = field(default=None, metadata=bounds(at_least=8, flag="--height"))
+    width: int | None = field(default=None, metadata=bounds(at_least=8, flag="--width"))
+    batch_size: int = field(default=4, metadata=bounds(at_least=1, flag="--batch-size"))
     regions: bool = False  # the prompt is several prompts separated by BREAK, each drawn in its own window
     # The first `layout_steps` denoising steps follow `layout_prompt` (the prompt with the class noun in place of
     # the concept's token), the rest the prompt: where things go and what surrounds them is settled early, from
     # words the base knows, and the concept only draws the subject (PhotoMaker's delayed merge, start_merge_step)
     layout_prompt: str | None = None
-    layout_steps: int = 0
+    layout_steps: int = field(default=0, metadata=bounds(at_least=0, flag="--layout-steps"))
+
+    def __post_init__(self) -> None:
+        parse_fields(self)  # before the base loads: --steps 0, --guidance nan and the like end here, named
 
 
 @dataclass
@@ -99,11 +104,6 @@ def check_settings(base: Base, s: GenerationSettings) -> tuple[int, int]:
                 f"{name} {v} is not a positive multiple of 8 (the VAE works on 8-pixel blocks); try "
                 f"{max(8, round(v / 8) * 8)}"
             )
-    for name, v in (("-n/--num-images", s.num_images), ("--batch-size", s.batch_size), ("--steps", s.steps)):
-        if v <= 0:
-            raise LimnerError(f"{name} must be at least 1, got {v}")
-    if s.scheduler not in SCHEDULERS:
-        raise LimnerError(f"--scheduler {s.scheduler!r} is unknown; choose one of: {', '.join(SCHEDULERS)}")
     if s.layout_steps:
         if not 0 < s.layout_steps < s.steps:
             raise LimnerError(f"--layout-steps {s.layout_steps} must be between 1 and --steps - 1 ({s.steps - 1})")

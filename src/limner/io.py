@@ -1,5 +1,6 @@
 """Files: writing them so that an interruption never leaves a half-written one (temporary name, then
-rename), where limner caches what it can recompute, and which files are images."""
+rename), reading weight files so that a damaged one is one line naming it, where limner caches what it can
+recompute, and which files are images."""
 
 from __future__ import annotations
 
@@ -17,6 +18,18 @@ def cache_dir(kind: str) -> Path:
     """Where limner keeps what it can recompute (class images, retrieval indexes): $LIMNER_CACHE or
     ~/.cache/limner, one sub-folder per kind."""
     return Path(os.environ.get("LIMNER_CACHE") or Path.home() / ".cache" / "limner").expanduser() / kind
+
+
+def child(folder: Path, name: str, what: str) -> Path:
+    """`folder / name` where `name` comes from what a user gave (a token, a class noun, a subject's name, a
+    manifest's file name): refused unless it is one plain entry of `folder`, so nothing is ever read or
+    written outside the folders the user named or the cache (`../x`, `/etc/x`, `a/b` all fail)."""
+    from limner.errors import LimnerError
+
+    path = Path(folder) / name
+    if name in ("", ".", "..") or Path(name).name != name or "\\" in name or path.parent != Path(folder):
+        raise LimnerError(f"{what} {name!r} would name a path outside {folder}; give a plain name")
+    return path
 
 
 @contextmanager
@@ -57,3 +70,71 @@ def disk_guard(what: str):
                 "same command again (training continues with --resume latest)"
             ) from e
         raise
+
+
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt"}
+
+
+def damaged(path: Path, reason: str) -> Exception:
+    """The one-line error for a weight file that cannot be read."""
+    from limner.errors import LimnerError
+
+    return LimnerError(f"{path} is damaged ({reason}); replace it with a whole copy (download or train it again)")
+
+
+def check_safetensors(path: Path) -> None:
+    """Reads only the header of a .safetensors file and checks that the file holds every byte it declares, so
+    a truncated or foreign file is found before a library reads it (whose error names no file)."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < length <= size - 8:
+            raise damaged(path, f"not a safetensors file, or cut short: {size} bytes")
+        try:
+            header = json.loads(f.read(length))
+            end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+            raise damaged(path, f"its safetensors header does not parse: {type(e).__name__}") from e
+    if 8 + length + end > size:
+        raise damaged(path, f"truncated: {size} of its {8 + length + end} bytes")
+
+
+def check_weight_files(folder: Path) -> None:
+    """check_safetensors on every .safetensors file in a model folder and its components' folders."""
+    for path in sorted(Path(folder).glob("*.safetensors")) + sorted(Path(folder).glob("*/*.safetensors")):
+        check_safetensors(path)
+
+
+def read_tensors(path: Path, allow_pickle: bool = False) -> dict:
+    """A weight file's tensors: .safetensors (checked whole first), or a pickle (.bin, .pt, ...) only with
+    `allow_pickle`, then read with torch.load(weights_only=True), which runs no code from the file. A file that
+    cannot be read is one LimnerError naming it."""
+    import torch
+    from safetensors.torch import load_file
+
+    from limner.errors import LimnerError
+
+    path = Path(path)
+    if path.suffix in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise LimnerError(
+                f"{path} is a pickle file; limner reads one only with --allow-pickle, then with "
+                "torch.load(weights_only=True) (only files you trust). Prefer a .safetensors file."
+            )
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - unpickling fails in many ways (truncated, foreign, not weights-only)
+            raise damaged(path, f"it does not unpickle as weights: {first_line(e)}") from e
+    check_safetensors(path)
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors' own error type names no file
+        raise damaged(path, first_line(e)) from e
+
+
+def first_line(e: BaseException) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__

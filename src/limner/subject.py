@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from limner.values import check_word
+
 
 @dataclass
 class Subject:
@@ -18,3 +20,8 @@ class Subject:
     # per image, what the picture shows besides the subject ("on the beach"): appended to the training
     # prompt, so the identifier learns the subject and not its backgrounds (optional)
     captions: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        # the class noun goes into prompts and the class images' cache folder, the name into eval's cache folders
+        check_word(self.class_noun, "the class noun (--class-noun)", phrase=True)
+        check_word(self.name, "the subject's name", phrase=True)

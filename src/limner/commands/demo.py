@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from limner.commands.options import DeviceOpt, command
+from limner.commands.options import DeviceOpt, command, output_folder, removed_if_failed
 
 
 @command
@@ -37,7 +37,13 @@ def demo_cmd(
     method such as IP-Adapter encodes the references in seconds)."""
     from limner.demo import DEFAULT_METHOD, format_summary, run_demo
 
-    record = run_demo(
-        out, subject_name=subject, method_name=method or DEFAULT_METHOD, steps=steps, device=device, adapter=adapter
-    )
+    with removed_if_failed(output_folder(out)):
+        record = run_demo(
+            out,
+            subject_name=subject,
+            method_name=method or DEFAULT_METHOD,
+            steps=steps,
+            device=device,
+            adapter=adapter,
+        )
     typer.echo(format_summary(record))

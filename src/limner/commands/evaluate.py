@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from limner.commands.options import BaseOpt, DeviceOpt, command, output_folder
+from limner.commands.options import BaseOpt, DeviceOpt, command, output_folder, removed_if_failed
 from limner.errors import LimnerError
 
 
@@ -76,13 +76,16 @@ def eval_cmd(
     from limner.evaluation.subjects import load_subjects
     from limner.methods import get_method
 
-    for flag, v in (
-        ("-n/--images-per-prompt", images),
-        ("--prompts", prompts if prompts is not None else 1),
-        ("--steps", steps),
-    ):
-        if v < 1:
-            raise LimnerError(f"{flag} must be at least 1, got {v}")
+    settings = EvalSettings(
+        images_per_prompt=images,
+        seed=seed,
+        steps=steps,
+        guidance=guidance,
+        max_prompts=prompts,
+        layout_steps=layout_steps,
+    )
+    output_folder(out)
+    output_folder(cache, "--cache")
     subs = load_subjects(subjects, class_noun)
     world = all(s.world is not None for s in subs)
     rows = ([Row(LOWER)] + ([Row(UPPER)] if world else [])) if bounds else []
@@ -93,18 +96,9 @@ def eval_cmd(
         if r.method:
             get_method(r.method)  # fails early, naming the available methods
     enc = build_encoders(world, base, clip, dino, face, device)
-    if layout_steps is not None and not 0 <= layout_steps < steps:
-        raise LimnerError(f"--layout-steps {layout_steps} must be between 0 and --steps - 1 ({steps - 1})")
-    settings = EvalSettings(
-        images_per_prompt=images,
-        seed=seed,
-        steps=steps,
-        guidance=guidance,
-        max_prompts=prompts,
-        layout_steps=layout_steps,
-    )
-    results = run_eval(rows, subs, enc, cache, settings, base=base, device=device)
-    written = write_report(results, out, html_prompts, html_images)
+    with removed_if_failed(out):
+        results = run_eval(rows, subs, enc, cache, settings, base=base, device=device)
+        written = write_report(results, out, html_prompts, html_images)
     typer.echo(markdown_table(results))
     typer.echo(
         f"report: {written['html']} ({results['seconds']:.0f} s; cache hits {results['cache']['hits']}, "

@@ -9,7 +9,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from limner.commands.options import BaseOpt, ConfigOpt, DeviceOpt, DtypeOpt, command, echo_notes
+from limner.commands.options import (
+    BaseOpt,
+    ConfigOpt,
+    DeviceOpt,
+    DtypeOpt,
+    command,
+    echo_notes,
+    output_folder,
+    removed_if_failed,
+)
 from limner.errors import LimnerError
 
 SCALE = "scale"  # the per-call setting --ip-scale sets (an AdapterMethod's call_settings)
@@ -153,37 +162,39 @@ def generate(
         batch_size=batch_size,
         regions=regions,
     )
+    output_folder(out)
     b = load_base(base, device=device, dtype=dtype, config=config)
     check_settings(b, settings)
-    with tempfile.TemporaryDirectory(prefix="limner-references-") as tmp:
-        folders = list(concept or [])
-        if encoder is not None:  # the references, encoded into a concept folder that lives for this call
-            folders.append(
-                encoder.concept_from_files(
-                    b,
-                    list(image or []),
-                    Path(tmp) / "concept",
-                    class_noun="subject",
-                    adapter=adapter,
-                    **({"allow_pickle": True} if allow_pickle else {}),
+    with removed_if_failed(out):
+        with tempfile.TemporaryDirectory(prefix="limner-references-") as tmp:
+            folders = list(concept or [])
+            if encoder is not None:  # the references, encoded into a concept folder that lives for this call
+                folders.append(
+                    encoder.concept_from_files(
+                        b,
+                        list(image or []),
+                        Path(tmp) / "concept",
+                        class_noun="subject",
+                        adapter=adapter,
+                        **({"allow_pickle": True} if allow_pickle else {}),
+                    )
                 )
-            )
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                applied = apply_concepts(b, folders, split_regions(prompt) if regions else None, force)
+            echo_notes(caught)
+            if ip_scale is not None:
+                set_image_scale(applied, b, ip_scale)
+            prepare_output(out)
+            conditioning = applied.condition(prompt, steps, layout_steps)
+        for spec in embedding or []:
+            if (token := load_embedding_spec(b, spec, allow_pickle)) not in prompt:
+                typer.echo(f"warning: the prompt does not contain the embedding's token {token!r}", err=True)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            applied = apply_concepts(b, folders, split_regions(prompt) if regions else None, force)
-        echo_notes(caught)
-        if ip_scale is not None:
-            set_image_scale(applied, b, ip_scale)
-        prepare_output(out)
-        conditioning = applied.condition(prompt, steps, layout_steps)
-    for spec in embedding or []:
-        if (token := load_embedding_spec(b, spec, allow_pickle)) not in prompt:
-            typer.echo(f"warning: the prompt does not contain the embedding's token {token!r}", err=True)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        result = generate(b, settings, out, conditioning)
-    for w in caught:
-        if "tokenizer's limit" in str(w.message):
-            typer.echo(f"warning: {w.message}", err=True)
-    t = result.record["timings"]
-    typer.echo(f"wrote {len(result.paths)} images, grid and record to {out}/ ({t['per_image_s']:.2f} s per image)")
+            result = generate(b, settings, out, conditioning)
+        for w in caught:
+            if "tokenizer's limit" in str(w.message):
+                typer.echo(f"warning: {w.message}", err=True)
+        t = result.record["timings"]
+        typer.echo(f"wrote {len(result.paths)} images, grid and record to {out}/ ({t['per_image_s']:.2f} s per image)")

@@ -8,8 +8,21 @@ from typing import Annotated, Optional
 
 import typer
 
-from limner.commands.options import BaseOpt, DeviceOpt, command, echo_notes, output_folder
+from limner.commands.options import BaseOpt, DeviceOpt, command, echo_notes, output_folder, removed_if_failed
 from limner.errors import LimnerError
+
+
+def check_merge_output(out: Path, concepts: list[Path]) -> None:
+    """--out must be a new folder: never one of the concepts being merged, nor another concept."""
+    from limner.concepts import MANIFEST
+
+    output_folder(out)
+    if any(out.resolve() == Path(c).resolve() for c in concepts):
+        raise LimnerError(f"--out {out} is one of the concepts being merged; give a new folder for the merged one")
+    if (out / MANIFEST).is_file():
+        raise LimnerError(
+            f"--out {out} already holds a concept; nothing was overwritten. Choose another --out (or delete it first)"
+        )
 
 
 @command
@@ -45,9 +58,9 @@ def merge_cmd(
 
     if len(concepts) < 2:
         raise LimnerError("merge needs at least two concept folders")
-    output_folder(out)
+    check_merge_output(out, concepts)
     b = load_base(base, device=device, dtype="fp32")
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, removed_if_failed(out):
         warnings.simplefilter("always")
         folder = merge(b, concepts, out, force=force, captions=captions, solve=solve)
     echo_notes(caught)

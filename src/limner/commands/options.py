@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -56,6 +58,44 @@ def output_folder(out: Path, flag: str = "--out") -> Path:
     if out.exists() and not out.is_dir():
         raise LimnerError(f"{flag} {out} is a file; give a folder")
     return out
+
+
+def check_concept_output(out: Path, resume: str | None, force: bool) -> None:
+    """`--out` of a training, checked before any work: a finished concept, or an interrupted run's checkpoints,
+    is never overwritten unless the user says how (--resume latest continues it, --force trains it again)."""
+    from limner.concepts import MANIFEST, read_manifest
+
+    output_folder(out)
+    if resume or force:
+        return
+    if (out / MANIFEST).is_file():
+        done = read_manifest(out)
+        raise LimnerError(
+            f"--out {out} already holds a {done.get('method')} concept ({done.get('steps')} steps); nothing was "
+            "overwritten. Continue it with --resume latest (and more --steps), train it again with --force, or "
+            "choose another --out"
+        )
+    if any((out / "checkpoints").glob("step-*")):
+        raise LimnerError(
+            f"--out {out} holds an interrupted run's checkpoints; continue it with --resume latest, start again "
+            "with --force, or choose another --out"
+        )
+
+
+@contextmanager
+def removed_if_failed(out: Path) -> Iterator[None]:
+    """A folder this command creates is removed when the command fails before leaving anything resumable in it
+    (a checkpoint), so a failed run leaves no empty or half-filled folder behind; a folder that was there
+    before is left as it is."""
+    from limner.training import is_main_process
+
+    created = not out.exists()
+    try:
+        yield
+    except BaseException:
+        if created and out.is_dir() and not any((out / "checkpoints").glob("*")) and is_main_process():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def echo_notes(caught: list[warnings.WarningMessage]) -> None:

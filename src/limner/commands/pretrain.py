@@ -13,7 +13,16 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from limner.commands.options import BaseOpt, DeviceOpt, MixedPrecisionOpt, ResumeOpt, SeedOpt, command, output_folder
+from limner.commands.options import (
+    BaseOpt,
+    DeviceOpt,
+    MixedPrecisionOpt,
+    ResumeOpt,
+    SeedOpt,
+    command,
+    output_folder,
+    removed_if_failed,
+)
 from limner.errors import LimnerError
 
 # what --from reruns of the trainer's recorded settings: everything but where the run resumed from
@@ -191,17 +200,11 @@ def pretrain_cmd(
             f"--from {from_adapter_dir} was pretrained on base {fingerprint}, but {b.path} is {b.fingerprint}; give "
             "that base with --base (or another one on purpose: it is then a new adapter, not a reproduction)"
         )
-    created = not out.exists()
     if force and not resume and (out / "checkpoints").is_dir() and is_main_process():
         # a new run from step 0: the old run's checkpoints would outrank its own (newest step kept, resumed from)
         shutil.rmtree(out / "checkpoints")
-    try:
+    with removed_if_failed(out):  # nothing half-written: a folder this run made goes if no checkpoint is left
         folder = Path(m.pretrain(b, data, out, **settings))
-    except BaseException:
-        # nothing half-written: a folder this run made and left without a checkpoint to resume from goes
-        if created and out.is_dir() and not any((out / "checkpoints").glob("*")) and is_main_process():
-            shutil.rmtree(out, ignore_errors=True)
-        raise
     finish_processes()
     if is_main_process():
         manifest = read_adapter_manifest(folder) if (folder / ADAPTER_MANIFEST).is_file() else {}

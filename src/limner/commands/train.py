@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from limner.commands.options import BaseOpt, DeviceOpt, MixedPrecisionOpt, ResumeOpt, SeedOpt, command, output_folder
+from limner.commands.options import (
+    BaseOpt,
+    DeviceOpt,
+    MixedPrecisionOpt,
+    ResumeOpt,
+    SeedOpt,
+    check_concept_output,
+    command,
+    removed_if_failed,
+)
 from limner.errors import LimnerError
 
 TRAINER_FLAGS = {
@@ -79,10 +89,19 @@ def train_cmd(
     allow_pickle: Annotated[
         bool, typer.Option("--allow-pickle", help="Encoder methods: read a pickled .bin adapter (weights_only).")
     ] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Train again into an --out that holds a concept or an interrupted run (its checkpoints go; its "
+            "weights are replaced when the new ones are written).",
+        ),
+    ] = False,
     base: BaseOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Personalize a base on a subject's reference images; writes a concept folder."""
+    from limner.concepts import MANIFEST, read_manifest, remove_stale_files
     from limner.evaluation.subjects import load_subjects
     from limner.methods import get_method
     from limner.methods.settings import command_line_settings
@@ -98,7 +117,6 @@ def train_cmd(
         )
     if mixed_precision not in (None, "no", "fp16", "bf16"):
         raise LimnerError(f"--mixed-precision {mixed_precision!r}: use no, fp16 or bf16")
-    output_folder(out)
     check_encoder_options(
         m,
         adapter,
@@ -122,12 +140,19 @@ def train_cmd(
         resume=resume,
         seed=seed,
     )
+    check_concept_output(out, resume, force)  # after the settings: what is wrong with the command comes first
     if adapter is not None:
         overrides["adapter"] = adapter
     if allow_pickle:
         overrides["allow_pickle"] = True
     b = load_base(base, device=device, dtype="fp32")  # trainable weights stay fp32; --mixed-precision speeds it up
-    folder = m.personalize(b, subs if len(subs) > 1 else subs[0], out, **overrides)
+    previous = read_manifest(out) if (out / MANIFEST).is_file() else {}
+    if force and not resume and (out / "checkpoints").is_dir() and is_main_process():
+        shutil.rmtree(out / "checkpoints")  # a new run from step 0: the old run's would outrank its own
+    with removed_if_failed(out):
+        folder = m.personalize(b, subs if len(subs) > 1 else subs[0], out, **overrides)
     finish_processes()
     if is_main_process():
+        if previous:
+            remove_stale_files(folder, previous, read_manifest(folder))
         typer.echo(f"concept written to {folder}")

@@ -16,7 +16,7 @@ from limner.evaluation.cache_keys import concept_key, digest
 from limner.evaluation.rows import EvalSettings
 from limner.evaluation.scoring import world_fidelity_score
 from limner.evaluation.subjects import EvalSubject
-from limner.io import written_atomically
+from limner.io import child, written_atomically
 from limner.methods import get_method
 from limner.methods.settings import with_recipe
 from limner.training import split_train_settings
@@ -144,7 +144,7 @@ def personalize_cached(
 
     method = get_method(method_name)
     key = concept_key(method, config, subject.fingerprint(masks=method.reads_masks(config)), handle.fingerprint)
-    folder = cache_root / "concepts" / f"{method_name}-{subject.name}-{key}"
+    folder = child(cache_root / "concepts", f"{method_name}-{subject.name}-{key}", "the subject's name")
     if not (folder / "limner.json").exists():
         # trained in a side folder (resumable after an interruption) and renamed when complete
         work = folder.with_name(folder.name + ".partial")
@@ -175,7 +175,7 @@ def personalize_cached(
 
 
 def save_references(subject: EvalSubject, cache_root: Path) -> list[Path]:
-    folder = cache_root / "references" / f"{subject.name}-{subject.fingerprint()}"
+    folder = child(cache_root / "references", f"{subject.name}-{subject.fingerprint()}", "the subject's name")
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, im in enumerate(subject.images):

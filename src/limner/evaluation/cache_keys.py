@@ -17,6 +17,7 @@ from typing import Any
 from limner.methods import Method
 from limner.methods.settings import KEY_NEUTRAL, with_recipe
 from limner.training import TrainConfig
+from limner.values import parse_value
 
 
 def digest(obj: Any) -> str:
@@ -41,11 +42,11 @@ def settings_with(method: Method, overrides: dict) -> dict:
     train_fields = fields(TrainConfig)
     train_names = {f.name for f in train_fields}
     train = settings["train"] if isinstance(settings.get("train"), dict) else settings
-    # "5" on the command line reads as an int; a float setting keeps it as 5.0, as its default would be
-    floats = {f.name for f in train_fields + (fields(cfg) if cfg is not None else ()) if "float" in str(f.type)}
+    # each value as its setting's declared type, so "5" and 5.0 for a float setting (or "1e-3" and 0.001) are one key
+    declared = {f.name: f for f in train_fields + (fields(cfg) if cfg is not None else ())}
     for key, value in overrides.items():
         (train if key in train_names else settings)[key] = (
-            float(value) if key in floats and type(value) is int else value
+            parse_value(declared[key], value) if key in declared else value
         )
     return settings
 

@@ -8,7 +8,9 @@ from pathlib import Path
 
 from limner.errors import LimnerError
 from limner.evaluation.subjects import EvalSubject
+from limner.generation import SCHEDULERS
 from limner.methods import get_method, parse_setting
+from limner.values import bounds, parse_fields
 
 LOWER, UPPER = "lower-bound", "upper-bound"
 FIDELITY_THRESHOLD = 0.5  # "time to reach subject fidelity 0.5" in reports and bench
@@ -16,13 +18,22 @@ FIDELITY_THRESHOLD = 0.5  # "time to reach subject fidelity 0.5" in reports and 
 
 @dataclass
 class EvalSettings:
-    images_per_prompt: int = 4
-    seed: int = 0
-    steps: int = 25
-    guidance: float = 5.0
-    scheduler: str = "dpm++"
-    max_prompts: int | None = None  # fewer prompts per subject, for quick runs
-    layout_steps: int | None = None  # a concept's first steps follow the class prompt; None: each method's default
+    images_per_prompt: int = field(default=4, metadata=bounds(at_least=1, flag="-n/--images-per-prompt"))
+    seed: int = field(default=0, metadata=bounds(at_least=0, flag="--seed"))
+    steps: int = field(default=25, metadata=bounds(at_least=1, flag="--steps"))
+    guidance: float = field(default=5.0, metadata=bounds(at_least=0, flag="--guidance"))
+    scheduler: str = field(default="dpm++", metadata=bounds(choices=tuple(SCHEDULERS), flag="--scheduler"))
+    # fewer prompts per subject, for quick runs
+    max_prompts: int | None = field(default=None, metadata=bounds(at_least=1, flag="--prompts"))
+    # a concept's first steps follow the class prompt; None: each method's default
+    layout_steps: int | None = field(default=None, metadata=bounds(at_least=0, flag="--layout-steps"))
+
+    def __post_init__(self) -> None:
+        parse_fields(self)  # before any concept is trained or image drawn
+        if self.layout_steps is not None and self.layout_steps >= self.steps:
+            raise LimnerError(
+                f"--layout-steps {self.layout_steps} must be between 0 and --steps - 1 ({self.steps - 1})"
+            )
 
 
 @dataclass(frozen=True)

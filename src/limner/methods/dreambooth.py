@@ -28,7 +28,7 @@ from PIL import Image
 from limner.adapters.lora import adapters_per_window, add_lora, text_encoder_lora_problem, to_kohya
 from limner.concepts import read_manifest
 from limner.errors import LimnerError
-from limner.io import cache_dir, written_atomically
+from limner.io import cache_dir, check_safetensors, check_weight_files, child, written_atomically
 from limner.methods.base import Capabilities, Installation
 from limner.methods.registry import register
 from limner.methods.settings import recipe_setting, setting
@@ -39,6 +39,7 @@ from limner.subject import Subject
 from limner.training import TrainConfig, TrainingTask, denoising_loss, noise_scheduler
 from limner.training.conditioning import PromptEncoder, concat, select
 from limner.training.data import LatentCache, encode_images, image_captions, with_caption
+from limner.values import parse_fields
 
 if TYPE_CHECKING:
     from limner.models.loading import Base
@@ -79,34 +80,33 @@ PAPER_RECIPE_LORA = PAPER_RECIPE | {
 
 @dataclass
 class DreamBoothConfig:
-    identifier: str = setting("sks", "the rare word [V] bound to the subject")
+    identifier: str = setting("sks", "the rare word [V] bound to the subject", word=True, flag="--token")
     lora_rank: int | None = setting(
-        None, "None: fine-tune the whole UNet; N: rank-N LoRA adapters (dreambooth_lora: 16)"
+        None, "None: fine-tune the whole UNet; N: rank-N LoRA adapters (dreambooth_lora: 16)", at_least=1
     )
-    lora_alpha: float | None = setting(None, "LoRA scale numerator (default: the rank)")
+    lora_alpha: float | None = setting(None, "LoRA scale numerator (default: the rank)", above=0)
     train_text_encoder: bool = setting(False, "also train the text encoder(s)")
     prior_preservation: str = setting(
         "class_images",
         "none | class_images (the paper's) | frozen (the frozen model's own "
         "prediction on the same batch, no class images)",
+        choices=PRIOR_MODES,
     )
-    num_class_images: int = setting(50, "class images the frozen base draws once (cached) for prior preservation")
-    prior_loss_weight: float = setting(1.0, "weight of the prior-preservation loss")
-    class_image_steps: int = setting(12, "DPM++ steps per class image (the class probe scores 12 steps as 25)")
-    class_image_batch: int = setting(16, "class images drawn per batch")
+    num_class_images: int = setting(
+        50, "class images the frozen base draws once (cached) for prior preservation", at_least=1
+    )
+    prior_loss_weight: float = setting(1.0, "weight of the prior-preservation loss", at_least=0)
+    class_image_steps: int = setting(
+        12, "DPM++ steps per class image (the class probe scores 12 steps as 25)", at_least=1
+    )
+    class_image_batch: int = setting(16, "class images drawn per batch", at_least=1)
     class_image_cache: str | None = setting(None, "where class images are kept (default: $LIMNER_CACHE/class-images)")
     captions: bool = setting(True, "append each reference image's caption (if it has one) to its prompt")
     recipe: str = recipe_setting()
     train: TrainConfig | None = setting(None, "trainer settings (default: the method's)")
 
     def __post_init__(self) -> None:
-        if self.lora_rank is not None and self.lora_rank <= 0:
-            raise LimnerError(f"lora_rank must be a positive integer (--set lora_rank=16), got {self.lora_rank}")
-        if self.prior_preservation not in PRIOR_MODES:
-            raise LimnerError(f"prior_preservation {self.prior_preservation!r}: use one of {', '.join(PRIOR_MODES)}")
-        for name in ("num_class_images", "class_image_steps", "class_image_batch"):
-            if getattr(self, name) < 1:
-                raise LimnerError(f"{name} must be at least 1, got {getattr(self, name)}")
+        parse_fields(self)  # every setting to its declared type and values, however the settings were built
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,7 +163,7 @@ def class_images(
 
     root = Path(cache or cache_dir("class-images"))
     key = class_image_key(base, class_prompt, steps, guidance_scale, scheduler, resolution, negative_prompt)
-    folder = root / f"{class_prompt.replace(' ', '_')}-{key}"
+    folder = child(root, f"{class_prompt.replace(' ', '_')}-{key}", "the class prompt")
     folder.mkdir(parents=True, exist_ok=True)
     have = sorted(folder.glob("*.png"))
     if len(have) < count:
@@ -460,6 +460,7 @@ class DreamBooth(TuningMethod):
         names = [adapter_name(c, m) for c, m in loras]
         for (concept, _), name in zip(loras, names):
             # diffusers' own loader, with an adapter name per concept so several LoRAs compose
+            check_safetensors(Path(concept) / LORA_FILE)  # a damaged file named, not a traceback from the loader
             base.pipe.load_lora_weights(str(concept), weight_name=LORA_FILE, adapter_name=name)
         base.pipe.set_adapters(list(dict.fromkeys(base.pipe.get_active_adapters() + names)))
         installation.undo.append(lambda: remove_adapters(base.pipe, names))
@@ -494,6 +495,7 @@ def install_full(base: Base, concept: Path, manifest: dict) -> Callable[[], None
         else []
     )
     originals = {n: getattr(pipe, n) for n in names}
+    check_weight_files(concept / PIPELINE_DIR)
     pipe.unet = UNet2DConditionModel.from_pretrained(concept / PIPELINE_DIR / "unet", **dtype_kwarg(base.dtype)).to(
         base.device
     )

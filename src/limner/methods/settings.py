@@ -8,11 +8,12 @@ here, in one place.
 
 from __future__ import annotations
 
-from dataclasses import MISSING, Field, field, fields, replace
+from dataclasses import MISSING, Field, field, fields
 from typing import Any
 
 from limner.errors import LimnerError
 from limner.training.config import split_train_settings
+from limner.values import bounds, typed_replace
 
 HELP = "help"
 # the value at which a setting stays out of eval's cache key (limner.evaluation.cache_keys): a setting
@@ -20,11 +21,14 @@ HELP = "help"
 KEY_NEUTRAL = "key_neutral"
 
 
-def setting(default: Any = MISSING, help: str = "", *, default_factory: Any = MISSING, added: bool = False) -> Field:
+def setting(
+    default: Any = MISSING, help: str = "", *, default_factory: Any = MISSING, added: bool = False, **declared: Any
+) -> Field:
     """A settings field with its help text. `added=True` marks a setting added after concepts were
     cached: at its default, eval's cache key leaves it out, so those concepts are found again (a setting
-    whose default is None is left out at None anyway)."""
-    metadata = {HELP: help} | ({KEY_NEUTRAL: default} if added else {})
+    whose default is None is left out at None anyway). `declared` are the values it takes
+    (`limner.values.bounds`: at_least=1, choices=(...), word=True), checked wherever it is set."""
+    metadata = {HELP: help} | ({KEY_NEUTRAL: default} if added else {}) | bounds(**declared)
     if default_factory is not MISSING:
         return field(default_factory=default_factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -61,29 +65,27 @@ def with_recipe(method: Any, overrides: dict, num_subjects: int = 1) -> dict:
 
 
 def parse_setting(item: str, where: str) -> tuple[str, object]:
-    """'key=value' -> (key, value), the value read as int, float or bool where it looks like one."""
+    """'key=value' -> (key, value), the value read as int, float or bool where it is exactly one ("4", "0.5",
+    "true"); any other text stays text ("1e-3", "no", "08"), for the setting's declared type to read
+    (`with_settings`), so a word that looks like a number is not rewritten ("1e3" is not "1000.0")."""
     key, eq, text = item.partition("=")
     if not eq or not key.strip():
         raise LimnerError(f"{where}: settings are key=value pairs (e.g. prior_preservation=none), got {item!r}")
     text = text.strip()
     for cast in (int, float):
         try:
-            return key.strip(), cast(text)
+            value = cast(text)
         except ValueError:
-            pass
+            continue
+        if str(value) == text:
+            return key.strip(), value
     return key.strip(), {"true": True, "false": False}.get(text.lower(), text)
 
 
 def with_settings(config: Any, overrides: dict, method: str) -> Any:
-    """The method's config dataclass with `overrides` applied; an unknown key is an error naming it."""
-    known = {f.name for f in fields(config)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise LimnerError(
-            f"{method} has no setting {', '.join(map(repr, unknown))}; its settings: {', '.join(sorted(known))} "
-            f"(`limner methods {method}` explains each)"
-        )
-    return replace(config, **overrides)
+    """The method's config dataclass with `overrides` parsed to each setting's declared type, checked against
+    its declared values and applied; an unknown key is an error naming it."""
+    return typed_replace(config, overrides, method)
 
 
 def describe(config_cls: type) -> list[tuple[str, Any, str]]:
@@ -126,5 +128,10 @@ def command_line_settings(
     train = method.default_train_config(num_subjects)
     if train is not None:
         train, overrides = split_train_settings(train, overrides)
-        overrides["train"] = replace(train, **{k: v for k, v in trainer_options.items() if v is not None})
+    config = method.default_config()
+    if config is not None:  # every method setting checked now, before a base loads or anything is written
+        with_settings(config, overrides, method.name)
+    if train is not None:
+        given = {k: v for k, v in trainer_options.items() if v is not None}
+        overrides["train"] = typed_replace(train, given, method.name)
     return overrides

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from limner.concepts import read_manifest
 from limner.errors import LimnerError
-from limner.io import written_atomically
+from limner.io import check_safetensors, read_tensors, written_atomically
 from limner.methods.base import Capabilities, Installation
 from limner.methods.registry import register
 from limner.methods.settings import recipe_setting, setting
@@ -29,6 +29,7 @@ from limner.subject import Subject
 from limner.training import TrainConfig, TrainingTask, denoising_loss, noise_scheduler
 from limner.training.conditioning import PromptEncoder
 from limner.training.data import encode_images, image_captions, subject_loss_weights, with_caption
+from limner.values import parse_fields
 
 if TYPE_CHECKING:
     from limner.models.loading import Base
@@ -123,46 +124,41 @@ def default_train_config() -> TrainConfig:
 
 @dataclass
 class TextualInversionConfig:
-    token: str = setting("<s*>", "the new pseudo-word S*")
-    num_vectors: int = setting(4, "vectors per token: a subject's looks take several words, one vector one position")
+    token: str = setting("<s*>", "the new pseudo-word S*", word=True, flag="--token")
+    num_vectors: int = setting(
+        4,
+        "vectors per token: a subject's looks take several words, one vector one position",
+        at_least=1,
+        flag="--num-vectors",
+    )
     initializer: str | None = setting(None, "the word S* starts from (default: the class noun)")
-    templates: str = setting("object", "prompt templates: object | style")
+    templates: str = setting("object", "prompt templates: object | style", choices=tuple(TEMPLATES))
     captions: bool = setting(True, "append each reference image's caption (if it has one) to its prompts")
     norm_cap: float | None = setting(
         None,
         "after each step, cut each vector's norm to at most this multiple of a word's "
         "(None: free; free vectors end 4-6x a word's norm)",
+        above=0,
     )
     background_weight: float | None = setting(
         None,
         "weight of the pixels off the subject in the loss, from the subject's masks "
         "(None: the paper's loss over the whole image)",
+        at_least=0,
+        at_most=1,
     )
     layout_fraction: float = setting(
         0.2,
         "share of the denoising steps drawn from the class prompt before S* takes over (limner's; the paper: 0)",
         added=True,
+        at_least=0,
+        below=1,
     )
     recipe: str = recipe_setting()
     train: TrainConfig = setting(default_factory=default_train_config, help="trainer settings")
 
     def __post_init__(self) -> None:
-        if not 0 <= self.layout_fraction < 1:
-            raise LimnerError(f"--set layout_fraction={self.layout_fraction}: give a share from 0 (none) to below 1")
-        if self.num_vectors < 1:
-            raise LimnerError(f"num_vectors (--num-vectors) must be at least 1, got {self.num_vectors}")
-        if self.templates not in TEMPLATES:
-            raise LimnerError(f"--set templates={self.templates!r}: use one of {', '.join(TEMPLATES)}")
-        if self.background_weight is not None and not 0 <= self.background_weight <= 1:
-            raise LimnerError(
-                f"--set background_weight={self.background_weight}: give a weight from 0 (subject only) to 1 (the "
-                "whole image)"
-            )
-        if self.norm_cap is not None and self.norm_cap <= 0:
-            raise LimnerError(
-                f"--set norm_cap={self.norm_cap}: give a positive multiple of the vocabulary's mean norm (e.g. 2), or "
-                "leave it unset"
-            )
+        parse_fields(self)  # every setting to its declared type and values, however the settings were built
 
 
 def placeholder_tokens(token: str, num_vectors: int) -> list[str]:
@@ -326,19 +322,9 @@ def load_embedding_file(path: Path, allow_pickle: bool = False) -> dict[str, tor
     """Reads any Textual Inversion layout into {"token"?: name, "clip_l"/"vectors": tensor}:
     diffusers {token: [n, d]}, A1111/kohya safetensors {"emb_params"}, SDXL {"clip_l", "clip_g"},
     and A1111 .pt {"string_to_param": {"*": ...}} only with allow_pickle (then weights_only=True)."""
-    path = Path(path)
-    if path.suffix in (".pt", ".bin"):
-        if not allow_pickle:
-            raise LimnerError(
-                f"{path} is a pickle file; limner loads it only with --allow-pickle (read with "
-                "torch.load(weights_only=True)). "
-                "Prefer a .safetensors embedding."
-            )
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if "string_to_param" in state:
-            return {"token": state.get("name"), "vectors": state["string_to_param"]["*"]}
-    else:
-        state = load_file(str(path))
+    state = read_tensors(Path(path), allow_pickle)
+    if "string_to_param" in state:  # A1111's .pt
+        return {"token": state.get("name"), "vectors": state["string_to_param"]["*"]}
     if "clip_l" in state:
         return {"clip_l": state["clip_l"], "clip_g": state["clip_g"]}
     if "emb_params" in state:
@@ -491,6 +477,7 @@ class TextualInversion(TuningMethod):
                     base, Path(concept) / m.get("files", {}).get("a1111", LEGACY_A1111_FILE), token=m["token"]
                 )
             else:  # diffusers' own loader: the file is exactly what plain diffusers users load
+                check_safetensors(Path(concept) / DIFFUSERS_FILE)  # a damaged file named, not the loader's error
                 base.pipe.load_textual_inversion(str(Path(concept) / DIFFUSERS_FILE), token=m["token"])
         return installation
 

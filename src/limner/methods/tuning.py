@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from abc import abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +27,7 @@ from limner.methods.settings import with_recipe, with_settings
 from limner.subject import Subject
 from limner.training import TrainConfig, TrainingTask, is_main_process, make_validator, train
 from limner.training.config import trainer_settings
+from limner.values import typed_replace
 
 if TYPE_CHECKING:
     from limner.models.loading import Base
@@ -83,7 +84,7 @@ class TuningMethod(Method):
         cfg = with_settings(self.default_config(), overrides, self.name)
         if not train_given:
             defaults = cfg.train if cfg.train is not None else self.train_defaults(cfg, num_subjects)
-            cfg.train = replace(defaults, **train_settings)
+            cfg.train = typed_replace(defaults, train_settings, self.name)
         return cfg
 
     def train_defaults(self, cfg: Any, num_subjects: int) -> TrainConfig:

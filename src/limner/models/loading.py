@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Union
 import torch
 
 from limner.errors import LimnerError
+from limner.io import check_safetensors, check_weight_files
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -217,6 +218,7 @@ def load_base(
         # a CLIP vision tower in the folder (the world ships one for its CLIP) is not needed to generate
         # or train: left on disk, it costs no memory (image-prompt methods load their own encoder)
         kwargs |= {name: None for name in ("image_encoder", "feature_extractor") if name in index}
+        check_weight_files(path)  # a truncated component named, before diffusers' loader fails on it
         pipe = cls.from_pretrained(path, local_files_only=True, **dtype_kwarg(torch_dtype), **kwargs)
     pipe.to(dev)
     pipe.set_progress_bar_config(disable=True)
@@ -251,5 +253,6 @@ def _load_single_file(path: Path, config: str | None, torch_dtype: torch.dtype):
         )
     index = json.loads((cfg_path / "model_index.json").read_text())
     cls = _pipeline_class(index)
+    check_safetensors(path)
     pipe = cls.from_single_file(str(path), config=str(cfg_path), local_files_only=True, **dtype_kwarg(torch_dtype))
     return pipe, ("sdxl" if "XL" in cls.__name__ else "sd")

@@ -15,6 +15,7 @@ from typing import Protocol
 import torch
 
 from limner.errors import LimnerError
+from limner.io import read_tensors
 from limner.training.config import TrainConfig
 from limner.training.task import TrainingTask, TrainLog
 
@@ -185,8 +186,6 @@ def load_checkpoint(
     """Restores a checkpoint into the task, optimizer, schedule, this process's generator, `ema` (in place),
     the fp16 loss `scaler` and this process's position in the `data` stream, each where given; returns (its
     step, its checkpoint.json)."""
-    from safetensors.torch import load_file
-
     meta = json.loads((path / "checkpoint.json").read_text())
     saved, wanted = _saved_key(meta), _resume_key(cfg)
     if saved != wanted:
@@ -195,7 +194,7 @@ def load_checkpoint(
             f"checkpoint {path} was written with other settings ({', '.join(changed)}); resume with the same "
             "settings, or start a new run in another output folder"
         )
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    state = read_tensors(path / "state.pt", allow_pickle=True)  # limner's own pickle, read weights-only
     # written before each process's state was kept: the one process's state at the top level
     rng = state.get("rng") or [{"generator": state["generator"], "torch_rng": state["torch_rng"]}]
     if len(rng) != num_processes:
@@ -205,7 +204,7 @@ def load_checkpoint(
         )
     if data is not None:  # first: a position that does not fit the stream changes nothing else
         _load_data_position(path, data, process_index)
-    task.load_trainable_state(load_file(str(path / "trainable.safetensors")))
+    task.load_trainable_state(read_tensors(path / "trainable.safetensors"))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["lr_scheduler"])
     generator.set_state(rng[process_index]["generator"])
@@ -213,7 +212,7 @@ def load_checkpoint(
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     if ema is not None:
-        saved_ema = load_file(str(path / EMA_FILE))
+        saved_ema = read_tensors(path / EMA_FILE)
         if len(saved_ema) != len(ema):
             raise LimnerError(
                 f"checkpoint {path} holds the average of {len(saved_ema)} parameters; this run trains {len(ema)}"
@@ -226,9 +225,7 @@ def load_checkpoint(
 def trained_state(out: Path) -> dict[str, torch.Tensor]:
     """The trainable values (not their average) of the newest checkpoint in `out`: where a following run
     starts from (the world build's second UNet stage goes on from the first)."""
-    from safetensors.torch import load_file
-
     found = _checkpoint_dirs(out)
     if not found:
         raise LimnerError(f"no checkpoint in {out / 'checkpoints'} to start from")
-    return load_file(str(found[-1] / "trainable.safetensors"))
+    return read_tensors(found[-1] / "trainable.safetensors")

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from limner.errors import LimnerError
-from limner.io import written_atomically
+from limner.io import child, read_tensors, written_atomically
 
 if TYPE_CHECKING:
     pass
@@ -65,15 +65,7 @@ def read_weights(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tens
     """Reads limner's and diffusers' Custom Diffusion files (.safetensors; .bin only with opt-in,
     then with weights_only=True). Entries of self-attention processors, which diffusers' trainer
     also writes, carry no weights and are ignored."""
-    path = Path(path)
-    if path.suffix == ".bin":
-        if not allow_pickle:
-            raise LimnerError(
-                f"{path} is a pickle file; load it only with --allow-pickle (read with torch.load(weights_only=True))"
-            )
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    else:
-        state = load_file(str(path))
+    state = read_tensors(Path(path), allow_pickle)
     return {k: v for k, v in state.items() if "_custom_diffusion" in k and ".attn2." in k}
 
 
@@ -117,7 +109,7 @@ def save_concept(pipe, folder: Path, mode: str, tokens: list[str], vectors: dict
             else {token: rows["text_encoder"]}
         )
         name = f"{token}.safetensors"
-        with written_atomically(folder / name) as tmp:
+        with written_atomically(child(folder, name, "the modifier token's file")) as tmp:
             save_file(state, str(tmp))
         files["tokens"][token] = name
     return files

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from limner.concepts import read_manifest
+from limner.io import child
 from limner.methods.base import Capabilities, Installation
 from limner.methods.custom_diffusion.config import CustomDiffusionConfig, default_train_config, paper_recipe
 from limner.methods.custom_diffusion.formats import (
@@ -136,7 +137,7 @@ class CustomDiffusion(TuningMethod):
             return installation
         concept, m = Path(concepts[0]), manifests[0]
         for token, name in m["files"]["tokens"].items():
-            load_embedding(base, concept / name, token=token)
+            load_embedding(base, child(concept, name, f"{concept}/limner.json's file of {token}"), token=token)
         install_weights(unet, read_weights(concept / m["files"]["weights"]))
         return installation
 
