@@ -37,6 +37,53 @@ def test_plain_diffusers_loads_and_generates():
     assert out.images.std() > 0.05, "a picture, not a flat field"
 
 
+def test_the_world_base_folder_is_portable_to_older_stacks():
+    """transformers 4.x with diffusers 0.3x (what many users run) loads the folder too: model_index.json names
+    classes every transformers has (not transformers 5's CLIPImageProcessorPil), and the tokenizer ships the
+    vocab.json + merges.txt that 4.x's slow CLIPTokenizer reads, tokenizing exactly as tokenizer.json does.
+    Measured with transformers 4.57.6 + diffusers 0.35.2: plain from_pretrained loads it, and with the text
+    encoder read through key_mapping (docs/README.md) draws the same pixels as this stack."""
+    import shutil
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
+    from limner.models.saving import make_portable
+
+    index = json.loads((WORLD_BASE / "model_index.json").read_text())
+    assert not [v for v in index.values() if isinstance(v, list) and str(v[-1]).endswith("Pil")]
+    assert make_portable(WORLD_BASE) == [], "the shipped folder is already portable"
+    shipped = CLIPTokenizer.from_pretrained(WORLD_BASE / "tokenizer")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+            shutil.copy(WORLD_BASE / "tokenizer" / name, tmp)
+        slow_files_only = CLIPTokenizer.from_pretrained(tmp)
+    prompts = ["a red and white ball with a blue heart on the beach", "a photo of a <s*> dog", "zebra-kite, 3 hats!"]
+    for prompt in prompts:
+        assert slow_files_only(prompt).input_ids == shipped(prompt).input_ids
+
+
+def test_making_a_folder_portable_keeps_its_fingerprint(tiny_base, tmp_path):
+    import shutil
+
+    from limner.models.loading import fingerprint
+    from limner.models.saving import PORTABLE_RECORD, make_portable
+
+    folder = tmp_path / "base"
+    shutil.copytree(tiny_base, folder)
+    for name in ("vocab.json", "merges.txt"):
+        (folder / "tokenizer" / name).unlink(missing_ok=True)
+    index = folder / "model_index.json"
+    saved = json.loads(index.read_text()) | {"feature_extractor": ["transformers", "CLIPImageProcessorPil"]}
+    index.write_text(json.dumps(saved, indent=2))
+    before = fingerprint(folder)
+    assert set(make_portable(folder)) == {"model_index.json", "tokenizer/vocab.json", "tokenizer/merges.txt"}
+    assert json.loads(index.read_text())["feature_extractor"] == ["transformers", "CLIPImageProcessor"]
+    assert (folder / PORTABLE_RECORD).is_file() and fingerprint(folder) == before
+    (folder / "unet" / "config.json").write_text((folder / "unet" / "config.json").read_text() + " ")
+    assert fingerprint(folder) != before, "everything else still counts"
+
+
 @pytest.mark.parametrize("name", list(SPECS))
 def test_probes_are_accurate_on_fresh_renders(name):
     acc = evaluate_probe(load_probe(WORLD_PROBES, name), name, n=500, seed=4242)

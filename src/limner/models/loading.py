@@ -164,7 +164,12 @@ def fingerprint(path: Path, skip: tuple[str, ...] = ("build.json",)) -> str:
     """A short, stable id of a model folder or file: a hash of its configs and weights (whole files
     up to 64 MiB; for larger ones the header and 256 samples spread over the file, so a fine-tune
     that changes any large part of the weights changes the id). Costs well under a second."""
+    from limner.models.saving import PORTABLE_RECORD, portable_record
+
     h = hashlib.sha256()
+    # files made portable (limner.models.saving.make_portable) hash as they were saved; the files it derived,
+    # which say nothing the others do not, are left out: a folder keeps its id when it is made portable
+    portable = portable_record(path) if path.is_dir() else {"original": {}, "derived": []}
     files = (
         [path]
         if path.is_file()
@@ -172,14 +177,21 @@ def fingerprint(path: Path, skip: tuple[str, ...] = ("build.json",)) -> str:
             p
             for p in path.rglob("*")
             if p.is_file()
-            and p.name not in skip
+            and p.name not in (*skip, PORTABLE_RECORD)
+            and p.relative_to(path).as_posix() not in portable["derived"]
             and "checkpoints" not in p.relative_to(path).parts
             and not p.name.endswith(".tmp")
         )
     )
     for f in files:
+        rel = f.name if path.is_file() else f.relative_to(path).as_posix()
         h.update((f.name if path.is_file() else str(f.relative_to(path))).encode())
-        _hash_file(h, f)
+        if rel in portable["original"]:
+            data = portable["original"][rel].encode()
+            h.update(str(len(data)).encode())  # as _hash_file hashes a small file
+            h.update(data)
+        else:
+            _hash_file(h, f)
     return h.hexdigest()[:16]
 
 
