@@ -266,3 +266,12 @@ def test_damaged_weight_files_are_one_line_naming_the_file(tiny_base, tmp_path):
     r = CliRunner().invoke(app, [*generate, "--base", str(tiny_base), "--embedding", str(bad), "--allow-pickle"])
     assert one_line_naming(r, bad) and "unpickle" in r.output, r.output
     assert not (tmp_path / "img").exists()
+
+
+def test_version_and_shell_completion():
+    from importlib.metadata import version
+
+    r = CliRunner().invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.output.strip() == f"limner {version('limner')}"
+    r = CliRunner().invoke(app, ["--help"])
+    assert "--install-completion" in r.output and "--show-completion" in r.output

@@ -10,6 +10,7 @@ from typing import Annotated, NoReturn
 
 import typer
 
+from limner.commands.app import app_cmd
 from limner.commands.demo import demo_cmd
 from limner.commands.evaluate import bench_cmd, eval_cmd
 from limner.commands.generate import generate
@@ -20,7 +21,7 @@ from limner.commands.train import train_cmd
 from limner.commands.world import world_app
 
 app = typer.Typer(
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish and PowerShell
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     help="Subject-driven personalization of text-to-image diffusion models.",
@@ -33,13 +34,29 @@ app.command("merge")(merge_cmd)
 app.command("methods")(methods_cmd)
 app.command("eval")(eval_cmd)
 app.command("bench")(bench_cmd)
+app.command("app")(app_cmd)
 app.add_typer(world_app, name="world")
+
+
+def show_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"limner {version('limner')}")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            typer.echo("limner (not installed)")
+        raise typer.Exit()
 
 
 @app.callback()
 def options(
     verbose: Annotated[
         bool, typer.Option("--verbose", help="Also show the libraries' own loading bars, notices and warnings.")
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=show_version, is_eager=True, help="Print limner's version and exit."),
     ] = False,
 ) -> None:
     """Subject-driven personalization of text-to-image diffusion models."""

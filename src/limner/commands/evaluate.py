@@ -153,3 +153,4 @@ def bench_cmd(
     write_json_atomic(out / "bench.json", records)
     write_text_atomic(out / "bench.md", markdown(records))
     typer.echo(markdown(records))
+    typer.echo(f"written: {out / 'bench.json'}, {out / 'bench.md'}")

@@ -37,6 +37,7 @@ def world_build(
     cfg = BuildConfig.quick() if quick else BuildConfig()
     record = command(build)(out or ASSETS / "world", work, cfg, device=device)
     typer.echo(json.dumps(record["seconds"], indent=2))
+    typer.echo(f"world written to {out or ASSETS / 'world'}/ (base/ and probes/); work files in {work}/")
 
 
 @world_app.command("check")
@@ -68,6 +69,9 @@ def world_check_cmd(
         from limner.io import write_json_atomic
 
         write_json_atomic(json_out, report)
+    written = [str(p) for p in (json_out, out / "world-check-grid.png" if out else None) if p is not None]
+    if written:
+        typer.echo(f"written: {', '.join(written)}")
     if not report["passes_floors"]:
         raise typer.Exit(1)
 
