@@ -275,3 +275,59 @@ def test_version_and_shell_completion():
     assert r.exit_code == 0 and r.output.strip() == f"limner {version('limner')}"
     r = CliRunner().invoke(app, ["--help"])
     assert "--install-completion" in r.output and "--show-completion" in r.output
+
+
+def test_concepts_trained_with_the_defaults_compose_and_collisions_are_named(tiny_base, tmp_path):
+    """Each concept's default token is its folder's name, so two trained with the defaults compose; two with one
+    token are refused naming both; an embedding may not redefine a word the base (or a concept) has."""
+    import json
+
+    from helpers import image_folder
+
+    from limner.conditioning import apply_concepts
+    from limner.models.loading import load_base
+
+    refs = image_folder(tmp_path / "refs")
+    for name in ("rex", "Blue Cup!"):
+        r = CliRunner().invoke(app, train_args(tiny_base, refs, tmp_path / name))
+        assert r.exit_code == 0, r.output
+    tokens = [json.loads((tmp_path / n / "limner.json").read_text())["token"] for n in ("rex", "Blue Cup!")]
+    assert tokens == ["<rex>", "<blue-cup>"]
+    base = load_base(str(tiny_base), device="cpu")
+    apply_concepts(base, [tmp_path / "rex", tmp_path / "Blue Cup!"]).uninstall()
+    r = CliRunner().invoke(app, train_args(tiny_base, refs, tmp_path / "twin", "--token", "<rex>"))
+    assert r.exit_code == 0, r.output
+    with pytest.raises(LimnerError, match=r"both use the token '<rex>'"):
+        apply_concepts(base, [tmp_path / "rex", tmp_path / "twin"])
+    generate = [
+        "generate",
+        "a ball",
+        "-n",
+        "1",
+        "--steps",
+        "1",
+        "--base",
+        str(tiny_base),
+        "--out",
+        str(tmp_path / "i"),
+    ]
+    weights = tmp_path / "rex" / "learned_embeds.safetensors"
+    for spec in (f"{weights}:ball", f"{weights}:<blob> x"):
+        r = CliRunner().invoke(app, [*generate, "--embedding", spec])
+        assert r.exit_code == 2 and "--embedding" in r.output, r.output
+    r = CliRunner().invoke(app, [*generate, "--concept", str(tmp_path / "rex"), "--embedding", str(weights)])
+    assert r.exit_code == 2 and "already in the tokenizer" in r.output, r.output
+
+
+def test_a_prompt_is_told_honestly_in_one_line(tmp_path):
+    """Unknown words and what the tokenizer's limit cuts: said once, in one line; BREAK without --regions: said."""
+    long_tail = " ".join(["red ball"] * 200)
+    prompt = f"a zebra xylophone ball on the beach BREAK a dog {long_tail}"
+    r = CliRunner().invoke(app, ["generate", prompt, "-n", "1", "--steps", "1", "--out", str(tmp_path / "i")])
+    assert r.exit_code == 0, r.output
+    notes = [line for line in r.output.splitlines() if line.startswith(("note:", "warning:"))]
+    told = [line for line in notes if "does not know" in line]
+    assert len(told) == 1 and "zebra, xylophone" in told[0] and "cut 'ball red" in told[0], notes
+    assert len(told[0]) < 300, "the cut words are summed up, not printed whole"
+    assert any("BREAK" in line and "--regions" in line for line in notes)
+    assert len(r.output.strip().splitlines()) == 3  # the two notes and where the images went

@@ -288,7 +288,7 @@ def test_recipe_paper_trains_the_papers_settings_and_says_so(tiny_base, tmp_path
     assert "recipe: the paper's" in (tmp_path / "paper" / "README.md").read_text()
     base = load_base(str(tiny_base), device="cpu")
     applied = apply_concepts(base, [tmp_path / "paper"])
-    assert applied.condition("a <s*> in the snow", 25).layout_steps == 0
+    assert applied.condition("a <paper> in the snow", 25).layout_steps == 0  # the token: its folder's name
     applied.uninstall()
     r = CliRunner().invoke(app, [*args[:-4], "--set", "recipe=original", "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "recipe=original" in r.output and "limner, paper" in r.output

@@ -32,6 +32,7 @@ class AppliedConcepts:
         self.manifests = [read_manifest(f) for f in self.folders]
         for folder, manifest in zip(self.folders, self.manifests):
             check_base(manifest, folder, base, force)
+        check_distinct_tokens(self.folders, self.manifests)
         self.methods = [get_method(m["method"]) for m in self.manifests]
         self.groups = install_groups(self.methods, self.folders)
         self.installations: list[Installation] = []
@@ -82,6 +83,21 @@ class AppliedConcepts:
 
     def __exit__(self, *exc: object) -> None:
         self.uninstall()
+
+
+def check_distinct_tokens(folders: list[Path], manifests: list[dict]) -> None:
+    """Two concepts with one token (two Textual Inversions both `<s*>`, two DreamBooth LoRAs both `sks`) cannot
+    be told apart by a prompt: both would act wherever it is written. Refused, naming both, before anything is
+    installed."""
+    owner: dict[str, Path] = {}
+    for folder, manifest in zip(folders, manifests):
+        for token in dict.fromkeys(manifest.get("tokens") or ([manifest["token"]] if manifest.get("token") else [])):
+            if token in owner and owner[token] != folder:
+                raise LimnerError(
+                    f"concepts {owner[token]} and {folder} both use the token {token!r}, so a prompt cannot tell them "
+                    "apart; train one of them again with another --token (e.g. from its folder name)"
+                )
+            owner[token] = folder
 
 
 def install_groups(methods: list[Method], folders: list[Path]) -> list[tuple[Method, list[Path]]]:

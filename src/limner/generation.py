@@ -116,14 +116,34 @@ def check_settings(base: Base, s: GenerationSettings) -> tuple[int, int]:
     return height, width
 
 
-def truncation_warning(tokenizer, prompt: str, label: str = "prompt") -> str | None:
-    """Says what the tokenizer's limit cuts from a prompt, or None when it fits."""
-    ids = tokenizer(prompt, add_special_tokens=False).input_ids
+def prompt_note(tokenizer, prompts: list[tuple[str, str]]) -> str | None:
+    """One line on what the tokenizer does to the prompts ((label, text) pairs) that a person would not guess, or
+    None: the words it does not know, which it spells from letter fragments, and what its length limit cuts."""
+    unknown = dict.fromkeys(w for _, text in prompts for w in unknown_words(tokenizer, text))
     room = tokenizer.model_max_length - 2  # begin and end tokens
-    if len(ids) <= room:
-        return None
-    cut = tokenizer.decode(ids[room:])
-    return f"{label} is {len(ids)} tokens but the tokenizer's limit is {room}; cut: {cut!r}"
+    cuts = []
+    for label, text in prompts:
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        if len(ids) > room:
+            cut = tokenizer.decode(ids[room:]).split()
+            shown = " ".join(cut[:6]) + (f" ... ({len(cut) - 6} more words)" if len(cut) > 6 else "")
+            cuts.append(f"the {label} is {len(ids)} tokens, {room} fit: cut {shown!r}")
+    said = f"words the tokenizer does not know (drawn from letter fragments): {', '.join(unknown)}"
+    return "; ".join(([said] if unknown else []) + cuts) or None
+
+
+def unknown_words(tokenizer, text: str) -> list[str]:
+    """Words a BPE tokenizer can only spell from fragments, none of them half the word: words it has never seen
+    ("xylophone" -> x y l o ph one on the world base). A rare word a real CLIP splits into sub-words
+    ("photo" + "realistic") is not reported."""
+    words = []
+    for word in dict.fromkeys(text.lower().replace(",", " ").split()):
+        if word == "break" or not any(c.isalpha() for c in word):
+            continue
+        pieces = [t.replace("</w>", "") for t in tokenizer.tokenize(word)]
+        if len(pieces) > 1 and 2 * max(len(p) for p in pieces) < len(word):
+            words.append(word)
+    return words
 
 
 def a1111_parameters(s: GenerationSettings, seed: int, height: int, width: int, base: Base) -> str:
@@ -198,14 +218,10 @@ def generate(
     prompts = split_regions(s.prompt) if s.regions else [s.prompt]
     lefts = window_offsets(width, base.resolution, len(prompts), pipe.vae_scale_factor) if s.regions else []
     labels = [f"region {i + 1} prompt" for i in range(len(prompts))] if s.regions else ["prompt"]
-    warnings_seen = [
-        w
-        for w in [truncation_warning(pipe.tokenizer, p, label) for p, label in zip(prompts, labels)]
-        + [truncation_warning(pipe.tokenizer, s.negative_prompt, "negative prompt")]
-        if w
-    ]
-    for w in warnings_seen:
-        warnings.warn(w, stacklevel=2)
+    note = prompt_note(pipe.tokenizer, [*zip(labels, prompts), ("negative prompt", s.negative_prompt)])
+    warnings_seen = [note] if note else []
+    if note:
+        warnings.warn(note, stacklevel=1)  # once per call, one line (limner's own: generate() is wrapped by torch)
     # 2. Scheduler
     set_scheduler(pipe, s.scheduler)
     # 3. Denoise in batches, one generator per image

@@ -144,6 +144,12 @@ def generate(
     from limner.models.loading import load_base
     from limner.regions import split_regions
 
+    if not regions and "BREAK" in prompt.split():
+        typer.echo(
+            "note: the prompt holds BREAK but --regions is off, so BREAK is drawn as a word; add --regions "
+            "to draw each part in its own window",
+            err=True,
+        )
     if regions and layout_steps:
         raise LimnerError("--layout-steps does not work with --regions yet; draw without one of them")
     if ip_scale is not None and ip_scale < 0:
@@ -193,8 +199,6 @@ def generate(
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             result = generate(b, settings, out, conditioning)
-        for w in caught:
-            if "tokenizer's limit" in str(w.message):
-                typer.echo(f"warning: {w.message}", err=True)
+        echo_notes(caught, "warning")  # what the tokenizer did not know or cut, in one line
         t = result.record["timings"]
         typer.echo(f"wrote {len(result.paths)} images, grid and record to {out}/ ({t['per_image_s']:.2f} s per image)")

@@ -98,8 +98,8 @@ def removed_if_failed(out: Path) -> Iterator[None]:
         raise
 
 
-def echo_notes(caught: list[warnings.WarningMessage]) -> None:
+def echo_notes(caught: list[warnings.WarningMessage], prefix: str = "note") -> None:
     """Shows limner's own warnings (notes on what it did), not the libraries' deprecations."""
     for w in caught:
         if issubclass(w.category, UserWarning) and f"{os.sep}limner{os.sep}" in w.filename:
-            typer.echo(f"note: {w.message}", err=True)
+            typer.echo(f"{prefix}: {w.message}", err=True)

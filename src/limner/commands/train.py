@@ -47,6 +47,18 @@ def check_encoder_options(method, adapter: str | None, allow_pickle: bool, **tra
             )
 
 
+def folder_token(method, out: Path, settings: list[str], num_subjects: int) -> str | None:
+    """The token a concept gets when --token is left out: its folder's name as a new pseudo-word (`<rex>` for
+    --out concepts/rex), so two concepts trained with the defaults compose instead of both being `<s*>`. Only
+    for methods whose own default is such a pseudo-word (DreamBooth's `sks` is a rare word on purpose)."""
+    name = method.token_setting
+    if name is None or num_subjects > 1 or any(item.split("=", 1)[0].strip() == name for item in settings):
+        return None
+    default = getattr(method.default_config(), name)
+    slug = "-".join("".join(c if c.isalnum() else " " for c in out.resolve().name.lower()).split())[:30]
+    return f"<{slug}>" if slug and isinstance(default, str) and default.startswith("<") else None
+
+
 @command
 def train_cmd(
     method: Annotated[str, typer.Option("--method", help="The method to personalize with.")],
@@ -131,7 +143,7 @@ def train_cmd(
         m,
         setting or [],
         len(subs),
-        token,
+        token if token is not None else folder_token(m, out, setting or [], len(subs)),
         num_vectors,
         max_steps=steps,
         learning_rate=lr,

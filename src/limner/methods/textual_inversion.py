@@ -29,7 +29,7 @@ from limner.subject import Subject
 from limner.training import TrainConfig, TrainingTask, denoising_loss, noise_scheduler
 from limner.training.conditioning import PromptEncoder
 from limner.training.data import encode_images, image_captions, subject_loss_weights, with_caption
-from limner.values import parse_fields
+from limner.values import check_word, parse_fields
 
 if TYPE_CHECKING:
     from limner.models.loading import Base
@@ -166,16 +166,22 @@ def placeholder_tokens(token: str, num_vectors: int) -> list[str]:
     return [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
 
 
-def add_tokens(tokenizer, text_encoder, tokens: list[str], initializer: str) -> list[int]:
-    """Adds tokens to the vocabulary, each initialised to the mean embedding of the initializer's
-    pieces. Refuses a token the vocabulary already has (it would silently reuse a trained word)."""
+def check_new_words(tokenizer, tokens: list[str], flag: str) -> None:
+    """A new pseudo-word must be new: one the vocabulary already has would silently take over a trained word
+    (the base's "ball", or another concept's token loaded before it)."""
     vocab = tokenizer.get_vocab()
     clash = [t for t in tokens if t in vocab or f"{t}</w>" in vocab]  # CLIP's BPE stores whole words with "</w>"
     if clash:
         raise LimnerError(
-            f"token {clash[0]!r} is already in the tokenizer's vocabulary; choose another --token (e.g. "
-            f"'<{clash[0].strip('<>')}-1>')"
+            f"{flag}: token {clash[0]!r} is already in the tokenizer's vocabulary (a word the base knows, or a "
+            f"concept's token loaded before it); choose another, e.g. '<{clash[0].strip('<>')}-1>'"
         )
+
+
+def add_tokens(tokenizer, text_encoder, tokens: list[str], initializer: str) -> list[int]:
+    """Adds tokens to the vocabulary, each initialised to the mean embedding of the initializer's
+    pieces. Refuses a token the vocabulary already has (it would silently reuse a trained word)."""
+    check_new_words(tokenizer, tokens, "--token")
     init_ids = tokenizer(initializer, add_special_tokens=False).input_ids
     if not init_ids:
         raise LimnerError(f"--initializer {initializer!r} tokenizes to nothing; give a word such as the class noun")
@@ -370,7 +376,12 @@ def load_embedding_spec(base: Base, spec: str, allow_pickle: bool = False) -> st
     path, _, token = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
     if not Path(path).exists():
         raise LimnerError(f"--embedding {path} does not exist")
-    return load_embedding(base, Path(path), token or None, allow_pickle)
+    if token:
+        check_word(token, f"--embedding {spec}")
+    word = token or load_embedding_file(Path(path), allow_pickle).get("token") or Path(path).stem
+    for tokenizer in (t for t in (base.pipe.tokenizer, getattr(base.pipe, "tokenizer_2", None)) if t is not None):
+        check_new_words(tokenizer, [word], f"--embedding {spec}")  # as training refuses it
+    return load_embedding(base, Path(path), word, allow_pickle)
 
 
 def text_restorer(pipe: Any) -> Callable[[], None]:
