@@ -138,8 +138,8 @@ def unknown_words(tokenizer, text: str) -> list[str]:
     ("photo" + "realistic") is not reported."""
     words = []
     for word in dict.fromkeys(text.lower().replace(",", " ").split()):
-        if word == "break" or not any(c.isalpha() for c in word):
-            continue
+        if word == "break" or not any(c.isalpha() for c in word) or "<" in word or ">" in word:
+            continue  # a concept's pseudo-word (<s*>, <new1>) is the concept's to define, not a word to spell
         pieces = [t.replace("</w>", "") for t in tokenizer.tokenize(word)]
         if len(pieces) > 1 and 2 * max(len(p) for p in pieces) < len(word):
             words.append(word)
