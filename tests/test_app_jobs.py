@@ -199,3 +199,21 @@ def test_training_command_is_what_a_person_would_type():
     ]  # fmt: skip
     resumed = train_command(dict(params, resume=True), base="/models/sd15")
     assert resumed[-4:] == ["--resume", "latest", "--base", "/models/sd15"]
+
+
+def test_names_typed_in_the_app_stay_inside_the_library(tmp_path):
+    from limner.app.library import safe_name, unique_name
+
+    assert safe_name(" ball-a ") == "ball-a"
+    for bad in ("../x", "/etc/x", "a/b", "..", ".hidden", "", "a" * 81):
+        with pytest.raises(LimnerError, match="use letters, digits"):
+            safe_name(bad)
+    (tmp_path / "ball").mkdir()
+    assert unique_name(tmp_path, "ball") == "ball-2"
+
+
+def test_the_app_listens_locally_unless_told_and_then_warns():
+    from limner.app.server import host_warning
+
+    assert host_warning("127.0.0.1") is None and host_warning("localhost") is None
+    assert "no login" in host_warning("0.0.0.0")
