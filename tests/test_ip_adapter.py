@@ -137,6 +137,7 @@ def test_each_variant_is_the_official_layout_and_diffusers_draws_what_limner_dra
     assert all(v.dtype == torch.float16 for v in flat.values())
     manifest = json.loads((adapter / "adapter.json").read_text())
     assert manifest["variant"] == variant and manifest["steps"] == 2 and len(manifest["curve"]) == 2
+    assert (manifest["settings"]["pair"], manifest["settings"]["captions"]) == ("self", "full"), "the paper's on data"
 
     base = load_base(str(ip_base), device="cpu")
     refs = references(2)
@@ -317,9 +318,10 @@ def test_the_official_drops_are_one_draw_per_sample():
 
 
 def test_pretraining_on_the_world_stream_resumes_exactly(ip_base, tmp_path):
-    """The world stream through limner.data; the loop restores its position with the rest of the checkpoint."""
+    """The world stream through limner.data; the loop restores its position with the rest of the checkpoint.
+    On the world, the pairing and captions default to what its bench measured best: view, class captions."""
     method = get_method("ip_adapter")
-    settings = {**QUICK, "max_steps": 3, "batch_size": 1, "checkpoint_every": 1, "pair": "view"}
+    settings = {**QUICK, "max_steps": 3, "batch_size": 1, "checkpoint_every": 1}
     whole = method.pretrain(load_base(str(ip_base), device="cpu"), "world", tmp_path / "whole", **settings)
     part = tmp_path / "part"
     method.pretrain(load_base(str(ip_base), device="cpu"), "world", part, **(settings | {"max_steps": 2}))
@@ -328,6 +330,7 @@ def test_pretraining_on_the_world_stream_resumes_exactly(ip_base, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     manifest = json.loads((whole / "adapter.json").read_text())
     assert manifest["data"]["kind"] == "world" and manifest["data"]["pair"] == "view"
+    assert manifest["data"]["captions"] == manifest["settings"]["captions"] == "class"
     assert manifest["settings"]["pair"] == "view" and manifest["image_encoder"].endswith("image_encoder")
 
 

@@ -171,10 +171,11 @@ class IPAdapterSettings:
         "cut out for pair=view); the paper encodes the whole picture, whose background can outweigh the subject",
         added=True,
     )
-    pair: str = setting(
-        "self",
+    pair: str | None = setting(
+        None,
         "pretrain: what each sample is conditioned on: self (the target image itself, as the paper) or view (another "
-        "view of the same subject, background masked out; the world stream only)",
+        "view of the same subject, cut out on grey; the world stream only). None: view on the world stream, self on "
+        "your own data",
     )
 
     finetune_steps: int = setting(
@@ -185,10 +186,11 @@ class IPAdapterSettings:
         added=True,
     )
     finetune_learning_rate: float = setting(1e-4, "the fine-tune's AdamW learning rate", added=True)
-    captions: str = setting(
-        "full",
+    captions: str | None = setting(
+        None,
         "pretrain on the world stream: full (captions name the subject's colours and emblem, as the base was "
-        "trained) or class (class noun and context only, so the image prompt must carry the looks)",
+        "trained) or class (class noun and context only, so the image prompt must carry the looks). None: class on "
+        "the world stream, your data's own captions otherwise",
         added=True,
     )
 
@@ -730,13 +732,18 @@ class IPAdapter(AdapterMethod):
         """Pretrains an adapter on `data` (a spec for limner.data.open_stream, or a stream of samples with
         `image`, `text`, `references`); writes the adapter folder `out` and returns it.
 
-        settings: this method's (variant, num_tokens, resampler_dim, drop_*, image_encoder, pair) and the trainer's
-        (max_steps, batch_size, learning_rate, mixed_precision, gradient_checkpointing, resume, ...), or
+        settings: this method's (variant, num_tokens, resampler_dim, drop_*, image_encoder, pair, captions) and
+        the trainer's (max_steps, batch_size, learning_rate, mixed_precision, gradient_checkpointing, resume, ...), or
         `train=TrainConfig(...)`."""
         out = Path(out)
         train_cfg = settings.pop("train", None) or pretrain_defaults()
         train_cfg, rest = split_train_settings(train_cfg, settings)
         cfg = with_settings(IPAdapterSettings(), rest, self.name)
+        # the world's pairing and captions, measured on its bench (docs/README.md); real data has one view and
+        # its own captions. The adapter's manifest records what was used, and encoding follows it.
+        world = isinstance(data, str) and data == "world"
+        cfg.pair = cfg.pair or ("view" if world else "self")
+        cfg.captions = cfg.captions or ("class" if world else "full")
         encoder_folder = find_image_encoder(base, None, cfg.image_encoder)
         encoder = ImageEncoder(encoder_folder, base.device)
         stream = _open_data(data, base, cfg, train_cfg)
