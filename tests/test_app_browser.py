@@ -183,6 +183,8 @@ def test_a_person_personalizes_generates_compares_and_finds_everything_after_a_r
     page.locator("#refs input[type=file]").set_input_files(references(app["root"] / "photos"))
     labelled(page, "class noun").fill("ball")
     field(page, "name").fill("ball-a")
+    choose(page, "method", "textual_inversion (tuning)")  # the fastest to train; the form follows the method
+    expect(page.get_by_text("textual_inversion: tuning method")).to_be_visible()
     field(page, "steps").fill("8")
     page.locator("#start").click()
     expect(page.locator("#start-note")).to_contain_text("queued")

@@ -166,6 +166,7 @@ def file_url(path: str | Path) -> str:
 
 
 def build(queue: JobQueue) -> gr.Blocks:
+    from limner.demo import DEFAULT_METHOD
     from limner.generation import SCHEDULERS
     from limner.methods import get_method, method_names
 
@@ -230,7 +231,8 @@ def build(queue: JobQueue) -> gr.Blocks:
                         names = method_names()
                         method = gr.Dropdown(
                             [(f"{n} ({get_method(n).family})", n) for n in names],
-                            value="textual_inversion" if "textual_inversion" in names else names[0],
+                            # the demo's choice: the app names no method itself, so new ones need no change here
+                            value=DEFAULT_METHOD if DEFAULT_METHOD in names else names[0],
                             label="method",
                             elem_id="method",
                         )
