@@ -202,6 +202,8 @@ def test_world_bench_bounds_cache_and_report(tmp_path):
     ]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
+    # one bar over every image: 2 subjects x (lower bound: 2 prompts + the drift prompt, upper: 2 prompts) x 2
+    assert r.stderr.count("eval: 100%") == 1 and "20/20 [" in r.stderr, r.stderr
     results = json.loads((tmp_path / "report" / "results.json").read_text())
     lower, upper = results["rows"]["lower-bound"]["mean"], results["rows"]["upper-bound"]["mean"]
     assert upper["subject_fidelity"] > lower["subject_fidelity"] + 0.2, (
@@ -220,6 +222,7 @@ def test_world_bench_bounds_cache_and_report(tmp_path):
     (images / "notes.txt").write_text("not limner's")
     r = runner.invoke(app, args)
     assert r.exit_code == 0 and json.loads((tmp_path / "report" / "results.json").read_text())["cache"]["misses"] == 0
+    assert "20/20 [" in r.stderr, "images found in the cache count too"
     page = (tmp_path / "report" / "index.html").read_text()
     assert page.startswith("<!doctype html>") and page.rstrip().endswith("</html>")
     srcs = re.findall(r"src='([^']+)'", page)

@@ -230,3 +230,16 @@ def test_the_libraries_loading_bars_show_only_with_verbose(tiny_base, tmp_path):
     assert quiet.returncode == verbose.returncode == 0, quiet.stderr + verbose.stderr
     assert "wrote 1 images" in quiet.stdout and "Loading pipeline components" not in quiet.stderr
     assert "Loading pipeline components" in verbose.stderr
+    # limner's own bar, in both, also into a pipe (a log, or `limner app` reading its child's progress)
+    assert "generate: 100%" in quiet.stderr and "1/1 [" in quiet.stderr and "Loading weights" not in quiet.stderr
+
+
+def test_generate_shows_one_progress_bar_and_quiet_hides_it(tiny_base, tmp_path):
+    args = ["generate", "a ball", "-n", 3, "--batch-size", 2, "--steps", 2, "--base", tiny_base]
+    shown = cli(*args, "--out", tmp_path / "a")
+    assert shown.exit_code == 0, shown.output
+    assert shown.stderr.count("generate: 100%") == 1 and "3/3 [" in shown.stderr, shown.stderr
+    assert "generate:" not in shown.stdout, "bars go to stderr: stdout stays the results"
+    hidden = cli("--quiet", *args, "--out", tmp_path / "b")
+    assert hidden.exit_code == 0 and "wrote 3 images" in hidden.stdout
+    assert "generate:" not in hidden.stderr and "%|" not in hidden.stderr

@@ -92,11 +92,13 @@ def test_probes_are_accurate_on_fresh_renders(name):
         assert acc[head] >= 0.95, (head, acc)
 
 
-def test_world_check_reads_back_what_was_asked():
+def test_world_check_reads_back_what_was_asked(capsys):
     from limner.world.check import ACCESSORY_CASES, world_check
 
     base = load_base(device="cpu")
     report = world_check(base, n=8, steps=15, subject_probe=False)
+    bar = capsys.readouterr().err
+    assert bar.count("world check: 100%") == 1 and f"{8 + ACCESSORY_CASES}/{8 + ACCESSORY_CASES} [" in bar, bar
     assert set(report["accuracy"]) == {"class", "colour", "context", "accessory"}
     assert len(report["cases"]) == 8 + ACCESSORY_CASES and report["seconds_per_image"] > 0
     worn = report["cases"][8:]

@@ -54,12 +54,18 @@ def options(
     verbose: Annotated[
         bool, typer.Option("--verbose", help="Also show the libraries' own loading bars, notices and warnings.")
     ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Hide limner's progress bars (results, notes, errors still print).")
+    ] = False,
     version: Annotated[
         bool,
         typer.Option("--version", callback=show_version, is_eager=True, help="Print limner's version and exit."),
     ] = False,
 ) -> None:
     """Subject-driven personalization of text-to-image diffusion models."""
+    from limner.progress import set_quiet
+
+    set_quiet(quiet)
     if not verbose:
         quiet_libraries()
 

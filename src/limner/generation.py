@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from limner import progress
 from limner.errors import LimnerError
 from limner.io import write_json_atomic, written_atomically
 from limner.models.loading import Base
@@ -232,11 +233,12 @@ def generate(
         gens = [torch.Generator(device="cpu").manual_seed(s.seed + start + i) for i in range(n)]
         if s.regions:
             images += draw_regions(base, s, prompts, lefts, gens, height, width, **pipe_kwargs)
+            progress.advance(n)
             continue
         call = dict(pipe_kwargs)
         if "ip_adapter_image_embeds" in call:
             call["ip_adapter_image_embeds"] = image_embeds_for_batch(pipe, call["ip_adapter_image_embeds"], n, s)
-        text = text_inputs(pipe, s, n, call, base.family == "sdxl")
+        text = with_step_status(text_inputs(pipe, s, n, call, base.family == "sdxl"), s.steps)
         result = pipe(
             negative_prompt=[s.negative_prompt] * n if s.negative_prompt else None,
             num_inference_steps=s.steps,
@@ -248,6 +250,8 @@ def generate(
             **call,
         )
         images += result.images
+        progress.advance(n)
+    progress.status(step=None)
     seconds = time.perf_counter() - t0
     # 4. Record
     record = {
@@ -294,6 +298,21 @@ def text_inputs(pipe: Any, s: GenerationSettings, n: int, call: dict, sdxl: bool
     else:
         wanted = encoded_prompt(pipe, s.prompt, n, sdxl)
     return {"prompt": [s.layout_prompt] * n} | switch_conditioning_after(wanted, n, s.layout_steps)
+
+
+def with_step_status(text: dict, steps: int) -> dict:
+    """The pipeline arguments `text`, with the denoising step shown on the current limner bar: a batch of a real
+    checkpoint on a CPU takes minutes, and a bar that moves only between batches looks stuck. Chains a step-end
+    callback the arguments already hold (the layout steps' switch)."""
+    if not progress.active():
+        return text
+    inner = text.get("callback_on_step_end")
+
+    def show_step(pipe, i, t, tensors):
+        progress.status(step=f"{i + 1}/{steps}")
+        return inner(pipe, i, t, tensors) if inner is not None else {}
+
+    return text | {"callback_on_step_end": show_step}
 
 
 def image_embeds_for_batch(pipe: Any, embeds: list[torch.Tensor], n: int, s: GenerationSettings) -> list:

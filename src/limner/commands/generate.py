@@ -20,6 +20,7 @@ from limner.commands.options import (
     removed_if_failed,
 )
 from limner.errors import LimnerError
+from limner.progress import task_bar
 
 SCALE = "scale"  # the per-call setting --ip-scale sets (an AdapterMethod's call_settings)
 
@@ -196,7 +197,7 @@ def generate(
         for spec in embedding or []:
             if (token := load_embedding_spec(b, spec, allow_pickle)) not in prompt:
                 typer.echo(f"warning: the prompt does not contain the embedding's token {token!r}", err=True)
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught, task_bar(num_images, "generate"):
             warnings.simplefilter("always")
             result = generate(b, settings, out, conditioning)
         echo_notes(caught, "warning")  # what the tokenizer did not know or cut, in one line

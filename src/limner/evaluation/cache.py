@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
+from limner import progress
 from limner.conditioning import AppliedConcepts
 from limner.evaluation.cache_keys import concept_key, digest
 from limner.evaluation.rows import EvalSettings
@@ -100,6 +101,7 @@ def generate_cached(
     missing = [i for i, k in enumerate(keys) if not cache.path(k).exists()]
     cache.hits += len(keys) - len(missing)
     cache.misses += len(missing)
+    progress.advance(len(keys) - len(missing))  # generate() counts the images it draws
     if missing:
         base = handle.get()
         applied = prepare(base) if prepare is not None else None

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from limner import progress
 from limner.concepts import read_manifest
 from limner.conditioning import AppliedConcepts, apply_concepts, concept_prompt
 from limner.errors import LimnerError
@@ -100,6 +101,7 @@ def row_images(
                 else cache.put(k, render_upper_bound(subject, p, settings.seed + i))
                 for i, k in enumerate(keys)
             ]
+            progress.advance(len(keys))
         return out
     key = {"base": handle.fingerprint, "precision": handle.precision, "row": row.method or row.name}
     applied: list[AppliedConcepts] = []
@@ -126,6 +128,38 @@ def row_images(
     return out
 
 
+def planned_images(row: Row, subject: EvalSubject, settings: EvalSettings) -> int:
+    """The images a row draws (or finds in the cache) for a subject: the progress bar's share of it."""
+    prompts = len(subject.prompts[: settings.max_prompts] if settings.max_prompts else subject.prompts)
+    drift = 0 if row.name == UPPER else 1  # the class prompt alone, with the concept installed
+    return (prompts + drift) * settings.images_per_prompt
+
+
+def run_subject(
+    row: Row,
+    subject: EvalSubject,
+    res: RowResult,
+    handle: BaseHandle,
+    cache: ImageCache,
+    enc: Encoders,
+    cache_root: Path,
+    settings: EvalSettings,
+    method_config: dict | None,
+) -> None:
+    """One row on one subject: personalize (or reuse), draw, score; the results go into `res`."""
+    t0 = time.perf_counter()
+    concept = row.concept
+    if row.method is not None and concept is None:
+        config = (method_config or {}) | dict(row.config)
+        concept, res.concepts[subject.name] = personalize_cached(row.method, subject, handle, cache_root, config)
+    if concept is not None:
+        res.layout_steps = layout_steps_of(row, settings, read_manifest(concept))
+    images = row_images(row, subject, handle, cache, settings, concept)
+    res.per_subject[subject.name] = score_subject(subject, images, enc)
+    res.images[subject.name] = {k: [str(p) for p in v] for k, v in images.items()}
+    res.seconds[subject.name] = round(time.perf_counter() - t0, 2)
+
+
 def run_eval(
     rows: list[Row],
     subjects: list[EvalSubject],
@@ -148,22 +182,14 @@ def run_eval(
     references = {s.name: [str(p) for p in save_references(s, cache_root)] for s in subjects}
     results: dict[str, RowResult] = {}
     t_start = time.perf_counter()
-    for row in rows:
-        res = results[row.name] = RowResult(row.name, layout_steps=layout_steps_of(row, settings))
-        for subject in row.subjects(subjects):
-            t0 = time.perf_counter()
-            concept = row.concept
-            if row.method is not None and concept is None:
-                config = (method_config or {}) | dict(row.config)
-                concept, res.concepts[subject.name] = personalize_cached(
-                    row.method, subject, handle, cache_root, config
-                )
-            if concept is not None:
-                res.layout_steps = layout_steps_of(row, settings, read_manifest(concept))
-            images = row_images(row, subject, handle, cache, settings, concept)
-            res.per_subject[subject.name] = score_subject(subject, images, enc)
-            res.images[subject.name] = {k: [str(p) for p in v] for k, v in images.items()}
-            res.seconds[subject.name] = round(time.perf_counter() - t0, 2)
+    plan = [(row, row.subjects(subjects)) for row in rows]  # a concept given for another subject fails here
+    total = sum(planned_images(row, s, settings) for row, mine in plan for s in mine)
+    with progress.task_bar(total, "eval"):
+        for row, mine in plan:
+            res = results[row.name] = RowResult(row.name, layout_steps=layout_steps_of(row, settings))
+            for i, subject in enumerate(mine):
+                progress.status(row=row.name, subject=f"{i + 1}/{len(mine)} {subject.name}")
+                run_subject(row, subject, res, handle, cache, enc, cache_root, settings, method_config)
     return {
         "settings": asdict(settings),
         "base": str(base_path),

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from limner.errors import LimnerError
 from limner.io import disk_guard, written_atomically
+from limner.progress import is_quiet
 from limner.training.checkpoints import (
     DataPosition,
     data_positions,
@@ -271,7 +272,7 @@ def train(
             initial=start,
             total=cfg.max_steps,
             desc=desc,
-            disable=not accelerator.is_main_process,
+            disable=not accelerator.is_main_process or is_quiet(),  # limner --quiet hides it as every limner bar
             mininterval=1,
         )
         for step in bar:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from limner import progress
 from limner.errors import LimnerError
 from limner.generation import GenerationSettings, generate, make_grid, prepare_output
 from limner.images import at_64px
@@ -33,6 +34,7 @@ FLOORS = {"context": 0.85, "class": 0.75, "colour": 0.6}
 # draws a hat as a blurred cone, which the accessory probe reads, and no bow it can see (benchmarks/attribute_probe.py)
 ACCESSORY_CASES = 16
 REDRAW_STRENGTHS = (0.4, 0.6)  # of noise; at 0.4 a person still sees every subject, at 0.6 most
+REDRAW_PER_SUBJECT = 8  # renders of each held-out subject redrawn at each strength
 SUBJECT_PROBE_FLOOR = 0.85  # accuracy on subjects redrawn from 0.4 (the probe trained on crisp renders alone: 0.64)
 
 
@@ -106,6 +108,7 @@ def redrawn_subjects(
             output_type="np",
         ).images
         images.append((out * 255).round().astype(np.uint8))
+        progress.advance(len(batch))
     return np.concatenate(images), np.array(labels)
 
 
@@ -115,10 +118,11 @@ def subject_hits(probes: Probes, images: np.ndarray, labels: np.ndarray) -> np.n
     return probabilities.argmax(-1).numpy() == labels
 
 
-def subject_probe_check(base: Base, probes: Probes, per_subject: int = 8) -> dict:
+def subject_probe_check(base: Base, probes: Probes, per_subject: int = REDRAW_PER_SUBJECT) -> dict:
     """The subject probe's accuracy (argmax among the 12 held-out subjects) on redrawn subjects."""
     accuracy = {}
     for strength in REDRAW_STRENGTHS:
+        progress.status(drawing=f"subjects redrawn from {strength} noise")
         accuracy[str(strength)] = float(subject_hits(probes, *redrawn_subjects(base, strength, per_subject)).mean())
     return {
         "per_subject": per_subject,
@@ -168,7 +172,26 @@ def world_check(
     probes = Probes(probes_dir)
     probes.net("attributes")  # fail before generating anything if the probe is missing
     cases = check_prompts(n, seed)
+    redrawn = len(REDRAW_STRENGTHS) * len(SUBJECTS) * REDRAW_PER_SUBJECT if subject_probe else 0
+    with progress.task_bar(n + (ACCESSORY_CASES if accessory else 0) + redrawn, "world check"):
+        return checked(base, probes, cases, seed, steps, guidance, scheduler, out, subject_probe, accessory)
 
+
+def checked(
+    base: Base,
+    probes: Probes,
+    cases: list[tuple[str, str, str, str]],
+    seed: int,
+    steps: int,
+    guidance: float,
+    scheduler: str,
+    out: Path | None,
+    subject_probe: bool,
+    accessory: bool,
+) -> dict:
+    """world_check's report, drawn and read with the probes (its progress bar already open)."""
+    n = len(cases)
+    progress.status(drawing="held-out prompts")
     t0 = time.perf_counter()
     images = draw(base, [case[0] for case in cases], seed, steps, guidance, scheduler)
     seconds = time.perf_counter() - t0
@@ -184,6 +207,7 @@ def world_check(
     accuracy = {k: float(np.mean(v)) for k, v in hits.items()}
     worn = accessory_prompts(ACCESSORY_CASES, seed) if accessory else []
     if worn:
+        progress.status(drawing="accessories")
         drawn = np.stack(draw(base, [prompt for prompt, _ in worn], seed, steps, guidance, scheduler))
         got = probes.read_attributes(drawn, ("accessory",))["accessory"]
         accuracy["accessory"] = float(np.mean([g == want for g, (_, want) in zip(got, worn)]))
