@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from limner.evaluation.protocol import FIDELITY_THRESHOLD, LOWER, UPPER
+from limner.evaluation.results_table import SORT_SCRIPT, TABLE_STYLE, html_table, markdown, results_table
 from limner.io import write_text_atomic
 
 COPIED_IMAGE = re.compile(r"[0-9a-f]{16}\.[A-Za-z]+")  # the names write_html gives the images it copies
@@ -25,74 +26,49 @@ PAPER_DREAMBENCH = {
     "BLIP-Diffusion fine-tuned": (0.670, 0.805, 0.302),
 }
 
-COLUMNS = [  # (key, header) in display order; a column appears when any row has it
-    ("subject_fidelity", "subject fidelity"),
-    ("prompt_fidelity", "prompt fidelity"),
-    ("language_drift", "language drift"),
-    ("class_prompt_accuracy", "class-prompt class acc."),
-    ("dino", "DINO"),
-    ("clip_i", "CLIP-I"),
-    ("clip_t", "CLIP-T"),
-    ("face_sim", "Face-Sim"),
-    ("face_div", "Face-Div"),
-    ("diversity", "diversity"),
-]
-
 
 def markdown_table(results: dict) -> str:
-    rows = results["rows"]
-    cols = [(k, h) for k, h in COLUMNS if any(k in r["mean"] for r in rows.values())]
-    lines = ["| method | " + " | ".join(h for _, h in cols) + " |", "|---|" + "---|" * len(cols)]
-    timed = any(r.get("time_to_fidelity") for r in rows.values())
-    if timed:
-        lines[0] += f" train s to fidelity {FIDELITY_THRESHOLD} |"
-        lines[1] += "---|"
-    for name, r in rows.items():
-        cells = [f"{r['mean'][k]:.3f}" if k in r["mean"] else "—" for k, _ in cols]
-        if timed:
-            t = r.get("time_to_fidelity")
-            cells.append(
-                "—"
-                if not t
-                else f"{t['mean_seconds']:.0f} ({t['reached']}/{t['of']})"
-                if t["mean_seconds"] is not None
-                else f"never (0/{t['of']})"
-            )
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    notes = [
-        "",
-        f"{len(results['subjects'])} subjects, {results['settings']['images_per_prompt']} images per prompt, seeds "
-        "from "
-        f"{results['settings']['seed']}, {results['settings']['steps']} {results['settings']['scheduler']} steps, "
-        f"guidance {results['settings']['guidance']}, {layout_note(results)}. Encoders: "
+    notes = ["", settings_note(results)]
+    if results["world"]:
+        notes.append(world_note())
+    else:
+        notes += ["", PAPERS_NOTE, "", "| paper | DINO | CLIP-I | CLIP-T |", "|---|---|---|---|"]
+        notes += ["| " + " | ".join(row) + " |" for row in paper_rows()]
+    return "\n".join(markdown(results_table(results)) + notes) + "\n"
+
+
+PAPERS_NOTE = "Reported in the papers on DreamBench (real photos; for reference only, not this run):"
+
+
+def paper_rows() -> list[list[str]]:
+    return [
+        [k, f"{d:.3f}", f"{ci:.3f}", "—" if ct is None else f"{ct:.3f}"] for k, (d, ci, ct) in PAPER_DREAMBENCH.items()
+    ]
+
+
+def settings_note(results: dict) -> str:
+    """What the run was: subjects, images, seeds, sampler, layout steps, the encoders and probes that scored it."""
+    s = results["settings"]
+    probes = results.get("probes")
+    return (
+        f"{len(results['subjects'])} subjects, {s['images_per_prompt']} images per prompt, seeds from {s['seed']}, "
+        f"{s['steps']} {s['scheduler']} steps, guidance {s['guidance']}, {layout_note(results)}. Encoders: "
         + ", ".join(f"{k} = {v}" for k, v in results["encoders"].items() if v)
         + "."
-        + (
-            ""
-            if not results.get("probes")
-            else " Probes: " + ", ".join(f"{k} {v}" for k, v in results["probes"].items()) + "."
-        ),
-    ]
-    if results["world"]:
-        notes.append(
-            f"`{LOWER}`: the base model given only the class noun; `{UPPER}`: fresh renders of the subject doing what "
-            "the prompt asks. Subject fidelity: the subject probe's probability of the right subject among the 12 "
-            "held-out subjects (objects) or "
-            "identity-embedding cosine (characters). Prompt fidelity: share of the asked context / colour / accessory "
-            "the attribute probe reads back. Language drift: subject fidelity of images from the class prompt alone "
-            "(lower is better). Diversity: mean pairwise CLIP distance across seeds."
-        )
-    else:
-        notes += [
-            "",
-            "Reported in the papers on DreamBench (real photos; for reference only, not this run):",
-            "",
-            "| paper | DINO | CLIP-I | CLIP-T |",
-            "|---|---|---|---|",
-        ]
-        for k, (d, ci, ct) in PAPER_DREAMBENCH.items():
-            notes.append(f"| {k} | {d:.3f} | {ci:.3f} | {'—' if ct is None else f'{ct:.3f}'} |")
-    return "\n".join(lines + notes) + "\n"
+        + ("" if not probes else " Probes: " + ", ".join(f"{k} {v}" for k, v in probes.items()) + ".")
+    )
+
+
+def world_note() -> str:
+    """What the world's rows and columns mean."""
+    return (
+        f"`{LOWER}`: the base model given only the class noun; `{UPPER}`: fresh renders of the subject doing what "
+        "the prompt asks. Subject fidelity: the subject probe's probability of the right subject among the 12 "
+        "held-out subjects (objects) or "
+        "identity-embedding cosine (characters). Prompt fidelity: share of the asked context / colour / accessory "
+        "the attribute probe reads back. Language drift: subject fidelity of images from the class prompt alone "
+        "(lower is better). Diversity: mean pairwise CLIP distance across seeds."
+    )
 
 
 def plot_fidelity(results: dict, path: Path) -> Path | None:
@@ -201,12 +177,22 @@ def write_html(results: dict, out: Path, max_prompts: int = 8, max_images: int =
         "<!doctype html><html><head><meta charset='utf-8'><title>limner eval</title><style>",
         "body{font-family:sans-serif;margin:20px} img{image-rendering:pixelated;width:96px;height:96px;margin:1px}",
         "td{vertical-align:top;padding:2px 6px} th{text-align:left} .p{font-size:12px;color:#444;max-width:220px}",
+        ".note{max-width:60em;font-size:14px;color:#333} .plots{display:flex;flex-wrap:wrap;gap:16px}",
+        # plots at the size they were drawn (fidelity 600 px, curves 1200 px wide), narrower only on a narrow window
+        "img.plot{image-rendering:auto;width:auto;height:auto;max-width:100%;border:1px solid #eee}",
+        TABLE_STYLE,
         "</style></head><body><h1>limner eval</h1>",
+        *results_html(results),
     ]
-    parts.append("<pre>" + html.escape(markdown_table(results)) + "</pre>")
-    for plot in ("fidelity.png", "training_curves.png"):
-        if (out / plot).exists():
-            parts.append(f"<img src='{plot}' style='width:480px;height:auto;image-rendering:auto'>")
+    plots = [plot for plot in ("fidelity.png", "training_curves.png") if (out / plot).exists()]
+    if plots:  # each links to itself: a click shows it alone, at full size
+        parts.append(
+            "<div class='plots'>"
+            + "".join(
+                f"<a href='{p}' title='open at full size'><img class='plot' src='{p}' alt='{p}'></a>" for p in plots
+            )
+            + "</div>"
+        )
     rows = results["rows"]
     for subj in results["subjects"]:
         name = subj["name"]
@@ -223,7 +209,7 @@ def write_html(results: dict, out: Path, max_prompts: int = 8, max_images: int =
                 cells.append("<td>" + "".join(f"<img src='{local(p)}'>" for p in paths[:max_images]) + "</td>")
             parts.append(f"<tr><td class='p'>{html.escape(prompt)}</td>" + "".join(cells) + "</tr>")
         parts.append("</table>")
-    parts.append("</body></html>")
+    parts += [SORT_SCRIPT, "</body></html>"]
     page = out / "index.html"
     write_text_atomic(page, "\n".join(parts))
     for stale in img_dir.iterdir():
@@ -231,6 +217,32 @@ def write_html(results: dict, out: Path, max_prompts: int = 8, max_images: int =
         if stale.name not in shown and COPIED_IMAGE.fullmatch(stale.name):
             stale.unlink()
     return page
+
+
+def note_html(text: str) -> str:
+    """A note's Markdown (`code` spans its only markup) as an HTML paragraph."""
+    return "<p class='note'>" + re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text)) + "</p>"
+
+
+def results_html(results: dict) -> list[str]:
+    """The results table (sortable, each column's best marked) and the notes on what the run was."""
+    parts = [
+        html_table(results_table(results)),
+        "<p class='note'>Click a header to sort (best first, again to reverse); arrows say which way is better; "
+        "<b>bold green</b>: the best value among the methods in its column (the bounds are references).</p>",
+        note_html(settings_note(results)),
+    ]
+    if results["world"]:
+        parts.append(note_html(world_note()))
+    else:
+        cells = ["".join(f"<td>{html.escape(c)}</td>" for c in row) for row in paper_rows()]
+        parts += [
+            f"<p class='note'>{html.escape(PAPERS_NOTE)}</p><table class='papers'>",
+            "<tr><th>paper</th><th>DINO</th><th>CLIP-I</th><th>CLIP-T</th></tr>",
+            *(f"<tr>{c}</tr>" for c in cells),
+            "</table>",
+        ]
+    return parts
 
 
 def write_report(results: dict, out: Path, html_prompts: int = 8, html_images: int = 4) -> dict[str, Path]:
