@@ -4,7 +4,7 @@ Layers, bottom to top. A module imports from its own layer and the layers below 
 layer above; tests/test_layers.py reads this list (`N. name: modules`, `pkg.*` for a package and
 everything in it, the most specific name winning) and checks every import against it, lazy ones too.
 
-1. core: limner, limner.errors, limner.io, limner.images, limner.values
+1. core: limner, limner.errors, limner.io, limner.images, limner.values, limner.progress
 2. world data: limner.world, limner.world.vocab, limner.world.render, limner.world.scenes, limner.world.heldout,
    limner.world.bench
 3. models and encoders: limner.models.*, limner.world.stack, limner.encoders.*, limner.world.probes, limner.data.*
