@@ -39,9 +39,9 @@ def plot(points: list[tuple[float, dict]], bounds: dict, out: Path) -> None:
     if lower is not None:
         ax.axhline(lower, color="grey", linestyle=":", label="subject fidelity, base with the class noun")
     ax.set_xlabel("IP-Adapter scale")
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.2)
     ax.set_title("IP-Adapter on the world bench: image scale")
-    ax.legend(fontsize=8, loc="center right")
+    ax.legend(fontsize=7, loc="upper center", ncol=2)
     fig.tight_layout()
     fig.savefig(out)
 
