@@ -251,6 +251,30 @@ def test_finetune_trains_the_concepts_own_adapter_which_diffusers_loads(ip_base,
         method.personalize(base, subject(1), tmp_path / "bad", adapter=adapters["plain"], finetune_steps=-1)
 
 
+def test_the_image_projection_runs_once_per_generation(ip_base, adapters, tmp_path):
+    """The pipeline gives the UNet the same image embeds at every step: the projection (a Resampler for plus)
+    runs once per generation, and again for a new one, drawing what a projection at every step draws."""
+    base, method = load_base(str(ip_base), device="cpu"), get_method("ip_adapter")
+    concept = method.personalize(base, subject(2), tmp_path / "c", adapter=adapters["plus"])
+    calls = []
+    with apply_concepts(base, [concept]) as applied:
+        proj = base.pipe.unet.encoder_hid_proj.image_projection_layers[0]
+        hook = proj.register_forward_hook(lambda *_: calls.append(1))
+        cond = applied.condition(SETTINGS.prompt, SETTINGS.steps)
+        once = np.asarray(generate(base, SETTINGS, conditioning=cond).images[0])
+        assert len(calls) == 1, f"{len(calls)} projections for {SETTINGS.steps} steps"
+        again = np.asarray(generate(base, SETTINGS, conditioning=applied.condition(SETTINGS.prompt, 3)).images[0])
+        assert len(calls) == 2 and np.array_equal(once, again)
+        hook.remove()
+    pipe = diffusers_pipe(ip_base)
+    pipe.load_ip_adapter(str(adapters["plus"]), subfolder="", weight_name=WEIGHTS)
+    stored = load_file(str(concept / EMBEDS))
+    theirs = diffusers_image(
+        pipe, base, ip_adapter_image_embeds=[torch.stack([stored["negative_image_embeds"], stored["image_embeds"]])]
+    )
+    assert np.abs(once.astype(int) - theirs.astype(int)).max() == 0, "as diffusers, projecting at every step"
+
+
 def test_official_files_read_as_safetensors_and_bin_only_with_allow_pickle(ip_base, adapters, tmp_path):
     base = load_base(str(ip_base), device="cpu")
     method = get_method("ip_adapter")

@@ -27,6 +27,7 @@ from limner.adapters.ip_attention import (
 from limner.adapters.resampler import (
     VARIANTS,
     image_projection,
+    projected_once,
     projection_from_state_dict,
     projection_state_dict,
     projection_variant,
@@ -37,6 +38,7 @@ __all__ = [
     "VARIANTS",
     "FuseMLP",
     "image_projection",
+    "projected_once",
     "install_ip_attention",
     "ip_attention_parameters",
     "ip_layer_ids",

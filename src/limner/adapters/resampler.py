@@ -191,3 +191,26 @@ def projection_from_state_dict(state: Mapping[str, object]) -> nn.Module:
     return UNet2DConditionLoadersMixin._convert_ip_adapter_image_proj_to_diffusers(
         None, _image_proj_entries(state), low_cpu_mem_usage=False
     )
+
+
+def projected_once(projections: list[nn.Module]) -> nn.Module:
+    """diffusers' MultiIPAdapterImageProjection over `projections`, for generation: the pipeline hands the UNet
+    the same image-embedding tensors at every denoising step (and every region's window), so their projection,
+    a whole Resampler for IP-Adapter Plus, is computed once per generation instead of once per UNet call.
+    Parameter names are diffusers' (`image_projection_layers.N...`); with gradients on it computes every time."""
+    from diffusers.models.embeddings import MultiIPAdapterImageProjection
+
+    class ProjectedOnce(MultiIPAdapterImageProjection):
+        def forward(self, image_embeds: list[torch.Tensor]) -> list[torch.Tensor]:
+            if torch.is_grad_enabled():
+                return super().forward(image_embeds)
+            last = self.__dict__.get("_last")  # (the inputs, kept alive so no other tensor reuses them; versions)
+            if last is not None and len(last[0]) == len(image_embeds):
+                same = all(a is b and a._version == v for a, b, v in zip(last[0], image_embeds, last[1]))
+                if same:
+                    return last[2]
+            out = super().forward(image_embeds)
+            self.__dict__["_last"] = (list(image_embeds), [e._version for e in image_embeds], out)
+            return out
+
+    return ProjectedOnce(projections)

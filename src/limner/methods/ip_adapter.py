@@ -57,6 +57,7 @@ from limner.adapters import (
     ip_layer_ids,
     ip_state_dict,
     load_ip_state_dict,
+    projected_once,
     projection_from_state_dict,
     projection_state_dict,
     projection_variant,
@@ -479,10 +480,13 @@ def encoder_fingerprint(folder: Path) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def attach(unet: nn.Module, projections: list[nn.Module], weights: list[dict] | None = None) -> None:
+def attach(
+    unet: nn.Module, projections: list[nn.Module], weights: list[dict] | None = None, for_generation: bool = False
+) -> None:
     """Decoupled attention on every attn2 (one adapter slot per projection, loaded from `weights` where given,
     else initialised from to_k/to_v) and the projections as the UNet's `encoder_hid_proj`, so the UNet (and
-    the pipeline's `ip_adapter_image_embeds`) runs exactly what `pipe.load_ip_adapter` sets up. `detach` undoes it."""
+    the pipeline's `ip_adapter_image_embeds`) runs exactly what `pipe.load_ip_adapter` sets up. `detach` undoes it.
+    for_generation: the projection computed once per generation (`projected_once`), not at every step."""
     from diffusers.models.embeddings import MultiIPAdapterImageProjection
 
     if getattr(unet, "encoder_hid_proj", None) is not None:
@@ -509,7 +513,8 @@ def attach(unet: nn.Module, projections: list[nn.Module], weights: list[dict] | 
         raise
     param = next(unet.parameters())
     unet._limner_ip_config = unet.config.encoder_hid_dim_type
-    unet.encoder_hid_proj = MultiIPAdapterImageProjection(projections).to(param.device, param.dtype)
+    multi = projected_once(projections) if for_generation else MultiIPAdapterImageProjection(projections)
+    unet.encoder_hid_proj = multi.to(param.device, param.dtype)
     unet.config.encoder_hid_dim_type = "ip_image_proj"
 
 
@@ -986,7 +991,7 @@ class IPAdapter(AdapterMethod):
             projections.append(load_projection(weights, source))
             states.append(weights)
             scales.append(_parse_scale(config.get("scale", 1.0)))
-        attach(unet, projections, states)
+        attach(unet, projections, states, for_generation=True)
         installation = Installation(undo=[lambda: detach(unet)])
         try:
             set_ip_scale(unet, scales)
