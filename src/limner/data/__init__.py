@@ -30,9 +30,7 @@ def open_stream(
     """The stream `spec` names: "world", or a path (see limner.data.sources for the formats). Real data
     offer one view of each image and the captions they come with: pair="view" and captions="class" are the
     world's alone."""
-    check_stream_args(spec, seed, rank, world_size, resolution, pair)
-    if captions not in CAPTIONS:
-        raise LimnerError(f"captions={captions!r} for data {spec!r}: use one of {', '.join(CAPTIONS)}")
+    check_stream_args(spec, seed, rank, world_size, resolution, pair, captions)
     if spec == "world":
         return WorldStream(
             seed=seed, rank=rank, world_size=world_size, resolution=resolution, pair=pair, captions=captions

@@ -49,10 +49,14 @@ class SampleStream(Protocol):
     def describe(self) -> dict: ...  # what an adapter manifest records: kind, path, seed, pair, counts
 
 
-def check_stream_args(spec: str, seed: int, rank: int, world_size: int, resolution: int, pair: str) -> None:
+def check_stream_args(
+    spec: str, seed: int, rank: int, world_size: int, resolution: int, pair: str, captions: str = "full"
+) -> None:
     """The arguments every stream shares, checked before anything is read."""
     if pair not in PAIRS:
         raise LimnerError(f"pair={pair!r} for data {spec!r}: use one of {', '.join(PAIRS)}")
+    if captions not in CAPTIONS:
+        raise LimnerError(f"captions={captions!r} for data {spec!r}: use one of {', '.join(CAPTIONS)}")
     if not isinstance(world_size, int) or world_size < 1:
         raise LimnerError(f"world_size={world_size!r} for data {spec!r}: give the number of processes, 1 or more")
     if not isinstance(rank, int) or not 0 <= rank < world_size:

@@ -67,7 +67,7 @@ from limner.adapters import (
 from limner.concepts import MANIFEST, read_manifest, write_model_card
 from limner.errors import LimnerError
 from limner.images import cut_out, to_pil, to_unit_range
-from limner.io import disk_guard, write_json_atomic, written_atomically
+from limner.io import child, disk_guard, write_json_atomic, written_atomically
 from limner.methods.adapter import (
     ADAPTER_MANIFEST,
     AdapterMethod,
@@ -396,6 +396,15 @@ def official_state(projection: nn.Module, unet: nn.Module, adapter: int = 0) -> 
 # ---------------------------------------------------------------------------------------------------------------
 # The image encoder
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def save_adapter_weights(state: dict[str, torch.Tensor], path: Path) -> None:
+    """An official flat state (`image_proj.*`, `ip_adapter.*`) as fp16 safetensors, written atomically."""
+    from safetensors.torch import save_file
+
+    half = {k: v.to(torch.float16).contiguous() for k, v in state.items()}
+    with written_atomically(path) as tmp:
+        save_file(half, str(tmp), metadata={"format": "pt"})
 
 
 class ImageEncoder:
@@ -768,7 +777,6 @@ class IPAdapter(AdapterMethod):
         return out
 
     def _write_adapter(self, base, out, cfg, train_cfg, state, encoder_folder, stream, log, t0) -> None:
-        from safetensors.torch import save_file
 
         own = Path(encoder_folder).resolve() == (Path(base.path) / IMAGE_ENCODER).resolve()
         with disk_guard(f"the adapter in {out}"):
@@ -780,9 +788,7 @@ class IPAdapter(AdapterMethod):
                         shutil.rmtree(tmp, ignore_errors=True)
                         shutil.copytree(source, tmp)
                         tmp.rename(out / name)
-            half = {k: v.to(torch.float16).contiguous() for k, v in state.items()}
-            with written_atomically(out / WEIGHTS) as tmp:
-                save_file(half, str(tmp), metadata={"format": "pt"})
+            save_adapter_weights(state, out / WEIGHTS)
             write_adapter_manifest(
                 out,
                 self.name,
@@ -934,14 +940,14 @@ class IPAdapter(AdapterMethod):
             (out / "references").mkdir(exist_ok=True)
             for i, im in enumerate(images):
                 _save_png(im, out / "references" / f"{i:02d}.png")
-            embeds = {"image_embeds": positive.cpu().contiguous(), "negative_image_embeds": negative.cpu()}
-            embeds = {k: v.contiguous() for k, v in embeds.items()}
+            embeds = {
+                "image_embeds": positive.cpu().contiguous(),
+                "negative_image_embeds": negative.cpu().contiguous(),
+            }
             with written_atomically(out / EMBEDS) as tmp:
                 save_file(embeds, str(tmp), metadata={"variant": variant})
             if tuned is not None:  # the concept's own adapter, in the official layout (diffusers loads it too)
-                half = {k: v.to(torch.float16).contiguous() for k, v in tuned.items()}
-                with written_atomically(out / WEIGHTS) as tmp:
-                    save_file(half, str(tmp), metadata={"format": "pt"})
+                save_adapter_weights(tuned, out / WEIGHTS)
             manifest = {
                 "method": self.name,
                 "subject": subject.name,
@@ -985,7 +991,7 @@ class IPAdapter(AdapterMethod):
                 )
             config = manifest.get("config", {})
             own = manifest.get("adapter_weights")  # fine-tuned: the concept's own copy of the adapter
-            source = Path(concept) / own if own else adapter
+            source = child(Path(concept), own, f"concept {concept}'s adapter_weights") if own else adapter
             weights = read_adapter_weights(source, bool(config.get("allow_pickle")) and not own)
             check_fits(unet, weights, source)
             projections.append(load_projection(weights, source))
