@@ -12,7 +12,7 @@ everything in it, the most specific name winning) and checks every import agains
 5. concepts and methods: limner.subject, limner.concepts, limner.methods.*
 6. conditioning: limner.conditioning
 7. tools: limner.evaluation.*, limner.demo, limner.world.check, limner.world.build, limner.world.stages,
-   limner.commands.*, limner.app.*, limner.cli
+   limner.world.faces, limner.commands.*, limner.app.*, limner.cli
 
 `world/` spans layers: its data (2) sit below everything, its probes (3) are instruments the
 encoders use, and its build (with its training stages) and check (7) are tools that train and draw

@@ -96,3 +96,42 @@ def world_subjects(
             r.pil().save(folder / f"{i}.png")
         (folder / "subject.json").write_text(json.dumps({"name": name, "class_noun": cls}))
     typer.echo(f"wrote {len(SUBJECTS) + len(IDENTITIES)} subjects to {out}/")
+
+
+@world_app.command("faces")
+def world_faces(
+    out: Annotated[
+        Optional[Path],
+        typer.Option("--out", help="Folder to write the face detector to. Default: the package's assets."),
+    ] = None,
+    work: Annotated[Path, typer.Option("--work", help="Folder for checkpoints (resumable).")] = Path(
+        ".limner-build/faces"
+    ),
+    measure_only: Annotated[
+        bool, typer.Option("--measure-only", help="Measure the detector in --out without training it.")
+    ] = False,
+    redraw: Annotated[
+        bool, typer.Option("--redraw/--no-redraw", help="Also measure on the world base's redrawings (slower).")
+    ] = True,
+    quick: Annotated[bool, typer.Option("--quick", help="A tiny run to try the pipeline; not for shipping.")] = False,
+) -> None:
+    """Train the world's face detector on renders, then measure the world face analysis on held-out identities."""
+    from limner.encoders.faces.world import WORLD_FACES, WorldFaceAnalysis
+    from limner.io import write_json_atomic
+    from limner.world.faces import FaceBuildConfig, measure, train_face_analysis
+
+    if quick and out is None:
+        fail("--quick trains a toy detector that must not replace the shipped one: give --out DIR")
+    folder = out or WORLD_FACES
+    if not measure_only:
+        command(train_face_analysis)(folder, work, FaceBuildConfig.quick() if quick else FaceBuildConfig())
+    base = None
+    if redraw:
+        from limner.models.loading import load_base
+
+        base = load_base(None, device="cpu")
+    metrics = command(measure)(WorldFaceAnalysis(folder), base, per_identity=2 if quick else 8)
+    record = json.loads((folder / "faces.json").read_text())
+    write_json_atomic(folder / "faces.json", record | {"metrics": metrics})
+    typer.echo(json.dumps(metrics, indent=2))
+    typer.echo(f"face detector and its readings written to {folder}/")

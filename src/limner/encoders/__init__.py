@@ -3,7 +3,8 @@ model loaded from a local folder (or the world's own stand-ins).
 
 - clip.py: CLIP images and texts (CLIP-I, CLIP-T, Custom Diffusion's retrieval);
 - dino.py: DINO images (DINO subject fidelity);
-- faces.py: identity embeddings (Face-Sim, Face-Div) and the `FaceAnalysis` identity methods need.
+- faces/: identity embeddings (Face-Sim, Face-Div) and the `FaceAnalysis` identity methods need (insightface
+  model folders through onnxruntime, and the world's own analyser).
 
 Callers type against the roles below, not the classes, so a new encoder only has to fit its role.
 """
@@ -16,7 +17,15 @@ import torch
 
 from limner.encoders.clip import CLIPEncoder, WorldCLIP
 from limner.encoders.dino import DINOEncoder
-from limner.encoders.faces import Face, FaceAnalysis, InsightFaceEmbedder, WorldFaceEmbedder
+from limner.encoders.faces import (
+    Face,
+    FaceAnalysis,
+    InsightFaceEmbedder,
+    OnnxFaceAnalysis,
+    WorldFaceAnalysis,
+    WorldFaceEmbedder,
+    face_analysis,
+)
 from limner.images import ImageLike
 
 
@@ -56,7 +65,10 @@ __all__ = [
     "ImageEncoder",
     "ImageLike",
     "InsightFaceEmbedder",
+    "OnnxFaceAnalysis",
     "TextEncoder",
     "WorldCLIP",
+    "WorldFaceAnalysis",
     "WorldFaceEmbedder",
+    "face_analysis",
 ]
