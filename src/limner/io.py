@@ -55,14 +55,25 @@ def write_json_atomic(path: Path, data) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, default=str))
 
 
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, a quota, a file-size limit (RLIMIT_FSIZE)
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Whether a write failed for want of space: an OSError saying so, or a library's own error that carries the
+    OS error only in its text (safetensors: "I/O error: No space left on device (os error 28)")."""
+    if isinstance(e, OSError):
+        return e.errno in FULL_DISK
+    return any(f"(os error {n})" in str(e) for n in FULL_DISK)
+
+
 @contextmanager
 def disk_guard(what: str):
     """Turns a full disk into a clear error. Everything limner writes goes to a temporary name first,
     so whatever was there before is intact."""
     try:
         yield
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+    except Exception as e:
+        if is_disk_full(e):
             from limner.errors import LimnerError
 
             raise LimnerError(

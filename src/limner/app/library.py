@@ -182,17 +182,23 @@ def save_references(
     beside each (where given) and masks/NAME.png (where given, matched by order)."""
     from PIL import Image
 
+    from limner.evaluation.subjects import read_image
+
     if not images:
         raise LimnerError("upload at least one reference image, or pick a world-bench subject")
+    # read as `limner train --subject FOLDER` reads a picture (upright by its EXIF orientation, transparency over
+    # white, bombs and unreadable files refused), all before anything is written
+    pictures = []
+    for src in images:
+        try:
+            pictures.append(read_image(Path(src)))
+        except LimnerError as e:
+            raise LimnerError(f"upload {Path(src).name}: {e}") from e
     folder.mkdir(parents=True, exist_ok=True)
     captions = [c.strip() for c in captions or []]
-    for i, src in enumerate(images):
+    for i, picture in enumerate(pictures):
         stem = f"ref{i:02d}"
-        try:
-            with Image.open(src) as im:
-                im.convert("RGB").save(folder / f"{stem}.png")
-        except OSError as e:
-            raise LimnerError(f"{Path(src).name} is not an image limner can read ({e})") from e
+        Image.fromarray(picture).save(folder / f"{stem}.png")
         if i < len(captions) and captions[i]:
             (folder / f"{stem}.txt").write_text(captions[i] + "\n")
         if masks and i < len(masks):

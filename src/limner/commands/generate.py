@@ -53,6 +53,24 @@ def check_image_options(image: list[Path], method: str | None, adapter: str | No
     return encoder_method(method, "--image")
 
 
+def applied_or_named(base, folders: list[Path], regions: list[str] | None, force: bool):
+    """apply_concepts, where a concept whose files are not what its limner.json's method reads (a folder copied in
+    part, or a manifest from another concept) is one line naming the folders, not a library's traceback."""
+    from limner.concepts import read_manifest
+    from limner.conditioning import apply_concepts
+
+    try:
+        return apply_concepts(base, folders, regions, force)
+    except OSError as e:  # diffusers' "not the path to a directory containing a config.json", and the like
+        if e.errno is not None:
+            raise  # the system's refusal (a full disk, permissions): the command says it as such
+        said = ", ".join(f"{f} ({read_manifest(f).get('method')})" for f in folders)
+        raise LimnerError(
+            f"--concept {said}: the files are not those its limner.json's method reads (a folder copied in part, or "
+            "another concept's limner.json); train the concept again, or copy its whole folder"
+        ) from e
+
+
 def set_image_scale(applied, base, scale: float) -> None:
     """--ip-scale: the scale of every installed concept that takes one, for this call."""
     from limner.methods.adapter import AdapterMethod
@@ -139,7 +157,6 @@ def generate(
     dtype: DtypeOpt = "auto",
 ) -> None:
     """Generate images from a prompt (on the world base unless --base is given)."""
-    from limner.conditioning import apply_concepts
     from limner.generation import GenerationSettings, check_settings, generate, prepare_output
     from limner.methods.textual_inversion import load_embedding_spec
     from limner.models.loading import load_base
@@ -188,7 +205,7 @@ def generate(
                 )
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                applied = apply_concepts(b, folders, split_regions(prompt) if regions else None, force)
+                applied = applied_or_named(b, folders, split_regions(prompt) if regions else None, force)
             echo_notes(caught)
             if ip_scale is not None:
                 set_image_scale(applied, b, ip_scale)

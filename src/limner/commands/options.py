@@ -3,6 +3,7 @@ one line on stderr and exit code 2."""
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import shutil
@@ -41,8 +42,30 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+# a folder that is read-only or not the user's: told in one line naming the path, like a LimnerError (as is a full
+# disk, limner.io.is_disk_full)
+DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def refused_by_the_system(e: Exception) -> str | None:
+    """The one-line message for a write the system refused, or None for any other error (a bug: its traceback)."""
+    from limner.io import is_disk_full
+
+    filename = getattr(e, "filename", None)
+    where = f" ({filename})" if filename else ""
+    if is_disk_full(e):
+        return (
+            f"the disk is full{where}; files written before are intact. Free some space and run the same command "
+            "again (a training continues with --resume latest)"
+        )
+    if isinstance(e, OSError) and e.errno in DENIED:
+        return f"cannot write{where}: {e.strerror}; choose a folder you can write to (--out)"
+    return None
+
+
 def command(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """A command body whose LimnerError becomes a one-line message and its exit code (2)."""
+    """A command body whose LimnerError, or a write the system refuses (full disk, read-only folder), becomes a
+    one-line message and exit code 2."""
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
@@ -50,6 +73,10 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except LimnerError as e:
             fail(str(e), e.exit_code)
+        except Exception as e:  # noqa: BLE001 - only the system's refusals are told here; the rest is raised
+            if (message := refused_by_the_system(e)) is None:
+                raise
+            fail(message)
 
     return run
 

@@ -180,15 +180,30 @@ def load_captions(folder: Path) -> list[str] | None:
 def load_images(folder: Path) -> list[np.ndarray]:
     """RGB uint8 arrays of every image in a folder, EXIF orientation applied. Unreadable files are
     an error naming the file."""
-    files = image_files(folder)
-    images = []
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                images.append(to_rgb8(ImageOps.exif_transpose(im)))
-        except (OSError, SyntaxError, ValueError) as e:
-            raise LimnerError(f"{f} is not a readable image ({e}); remove or replace it") from e
-    return images
+    return [read_image(f) for f in image_files(folder)]
+
+
+# pixels: a reference smaller than this shows no subject (a 1-pixel picture trained a concept of one colour)
+MIN_SIDE = 16
+
+
+def read_image(path: Path) -> np.ndarray:
+    """One reference picture as the subject's RGB uint8 array (upright by its EXIF orientation, see to_rgb8); a file
+    that is no picture, a decompression bomb (PIL refuses to decode one) or a picture too small to show anything is
+    a LimnerError naming it."""
+    try:
+        with Image.open(path) as im:
+            image = to_rgb8(ImageOps.exif_transpose(im))
+    except Image.DecompressionBombError as e:
+        raise LimnerError(f"{path} is too large to decode safely ({e.args[0].split(',')[0]}); resize it") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise LimnerError(f"{path} is not a readable image ({e}); remove or replace it") from e
+    if min(image.shape[:2]) < MIN_SIDE:
+        raise LimnerError(
+            f"{path} is {image.shape[1]}x{image.shape[0]} pixels; a reference image needs at least {MIN_SIDE} on each "
+            "side to show its subject"
+        )
+    return image
 
 
 def load_masks(folder: Path, images: list[np.ndarray]) -> list[np.ndarray] | None:
