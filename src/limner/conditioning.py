@@ -133,10 +133,10 @@ def layout_prompt(
     the concepts the prompt names. (None, 0) where nothing applies."""
     layout, wanted = prompt, 0
     for manifest, method in zip(manifests, methods):
-        token, noun = manifest.get("token"), manifest.get("class_noun")
-        if not token or not noun or token not in prompt:
+        words = method.class_prompt(layout, manifest)
+        if words == layout:  # the prompt names this concept in no words of its own (or an earlier one took them)
             continue
-        layout = layout.replace(f"{token} {noun}", noun).replace(token, noun)  # "a sks dog" and "a <s*>" alike
+        layout = words
         wanted = max(wanted, method.layout_steps(steps, manifest))
     if layout_steps is not None:
         if layout_steps and layout == prompt:

@@ -99,6 +99,14 @@ class Method(ABC):
         fraction = (manifest or {}).get("config", {}).get("layout_fraction", self.layout_fraction)
         return round(fraction * steps)
 
+    def class_prompt(self, prompt: str, manifest: dict) -> str:
+        """The prompt with this concept's words in it replaced by class words: what the layout steps draw from.
+        By default its token becomes its class noun ("a sks dog" and "a <s*>" alike become "a dog")."""
+        token, noun = manifest.get("token"), manifest.get("class_noun")
+        if not token or not noun or token not in prompt:
+            return prompt
+        return prompt.replace(f"{token} {noun}", noun).replace(token, noun)
+
     def default_config(self) -> Any:
         """The method's settings dataclass with its defaults; None for a method without settings."""
         return self.config_cls() if self.config_cls is not None else None

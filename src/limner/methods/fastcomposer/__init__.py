@@ -1,0 +1,498 @@
+"""FastComposer (Xiao et al., 2023): tuning-free multi-subject generation with localized attention.
+
+Each subject of a prompt is named by its noun followed by the trigger ("a ball <|image|> and a dog <|image|> on the
+beach"; the official image token, `trigger` to change it). A CLIP image encoder reads each subject's reference
+(its pooled, projected embedding: one token per subject); the fuse MLP writes that embedding into the text
+encoder's output at the noun before the trigger, and the UNet denoises from the result. Several subjects in one
+image from one prompt, one reference each, with no training per subject: the k-th trigger takes the k-th subject.
+
+    pretrain   the UNet (a LoRA here), the fuse MLP and the image encoder's last 2 layers on scenes of up to 4
+               subjects, with the masked denoising loss and the cross-attention localization loss
+               (limner.methods.fastcomposer.training); `limner pretrain --method fastcomposer --data world`
+    encode     each subject's references -> its embedding (mean over references), stored in a concept folder
+    generate   delayed subject conditioning: the first (1 - alpha) of the steps from the text-only prompt (the
+               triggers removed), the rest with the subjects fused in (alpha 0.7; limner.generation switches the
+               prompt embeddings at that step, as it does for every method's layout steps)
+
+Files: an adapter folder holds `fastcomposer.safetensors` (fp16, official prefixes, the UNet's delta as a LoRA:
+limner.methods.fastcomposer.weights) and `adapter.json`; the official `pytorch_model.bin` is read too (with
+allow_pickle), its UNet and text encoder replacing the base's while installed. A concept folder holds
+`subject_embeds.safetensors` (one row per subject), its references and `limner.json` naming the adapter by path and
+fingerprint.
+
+Generation: `limner generate "a ball <|image|> and a dog <|image|> on the beach" --method fastcomposer --image
+ball.png --image dog.png` (each --image one subject, in the order of the triggers), or concept folders with
+--concept (each concept's subjects in the order given); `limner train --method fastcomposer --subject DIR` encodes a
+subject's several references into one concept.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from limner.concepts import MANIFEST, read_manifest, write_model_card
+from limner.errors import LimnerError
+from limner.io import disk_guard, write_json_atomic, written_atomically
+from limner.methods.adapter import (
+    ADAPTER_MANIFEST,
+    AdapterMethod,
+    adapter_fingerprint,
+    read_adapter_manifest,
+    read_reference_files,
+    write_adapter_manifest,
+)
+from limner.methods.base import Capabilities, Installation
+from limner.methods.fastcomposer.prompts import (
+    TRIGGER,
+    check_subject_count,
+    count_triggers,
+    text_only_steps,
+    tokenize_with_triggers,
+    without_triggers,
+)
+from limner.methods.fastcomposer.weights import (
+    WEIGHTS,
+    check_complete,
+    is_lora,
+    load_into,
+    load_unet_lora,
+    read_weights,
+    remove_unet_lora,
+    save_weights,
+    weights_path,
+)
+from limner.methods.registry import register
+from limner.methods.settings import setting, with_settings
+from limner.subject import Subject
+
+if TYPE_CHECKING:
+    from limner.models.loading import Base
+
+EMBEDS = "subject_embeds.safetensors"
+IMAGE_ENCODER = "image_encoder"
+CURVE_POINTS = 500
+MIN_REFERENCE_SIDE = 8
+FLAT = 4  # a reference whose pixels all lie within this many levels of each other shows no subject
+
+
+@dataclass
+class FastComposerSettings:
+    alpha: float = setting(
+        0.7,
+        "delayed subject conditioning: the share of denoising steps drawn with the subjects fused in; the first "
+        "(1 - alpha) come from the text-only prompt (paper: 0.6-0.8; higher keeps identity, lower follows the text)",
+    )
+    trigger: str = setting(
+        TRIGGER, "the word written after each subject's noun ('a dog <|image|> on the beach'): the official token"
+    )
+    num_references: int | None = setting(None, "use only each subject's first N references (None: all, averaged)")
+    image_encoder: str | None = setting(
+        None, "a CLIPVisionModelWithProjection folder (its config; weights from the adapter); default: the base's"
+    )
+    allow_pickle: bool = setting(
+        False, "read the official pickled pytorch_model.bin (torch.load with weights_only=True); only files you trust"
+    )
+    max_subjects: int = setting(4, "pretrain: subjects a training scene shows at most (paper: 4)", at_least=1)
+    localization_weight: float = setting(1e-3, "pretrain: weight of the localization loss (paper: 1e-3; 0: off)")
+    localization_blocks: int = setting(
+        5, "pretrain: the middle N cross-attention blocks whose maps the localization loss reads (paper: 5)"
+    )
+    mask_loss_prob: float = setting(0.5, "pretrain: share of steps whose denoising loss counts only inside the masks")
+    uncondition_prob: float = setting(0.1, "pretrain: share of samples with an empty caption and no subject")
+    object_appear_prob: float = setting(0.9, "pretrain: each subject's chance to be conditioned on (official: 0.9)")
+    image_encoder_trainable_layers: int = setting(2, "pretrain: the image encoder's last N layers train (paper: 2)")
+    lora_rank: int = setting(32, "pretrain: rank of the UNet's LoRA (the paper tunes the whole UNet)", at_least=1)
+    pair: str | None = setting(
+        None,
+        "pretrain on the world: self (each subject cropped from the target, as the paper) or view (from another view "
+        "of it drawn alone). None: view",
+    )
+
+    def __post_init__(self) -> None:
+        if not 0 < self.alpha <= 1:
+            raise LimnerError(f"alpha {self.alpha} must be in (0, 1]: the share of steps with the subjects fused in")
+        if not self.trigger or any(c.isspace() for c in self.trigger):
+            raise LimnerError(f"trigger {self.trigger!r} must be one word")
+        for name in ("localization_weight",):
+            if getattr(self, name) < 0:
+                raise LimnerError(f"{name} must be 0 or more")
+        for name in ("mask_loss_prob", "uncondition_prob", "object_appear_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise LimnerError(f"{name} {getattr(self, name)} must be between 0 and 1")
+        if self.pair not in (None, "self", "view"):
+            raise LimnerError(f"pair {self.pair!r}: use self or view")
+        if self.num_references is not None and self.num_references < 1:
+            raise LimnerError(f"num_references must be at least 1, got {self.num_references}")
+
+
+def pretrain_defaults():
+    """Batch 8, AdamW 1e-4 (the paper's 1e-5 is for its 150k steps on 8 GPUs; a CPU hour is a few thousand)."""
+    from limner.training import TrainConfig
+
+    return TrainConfig(max_steps=1000, batch_size=8, learning_rate=1e-4, weight_decay=0.01, checkpoint_every=250)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The subject encoder: the CLIP image encoder with the adapter's trained layers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def subject_encoder(base: Base, adapter: Path | None, weights: dict | None, given: str | None, where: Path | str):
+    """limner's ImageEncoder (the base's CLIP vision tower and preprocessing), with the adapter's image_encoder.*
+    weights in place: all of them for the official checkpoint, the trained last layers for limner's."""
+    from limner.methods.ip_adapter import ImageEncoder, find_image_encoder
+
+    folder = adapter if adapter is not None and Path(adapter).is_dir() else None
+    encoder = ImageEncoder(find_image_encoder(base, folder, given), base.device)
+    state = (weights or {}).get("image_encoder") or {}
+    if weights is not None and not is_lora(weights["unet"]):  # the official checkpoint: a whole encoder
+        check_complete(state, encoder.model, "image_encoder", where)
+    load_into(encoder.model, state, "image_encoder", where)
+    return encoder
+
+
+def reference_crops(subject: Subject, limit: int | None) -> list[np.ndarray]:
+    """Each reference as the image encoder reads it: with a mask, the subject's crop on noise (as in training, noise
+    seeded so encoding is repeatable); without, the whole picture padded square. A reference that shows no subject
+    (an empty mask, a flat picture) is an error naming it."""
+    from limner.data.multi_subject import subject_crop
+
+    images = subject.images[:limit]
+    if not images:
+        raise LimnerError(f"subject {subject.name}: no reference image; FastComposer encodes one picture per subject")
+    crops = []
+    for i, image in enumerate(images):
+        a = np.asarray(image)
+        where = f"subject {subject.name}, reference {i}"
+        if a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8:
+            raise LimnerError(f"{where} is not an RGB picture (shape {a.shape}, {a.dtype})")
+        if min(a.shape[:2]) < MIN_REFERENCE_SIDE:
+            raise LimnerError(f"{where} is {a.shape[1]}x{a.shape[0]} px; give at least {MIN_REFERENCE_SIDE} px a side")
+        if subject.masks is not None:
+            mask = np.asarray(subject.masks[i], dtype=bool)
+            if not mask.any():
+                raise LimnerError(f"{where}: its mask is empty, so it shows no subject (all background)")
+            crops.append(subject_crop(a, mask, np.random.default_rng(i)))
+        else:
+            if int(a.max()) - int(a.min()) <= FLAT:
+                raise LimnerError(f"{where} is one flat colour: it shows no subject (all background)")
+            side = max(a.shape[:2])
+            square = np.zeros((side, side, 3), np.uint8)
+            top, left = (side - a.shape[0]) // 2, (side - a.shape[1]) // 2
+            square[top : top + a.shape[0], left : left + a.shape[1]] = a
+            crops.append(square)
+    return crops
+
+
+def _save_png(array: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    with written_atomically(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
+
+
+@register
+class FastComposer(AdapterMethod):
+    """Subjects fused into the text at their nouns, attention localized to each (Xiao et al., 2023)."""
+
+    name = "fastcomposer"
+    family = "encoder"
+    capabilities = Capabilities(needs_adapter=True, reads_masks=True)
+    config_cls = FastComposerSettings
+
+    def __init__(self) -> None:
+        self._installed: dict | None = None  # what install loaded for condition(): fuse MLP, trigger
+
+    # ---- pretraining -------------------------------------------------------------------------------------------
+
+    def pretrain(self, base: Base, data: Any, out: Path, **settings: Any) -> Path:
+        """Pretrains on `data` ("world", or a stream of limner.data.multi_subject samples); writes the adapter."""
+        from limner.methods.fastcomposer.training import Pretraining, SubjectBatches
+        from limner.training import is_main_process, split_train_settings, train
+
+        out = Path(out)
+        train_cfg = settings.pop("train", None) or pretrain_defaults()
+        train_cfg, rest = split_train_settings(train_cfg, settings)
+        cfg = with_settings(FastComposerSettings(), rest, self.name)
+        cfg.pair = cfg.pair or "view"
+        stream = self._open_data(data, base, cfg, train_cfg)
+        encoder = subject_encoder(base, None, None, cfg.image_encoder, "the base")
+        task = Pretraining(base, encoder, cfg, train_cfg)
+        t0 = time.perf_counter()
+        try:
+            batches = SubjectBatches(
+                stream, base, lambda crops: encoder.pixels(crops).cpu(), cfg, train_cfg.batch_size
+            )
+            log = train(task, batches, train_cfg, out, self.name, data=stream)
+            state = task.trainable_state()
+        finally:
+            task.close()
+        if is_main_process():
+            self._write_adapter(base, out, cfg, train_cfg, task, state, encoder, stream, log, t0)
+        return out
+
+    @staticmethod
+    def _open_data(data: Any, base: Base, cfg: FastComposerSettings, train_cfg) -> Any:
+        if not isinstance(data, (str, Path)):
+            return data
+        if str(data) != "world":
+            raise LimnerError(
+                f"--data {data}: FastComposer pretrains on scenes with every subject's mask and the place its noun "
+                "ends in the caption; limner draws them from the world (--data world). Real data in that form "
+                "(COCO-style segments, as the official FFHQ-wild) is not read yet"
+            )
+        from accelerate import PartialState
+
+        from limner.data.multi_subject import MultiSubjectWorldStream
+
+        state = PartialState(cpu=torch.device(base.device).type == "cpu")
+        return MultiSubjectWorldStream(
+            seed=train_cfg.seed,
+            rank=state.process_index,
+            world_size=state.num_processes,
+            max_subjects=cfg.max_subjects,
+            pair=cfg.pair,
+        )
+
+    def _write_adapter(self, base, out, cfg, train_cfg, task, state, encoder, stream, log, t0) -> None:
+        from limner.methods.fastcomposer.training import LORA_TARGETS
+        from limner.methods.ip_adapter import encoder_fingerprint
+
+        terms = task.terms[:: max(1, len(task.terms) // CURVE_POINTS)]
+        own = encoder.folder.resolve() == (Path(base.path) / IMAGE_ENCODER).resolve()
+        with disk_guard(f"the adapter in {out}"):
+            if not own and not (out / IMAGE_ENCODER).exists():  # an encoder the base lacks travels with the adapter
+                tmp = out / f".{IMAGE_ENCODER}.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(encoder.folder, tmp)
+                tmp.rename(out / IMAGE_ENCODER)
+            save_weights(state, out / WEIGHTS)
+            describe = getattr(stream, "describe", None)
+            write_adapter_manifest(
+                out,
+                self.name,
+                base,
+                image_encoder=str(encoder.folder) if own else IMAGE_ENCODER,
+                image_encoder_fingerprint=encoder_fingerprint(encoder.folder),
+                lora={"rank": cfg.lora_rank, "alpha": cfg.lora_rank, "targets": LORA_TARGETS},
+                image_encoder_trained_layers=task.layers,
+                localization_blocks=task.blocks,
+                data=describe() if callable(describe) else type(stream).__name__,
+                steps=log.steps,
+                seconds=round(log.seconds, 2),
+                wall_seconds=round(time.perf_counter() - t0, 2),
+                curve=log.curve[:: max(1, len(log.curve) // CURVE_POINTS)][:-1] + log.curve[-1:],
+                loss_terms=[{k: (round(v, 5) if isinstance(v, float) else v) for k, v in t.items()} for t in terms],
+                settings=asdict(cfg),
+                train=asdict(train_cfg),
+                num_processes=log.num_processes,
+            )
+
+    # ---- adapters ----------------------------------------------------------------------------------------------
+
+    def default_adapter(self, base: Base) -> Path | None:
+        from limner.models.loading import WORLD_BASE
+
+        world = base.is_world or Path(base.path).resolve() == WORLD_BASE.resolve()
+        return self.shipped_adapter({}) if world else None
+
+    def shipped_adapter(self, settings: dict) -> Path | None:
+        from limner.models import loading
+
+        folder = loading.ASSETS / "world" / "adapters" / self.name
+        return folder if (folder / ADAPTER_MANIFEST).is_file() else None
+
+    def adapter_for(self, base: Base, adapter: str | Path | None) -> Path:
+        """A limner adapter folder (checked as FastComposer's and this base's), or the official checkpoint."""
+        path = Path(adapter).expanduser() if adapter is not None else self.default_adapter(base)
+        if path is None:
+            raise LimnerError(
+                f"fastcomposer needs a pretrained adapter for this base ({base.path}): pretrain one with `limner "
+                "pretrain --method fastcomposer --data world --out DIR`, or give the official pytorch_model.bin (an "
+                "SD 1.5 base, --allow-pickle) with --adapter FILE"
+            )
+        if path.is_dir() and (path / ADAPTER_MANIFEST).is_file():
+            return super().adapter_for(base, path)
+        weights_path(path)
+        return path
+
+    # ---- encoding ----------------------------------------------------------------------------------------------
+
+    def personalize(self, base: Base, subject: Any, out: Path, *, score: Any = None, **overrides: Any) -> Path:
+        """One concept for one subject, or for several in order (each then takes one trigger of a prompt)."""
+        adapter = overrides.pop("adapter", None)
+        with_settings(FastComposerSettings(), overrides, self.name)  # settings fail before any work
+        return self.encode(base, self.adapter_for(base, adapter), subject, Path(out), **overrides)
+
+    def concept_from_files(
+        self,
+        base: Base,
+        paths: list[str | Path],
+        out: Path,
+        *,
+        class_noun: str,
+        adapter: str | Path | None = None,
+        name: str | None = None,
+        **settings: Any,
+    ) -> Path:
+        """`limner generate --image a.png --image b.png`: each file one subject, in the order of the triggers."""
+        images = read_reference_files(paths)
+        subjects = [Subject(name or Path(p).stem, class_noun, [im]) for p, im in zip(paths, images)]
+        return self.personalize(base, subjects, Path(out), adapter=adapter, **settings)
+
+    def encode(self, base: Base, adapter: Path, subject: Subject | list[Subject], out: Path, **settings: Any) -> Path:
+        """Each subject's references through the adapter's image encoder: its embedding, averaged over references."""
+        from limner.methods.ip_adapter import encoder_fingerprint
+
+        t0 = time.perf_counter()
+        cfg = with_settings(FastComposerSettings(), settings, self.name)
+        subjects = list(subject) if isinstance(subject, (list, tuple)) else [subject]
+        if not subjects:
+            raise LimnerError("fastcomposer: no subject to encode")
+        adapter, out = Path(adapter), Path(out)
+        crops = [reference_crops(s, cfg.num_references) for s in subjects]  # bad references fail before loading
+        weights = read_weights(adapter, cfg.allow_pickle)
+        manifest = read_adapter_manifest(adapter) if (adapter / ADAPTER_MANIFEST).is_file() else {}
+        encoder = subject_encoder(base, adapter, weights, cfg.image_encoder, adapter)
+        wanted, found = manifest.get("image_encoder_fingerprint"), encoder_fingerprint(encoder.folder)
+        if wanted and wanted != found:
+            raise LimnerError(
+                f"adapter {adapter} was pretrained with image encoder {wanted}, but {encoder.folder} is {found}; give "
+                "the one it was trained with (--set image_encoder=DIR)"
+            )
+        with torch.no_grad():
+            embeds = torch.stack([encoder.model(encoder.pixels(c)).image_embeds.float().mean(0) for c in crops])
+        return self._write_concept(base, adapter, subjects, crops, embeds, cfg, out, t0)
+
+    def _write_concept(self, base, adapter, subjects, crops, embeds, cfg, out, t0) -> Path:
+        from safetensors.torch import save_file
+
+        out.mkdir(parents=True, exist_ok=True)
+        with disk_guard(f"the concept in {out}"):
+            (out / "references").mkdir(exist_ok=True)
+            for k, subject_crops in enumerate(crops):
+                for i, im in enumerate(subject_crops):
+                    _save_png(im, out / "references" / f"{k:02d}-{i:02d}.png")
+            with written_atomically(out / EMBEDS) as tmp:
+                save_file({"subject_embeds": embeds.cpu().contiguous()}, str(tmp))
+            nouns = [s.class_noun for s in subjects]
+            manifest = {
+                "method": self.name,
+                "subject": subjects[0].name if len(subjects) == 1 else [s.name for s in subjects],
+                "class_noun": nouns[0],
+                "class_nouns": nouns,
+                "tokens": [],
+                "trigger": cfg.trigger,
+                "base_fingerprint": base.fingerprint,
+                "base_path": str(base.path),
+                "steps": 0,
+                "seconds": round(time.perf_counter() - t0, 3),
+                "config": asdict(cfg),
+                "adapter": str(adapter.resolve()),
+                "adapter_fingerprint": adapter_fingerprint(adapter),
+                "num_subjects": len(subjects),
+                "num_references": [len(c) for c in crops],
+                "example_prompt": " and ".join(f"a {n} {cfg.trigger}" for n in nouns) + " on the beach",
+            }
+            write_json_atomic(out / MANIFEST, manifest)
+            write_model_card(out, manifest)
+        return out
+
+    # ---- generation --------------------------------------------------------------------------------------------
+
+    def install(self, base: Base, concepts: list[Path], regions: list[str] | None = None) -> Installation:
+        """The concepts' adapter into the base (they must share one): its UNet LoRA (or the official checkpoint's
+        UNet and text encoder in place of the base's) and its fuse MLP, for condition() to use."""
+        from limner.adapters import FuseMLP
+
+        if regions:
+            raise LimnerError("fastcomposer places several subjects from one prompt; draw without --regions")
+        manifests = [read_manifest(c) for c in concepts]
+        adapters = {m["adapter"] for m in manifests}
+        if len(adapters) > 1:
+            raise LimnerError(
+                f"fastcomposer concepts encoded with different adapters ({', '.join(sorted(adapters))}) cannot draw "
+                "together: the adapter's UNet is shared; encode them with one adapter"
+            )
+        adapter = Path(manifests[0]["adapter"])
+        for concept, manifest in zip(concepts, manifests):
+            if not adapter.exists() or adapter_fingerprint(adapter) != manifest["adapter_fingerprint"]:
+                raise LimnerError(
+                    f"concept {concept} was encoded with adapter {adapter}, which is gone or changed since; encode "
+                    "it again"
+                )
+        config = manifests[0].get("config", {})
+        weights = read_weights(adapter, bool(config.get("allow_pickle")))
+        pipe, installation = base.pipe, Installation()
+        try:
+            if is_lora(weights["unet"]):
+                lora = read_adapter_manifest(adapter)["lora"]
+                load_unet_lora(pipe.unet, weights["unet"], lora, adapter)
+                installation.undo.append(lambda: remove_unet_lora(pipe.unet))
+            else:  # the official checkpoint: its whole UNet and text encoder, the base's put back on uninstall
+                for part in ("unet", "text_encoder"):
+                    module = getattr(pipe, part)
+                    check_complete(weights[part], module, part, adapter)
+                    saved = {k: v.clone() for k, v in module.state_dict().items()}
+                    load_into(module, weights[part], part, adapter)
+                    installation.undo.append(lambda m=module, s=saved: m.load_state_dict(s))
+            fuse = FuseMLP(int(pipe.text_encoder.config.hidden_size), _image_width(weights["postfuse_module"]))
+            check_complete(weights["postfuse_module"], fuse, "postfuse_module", adapter)
+            fuse.load_state_dict(weights["postfuse_module"])
+        except BaseException:
+            installation.uninstall()
+            raise
+        param = next(pipe.unet.parameters())
+        self._installed = {"fuse": fuse.to(param.device, torch.float32).eval(), "trigger": config.get("trigger")}
+        installation.undo.append(lambda: setattr(self, "_installed", None))
+        return installation
+
+    def condition(self, base: Base, concepts: list[Path], prompt: str) -> dict[str, Any]:
+        """`prompt_embeds`: the text encoder's output for the prompt without its triggers, each subject fused in at
+        the noun before its trigger (the k-th trigger, the k-th subject of the concepts in order)."""
+        from safetensors.torch import load_file
+
+        from limner.adapters.fuse import FuseMLP
+
+        if self._installed is None:
+            raise LimnerError("fastcomposer concepts must be installed (limner.conditioning) before a prompt")
+        trigger = self._installed["trigger"] or TRIGGER
+        embeds = torch.cat([load_file(str(Path(c) / EMBEDS))["subject_embeds"] for c in concepts])
+        check_subject_count(prompt, count_triggers(prompt, trigger), len(embeds), trigger)
+        pipe = base.pipe
+        ids, positions = tokenize_with_triggers(pipe.tokenizer, prompt, trigger)
+        device = pipe.text_encoder.device
+        fuse: FuseMLP = self._installed["fuse"]
+        with torch.no_grad():
+            text = pipe.text_encoder(torch.tensor([ids], device=device))[0].float()
+            fused = fuse.fuse_at(text, embeds[None].to(text), [positions])
+        return {"prompt_embeds": fused.to(pipe.unet.dtype)}
+
+    def class_prompt(self, prompt: str, manifest: dict) -> str:
+        """The text-only prompt of the delayed conditioning: the triggers removed."""
+        return without_triggers(prompt, manifest.get("trigger") or TRIGGER)
+
+    def layout_steps(self, steps: int, manifest: dict | None = None) -> int:
+        alpha = (manifest or {}).get("config", {}).get("alpha", FastComposerSettings().alpha)
+        return text_only_steps(float(alpha), steps)
+
+    def prompt(self, template: str, concept: Path) -> str:
+        manifest = read_manifest(concept)
+        return template.format(f"{manifest['class_noun']} {manifest.get('trigger') or TRIGGER}")
+
+
+def _image_width(fuse_state: dict[str, torch.Tensor]) -> int:
+    """The image embedding width a fuse MLP reads: mlp1 takes [text; image]."""
+    text = int(fuse_state["mlp1.fc2.weight"].shape[0]) if "mlp1.fc2.weight" in fuse_state else 0
+    total = int(fuse_state["mlp1.fc1.weight"].shape[1]) if "mlp1.fc1.weight" in fuse_state else 2 * text
+    return total - text
+
+
+__all__ = ["EMBEDS", "WEIGHTS", "FastComposer", "FastComposerSettings"]
