@@ -114,11 +114,15 @@ def world_faces(
         bool, typer.Option("--redraw/--no-redraw", help="Also measure on the world base's redrawings (slower).")
     ] = True,
     quick: Annotated[bool, typer.Option("--quick", help="A tiny run to try the pipeline; not for shipping.")] = False,
+    sheet: Annotated[
+        Optional[Path], typer.Option("--sheet", help="Also draw what the analysis reads on some pictures (a PNG).")
+    ] = None,
 ) -> None:
     """Train the world's face detector on renders, then measure the world face analysis on held-out identities."""
     from limner.encoders.faces.world import WORLD_FACES, WorldFaceAnalysis
     from limner.io import write_json_atomic
-    from limner.world.faces import FaceBuildConfig, measure, train_face_analysis
+    from limner.world.faces import FaceBuildConfig, measure, sheet_images, train_face_analysis
+    from limner.world.faces import sheet as draw_sheet
 
     if quick and out is None:
         fail("--quick trains a toy detector that must not replace the shipped one: give --out DIR")
@@ -130,7 +134,10 @@ def world_faces(
         from limner.models.loading import load_base
 
         base = load_base(None, device="cpu")
-    metrics = command(measure)(WorldFaceAnalysis(folder), base, per_identity=2 if quick else 8)
+    analysis = WorldFaceAnalysis(folder)
+    if sheet is not None:
+        draw_sheet(analysis, sheet_images(base)).save(sheet)
+    metrics = command(measure)(analysis, base, per_identity=2 if quick else 8)
     record = json.loads((folder / "faces.json").read_text())
     write_json_atomic(folder / "faces.json", record | {"metrics": metrics})
     typer.echo(json.dumps(metrics, indent=2))

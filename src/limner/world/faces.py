@@ -419,3 +419,45 @@ def two_character_renders(seed: int, n: int = 32) -> tuple[np.ndarray, list[np.n
         images.append(r.image)
         truth.append(faces_of(r))
     return np.stack(images), truth
+
+
+def sheet(analysis: WorldFaceAnalysis, images: np.ndarray, zoom: int = 4):
+    """A picture of what the analysis reads: each image (enlarged) with its faces' boxes and keypoints, the
+    mask tinted, and beside it each face's aligned crop."""
+    from PIL import Image, ImageDraw
+
+    tiles = []
+    for image, faces in zip(images, analysis.analyse(list(images))):
+        big = image.astype(np.float32)
+        for f in faces:
+            big[f.mask] = 0.6 * big[f.mask] + 0.4 * np.array([255, 255, 0])
+        tile = Image.fromarray(big.astype(np.uint8)).resize((64 * zoom, 64 * zoom), Image.NEAREST)
+        d = ImageDraw.Draw(tile)
+        for f in faces:
+            d.rectangle([float(v) * zoom for v in f.box], outline=(255, 0, 0), width=2)
+            for x, y in f.keypoints * zoom:
+                d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(0, 255, 0))
+        row = Image.new("RGB", (64 * zoom * 2, 64 * zoom), (40, 40, 40))
+        row.paste(tile, (0, 0))
+        for k, f in enumerate(faces[:2]):
+            crop = Image.fromarray(f.crop).resize((32 * zoom, 32 * zoom), Image.NEAREST)
+            row.paste(crop, (64 * zoom, 32 * zoom * k))
+        tiles.append(row)
+    cols = 4
+    rows = (len(tiles) + cols - 1) // cols
+    out = Image.new("RGB", (tiles[0].width * cols, tiles[0].height * rows), (40, 40, 40))
+    for i, t in enumerate(tiles):
+        out.paste(t, ((i % cols) * t.width, (i // cols) * t.height))
+    return out
+
+
+def sheet_images(base=None, seed: int = 11) -> np.ndarray:
+    """16 pictures for `sheet`: held-out identities as portraits, full figures and pairs, and (given a base) the
+    base's redrawings of portraits and full figures from 0.6 noise."""
+    portraits, _, p_prompts = heldout_renders(1, "portrait", seed)
+    full, _, f_prompts = heldout_renders(1, "full", seed + 1)
+    pairs, _ = two_character_renders(seed + 2, 4)
+    images = [r.image for r in portraits[:4] + full[:4]] + list(pairs)
+    if base is not None:
+        images += list(redraw(base, portraits[4:6] + full[4:6], p_prompts[4:6] + f_prompts[4:6], 0.6))
+    return np.stack(images)

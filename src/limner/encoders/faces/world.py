@@ -66,11 +66,12 @@ class WorldFaceNet(nn.Module):
         return out
 
     @torch.no_grad()
-    def detector_outputs(self, blob: torch.Tensor) -> list[np.ndarray]:
-        """SCRFD's output list for one picture: scores (probabilities) per stride, then boxes, then keypoints."""
+    def detector_outputs(self, blob: torch.Tensor) -> tuple[list[list[np.ndarray]], torch.Tensor]:
+        """Per picture SCRFD's output list (scores as probabilities per stride, then boxes, then keypoints), and
+        the mask logits [B, 1, 64, 64]."""
         out = self(blob)
-        scores = [s.sigmoid() for s in out["scores"]]
-        return [t[0].numpy() for t in (*scores, *out["boxes"], *out["keypoints"])]
+        levels = [s.sigmoid() for s in out["scores"]] + out["boxes"] + out["keypoints"]
+        return [[t[i].numpy() for t in levels] for i in range(len(blob))], out["mask"]
 
 
 def save_face_net(net: WorldFaceNet, folder: Path, record: dict) -> None:
@@ -117,39 +118,40 @@ class WorldFaceAnalysis(FaceEmbeddings):
         self.identity = load_probe(Path(probes_folder), "identity")
 
     @torch.no_grad()
-    def analyse(self, images: list[ImageLike]) -> list[list[Face]]:
-        from limner.world.probes import embed_identity
-
+    def analyse(self, images: list[ImageLike], batch: int = 256) -> list[list[Face]]:
+        pictures = [np.asarray(im.convert("RGB")) for im in to_pil(images)]
         found = []
-        for im in to_pil(images):
-            image = np.asarray(im.convert("RGB"))
-            canvas, scale = letterbox(image, (DET_SIZE, DET_SIZE))
-            blob = torch.from_numpy(to_blob(canvas))
-            detected = decode(self.net.detector_outputs(blob), LAYOUT, canvas.shape[:2], scale, self.threshold)
-            if not len(detected.scores):
-                found.append([])
-                continue
-            crops = [
-                align(image, kps, self.template * (CROP_SIZE / DET_SIZE), CROP_SIZE)[0] for kps in detected.keypoints
-            ]
-            embeddings = embed_identity(self.identity, np.stack(crops)).float()
-            masks = _split_mask(self._mask(blob, scale, image.shape[:2]), detected.boxes)
-            found.append(
-                [
-                    Face(box=b, keypoints=k, embedding=e, mask=m, crop=c, score=float(s))
-                    for b, k, e, m, c, s in zip(
-                        detected.boxes, detected.keypoints, embeddings, masks, crops, detected.scores
-                    )
-                ]
+        for start in range(0, len(pictures), batch):
+            chunk = pictures[start : start + batch]
+            boxed = [letterbox(p, (DET_SIZE, DET_SIZE)) for p in chunk]
+            outputs, masks = self.net.detector_outputs(
+                torch.from_numpy(np.concatenate([to_blob(c) for c, _ in boxed]))
             )
+            for picture, (canvas, scale), out, mask in zip(chunk, boxed, outputs, masks):
+                found.append(
+                    self._faces(picture, decode(out, LAYOUT, canvas.shape[:2], scale, self.threshold), mask, scale)
+                )
         return found
 
-    def _mask(self, blob: torch.Tensor, scale: float, hw: tuple[int, int]) -> np.ndarray:
-        """The character mask in the picture's pixels: the letterboxed part of the net's mask, resized back."""
-        logits = self.net(blob)["mask"]
-        h, w = max(1, round(hw[0] * scale)), max(1, round(hw[1] * scale))
-        logits = F.interpolate(logits[:, :, :h, :w], size=hw, mode="bilinear", align_corners=False)
-        return (logits[0, 0] > 0).numpy()
+    def _faces(self, picture: np.ndarray, detected, mask_logits: torch.Tensor, scale: float) -> list[Face]:
+        from limner.world.probes import embed_identity
+
+        if not len(detected.scores):
+            return []
+        template = self.template * (CROP_SIZE / DET_SIZE)
+        crops = [align(picture, kps, template, CROP_SIZE)[0] for kps in detected.keypoints]
+        embeddings = embed_identity(self.identity, np.stack(crops)).float()
+        masks = _split_mask(_unletterbox(mask_logits, scale, picture.shape[:2]) > 0, detected.boxes)
+        return [
+            Face(box=b, keypoints=k, embedding=e, mask=m, crop=c, score=float(s))
+            for b, k, e, m, c, s in zip(detected.boxes, detected.keypoints, embeddings, masks, crops, detected.scores)
+        ]
+
+
+def _unletterbox(logits: torch.Tensor, scale: float, hw: tuple[int, int]) -> np.ndarray:
+    """A [1, 64, 64] map of the letterboxed picture back in the picture's pixels: its top-left part, resized."""
+    h, w = max(1, round(hw[0] * scale)), max(1, round(hw[1] * scale))
+    return F.interpolate(logits[None, :, :h, :w], size=hw, mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
 def _split_mask(mask: np.ndarray, boxes: np.ndarray) -> list[np.ndarray]:
