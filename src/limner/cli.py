@@ -13,6 +13,7 @@ import typer
 from limner.commands.app import app_cmd
 from limner.commands.demo import demo_cmd
 from limner.commands.evaluate import bench_cmd, eval_cmd
+from limner.commands.export import export_cmd
 from limner.commands.generate import generate
 from limner.commands.merge import merge_cmd
 from limner.commands.methods import methods_cmd
@@ -31,6 +32,7 @@ app.command("train")(train_cmd)
 app.command("pretrain")(pretrain_cmd)
 app.command("demo")(demo_cmd)
 app.command("merge")(merge_cmd)
+app.command("export")(export_cmd)
 app.command("methods")(methods_cmd)
 app.command("eval")(eval_cmd)
 app.command("bench")(bench_cmd)

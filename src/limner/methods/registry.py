@@ -13,7 +13,7 @@ from limner.methods.base import FAMILIES, Method
 
 REGISTRY: dict[str, type[Method]] = {}
 # modules of limner.methods that define methods
-BUILTIN = ("textual_inversion", "dreambooth", "custom_diffusion", "ip_adapter", "fastcomposer")
+BUILTIN = ("textual_inversion", "dreambooth", "custom_diffusion", "ip_adapter", "fastcomposer", "blip_diffusion")
 
 
 def register(cls: type[Method]) -> type[Method]:

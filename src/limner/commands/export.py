@@ -1,0 +1,45 @@
+"""`limner export`: a method's pretrained adapter, with the base, in another library's folder layout.
+
+BLIP-Diffusion: diffusers' `BlipDiffusionPipeline` folder (model_index.json, qformer/, text_encoder/ as
+ContextCLIPTextModel, image_processor/, unet/ with the stage-2 delta merged, vae/, tokenizer/, scheduler/).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from limner.commands.options import BaseOpt, DeviceOpt, command, output_folder, removed_if_failed
+from limner.errors import LimnerError
+
+EXPORTERS = ("blip_diffusion",)
+
+
+@command
+def export_cmd(
+    method: Annotated[
+        str, typer.Option("--method", help=f"The method whose adapter to export: {', '.join(EXPORTERS)}.")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="A new folder for the exported pipeline.")],
+    adapter: Annotated[
+        Optional[Path],
+        typer.Option("--adapter", help="The adapter folder. Default: the one limner ships for the base."),
+    ] = None,
+    base: BaseOpt = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Export a pretrained adapter with its base as another library's pipeline folder."""
+    from limner.methods import get_method
+    from limner.models.loading import load_base
+
+    if method not in EXPORTERS:
+        raise LimnerError(f"limner export --method {method}: exports exist for {', '.join(EXPORTERS)}")
+    output_folder(out)
+    if out.exists() and any(out.iterdir()):
+        raise LimnerError(f"--out {out} is not empty; give a new folder (nothing was overwritten)")
+    b = load_base(base, device=device, dtype="fp32")
+    with removed_if_failed(out):
+        folder = get_method(method).export(b, adapter, out)
+    typer.echo(f"{method} pipeline written to {folder}")
