@@ -279,6 +279,8 @@ def test_generate_draws_two_subjects_from_two_image_files(base, adapter, tmp_pat
     assert record["settings"]["layout_prompt"] == "a ball and a dog on the beach"
     one = CliRunner().invoke(app, [*args[:1], f"a ball {TRIGGER} on the beach", *args[2:]])
     assert one.exit_code == 2 and "2 subjects" in one.output and "1 trigger" in one.output
+    none = CliRunner().invoke(app, [*args[:1], "a ball and a dog on the beach", *args[2:]])
+    assert none.exit_code == 2 and "no trigger <|image|>" in none.output
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------------
@@ -296,8 +298,7 @@ def test_bad_input_gets_clear_errors(base, adapter, tmp_path):
     concept = method.encode(base, adapter, [subject], tmp_path / "c")
     assert (concept / EMBEDS).is_file()
     with apply_concepts(base, [concept]) as applied:
-        with pytest.raises(LimnerError, match="no trigger"):
-            applied.condition("a ball on the beach", 10)
+        assert applied.condition("a ball on the beach", 10).pipe_kwargs == {}  # no subject named: none drawn
         with pytest.raises(LimnerError, match="2 triggers.*only 1 subject"):
             applied.condition(TWO, 10)
         with pytest.raises(LimnerError, match="follows no word"):

@@ -345,10 +345,20 @@ class FastComposer(AdapterMethod):
         """`limner generate --image a.png --image b.png`: each file one subject, in the order of the triggers."""
         images = read_reference_files(paths)
         subjects = [Subject(name or Path(p).stem, class_noun, [im]) for p, im in zip(paths, images)]
-        return self.personalize(base, subjects, Path(out), adapter=adapter, **settings)
+        with_settings(FastComposerSettings(), settings, self.name)
+        return self.encode(base, self.adapter_for(base, adapter), subjects, Path(out), given_as="files", **settings)
 
-    def encode(self, base: Base, adapter: Path, subject: Subject | list[Subject], out: Path, **settings: Any) -> Path:
-        """Each subject's references through the adapter's image encoder: its embedding, averaged over references."""
+    def encode(
+        self,
+        base: Base,
+        adapter: Path,
+        subject: Subject | list[Subject],
+        out: Path,
+        given_as: str = "subjects",
+        **settings: Any,
+    ) -> Path:
+        """Each subject's references through the adapter's image encoder: its embedding, averaged over references.
+        given_as: "files" for references given with a prompt (`limner generate --image`), which must then name them."""
         from limner.methods.ip_adapter import encoder_fingerprint
 
         t0 = time.perf_counter()
@@ -369,9 +379,9 @@ class FastComposer(AdapterMethod):
             )
         with torch.no_grad():
             embeds = torch.stack([encoder.model(encoder.pixels(c)).image_embeds.float().mean(0) for c in crops])
-        return self._write_concept(base, adapter, subjects, crops, embeds, cfg, out, t0)
+        return self._write_concept(base, adapter, subjects, crops, embeds, cfg, out, t0, given_as)
 
-    def _write_concept(self, base, adapter, subjects, crops, embeds, cfg, out, t0) -> Path:
+    def _write_concept(self, base, adapter, subjects, crops, embeds, cfg, out, t0, given_as) -> Path:
         from safetensors.torch import save_file
 
         out.mkdir(parents=True, exist_ok=True)
@@ -398,6 +408,7 @@ class FastComposer(AdapterMethod):
                 "adapter": str(adapter.resolve()),
                 "adapter_fingerprint": adapter_fingerprint(adapter),
                 "num_subjects": len(subjects),
+                "given_as": given_as,
                 "num_references": [len(c) for c in crops],
                 "example_prompt": " and ".join(f"a {n} {cfg.trigger}" for n in nouns) + " on the beach",
             }
@@ -465,7 +476,12 @@ class FastComposer(AdapterMethod):
             raise LimnerError("fastcomposer concepts must be installed (limner.conditioning) before a prompt")
         trigger = self._installed["trigger"] or TRIGGER
         embeds = torch.cat([load_file(str(Path(c) / EMBEDS))["subject_embeds"] for c in concepts])
-        check_subject_count(prompt, count_triggers(prompt, trigger), len(embeds), trigger)
+        triggers = count_triggers(prompt, trigger)
+        if not triggers and all(read_manifest(c).get("given_as") != "files" for c in concepts):
+            # a prompt that names no subject draws none, as a tuning concept's token left out of a prompt (eval's
+            # language-drift prompt); references given with the prompt itself must be named in it
+            return {}
+        check_subject_count(prompt, triggers, len(embeds), trigger)
         pipe = base.pipe
         ids, positions = tokenize_with_triggers(pipe.tokenizer, prompt, trigger)
         device = pipe.text_encoder.device
