@@ -22,9 +22,12 @@ def read_manifest(folder: Path) -> dict:
             f"concept {folder} has no {MANIFEST}; it is not a limner concept folder (train one with `limner train`)"
         )
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # not JSON, or not UTF-8 text
         raise LimnerError(f"{path} is not valid JSON ({e})") from e
+    if not isinstance(manifest, dict):
+        raise LimnerError(f"{path} holds a JSON {type(manifest).__name__}, not a concept's manifest (an object)")
+    return manifest
 
 
 def concept_files(manifest: dict) -> set[str]:

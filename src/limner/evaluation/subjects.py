@@ -174,7 +174,14 @@ def load_captions(folder: Path) -> list[str] | None:
     texts = [f.with_suffix(".txt") for f in image_files(folder)]
     if not any(t.exists() for t in texts):
         return None
-    return [" ".join(t.read_text(encoding="utf-8").split()) if t.exists() else "" for t in texts]
+    return [" ".join(caption_text(t).split()) if t.exists() else "" for t in texts]
+
+
+def caption_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise LimnerError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save the caption as UTF-8") from e
 
 
 def load_images(folder: Path) -> list[np.ndarray]:
@@ -256,9 +263,13 @@ def folder_subject(folder: Path, class_noun: str | None = None, name: str | None
     if not folder.is_dir():
         raise LimnerError(f"subject folder {folder} does not exist or is not a folder")
     try:
-        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    except json.JSONDecodeError as e:
+        meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.exists() else {}
+    except ValueError as e:  # not JSON, or not UTF-8 text
         raise LimnerError(f'{meta_path} is not valid JSON ({e}); it should look like {{"class_noun": "dog"}}') from e
+    if not isinstance(meta, dict):
+        raise LimnerError(
+            f'{meta_path} holds a JSON {type(meta).__name__}; it should look like {{"class_noun": "dog"}}'
+        )
     noun = class_noun or meta.get("class_noun")
     if not noun:
         raise LimnerError(
@@ -297,10 +308,12 @@ def load_subjects(spec: str, class_noun: str | None = None) -> list[EvalSubject]
                 f'--subjects {path}: a file must be a JSON manifest [{{"name", "path", "class_noun"}}, ...]'
             )
         try:
-            entries = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+            entries = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as e:  # not JSON, or not UTF-8 text
             raise LimnerError(f"--subjects {path} is not valid JSON ({e})") from e
-        if not isinstance(entries, list) or not all(isinstance(e, dict) and "path" in e for e in entries):
+        if not isinstance(entries, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("path"), str) for e in entries
+        ):
             raise LimnerError(
                 f'--subjects {path}: a manifest is a list of {{"path": ..., "class_noun": ..., "name": ...}} entries'
             )
