@@ -210,6 +210,9 @@ class FastComposer(AdapterMethod):
     def __init__(self) -> None:
         self._installed: dict | None = None  # what install loaded for condition(): fuse MLP, trigger
 
+    def reads_masks(self, overrides: dict) -> bool:
+        return True  # a reference with a mask is encoded as its crop on noise, as in training
+
     # ---- pretraining -------------------------------------------------------------------------------------------
 
     def pretrain(self, base: Base, data: Any, out: Path, **settings: Any) -> Path:
