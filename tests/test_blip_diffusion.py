@@ -160,6 +160,19 @@ def test_export_loads_in_diffusers_classes_and_reads_back(base, adapter, tmp_pat
     assert torch.allclose(a, b, atol=1e-2)  # the adapter's fp16 Q-Former, exported as it is
 
 
+def test_exported_folder_as_the_base_draws_what_the_adapter_draws(base, adapter, tmp_path):
+    """`--base DIR` of an exported folder: its UNet (the LoRA merged), VAE and CLIP as the base, its Q-Former as
+    the adapter; a concept encoded there draws what the limner adapter's concept draws on the original base."""
+    method = get_method("blip_diffusion")
+    out = method.export(base, adapter, tmp_path / "pipe")
+    exported = load_base(str(out), device="cpu", dtype="fp32")
+    subject = _subject()
+    there = method.personalize(exported, subject, tmp_path / "there")  # no adapter named: the folder's own
+    here = method.personalize(base, subject, tmp_path / "here", adapter=adapter)
+    assert read_manifest(there)["adapter"] == str(out.resolve())
+    assert np.abs(_draw(exported, there) - _draw(base, here)).mean() < 1.0
+
+
 def test_folder_without_qformer_is_a_clear_error(base, adapter, tmp_path):
     out = get_method("blip_diffusion").export(base, adapter, tmp_path / "pipe")
     shutil.rmtree(out / "qformer")

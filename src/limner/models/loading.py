@@ -201,6 +201,29 @@ def _pipeline_class(index: dict):
     return StableDiffusionXLPipeline if "XL" in index.get("_class_name", "") else StableDiffusionPipeline
 
 
+def _blip_diffusion_as_sd(path: Path, index: dict, torch_dtype: torch.dtype):
+    """A diffusers BlipDiffusionPipeline folder as the SD pipeline it draws with: its UNet, VAE, tokenizer and
+    scheduler, and its ContextCLIPTextModel's weights as a CLIPTextModel (the same modules). diffusers' own
+    from_pretrained cannot load this folder (its Blip2QFormerModel is not a diffusers class); the Q-Former is
+    BLIP-Diffusion's adapter, which the method reads (`--method blip_diffusion`)."""
+    import diffusers
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    dtype = dtype_kwarg(torch_dtype)
+    scheduler_cls = getattr(diffusers, index["scheduler"][1], diffusers.PNDMScheduler)
+    return StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(path / "vae", **dtype),
+        text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder", dtype=torch_dtype),
+        tokenizer=CLIPTokenizer.from_pretrained(path / "tokenizer"),
+        unet=UNet2DConditionModel.from_pretrained(path / "unet", **dtype),
+        scheduler=scheduler_cls.from_pretrained(path / "scheduler"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
 def load_base(
     base: str | os.PathLike | None = None, device: str = "auto", dtype: str = "auto", config: str | None = None
 ) -> Base:
@@ -231,7 +254,10 @@ def load_base(
         # or train: left on disk, it costs no memory (image-prompt methods load their own encoder)
         kwargs |= {name: None for name in ("image_encoder", "feature_extractor") if name in index}
         check_weight_files(path)  # a truncated component named, before diffusers' loader fails on it
-        pipe = cls.from_pretrained(path, local_files_only=True, **dtype_kwarg(torch_dtype), **kwargs)
+        if index.get("_class_name") == "BlipDiffusionPipeline":
+            pipe = _blip_diffusion_as_sd(path, index, torch_dtype)
+        else:
+            pipe = cls.from_pretrained(path, local_files_only=True, **dtype_kwarg(torch_dtype), **kwargs)
     pipe.to(dev)
     pipe.set_progress_bar_config(disable=True)
     return Base(

@@ -621,8 +621,11 @@ class BlipDiffusion(AdapterMethod):
         return super().adapter_for(base, path)
 
     def default_adapter(self, base: Base) -> Path | None:
+        """A BlipDiffusionPipeline folder loaded as the base is its own adapter; the world's is the shipped one."""
         from limner.models.loading import WORLD_BASE
 
+        if formats.is_pipeline_folder(Path(base.path)):
+            return Path(base.path)
         world = base.is_world or Path(base.path).resolve() == WORLD_BASE.resolve()
         return self.shipped_adapter({}) if world else None
 
@@ -723,6 +726,8 @@ class BlipDiffusion(AdapterMethod):
             load_unet_lora(pipe, Path(concept), name)
             return lambda: _remove_lora(pipe.unet, name)
         if formats.is_pipeline_folder(adapter):
+            if Path(adapter).resolve() == Path(base.path).resolve():  # loaded as the base: already in place
+                return lambda: None
             return _swap_in_pipeline_weights(pipe, adapter)
         load_unet_lora(pipe, adapter, name)
         return lambda: _remove_lora(pipe.unet, name)
