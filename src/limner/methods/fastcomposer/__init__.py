@@ -473,8 +473,6 @@ class FastComposer(AdapterMethod):
         the noun before its trigger (the k-th trigger, the k-th subject of the concepts in order)."""
         from safetensors.torch import load_file
 
-        from limner.adapters.fuse import FuseMLP
-
         if self._installed is None:
             raise LimnerError("fastcomposer concepts must be installed (limner.conditioning) before a prompt")
         trigger = self._installed["trigger"] or TRIGGER
@@ -488,7 +486,7 @@ class FastComposer(AdapterMethod):
         pipe = base.pipe
         ids, positions = tokenize_with_triggers(pipe.tokenizer, prompt, trigger)
         device = pipe.text_encoder.device
-        fuse: FuseMLP = self._installed["fuse"]
+        fuse = self._installed["fuse"]
         with torch.no_grad():
             text = pipe.text_encoder(torch.tensor([ids], device=device))[0].float()
             fused = fuse.fuse_at(text, embeds[None].to(text), [positions])
@@ -508,10 +506,10 @@ class FastComposer(AdapterMethod):
 
 
 def _image_width(fuse_state: dict[str, torch.Tensor]) -> int:
-    """The image embedding width a fuse MLP reads: mlp1 takes [text; image]."""
-    text = int(fuse_state["mlp1.fc2.weight"].shape[0]) if "mlp1.fc2.weight" in fuse_state else 0
-    total = int(fuse_state["mlp1.fc1.weight"].shape[1]) if "mlp1.fc1.weight" in fuse_state else 2 * text
-    return total - text
+    """The image embedding width a fuse MLP reads: mlp1 takes [text token; image embedding] to the text's width."""
+    if "mlp1.fc1.weight" not in fuse_state or "mlp1.fc2.weight" not in fuse_state:
+        raise LimnerError("the adapter's postfuse_module has no mlp1.fc1 / mlp1.fc2 weights: not a fuse MLP")
+    return int(fuse_state["mlp1.fc1.weight"].shape[1]) - int(fuse_state["mlp1.fc2.weight"].shape[0])
 
 
 __all__ = ["EMBEDS", "WEIGHTS", "FastComposer", "FastComposerSettings"]

@@ -32,7 +32,7 @@ from limner.adapters.attention_maps import capture_cross_attention, middle_cross
 from limner.errors import LimnerError
 from limner.images import to_unit_range
 from limner.methods.fastcomposer.prompts import tokenize_with_triggers, with_triggers
-from limner.methods.fastcomposer.weights import add_unet_lora, remove_unet_lora, unet_lora_state
+from limner.methods.fastcomposer.weights import LORA_NAME, add_unet_lora, remove_unet_lora, unet_lora_state
 from limner.training import TrainingTask, noise_scheduler
 from limner.training.data import fit_square
 from limner.training.losses import denoising_loss
@@ -188,7 +188,7 @@ class Pretraining(TrainingTask):
         for key, value in state.items():
             part, _, rest = key.partition(".")
             parts[part][rest] = value
-        set_peft_model_state_dict(self.unet, parts["unet"], adapter_name="fastcomposer")
+        set_peft_model_state_dict(self.unet, parts["unet"], adapter_name=LORA_NAME)
         self.fuse.load_state_dict(parts["postfuse_module"])
         self.encoder.model.load_state_dict(parts["image_encoder"], strict=False)
 
