@@ -341,16 +341,24 @@ class Stage2(TrainingTask):
             ctx = self.ctx_cache.expand(len(batch["texts"]), -1, -1)
         else:
             ctx = self.wrapped["qformer"](batch["pixels"], batch["subjects"])
-        drop = (torch.rand(len(batch["texts"]), generator=generator) < self.cfg.drop_subject).tolist()
-        rows = []
-        for i, text in enumerate(batch["texts"]):
-            if drop[i] and self.ctx_cache is None:
-                ids = pipe.tokenizer([text], padding="max_length", truncation=True, return_tensors="pt").input_ids
-                rows.append(encode_with_context(pipe.text_encoder, ids, None))
-            else:
-                ids = tokenize_with_context(pipe.tokenizer, [text], n)
-                rows.append(encode_with_context(pipe.text_encoder, ids, ctx[i : i + 1]))
-        return torch.cat(rows)
+        texts = batch["texts"]
+        drop = torch.rand(len(texts), generator=generator) < self.cfg.drop_subject
+        if self.ctx_cache is not None:
+            drop[:] = False  # the fine-tune always conditions on its cache
+        keep = (~drop).nonzero().flatten().tolist()
+        cond = [None] * len(texts)
+        if keep:  # the captions with the subject embeddings inserted, in one pass of the text encoder
+            ids = tokenize_with_context(pipe.tokenizer, [texts[i] for i in keep], n)
+            for i, row in zip(keep, encode_with_context(pipe.text_encoder, ids, ctx[keep])):
+                cond[i] = row
+        dropped = drop.nonzero().flatten().tolist()
+        if dropped:  # the plain captions at the full length
+            ids = pipe.tokenizer(
+                [texts[i] for i in dropped], padding="max_length", truncation=True, return_tensors="pt"
+            ).input_ids
+            for i, row in zip(dropped, encode_with_context(pipe.text_encoder, ids, None)):
+                cond[i] = row
+        return torch.stack(cond)
 
     def loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         vae = self.base.pipe.vae
