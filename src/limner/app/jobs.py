@@ -23,6 +23,9 @@ from limner.errors import LimnerError
 
 DATABASE = "jobs.sqlite"
 RESUMABLE = (INTERRUPTED, CANCELLED, FAILED)
+# generations waiting at most: beyond it a request is told the queue is full at once, rather than waiting minutes
+# behind the others (or, with many clients, without end) while its page shows nothing
+MAX_WAITING = 32
 
 
 def pid_is_ours(pid: int) -> bool:
@@ -44,13 +47,16 @@ class JobQueue:
         base: str | None = None,
         light_workers: int = 2,
         runners: dict[str, Callable[[Job, Context], dict[str, Any]]] | None = None,
+        max_waiting: int = MAX_WAITING,
     ):
         self.library = Path(library)
+        self.max_waiting = max_waiting
         self.base = base
         self.store = JobStore(self.library / DATABASE)
         self.runners = runners or RUNNERS
         self.light_workers = light_workers
         self._wake = threading.Condition()
+        self._admit = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -89,7 +95,16 @@ class JobQueue:
     def submit(self, kind: str, params: dict[str, Any]) -> int:
         if kind not in KINDS:
             raise LimnerError(f"unknown job kind {kind!r}; known: {', '.join(KINDS)}")
-        job_id = self.store.add(kind, params)
+        if kind in LIGHT:
+            with self._admit:  # counted and added as one step: two requests never both take the last place
+                waiting = len(self.store.list(kinds=LIGHT, states=(QUEUED,)))
+                if waiting >= self.max_waiting:
+                    raise LimnerError(
+                        f"the queue is full: {waiting} generations are waiting; try again when some have finished"
+                    )
+                job_id = self.store.add(kind, params)
+        else:
+            job_id = self.store.add(kind, params)
         with self._wake:
             self._wake.notify_all()
         return job_id

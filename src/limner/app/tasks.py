@@ -212,8 +212,14 @@ def generate_into(out: Path, params: dict[str, Any], base: str | None, prompt: s
     return record
 
 
+def job_output(job: Job, ctx: Context, name: str) -> Path:
+    """Where a job writes: the folder its page named, else `name` in the job's own folder (the page names the same
+    one once it knows the job's id, and a worker may claim the job before it does)."""
+    return Path(job.params.get("out") or ctx.log.parent / name)
+
+
 def run_generate(job: Job, ctx: Context) -> dict[str, Any]:
-    record = generate_into(Path(job.params["out"]), job.params, ctx.base, job.params["prompt"])
+    record = generate_into(job_output(job, ctx, "images"), job.params, ctx.base, job.params["prompt"])
     return {"record": record["record_path"], "images": record["image_paths"], "grid": record["grid_path"]}
 
 
@@ -224,7 +230,7 @@ def run_compare(job: Job, ctx: Context) -> dict[str, Any]:
     from limner.conditioning import concept_prompt
     from limner.generation import make_grid
 
-    out = Path(job.params["out"])
+    out = job_output(job, ctx, "compare")
     columns = []
     for i, concept in enumerate(job.params["concepts"]):
         if ctx.cancelled():

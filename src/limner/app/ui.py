@@ -364,7 +364,10 @@ def build(queue: JobQueue) -> gr.Blocks:
                         "concepts": list(cs or []),
                     }
                     params["command"] = generate_command(params)
-                    job_id = queue.submit(GENERATE, params)
+                    try:
+                        job_id = queue.submit(GENERATE, params)
+                    except LimnerError as e:  # the queue is full
+                        return f"**error:** {e}"
                     queue.store.update(job_id, params=dict(params, out=str(queue.folder(job_id) / "images")))
                     return f"job {job_id} queued"
 
@@ -546,6 +549,16 @@ def build(queue: JobQueue) -> gr.Blocks:
             job_log = gr.Textbox(label="log of the picked job (last lines)", lines=4, max_lines=8)
         job_cancel.click(lambda j: queue.cancel(int(j)) if j else "pick a job", [job_pick], [job_note])
         job_resume.click(lambda j: queue.resume(int(j)) if j else "pick a job", [job_pick], [job_note])
+
+        def job(job_id: int) -> dict:
+            """A job's state, parameters, result (its files) and error: what a script that submitted work through
+            this page's API reads back (gradio_client or `POST /gradio_api/call/job`)."""
+            found = queue.store.get(int(job_id))
+            if found is None:
+                return {"id": int(job_id), "state": None, "error": f"no job {job_id}"}
+            return {k: getattr(found, k) for k in ("id", "kind", "state", "params", "result", "error", "progress")}
+
+        gr.api(job, api_name="job")
 
         # -------------------------------------------------------------------------------- refresh
         def tick(state: dict, picked):

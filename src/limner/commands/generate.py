@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 from typing import Annotated, Optional
@@ -23,6 +24,11 @@ from limner.errors import LimnerError
 from limner.progress import task_bar
 
 SCALE = "scale"  # the per-call setting --ip-scale sets (an AdapterMethod's call_settings)
+# One model load at a time in a process: `limner app` runs several generations in threads, and loading is not
+# thread-safe in the libraries (transformers builds each model on the meta device through process-wide state, so a
+# second load at the same moment failed with "Unsupported device type 'meta'"; diffusers' lazy imports raced too).
+# The drawing itself runs side by side.
+LOADING = threading.RLock()
 
 
 def check_image_options(image: list[Path], method: str | None, adapter: str | None, ip_scale, concepts: list[Path]):
@@ -187,7 +193,8 @@ def generate(
         regions=regions,
     )
     output_folder(out)
-    b = load_base(base, device=device, dtype=dtype, config=config)
+    with LOADING:
+        b = load_base(base, device=device, dtype=dtype, config=config)
     check_settings(b, settings)
     with removed_if_failed(out):
         with tempfile.TemporaryDirectory(prefix="limner-references-") as tmp:
@@ -205,7 +212,8 @@ def generate(
                 )
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                applied = applied_or_named(b, folders, split_regions(prompt) if regions else None, force)
+                with LOADING:
+                    applied = applied_or_named(b, folders, split_regions(prompt) if regions else None, force)
             echo_notes(caught)
             if ip_scale is not None:
                 set_image_scale(applied, b, ip_scale)
