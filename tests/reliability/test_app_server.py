@@ -226,6 +226,33 @@ def test_fifty_concurrent_generations(server, report):
     assert grew < 1024, f"the server grew by {grew:.0f} MB"
 
 
+def test_uploads_too_large_are_refused_before_they_are_stored(server, report, tmp_path):
+    from limner.app.server import MAX_UPLOAD
+
+    given = f"an upload of 51 MB (a reference image is a few MB; the app takes {MAX_UPLOAD})"
+    expected = "HTTP 413 saying the file exceeds the maximum size; nothing kept in the library"
+    needs_gradio(report, "bad input", given, expected)
+    import httpx
+
+    big = tmp_path / "huge.png"
+    with open(big, "wb") as f:
+        f.truncate(51 * 1024 * 1024)
+    before = sorted(p for p in server.library.rglob("*") if p.is_file() and "jobs.sqlite" not in p.name)
+    with open(big, "rb") as f:
+        r = httpx.post(f"{server.url}/gradio_api/upload", files={"files": ("huge.png", f, "image/png")}, timeout=120)
+    after = sorted(p for p in server.library.rglob("*") if p.is_file() and "jobs.sqlite" not in p.name)
+    report.case(
+        "bad input",
+        "app",
+        given,
+        expected,
+        f"HTTP {r.status_code}: {r.text[:120]}",
+        "yes" if before == after else f"no: {len(after) - len(before)} files added",
+    )
+    assert r.status_code == 413 and "exceeded maximum" in r.text, r.text
+    assert before == after
+
+
 def test_a_full_queue_refuses_at_once():
     q = JobQueue(Path(os.environ["LIMNER_CACHE"]) / "full-queue", max_waiting=2)  # no workers: nothing leaves it
     q.submit(GENERATE, {"prompt": "a"})
