@@ -170,7 +170,13 @@ def test_exported_folder_as_the_base_draws_what_the_adapter_draws(base, adapter,
     there = method.personalize(exported, subject, tmp_path / "there")  # no adapter named: the folder's own
     here = method.personalize(base, subject, tmp_path / "here", adapter=adapter)
     assert read_manifest(there)["adapter"] == str(out.resolve())
-    assert np.abs(_draw(exported, there) - _draw(base, here)).mean() < 1.0
+    reference = _draw(base, here)
+    assert np.abs(_draw(exported, there) - reference).mean() < 1.0
+    # `--adapter DIR` on the original base: the folder's UNet and text encoder swapped in, and back out after
+    before = {k: v.clone() for k, v in base.pipe.unet.state_dict().items()}
+    swapped = method.personalize(base, subject, tmp_path / "swapped", adapter=out)
+    assert np.abs(_draw(base, swapped) - reference).mean() < 1.0
+    assert all(torch.equal(v, base.pipe.unet.state_dict()[k]) for k, v in before.items())
 
 
 def test_folder_without_qformer_is_a_clear_error(base, adapter, tmp_path):

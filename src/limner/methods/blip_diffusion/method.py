@@ -804,7 +804,14 @@ class _Cycle:
 
 
 def _remove_lora(unet: nn.Module, name: str) -> None:
-    if getattr(unet, "peft_config", None) and name in unet.peft_config:
+    """Adapter `name` out of the UNet; the last one out takes peft's wrappers with it, so the UNet's modules and
+    state-dict keys are the base's own again (delete_adapters alone leaves `*.base_layer.*` behind)."""
+    config = getattr(unet, "peft_config", None) or {}
+    if name not in config:
+        return
+    if set(config) == {name}:
+        unet.unload_lora()
+    else:
         unet.delete_adapters(name)
 
 
