@@ -55,10 +55,11 @@ class FaceBuildConfig:
     width: int = 24
     threshold: float = 0.5
     checkpoint_every: int = 250
+    threshold_renders: int = 600  # fresh renders the score threshold is chosen on
 
     @classmethod
     def quick(cls) -> FaceBuildConfig:
-        return cls(train_size=300, steps=20, batch=16, checkpoint_every=10)
+        return cls(train_size=300, steps=20, batch=16, checkpoint_every=10, threshold_renders=40)
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,7 +255,7 @@ def train_face_analysis(out: Path, work: Path, cfg: FaceBuildConfig) -> dict:
         "seconds": round(time.time() - start, 1),
     }
     save_face_net(net.eval(), out, record)
-    record["settings"]["threshold"] = choose_threshold(WorldFaceAnalysis(out), cfg.seed + 1)
+    record["settings"]["threshold"] = choose_threshold(WorldFaceAnalysis(out), cfg.seed + 1, cfg.threshold_renders)
     save_face_net(net, out, record)
     return record
 
