@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import platform
+import re
+import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +39,8 @@ class Report:
         self.figures.setdefault(section, []).append((what, value))
 
 
+SECTIONS = ("bad input", "faults", "load", "properties")
+SURFACES = ("CLI", "API", "app")
 REPORT = Report()  # the session's; conftest fills outcomes and writes it
 
 
@@ -64,18 +69,21 @@ def changes(before: dict[str, str], after: dict[str, str]) -> str:
     return "no: " + "; ".join(parts)
 
 
+# pytest's temporary folders, which differ from run to run: cut from paths in the report
+TEMPORARY = re.compile(r"(/private)?" + re.escape(tempfile.gettempdir()) + r"/pytest-of-[^/]+/pytest-\d+/")
+
+
 def cell(text: str, limit: int = 220) -> str:
-    """Text fit for one Markdown table cell: one line, pipes escaped, long text cut."""
-    one = " ".join(str(text).split()).replace("|", "\\|")
+    """Text fit for one Markdown table cell: one line, temporary folders cut, pipes escaped, long text cut."""
+    one = " ".join(TEMPORARY.sub("", str(text)).split()).replace("|", "\\|")
     return one if len(one) <= limit else one[: limit - 1] + "…"
 
 
 def write(report: Report, path: Path, seconds: float) -> None:
-    cases = [c for c in report.cases]
+    cases = list(report.cases)
     for c in cases:
         c.outcome = report.outcomes.get(c.test, c.outcome)
     counts = {k: sum(c.outcome == k for c in cases) for k in ("passed", "failed", "skipped")}
-    sections = ["bad input", "faults", "load", "properties"]
     lines = [
         "# Reliability",
         "",
@@ -90,13 +98,21 @@ def write(report: Report, path: Path, seconds: float) -> None:
         f"{len(cases)} cases: {counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped "
         "(a skipped case says why in its row).",
         "",
+        *[
+            f"- {section}: {len(rows)} cases ("
+            + ", ".join(f"{n} {surface}" for surface, n in sorted(Counter(c.surface for c in rows).items()))
+            + ")"
+            for section in SECTIONS
+            if (rows := [c for c in cases if c.section == section])
+        ],
+        "",
         "Every bad-input case hashes the folders already on disk (a base, a trained concept, earlier images, the "
         "reference folders) before and after: *unchanged* says whether any file was changed, removed or added. "
         "An error case expects exit code 2 and one line naming the file or argument (no traceback).",
         "",
     ]
-    for section in sections:
-        rows = [c for c in cases if c.section == section]
+    for section in SECTIONS:
+        rows = sorted((c for c in cases if c.section == section), key=lambda c: SURFACES.index(c.surface))
         figures = report.figures.get(section, [])
         if not rows and not figures:
             continue
@@ -116,4 +132,23 @@ def write(report: Report, path: Path, seconds: float) -> None:
             lines += ["| figure | value |", "|---|---|"]
             lines += [f"| {cell(what)} | {cell(value, 400)} |" for what, value in figures]
             lines.append("")
+    lines += ["## Defects the suite found, fixed with their cases", ""] + [f"- {d}" for d in FOUND] + [""]
     Path(path).write_text("\n".join(lines))
+
+
+# what the cases above caught when they were written (issue 28, section 3), each fixed in the source
+FOUND = [
+    "A decompression bomb among the reference images (or uploaded in the app) was a `DecompressionBombError` "
+    "traceback; a 1-pixel reference trained a concept of one colour. Both are now one line naming the file "
+    "(`evaluation.subjects.read_image`).",
+    "Uploads in the app were saved without their EXIF orientation (trained sideways) and with transparency over "
+    "black; the app now reads them as `limner train --subject FOLDER` does.",
+    "A full disk while safetensors wrote a checkpoint (its own error type, not an `OSError`) and an `--out` on a "
+    "read-only file system were tracebacks: now one line, exit 2, earlier files intact.",
+    "A concept whose files are not its `limner.json`'s method's was a hub `OSError` about an internet connection.",
+    "A captions file, subject manifest, `subject.json` or `limner.json` that is not UTF-8 was a "
+    "`UnicodeDecodeError`; a `limner.json` holding a JSON list was taken as a manifest (property tests).",
+    "Concurrent generations in `limner app` all failed (\"Unsupported device type 'meta'\"): model loading is not "
+    "thread-safe in the libraries; loads now take turns, the drawing runs side by side (load test).",
+    "The app's generation queue had no bound: it now refuses at once, with a message, beyond 32 waiting.",
+]

@@ -201,6 +201,9 @@ def generate_into(out: Path, params: dict[str, Any], base: str | None, prompt: s
         regions=bool(params.get("regions")),
         out=out,
         concept=[Path(c) for c in params.get("concepts", [])] or None,
+        # reference images of the subject, encoded on the fly by an encoder method (`--image`, `--method`)
+        image=[Path(p) for p in params.get("images", [])] or None,
+        method=params.get("method") if params.get("images") else None,
         layout_steps=params.get("layout_steps"),
         base=base,
     )

@@ -114,7 +114,19 @@ def generate_command(params: dict[str, Any]) -> str:
         args.append("--regions")
     for c in params.get("concepts", []):
         args += ["--concept", c]
+    if params.get("images"):
+        args += ["--method", params["method"]]
+        for image in params["images"]:
+            args += ["--image", image]
     return shlex.join(args)
+
+
+def encoder_methods() -> list[str]:
+    """The methods that encode reference images at generation time (IP-Adapter, ...), from the registry."""
+    from limner.methods import get_method, method_names
+    from limner.methods.adapter import AdapterMethod
+
+    return [n for n in method_names() if isinstance(get_method(n), AdapterMethod)]
 
 
 def optional_int(value: Any) -> int | None:
@@ -318,6 +330,20 @@ def build(queue: JobQueue) -> gr.Blocks:
                             concept_choices(library), multiselect=True, label="concepts", elem_id="g-concepts"
                         )
                         g_tokens = gr.Markdown()
+                        with gr.Row():
+                            g_refs = gr.File(
+                                label="reference images (optional): the subject, encoded as you generate",
+                                file_count="multiple",
+                                file_types=["image"],
+                                elem_id="g-refs",
+                            )
+                            encoders = encoder_methods()
+                            g_encoder = gr.Dropdown(
+                                encoders,
+                                value=encoders[0] if encoders else None,
+                                label="encoder method for the references",
+                                elem_id="g-encoder",
+                            )
                         g_prompt = gr.Textbox(label="prompt", value="a red ball on the beach", elem_id="g-prompt")
                         use_tokens = gr.Button("Add the concepts' tokens to the prompt", size="sm")
                         g_negative = gr.Textbox(label="negative prompt")
@@ -346,9 +372,21 @@ def build(queue: JobQueue) -> gr.Blocks:
                 g_concepts.change(tokens_note, [g_concepts], [g_tokens])
                 use_tokens.click(prompt_with_tokens, [g_prompt, g_concepts], [g_prompt])
 
-                def submit_generate(prompt, negative, seed, steps_, guidance, n, scheduler, h, w, regions, layout, cs):
+                def submit_generate(
+                    prompt, negative, seed, steps_, guidance, n, scheduler, h, w, regions, layout, cs, refs, encoder
+                ):
                     if not prompt.strip():
                         return "**error:** write a prompt"
+                    images = []
+                    if refs:  # kept in the library (read and checked as a subject's images) until the job runs
+                        if not encoder:
+                            return "**error:** pick the encoder method that reads the reference images"
+                        folder = library / lib.UPLOADS / lib.unique_name(library / lib.UPLOADS, "generate")
+                        try:
+                            lib.save_references(folder, [Path(getattr(f, "name", f)) for f in refs])
+                        except LimnerError as e:
+                            return f"**error:** {e}"
+                        images = [str(p) for p in sorted(folder.glob("*.png"))]
                     params = {
                         "prompt": prompt,
                         "negative": negative,
@@ -362,6 +400,7 @@ def build(queue: JobQueue) -> gr.Blocks:
                         "regions": bool(regions),
                         "layout_steps": None if layout in (None, "") else int(layout),
                         "concepts": list(cs or []),
+                        **({"images": images, "method": encoder} if images else {}),
                     }
                     params["command"] = generate_command(params)
                     try:
@@ -374,7 +413,7 @@ def build(queue: JobQueue) -> gr.Blocks:
                 g_go.click(
                     submit_generate,
                     [g_prompt, g_negative, g_seed, g_steps, g_guidance, g_n, g_scheduler, g_height, g_width]
-                    + [g_regions, g_layout, g_concepts],
+                    + [g_regions, g_layout, g_concepts, g_refs, g_encoder],
                     [g_note],
                 )
 

@@ -200,16 +200,17 @@ def generate(
         with tempfile.TemporaryDirectory(prefix="limner-references-") as tmp:
             folders = list(concept or [])
             if encoder is not None:  # the references, encoded into a concept folder that lives for this call
-                folders.append(
-                    encoder.concept_from_files(
-                        b,
-                        list(image or []),
-                        Path(tmp) / "concept",
-                        class_noun="subject",
-                        adapter=adapter,
-                        **({"allow_pickle": True} if allow_pickle else {}),
+                with LOADING:  # the encoder's image tower is a model load
+                    folders.append(
+                        encoder.concept_from_files(
+                            b,
+                            list(image or []),
+                            Path(tmp) / "concept",
+                            class_noun="subject",
+                            adapter=adapter,
+                            **({"allow_pickle": True} if allow_pickle else {}),
+                        )
                     )
-                )
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 with LOADING:
