@@ -335,3 +335,16 @@ def test_world_analysis_finds_aligns_segments_and_tells_identities_apart(world):
         assert left.mask[:, :32].sum() > left.mask[:, 32:].sum()
         assert right.mask[:, 32:].sum() > right.mask[:, :32].sum()
     assert world.analyse([render(Scene("room", [], variant=1)).image]) == [[]]
+
+
+def test_world_faces_training_writes_a_loadable_analyser_with_its_record(tmp_path):
+    from limner.world.faces import THRESHOLDS, FaceBuildConfig, train_face_analysis
+
+    record = train_face_analysis(tmp_path / "faces", tmp_path / "work", FaceBuildConfig.quick())
+    assert sorted(p.name for p in (tmp_path / "faces").iterdir()) == ["detector.safetensors", "faces.json"]
+    assert np.asarray(record["template"]).shape == (5, 2) and record["settings"]["threshold"] in THRESHOLDS
+    analysis = WorldFaceAnalysis(tmp_path / "faces")
+    assert analysis.threshold == record["settings"]["threshold"]
+    assert len(analysis.analyse([np.zeros((64, 64, 3), np.uint8)])) == 1
+    with pytest.raises(LimnerError, match="detector.safetensors and faces.json expected"):
+        WorldFaceAnalysis(tmp_path / "work")

@@ -320,25 +320,22 @@ def calibration_renders(identities: int = 40, per_identity: int = 4, seed: int =
 def detection_scores(analysis: WorldFaceAnalysis, images: np.ndarray, truth: list[np.ndarray]) -> dict:
     """Faces found (a detection within half a face's size of a true face's centre), false detections per
     picture, and the found faces' mean keypoint error in pixels."""
-    found = analysis.analyse(list(images))
     hits = total = false = 0
     errors = []
-    for faces, kps_true in zip(found, truth):
-        used = set()
+    for (_, detected, _), kps_true in zip(analysis.detect(list(images)), truth):
+        centres = (detected.boxes[:, :2] + detected.boxes[:, 2:]) / 2
+        used: set[int] = set()
         for kps in kps_true:
             box = face_box(kps)
-            centre, side = (box[:2] + box[2:]) / 2, box[3] - box[1]
-            best = None
-            for j, f in enumerate(faces):
-                d = np.linalg.norm((f.box[:2] + f.box[2:]) / 2 - centre)
-                if j not in used and d < side / 2 and (best is None or d < best[1]):
-                    best = (j, d)
+            distance = np.linalg.norm(centres - (box[:2] + box[2:]) / 2, axis=1)
+            distance[list(used)] = np.inf
             total += 1
-            if best is not None:
-                used.add(best[0])
+            if len(distance) and distance.min() < (box[3] - box[1]) / 2:
+                j = int(distance.argmin())
+                used.add(j)
                 hits += 1
-                errors.append(np.linalg.norm(faces[best[0]].keypoints - kps, axis=1).mean())
-        false += len(faces) - len(used)
+                errors.append(np.linalg.norm(detected.keypoints[j] - kps, axis=1).mean())
+        false += len(centres) - len(used)
     return {
         "found": round(hits / max(total, 1), 4),
         "false_per_picture": round(false / max(len(images), 1), 4),

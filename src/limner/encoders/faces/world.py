@@ -21,7 +21,7 @@ from torch import nn
 
 from limner.encoders.faces.align import align
 from limner.encoders.faces.base import Face, FaceEmbeddings
-from limner.encoders.faces.scrfd import DetectorLayout, decode, letterbox, to_blob
+from limner.encoders.faces.scrfd import Detections, DetectorLayout, decode, letterbox, to_blob
 from limner.errors import LimnerError
 from limner.images import ImageLike, to_pil
 from limner.models.loading import ASSETS, WORLD_PROBES
@@ -118,22 +118,25 @@ class WorldFaceAnalysis(FaceEmbeddings):
         self.identity = load_probe(Path(probes_folder), "identity")
 
     @torch.no_grad()
-    def analyse(self, images: list[ImageLike], batch: int = 256) -> list[list[Face]]:
+    def detect(self, images: list[ImageLike], batch: int = 256) -> list[tuple[np.ndarray, Detections, np.ndarray]]:
+        """Per picture: the picture (uint8 RGB), its detections, and the character mask logits in its pixels."""
         pictures = [np.asarray(im.convert("RGB")) for im in to_pil(images)]
         found = []
         for start in range(0, len(pictures), batch):
             chunk = pictures[start : start + batch]
             boxed = [letterbox(p, (DET_SIZE, DET_SIZE)) for p in chunk]
-            outputs, masks = self.net.detector_outputs(
-                torch.from_numpy(np.concatenate([to_blob(c) for c, _ in boxed]))
-            )
+            blob = torch.from_numpy(np.concatenate([to_blob(canvas) for canvas, _ in boxed]))
+            outputs, masks = self.net.detector_outputs(blob)
             for picture, (canvas, scale), out, mask in zip(chunk, boxed, outputs, masks):
-                found.append(
-                    self._faces(picture, decode(out, LAYOUT, canvas.shape[:2], scale, self.threshold), mask, scale)
-                )
+                detected = decode(out, LAYOUT, canvas.shape[:2], scale, self.threshold)
+                found.append((picture, detected, _unletterbox(mask, scale, picture.shape[:2])))
         return found
 
-    def _faces(self, picture: np.ndarray, detected, mask_logits: torch.Tensor, scale: float) -> list[Face]:
+    @torch.no_grad()
+    def analyse(self, images: list[ImageLike]) -> list[list[Face]]:
+        return [self._faces(picture, detected, mask) for picture, detected, mask in self.detect(images)]
+
+    def _faces(self, picture: np.ndarray, detected: Detections, mask_logits: np.ndarray) -> list[Face]:
         from limner.world.probes import embed_identity
 
         if not len(detected.scores):
@@ -141,7 +144,7 @@ class WorldFaceAnalysis(FaceEmbeddings):
         template = self.template * (CROP_SIZE / DET_SIZE)
         crops = [align(picture, kps, template, CROP_SIZE)[0] for kps in detected.keypoints]
         embeddings = embed_identity(self.identity, np.stack(crops)).float()
-        masks = _split_mask(_unletterbox(mask_logits, scale, picture.shape[:2]) > 0, detected.boxes)
+        masks = _split_mask(mask_logits > 0, detected.boxes)
         return [
             Face(box=b, keypoints=k, embedding=e, mask=m, crop=c, score=float(s))
             for b, k, e, m, c, s in zip(detected.boxes, detected.keypoints, embeddings, masks, crops, detected.scores)
