@@ -525,6 +525,27 @@ def test_cli_bad_input(ws, report, given, build, said, note):
     assert unchanged == "yes"
 
 
+def test_files_that_are_not_images_are_a_counted_skip(ws, report, tmp_path):
+    folder = subject_folder(ws, "with-extras", {"a.png": picture(), "a.txt": b"on the beach", "notes.md": b"x"})
+    (folder / ".DS_Store").write_bytes(b"\0\0")
+    (folder / "b.heic").write_bytes(b"\0\0")
+    before = ws.state()
+    r = CliRunner().invoke(app, out_at(train_cmd(ws, folder), tmp_path / "concept"))
+    unchanged = changes(before, ws.state())
+    notes = [line for line in r.output.splitlines() if line.startswith("note: skipped")]
+    report.case(
+        "bad input",
+        "CLI",
+        "--subject with a PNG and its caption, plus notes.md, .DS_Store and a .heic photo",
+        "trained on the one image; one line counting and naming the 3 files skipped",
+        f"exit {r.exit_code}: {notes[0] if notes else '(nothing said)'}",
+        unchanged,
+    )
+    assert r.exit_code == 0 and len(notes) == 1, r.output
+    assert "skipped 3 file(s)" in notes[0] and all(n in notes[0] for n in (".DS_Store", "b.heic", "notes.md"))
+    assert unchanged == "yes"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # pictures that are unusual but valid: read as a person would expect, nothing refused
 # ---------------------------------------------------------------------------------------------------------------

@@ -59,6 +59,30 @@ def folder_token(method, out: Path, settings: list[str], num_subjects: int) -> s
     return f"<{slug}>" if slug and isinstance(default, str) and default.startswith("<") else None
 
 
+def skipped_files(subjects) -> dict[Path, list[str]]:
+    """Per subject folder, the files limner does not read: neither an image, nor an image's caption (NAME.txt),
+    nor subject.json. Counted and named, so a reference in a format limner skips (.heic, .tiff) is not lost unseen."""
+    from limner.io import IMAGE_SUFFIXES
+
+    skipped = {}
+    for sub in subjects:
+        folder = Path(sub.meta["path"]) if sub.meta.get("path") else None
+        if folder is None:
+            continue  # a world subject
+        files = [p for p in folder.iterdir() if p.is_file()]
+        stems = {p.stem for p in files if p.suffix.lower() in IMAGE_SUFFIXES}
+        names = sorted(
+            p.name
+            for p in files
+            if p.suffix.lower() not in IMAGE_SUFFIXES
+            and not (p.suffix == ".txt" and p.stem in stems)
+            and p.name != "subject.json"
+        )
+        if names:
+            skipped[folder] = names
+    return skipped
+
+
 @command
 def train_cmd(
     method: Annotated[str, typer.Option("--method", help="The method to personalize with.")],
@@ -153,6 +177,9 @@ def train_cmd(
         seed=seed,
     )
     check_concept_output(out, resume, force)  # after the settings: what is wrong with the command comes first
+    for folder, names in skipped_files(subs).items():
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        typer.echo(f"note: skipped {len(names)} file(s) in {folder} that are not images: {shown}", err=True)
     if adapter is not None:
         overrides["adapter"] = adapter
     if allow_pickle:
