@@ -7,6 +7,7 @@ test's outcome, so a case that fails shows as failed in the report as well as in
 from __future__ import annotations
 
 import hashlib
+import os
 import platform
 import re
 import tempfile
@@ -39,7 +40,7 @@ class Report:
         self.figures.setdefault(section, []).append((what, value))
 
 
-SECTIONS = ("bad input", "faults", "load", "properties")
+SECTIONS = ("bad input", "faults", "load", "properties", "app workflows")
 SURFACES = ("CLI", "API", "app")
 REPORT = Report()  # the session's; conftest fills outcomes and writes it
 
@@ -94,7 +95,8 @@ def write(report: Report, path: Path, seconds: float) -> None:
         "```",
         "",
         f"Last run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, Python {platform.python_version()}, "
-        f"{platform.machine()}, {seconds:.0f} s for the suite. "
+        f"{platform.machine()} with {os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f} as it ended), "
+        f"{seconds:.0f} s for the suite. "
         f"{len(cases)} cases: {counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped "
         "(a skipped case says why in its row).",
         "",
@@ -124,7 +126,7 @@ def write(report: Report, path: Path, seconds: float) -> None:
             ]
             for i, c in enumerate(rows, 1):
                 lines.append(
-                    f"| {i} | {c.surface} | {cell(c.given)} | {cell(c.expected)} | {cell(c.actual)} | "
+                    f"| {i} | {c.surface} | {cell(c.given)} | {cell(c.expected)} | {cell(c.actual, 500)} | "
                     f"{cell(c.unchanged)} | {c.outcome} |"
                 )
             lines.append("")

@@ -54,7 +54,7 @@ def test_an_encoder_method_personalizes_from_the_form_and_draws(queue, tmp_path,
             ),
         )
     report.case(
-        "bad input",
+        "app workflows",
         "app",
         "Personalize with IP-Adapter (an encoder method) from uploaded references, then Generate with the concept",
         "the job done in seconds with an ip_adapter concept in the library; the Generate job draws with it",
@@ -86,7 +86,7 @@ def test_generate_takes_reference_images(queue, tmp_path, report):
     except ImportError:
         command = None
     report.case(
-        "bad input",
+        "app workflows",
         "app",
         "Generate with 2 reference images and IP-Adapter (no concept)",
         "the job done, its image drawn from the encoded references; the command line names --method and each --image",

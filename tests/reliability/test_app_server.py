@@ -253,6 +253,41 @@ def test_uploads_too_large_are_refused_before_they_are_stored(server, report, tm
     assert before == after
 
 
+def test_an_upload_named_with_a_path_stays_in_the_upload_folder(server, report, tmp_path):
+    given = "an upload whose file name is '../../evil.png' (a client may send any name)"
+    expected = (
+        "stored under gradio's upload folder by its plain name; the references saved as ref00.png in the library"
+    )
+    needs_gradio(report, "bad input", given, expected)
+    import io
+
+    import httpx
+    import numpy as np
+    from PIL import Image
+
+    from limner.app import library as lib
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((32, 32, 3), 200, dtype=np.uint8)).save(buf, format="PNG")
+    r = httpx.post(
+        f"{server.url}/gradio_api/upload", files={"files": ("../../evil.png", buf.getvalue(), "image/png")}, timeout=60
+    )
+    stored = Path(r.json()[0]) if r.status_code == 200 else None
+    escaped = [p for p in (stored.parents[1], stored.parents[2]) if (p / "evil.png").exists()] if stored else []
+    saved = lib.save_references(server.library / lib.UPLOADS / "named", [stored]) if stored else None
+    names = sorted(p.name for p in saved.iterdir()) if saved else []
+    report.case(
+        "bad input",
+        "app",
+        given,
+        expected,
+        f"HTTP {r.status_code}: stored as {stored.name if stored else '-'} in a folder of gradio's uploads; "
+        f"beside that folder: {escaped or 'nothing'}; saved references {names}",
+    )
+    assert r.status_code == 200 and stored.name == "evil.png" and not escaped
+    assert names == ["ref00.png"]
+
+
 def test_a_full_queue_refuses_at_once():
     q = JobQueue(Path(os.environ["LIMNER_CACHE"]) / "full-queue", max_waiting=2)  # no workers: nothing leaves it
     q.submit(GENERATE, {"prompt": "a"})
