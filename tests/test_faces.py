@@ -334,7 +334,10 @@ def test_world_analysis_finds_aligns_segments_and_tells_identities_apart(world):
         left, right = sorted(found, key=lambda f: f.box[0])
         assert left.mask[:, :32].sum() > left.mask[:, 32:].sum()
         assert right.mask[:, 32:].sum() > right.mask[:, :32].sum()
-    assert world.analyse([render(Scene("room", [], variant=1)).image]) == [[]]
+    empty = render(Scene("room", [], variant=1)).image
+    assert world.analyse([empty]) == [[]]
+    emb, found = world.faces([empty, renders[0].image])
+    assert emb.shape == (2, 128) and found.tolist() == [False, True] and not emb[0].any()
 
 
 def test_world_faces_training_writes_a_loadable_analyser_with_its_record(tmp_path):

@@ -61,7 +61,9 @@ def reference_face(faces: list[Face], where: str) -> tuple[Face, str | None]:
 
 
 class FaceEmbeddings:
-    """A FaceAnalysis as a FaceEmbedder: each picture's largest face's embedding."""
+    """A FaceAnalysis as a FaceEmbedder: each picture's largest face's embedding (zeros where none is found)."""
+
+    embedding_dim: int = 512
 
     def faces(self, images: list[ImageLike]) -> tuple[torch.Tensor, torch.Tensor]:
         embs, found = [], []
@@ -69,6 +71,7 @@ class FaceEmbeddings:
             face = largest_face(faces)
             embs.append(face.embedding if face is not None else None)
             found.append(face is not None)
-        dim = next((e.shape[0] for e in embs if e is not None), 512)
-        rows = [e if e is not None else torch.zeros(dim) for e in embs]
-        return (torch.stack(rows) if rows else torch.zeros(0, dim)), torch.tensor(found, dtype=torch.bool)
+        rows = [e if e is not None else torch.zeros(self.embedding_dim) for e in embs]
+        return (torch.stack(rows) if rows else torch.zeros(0, self.embedding_dim)), torch.tensor(
+            found, dtype=torch.bool
+        )

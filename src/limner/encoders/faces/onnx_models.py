@@ -125,6 +125,8 @@ class OnnxFaceAnalysis(FaceEmbeddings):
         self.det_size = (shape[3], shape[2]) if isinstance(shape[2], int) and isinstance(shape[3], int) else det_size
         rec_path, self.recognizer = found["recognition"]
         self.crop_size = self.recognizer.get_inputs()[0].shape[2]
+        width = self.recognizer.get_outputs()[0].shape[-1]
+        self.embedding_dim = width if isinstance(width, int) else 512
         self.template = arcface_template(self.crop_size)
         self.mean, self.std = recognition_normalisation(rec_path)
         self.threshold, self.nms_threshold = threshold, nms_threshold

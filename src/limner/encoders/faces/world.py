@@ -116,6 +116,7 @@ class WorldFaceAnalysis(FaceEmbeddings):
         self.template = np.asarray(record["template"], np.float64)
         self.threshold = float(record["settings"].get("threshold", 0.5))
         self.identity = load_probe(Path(probes_folder), "identity")
+        self.embedding_dim = self.identity.heads[next(iter(self.identity.heads))].in_features
 
     @torch.no_grad()
     def detect(self, images: list[ImageLike], batch: int = 256) -> list[tuple[np.ndarray, Detections, np.ndarray]]:
