@@ -74,6 +74,9 @@ def run_limner(args: list[str], point: str | None, log: str) -> None:
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
+    import torch
+
+    torch.set_num_threads(1)  # every run the same arithmetic, whatever the machine
     if point:
         arm(point)
     from limner.cli import main

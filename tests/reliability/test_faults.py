@@ -25,21 +25,31 @@ STEPS, EVERY = 6, 2  # checkpoints at 2, 4, 6; killed in step 3, then while writ
 
 
 def forkserver():
-    """Runs fork from one server that imported torch, diffusers and limner once (see killpoint.run_limner), with
-    one thread each: the same arithmetic in every run, and two runs side by side on a small machine."""
-    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    """Runs fork from one server that imported torch, diffusers and limner once (see killpoint.run_limner)."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
     return ctx
 
 
 CTX = forkserver()
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def limner(*args, log: Path, kill: str | None = None):
-    """`limner ARGS` in a process of its own, killed with SIGKILL at the point `kill` names (killpoint.arm)."""
+    """`limner ARGS` in a process of its own, killed with SIGKILL at the point `kill` names (killpoint.arm). One
+    thread each: the same arithmetic in every run, and two runs side by side on a small machine. The fork server
+    takes the environment when the first run starts it, so it is set for that moment only (not for other tests)."""
     proc = CTX.Process(target=run_limner, args=([str(a) for a in args], kill, str(log)))
-    proc.start()
+    saved = {k: os.environ.get(k) for k in ONE_THREAD}
+    os.environ.update(ONE_THREAD)
+    try:
+        proc.start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return proc, log
 
 
