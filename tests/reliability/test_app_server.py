@@ -374,3 +374,5 @@ def test_the_server_killed_with_jobs_running_loses_none(server, report, tmp_path
         assert checkpoints and short_job["state"] == DONE
     finally:
         again.kill()
+        if alive(running.pid):  # a failure above must not leave a 100000-step training behind
+            os.killpg(running.pid, signal.SIGKILL)

@@ -185,7 +185,7 @@ def foreign_safetensors(ws: Workspace) -> Path:
     return path
 
 
-# (id, surface, what is given, build(ws) -> CLI args, what the error must say, the expected outcome in words)
+# (id, what is given, build(ws) -> the command line, what its one-line error must say, a note on the expectation)
 CLI_CASES: list[tuple[str, str, Callable[[Workspace], list[str]], str, str]] = [
     # bases
     ("base-missing", "--base /nonexistent/base", lambda ws: gen_cmd(ws, base=MISSING), "does not exist", ""),
