@@ -94,6 +94,10 @@ def write(report: Report, path: Path, seconds: float) -> None:
         "python -m pytest tests/reliability --reliability-report docs/reliability.md",
         "```",
         "",
+        "in an environment with the `[test]` extra (the app's cases need gradio; without it they are counted as "
+        "skipped). The full disk and the read-only folder are real: small tmpfs mounts, which need root (elsewhere "
+        "a read-only folder is a `chmod`, and the full disk a counted skip).",
+        "",
         f"Last run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, Python {platform.python_version()}, "
         f"{platform.machine()} with {os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f} as it ended), "
         f"{seconds:.0f} s for the suite. "

@@ -659,6 +659,8 @@ def api_cases(ws: Workspace) -> dict[str, tuple[str, str, Callable[[], object], 
     text.write_bytes(b"plain text, named like a picture")
     bomb = uploads / "bomb.png"
     bomb.write_bytes(bomb_png())
+    corrupt_mask = uploads / "mask.png"
+    corrupt_mask.write_bytes(b"\x89PNG not really")
     library = ws.root.parent / "app-library"  # outside the workspace: the store it makes is not a change
     no_vae = ws.inputs / "api-no-vae"
     if not no_vae.exists():
@@ -726,6 +728,12 @@ def api_cases(ws: Workspace) -> dict[str, tuple[str, str, Callable[[], object], 
             lambda: lib.save_references(ws.inputs / "upload-bomb", [bomb]),
             "pixels",
         ),
+        "app-upload-mask-corrupt": (
+            "app",
+            "a mask upload of random bytes named mask.png",
+            lambda: lib.save_references(ws.inputs / "upload-mask", [ws.refs / "0.png"], masks=[corrupt_mask]),
+            "mask.png is not a readable mask",
+        ),
         "app-unknown-job": (
             "app",
             "a job of kind 'mine'",
@@ -748,6 +756,7 @@ API_IDS = [
     "app-rename-traversal",
     "app-upload-wrong-type",
     "app-upload-bomb",
+    "app-upload-mask-corrupt",
     "app-unknown-job",
 ]
 
@@ -796,6 +805,18 @@ def test_app_upload_is_read_as_the_command_line_reads_it(ws, report):
     assert shapes[0] == (48, 40, 3) and (uploaded[1][:, 24:] == 255).all()
     assert np.array_equal(uploaded[1], direct[0]) and np.abs(uploaded[0].astype(int) - direct[1]).max() <= 0
     assert unchanged == "yes"
+
+
+def test_an_uploaded_mask_is_read_as_the_command_line_reads_one(ws, tmp_path):
+    """A transparent PNG as a mask: its alpha says where the subject is, in the app as in a subject folder."""
+    from limner.app import library as lib
+    from limner.evaluation.subjects import load_subjects
+
+    mask = tmp_path / "mask.png"
+    mask.write_bytes(rgba_png())  # opaque on the left half
+    saved = lib.save_references(tmp_path / "with-mask", [ws.refs / "0.png"], masks=[mask])
+    (subject,) = load_subjects(str(saved), "ball")
+    assert subject.masks[0][:, :24].all() and not subject.masks[0][:, 24:].any()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -194,6 +194,7 @@ def save_references(
             pictures.append(read_image(Path(src)))
         except LimnerError as e:
             raise LimnerError(f"upload {Path(src).name}: {e}") from e
+    levels = [mask_level(Path(m)) for m in (masks or [])[: len(pictures)]]
     folder.mkdir(parents=True, exist_ok=True)
     captions = [c.strip() for c in captions or []]
     for i, picture in enumerate(pictures):
@@ -201,8 +202,20 @@ def save_references(
         Image.fromarray(picture).save(folder / f"{stem}.png")
         if i < len(captions) and captions[i]:
             (folder / f"{stem}.txt").write_text(captions[i] + "\n")
-        if masks and i < len(masks):
+        if i < len(levels):
             (folder / "masks").mkdir(exist_ok=True)
-            with Image.open(masks[i]) as m:
-                m.convert("L").save(folder / "masks" / f"{stem}.png")
+            levels[i].save(folder / "masks" / f"{stem}.png")
     return folder
+
+
+def mask_level(path: Path):
+    """An uploaded mask as the greyscale picture `limner train` reads (white or opaque = the subject): its alpha
+    where it has one, as the command line reads a mask; an unreadable file or a bomb is a LimnerError naming it."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            return (im.getchannel("A") if im.mode in ("RGBA", "LA") else im.convert("L")).copy()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise LimnerError(f"upload {path.name} is not a readable mask image ({e}); upload a PNG mask") from e
