@@ -305,3 +305,21 @@ def test_bad_input_gets_clear_errors(base, adapter, tmp_path):
             applied.condition(f"{TRIGGER} on the beach", 10)
     with pytest.raises(LimnerError, match="alpha"):
         method.encode(base, adapter, [subject], tmp_path / "a", alpha=0)
+
+
+def test_the_shipped_world_adapter_is_small_fp16_and_recorded():
+    """assets/world/adapters/fastcomposer: the official prefixes in fp16 under 8 MB, and adapter.json saying what
+    made it (scripts/pretrain_fastcomposer.sh reproduces it)."""
+    import json
+
+    from limner.methods.fastcomposer.weights import read_weights
+
+    folder = get_method("fastcomposer").shipped_adapter({})
+    assert folder is not None
+    assert sum(p.stat().st_size for p in folder.iterdir()) < 8e6
+    parts = read_weights(folder)
+    assert all(v.dtype == torch.float16 for part in parts.values() for v in part.values())
+    manifest = json.loads((folder / "adapter.json").read_text())
+    assert manifest["method"] == "fastcomposer" and manifest["data"]["kind"] == "world"
+    assert manifest["steps"] == manifest["train"]["max_steps"] == 2400
+    assert manifest["lora"]["rank"] == 32 and manifest["settings"]["localization_weight"] == 1e-3

@@ -155,11 +155,12 @@ WORLD_ADAPTERS = WORLD_BASE.parent / "adapters"
 @pytest.mark.parametrize("variant", ["plain", "plus"])
 def test_shipped_world_adapters_are_small_fp16_and_reproducible(variant):
     """Each shipped adapter: fp16 safetensors in the official layout and its adapter.json, which records what
-    `limner pretrain --from` runs again; no checkpoints; all of them within the 15 MB budget."""
+    `limner pretrain --from` runs again; no checkpoints; IP-Adapter's together within its 15 MB budget (issue 27;
+    the other methods' shipped adapters keep budgets of their own)."""
     from safetensors import safe_open
 
     folder = WORLD_ADAPTERS / f"ip_adapter-{variant}"
-    files = [p for p in WORLD_ADAPTERS.rglob("*") if p.is_file()]
+    files = [p for p in WORLD_ADAPTERS.glob("ip_adapter-*/**/*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) < 15 * 2**20 and not any("checkpoints" in p.parts for p in files)
     with safe_open(str(folder / "ip_adapter.safetensors"), "pt") as f:
         assert all(f.get_slice(k).get_dtype() == "F16" for k in f.keys())
