@@ -16,7 +16,9 @@ from hypothesis import strategies as st
 from limner.errors import LimnerError
 
 EXAMPLES = 150
-FAST = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+FAST = settings(
+    max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None
+)
 
 # text as people type it and as files hold it: any unicode, and the characters parsers split on, often
 TEXT = st.one_of(
