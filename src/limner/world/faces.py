@@ -135,7 +135,9 @@ def level_of(box: np.ndarray) -> int:
 def targets(faces: np.ndarray, size: int = 64) -> list[dict[str, np.ndarray]]:
     """One picture's detector targets per stride: score [cells], box distances [cells, 4] and keypoint offsets
     [cells, 10] (in strides), positive [cells] bool. A face is learnt by the cells whose corner lies within
-    a quarter of its size from its centre, and always by the nearest one; a smaller face wins a shared cell."""
+    a quarter of its size (at least a stride) from its centre, and always by the nearest one; a smaller face
+    wins a shared cell. (Within half a stride, a 7 px face of two figures side by side had one cell to learn
+    from and scored under 0.5 in 8% of pairs.)"""
     out = []
     for stride in LAYOUT.strides:
         n = size // stride
@@ -159,7 +161,7 @@ def targets(faces: np.ndarray, size: int = 64) -> list[dict[str, np.ndarray]]:
         centre = (box[:2] + box[2:]) / 2
         ys, xs = np.mgrid[:n, :n]
         corners = np.stack([xs, ys], -1).reshape(-1, 2).astype(np.float32) * stride
-        near = np.abs(corners - centre).max(1) <= max(0.25 * side, stride / 2)
+        near = np.abs(corners - centre).max(1) <= max(0.25 * side, stride)
         near[np.argmin(np.linalg.norm(corners - centre, axis=1))] = True
         near &= side < t["side"]
         t["score"][near], t["positive"][near], t["side"][near] = 1.0, True, side
