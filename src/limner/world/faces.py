@@ -424,7 +424,29 @@ def measure(analysis: WorldFaceAnalysis, base=None, per_identity: int = 8, seed:
         results[name] = row
     two = two_character_renders(seed + 2)
     results["renders/two characters"] = detection_scores(analysis, *two)
+    if base is not None:
+        results |= drawn_faces(analysis, base)
     return results
+
+
+def drawn_faces(analysis: WorldFaceAnalysis, base, per_framing: int = 16, seed: int = 31) -> dict:
+    """Faces found in the base's own drawings from text alone ("a portrait of a CLASS CONTEXT", "a CLASS
+    CONTEXT"), where no keypoints are known: the share of drawings with exactly one face, and faces per drawing."""
+    from limner.world.check import draw
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for framing, what in (("portrait", "a portrait of a"), ("full", "a")):
+        prompts = [
+            f"{what} {rng.choice(vocab.CHARACTER_CLASSES)} {vocab.CONTEXTS[str(rng.choice(list(vocab.CONTEXTS)))]}"
+            for _ in range(per_framing)
+        ]
+        counts = np.array([len(f) for f in analysis.analyse(draw(base, prompts, seed=seed))])
+        out[f"drawn from text/{framing}"] = {
+            "one_face": round(float((counts == 1).mean()), 4),
+            "faces_per_picture": round(float(counts.mean()), 4),
+        }
+    return out
 
 
 def two_character_renders(seed: int, n: int = 32) -> tuple[np.ndarray, list[np.ndarray]]:
