@@ -345,10 +345,6 @@ def detection_scores(analysis: WorldFaceAnalysis, images: np.ndarray, truth: lis
     }
 
 
-def embeddings(analysis: WorldFaceAnalysis, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    return analysis.faces(list(images))
-
-
 def best_threshold(emb: torch.Tensor, labels: np.ndarray) -> float:
     same, sims = _pairs(emb, labels)
     candidates = np.unique(np.round(sims, 3))
@@ -405,7 +401,7 @@ def measure(analysis: WorldFaceAnalysis, base=None, per_identity: int = 8, seed:
 
     whole = WorldFaceEmbedder(WORLD_PROBES)
     cal_images, cal_labels = calibration_renders()
-    threshold = best_threshold(embeddings(analysis, cal_images)[0], cal_labels)
+    threshold = best_threshold(analysis.faces(list(cal_images))[0], cal_labels)
     whole_threshold = best_threshold(whole.faces(list(cal_images))[0], cal_labels)
     results: dict = {"threshold": threshold, "whole_picture_threshold": whole_threshold}
     sets: dict[str, tuple[np.ndarray, list[np.ndarray], np.ndarray]] = {}
@@ -418,7 +414,7 @@ def measure(analysis: WorldFaceAnalysis, base=None, per_identity: int = 8, seed:
                 sets[f"redrawn {strength}/{framing}"] = (redraw(base, renders, prompts, strength), truth, labels)
     for name, (images, truth, labels) in sets.items():
         row = detection_scores(analysis, images, truth)
-        emb, found = embeddings(analysis, images)
+        emb, found = analysis.faces(list(images))
         row["verification"] = verification(emb, found, labels, threshold)
         row["verification_whole_picture"] = verification(*whole.faces(list(images)), labels, whole_threshold)
         results[name] = row
