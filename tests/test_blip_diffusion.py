@@ -363,3 +363,23 @@ def test_bad_settings_are_named(base, adapter, tmp_path):
         method.personalize(base, _subject(), tmp_path / "c", adapter=adapter, finetune_steps=-1)
     with pytest.raises(LimnerError, match="drop_subject"):
         method.personalize(base, _subject(), tmp_path / "c", adapter=adapter, drop_subject=2)
+
+
+def test_shipped_world_adapter_is_small_and_encodes():
+    """The world's adapter ships inside the package (under 10 MB of fp16 safetensors) and encodes a bench
+    subject with the world base."""
+    method = get_method("blip_diffusion")
+    folder = method.shipped_adapter({})
+    if folder is None:
+        pytest.skip("this install has no shipped BLIP-Diffusion world adapter")
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    assert size < 10e6
+    manifest = json.loads((folder / "adapter.json").read_text())
+    assert manifest["method"] == "blip_diffusion" and set(manifest["steps"]) == {"stage1", "stage2"}
+    world = load_base(None)
+    encoder, prep = method.load_encoder(world, folder)
+    from limner.world.bench import SUBJECTS, subject_references
+
+    refs = subject_references(SUBJECTS[0])
+    ctx = method.subject_embeddings(encoder, prep, [r.image for r in refs], SUBJECTS[0].cls)
+    assert ctx.shape == (1, 16, world.pipe.text_encoder.config.hidden_size) and torch.isfinite(ctx).all()

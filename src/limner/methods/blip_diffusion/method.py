@@ -20,7 +20,8 @@ diffusion model draw a new subject zero-shot from one or a few pictures, or afte
   stays small).
 - **Use**: zero-shot, the subject embeddings of 1-5 references averaged; or the paper's few-shot fine-tune, in
   which the averaged embeddings become a trainable cache (`ctx_embeddings_cache`) and train with the UNet on the
-  subject's own pictures, captioned "a {subject}" (about 40 steps, lr 5e-6, batch 3).
+  subject's own pictures, captioned "a {subject}" (about 40 steps, batch 3; the paper's lr 5e-6 trains SD's whole
+  UNet, limner's default 1e-3 the world's LoRA and embeddings).
 
 Files (formats.py): limner's small adapter folder, and diffusers' `BlipDiffusionPipeline` folder, written by
 `export` and read as an adapter. A concept holds the subject embeddings (`ctx_embeddings.safetensors`), the
@@ -94,7 +95,11 @@ class BlipDiffusionSettings:
         "the paper's few-shot fine-tune: steps of the cached subject embeddings and the UNet's LoRA on the "
         "subject's own pictures (0: zero-shot; the paper: about 40)",
     )
-    finetune_learning_rate: float = setting(5e-6, "the fine-tune's learning rate (the paper's 5e-6)")
+    finetune_learning_rate: float = setting(
+        1e-3,
+        "the fine-tune's learning rate: limner's 1e-3 for the world's LoRA and embeddings; the paper's 5e-6 (for SD's "
+        "whole UNet) moves them too little to see on the world (docs/world-bench-blip)",
+    )
     finetune_batch_size: int = setting(3, "the fine-tune's batch (the paper's 3)")
     # pretraining
     stage1_steps: int = setting(300, "pretrain: steps of stage 1 (ITC + ITG) before stage 2's --steps")
