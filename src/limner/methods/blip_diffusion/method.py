@@ -436,12 +436,23 @@ def _describe(stream: Any) -> Any:
 
 
 def _open_data(data: Any, base: Base, seed: int, captions: str) -> Any:
+    """A data stream: given (anything iterable over samples), or opened from a spec by limner.data, this process's
+    share of it under `accelerate launch`."""
     if not isinstance(data, (str, Path)):
         return data
+    from accelerate import PartialState
+
     from limner.data import open_stream
 
+    state = PartialState(cpu=torch.device(base.device).type == "cpu")  # as IP-Adapter's: see ip_adapter._open_data
     return open_stream(
-        str(data), seed=seed, rank=0, world_size=1, resolution=base.resolution, pair="self", captions=captions
+        str(data),
+        seed=seed,
+        rank=state.process_index,
+        world_size=state.num_processes,
+        resolution=base.resolution,
+        pair="self",
+        captions=captions,
     )
 
 
