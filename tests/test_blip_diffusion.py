@@ -383,3 +383,19 @@ def test_shipped_world_adapter_is_small_and_encodes():
     refs = subject_references(SUBJECTS[0])
     ctx = method.subject_embeddings(encoder, prep, [r.image for r in refs], SUBJECTS[0].cls)
     assert ctx.shape == (1, 16, world.pipe.text_encoder.config.hidden_size) and torch.isfinite(ctx).all()
+
+
+def test_export_command(blip_base, adapter, tmp_path):
+    from typer.testing import CliRunner
+
+    from limner.cli import app
+
+    out = tmp_path / "pipe"
+    args = ["export", "--method", "blip_diffusion", "--adapter", str(adapter), "--base", str(blip_base), "--out"]
+    r = CliRunner().invoke(app, [*args, str(out)])
+    assert r.exit_code == 0, r.output
+    assert formats.is_pipeline_folder(out) and (out / "qformer" / "model.safetensors").is_file()
+    r = CliRunner().invoke(app, [*args, str(out)])
+    assert r.exit_code == 2 and "not empty" in r.output
+    r = CliRunner().invoke(app, ["export", "--method", "ip_adapter", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "blip_diffusion" in r.output
