@@ -57,12 +57,16 @@ def subject_crop(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) 
     noise = rng.integers(0, 256, image.shape, dtype=np.uint8)
     pasted = np.where(mask[..., None], image, noise)
     ys, xs = np.nonzero(mask)
-    crop = pasted[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
-    h, w = crop.shape[:2]
+    return pad_square(pasted[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1])
+
+
+def pad_square(image: np.ndarray) -> np.ndarray:
+    """The picture centred on a black square (the official PadToSquare with fill 0)."""
+    h, w = image.shape[:2]
     side = max(h, w)
     square = np.zeros((side, side, 3), dtype=np.uint8)
     top, left = (side - h) // 2, (side - w) // 2
-    square[top : top + h, left : left + w] = crop
+    square[top : top + h, left : left + w] = image
     return square
 
 

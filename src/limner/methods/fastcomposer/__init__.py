@@ -162,7 +162,7 @@ def reference_crops(subject: Subject, limit: int | None) -> list[np.ndarray]:
     """Each reference as the image encoder reads it: with a mask, the subject's crop on noise (as in training, noise
     seeded so encoding is repeatable); without, the whole picture padded square. A reference that shows no subject
     (an empty mask, a flat picture) is an error naming it."""
-    from limner.data.multi_subject import subject_crop
+    from limner.data.multi_subject import pad_square, subject_crop
 
     images = subject.images[:limit]
     if not images:
@@ -183,11 +183,7 @@ def reference_crops(subject: Subject, limit: int | None) -> list[np.ndarray]:
         else:
             if int(a.max()) - int(a.min()) <= FLAT:
                 raise LimnerError(f"{where} is one flat colour: it shows no subject (all background)")
-            side = max(a.shape[:2])
-            square = np.zeros((side, side, 3), np.uint8)
-            top, left = (side - a.shape[0]) // 2, (side - a.shape[1]) // 2
-            square[top : top + a.shape[0], left : left + a.shape[1]] = a
-            crops.append(square)
+            crops.append(pad_square(a))
     return crops
 
 
