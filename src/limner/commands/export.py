@@ -14,13 +14,18 @@ import typer
 from limner.commands.options import BaseOpt, DeviceOpt, command, output_folder, removed_if_failed
 from limner.errors import LimnerError
 
-EXPORTERS = ("blip_diffusion",)
+
+def exporters() -> list[str]:
+    """The methods that write another library's folder: those whose class defines `export(base, adapter, out)`."""
+    from limner.methods import REGISTRY, method_names
+
+    return [name for name in method_names() if callable(getattr(REGISTRY[name], "export", None))]
 
 
 @command
 def export_cmd(
     method: Annotated[
-        str, typer.Option("--method", help=f"The method whose adapter to export: {', '.join(EXPORTERS)}.")
+        str, typer.Option("--method", help="The method whose adapter to export (today: BLIP-Diffusion's).")
     ],
     out: Annotated[Path, typer.Option("--out", help="A new folder for the exported pipeline.")],
     adapter: Annotated[
@@ -34,8 +39,8 @@ def export_cmd(
     from limner.methods import get_method
     from limner.models.loading import load_base
 
-    if method not in EXPORTERS:
-        raise LimnerError(f"limner export --method {method}: exports exist for {', '.join(EXPORTERS)}")
+    if method not in exporters():
+        raise LimnerError(f"limner export --method {method}: exports exist for {', '.join(exporters())}")
     output_folder(out)
     if out.exists() and any(out.iterdir()):
         raise LimnerError(f"--out {out} is not empty; give a new folder (nothing was overwritten)")
