@@ -4,6 +4,8 @@ One copy here, in the core layer, so every layer above can use it."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from PIL import Image
@@ -39,3 +41,11 @@ def cut_out(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     if mask.shape != image.shape[:2]:
         mask = np.asarray(Image.fromarray(mask).resize(image.shape[1::-1], Image.NEAREST))
     return np.where(mask[..., None], image, np.uint8(BACKGROUND_GREY)).astype(np.uint8)
+
+
+def write_png(array: np.ndarray, path: Path) -> None:
+    """A uint8 picture written as a PNG under a temporary name, then renamed: never half a file at `path`."""
+    from limner.io import written_atomically
+
+    with written_atomically(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")

@@ -66,8 +66,8 @@ from limner.adapters import (
 )
 from limner.concepts import MANIFEST, read_manifest, write_model_card
 from limner.errors import LimnerError
-from limner.images import cut_out, to_pil, to_unit_range
-from limner.io import child, disk_guard, write_json_atomic, written_atomically
+from limner.images import cut_out, to_pil, to_unit_range, write_png
+from limner.io import PICKLE_SUFFIXES, child, disk_guard, read_tensors, write_json_atomic, written_atomically
 from limner.methods.adapter import (
     ADAPTER_MANIFEST,
     AdapterMethod,
@@ -93,7 +93,6 @@ EMBEDS = "image_embeds.safetensors"
 IMAGE_ENCODER = "image_encoder"
 FEATURE_EXTRACTOR = "feature_extractor"
 MIN_REFERENCE_SIDE = 8  # pixels: a smaller picture holds nothing for CLIP to read
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # diffusers' loader builds a plain projection with 4 tokens (16 only at ViT-H x SDXL size): a plain adapter it can
 # load has 4
 PLAIN_TOKENS = 4
@@ -276,31 +275,17 @@ def read_adapter_weights(path: Path, allow_pickle: bool = False) -> dict[str, di
     """An IP-Adapter file as {"image_proj": {...}, "ip_adapter": {...}}: `.safetensors` with the official flat
     prefixes, or (with allow_pickle) the official nested `.bin`, read by torch.load(weights_only=True)."""
     path = weights_file(Path(path))
-    if path.suffix in PICKLE_SUFFIXES:
-        if not allow_pickle:
-            raise LimnerError(
-                f"{path} is a pickle, which can run code when read; pass --allow-pickle (allow_pickle=True) if you "
-                "trust it (it is read with torch.load(weights_only=True)), or convert it to .safetensors"
-            )
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unpickling failure is the file's fault
-            raise LimnerError(f"{path} could not be read as a weights-only torch file: {e}") from e
+    if path.suffix not in PICKLE_SUFFIXES and path.suffix != ".safetensors":
+        raise LimnerError(f"{path}: IP-Adapter weights are read from .safetensors (or a .bin with --allow-pickle)")
+    state = read_tensors(path, allow_pickle)
+    if path.suffix in PICKLE_SUFFIXES:  # the official nested layout
         if not isinstance(state, dict) or not {"image_proj", "ip_adapter"} <= set(state):
             raise LimnerError(f"{path} is not an IP-Adapter file: it needs 'image_proj' and 'ip_adapter' entries")
         unknown = sorted(set(state) - {"image_proj", "ip_adapter"})
         if unknown:
             raise LimnerError(f"{path} has unknown entries {unknown[:4]}: not an IP-Adapter file")
         return {"image_proj": dict(state["image_proj"]), "ip_adapter": dict(state["ip_adapter"])}
-    if path.suffix != ".safetensors":
-        raise LimnerError(f"{path}: IP-Adapter weights are read from .safetensors (or a .bin with --allow-pickle)")
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        flat = load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise LimnerError(f"{path} is not a readable safetensors file: {e}") from e
+    flat = state
     unknown = sorted(k for k in flat if not k.startswith(("image_proj.", "ip_adapter.")))
     if unknown:
         raise LimnerError(
@@ -724,13 +709,6 @@ def _check_references(images: list, where: str) -> list[np.ndarray]:
     return checked
 
 
-def _save_png(array: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
-    with written_atomically(path) as tmp:
-        Image.fromarray(array).save(tmp, format="PNG")
-
-
 @register
 class IPAdapter(AdapterMethod):
     """Decoupled image cross-attention: an image prompt through its own keys and values (Ye et al., 2023)."""
@@ -939,7 +917,7 @@ class IPAdapter(AdapterMethod):
         with disk_guard(f"the concept in {out}"):
             (out / "references").mkdir(exist_ok=True)
             for i, im in enumerate(images):
-                _save_png(im, out / "references" / f"{i:02d}.png")
+                write_png(im, out / "references" / f"{i:02d}.png")
             embeds = {
                 "image_embeds": positive.cpu().contiguous(),
                 "negative_image_embeds": negative.cpu().contiguous(),

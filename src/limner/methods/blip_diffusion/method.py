@@ -42,7 +42,7 @@ from torch import nn
 
 from limner.concepts import MANIFEST, read_manifest, write_model_card
 from limner.errors import LimnerError
-from limner.images import to_unit_range
+from limner.images import to_unit_range, write_png
 from limner.io import child, disk_guard, write_json_atomic, written_atomically
 from limner.methods.adapter import (
     ADAPTER_MANIFEST,
@@ -705,15 +705,13 @@ class BlipDiffusion(AdapterMethod):
         return cache.detach(), lora
 
     def _write_concept(self, base, adapter, subject, out, cfg, images, ctx, lora, t0) -> Path:
-        from PIL import Image
         from safetensors.torch import save_file
 
         out.mkdir(parents=True, exist_ok=True)
         with disk_guard(f"the concept in {out}"):
             (out / "references").mkdir(exist_ok=True)
             for i, im in enumerate(images):
-                with written_atomically(out / "references" / f"{i:02d}.png") as tmp:
-                    Image.fromarray(im).save(tmp, format="PNG")
+                write_png(im, out / "references" / f"{i:02d}.png")
             with written_atomically(out / EMBEDS) as tmp:
                 save_file({"ctx_embeddings": ctx.detach().float().cpu().contiguous()}, str(tmp))
             if lora is not None:

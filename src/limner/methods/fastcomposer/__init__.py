@@ -39,6 +39,7 @@ import torch
 
 from limner.concepts import MANIFEST, read_manifest, write_model_card
 from limner.errors import LimnerError
+from limner.images import write_png
 from limner.io import disk_guard, write_json_atomic, written_atomically
 from limner.methods.adapter import (
     ADAPTER_MANIFEST,
@@ -185,13 +186,6 @@ def reference_crops(subject: Subject, limit: int | None) -> list[np.ndarray]:
                 raise LimnerError(f"{where} is one flat colour: it shows no subject (all background)")
             crops.append(pad_square(a))
     return crops
-
-
-def _save_png(array: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
-    with written_atomically(path) as tmp:
-        Image.fromarray(array).save(tmp, format="PNG")
 
 
 @register
@@ -388,7 +382,7 @@ class FastComposer(AdapterMethod):
             (out / "references").mkdir(exist_ok=True)
             for k, subject_crops in enumerate(crops):
                 for i, im in enumerate(subject_crops):
-                    _save_png(im, out / "references" / f"{k:02d}-{i:02d}.png")
+                    write_png(im, out / "references" / f"{k:02d}-{i:02d}.png")
             with written_atomically(out / EMBEDS) as tmp:
                 save_file({"subject_embeds": embeds.cpu().contiguous()}, str(tmp))
             nouns = [s.class_noun for s in subjects]

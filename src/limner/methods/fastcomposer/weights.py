@@ -20,12 +20,11 @@ import torch
 from torch import nn
 
 from limner.errors import LimnerError
-from limner.io import written_atomically
+from limner.io import PICKLE_SUFFIXES, read_tensors, written_atomically
 
 WEIGHTS = "fastcomposer.safetensors"
 OFFICIAL_FILE = "pytorch_model.bin"
 PARTS = ("unet", "text_encoder", "image_encoder", "postfuse_module")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 LORA_NAME = "fastcomposer"  # the peft adapter name in the UNet
 IGNORED = ("text_encoder.embeddings.position_ids", "image_encoder.vision_model.embeddings.position_ids")
 
@@ -49,28 +48,11 @@ def read_weights(adapter: Path, allow_pickle: bool = False) -> dict[str, dict[st
     """An adapter's weights split by part: {"unet": ..., "text_encoder": ..., "image_encoder": ...,
     "postfuse_module": ...}, each with its prefix removed (absent parts are empty)."""
     path = weights_path(adapter)
-    if path.suffix in PICKLE_SUFFIXES:
-        if not allow_pickle:
-            raise LimnerError(
-                f"{path} is a pickle, which can run code when read; pass --allow-pickle (allow_pickle=True) if you "
-                "trust it (it is read with torch.load(weights_only=True)), or convert it to .safetensors"
-            )
-        try:
-            flat = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unpickling failure is the file's fault
-            raise LimnerError(f"{path} could not be read as a weights-only torch file: {e}") from e
-        if not isinstance(flat, dict):
-            raise LimnerError(f"{path} holds no state dict: not a FastComposer checkpoint")
-    elif path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            flat = load_file(str(path))
-        except (SafetensorError, OSError) as e:
-            raise LimnerError(f"{path} is not a readable safetensors file: {e}") from e
-    else:
+    if path.suffix not in PICKLE_SUFFIXES and path.suffix != ".safetensors":
         raise LimnerError(f"{path}: FastComposer weights are read from .safetensors (or a .bin with --allow-pickle)")
+    flat = read_tensors(path, allow_pickle)
+    if not isinstance(flat, dict):
+        raise LimnerError(f"{path} holds no state dict: not a FastComposer checkpoint")
     unknown = sorted(k for k in flat if k.split(".")[0] not in PARTS)
     if unknown:
         raise LimnerError(
