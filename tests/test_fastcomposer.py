@@ -323,3 +323,20 @@ def test_the_shipped_world_adapter_is_small_fp16_and_recorded():
     assert manifest["method"] == "fastcomposer" and manifest["data"]["kind"] == "world"
     assert manifest["steps"] == manifest["train"]["max_steps"] == 2400
     assert manifest["lora"]["rank"] == 32 and manifest["settings"]["localization_weight"] == 1e-3
+
+
+def test_an_adapter_with_lora_weights_missing_is_refused_and_the_unet_left_as_it_was(base):
+    """A LoRA module without its weights would keep lora_B at zero and silently do nothing there: an error
+    naming the adapter, and the UNet without the half-installed LoRA."""
+    import json
+
+    from limner.methods.fastcomposer.weights import load_unet_lora, read_weights
+
+    folder = get_method("fastcomposer").shipped_adapter({})
+    lora = json.loads((folder / "adapter.json").read_text())["lora"]
+    unet_state = read_weights(folder)["unet"]
+    dropped = next(k for k in unet_state if "lora_B" in k)
+    keys_before = set(base.pipe.unet.state_dict())
+    with pytest.raises(LimnerError, match="LoRA weights missing"):
+        load_unet_lora(base.pipe.unet, {k: v for k, v in unet_state.items() if k != dropped}, lora, folder)
+    assert set(base.pipe.unet.state_dict()) == keys_before

@@ -221,10 +221,13 @@ def export_pipeline(
     )
     from diffusers.pipelines.deprecated.blip_diffusion.modeling_blip2 import Blip2QFormerModel
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    # written beside `out`, then renamed: a kill mid-way leaves no folder that passes for a pipeline
+    final = Path(out)
+    out = final.parent / f".{final.name}.partial"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
     qformer_dir = out / "qformer"
-    with disk_guard(f"the BLIP-Diffusion folder {out}"):
+    with disk_guard(f"the BLIP-Diffusion folder {final}"):
         save_bert_tokenizer(encoder.tokenizer, qformer_dir)  # diffusers' Blip2QFormerModel reads it back from here
         config = _config_from(encoder.config.to_dict())
         config.tokenizer = str(qformer_dir.resolve())
@@ -251,4 +254,12 @@ def export_pipeline(
         save_bert_tokenizer(
             encoder.tokenizer, qformer_dir
         )  # after the model's save_pretrained, which may tidy the folder
-    return out
+        # diffusers' Q-Former loads its tokenizer from the folder its config names: the final one
+        config_file = qformer_dir / "config.json"
+        write_json_atomic(
+            config_file, json.loads(config_file.read_text()) | {"tokenizer": str((final / "qformer").resolve())}
+        )
+    if final.exists():
+        final.rmdir()  # empty: `limner export` refuses a folder with anything in it
+    out.rename(final)
+    return final

@@ -31,6 +31,7 @@ references, and, when fine-tuned, its own copy of the UNet's LoRA.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -802,7 +803,8 @@ def official_prompt(prompt: str, class_noun: str, reps: int = PROMPT_REPS, stren
     """The official prompt for a limner prompt: one that starts "a {class_noun}" (what `prompt` gives for a bench
     template) has the rest as the official text prompt; any other is the text prompt after "a {class_noun}"."""
     head = f"a {class_noun}"
-    rest = prompt.strip()[len(head) :] if prompt.strip().lower().startswith(head.lower()) else prompt
+    starts = re.match(rf"{re.escape(head)}\b", prompt.strip(), re.IGNORECASE)  # "a ballerina" is not "a ball"
+    rest = prompt.strip()[len(head) :] if starts else prompt
     return build_prompt(rest, class_noun, strength, reps)
 
 

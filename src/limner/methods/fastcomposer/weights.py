@@ -127,6 +127,13 @@ def load_unet_lora(unet: nn.Module, state: dict[str, torch.Tensor], lora: dict, 
     add_unet_lora(unet, int(lora["rank"]), float(lora["alpha"]), list(lora["targets"]))
     result = set_peft_model_state_dict(unet, state, adapter_name=LORA_NAME)
     unexpected = getattr(result, "unexpected_keys", None) or []
+    # a LoRA module left without its weights keeps lora_B at zero: the adapter would silently do nothing there
+    missing = [k for k in getattr(result, "missing_keys", None) or [] if "lora_" in k and LORA_NAME in k]
+    if missing:
+        remove_unet_lora(unet)
+        raise LimnerError(
+            f"FastComposer adapter {where}: LoRA weights missing for {len(missing)} tensors, e.g. {missing[:4]}"
+        )
     if unexpected:
         remove_unet_lora(unet)
         raise LimnerError(
