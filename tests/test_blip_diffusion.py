@@ -399,3 +399,18 @@ def test_export_command(blip_base, adapter, tmp_path):
     assert r.exit_code == 2 and "not empty" in r.output
     r = CliRunner().invoke(app, ["export", "--method", "ip_adapter", "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "blip_diffusion" in r.output
+
+
+def test_the_papers_fine_tune_is_one_switch_away():
+    """`--set recipe=paper`: the paper's 40 steps at lr 5e-6, batch 3, in place of limner's learning rate; a
+    setting given beside it wins, and an unknown recipe is an error naming the ones there are."""
+    from limner.methods.blip_diffusion.method import BlipDiffusionSettings
+    from limner.methods.settings import with_recipe, with_settings
+
+    method = get_method("blip_diffusion")
+    paper = with_settings(BlipDiffusionSettings(), with_recipe(method, {"recipe": "paper"}), method.name)
+    assert (paper.finetune_steps, paper.finetune_learning_rate, paper.finetune_batch_size) == (40, 5e-6, 3)
+    assert with_settings(BlipDiffusionSettings(), {}, method.name).finetune_learning_rate != 5e-6
+    assert with_recipe(method, {"recipe": "paper", "finetune_steps": 10})["finetune_steps"] == 10
+    with pytest.raises(LimnerError, match="limner, paper"):
+        with_recipe(method, {"recipe": "dreambench"})

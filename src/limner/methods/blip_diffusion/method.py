@@ -70,7 +70,7 @@ from limner.methods.blip_diffusion.qformer import (
     world_words,
 )
 from limner.methods.registry import register
-from limner.methods.settings import setting, with_settings
+from limner.methods.settings import recipe_setting, setting, with_settings
 from limner.subject import Subject
 from limner.training import TrainConfig, TrainingTask, is_main_process, noise_scheduler, split_train_settings, train
 from limner.training.data import fit_square
@@ -102,6 +102,7 @@ class BlipDiffusionSettings:
         "whole UNet) moves them too little to see on the world (docs/world-bench-blip)",
     )
     finetune_batch_size: int = setting(3, "the fine-tune's batch (the paper's 3)")
+    recipe: str = recipe_setting()
     # pretraining
     stage1_steps: int = setting(300, "pretrain: steps of stage 1 (ITC + ITG) before stage 2's --steps")
     stage1_learning_rate: float = setting(1e-4, "pretrain: stage 1's AdamW learning rate")
@@ -624,6 +625,10 @@ class BlipDiffusion(AdapterMethod):
         return formats.export_pipeline(Path(out), parts, encoder.cpu(), prep.as_config(), CTX_BEGIN_POS)
 
     # ---- encoding ----------------------------------------------------------------------------------------------
+
+    def recipes(self, num_subjects: int = 1) -> dict[str, dict[str, Any]]:
+        """The paper's few-shot fine-tune: the cached subject embedding trained 40 steps at lr 5e-6, batch 3."""
+        return {"paper": {"finetune_steps": 40, "finetune_learning_rate": 5e-6, "finetune_batch_size": 3}}
 
     def personalize(self, base: Base, subject: Any, out: Path, *, score: Any = None, **overrides: Any) -> Path:
         with_settings(BlipDiffusionSettings(), {k: v for k, v in overrides.items() if k != "adapter"}, self.name)
