@@ -8,7 +8,10 @@ LoRA here) denoises from that. The loss:
     L = L_denoise + lambda * L_localization,   lambda = 1e-3
 
 L_denoise is the noise-prediction MSE, with probability 0.5 only inside the subjects' masks (the masked loss, so the
-background of a training image is not learned as part of its subjects). L_localization is the balanced L1 on the
+background of a training image is not learned as part of its subjects; limner's masked MSE is the mean over the
+mask's pixels, where the official code zeroes the error outside the mask and averages over the whole picture, so
+its masked steps weigh less the smaller the subjects: here a masked step counts as much as an unmasked one, and the
+1e-3 weight of L_localization sits against a larger L_denoise on those steps). L_localization is the balanced L1 on the
 cross-attention maps of the middle 5 cross-attention blocks: for each subject's noun token, its mean attention on
 the background minus its mean attention inside the subject's mask (resized to each map), averaged over the subjects
 of a sample, the heads, the samples and the blocks. It keeps each subject's token attending to its own region,
