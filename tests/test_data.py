@@ -343,3 +343,30 @@ def test_parquet_without_pyarrow_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "pyarrow", None)  # as if it were not installed
     with pytest.raises(LimnerError, match=r"needs pyarrow: pip install 'limner\[data\]'"):
         open_stream(str(tmp_path))
+
+
+def test_character_stream_gives_the_identity_methods_keypoints_and_a_whole_second_view():
+    """subjects="characters": every sample a person never near a held-out identity, its face keypoints on the
+    face (inside the person's mask) and scaled with the resolution; pair="view" gives another, uncut view with
+    its mask, the shirt redrawn with clothes="vary" and kept with clothes="same"."""
+    held_faces = heldout_identity_keys()
+    varied = take(open_stream("world", seed=2, pair="view", subjects="characters"), 40)
+    same = take(open_stream("world", seed=2, pair="view", subjects="characters", clothes="same"), 40)
+    shirts_differ = 0
+    for a, b in zip(varied, same):
+        assert a.subject == b.subject and a.subject.startswith("character:")
+        face = Identity(*(int(c) for c in a.subject.split(":")[2][3:]))
+        assert face.key() not in held_faces and not near_heldout_identity(face)
+        x, y = np.round(a.face_keypoints).astype(int).clip(0, 63).T
+        assert a.mask[y, x].mean() >= 0.8, "the keypoints lie on the person"
+        assert {"neck", "left_shoulder", "right_shoulder"} <= set(a.body_keypoints)
+        ref, ref_mask = a.references[0], a.reference_masks[0]
+        assert not np.array_equal(ref, a.image) and ref_mask.shape == ref.shape[:2] and ref_mask.any()
+        assert (ref[~ref_mask] != BACKGROUND_GREY).any(), "the second view keeps its background"
+        shirts_differ += not np.array_equal(a.references[0], b.references[0])
+    assert shirts_differ > 30, "clothes=vary redraws the shirt of the second view"
+    big = take(open_stream("world", seed=2, pair="view", subjects="characters", resolution=128), 3)
+    for small, large in zip(varied, big):
+        assert large.image.shape == (128, 128, 3) and np.allclose(large.face_keypoints, 2 * small.face_keypoints)
+    with pytest.raises(LimnerError, match="clothes='hats'"):
+        open_stream("world", subjects="characters", clothes="hats")

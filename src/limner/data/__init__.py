@@ -26,14 +26,24 @@ def open_stream(
     resolution: int = 64,
     pair: str = "self",
     captions: str = "full",
+    subjects: str = "all",
+    clothes: str = "vary",
 ) -> SampleStream:
     """The stream `spec` names: "world", or a path (see limner.data.sources for the formats). Real data
     offer one view of each image and the captions they come with: pair="view" and captions="class" are the
-    world's alone."""
+    world's alone. subjects="characters" (with clothes="vary"|"same" for the second view) is the world's
+    identity stream; on real data the identity methods keep the images where a face is found."""
     check_stream_args(spec, seed, rank, world_size, resolution, pair, captions)
     if spec == "world":
         return WorldStream(
-            seed=seed, rank=rank, world_size=world_size, resolution=resolution, pair=pair, captions=captions
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            resolution=resolution,
+            pair=pair,
+            captions=captions,
+            subjects=subjects,
+            clothes=clothes,
         )
     if pair != "self":
         raise LimnerError(

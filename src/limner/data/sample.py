@@ -32,6 +32,10 @@ class Sample:
     references: list[np.ndarray]  # the conditioning image(s): [image] for pair="self", another view for "view"
     mask: np.ndarray | None = None  # H x W bool subject mask of the target, where known
     subject: str | None = None  # a subject id (world: its key), None for real data
+    # the identity methods' world stream (subjects="characters") fills these from the renderer
+    face_keypoints: np.ndarray | None = None  # [5, 2] (x, y) in target pixels: eyes, nose tip, mouth corners
+    body_keypoints: dict[str, tuple[float, float]] | None = None  # name -> (x, y) in target pixels
+    reference_masks: list[np.ndarray] | None = None  # per reference, where the subject is
 
 
 @runtime_checkable

@@ -8,6 +8,13 @@ the scene. The bench's held-out subjects never appear, nor anything near them: i
 less away from a held-out identity are refused here (stricter than the base's training data, which only
 leaves out the identities themselves), so the bench measures generalization to unseen subjects.
 
+`subjects="characters"` is the identity methods' stream: characters only, mostly portraits (a full figure's
+face is a few pixels), each sample carrying the target's 5 face keypoints and body keypoints from the
+renderer. With `pair="view"` its reference is another view of the same person left whole (the methods find
+the face and cut the person out themselves, as they must on real photos), with the person's mask beside
+it; `clothes="vary"` redraws the shirt for that view (PhotoMaker, InstantID: the face alone carries the
+identity), `clothes="same"` keeps it (StoryMaker keeps clothes).
+
 Sample k of rank r is sample `k * world_size + r` of one global sequence, and sample g of that sequence is
 drawn from `default_rng([seed, g])` alone: ranks never share a sample, and resuming is setting k.
 """
@@ -15,7 +22,7 @@ drawn from `default_rng([seed, g])` alone: ranks never share a sample, and resum
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -31,6 +38,9 @@ from limner.world.scenes import caption_for, is_heldout_combo, random_identity, 
 # an instance is only recognisable by its two colours and emblem, which is what the encoder must learn to
 # carry. Characters are there for the identity methods; plain objects keep the base's common case.
 SUBJECT_KINDS: dict[str, float] = {"instance": 0.55, "object": 0.15, "character": 0.30}
+STREAM_SUBJECTS = ("all", "characters")
+CLOTHES = ("vary", "same")
+PORTRAIT_SHARE = {"all": 0.6, "characters": 0.8}  # the rest are full figures
 OBJECT_SCALE = (0.2, 0.42)  # the base saw 0.22-0.4 (single objects) and 0.14-0.22 (beside another)
 
 
@@ -69,12 +79,15 @@ def _random_face(rng: np.random.Generator) -> Identity:
             return ident
 
 
-def draw_subject(rng: np.random.Generator) -> WorldSubject:
-    """A random subject, never one the bench holds out or one near it."""
+def _random_shirt(rng: np.random.Generator) -> tuple[str, str]:
+    return str(rng.choice(list(vocab.COLOURS))), str(rng.choice(vocab.PATTERNS, p=[0.55, 0.15, 0.15, 0.15]))
+
+
+def draw_subject(rng: np.random.Generator, subjects: str = "all") -> WorldSubject:
+    """A random subject, never one the bench holds out or one near it (a character when subjects="characters")."""
     kind = str(rng.choice(list(SUBJECT_KINDS), p=list(SUBJECT_KINDS.values())))
-    if kind == "character":
-        cls = str(rng.choice(vocab.CHARACTER_CLASSES))
-        shirt = (str(rng.choice(list(vocab.COLOURS))), str(rng.choice(vocab.PATTERNS, p=[0.55, 0.15, 0.15, 0.15])))
+    if kind == "character" or subjects == "characters":
+        cls, shirt = str(rng.choice(vocab.CHARACTER_CLASSES)), _random_shirt(rng)  # this order: seeds reproduce
         return WorldSubject("character", cls, identity=_random_face(rng), shirt=shirt)
     cls, colour = str(rng.choice(vocab.OBJECT_CLASSES)), str(rng.choice(list(vocab.COLOURS)))
     if kind == "instance":
@@ -93,10 +106,12 @@ def _context(rng: np.random.Generator, subject: WorldSubject) -> str:
     return str(rng.choice(contexts))
 
 
-def _entity(rng: np.random.Generator, subject: WorldSubject) -> ObjectSpec | CharacterSpec:
+def _entity(
+    rng: np.random.Generator, subject: WorldSubject, portrait_share: float = 0.6
+) -> ObjectSpec | CharacterSpec:
     """The subject in a fresh pose, place and scale."""
     if subject.kind == "character":
-        framing = "portrait" if rng.random() < 0.6 else "full"
+        framing = "portrait" if rng.random() < portrait_share else "full"
         return CharacterSpec(
             cls=subject.cls,
             identity=subject.identity,
@@ -127,10 +142,15 @@ def draw_view(
 ) -> tuple[np.ndarray, str, np.ndarray]:
     """(64 px image, caption, subject mask) of the subject in a random context, pose and scale; with
     looks=False the caption names its class, accessory and context but not its colours or emblem."""
-    scene = Scene(_context(rng, subject), [_entity(rng, subject)], variant=int(rng.integers(2**31)))
-    scene.caption = caption_for(scene, rng, looks=looks)
-    r = render(scene)
+    r = render_view(rng, subject, looks)
     return r.image, r.caption, r.entities[0].mask
+
+
+def render_view(rng: np.random.Generator, subject: WorldSubject, looks: bool = True, portrait_share: float = 0.6):
+    """draw_view's whole render: the image, its caption and the subject's truth (mask, keypoints)."""
+    scene = Scene(_context(rng, subject), [_entity(rng, subject, portrait_share)], variant=int(rng.integers(2**31)))
+    scene.caption = caption_for(scene, rng, looks=looks)
+    return render(scene)
 
 
 class WorldStream:
@@ -146,18 +166,26 @@ class WorldStream:
         resolution: int = SIZE,
         pair: str = "self",
         captions: str = "full",
+        subjects: str = "all",
+        clothes: str = "vary",
     ):
+        if subjects not in STREAM_SUBJECTS:
+            raise LimnerError(f"subjects={subjects!r} for the world stream: use one of {', '.join(STREAM_SUBJECTS)}")
+        if clothes not in CLOTHES:
+            raise LimnerError(f"clothes={clothes!r} for the world stream: use one of {', '.join(CLOTHES)}")
         self.seed, self.rank, self.world_size, self.resolution, self.pair = seed, rank, world_size, resolution, pair
-        self.captions = captions
+        self.captions, self.subjects, self.clothes = captions, subjects, clothes
         self.k = 0  # the next sample of this rank
         self.skipped: dict[str, int] = {}  # nothing is ever skipped: every draw renders
 
     def subject(self, k: int) -> WorldSubject:
         """The subject of this rank's sample k, without drawing it (cheap: to check what the stream shows)."""
-        return draw_subject(np.random.default_rng([self.seed, k * self.world_size + self.rank, 0]))
+        return draw_subject(np.random.default_rng([self.seed, k * self.world_size + self.rank, 0]), self.subjects)
 
     def sample(self, k: int) -> Sample:
         """This rank's sample k: a pure function of (seed, rank, world_size, k)."""
+        if self.subjects == "characters":
+            return self._character_sample(k)
         g = k * self.world_size + self.rank
         subject = self.subject(k)
         looks = self.captions == "full"
@@ -175,8 +203,35 @@ class WorldStream:
             subject=subject.key(),
         )
 
+    def _character_sample(self, k: int) -> Sample:
+        """A character's view with its keypoints; with pair="view" a second, whole view and its mask."""
+        g = k * self.world_size + self.rank
+        subject, share = self.subject(k), PORTRAIT_SHARE["characters"]
+        target = render_view(np.random.default_rng([self.seed, g, 1]), subject, self.captions == "full", share)
+        references, reference_masks = [self._fit(target.image)], [self._fit_mask(target.entities[0].mask)]
+        if self.pair == "view":
+            rng = np.random.default_rng([self.seed, g, 2])
+            if self.clothes == "vary":
+                subject = replace(subject, shirt=_random_shirt(rng))
+            view = render_view(rng, subject, True, share)
+            references, reference_masks = [self._fit(view.image)], [self._fit_mask(view.entities[0].mask)]
+        truth, scale = target.entities[0], self.resolution / SIZE
+        return Sample(
+            image=self._fit(target.image),
+            text=target.caption,
+            references=references,
+            mask=self._fit_mask(truth.mask),
+            subject=self.subject(k).key(),
+            face_keypoints=None if truth.face_keypoints is None else np.asarray(truth.face_keypoints) * scale,
+            body_keypoints={name: (x * scale, y * scale) for name, (x, y) in truth.body_keypoints.items()},
+            reference_masks=reference_masks,
+        )
+
     def _fit(self, image: np.ndarray) -> np.ndarray:
         return image if self.resolution == SIZE else square_array(image, self.resolution)
+
+    def _fit_mask(self, mask: np.ndarray) -> np.ndarray:
+        return mask if self.resolution == SIZE else square_mask(mask, self.resolution)
 
     def __iter__(self) -> Iterator[Sample]:
         return self
@@ -208,10 +263,12 @@ class WorldStream:
             "seed": self.seed,
             "pair": self.pair,
             "captions": self.captions,
+            "subjects": self.subjects,
+            "clothes": self.clothes,
             "resolution": self.resolution,
             "rank": self.rank,
             "world_size": self.world_size,
             "samples": self.k,
             "skipped": dict(self.skipped),
-            "subject_kinds": dict(SUBJECT_KINDS),
+            "subject_kinds": dict(SUBJECT_KINDS) if self.subjects == "all" else {"character": 1.0},
         }
