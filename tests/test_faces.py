@@ -351,3 +351,36 @@ def test_world_faces_training_writes_a_loadable_analyser_with_its_record(tmp_pat
     assert len(analysis.analyse([np.zeros((64, 64, 3), np.uint8)])) == 1
     with pytest.raises(LimnerError, match="detector.safetensors and faces.json expected"):
         WorldFaceAnalysis(tmp_path / "work")
+
+
+def test_faces_option_is_checked_before_any_work_and_only_for_identity_methods(models, tmp_path):
+    """--faces DIR reaches an identity method as its `faces` setting; a folder lacking its detector is told at
+    once (naming the files expected), and another family's method refuses the option instead of ignoring it."""
+    from types import SimpleNamespace
+
+    from typer.testing import CliRunner
+
+    from limner.cli import app
+    from limner.commands.options import faces_setting
+
+    identity = SimpleNamespace(name="someid", family="identity")
+    assert faces_setting(identity, None) == {} and faces_setting(identity, models) == {"faces": str(models)}
+    (tmp_path / "w600k_r50.onnx").write_bytes((models / "w600k_r50.onnx").read_bytes())
+    with pytest.raises(LimnerError, match="no face detector .SCRFD."):
+        faces_setting(identity, tmp_path)
+    r = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--method",
+            "dreambooth",
+            "--subject",
+            "world:ada",
+            "--faces",
+            str(models),
+            "--out",
+            str(tmp_path / "x"),
+        ],
+    )
+    assert r.exit_code == 2 and "--faces: dreambooth finds no faces" in r.output
+    assert not (tmp_path / "x").exists()

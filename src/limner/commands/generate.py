@@ -15,8 +15,10 @@ from limner.commands.options import (
     ConfigOpt,
     DeviceOpt,
     DtypeOpt,
+    FacesOpt,
     command,
     echo_notes,
+    faces_setting,
     output_folder,
     removed_if_failed,
 )
@@ -157,6 +159,7 @@ def generate(
             "Inversion: a fifth of --steps), 0: off.",
         ),
     ] = None,
+    faces: FacesOpt = None,
     base: BaseOpt = None,
     config: ConfigOpt = None,
     device: DeviceOpt = "auto",
@@ -209,6 +212,7 @@ def generate(
                             class_noun="subject",
                             adapter=adapter,
                             **({"allow_pickle": True} if allow_pickle else {}),
+                            **faces_setting(encoder, faces),
                         )
                     )
             with warnings.catch_warnings(record=True) as caught:

@@ -35,6 +35,30 @@ SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Default 0.")]
 DtypeOpt = Annotated[
     str, typer.Option("--dtype", help="auto (fp16 on GPUs, fp32 on CPU and for the world base), fp32, fp16 or bf16.")
 ]
+FacesOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--faces",
+        help="Identity methods: an insightface model folder (e.g. antelopev2, buffalo_l: detection and recognition "
+        ".onnx files) that finds and embeds the faces in real photos. Default: the world's face analyser.",
+    ),
+]
+
+
+def faces_setting(method, faces: Path | None) -> dict[str, str]:
+    """`--faces DIR` as the identity methods' `faces` setting ({} without it), the folder checked before any work:
+    a folder without its detector or recogniser is told now, naming the files expected, not after the base loads."""
+    if faces is None:
+        return {}
+    if method.family != "identity":
+        raise LimnerError(
+            f"--faces: {method.name} finds no faces; the option is for the identity methods (photomaker, instantid, "
+            "storymaker)"
+        )
+    from limner.encoders.faces import face_analysis
+
+    face_analysis(faces)  # raises a LimnerError naming what the folder lacks
+    return {"faces": str(faces)}
 
 
 def fail(message: str, code: int = 2) -> None:

@@ -16,10 +16,12 @@ import typer
 from limner.commands.options import (
     BaseOpt,
     DeviceOpt,
+    FacesOpt,
     MixedPrecisionOpt,
     ResumeOpt,
     SeedOpt,
     command,
+    faces_setting,
     output_folder,
     removed_if_failed,
 )
@@ -144,6 +146,7 @@ def pretrain_cmd(
             "go; the adapter stays until the new one is written).",
         ),
     ] = False,
+    faces: FacesOpt = None,
     base: BaseOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
@@ -193,7 +196,7 @@ def pretrain_cmd(
         "resume": resume,
         "seed": seed,
     }
-    settings |= {k: v for k, v in flags.items() if v is not None}
+    settings |= {k: v for k, v in flags.items() if v is not None} | faces_setting(m, faces)
     b = load_base(base, device=device, dtype="fp32")  # trainable weights stay fp32; --mixed-precision speeds it up
     if fingerprint is not None and b.fingerprint != fingerprint:
         raise LimnerError(

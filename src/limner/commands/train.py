@@ -11,11 +11,13 @@ import typer
 from limner.commands.options import (
     BaseOpt,
     DeviceOpt,
+    FacesOpt,
     MixedPrecisionOpt,
     ResumeOpt,
     SeedOpt,
     check_concept_output,
     command,
+    faces_setting,
     removed_if_failed,
 )
 from limner.errors import LimnerError
@@ -125,6 +127,7 @@ def train_cmd(
     allow_pickle: Annotated[
         bool, typer.Option("--allow-pickle", help="Encoder methods: read a pickled .bin adapter (weights_only).")
     ] = False,
+    faces: FacesOpt = None,
     force: Annotated[
         bool,
         typer.Option(
@@ -184,6 +187,7 @@ def train_cmd(
         overrides["adapter"] = adapter
     if allow_pickle:
         overrides["allow_pickle"] = True
+    overrides |= faces_setting(m, faces)
     b = load_base(base, device=device, dtype="fp32")  # trainable weights stay fp32; --mixed-precision speeds it up
     previous = read_manifest(out) if (out / MANIFEST).is_file() else {}
     if force and not resume and (out / "checkpoints").is_dir() and is_main_process():
