@@ -223,7 +223,9 @@ def test_the_official_checkpoint_layout_loads_only_with_allow_pickle(base, tmp_p
     )
     key = "conv_in.weight"
     original = base.pipe.unet.state_dict()[key].clone()
-    with apply_concepts(base, [concept]) as applied:
+    with pytest.raises(LimnerError, match="allow-pickle"):  # what the concept recorded is no permission to draw
+        apply_concepts(base, [concept])
+    with apply_concepts(base, [concept], allow_pickle=True) as applied:
         assert torch.equal(base.pipe.unet.state_dict()[key], state[f"unet.{key}"])
         embeds = applied.condition(TWO, 10).pipe_kwargs["prompt_embeds"]
         assert embeds.shape == (1, base.pipe.tokenizer.model_max_length, 256)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from limner.concepts import check_base, read_manifest
 from limner.errors import LimnerError
+from limner.io import pickles_allowed
 from limner.methods import Conditioning, Installation, Method, WindowHook, get_method, install_key
 
 if TYPE_CHECKING:
@@ -26,7 +27,14 @@ class AppliedConcepts:
     method install in one call, so they compose; a method that may replace whole models (a full
     DreamBooth UNet) installs first, so the others' weights go onto what it installed."""
 
-    def __init__(self, base: Base, folders: list[Path], regions: list[str] | None = None, force: bool = False):
+    def __init__(
+        self,
+        base: Base,
+        folders: list[Path],
+        regions: list[str] | None = None,
+        force: bool = False,
+        allow_pickle: bool = False,
+    ):
         self.base, self.regions = base, regions
         self.folders = [Path(f) for f in folders]
         self.manifests = [read_manifest(f) for f in self.folders]
@@ -37,8 +45,9 @@ class AppliedConcepts:
         self.groups = install_groups(self.methods, self.folders)
         self.installations: list[Installation] = []
         try:
-            for method, concepts in self.groups:
-                self.installations.append(method.install(base, concepts, regions))
+            with pickles_allowed(allow_pickle):  # this call's --allow-pickle, never what a concept recorded
+                for method, concepts in self.groups:
+                    self.installations.append(method.install(base, concepts, regions))
         except BaseException:
             self.uninstall()
             raise
@@ -110,11 +119,16 @@ def install_groups(methods: list[Method], folders: list[Path]) -> list[tuple[Met
 
 
 def apply_concepts(
-    base: Base, folders: list[Path], regions: list[str] | None = None, force: bool = False
+    base: Base,
+    folders: list[Path],
+    regions: list[str] | None = None,
+    force: bool = False,
+    allow_pickle: bool = False,
 ) -> AppliedConcepts:
     """Installs concept folders into a loaded base (see `AppliedConcepts`). Notes on what was done (a
-    concept no region names) are warnings."""
-    return AppliedConcepts(base, folders, regions, force)
+    concept no region names) are warnings. `allow_pickle`: the command's --allow-pickle, for a pickled adapter
+    a concept was encoded with."""
+    return AppliedConcepts(base, folders, regions, force, allow_pickle)
 
 
 def chain(hooks: list[WindowHook]) -> WindowHook:

@@ -7,7 +7,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 # the files limner reads as images in a folder (references, masks, retrieval pools)
@@ -116,6 +118,27 @@ def check_weight_files(folder: Path) -> None:
     """check_safetensors on every .safetensors file in a model folder and its components' folders."""
     for path in sorted(Path(folder).glob("*.safetensors")) + sorted(Path(folder).glob("*/*.safetensors")):
         check_safetensors(path)
+
+
+# The user's --allow-pickle for this call, for the weight files concept folders point to (an official .bin adapter
+# a concept was encoded with). A concept records how it was made, never a permission: a folder someone shares
+# cannot opt its reader into unpickling, so installing reads what this flag says, not what the concept recorded.
+_PICKLE_OPT_IN: ContextVar[bool] = ContextVar("limner_pickle_opt_in", default=False)
+
+
+@contextmanager
+def pickles_allowed(allowed: bool) -> Iterator[None]:
+    """Within this block, `pickle_opt_in()` is `allowed` (the command's --allow-pickle)."""
+    token = _PICKLE_OPT_IN.set(bool(allowed))
+    try:
+        yield
+    finally:
+        _PICKLE_OPT_IN.reset(token)
+
+
+def pickle_opt_in() -> bool:
+    """Whether the running command was given --allow-pickle (see `pickles_allowed`)."""
+    return _PICKLE_OPT_IN.get()
 
 
 def read_tensors(path: Path, allow_pickle: bool = False) -> dict:

@@ -61,14 +61,14 @@ def check_image_options(image: list[Path], method: str | None, adapter: str | No
     return encoder_method(method, "--image")
 
 
-def applied_or_named(base, folders: list[Path], regions: list[str] | None, force: bool):
+def applied_or_named(base, folders: list[Path], regions: list[str] | None, force: bool, allow_pickle: bool = False):
     """apply_concepts, where a concept whose files are not what its limner.json's method reads (a folder copied in
     part, or a manifest from another concept) is one line naming the folders, not a library's traceback."""
     from limner.concepts import read_manifest
     from limner.conditioning import apply_concepts
 
     try:
-        return apply_concepts(base, folders, regions, force)
+        return apply_concepts(base, folders, regions, force, allow_pickle)
     except OSError as e:  # diffusers' "not the path to a directory containing a config.json", and the like
         if e.errno is not None:
             raise  # the system's refusal (a full disk, permissions): the command says it as such
@@ -218,7 +218,9 @@ def generate(
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 with LOADING:
-                    applied = applied_or_named(b, folders, split_regions(prompt) if regions else None, force)
+                    applied = applied_or_named(
+                        b, folders, split_regions(prompt) if regions else None, force, allow_pickle
+                    )
             echo_notes(caught)
             if ip_scale is not None:
                 set_image_scale(applied, b, ip_scale)

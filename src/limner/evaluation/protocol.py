@@ -111,7 +111,10 @@ def row_images(
 
         def prepare(base):  # the concept is installed only if an image is missing, then once
             if not applied:
-                applied.append(apply_concepts(base, [concept]))
+                # a pickled adapter is read only where this row's settings opt in (method:allow_pickle=true)
+                applied.append(
+                    apply_concepts(base, [concept], allow_pickle=bool(dict(row.config).get("allow_pickle")))
+                )
             return applied[0]
 
     layout_steps = layout_steps_of(row, settings, read_manifest(concept) if concept is not None else None)

@@ -67,7 +67,15 @@ from limner.adapters import (
 from limner.concepts import MANIFEST, read_manifest, write_model_card
 from limner.errors import LimnerError
 from limner.images import cut_out, to_pil, to_unit_range, write_png
-from limner.io import PICKLE_SUFFIXES, child, disk_guard, read_tensors, write_json_atomic, written_atomically
+from limner.io import (
+    PICKLE_SUFFIXES,
+    child,
+    disk_guard,
+    pickle_opt_in,
+    read_tensors,
+    write_json_atomic,
+    written_atomically,
+)
 from limner.methods.adapter import (
     ADAPTER_MANIFEST,
     AdapterMethod,
@@ -970,7 +978,7 @@ class IPAdapter(AdapterMethod):
             config = manifest.get("config", {})
             own = manifest.get("adapter_weights")  # fine-tuned: the concept's own copy of the adapter
             source = child(Path(concept), own, f"concept {concept}'s adapter_weights") if own else adapter
-            weights = read_adapter_weights(source, bool(config.get("allow_pickle")) and not own)
+            weights = read_adapter_weights(source, pickle_opt_in() and not own)
             check_fits(unet, weights, source)
             projections.append(load_projection(weights, source))
             states.append(weights)

@@ -40,7 +40,7 @@ import torch
 from limner.concepts import MANIFEST, read_manifest, write_model_card
 from limner.errors import LimnerError
 from limner.images import write_png
-from limner.io import disk_guard, write_json_atomic, written_atomically
+from limner.io import disk_guard, pickle_opt_in, write_json_atomic, written_atomically
 from limner.methods.adapter import (
     ADAPTER_MANIFEST,
     AdapterMethod,
@@ -433,7 +433,7 @@ class FastComposer(AdapterMethod):
                     "it again"
                 )
         config = manifests[0].get("config", {})
-        weights = read_weights(adapter, bool(config.get("allow_pickle")))
+        weights = read_weights(adapter, pickle_opt_in())
         pipe, installation = base.pipe, Installation()
         try:
             if is_lora(weights["unet"]):
