@@ -60,6 +60,66 @@ def read_reference_files(paths: list[str | Path]) -> list:
     return images
 
 
+def write_references(out: Path, images: dict[str, Any] | list) -> None:
+    """The pictures a concept was encoded from, as PNGs in its references/ folder (00.png, 01.png ... for a
+    list; the given names, without suffix, for a dict)."""
+    from limner.images import write_png
+
+    named = images if isinstance(images, dict) else {f"{i:02d}": im for i, im in enumerate(images)}
+    (Path(out) / "references").mkdir(parents=True, exist_ok=True)
+    for name, image in named.items():
+        write_png(image, Path(out) / "references" / f"{name}.png")
+
+
+def encoded_concept_manifest(
+    method: str, base: Base, adapter: Path, subject: Subject, config: Any, started: float, /, **fields: Any
+) -> dict:
+    """What every encoded concept's limner.json says (method, subject, base, the adapter by fingerprint, the
+    settings, seconds since `started`), with the method's own `fields` added or overriding."""
+    import time
+    from dataclasses import asdict
+
+    return {
+        "method": method,
+        "subject": subject.name,
+        "class_noun": subject.class_noun,
+        "tokens": [],
+        "base_fingerprint": base.fingerprint,
+        "base_path": str(base.path),
+        "steps": 0,
+        "seconds": round(time.perf_counter() - started, 3),
+        "config": asdict(config),
+        "adapter": str(Path(adapter).resolve()),
+        "adapter_fingerprint": adapter_fingerprint(Path(adapter)),
+        "example_prompt": f"a {subject.class_noun} on the beach",
+    } | fields
+
+
+def write_concept_manifest(out: Path, manifest: dict) -> None:
+    """limner.json (written last, atomically: a folder without it is no concept) and the model card."""
+    from limner.concepts import MANIFEST, write_model_card
+
+    write_json_atomic(Path(out) / MANIFEST, manifest)
+    write_model_card(Path(out), manifest)
+
+
+def encoded_with(concept: Path, manifest: dict) -> Path:
+    """The adapter `concept` was encoded with, checked to be there and unchanged since (its embeddings mean
+    nothing to another adapter)."""
+    adapter = Path(manifest["adapter"])
+    if not adapter.exists():
+        raise LimnerError(
+            f"concept {concept} was encoded with adapter {adapter}, which is gone; encode it again with an adapter "
+            "at hand"
+        )
+    if adapter_fingerprint(adapter) != manifest["adapter_fingerprint"]:
+        raise LimnerError(
+            f"adapter {adapter} changed since concept {concept} was encoded with it (fingerprint "
+            f"{manifest['adapter_fingerprint']}, now {adapter_fingerprint(adapter)}); encode it again"
+        )
+    return adapter
+
+
 def adapter_fingerprint(folder: Path) -> str:
     """The adapter's weights and settings: not its logs or checkpoints."""
     from limner.models.loading import fingerprint

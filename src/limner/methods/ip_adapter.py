@@ -64,25 +64,27 @@ from limner.adapters import (
     remove_ip_attention,
     set_ip_scale,
 )
-from limner.concepts import MANIFEST, read_manifest, write_model_card
+from limner.concepts import read_manifest
 from limner.errors import LimnerError
-from limner.images import cut_out, to_pil, to_unit_range, write_png
+from limner.images import cut_out, to_pil, to_unit_range
 from limner.io import (
     PICKLE_SUFFIXES,
     child,
     disk_guard,
     pickle_opt_in,
     read_tensors,
-    write_json_atomic,
     written_atomically,
 )
 from limner.methods.adapter import (
     ADAPTER_MANIFEST,
     AdapterMethod,
-    adapter_fingerprint,
+    encoded_concept_manifest,
+    encoded_with,
     read_adapter_manifest,
     read_reference_files,
     write_adapter_manifest,
+    write_concept_manifest,
+    write_references,
 )
 from limner.methods.base import Capabilities, Installation
 from limner.methods.registry import register
@@ -923,9 +925,7 @@ class IPAdapter(AdapterMethod):
 
         out.mkdir(parents=True, exist_ok=True)
         with disk_guard(f"the concept in {out}"):
-            (out / "references").mkdir(exist_ok=True)
-            for i, im in enumerate(images):
-                write_png(im, out / "references" / f"{i:02d}.png")
+            write_references(out, images)
             embeds = {
                 "image_embeds": positive.cpu().contiguous(),
                 "negative_image_embeds": negative.cpu().contiguous(),
@@ -934,26 +934,19 @@ class IPAdapter(AdapterMethod):
                 save_file(embeds, str(tmp), metadata={"variant": variant})
             if tuned is not None:  # the concept's own adapter, in the official layout (diffusers loads it too)
                 save_adapter_weights(tuned, out / WEIGHTS)
-            manifest = {
-                "method": self.name,
-                "subject": subject.name,
-                "class_noun": subject.class_noun,
-                "tokens": [],
-                "base_fingerprint": base.fingerprint,
-                "base_path": str(base.path),
-                "steps": 0,
-                "seconds": round(time.perf_counter() - t0, 3),
-                "config": asdict(cfg),
-                "variant": variant,
-                "adapter": str(adapter.resolve()),
-                "adapter_fingerprint": adapter_fingerprint(adapter),
-                "image_encoder_fingerprint": encoder_fp,
-                "num_references": len(images),
-                "adapter_weights": WEIGHTS if tuned is not None else None,
-                "example_prompt": f"a {subject.class_noun} on the beach",
-            }
-            write_json_atomic(out / MANIFEST, manifest)
-            write_model_card(out, manifest)
+            manifest = encoded_concept_manifest(
+                self.name,
+                base,
+                adapter,
+                subject,
+                cfg,
+                t0,
+                variant=variant,
+                image_encoder_fingerprint=encoder_fp,
+                num_references=len(images),
+                adapter_weights=WEIGHTS if tuned is not None else None,
+            )
+            write_concept_manifest(out, manifest)
         return out
 
     # ---- generation --------------------------------------------------------------------------------------------
@@ -964,17 +957,7 @@ class IPAdapter(AdapterMethod):
         projections, states, scales = [], [], []
         for concept in concepts:
             manifest = read_manifest(concept)
-            adapter = Path(manifest["adapter"])
-            if not adapter.exists():
-                raise LimnerError(
-                    f"concept {concept} was encoded with adapter {adapter}, which is gone; encode it again with an "
-                    "adapter at hand"
-                )
-            if adapter_fingerprint(adapter) != manifest["adapter_fingerprint"]:
-                raise LimnerError(
-                    f"adapter {adapter} changed since concept {concept} was encoded with it (fingerprint "
-                    f"{manifest['adapter_fingerprint']}, now {adapter_fingerprint(adapter)}); encode it again"
-                )
+            adapter = encoded_with(concept, manifest)
             config = manifest.get("config", {})
             own = manifest.get("adapter_weights")  # fine-tuned: the concept's own copy of the adapter
             source = child(Path(concept), own, f"concept {concept}'s adapter_weights") if own else adapter

@@ -41,16 +41,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from limner.concepts import MANIFEST, read_manifest, write_model_card
+from limner.concepts import read_manifest
 from limner.errors import LimnerError
-from limner.images import to_unit_range, write_png
-from limner.io import child, disk_guard, write_json_atomic, written_atomically
+from limner.images import to_unit_range
+from limner.io import child, disk_guard, written_atomically
 from limner.methods.adapter import (
     ADAPTER_MANIFEST,
     AdapterMethod,
-    adapter_fingerprint,
+    encoded_concept_manifest,
+    encoded_with,
     read_adapter_manifest,
     write_adapter_manifest,
+    write_concept_manifest,
+    write_references,
 )
 from limner.methods.base import Capabilities, Installation
 from limner.methods.blip_diffusion import formats
@@ -715,31 +718,23 @@ class BlipDiffusion(AdapterMethod):
 
         out.mkdir(parents=True, exist_ok=True)
         with disk_guard(f"the concept in {out}"):
-            (out / "references").mkdir(exist_ok=True)
-            for i, im in enumerate(images):
-                write_png(im, out / "references" / f"{i:02d}.png")
+            write_references(out, images)
             with written_atomically(out / EMBEDS) as tmp:
                 save_file({"ctx_embeddings": ctx.detach().float().cpu().contiguous()}, str(tmp))
             if lora is not None:
                 save_unet_lora(lora, out)
-            manifest = {
-                "method": self.name,
-                "subject": subject.name,
-                "class_noun": subject.class_noun,
-                "tokens": [],
-                "base_fingerprint": base.fingerprint,
-                "base_path": str(base.path),
-                "steps": cfg.finetune_steps,
-                "seconds": round(time.perf_counter() - t0, 3),
-                "config": asdict(cfg),
-                "adapter": str(adapter.resolve()),
-                "adapter_fingerprint": adapter_fingerprint(adapter),
-                "num_references": len(images),
-                "unet_lora": formats.LORA_FILE if lora is not None else None,
-                "example_prompt": f"a {subject.class_noun} on the beach",
-            }
-            write_json_atomic(out / MANIFEST, manifest)
-            write_model_card(out, manifest)
+            manifest = encoded_concept_manifest(
+                self.name,
+                base,
+                adapter,
+                subject,
+                cfg,
+                t0,
+                steps=cfg.finetune_steps,
+                num_references=len(images),
+                unet_lora=formats.LORA_FILE if lora is not None else None,
+            )
+            write_concept_manifest(out, manifest)
         return out
 
     # ---- generation --------------------------------------------------------------------------------------------
@@ -770,14 +765,7 @@ class BlipDiffusion(AdapterMethod):
                 "blip_diffusion concepts do not take regional prompts: its subject enters the whole prompt"
             )
         (concept,) = concepts
-        manifest = read_manifest(concept)
-        adapter = Path(manifest["adapter"])
-        if not adapter.exists():
-            raise LimnerError(f"concept {concept} was encoded with adapter {adapter}, which is gone; encode it again")
-        if adapter_fingerprint(adapter) != manifest["adapter_fingerprint"]:
-            raise LimnerError(
-                f"adapter {adapter} changed since concept {concept} was encoded with it; encode it again"
-            )
+        adapter = encoded_with(concept, read_manifest(concept))
         undo = self._install_unet(base, adapter, concept, LORA_NAME)
         return Installation(undo=[undo])
 

@@ -37,17 +37,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from limner.concepts import MANIFEST, read_manifest, write_model_card
+from limner.concepts import read_manifest
 from limner.errors import LimnerError
-from limner.images import write_png
-from limner.io import disk_guard, pickle_opt_in, write_json_atomic, written_atomically
+from limner.io import disk_guard, pickle_opt_in, written_atomically
 from limner.methods.adapter import (
     ADAPTER_MANIFEST,
     AdapterMethod,
-    adapter_fingerprint,
+    encoded_concept_manifest,
+    encoded_with,
     read_adapter_manifest,
     read_reference_files,
     write_adapter_manifest,
+    write_concept_manifest,
+    write_references,
 )
 from limner.methods.base import Capabilities, Installation
 from limner.methods.fastcomposer.prompts import (
@@ -379,34 +381,26 @@ class FastComposer(AdapterMethod):
 
         out.mkdir(parents=True, exist_ok=True)
         with disk_guard(f"the concept in {out}"):
-            (out / "references").mkdir(exist_ok=True)
-            for k, subject_crops in enumerate(crops):
-                for i, im in enumerate(subject_crops):
-                    write_png(im, out / "references" / f"{k:02d}-{i:02d}.png")
+            write_references(out, {f"{k:02d}-{i:02d}": im for k, c in enumerate(crops) for i, im in enumerate(c)})
             with written_atomically(out / EMBEDS) as tmp:
                 save_file({"subject_embeds": embeds.cpu().contiguous()}, str(tmp))
             nouns = [s.class_noun for s in subjects]
-            manifest = {
-                "method": self.name,
-                "subject": subjects[0].name if len(subjects) == 1 else [s.name for s in subjects],
-                "class_noun": nouns[0],
-                "class_nouns": nouns,
-                "tokens": [],
-                "trigger": cfg.trigger,
-                "base_fingerprint": base.fingerprint,
-                "base_path": str(base.path),
-                "steps": 0,
-                "seconds": round(time.perf_counter() - t0, 3),
-                "config": asdict(cfg),
-                "adapter": str(adapter.resolve()),
-                "adapter_fingerprint": adapter_fingerprint(adapter),
-                "num_subjects": len(subjects),
-                "given_as": given_as,
-                "num_references": [len(c) for c in crops],
-                "example_prompt": " and ".join(f"a {n} {cfg.trigger}" for n in nouns) + " on the beach",
-            }
-            write_json_atomic(out / MANIFEST, manifest)
-            write_model_card(out, manifest)
+            manifest = encoded_concept_manifest(
+                self.name,
+                base,
+                adapter,
+                subjects[0],
+                cfg,
+                t0,
+                subject=subjects[0].name if len(subjects) == 1 else [s.name for s in subjects],
+                class_nouns=nouns,
+                trigger=cfg.trigger,
+                num_subjects=len(subjects),
+                given_as=given_as,
+                num_references=[len(c) for c in crops],
+                example_prompt=" and ".join(f"a {n} {cfg.trigger}" for n in nouns) + " on the beach",
+            )
+            write_concept_manifest(out, manifest)
         return out
 
     # ---- generation --------------------------------------------------------------------------------------------
@@ -427,11 +421,7 @@ class FastComposer(AdapterMethod):
             )
         adapter = Path(manifests[0]["adapter"])
         for concept, manifest in zip(concepts, manifests):
-            if not adapter.exists() or adapter_fingerprint(adapter) != manifest["adapter_fingerprint"]:
-                raise LimnerError(
-                    f"concept {concept} was encoded with adapter {adapter}, which is gone or changed since; encode "
-                    "it again"
-                )
+            encoded_with(concept, manifest)
         config = manifests[0].get("config", {})
         weights = read_weights(adapter, pickle_opt_in())
         pipe, installation = base.pipe, Installation()
