@@ -13,7 +13,17 @@ from limner.methods.base import FAMILIES, Method
 
 REGISTRY: dict[str, type[Method]] = {}
 # modules of limner.methods that define methods
-BUILTIN = ("textual_inversion", "dreambooth", "custom_diffusion", "ip_adapter", "fastcomposer", "blip_diffusion")
+BUILTIN = (
+    "textual_inversion",
+    "dreambooth",
+    "custom_diffusion",
+    "ip_adapter",
+    "fastcomposer",
+    "blip_diffusion",
+    "photomaker",
+    "instantid",
+    "storymaker",
+)
 
 
 def register(cls: type[Method]) -> type[Method]:

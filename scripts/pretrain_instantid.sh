@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Pretrains the world's InstantID adapter into DIR (default .limner-pretrain/instantid): 1500 steps of batch 8 on the
+# world's identity stream (characters only, 80% portraits; each target paired with another view of the same person
+# in another shirt, pose, place and size), one thread, as the shipped one was on a 2-core machine beside other jobs.
+# The paper's recipe: UNet, VAE and text encoder frozen; the Image Adapter (a Resampler of width 128 on the world,
+# 2 heads, 16 ID tokens, reading the world face analyser's 128-d identity embedding of the reference, and every
+# attn2's to_k_ip / to_v_ip) and the IdentityNet (a ControlNet copied from the world UNet, its condition image the
+# target's 5 face keypoints from the renderer drawn as the official draw_kps draws them, its cross-attention
+# reading the ID tokens only) learn the noise-prediction MSE; no text or image dropping; captions name the class
+# and the place, not the looks (captions=class). AdamW 1e-4, weight decay 0.01. Resumable: after an interruption,
+# run it again and it continues from its last checkpoint (every 250 steps), its data stream where it was. The
+# shipped adapter (src/limner/assets/world/adapters/instantid/) is this folder's ip-adapter.safetensors,
+# ControlNetModel/ and adapter.json.
+set -euo pipefail
+out=${1:-.limner-pretrain/instantid}
+export OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
+limner pretrain --method instantid --data world --out "$out" --steps "${STEPS:-1500}" --batch-size 8 --lr 1e-4 \
+    --seed 0 --set checkpoint_every=250 --resume latest

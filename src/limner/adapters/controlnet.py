@@ -1,0 +1,376 @@
+"""ControlNet (Zhang et al., 2023) in limner's generation path: a trainable copy of the UNet's encoder whose outputs
+are added to the frozen UNet's skip connections, steered by a condition image.
+
+    controlnet_from_unet   diffusers' `ControlNetModel.from_unet`: the UNet's conv_in, time embedding, down and mid
+                           blocks copied, a small condition-image encoder and zero-initialised 1x1 convolutions
+                           added, so a new ControlNet changes nothing until it trains (InstantID's IdentityNet,
+                           StoryMaker's pose ControlNet)
+    draw_kps               the 5 face keypoints drawn as InstantID's official code draws them (its condition image)
+    ControlSignal          one ControlNet with its condition image, its scale and the cross-attention context it
+                           reads (the text, or an adapter's image tokens: InstantID's IdentityNet reads the ID
+                           tokens only)
+    install_controlnet     adds a signal's residuals to every call of the UNet, whoever calls it (the diffusers
+                           pipeline limner.generation runs, regional windows, a training loss): a forward pre-hook
+                           runs the ControlNet on the very latents, timestep and conditioning the UNet gets and
+                           passes `down_block_additional_residuals` / `mid_block_additional_residual`, the UNet's own
+                           inputs for them. Several signals sum, as diffusers' MultiControlNetModel sums them.
+
+The condition image follows the latents: under classifier-free guidance the batch is [unconditional; conditional]
+and the image is repeated over it (the official InstantID pipeline conditions both halves); it is drawn (or
+resized) to the latents' size times the ControlNet's downsampling, as diffusers' control image processor resizes
+it to the requested height and width.
+
+Files: `save_controlnet` writes diffusers' folder layout (config.json, diffusion_pytorch_model.safetensors, fp16),
+so `ControlNetModel.from_pretrained` and the community pipelines load what limner trains; `load_controlnet` reads
+such a folder and checks it was made for the UNet at hand.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from limner.errors import LimnerError
+
+if TYPE_CHECKING:
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+# InstantID's keypoint drawing (its pipeline's draw_kps): one colour per keypoint (RGB), in the detector's order
+# (the two eyes, the nose tip, the two mouth corners); a limb from each of the other points to the nose, coloured
+# as its first point, drawn as a filled ellipse of half-width `stickwidth` and then dimmed to 60%; then a filled
+# circle on every point. The official sizes are in pixels of SDXL's ~1024 px pictures.
+KPS_COLOURS = ((255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255))
+KPS_LIMBS = ((0, 2), (1, 2), (3, 2), (4, 2))
+KPS_STICKWIDTH = 4
+KPS_RADIUS = 10
+KPS_OFFICIAL_SIDE = 1024
+LIMB_DIM = 0.6
+
+# attribute on the UNet: the installed signals and the hook that runs them
+_SIGNALS = "_limner_control_signals"
+_HOOK = "_limner_control_hook"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The condition image
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def kps_style(side: int) -> tuple[int, int]:
+    """(stickwidth, radius) for pictures of `side` pixels: the official sizes at SDXL's 1024 px, in proportion
+    below it, at least 1 px (a 64 px world picture gets 1 and 1: the official 10 px circles would cover its
+    whole face)."""
+    ratio = min(1.0, side / KPS_OFFICIAL_SIDE)
+    return max(1, round(KPS_STICKWIDTH * ratio)), max(1, round(KPS_RADIUS * ratio))
+
+
+def _ellipse_polygon(centre: tuple[int, int], axes: tuple[int, int], angle: int) -> list[tuple[int, int]]:
+    """The outline of a rotated ellipse, one point per degree (what OpenCV's ellipse2Poly gives with delta 1)."""
+    (cx, cy), (a, b) = centre, axes
+    theta = math.radians(angle)
+    phi = np.radians(np.arange(0, 361))
+    x = cx + a * np.cos(phi) * math.cos(theta) - b * np.sin(phi) * math.sin(theta)
+    y = cy + a * np.cos(phi) * math.sin(theta) + b * np.sin(phi) * math.cos(theta)
+    return list(dict.fromkeys(zip(np.rint(x).astype(int).tolist(), np.rint(y).astype(int).tolist())))
+
+
+def draw_kps(
+    width: int,
+    height: int,
+    keypoints: np.ndarray,
+    stickwidth: int | None = None,
+    radius: int | None = None,
+) -> np.ndarray:
+    """The 5 face keypoints ([5, 2] x, y in this picture's pixels) drawn on black as InstantID's condition image:
+    uint8 [height, width, 3]. stickwidth, radius: the official 4 and 10 px, or `kps_style`'s for small pictures
+    when None."""
+    from PIL import Image, ImageDraw
+
+    kps = np.asarray(keypoints, dtype=np.float64)
+    if kps.shape != (len(KPS_COLOURS), 2):
+        raise ValueError(f"draw_kps takes {len(KPS_COLOURS)} (x, y) keypoints, got shape {kps.shape}")
+    style = kps_style(min(width, height))
+    stickwidth = style[0] if stickwidth is None else stickwidth
+    radius = style[1] if radius is None else radius
+    limbs = Image.new("RGB", (width, height))
+    pen = ImageDraw.Draw(limbs)
+    for a, b in KPS_LIMBS:
+        (x0, y0), (x1, y1) = kps[a], kps[b]
+        length = math.hypot(x0 - x1, y0 - y1)
+        angle = int(math.degrees(math.atan2(y0 - y1, x0 - x1)))
+        centre = (int((x0 + x1) / 2), int((y0 + y1) / 2))
+        outline = _ellipse_polygon(centre, (int(length / 2), stickwidth), angle)
+        if len(outline) > 2:
+            pen.polygon(outline, fill=KPS_COLOURS[a])
+        else:  # a limb shorter than a pixel
+            pen.point(outline, fill=KPS_COLOURS[a])
+    out = Image.fromarray((np.asarray(limbs, dtype=np.float64) * LIMB_DIM).astype(np.uint8))
+    pen = ImageDraw.Draw(out)
+    for (x, y), colour in zip(kps, KPS_COLOURS):
+        x, y = int(x), int(y)
+        pen.ellipse((x - radius, y - radius, x + radius, y + radius), fill=colour)
+    return np.asarray(out)
+
+
+def condition_tensor(pictures: np.ndarray | list[np.ndarray]) -> torch.Tensor:
+    """uint8 [H, W, 3] picture(s) as a ControlNet takes them: float [N, 3, H, W] in [0, 1] (diffusers' control
+    image processor does not normalise to [-1, 1])."""
+    batch = np.stack(pictures) if isinstance(pictures, list) else np.array(pictures)[None]
+    return torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 255.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The ControlNet
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def controlnet_from_unet(unet: UNet2DConditionModel, conditioning_channels: int = 3) -> ControlNetModel:
+    """A new ControlNet for `unet`: its encoder's weights copied, zero convolutions added (diffusers' from_unet),
+    on the UNet's device and dtype."""
+    from diffusers import ControlNetModel
+
+    param = next(unet.parameters())
+    controlnet = ControlNetModel.from_unet(unet, conditioning_channels=conditioning_channels)
+    return controlnet.to(param.device, param.dtype)
+
+
+def downsampling(controlnet: nn.Module) -> int:
+    """Pixels of condition image per latent pixel: the condition encoder halves the size once per stage after the
+    first (8 for diffusers' default (16, 32, 96, 256))."""
+    return 2 ** (len(controlnet.config.conditioning_embedding_out_channels) - 1)
+
+
+# the UNet config fields a ControlNet copies: one that differs was made for another base
+_MATCHING = (
+    "in_channels",
+    "block_out_channels",
+    "down_block_types",
+    "layers_per_block",
+    "cross_attention_dim",
+    "attention_head_dim",
+    "transformer_layers_per_block",
+    "addition_embed_type",
+    "projection_class_embeddings_input_dim",
+)
+
+
+def check_controlnet_fits(controlnet: nn.Module | dict, unet: UNet2DConditionModel, where: str | Path) -> None:
+    """A LimnerError naming the fields that differ when the ControlNet (a module, or its config.json as a dict)
+    was made for another UNet."""
+    config = controlnet if isinstance(controlnet, dict) else controlnet.config
+    problems = []
+    for name in _MATCHING:
+        if name not in unet.config or name not in config:
+            continue
+        mine, theirs = unet.config[name], config[name]
+        if isinstance(mine, (list, tuple)) and isinstance(theirs, (list, tuple)):
+            mine, theirs = list(mine), list(theirs)
+        elif isinstance(mine, (list, tuple)) or isinstance(theirs, (list, tuple)):  # one value for all blocks
+            n = len(unet.config.block_out_channels)
+            mine = list(mine) if isinstance(mine, (list, tuple)) else [mine] * n
+            theirs = list(theirs) if isinstance(theirs, (list, tuple)) else [theirs] * n
+        if mine != theirs:
+            problems.append(f"{name} {theirs} (this base: {mine})")
+    if problems:
+        raise LimnerError(
+            f"ControlNet {where} was made for another base: {'; '.join(problems)}; give one made for this base "
+            "(or pretrain one)"
+        )
+
+
+def load_controlnet(folder: str | Path, unet: UNet2DConditionModel) -> ControlNetModel:
+    """A ControlNet folder in diffusers' layout, checked against `unet`, on its device and dtype."""
+    from diffusers import ControlNetModel
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise LimnerError(
+            f"ControlNet {folder} has no config.json: give a folder in diffusers' layout (config.json and "
+            "diffusion_pytorch_model.safetensors), as InstantID's ControlNetModel/"
+        )
+    try:
+        controlnet = ControlNetModel.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LimnerError(
+            f"ControlNet {folder} could not be read ({first}); give a diffusers ControlNet folder"
+        ) from e
+    check_controlnet_fits(controlnet, unet, folder)
+    param = next(unet.parameters())
+    return controlnet.to(param.device, param.dtype).eval().requires_grad_(False)
+
+
+def save_controlnet(controlnet: nn.Module, folder: str | Path, dtype: torch.dtype = torch.float16) -> None:
+    """The ControlNet in diffusers' layout (safetensors, `dtype`), written beside `folder` and renamed into place, so
+    an interrupted write leaves no folder that passes for a ControlNet."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    copy.deepcopy(controlnet).to("cpu", dtype).save_pretrained(tmp, safe_serialization=True)
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Installing into the UNet's calls
+# ---------------------------------------------------------------------------------------------------------------
+
+Context = Callable[[Any, dict], torch.Tensor]
+
+
+def text_context(encoder_hidden_states: Any, added_cond_kwargs: dict) -> torch.Tensor:
+    """The ControlNet reads what the UNet's cross-attention reads as text (ControlNet's own setting)."""
+    if isinstance(encoder_hidden_states, tuple):  # (text, image tokens): limner's with_image_tokens
+        return encoder_hidden_states[0]
+    return encoder_hidden_states
+
+
+def image_token_context(unet: UNet2DConditionModel, adapter: int = 0) -> Context:
+    """The ControlNet reads one IP adapter's image tokens instead of the text (InstantID's IdentityNet): the
+    UNet's image projection applied to the image embeddings it is given, [B, n_images * tokens, d].
+
+    The rows are folded onto the batch as diffusers' IP attention folds them (`view(batch, -1, heads, dim)`):
+    a pipeline handed `ip_adapter_image_embeds` for the whole batch repeats them once more per image, and each
+    sample then reads its tokens repeated, which attention reads as the tokens once."""
+
+    def context(encoder_hidden_states: Any, added_cond_kwargs: dict) -> torch.Tensor:
+        batch = text_context(encoder_hidden_states, added_cond_kwargs).shape[0]
+        if isinstance(encoder_hidden_states, tuple):
+            tokens = encoder_hidden_states[1][adapter]
+        else:
+            embeds = (added_cond_kwargs or {}).get("image_embeds")
+            if embeds is None or getattr(unet, "encoder_hid_proj", None) is None:
+                raise LimnerError(
+                    "the ControlNet reads image tokens, but the UNet was called without image embeddings"
+                )
+            tokens = unet.encoder_hid_proj(embeds)[adapter]
+        return tokens.reshape(batch, -1, tokens.shape[-1])
+
+    return context
+
+
+@dataclass(eq=False)
+class ControlSignal:
+    """One ControlNet acting on the UNet's calls. `image`: the condition image as a tensor [N, 3, H, W] in [0, 1]
+    (N 1, or one per sample of the batch), or a function (height, width) -> such a tensor that draws it at the
+    size asked (sharper than resizing a drawing; it may raise a LimnerError). `scale`: diffusers'
+    controlnet_conditioning_scale; 0 skips the ControlNet's pass altogether. `context`: what its cross-attention
+    reads (text_context by default)."""
+
+    controlnet: nn.Module
+    image: torch.Tensor | Callable[[int, int], torch.Tensor]
+    scale: float = 1.0
+    context: Context = text_context
+    name: str = ""  # who installed it (a method's name), to find it again among several
+    _drawn: dict = field(default_factory=dict, repr=False)
+
+    def condition(self, height: int, width: int, batch: int, like: torch.Tensor) -> torch.Tensor:
+        if callable(self.image):
+            if (height, width) not in self._drawn:
+                self._drawn = {(height, width): self.image(height, width)}
+            image = self._drawn[(height, width)]
+        else:
+            image = self.image
+            if tuple(image.shape[-2:]) != (height, width):
+                image = F.interpolate(image.float(), size=(height, width), mode="bilinear", align_corners=False)
+        n = image.shape[0]
+        if batch % n:
+            raise ValueError(f"a ControlNet condition of {n} images does not divide a batch of {batch}")
+        # the batch is [unconditional; conditional] under guidance, each the n images in order
+        return image.repeat(batch // n, 1, 1, 1).to(like.device, like.dtype)
+
+    def residuals(self, sample: torch.Tensor, timestep: Any, context: torch.Tensor, extra: dict):
+        factor = downsampling(self.controlnet)
+        cond = self.condition(sample.shape[-2] * factor, sample.shape[-1] * factor, sample.shape[0], sample)
+        param = next(self.controlnet.parameters())
+        down, mid = self.controlnet(
+            sample.to(param.dtype),
+            timestep,
+            encoder_hidden_states=context.to(param.dtype),
+            controlnet_cond=cond.to(param.dtype),
+            conditioning_scale=float(self.scale),
+            return_dict=False,
+            **extra,
+        )
+        return [d.to(sample.dtype) for d in down], mid.to(sample.dtype)
+
+
+_POSITIONAL = ("sample", "timestep", "encoder_hidden_states")
+
+
+def _control_hook(unet: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Runs every installed signal on this call's inputs and hands their summed residuals to the UNet."""
+    signals = [s for s in getattr(unet, _SIGNALS, []) if s.scale]
+    if not signals:
+        return args, kwargs
+    given = dict(zip(_POSITIONAL, args)) | {k: kwargs[k] for k in _POSITIONAL if k in kwargs}
+    sample, timestep, hidden = given["sample"], given["timestep"], given.get("encoder_hidden_states")
+    added = kwargs.get("added_cond_kwargs") or {}
+    extra = {"timestep_cond": kwargs.get("timestep_cond")}
+    without_images = {k: v for k, v in added.items() if k != "image_embeds"}  # a ControlNet has no image projection
+    if without_images:
+        extra["added_cond_kwargs"] = without_images
+    down = kwargs.get("down_block_additional_residuals")
+    mid = kwargs.get("mid_block_additional_residual")
+    for signal in signals:
+        d, m = signal.residuals(sample, timestep, signal.context(hidden, added), extra)
+        down = d if down is None else [a + b for a, b in zip(down, d)]
+        mid = m if mid is None else mid + m
+    return args, kwargs | {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
+
+def install_controlnet(unet: UNet2DConditionModel, signal: ControlSignal) -> Callable[[], None]:
+    """Adds the signal's residuals to every call of `unet` from now on; returns the function that takes it out
+    again (the last one out removes the hook)."""
+    signals = getattr(unet, _SIGNALS, None)
+    if signals is None:
+        signals = []
+        setattr(unet, _SIGNALS, signals)
+        setattr(unet, _HOOK, unet.register_forward_pre_hook(_control_hook, with_kwargs=True))
+    signals.append(signal)
+
+    def remove() -> None:
+        current = getattr(unet, _SIGNALS, [])
+        if signal in current:
+            current.remove(signal)
+        if not current and hasattr(unet, _HOOK):
+            getattr(unet, _HOOK).remove()
+            delattr(unet, _HOOK)
+            delattr(unet, _SIGNALS)
+
+    return remove
+
+
+def installed_signals(unet: UNet2DConditionModel) -> list[ControlSignal]:
+    """The ControlSignals acting on `unet`'s calls now."""
+    return list(getattr(unet, _SIGNALS, []))
+
+
+__all__ = [
+    "KPS_COLOURS",
+    "KPS_LIMBS",
+    "ControlSignal",
+    "check_controlnet_fits",
+    "condition_tensor",
+    "controlnet_from_unet",
+    "downsampling",
+    "draw_kps",
+    "image_token_context",
+    "install_controlnet",
+    "installed_signals",
+    "kps_style",
+    "load_controlnet",
+    "save_controlnet",
+    "text_context",
+]
