@@ -99,6 +99,18 @@ def blob(n: int = 2) -> Subject:
     return Subject("blob", "ball", [rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(n)])
 
 
+def person(n: int = 2) -> Subject:
+    """Portraits of a held-out world person: what an identity method's references must show (a face)."""
+    from limner.evaluation.subjects import world_subjects
+
+    (ada,) = world_subjects("world:ada")
+    return Subject("ada", ada.class_noun, list(ada.images[:n]))
+
+
+def subject_for(method) -> Subject:
+    return person() if method.capabilities.needs_faces else blob()
+
+
 QUICK = TrainConfig(max_steps=2, batch_size=1, learning_rate=1e-2, checkpoint_every=0)
 # per method: settings for a run of seconds, a bad value that must fail naming its setting, and a prompt
 CASES = {
@@ -114,13 +126,14 @@ CASES = {
     "ip_adapter": ({}, ("scale", -1.0), "a ball"),
     "blip_diffusion": ({}, ("prompt_reps", 0), "a ball on the beach"),
     "fastcomposer": ({}, ("alpha", 0), "a ball <|image|> on the beach"),
+    "photomaker": ({}, ("merge_ratio", 1.5), "a portrait of a woman img on the beach"),
 }
 
 
 def pretrain(method, base, out, folder, seed=0):
     """An encoder method's adapter for the tiny base: the toy's from nothing, IP-Adapter's from a step on a tiny
     stream with a tiny image encoder (the tiny base has none)."""
-    if method.name not in ("ip_adapter", "blip_diffusion", "fastcomposer"):
+    if method.name not in ("ip_adapter", "blip_diffusion", "fastcomposer", "photomaker"):
         return method.pretrain(base, "toy", out, **({"seed": seed} if seed else {}))
     encoder = folder / "image_encoder"
     if not encoder.exists():
@@ -128,7 +141,7 @@ def pretrain(method, base, out, folder, seed=0):
     quick = {"max_steps": 1, "batch_size": 1, "checkpoint_every": 0, "seed": seed}
     if method.name == "blip_diffusion":  # one step of each stage, a Q-Former of one small layer
         quick |= {"stage1_steps": 1, "qformer_layers": 1, "qformer_intermediate": 64, "batch_size": 2}
-    if method.name == "fastcomposer":  # world scenes: each subject's mask and noun
+    if method.name in ("fastcomposer", "photomaker"):  # world scenes (people): each subject's mask and noun
         return method.pretrain(base, "world", out, image_encoder=str(encoder), **quick)
     return method.pretrain(base, ToyStream(n=1), out, image_encoder=str(encoder), **quick)
 
@@ -150,7 +163,9 @@ def test_method_contract(name, tiny_base, tmp_path, toy_method):
         settings = settings | {
             "adapter": pretrain(method, load_base(str(tiny_base), device="cpu"), tmp_path / "adapter", tmp_path)
         }
-    concept = method.personalize(load_base(str(tiny_base), device="cpu"), blob(), tmp_path / "c", **settings)
+    concept = method.personalize(
+        load_base(str(tiny_base), device="cpu"), subject_for(method), tmp_path / "c", **settings
+    )
     manifest = read_manifest(concept)
     assert (
         manifest["method"] == name
@@ -179,11 +194,16 @@ def test_method_contract(name, tiny_base, tmp_path, toy_method):
         key, value = bad
         with pytest.raises(LimnerError, match=key):
             method.personalize(
-                load_base(str(tiny_base), device="cpu"), blob(), tmp_path / "bad", **(settings | {key: value})
+                load_base(str(tiny_base), device="cpu"),
+                subject_for(method),
+                tmp_path / "bad",
+                **(settings | {key: value}),
             )
     if method.config_cls is not None:
         with pytest.raises(LimnerError, match="no setting 'colour_of_the_sky'"):
-            method.personalize(load_base(str(tiny_base), device="cpu"), blob(), tmp_path / "bad2", colour_of_the_sky=1)
+            method.personalize(
+                load_base(str(tiny_base), device="cpu"), subject_for(method), tmp_path / "bad2", colour_of_the_sky=1
+            )
 
 
 def test_a_registered_method_runs_in_generate_and_eval_unchanged(toy_method, tmp_path):

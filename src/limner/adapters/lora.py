@@ -94,3 +94,58 @@ def adapters_per_window(unet: torch.nn.Module, adapters: list[str], weights: lis
             active = want
 
     return use_window
+
+
+# ---- one named LoRA on a model (PhotoMaker's "photomaker"): added, read, loaded with checks, removed --------------
+
+
+def add_named_lora(model: torch.nn.Module, name: str, rank: int, alpha: float, targets: list[str]) -> list:
+    """A LoRA adapter called `name` on the model's `targets` (gaussian init, as diffusers' scripts); its parameters.
+    A model already carrying one of that name is refused (one adapter of a kind at a time)."""
+    from peft import LoraConfig
+
+    from limner.errors import LimnerError
+
+    if name in (getattr(model, "peft_config", None) or {}):
+        raise LimnerError(f"this model already carries a LoRA named {name!r}; apply one such adapter at a time")
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
+    model.add_adapter(config, adapter_name=name)
+    return [p for n, p in model.named_parameters() if f"lora_A.{name}" in n or f"lora_B.{name}" in n]
+
+
+def named_lora_state(model: torch.nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """The adapter's weights under peft's names (`<module>.lora_A.weight`, `<module>.lora_B.weight`)."""
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model, adapter_name=name)
+
+
+def load_named_lora(
+    model: torch.nn.Module, name: str, state: dict[str, torch.Tensor], rank: int, alpha: float, targets: list[str]
+) -> list[str]:
+    """Adds the adapter and loads `state` (peft's names) into it. Returns what is wrong, [] when nothing is: LoRA
+    modules left without weights (their lora_B would stay zero, the adapter silently off there) or weights for
+    modules the model lacks; the adapter is removed again if anything is."""
+    from peft import set_peft_model_state_dict
+
+    add_named_lora(model, name, rank, alpha, targets)
+    result = set_peft_model_state_dict(model, state, adapter_name=name)
+    missing = [k for k in getattr(result, "missing_keys", None) or [] if "lora_" in k and name in k]
+    unexpected = list(getattr(result, "unexpected_keys", None) or [])
+    problems = [f"no weights for {len(missing)} LoRA tensors, e.g. {missing[:3]}"] if missing else []
+    problems += [f"weights for modules this model lacks, e.g. {unexpected[:3]}"] if unexpected else []
+    if problems:
+        remove_named_lora(model, name)
+    return problems
+
+
+def remove_named_lora(model: torch.nn.Module, name: str) -> None:
+    """The adapter gone; where it was the model's only one, peft's wrapper layers too (the state dict's names as
+    before)."""
+    adapters = getattr(model, "peft_config", None) or {}
+    if name not in adapters:
+        return
+    if len(adapters) == 1:
+        model.unload_lora()
+    else:
+        model.delete_adapters(name)

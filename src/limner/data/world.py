@@ -227,6 +227,24 @@ class WorldStream:
             reference_masks=reference_masks,
         )
 
+    def more_views(self, k: int, count: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """`count` further whole views of the person of this rank's sample k, with their masks, drawn as its
+        reference view is (clothes redrawn per view with clothes="vary"): for a method that stacks several
+        references of one person (PhotoMaker). A pure function of (seed, rank, world_size, k, count)."""
+        if self.subjects != "characters":
+            raise LimnerError("more_views draws the identity stream's people: open it with subjects='characters'")
+        g = k * self.world_size + self.rank
+        images, masks = [], []
+        for j in range(count):
+            rng = np.random.default_rng([self.seed, g, 3 + j])  # 1 and 2 draw the target and the reference
+            subject = self.subject(k)
+            if self.clothes == "vary":
+                subject = replace(subject, shirt=_random_shirt(rng))
+            view = render_view(rng, subject, True, PORTRAIT_SHARE["characters"])
+            images.append(self._fit(view.image))
+            masks.append(self._fit_mask(view.entities[0].mask))
+        return images, masks
+
     def _fit(self, image: np.ndarray) -> np.ndarray:
         return image if self.resolution == SIZE else square_array(image, self.resolution)
 
