@@ -29,16 +29,18 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from limner.concepts import MANIFEST, read_manifest, write_model_card
+from limner.concepts import read_manifest
 from limner.errors import LimnerError
-from limner.images import write_png
-from limner.io import disk_guard, pickle_opt_in, write_json_atomic, written_atomically
+from limner.io import disk_guard, pickle_opt_in, written_atomically
 from limner.methods.adapter import (
     ADAPTER_MANIFEST,
     AdapterMethod,
-    adapter_fingerprint,
+    encoded_concept_manifest,
+    encoded_with,
     read_reference_files,
     write_adapter_manifest,
+    write_concept_manifest,
+    write_references,
 )
 from limner.methods.base import Capabilities, Installation
 from limner.methods.photomaker.id_encoder import (
@@ -368,10 +370,14 @@ class PhotoMaker(AdapterMethod):
         images = read_reference_files(paths)
         default_name = Path(paths[0]).stem if paths else "person"
         subject = Subject(name or default_name, class_noun, images, meta={"files": [str(p) for p in paths]})
-        return self.personalize(base, subject, Path(out), adapter=adapter, **settings)
+        with_settings(PhotoMakerSettings(), settings, self.name)
+        return self.encode(base, self.adapter_for(base, adapter), subject, Path(out), given_as="files", **settings)
 
-    def encode(self, base: Base, adapter: Path, subject: Subject, out: Path, **settings: Any) -> Path:
-        """Each reference's face crop through the adapter's ID encoder: one ID embedding per reference."""
+    def encode(
+        self, base: Base, adapter: Path, subject: Subject, out: Path, given_as: str = "subject", **settings: Any
+    ) -> Path:
+        """Each reference's face crop through the adapter's ID encoder: one ID embedding per reference.
+        given_as: "files" for photos given with a prompt (`limner generate --image`), which must then name them."""
         from limner.encoders.faces import face_analysis
 
         t0 = time.perf_counter()
@@ -402,40 +408,31 @@ class PhotoMaker(AdapterMethod):
         pixels = pixels_of(processor_for(base, adapter, encoder), crops).to(base.device)
         with torch.no_grad():
             embeds = encoder.embed(pixels).float().cpu()
-        return self._write_concept(base, adapter, subject, crops, embeds, notes, variant, cfg, out, t0)
+        fields = {"variant": variant, "notes": notes, "given_as": given_as}
+        return self._write_concept(base, adapter, subject, crops, embeds, fields, cfg, out, t0)
 
-    def _write_concept(self, base, adapter, subject, crops, embeds, notes, variant, cfg, out, t0) -> Path:
+    def _write_concept(self, base, adapter, subject, crops, embeds, fields, cfg, out, t0) -> Path:
         from safetensors.torch import save_file
 
         out.mkdir(parents=True, exist_ok=True)
         with disk_guard(f"the concept in {out}"):
-            (out / "references").mkdir(exist_ok=True)
-            for i, crop in enumerate(crops):
-                write_png(crop, out / "references" / f"{i:02d}.png")
+            write_references(out, crops)
             with written_atomically(out / EMBEDS) as tmp:
                 save_file({"id_embeds": embeds.contiguous()}, str(tmp))
-            config = asdict(cfg)
-            config.pop("allow_pickle")  # a permission of the call that encoded, never of the concept's readers
-            manifest = {
-                "method": self.name,
-                "subject": subject.name,
-                "class_noun": subject.class_noun,
-                "tokens": [],
-                "trigger": cfg.trigger,
-                "variant": variant,
-                "base_fingerprint": base.fingerprint,
-                "base_path": str(base.path),
-                "steps": 0,
-                "seconds": round(time.perf_counter() - t0, 3),
-                "config": config,
-                "adapter": str(adapter.resolve()),
-                "adapter_fingerprint": adapter_fingerprint(adapter),
-                "num_references": len(crops),
-                "notes": notes,
-                "example_prompt": f"a portrait of a {subject.class_noun} {cfg.trigger} on the beach",
-            }
-            write_json_atomic(out / MANIFEST, manifest)
-            write_model_card(out, manifest)
+            manifest = encoded_concept_manifest(
+                self.name,
+                base,
+                adapter,
+                subject,
+                cfg,
+                t0,
+                trigger=cfg.trigger,
+                num_references=len(crops),
+                **fields,
+                example_prompt=f"a portrait of a {subject.class_noun} {cfg.trigger} on the beach",
+            )
+            manifest["config"].pop("allow_pickle")  # a permission of the call that encoded, not of the concept
+            write_concept_manifest(out, manifest)
         return out
 
     # ---- generation --------------------------------------------------------------------------------------------
@@ -455,13 +452,7 @@ class PhotoMaker(AdapterMethod):
                 f"photomaker concepts encoded with different adapters ({', '.join(sorted(adapters))}) cannot draw "
                 "together: the adapter's LoRA is shared; encode them with one adapter"
             )
-        adapter = Path(manifests[0]["adapter"])
-        for concept, manifest in zip(concepts, manifests):
-            if not adapter.exists() or adapter_fingerprint(adapter) != manifest["adapter_fingerprint"]:
-                raise LimnerError(
-                    f"concept {concept} was encoded with adapter {adapter}, which is gone or changed since; encode "
-                    "it again"
-                )
+        adapter = [encoded_with(c, m) for c, m in zip(concepts, manifests)][0]
         where = weights_path(adapter)
         weights = read_weights(adapter, pickle_opt_in())
         lora, rank = lora_to_peft(weights["lora_weights"], where)
@@ -496,9 +487,14 @@ class PhotoMaker(AdapterMethod):
         if self._installed is None:
             raise LimnerError("photomaker concepts must be installed (limner.conditioning) before a prompt")
         trigger = self._installed["trigger"]
-        if count_triggers(prompt, trigger) == 0:
-            return {}  # a prompt that names no person draws none, as a tuning concept's token left out of a prompt
         manifests = [read_manifest(c) for c in concepts]
+        if count_triggers(prompt, trigger) == 0:
+            if any(m.get("given_as") == "files" for m in manifests):
+                raise LimnerError(
+                    f"PhotoMaker prompt {prompt!r} has no trigger word {trigger!r}: write it right after the class "
+                    f"word, e.g. 'a portrait of a woman {trigger} on the beach', so the photos given take its place"
+                )
+            return {}  # a prompt that names no person draws none, as a tuning concept's token left out of a prompt
         embeds = [load_file(str(Path(c) / EMBEDS))["id_embeds"] for c in concepts]
         shares = stack_shares([len(e) for e in embeds], [float(m["config"].get("weight", 1.0)) for m in manifests])
         stacked = torch.cat([e[torch.arange(n) % len(e)] for e, n in zip(embeds, shares)])
