@@ -1,0 +1,288 @@
+"""StoryMaker's training (Zhou et al., 2024, section 3): what learns, on what, against which losses.
+
+Trained: the projection (limner.methods.storymaker.projection), the image keys and values of every
+cross-attention (decoupled attention, as IP-Adapter) and a LoRA on every attention's q, k, v and out; the UNet,
+VAE, text encoder, image encoder and face analyser stay frozen. Each sample: a target picture, its caption, and
+per character a reference (another view, same clothes) read as at use time (largest face, its embedding and
+aligned crop, the character cut out on white), and the character's mask in the target. The loss:
+
+    L = MSE(eps, eps_hat) * (1 + 5 * M)  +  0.1 * L_attn
+
+M is the union of the characters' masks (the official mask_loss_weight 5: errors on the characters count six
+times). L_attn is the cross-attention map loss on the *image* attention: in each decoupled attention layer the
+attention probabilities of a character's 20 tokens are summed (heads averaged), averaged over the layers, and
+compared by MSE with that character's mask; the background's 20 tokens against the background (1 - M). The
+official code reads the layers below the full latent resolution; the world's UNet has cross-attention only there,
+so all of its layers count. It binds each character's tokens to its own region, which is what keeps two
+characters from blending. Drops (official): text 0.2, image 0.05, both 0.05 (a dropped image is zero embedding
+and zero pixels, as the official script), and inside the projection each character's face tokens and body
+tokens 0.1 each.
+
+Pose decoupling (the paper trains with a pose ControlNet on the target's skeleton) is not done here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from limner.adapters import install_ip_attention, ip_attention_parameters, remove_ip_attention, with_image_tokens
+from limner.adapters.attention_maps import middle_cross_attention_blocks
+from limner.data.sample import square_mask
+from limner.images import to_unit_range
+from limner.methods.storymaker.characters import character_pictures, squeezed
+from limner.methods.storymaker.projection import CHARACTER_TOKENS, StoryMakerProjection
+from limner.methods.storymaker.weights import add_lora, lora_official_state, remove_lora
+from limner.training import TrainingTask, noise_scheduler
+from limner.training.data import fit_square
+
+
+class StoryBatches:
+    """next_batch for the trainer: a batch of samples of one kind (one or two characters), each character read
+    from its reference by the face analyser (a reference where no face is found is skipped and counted)."""
+
+    def __init__(self, stream: Any, base, analyser, encoder_size: int, batch_size: int):
+        self.stream, self.base, self.analyser = stream, base, analyser
+        self.size, self.batch_size = encoder_size, batch_size
+        self.iterator = None
+        self.skipped = 0
+
+    def _next(self):
+        if self.iterator is None:  # made at the first batch: after a resumed stream is put back where it was
+            self.iterator = iter(self.stream)
+        return next(self.iterator)
+
+    def __call__(self, generator: torch.Generator) -> dict:
+        from limner.errors import LimnerError
+
+        resolution = self.base.resolution
+        images, prompts, masks, ids, crops, cutouts, places = [], [], [], [], [], [], []
+        n = None
+        while len(images) < self.batch_size:
+            sample = self._next()
+            if n is not None and len(sample.references) != n:
+                continue  # a batch is one kind; the stream draws kinds per batch, so this is only after a resume
+            names = [f"reference of {s}" for s in sample.subjects]
+            try:
+                chars = character_pictures(sample.references, self.analyser, names)
+            except LimnerError:
+                self.skipped += 1
+                continue
+            n = len(chars)
+            images.append(fit_square(np.asarray(sample.image), resolution))
+            prompts.append(sample.text)
+            masks.append(np.stack([_fit(m, resolution) for m in sample.masks]))
+            for place, c in enumerate(chars):
+                ids.append(c.id_embed)
+                crops.append(c.face_crop)
+                cutouts.append(c.cutout)
+                places.append(place)
+        return {
+            "images": to_unit_range(np.stack(images)),
+            "prompts": prompts,
+            "masks": torch.from_numpy(np.stack(masks)).float(),  # [B, n, H, W]
+            "ids": torch.from_numpy(np.stack(ids)).float(),  # [B * n, d_id]
+            "faces": squeezed(crops, self.size),
+            "bodies": squeezed(cutouts, self.size),
+            "places": torch.tensor(places, dtype=torch.long),
+        }
+
+
+def _fit(mask: np.ndarray, resolution: int) -> np.ndarray:
+    return mask if mask.shape == (resolution, resolution) else square_mask(mask, resolution)
+
+
+class ImageAttentionCapture:
+    """Keeps the image attention probabilities of the decoupled attention layers of some blocks: diffusers'
+    classic IP processor computes them with `attn.get_attention_scores` (the text's first, then the image's),
+    which is wrapped on those layers; `release` unwraps them."""
+
+    def __init__(self, unet: nn.Module, blocks: list[str]):
+        self.maps: dict[str, list[torch.Tensor]] = {}
+        self.layers = []
+        for name, module in unet.named_modules():
+            if name.endswith("attn2") and name.split(".attentions")[0] in blocks:
+                self.layers.append(module)
+                self.maps[name] = []
+                module.get_attention_scores = self._wrap(module.get_attention_scores, self.maps[name])
+
+    @staticmethod
+    def _wrap(scores, store: list):
+        def get_attention_scores(query, key, attention_mask=None):
+            probs = scores(query, key, attention_mask)
+            store.append(probs)
+            return probs
+
+        return get_attention_scores
+
+    def take(self, heads: dict[str, int]) -> dict[str, torch.Tensor]:
+        """{layer: [B * heads, pixels, image tokens]}: each layer's last call (the image attention)."""
+        out = {name: calls[-1] for name, calls in self.maps.items() if calls}
+        for calls in self.maps.values():
+            calls.clear()
+        return out
+
+    def release(self) -> None:
+        for module in self.layers:
+            del module.get_attention_scores  # the class's method again
+        self.maps.clear()
+
+
+def attention_map_loss(
+    maps: dict[str, torch.Tensor], heads: dict[str, int], masks: torch.Tensor, batch: int
+) -> torch.Tensor:
+    """The official cross-attention map loss. maps: {layer: [B * heads, pixels, (1 + n) * 20]}; masks [B, n, H, W].
+    Per layer the heads' mean, each token group's summed probability, resized to the largest map; averaged over
+    layers; MSE of each character's map against its mask and of the background's against 1 - union, summed and
+    divided by n."""
+    n = masks.shape[1]
+    side = max(int(round(p.shape[1] ** 0.5)) for p in maps.values())
+    groups = None
+    for name, probs in maps.items():
+        pixels, tokens = probs.shape[1], probs.shape[2]
+        s = int(round(pixels**0.5))
+        mean = probs.float().view(batch, heads[name], pixels, tokens).mean(1)  # [B, pixels, tokens]
+        summed = mean.view(batch, pixels, 1 + n, CHARACTER_TOKENS).sum(-1)  # [B, pixels, 1 + n]
+        grid = summed.permute(0, 2, 1).reshape(batch, 1 + n, s, s)
+        if s != side:
+            grid = F.interpolate(grid, size=(side, side), mode="bilinear", align_corners=False)
+        groups = grid if groups is None else groups + grid
+    groups = groups / len(maps)
+    target = F.interpolate(masks.float(), size=(side, side), mode="bilinear", antialias=True)
+    background = 1 - target.sum(1, keepdim=True).clamp(0, 1)
+    loss = F.mse_loss(groups[:, :1], background)
+    for k in range(n):
+        loss = loss + F.mse_loss(groups[:, 1 + k], target[:, k])
+    return loss / n
+
+
+class Pretraining(TrainingTask):
+    """The trained parts and the paper's losses (see the module docstring). `terms` keeps each step's
+    denoising and attention-map losses."""
+
+    def __init__(self, base, encoder, shape, cfg, train_cfg):
+        from diffusers.models.attention_processor import AttnProcessor
+
+        from limner.training.conditioning import PromptEncoder
+
+        self.base, self.encoder, self.cfg, self.train_cfg = base, encoder, cfg, train_cfg
+        pipe = base.pipe
+        self.unet = pipe.unet
+        for m in (pipe.unet, pipe.vae, pipe.text_encoder, encoder.model):
+            m.requires_grad_(False)
+        # the classic processors, whose get_attention_scores the attention-map loss reads
+        self.processors = dict(self.unet.attn_processors)
+        self.unet.set_attn_processor(AttnProcessor())
+        with torch.random.fork_rng(devices=[]):  # the new weights follow the run's seed
+            torch.manual_seed(train_cfg.seed)
+            self.lora = add_lora(self.unet, cfg.lora_rank)
+            install_ip_attention(self.unet, num_tokens=3 * CHARACTER_TOKENS)
+            self.projection = StoryMakerProjection(shape).to(base.device)
+        self.ip_params = ip_attention_parameters(self.unet)
+        for p in [*self.lora, *self.ip_params, *self.projection.parameters()]:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+        self.blocks = middle_cross_attention_blocks(self.unet, 5)
+        self.capture = ImageAttentionCapture(self.unet, self.blocks)
+        self.heads = {
+            name: m.heads
+            for name, m in self.unet.named_modules()
+            if name.endswith("attn2") and name in self.capture.maps
+        }
+        self.prompts = PromptEncoder(pipe, base.resolution)
+        self.scheduler = noise_scheduler(pipe)
+        self.terms: list[dict[str, float]] = []
+
+    def close(self) -> None:
+        """The base as it was: no capture, no IP attention, no LoRA, its own processors, nothing trainable."""
+        self.capture.release()
+        remove_ip_attention(self.unet)
+        remove_lora(self.unet)
+        self.unet.set_attn_processor(self.processors)
+        self.unet.requires_grad_(False)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"unet": self.unet, "projection": self.projection}
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        return {"vae": self.base.pipe.vae, "image_encoder": self.encoder.model, **self.prompts.text_encoders()}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [*self.lora, *self.ip_params, *self.projection.parameters()]
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        state = {f"unet.{n}": p.detach().clone() for n, p in self.unet.named_parameters() if p.requires_grad}
+        return state | {f"projection.{k}": v.detach().clone() for k, v in self.projection.state_dict().items()}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        named = dict(self.unet.named_parameters())
+        with torch.no_grad():
+            for key, value in state.items():
+                if key.startswith("unet."):
+                    named[key.removeprefix("unet.")].copy_(value)
+        self.projection.load_state_dict(
+            {k.removeprefix("projection."): v for k, v in state.items() if k[:11] == "projection."}
+        )
+
+    def official_lora(self) -> dict[str, torch.Tensor]:
+        return lora_official_state(self.unet)
+
+    def _drops(self, b: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image dropped, text dropped) per sample: one draw each, [0, p_image) image, then text, then both."""
+        u = torch.rand(b, generator=generator)
+        a, t = self.cfg.drop_image, self.cfg.drop_image + self.cfg.drop_text
+        both = (u >= t) & (u < t + self.cfg.drop_both)
+        return (u < a) | both, ((u >= a) & (u < t)) | both
+
+    def loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        vae, device = self.base.pipe.vae, self.base.device
+        b, n = batch["masks"].shape[:2]
+        drop_image, drop_text = self._drops(b, generator)
+        keep = (~drop_image).repeat_interleave(n).float().to(device)  # per character
+        with torch.no_grad():
+            x = batch["images"].to(device, vae.dtype)
+            latents = vae.encode(x).latent_dist.sample(generator) * float(vae.config.scaling_factor)
+            faces = self.encoder.pixels(batch["faces"]) * keep.view(-1, 1, 1, 1).to(self.encoder.dtype)
+            bodies = self.encoder.pixels(batch["bodies"]) * keep.view(-1, 1, 1, 1).to(self.encoder.dtype)
+            face_tokens = self.encoder.features(faces, "plus").float()
+            body_tokens = self.encoder.features(bodies, "plus").float()
+            prompts = ["" if d else p for p, d in zip(batch["prompts"], drop_text.tolist())]
+            cond, kwargs = self.prompts.encode_frozen(prompts)
+        ids = batch["ids"].to(device) * keep.view(-1, 1)
+        keep_face = (torch.rand(b * n, generator=generator) >= self.cfg.drop_face).float().to(device)
+        keep_body = (torch.rand(b * n, generator=generator) >= self.cfg.drop_body).float().to(device)
+        characters = self.wrapped["projection"].characters(
+            ids, face_tokens, body_tokens, batch["places"].to(device), keep_face, keep_body
+        )
+        projection = self.wrapped["projection"]
+        bg = getattr(projection, "module", projection).bg_embed.expand(b, -1, -1)
+        tokens = torch.cat([bg, characters.view(b, n * CHARACTER_TOKENS, -1)], dim=1)
+
+        noise = torch.randn(latents.shape, generator=generator).to(latents)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=generator).to(device)
+        noisy = self.scheduler.add_noise(latents, noise, t)
+        for calls in self.capture.maps.values():
+            calls.clear()
+        hidden = with_image_tokens(cond, [tokens.to(cond.dtype)])
+        pred = self.wrapped["unet"](noisy, t, hidden, **kwargs).sample.float()
+        target = noise.float() if self.scheduler.config.prediction_type == "epsilon" else None
+        if target is None:
+            target = self.scheduler.get_velocity(latents, noise, t).float()
+        err = F.mse_loss(pred, target, reduction="none")
+        union = batch["masks"].to(device).amax(1, keepdim=True)
+        m = F.interpolate(union, size=err.shape[-2:], mode="bilinear", antialias=True)
+        m = m * keep.view(b, n)[:, :1].view(b, 1, 1, 1)  # the official weighting only where the image is given
+        denoise = (err * (1 + self.cfg.mask_loss_weight * m)).mean()
+        maps = self.capture.take(self.heads)
+        loss = denoise
+        terms = {"denoise": float(denoise.detach()), "characters": n}
+        if self.cfg.attention_loss_weight and maps:
+            attention = attention_map_loss(maps, self.heads, batch["masks"].to(device), b)
+            loss = loss + self.cfg.attention_loss_weight * attention
+            terms["attention"] = float(attention.detach())
+        self.terms.append(terms)
+        return loss
