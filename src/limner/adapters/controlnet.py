@@ -134,6 +134,19 @@ def condition_tensor(pictures: np.ndarray | list[np.ndarray]) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _moved(module: nn.Module, *args: Any) -> nn.Module:
+    """module.to(*args) without diffusers' note that none of a ControlNet's modules must stay in float32."""
+    import logging
+
+    log = logging.getLogger("diffusers.models.modeling_utils")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        return module.to(*args)
+    finally:
+        log.setLevel(level)
+
+
 def controlnet_from_unet(unet: UNet2DConditionModel, conditioning_channels: int = 3) -> ControlNetModel:
     """A new ControlNet for `unet`: its encoder's weights copied, zero convolutions added (diffusers' from_unet),
     on the UNet's device and dtype."""
@@ -141,7 +154,7 @@ def controlnet_from_unet(unet: UNet2DConditionModel, conditioning_channels: int 
 
     param = next(unet.parameters())
     controlnet = ControlNetModel.from_unet(unet, conditioning_channels=conditioning_channels)
-    return controlnet.to(param.device, param.dtype)
+    return _moved(controlnet, param.device, param.dtype)
 
 
 def downsampling(controlnet: nn.Module) -> int:
@@ -207,7 +220,7 @@ def load_controlnet(folder: str | Path, unet: UNet2DConditionModel) -> ControlNe
         ) from e
     check_controlnet_fits(controlnet, unet, folder)
     param = next(unet.parameters())
-    return controlnet.to(param.device, param.dtype).eval().requires_grad_(False)
+    return _moved(controlnet, param.device, param.dtype).eval().requires_grad_(False)
 
 
 def save_controlnet(controlnet: nn.Module, folder: str | Path, dtype: torch.dtype = torch.float16) -> None:
@@ -216,7 +229,7 @@ def save_controlnet(controlnet: nn.Module, folder: str | Path, dtype: torch.dtyp
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    copy.deepcopy(controlnet).to("cpu", dtype).save_pretrained(tmp, safe_serialization=True)
+    _moved(copy.deepcopy(controlnet), "cpu", dtype).save_pretrained(tmp, safe_serialization=True)
     if folder.exists():
         shutil.rmtree(folder)
     tmp.rename(folder)

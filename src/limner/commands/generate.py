@@ -160,6 +160,14 @@ def generate(
         ),
     ] = None,
     faces: FacesOpt = None,
+    pose_image: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--pose-image",
+            help="For --image with a method that takes a pose (instantid): a picture whose face's keypoints set "
+            "the pose drawn (default: the first reference's).",
+        ),
+    ] = None,
     base: BaseOpt = None,
     config: ConfigOpt = None,
     device: DeviceOpt = "auto",
@@ -182,6 +190,8 @@ def generate(
     if ip_scale is not None and ip_scale < 0:
         raise LimnerError(f"--ip-scale {ip_scale}: an image scale must be 0 or more (0 switches the image off)")
     encoder = check_image_options(image or [], method, adapter, ip_scale, concept or [])
+    if pose_image is not None and not hasattr(encoder.default_config() if encoder else None, "pose_image"):
+        raise LimnerError("--pose-image sets the pose of --image references for a method that takes one (instantid)")
     settings = GenerationSettings(
         prompt=prompt,
         negative_prompt=negative,
@@ -203,7 +213,8 @@ def generate(
         with tempfile.TemporaryDirectory(prefix="limner-references-") as tmp:
             folders = list(concept or [])
             if encoder is not None:  # the references, encoded into a concept folder that lives for this call
-                with LOADING:  # the encoder's image tower is a model load
+                with LOADING, warnings.catch_warnings(record=True) as caught:  # the image tower is a model load
+                    warnings.simplefilter("always")
                     folders.append(
                         encoder.concept_from_files(
                             b,
@@ -213,8 +224,10 @@ def generate(
                             adapter=adapter,
                             **({"allow_pickle": True} if allow_pickle else {}),
                             **faces_setting(encoder, faces),
+                            **({"pose_image": str(pose_image)} if pose_image is not None else {}),
                         )
                     )
+                echo_notes(caught)  # which face of a reference was taken
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 with LOADING:

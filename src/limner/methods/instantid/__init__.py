@@ -39,8 +39,6 @@ from limner.adapters import set_ip_scale
 from limner.adapters.controlnet import (
     ControlSignal,
     check_controlnet_fits,
-    condition_tensor,
-    draw_kps,
     image_token_context,
     install_controlnet,
     installed_signals,
@@ -50,7 +48,7 @@ from limner.adapters.controlnet import (
 from limner.concepts import MANIFEST, read_manifest, write_model_card
 from limner.errors import LimnerError
 from limner.images import write_png
-from limner.io import disk_guard, write_json_atomic, written_atomically
+from limner.io import disk_guard, pickle_opt_in, write_json_atomic, written_atomically
 from limner.methods.adapter import (
     ADAPTER_MANIFEST,
     AdapterMethod,
@@ -59,6 +57,7 @@ from limner.methods.adapter import (
     write_adapter_manifest,
 )
 from limner.methods.base import Capabilities, Installation
+from limner.methods.instantid.pose import kps_drawer, pose_from, pose_of
 from limner.methods.instantid.weights import CONTROLNET, WEIGHTS, adapter_files
 from limner.methods.ip_adapter import (
     attach,
@@ -80,7 +79,6 @@ if TYPE_CHECKING:
 EMBEDS = "face_embeds.safetensors"
 OFFICIAL_RESAMPLER_DIM = 1280  # the official Resampler's width (20 heads of 64)
 WORLD_RESAMPLER_DIM = 128  # the world's: half its cross-attention width (2 heads), to keep the adapter small
-MIN_POSE_SIDE = 16  # pixels: a smaller picture has no face to find keypoints on
 CURVE_POINTS = 500
 
 
@@ -139,53 +137,6 @@ class InstantIDSettings:
 def pretrain_defaults() -> TrainConfig:
     """AdamW at 1e-4 (weight decay 0.01) as IP-Adapter's and InstantID's training scripts, batch 8."""
     return TrainConfig(max_steps=1000, batch_size=8, learning_rate=1e-4, weight_decay=0.01, checkpoint_every=250)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The pose: keypoints found in a picture, drawn at the size of each generation
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def pose_from(picture: np.ndarray, faces: Any, where: str) -> dict:
-    """The pose a picture gives: its largest face's keypoints, in its pixels, with its size. No face (or a picture
-    too small to hold one) is an error naming it."""
-    from limner.encoders.faces import reference_face
-
-    h, w = picture.shape[:2]
-    if min(h, w) < MIN_POSE_SIDE:
-        raise LimnerError(
-            f"{where} is {w}x{h} px: too small to find a face's keypoints on; give a picture of at least "
-            f"{MIN_POSE_SIDE} px a side showing a face in the pose wanted"
-        )
-    face, note = reference_face(faces.analyse([picture])[0], where)
-    if note:
-        warnings.warn(note, stacklevel=2)
-    return {"source": where, "size": [w, h], "keypoints": np.asarray(face.keypoints, dtype=float).round(3).tolist()}
-
-
-def fitted_keypoints(pose: dict, width: int, height: int) -> np.ndarray:
-    """The pose's keypoints in a width x height picture: the source resized to cover it and centre-cropped (as
-    limner fits every picture to a base's size). A face the crop cuts off is an error: the pose picture's shape
-    does not fit the picture asked."""
-    (w, h), kps = pose["size"], np.asarray(pose["keypoints"], dtype=float)
-    s = max(width / w, height / h)
-    fitted = kps * s - np.array([(w * s - width) / 2, (h * s - height) / 2])
-    if (fitted < 0).any() or (fitted[:, 0] >= width).any() or (fitted[:, 1] >= height).any():
-        raise LimnerError(
-            f"the pose from {pose['source']} ({w}x{h} px) does not fit a {width}x{height} picture: the face falls "
-            f"outside once the picture is cropped to that shape; give a pose picture of the shape asked ({width}x"
-            f"{height}) or draw at the pose picture's shape (--width/--height)"
-        )
-    return fitted
-
-
-def kps_drawer(pose: dict, style: tuple[int | None, int | None] = (None, None)):
-    """(height, width) -> the IdentityNet's condition image for this pose, [1, 3, H, W] in [0, 1]."""
-
-    def draw(height: int, width: int) -> torch.Tensor:
-        return condition_tensor(draw_kps(width, height, fitted_keypoints(pose, width, height), *style))
-
-    return draw
 
 
 @register
@@ -328,8 +279,7 @@ class InstantID(AdapterMethod):
             pose = pose_from(pose_picture, faces, f"pose image {cfg.pose_image}")
         else:
             h, w = np.asarray(images[0]).shape[:2]
-            kps = np.asarray(found[0].keypoints, dtype=float).round(3).tolist()
-            pose = {"source": str(sources[0]), "size": [w, h], "keypoints": kps}
+            pose = pose_of(found[0].keypoints, w, h, str(sources[0]))
         return self._write_concept(base, adapter, subject, out, cfg, images, embedding, pose, notes, t0)
 
     def concept_from_files(
@@ -405,7 +355,7 @@ class InstantID(AdapterMethod):
                 )
             config = manifest.get("config", {})
             weights_path, controlnet_path = adapter_files(adapter, config.get("controlnet"))
-            weights = read_adapter_weights(weights_path, bool(config.get("allow_pickle")))
+            weights = read_adapter_weights(weights_path, pickle_opt_in())  # this call's --allow-pickle
             check_fits(unet, weights, weights_path)
             projections.append(load_projection(weights, weights_path))
             states.append(weights)
@@ -464,6 +414,7 @@ def _open_data(data: Any, base: Base, cfg: InstantIDSettings, train_cfg: TrainCo
     from accelerate import PartialState
 
     from limner.data import open_stream
+    from limner.encoders.faces.world import DET_SIZE
 
     state = PartialState(cpu=torch.device(base.device).type == "cpu")
     world = str(data) == "world"
@@ -472,11 +423,12 @@ def _open_data(data: Any, base: Base, cfg: InstantIDSettings, train_cfg: TrainCo
         seed=train_cfg.seed,
         rank=state.process_index,
         world_size=state.num_processes,
-        resolution=base.resolution,
+        # world pictures no smaller than the world face analyser's 64 px, so a tiny test base still finds faces
+        resolution=max(base.resolution, DET_SIZE) if world else base.resolution,
         pair="view" if world else "self",
         captions=cfg.captions or ("class" if world else "full"),
         **({"subjects": "characters", "clothes": "vary"} if world else {}),
     )
 
 
-__all__ = ["InstantID", "InstantIDSettings", "fitted_keypoints", "kps_drawer", "pose_from"]
+__all__ = ["InstantID", "InstantIDSettings"]

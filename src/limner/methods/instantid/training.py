@@ -35,6 +35,7 @@ from limner.adapters.controlnet import (
 from limner.encoders.faces import FaceAnalysis, largest_face
 from limner.errors import LimnerError
 from limner.images import to_unit_range
+from limner.methods.instantid.pose import fit_points
 from limner.methods.ip_adapter import attach, detach, load_projection
 from limner.training import TrainConfig, TrainingTask, noise_scheduler
 from limner.training.data import fit_square
@@ -79,7 +80,7 @@ class IdentityPretraining(TrainingTask):
             else:
                 projection = load_projection(weights, "the adapter")
             self.controlnet = controlnet if controlnet is not None else controlnet_from_unet(self.unet)
-        self.controlnet = self.controlnet.to(base.device, torch.float32).train()
+        self.controlnet = self.controlnet.to(base.device).float().train()
         attach(self.unet, [projection.to(base.device, torch.float32)], None if weights is None else [weights])
         self.signal = ControlSignal(
             self.controlnet, torch.zeros(1, 3, 8, 8), scale=1.0, context=image_token_context(self.unet)
@@ -144,11 +145,12 @@ class IdentityPretraining(TrainingTask):
 
 
 def target_keypoints(sample: Any, image: np.ndarray, faces: FaceAnalysis) -> np.ndarray | None:
-    """The target's 5 face keypoints in the fitted picture's pixels: the renderer's where the stream gives them and
-    the picture was not resized, else the face analyser's on the fitted picture (None where it finds no face)."""
+    """The target's 5 face keypoints in the fitted picture's pixels: the renderer's where the stream gives them
+    (moved as fit_square moved the picture), else the face analyser's on the fitted picture (None: no face)."""
     given = getattr(sample, "face_keypoints", None)
-    if given is not None and np.asarray(sample.image).shape[:2] == image.shape[:2]:
-        return np.asarray(given, dtype=np.float32)
+    if given is not None:
+        h, w = np.asarray(sample.image).shape[:2]
+        return fit_points(given, (w, h), image.shape[1], image.shape[0]).astype(np.float32)
     face = largest_face(faces.analyse([image])[0])
     return None if face is None else face.keypoints
 
