@@ -127,13 +127,14 @@ CASES = {
     "blip_diffusion": ({}, ("prompt_reps", 0), "a ball on the beach"),
     "fastcomposer": ({}, ("alpha", 0), "a ball <|image|> on the beach"),
     "photomaker": ({}, ("merge_ratio", 1.5), "a portrait of a woman img on the beach"),
+    "storymaker": ({}, ("scale", -1.0), "a portrait of a woman on the beach"),
 }
 
 
 def pretrain(method, base, out, folder, seed=0):
     """An encoder method's adapter for the tiny base: the toy's from nothing, IP-Adapter's from a step on a tiny
     stream with a tiny image encoder (the tiny base has none)."""
-    if method.name not in ("ip_adapter", "blip_diffusion", "fastcomposer", "photomaker"):
+    if method.name not in ("ip_adapter", "blip_diffusion", "fastcomposer", "photomaker", "storymaker"):
         return method.pretrain(base, "toy", out, **({"seed": seed} if seed else {}))
     encoder = folder / "image_encoder"
     if not encoder.exists():
@@ -141,7 +142,7 @@ def pretrain(method, base, out, folder, seed=0):
     quick = {"max_steps": 1, "batch_size": 1, "checkpoint_every": 0, "seed": seed}
     if method.name == "blip_diffusion":  # one step of each stage, a Q-Former of one small layer
         quick |= {"stage1_steps": 1, "qformer_layers": 1, "qformer_intermediate": 64, "batch_size": 2}
-    if method.name in ("fastcomposer", "photomaker"):  # world scenes (people): each subject's mask and noun
+    if method.name in ("fastcomposer", "photomaker", "storymaker"):  # world scenes (people): each subject's mask, noun
         return method.pretrain(base, "world", out, image_encoder=str(encoder), **quick)
     return method.pretrain(base, ToyStream(n=1), out, image_encoder=str(encoder), **quick)
 
