@@ -163,9 +163,16 @@ def test_several_faces_take_the_largest_and_say_so(world, adapter, tmp_path):
     assert "took the largest" in json.loads((concept / "limner.json").read_text())["notes"][0]
 
 
-def test_more_references_than_the_variant_stacks_is_an_error(world, adapter, tmp_path):
-    with pytest.raises(LimnerError, match="5 references.*at most 4"):
-        get_method("photomaker").personalize(world, person("ada", 5), tmp_path / "c", adapter=adapter)
+def test_more_references_than_the_variant_stacks(world, adapter, tmp_path):
+    method, ada = get_method("photomaker"), person("ada", 5)
+    files = [write(tmp_path / f"{i}.png", im) for i, im in enumerate(ada.images)]
+    with pytest.raises(LimnerError, match="5 references given.*at most 4"):  # photos named one by one
+        method.concept_from_files(world, files, tmp_path / "c", class_noun="woman", adapter=adapter)
+    with pytest.raises(LimnerError, match="num_references=5.*at most 4"):
+        method.personalize(world, ada, tmp_path / "c", adapter=adapter, num_references=5)
+    with pytest.warns(UserWarning, match="has 5 references.*took the first 4"):  # a folder, the bench's five
+        concept = method.personalize(world, ada, tmp_path / "c", adapter=adapter)
+    assert load_file(str(concept / EMBEDS))["id_embeds"].shape[0] == 4
 
 
 def test_a_prompt_without_the_trigger_is_refused_when_photos_are_given(world, adapter, tmp_path):

@@ -172,6 +172,35 @@ def vision_config_of(adapter: Path, state: dict[str, torch.Tensor], where: Path 
     return CLIPVisionConfig(**recorded) if recorded else vision_config_from_state(state, where)
 
 
+def stackable_references(
+    subject: Subject, variant: str, limit: int | None, given_as: str
+) -> tuple[list, list[str], list[str]]:
+    """(the references to stack, how errors name them, notes). More than the variant stacks is an error where the
+    user named them (photos given one by one, or num_references); a subject with more pictures (a folder, the
+    bench's five) stacks its first ones, with a note saying so."""
+    most = MAX_REFERENCES[variant]
+    images, names = list(subject.images), reference_names(subject)
+    if limit is not None and limit > most:
+        raise LimnerError(f"num_references={limit}: PhotoMaker {variant} stacks at most {most} ID images")
+    if given_as == "files" and len(images) > most:
+        raise LimnerError(
+            f"{len(images)} references given, but PhotoMaker {variant} stacks at most {most} ID images: give at "
+            f"most {most} photos of the person"
+        )
+    notes = []
+    if limit is None and len(images) > most:
+        notes.append(
+            f"subject {subject.name} has {len(images)} references; PhotoMaker {variant} stacks at most {most}: took "
+            f"the first {most} (--set num_references=N to choose fewer)"
+        )
+    keep = min(limit or most, most)
+    if not images:
+        raise LimnerError(
+            f"subject {subject.name}: no reference image; PhotoMaker needs 1 to {most} photos of the person"
+        )
+    return images[:keep], names[:keep], notes
+
+
 def build_id_encoder(base: Base, adapter: Path, state: dict[str, torch.Tensor], where: Path | str) -> IDEncoder:
     """The ID encoder for this base with the adapter's weights, the projections and fuse module checked against the
     base's text widths (an official SDXL file on another base is an error saying so)."""
@@ -390,19 +419,9 @@ class PhotoMaker(AdapterMethod):
                 f"{weights_path(adapter)} is a PhotoMaker {variant} checkpoint (its ID encoder reads a face embedding "
                 "through a perceiver); limner runs v1 checkpoints so far: give photomaker-v1.bin"
             )
-        names = reference_names(subject)
-        images, names = subject.images[: cfg.num_references], names[: cfg.num_references]
-        if not images:
-            raise LimnerError(
-                f"subject {subject.name}: no reference image; PhotoMaker needs 1 to 4 photos of the person"
-            )
-        if len(images) > MAX_REFERENCES[variant]:
-            raise LimnerError(
-                f"subject {subject.name}: {len(images)} references, but PhotoMaker {variant} stacks at most "
-                f"{MAX_REFERENCES[variant]} ID images; give fewer photos (or --set "
-                f"num_references={MAX_REFERENCES[variant]})"
-            )
-        crops, notes = id_crops(images, names, face_analysis(cfg.faces), cfg.crop_scale)
+        images, names, notes = stackable_references(subject, variant, cfg.num_references, given_as)
+        crops, found = id_crops(images, names, face_analysis(cfg.faces), cfg.crop_scale)
+        notes += found
         warn_notes(notes)
         encoder = build_id_encoder(base, adapter, weights["id_encoder"], weights_path(adapter))
         pixels = pixels_of(processor_for(base, adapter, encoder), crops).to(base.device)
