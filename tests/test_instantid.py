@@ -329,3 +329,21 @@ def test_generate_cli_draws_with_a_pose_image_and_names_a_reference_without_a_fa
     assert r.exit_code == 2 and "blank.png: no face found" in r.output
     r = runner.invoke(app, ["generate", "a person", "--pose-image", str(pose), "--out", str(tmp_path / "o3")])
     assert r.exit_code == 2 and "--pose-image" in r.output
+
+
+def test_a_controlnet_runs_in_an_sdxl_generation_too(tiny_sdxl):
+    """The same hook on SDXL's UNet: the ControlNet gets the pooled text and time ids it conditions on."""
+    base = load_base(str(tiny_sdxl), device="cpu")
+    unet = base.pipe.unet
+    bare = draw(base, "a person")
+    net = controlnet_from_unet(unet)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    remove = install_controlnet(unet, ControlSignal(net, torch.rand(1, 3, 64, 64), scale=1.0))
+    try:
+        steered = draw(base, "a person")
+    finally:
+        remove()
+    assert not np.array_equal(bare, steered) and np.array_equal(bare, draw(base, "a person"))

@@ -265,7 +265,10 @@ class InstantID(AdapterMethod):
         check_fits(base.pipe.unet, weights, weights_path, int(faces.embedding_dim))
         load_projection(weights, weights_path)  # every image_proj key is one diffusers reads
         check_controlnet_fits(dict(ControlNetModel.load_config(controlnet_path)), base.pipe.unet, controlnet_path)
-        sources = subject.meta.get("files") or [f"reference {i} of subject {subject.name}" for i in range(len(images))]
+        folder = f" (folder {subject.meta['path']}, pictures in name order)" if subject.meta.get("path") else ""
+        sources = subject.meta.get("files") or [
+            f"reference {i + 1} of subject {subject.name}{folder}" for i in range(len(images))
+        ]
         found, notes = [], []
         for picture, where in zip(images, sources):
             face, note = reference_face(faces.analyse([np.asarray(picture)])[0], str(where))
