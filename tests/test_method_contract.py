@@ -128,12 +128,15 @@ CASES = {
     "fastcomposer": ({}, ("alpha", 0), "a ball <|image|> on the beach"),
     "photomaker": ({}, ("merge_ratio", 1.5), "a portrait of a woman img on the beach"),
     "storymaker": ({}, ("scale", -1.0), "a portrait of a woman on the beach"),
+    "instantid": ({}, ("controlnet_scale", -1.0), "a portrait of a woman on the beach"),
 }
 
 
 def pretrain(method, base, out, folder, seed=0):
     """An encoder method's adapter for the tiny base: the toy's from nothing, IP-Adapter's from a step on a tiny
     stream with a tiny image encoder (the tiny base has none)."""
+    if method.name == "instantid":  # world portraits (faces), no image encoder: a Resampler of one head
+        return method.pretrain(base, "world", out, resampler_dim=64, max_steps=1, batch_size=1, seed=seed)
     if method.name not in ("ip_adapter", "blip_diffusion", "fastcomposer", "photomaker", "storymaker"):
         return method.pretrain(base, "toy", out, **({"seed": seed} if seed else {}))
     encoder = folder / "image_encoder"
