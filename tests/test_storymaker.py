@@ -218,3 +218,28 @@ def test_bad_references_exit_2_naming_the_file_and_what_to_do(adapter, tmp_path)
     r = run(two)
     assert r.exit_code == 0, r.output
     assert "two.png: 2 faces found; took the largest" in r.output
+
+
+def test_a_face_analyser_that_segments_nothing_cuts_the_character_out_with_the_users_mask():
+    """insightface packs give no mask: a real photo is cut out with the mask given with the subject, else read whole;
+    of several faces the largest is taken, and the note names its box."""
+    from limner.encoders.faces import Face
+    from limner.methods.storymaker.characters import character_pictures
+
+    class NoMasks:
+        name = "test"
+
+        def analyse(self, images):
+            crop = np.zeros((8, 8, 3), np.uint8)
+            small = Face(np.array([0, 0, 4, 4.0]), np.zeros((5, 2)), torch.ones(4), None, crop)
+            large = Face(np.array([2, 2, 12, 12.0]), np.zeros((5, 2)), torch.ones(4) / 2, None, crop)
+            return [[small, large] for _ in images]
+
+    picture = np.full((16, 16, 3), 40, np.uint8)
+    mask = np.zeros((16, 16), bool)
+    mask[4:12, 6:10] = True
+    given, whole = character_pictures([picture, picture], NoMasks(), ["a.png", "b.png"], [mask, None])
+    assert given.mask_from == "given" and given.cutout.shape == (8, 4, 3) and (given.cutout == 40).all()
+    assert whole.mask_from == "none" and whole.cutout.shape == (16, 16, 3)
+    assert given.note == "a.png: 2 faces found; took the largest (box 2,2-12,12)"
+    assert torch.equal(torch.from_numpy(given.id_embed), torch.ones(4) / 2)

@@ -69,9 +69,11 @@ def character_pictures(
     for k, (picture, faces, name) in enumerate(zip(pictures, found, where)):
         face, note = reference_face(faces, name)
         mask, mask_from = face.mask, "analyser"
-        if mask is None or not np.asarray(mask).any():
+        if mask is None:  # a backend that segments nothing (insightface): the user's own mask, else the whole picture
             given = masks[k] if masks is not None else None
             mask, mask_from = (given, "given") if given is not None else (None, "none")
+        elif not np.asarray(mask).any():
+            mask, mask_from = None, "none"
         crop = face.crop if face.crop is not None else _box_crop(picture, face.box)
         out.append(
             CharacterPicture(
