@@ -243,3 +243,17 @@ def test_a_face_analyser_that_segments_nothing_cuts_the_character_out_with_the_u
     assert whole.mask_from == "none" and whole.cutout.shape == (16, 16, 3)
     assert given.note == "a.png: 2 faces found; took the largest (box 2,2-12,12)"
     assert torch.equal(torch.from_numpy(given.id_embed), torch.ones(4) / 2)
+
+
+def test_the_shipped_world_adapter_is_fp16_official_under_7_mb_and_the_default(base):
+    from limner.models.loading import ASSETS
+
+    folder = ASSETS / "world" / "adapters" / "storymaker"
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 7 * 2**20 and not any("checkpoints" in p.parts for p in files)
+    state = load_file(str(folder / "storymaker.safetensors"))
+    assert all(v.dtype == torch.float16 for v in state.values())
+    assert {k.split(".")[0] for k in state} == {"image_proj", "ip_adapter"}
+    manifest = __import__("json").loads((folder / "adapter.json").read_text())
+    assert manifest["base_fingerprint"] == base.fingerprint and manifest["data"]["clothes"] == "same"
+    assert get_method("storymaker").adapter_for(base, None) == folder
