@@ -310,3 +310,19 @@ def test_official_checkpoints_that_do_not_fit_are_refused(tiny_sdxl, world, tmp_
         ],
     )
     assert r.exit_code == 2 and "another base" in r.output, r.output
+
+
+def test_the_shipped_world_adapter_is_within_budget_and_in_the_official_layout(world):
+    """src/limner/assets/world/adapters/photomaker: at most 9 MB of fp16 weights under the official prefixes, and
+    the adapter.json `limner pretrain --from` reruns (the world's identity stream, clothes redrawn per view)."""
+    from limner.models.loading import ASSETS
+
+    folder = ASSETS / "world" / "adapters" / "photomaker"
+    assert (folder / WEIGHTS).stat().st_size <= 9_000_000 and not (folder / "checkpoints").exists()
+    flat = load_file(str(folder / WEIGHTS))
+    assert {k.split(".")[0] for k in flat} == {"id_encoder", "lora_weights"}
+    assert all(v.dtype == torch.float16 for v in flat.values())
+    manifest = json.loads((folder / "adapter.json").read_text())
+    assert manifest["base_fingerprint"] == world.fingerprint and manifest["variant"] == "v1"
+    assert manifest["data"] | {"subjects": "characters", "pair": "view", "clothes": "vary"} == manifest["data"]
+    assert get_method("photomaker").adapter_for(world, None) == folder  # the world's default
