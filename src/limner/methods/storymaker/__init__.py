@@ -134,7 +134,7 @@ def _encoder(base: Base, adapter: Path | None, given: str | None):
     return ImageEncoder(find_image_encoder(base, folder, given), base.device)
 
 
-def _projection(weights: dict, manifest: dict, unet: nn.Module, where: Path) -> StoryMakerProjection:
+def _projection(weights: dict, unet: nn.Module, where: Path) -> StoryMakerProjection:
     """The adapter's projection, its shape read from the weights (checked against the UNet)."""
     from limner.methods.storymaker.projection import load_official_state
 
@@ -457,7 +457,7 @@ class StoryMaker(AdapterMethod):
         unet = base.pipe.unet
         if getattr(unet, "encoder_hid_proj", None) is not None:
             raise LimnerError("this UNet already has an encoder_hid_proj (an IP-Adapter loaded); unload it first")
-        projection = _projection(weights, {}, unet, adapter)
+        projection = _projection(weights, unet, adapter)
         param = next(unet.parameters())
         installation = Installation()
         try:

@@ -119,7 +119,7 @@ class ImageAttentionCapture:
 
         return get_attention_scores
 
-    def take(self, heads: dict[str, int]) -> dict[str, torch.Tensor]:
+    def take(self) -> dict[str, torch.Tensor]:
         """{layer: [B * heads, pixels, image tokens]}: each layer's last call (the image attention)."""
         out = {name: calls[-1] for name, calls in self.maps.items() if calls}
         for calls in self.maps.values():
@@ -180,6 +180,7 @@ class Pretraining(TrainingTask):
         with torch.random.fork_rng(devices=[]):  # the new weights follow the run's seed
             torch.manual_seed(train_cfg.seed)
             self.lora = add_lora(self.unet, cfg.lora_rank)
+            # tokens are handed over with the text (with_image_tokens), so the count is only diffusers' bookkeeping
             install_ip_attention(self.unet, num_tokens=3 * CHARACTER_TOKENS)
             self.projection = StoryMakerProjection(shape).to(base.device)
         self.ip_params = ip_attention_parameters(self.unet)
@@ -225,7 +226,7 @@ class Pretraining(TrainingTask):
                 if key.startswith("unet."):
                     named[key.removeprefix("unet.")].copy_(value)
         self.projection.load_state_dict(
-            {k.removeprefix("projection."): v for k, v in state.items() if k[:11] == "projection."}
+            {k.removeprefix("projection."): v for k, v in state.items() if k.startswith("projection.")}
         )
 
     def official_lora(self) -> dict[str, torch.Tensor]:
@@ -277,7 +278,7 @@ class Pretraining(TrainingTask):
         m = F.interpolate(union, size=err.shape[-2:], mode="bilinear", antialias=True)
         m = m * keep.view(b, n)[:, :1].view(b, 1, 1, 1)  # the official weighting only where the image is given
         denoise = (err * (1 + self.cfg.mask_loss_weight * m)).mean()
-        maps = self.capture.take(self.heads)
+        maps = self.capture.take()
         loss = denoise
         terms = {"denoise": float(denoise.detach()), "characters": n}
         if self.cfg.attention_loss_weight and maps:
