@@ -26,6 +26,7 @@ adapter by path and fingerprint.
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -53,6 +54,7 @@ from limner.methods.adapter import (
     ADAPTER_MANIFEST,
     AdapterMethod,
     adapter_fingerprint,
+    read_adapter_manifest,
     read_reference_files,
     write_adapter_manifest,
 )
@@ -106,6 +108,11 @@ class InstantIDSettings:
         f"{WORLD_RESAMPLER_DIM} on the world base",
     )
     num_tokens: int = setting(16, "pretrain: ID tokens (the Resampler's queries), 16 as the paper")
+    embedding_norm: float | None = setting(
+        None,
+        "pretrain: the norm the unit face embedding is given before the Resampler; None: sqrt(its width), about "
+        "the norm of insightface's raw 512-d embedding (~22) that the official code feeds",
+    )
     controlnet: str | None = setting(
         None, "the IdentityNet's folder (diffusers ControlNet layout); None: ControlNetModel/ beside the adapter"
     )
@@ -139,6 +146,17 @@ def pretrain_defaults() -> TrainConfig:
     return TrainConfig(max_steps=1000, batch_size=8, learning_rate=1e-4, weight_decay=0.01, checkpoint_every=250)
 
 
+def embedding_norm(adapter_manifest: dict | None, width: int) -> float:
+    """The norm of the face embedding the adapter's Resampler reads. The official code feeds insightface's raw
+    embedding (norm about 20-25 for antelopev2's 512-d); limner's faces are unit vectors, so they are scaled back to
+    sqrt(width) (22.6 for 512-d), which also keeps the embedding above the Resampler's input bias as it starts to
+    train. An adapter limner pretrained records its norm (one pretrained before the setting existed read unit
+    vectors); an official download is fed at sqrt(width)."""
+    if adapter_manifest is None:
+        return math.sqrt(width)
+    return float(adapter_manifest.get("embedding_norm", 1.0))
+
+
 @register
 class InstantID(AdapterMethod):
     """ID embedding -> Resampler -> decoupled image attention, and the IdentityNet on the face's keypoints."""
@@ -167,6 +185,7 @@ class InstantID(AdapterMethod):
         dim = cfg.resampler_dim or (WORLD_RESAMPLER_DIM if base.is_world else OFFICIAL_RESAMPLER_DIM)
         faces = face_analysis(cfg.faces)
         stream = _open_data(data, base, cfg, train_cfg)
+        norm = cfg.embedding_norm or math.sqrt(int(faces.embedding_dim))
         task = IdentityPretraining(base, int(faces.embedding_dim), train_cfg, dim=dim, num_tokens=cfg.num_tokens)
         t0 = time.perf_counter()
         try:
@@ -174,7 +193,7 @@ class InstantID(AdapterMethod):
             style = (None, None)
             log = train(
                 task,
-                batches(stream, base, faces, train_cfg.batch_size, style),
+                batches(stream, base, faces, train_cfg.batch_size, style, norm),
                 train_cfg,
                 out,
                 self.name,
@@ -196,6 +215,7 @@ class InstantID(AdapterMethod):
                     num_tokens=cfg.num_tokens,
                     face_analysis=faces.name,
                     embedding_dim=int(faces.embedding_dim),
+                    embedding_norm=round(norm, 6),
                     data=describe() if callable(describe) else type(stream).__name__,
                     skipped=getattr(stream, "skipped", None),
                     steps=log.steps,
@@ -277,6 +297,8 @@ class InstantID(AdapterMethod):
                 warnings.warn(note, stacklevel=2)
             found.append(face)
         embedding = torch.stack([f.embedding.float() for f in found]).mean(0)  # several references averaged
+        manifest = read_adapter_manifest(adapter) if (adapter / ADAPTER_MANIFEST).is_file() else None
+        embedding = embedding * embedding_norm(manifest, int(faces.embedding_dim))
         if cfg.pose_image is not None:
             pose_picture = read_reference_files([cfg.pose_image])[0]
             pose = pose_from(pose_picture, faces, f"pose image {cfg.pose_image}")

@@ -155,9 +155,17 @@ def target_keypoints(sample: Any, image: np.ndarray, faces: FaceAnalysis) -> np.
     return None if face is None else face.keypoints
 
 
-def batches(stream: Any, base: Base, faces: FaceAnalysis, batch_size: int, kps_style: tuple[int, int]):
+def batches(
+    stream: Any,
+    base: Base,
+    faces: FaceAnalysis,
+    batch_size: int,
+    kps_style: tuple[int | None, int | None],
+    embedding_norm: float = 1.0,
+):
     """next_batch for the trainer: per sample the fitted target, its caption, its keypoints drawn (the IdentityNet's
-    condition) and the face embedding of its reference (the target itself where the sample has no other view).
+    condition) and the face embedding of its reference (the target itself where the sample has no other view),
+    given the norm `embedding_norm` (see limner.methods.instantid.id_embedding).
     Samples without a face in the reference or the target are skipped and counted in stream.skipped."""
     iterator = None  # made at the first batch: after the loop has put a resumed stream back where it was
     skipped = getattr(stream, "skipped", None)
@@ -202,7 +210,7 @@ def batches(stream: Any, base: Base, faces: FaceAnalysis, batch_size: int, kps_s
             images.append(image)
             prompts.append(sample.text)
             kps.append(draw_kps(base.resolution, base.resolution, points, *kps_style))
-            embeddings.append(face.embedding.float())
+            embeddings.append(face.embedding.float() * embedding_norm)
         return {
             "images": to_unit_range(np.stack(images)),
             "prompts": prompts,
