@@ -1,7 +1,8 @@
 """InstantID's encode time per person and generation latency against the bare base: one process, the three
-alternating (so load drifts hit all alike), the fastest of 6 batches of 4 images each (25 dpm++ steps, guidance
-5): the bare base; InstantID with the IdentityNet switched off (controlnet_scale 0: the Image Adapter's decoupled
-attention alone); InstantID as it runs by default (the IdentityNet's extra pass at every step).
+alternating (so load drifts hit all alike), 6 batches of 4 images each (25 dpm++ steps, guidance 5; the fastest
+and the median reported): the bare base; InstantID with the IdentityNet switched off (controlnet_scale 0: the
+Image Adapter's decoupled attention alone); InstantID as it runs by default (the IdentityNet's extra pass at
+every step).
 
     python benchmarks/instantid_overhead.py [ADAPTER]
 """
@@ -46,12 +47,18 @@ for _ in range(6):
             generate(base, s, conditioning=cond)
             timings[name].append(time.perf_counter() - t)
 best = {k: min(v) / 4 for k, v in timings.items()}
+median = {k: sorted(v)[len(v) // 2] / 4 for k, v in timings.items()}
 print(f"encode per person (1 reference, adapter read each time): mean {sum(encodes) / len(encodes):.3f} s, "
       f"max {max(encodes):.3f} s")  # fmt: skip
 print(
     f"threads {torch.get_num_threads()}: bare {best['bare']:.4f} s/image, adapter only {best['adapter only']:.4f} "
     f"({100 * (best['adapter only'] / best['bare'] - 1):+.1f}%), InstantID {best['instantid']:.4f} "
     f"({100 * (best['instantid'] / best['bare'] - 1):+.1f}%)"
+)
+print(
+    f"medians: bare {median['bare']:.4f}, adapter only {median['adapter only']:.4f} "
+    f"({100 * (median['adapter only'] / median['bare'] - 1):+.1f}%), InstantID {median['instantid']:.4f} "
+    f"({100 * (median['instantid'] / median['bare'] - 1):+.1f}%)"
 )
 for k, v in timings.items():
     print(k, [round(x, 3) for x in v])
