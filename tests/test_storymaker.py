@@ -134,6 +134,11 @@ def test_the_world_data_keeps_the_clothes_and_draws_batches_of_one_kind():
     assert {len(s.references) for s in samples} == {1, 2}
     two = next(s for s in samples if len(s.references) == 2)
     assert len(two.masks) == 2 and not (two.masks[0] & two.masks[1]).any()
+    # the trainer takes whole batches: a position inside a batch (a sample dropped for want of a face) moves on to the
+    # next batch's start, so batch j is always the stream's batch j
+    stream.k = 5
+    batch = stream.next_batch()
+    assert stream.k == 12 and [s.subjects for s in batch] == [s.subjects for s in samples[8:12]]
     next(stream), next(stream)
     again = StoryStream(seed=0, batch_size=4, two_share=0.5)
     again.load_state_dict(stream.state_dict())

@@ -51,36 +51,42 @@ class StoryBatches:
         self.iterator = None
         self.skipped = 0
 
-    def _next(self):
+    def _samples(self) -> list:
+        """The next batch's samples: one of the stream's batches where it draws them (`next_batch`: one kind, and a
+        sample dropped for want of a face cannot shift where the next batch starts), else `batch_size` samples of
+        the kind of the first."""
+        if callable(getattr(self.stream, "next_batch", None)):
+            return self.stream.next_batch()
         if self.iterator is None:  # made at the first batch: after a resumed stream is put back where it was
             self.iterator = iter(self.stream)
-        return next(self.iterator)
+        samples = [next(self.iterator)]
+        while len(samples) < self.batch_size:
+            sample = next(self.iterator)
+            if len(sample.references) == len(samples[0].references):
+                samples.append(sample)
+        return samples
 
     def __call__(self, generator: torch.Generator) -> dict:
         from limner.errors import LimnerError
 
         resolution = self.base.resolution
         images, prompts, masks, ids, crops, cutouts, places = [], [], [], [], [], [], []
-        n = None
-        while len(images) < self.batch_size:
-            sample = self._next()
-            if n is not None and len(sample.references) != n:
-                continue  # a batch is one kind; the stream draws kinds per batch, so this is only after a resume
-            names = [f"reference of {s}" for s in sample.subjects]
-            try:
-                chars = character_pictures(sample.references, self.analyser, names)
-            except LimnerError:
-                self.skipped += 1
-                continue
-            n = len(chars)
-            images.append(fit_square(np.asarray(sample.image), resolution))
-            prompts.append(sample.text)
-            masks.append(np.stack([_fit(m, resolution) for m in sample.masks]))
-            for place, c in enumerate(chars):
-                ids.append(c.id_embed)
-                crops.append(c.face_crop)
-                cutouts.append(c.cutout)
-                places.append(place)
+        while not images:  # a batch whose every reference shows no face is drawn again
+            for sample in self._samples():
+                names = [f"reference of {s}" for s in sample.subjects]
+                try:
+                    chars = character_pictures(sample.references, self.analyser, names)
+                except LimnerError:
+                    self.skipped += 1  # the batch is one sample smaller
+                    continue
+                images.append(fit_square(np.asarray(sample.image), resolution))
+                prompts.append(sample.text)
+                masks.append(np.stack([_fit(m, resolution) for m in sample.masks]))
+                for place, c in enumerate(chars):
+                    ids.append(c.id_embed)
+                    crops.append(c.face_crop)
+                    cutouts.append(c.cutout)
+                    places.append(place)
         return {
             "images": to_unit_range(np.stack(images)),
             "prompts": prompts,
