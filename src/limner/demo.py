@@ -56,6 +56,7 @@ def run_demo(
 ) -> dict:
     from dataclasses import replace
 
+    from limner.concepts import read_manifest
     from limner.conditioning import apply_concepts, concept_prompt
     from limner.encoders import WorldFaceEmbedder
     from limner.evaluation.protocol import Encoders, world_measures
@@ -141,6 +142,7 @@ def run_demo(
         "family": method.family,
         "encoded": encodes,
         "concept": str(concept),
+        "references_used": references_used(read_manifest(concept), len(subject.images)),
         "prompts": [r[0] for r in rows],
         "scores": summary,
         "train_seconds": round(train_s, 1),
@@ -152,11 +154,21 @@ def run_demo(
     return record
 
 
+def references_used(manifest: dict, given: int) -> int:
+    """How many of the references the concept was made from (an identity method may take fewer: PhotoMaker stacks
+    at most 4, StoryMaker reads a character's first picture)."""
+    n = manifest.get("num_references")
+    n = n[0] if isinstance(n, list) and n else n
+    return n if isinstance(n, int) and 0 < n <= given else given
+
+
 def format_summary(record: dict) -> str:
     s = record["scores"]
     if record.get("encoded"):  # an encoder method: no training, seconds
+        n = record.get("references_used", 5)
+        used = "5 references" if n == 5 else f"{n} of its 5 references"
         learned = (
-            f"{record['method']} encoded {record['subject']}'s 5 references in {record['train_seconds']:.1f} s, with "
+            f"{record['method']} encoded {record['subject']}'s {used} in {record['train_seconds']:.1f} s, with "
             f"no training ({DEFAULT_METHOD} trains {DEFAULT_METHOD_STEPS} steps on them: `limner demo --method "
             f"{DEFAULT_METHOD}`)."
         )

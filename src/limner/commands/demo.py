@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from limner.commands.options import DeviceOpt, command, output_folder, removed_if_failed
+from limner.commands.options import DeviceOpt, command, echo_notes, output_folder, removed_if_failed
 
 
 @command
@@ -37,7 +38,8 @@ def demo_cmd(
     method such as IP-Adapter encodes the references in seconds)."""
     from limner.demo import DEFAULT_METHOD, format_summary, run_demo
 
-    with removed_if_failed(output_folder(out)):
+    with removed_if_failed(output_folder(out)), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # limner's notes (e.g. which references an identity method took) as notes
         record = run_demo(
             out,
             subject_name=subject,
@@ -46,4 +48,5 @@ def demo_cmd(
             device=device,
             adapter=adapter,
         )
+    echo_notes(caught)
     typer.echo(format_summary(record))

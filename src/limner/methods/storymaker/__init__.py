@@ -420,6 +420,7 @@ class StoryMaker(AdapterMethod):
                 subject=subjects[0].name if len(subjects) == 1 else [s.name for s in subjects],
                 class_nouns=nouns,
                 num_characters=len(subjects),
+                num_references=[1] * len(subjects),  # each character's first picture, as the official pipeline
                 given_as=given_as,
                 notes=[c.note for c in chars if c.note],
                 masks_from=[c.mask_from for c in chars],
