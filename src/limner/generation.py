@@ -237,7 +237,7 @@ def generate(
             continue
         call = dict(pipe_kwargs)
         if "ip_adapter_image_embeds" in call:
-            call["ip_adapter_image_embeds"] = image_embeds_for_batch(pipe, call["ip_adapter_image_embeds"], n, s)
+            call["ip_adapter_image_embeds"] = image_embeds_for_batch(pipe, call["ip_adapter_image_embeds"], s)
         text = with_step_status(text_inputs(pipe, s, n, call, base.family == "sdxl"), s.steps)
         result = pipe(
             negative_prompt=[s.negative_prompt] * n if s.negative_prompt else None,
@@ -315,19 +315,14 @@ def with_step_status(text: dict, steps: int) -> dict:
     return text | {"callback_on_step_end": show_step}
 
 
-def image_embeds_for_batch(pipe: Any, embeds: list[torch.Tensor], n: int, s: GenerationSettings) -> list:
-    """`ip_adapter_image_embeds` for a batch of n images, from one row each of [negative; positive] (what a
-    method's condition gives, the form diffusers takes under classifier-free guidance): each half repeated n
-    times, or the positive half alone where the pipeline runs without guidance. Other shapes pass as given."""
+def image_embeds_for_batch(pipe: Any, embeds: list[torch.Tensor], s: GenerationSettings) -> list:
+    """`ip_adapter_image_embeds` for a batch, from one row each of [negative; positive] (what a method's condition
+    gives, the form diffusers takes under classifier-free guidance): passed as they are, or the positive half
+    alone where the pipeline runs without guidance. The pipeline repeats each half once per image of the batch
+    itself; repeating them here too gave each image n copies of its tokens, which attention reads as one copy
+    at n times the cost. Other shapes pass as given."""
     guided = s.guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None  # the pipeline's own test
-    batch = []
-    for e in embeds:
-        if e.shape[0] != 2:
-            batch.append(e)
-            continue
-        negative, positive = e[:1].expand(n, *e.shape[1:]), e[1:].expand(n, *e.shape[1:])
-        batch.append(torch.cat([negative, positive]) if guided else positive)
-    return batch
+    return [e if e.shape[0] != 2 or guided else e[1:] for e in embeds]
 
 
 def encoded_prompt(pipe: Any, prompt: str, n: int, sdxl: bool) -> dict[str, torch.Tensor]:
