@@ -380,3 +380,21 @@ def test_the_shipped_world_adapter_is_the_official_layout_in_fp16_and_records_it
     assert manifest["method"] == "instantid" and manifest["base_fingerprint"] == world.fingerprint
     assert manifest["data"]["kind"] == "world" and manifest["data"]["subjects"] == "characters"
     assert get_method("instantid").default_adapter(world) == folder
+
+
+def test_a_pickled_controlnet_folder_loads_only_with_allow_pickle(tiny_base, tmp_path):
+    """diffusers falls back to diffusion_pytorch_model.bin silently; limner reads that pickle only when the command
+    was given --allow-pickle."""
+    from limner.adapters.controlnet import load_controlnet, save_controlnet
+    from limner.io import pickles_allowed
+
+    unet = load_base(str(tiny_base), device="cpu").pipe.unet
+    folder = tmp_path / "ControlNetModel"
+    save_controlnet(controlnet_from_unet(unet), folder)
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(str(weights)), folder / "diffusion_pytorch_model.bin")
+    weights.unlink()
+    with pytest.raises(LimnerError, match="pickle.*--allow-pickle"):
+        load_controlnet(folder, unet)
+    with pickles_allowed(True):
+        assert load_controlnet(folder, unet) is not None

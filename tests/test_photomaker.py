@@ -69,6 +69,7 @@ def test_identity_mixing_shares_the_stack_by_weight():
     assert stack_shares([4, 4], [3, 1]) == [6, 2]
     assert stack_shares([1, 3], [1, 1]) == [2, 2]
     assert stack_shares([2, 2], [100, 1]) == [3, 1]  # each person keeps one copy
+    assert stack_shares([1, 1, 1], [100, 1, 1]) == [1, 1, 1], "never more rows than references"
     assert stack_shares([3], [0.5]) == [3]
 
 

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from limner.errors import LimnerError
+from limner.io import pickle_opt_in
 
 if TYPE_CHECKING:
     from diffusers import ControlNetModel, UNet2DConditionModel
@@ -211,8 +212,16 @@ def load_controlnet(folder: str | Path, unet: UNet2DConditionModel) -> ControlNe
             f"ControlNet {folder} has no config.json: give a folder in diffusers' layout (config.json and "
             "diffusion_pytorch_model.safetensors), as InstantID's ControlNetModel/"
         )
+    pickled = folder / "diffusion_pytorch_model.bin"
+    if not (folder / "diffusion_pytorch_model.safetensors").is_file() and pickled.is_file() and not pickle_opt_in():
+        raise LimnerError(
+            f"ControlNet {folder} holds its weights as a pickle ({pickled.name}); limner reads one only with "
+            "--allow-pickle (then with weights_only=True). Prefer diffusion_pytorch_model.safetensors."
+        )
     try:
-        controlnet = ControlNetModel.from_pretrained(folder, local_files_only=True)
+        controlnet = ControlNetModel.from_pretrained(
+            folder, local_files_only=True, use_safetensors=(folder / "diffusion_pytorch_model.safetensors").is_file()
+        )
     except (OSError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LimnerError(
@@ -304,7 +313,7 @@ class ControlSignal:
         return image.repeat(batch // n, 1, 1, 1).to(like.device, like.dtype)
 
     def residuals(self, sample: torch.Tensor, timestep: Any, context: torch.Tensor, extra: dict):
-        factor = downsampling(self.controlnet)
+        factor = downsampling(getattr(self.controlnet, "module", self.controlnet))  # unwrapped from DDP
         cond = self.condition(sample.shape[-2] * factor, sample.shape[-1] * factor, sample.shape[0], sample)
         param = next(self.controlnet.parameters())
         down, mid = self.controlnet(

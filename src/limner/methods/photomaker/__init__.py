@@ -150,6 +150,8 @@ def stack_shares(counts: list[int], weights: list[float]) -> list[int]:
         if sum(shares) >= total:
             break
         shares[i] += 1
+    while sum(shares) > total:  # the one-each floor overdrew: the largest share gives back
+        shares[shares.index(max(shares))] -= 1
     return shares
 
 

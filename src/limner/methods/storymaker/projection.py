@@ -128,9 +128,22 @@ class StoryMakerProjection(nn.Module):
         tokens = torch.cat([face, body], dim=1) + self.pos_embed[places]
         return self.norm_out(self.proj_out(tokens)) + tokens
 
-    def forward(self, id_embeds: torch.Tensor, face_tokens: torch.Tensor, body_tokens: torch.Tensor) -> torch.Tensor:
-        """The official output for the characters of one picture, in order: [1 + n, 20, cross]."""
-        return torch.cat([self.bg_embed, self.characters(id_embeds, face_tokens, body_tokens)])
+    def forward(
+        self,
+        id_embeds: torch.Tensor,
+        face_tokens: torch.Tensor,
+        body_tokens: torch.Tensor,
+        places: torch.Tensor | None = None,
+        keep_face: torch.Tensor | None = None,
+        keep_body: torch.Tensor | None = None,
+        background: bool = True,
+    ) -> torch.Tensor:
+        """The official output for the characters of one picture, in order: [1 + n, 20, cross]; with
+        background=False the characters' tokens alone (`characters`). Training calls this, not `characters`:
+        under accelerate with several processes the module is wrapped (DDP), which forwards `forward` only and
+        synchronises gradients only through it."""
+        chars = self.characters(id_embeds, face_tokens, body_tokens, places, keep_face, keep_body)
+        return torch.cat([self.bg_embed, chars]) if background else chars
 
     def picture_tokens(self, characters: list[torch.Tensor]) -> torch.Tensor:
         """One picture's image tokens [(1 + n) * 20, cross]: the background's, then each character's."""

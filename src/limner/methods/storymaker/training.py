@@ -262,8 +262,8 @@ class Pretraining(TrainingTask):
         ids = batch["ids"].to(device) * keep.view(-1, 1)
         keep_face = (torch.rand(b * n, generator=generator) >= self.cfg.drop_face).float().to(device)
         keep_body = (torch.rand(b * n, generator=generator) >= self.cfg.drop_body).float().to(device)
-        characters = self.wrapped["projection"].characters(
-            ids, face_tokens, body_tokens, batch["places"].to(device), keep_face, keep_body
+        characters = self.wrapped["projection"](  # forward, not .characters: DDP wraps the module (see forward)
+            ids, face_tokens, body_tokens, batch["places"].to(device), keep_face, keep_body, background=False
         )
         projection = self.wrapped["projection"]
         bg = getattr(projection, "module", projection).bg_embed.expand(b, -1, -1)
