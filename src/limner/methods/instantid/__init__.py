@@ -46,17 +46,19 @@ from limner.adapters.controlnet import (
     load_controlnet,
     save_controlnet,
 )
-from limner.concepts import MANIFEST, read_manifest, write_model_card
+from limner.concepts import read_manifest
 from limner.errors import LimnerError
-from limner.images import write_png
-from limner.io import disk_guard, pickle_opt_in, write_json_atomic, written_atomically
+from limner.io import disk_guard, pickle_opt_in, written_atomically
 from limner.methods.adapter import (
     ADAPTER_MANIFEST,
     AdapterMethod,
-    adapter_fingerprint,
+    encoded_concept_manifest,
+    encoded_with,
     read_adapter_manifest,
     read_reference_files,
     write_adapter_manifest,
+    write_concept_manifest,
+    write_references,
 )
 from limner.methods.base import Capabilities, Installation
 from limner.methods.instantid.pose import kps_drawer, pose_from, pose_of
@@ -331,32 +333,24 @@ class InstantID(AdapterMethod):
 
         out.mkdir(parents=True, exist_ok=True)
         with disk_guard(f"the concept in {out}"):
-            (out / "references").mkdir(exist_ok=True)
-            for i, im in enumerate(images):
-                write_png(np.asarray(im), out / "references" / f"{i:02d}.png")
+            write_references(out, [np.asarray(im) for im in images])
             positive = embedding.reshape(1, 1, -1).cpu().contiguous()  # one image, one token: [n_images, 1, d]
             embeds = {"image_embeds": positive, "negative_image_embeds": torch.zeros_like(positive)}
             with written_atomically(out / EMBEDS) as tmp:
                 save_file(embeds, str(tmp))
-            manifest = {
-                "method": self.name,
-                "subject": subject.name,
-                "class_noun": subject.class_noun,
-                "tokens": [],
-                "base_fingerprint": base.fingerprint,
-                "base_path": str(base.path),
-                "steps": 0,
-                "seconds": round(time.perf_counter() - t0, 3),
-                "config": asdict(cfg),
-                "adapter": str(adapter.resolve()),
-                "adapter_fingerprint": adapter_fingerprint(adapter),
-                "num_references": len(images),
-                "pose": pose,
-                "notes": notes,
-                "example_prompt": f"a portrait of a {subject.class_noun} on the beach",
-            }
-            write_json_atomic(out / MANIFEST, manifest)
-            write_model_card(out, manifest)
+            manifest = encoded_concept_manifest(
+                self.name,
+                base,
+                adapter,
+                subject,
+                cfg,
+                t0,
+                num_references=len(images),
+                pose=pose,
+                notes=notes,
+                example_prompt=f"a portrait of a {subject.class_noun} on the beach",
+            )
+            write_concept_manifest(out, manifest)
         return out
 
     # ---- generation --------------------------------------------------------------------------------------------
@@ -368,16 +362,7 @@ class InstantID(AdapterMethod):
         loaded: dict[str, Any] = {}
         for concept in concepts:
             manifest = read_manifest(concept)
-            adapter = Path(manifest["adapter"])
-            if not adapter.exists():
-                raise LimnerError(
-                    f"concept {concept} was encoded with adapter {adapter}, which is gone; encode it again with an "
-                    "adapter at hand"
-                )
-            if adapter_fingerprint(adapter) != manifest["adapter_fingerprint"]:
-                raise LimnerError(
-                    f"adapter {adapter} changed since concept {concept} was encoded with it; encode it again"
-                )
+            adapter = encoded_with(concept, manifest)
             config = manifest.get("config", {})
             weights_path, controlnet_path = adapter_files(adapter, config.get("controlnet"))
             weights = read_adapter_weights(weights_path, pickle_opt_in())  # this call's --allow-pickle
