@@ -142,8 +142,11 @@ class AdapterMethod(Method):
         """Encodes the subject's references with the adapter into a concept folder (seconds, no training)."""
 
     def default_adapter(self, base: Base) -> Path | None:
-        """The adapter limner ships for this base (the world's), if any."""
-        return None
+        """The adapter limner ships for this base: the world's, where this install has it; None for a real base."""
+        from limner.models.loading import WORLD_BASE
+
+        world = base.is_world or Path(base.path).resolve() == WORLD_BASE.resolve()
+        return self.shipped_adapter({}) if world else None
 
     def adapter_for(self, base: Base, adapter: str | Path | None) -> Path:
         folder = Path(adapter) if adapter is not None else self.default_adapter(base)
@@ -203,8 +206,16 @@ class AdapterMethod(Method):
             raise LimnerError(f"{self.name} concepts take no per-call setting {', '.join(unknown)}")
 
     def shipped_adapter(self, settings: dict) -> Path | None:
-        """The adapter limner ships for the world base for these settings, where this install has it."""
-        return None
+        """The adapter limner ships for the world base for these settings (assets/world/adapters/NAME/), where
+        this install has it."""
+        from limner.models import loading
+
+        folder = loading.ASSETS / "world" / "adapters" / self.shipped_folder(settings)
+        return folder if (folder / ADAPTER_MANIFEST).is_file() else None
+
+    def shipped_folder(self, settings: dict) -> str:
+        """The shipped adapter's folder name for these settings (a method with variants names one per variant)."""
+        return self.name
 
     def key_inputs(self, overrides: dict) -> dict:
         # no adapter named: the shipped one, so a concept encoded with it is not reused once it is pretrained again

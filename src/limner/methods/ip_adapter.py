@@ -812,12 +812,8 @@ class IPAdapter(AdapterMethod):
         world = base.is_world or Path(base.path).resolve() == WORLD_BASE.resolve()
         return self.shipped_adapter({"variant": variant}) if world else None
 
-    def shipped_adapter(self, settings: dict) -> Path | None:
-        from limner.models import loading
-
-        variant = settings.get("variant") or IPAdapterSettings().variant
-        folder = loading.ASSETS / "world" / "adapters" / f"{self.name}-{variant}"
-        return folder if (folder / ADAPTER_MANIFEST).is_file() else None
+    def shipped_folder(self, settings: dict) -> str:
+        return f"{self.name}-{settings.get('variant') or IPAdapterSettings().variant}"  # one per variant
 
     def adapter_for(self, base: Base, adapter: str | Path | None) -> Path:
         """A limner adapter folder (checked as this method's and this base's), or an official file (or a folder

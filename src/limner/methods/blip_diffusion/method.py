@@ -655,18 +655,9 @@ class BlipDiffusion(AdapterMethod):
 
     def default_adapter(self, base: Base) -> Path | None:
         """A BlipDiffusionPipeline folder loaded as the base is its own adapter; the world's is the shipped one."""
-        from limner.models.loading import WORLD_BASE
-
         if formats.is_pipeline_folder(Path(base.path)):
             return Path(base.path)
-        world = base.is_world or Path(base.path).resolve() == WORLD_BASE.resolve()
-        return self.shipped_adapter({}) if world else None
-
-    def shipped_adapter(self, settings: dict) -> Path | None:
-        from limner.models import loading
-
-        folder = loading.ASSETS / "world" / "adapters" / self.name
-        return folder if (folder / ADAPTER_MANIFEST).is_file() else None
+        return super().default_adapter(base)
 
     @torch.no_grad()
     def subject_embeddings(

@@ -346,18 +346,6 @@ class PhotoMaker(AdapterMethod):
 
     # ---- adapters ----------------------------------------------------------------------------------------------
 
-    def default_adapter(self, base: Base) -> Path | None:
-        from limner.models.loading import WORLD_BASE
-
-        world = base.is_world or Path(base.path).resolve() == WORLD_BASE.resolve()
-        return self.shipped_adapter({}) if world else None
-
-    def shipped_adapter(self, settings: dict) -> Path | None:
-        from limner.models import loading
-
-        folder = loading.ASSETS / "world" / "adapters" / self.name
-        return folder if (folder / ADAPTER_MANIFEST).is_file() else None
-
     def adapter_for(self, base: Base, adapter: str | Path | None) -> Path:
         """A limner adapter folder (checked as PhotoMaker's and this base's), or an official file / folder."""
         path = Path(adapter).expanduser() if adapter is not None else self.default_adapter(base)
