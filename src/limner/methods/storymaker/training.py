@@ -180,9 +180,14 @@ class Pretraining(TrainingTask):
         self.unet = pipe.unet
         for m in (pipe.unet, pipe.vae, pipe.text_encoder, encoder.model):
             m.requires_grad_(False)
-        # the classic processors, whose get_attention_scores the attention-map loss reads
+        # the classic processor, whose get_attention_scores the attention-map loss reads, only on the layers it reads
+        # (the middle blocks' cross-attention); the rest keep theirs (SDPA), which never holds a whole attention
+        # matrix: at SDXL's size the classic one on every self-attention would not fit in memory
+        self.blocks = middle_cross_attention_blocks(self.unet, 5)
         self.processors = dict(self.unet.attn_processors)
-        self.unet.set_attn_processor(AttnProcessor())
+        self.unet.set_attn_processor(
+            {name: AttnProcessor() if self._read(name) else p for name, p in self.processors.items()}
+        )
         with torch.random.fork_rng(devices=[]):  # the new weights follow the run's seed
             torch.manual_seed(train_cfg.seed)
             self.lora = add_lora(self.unet, cfg.lora_rank)
@@ -193,7 +198,6 @@ class Pretraining(TrainingTask):
         for p in [*self.lora, *self.ip_params, *self.projection.parameters()]:
             p.data = p.data.float()
             p.requires_grad_(True)
-        self.blocks = middle_cross_attention_blocks(self.unet, 5)
         self.capture = ImageAttentionCapture(self.unet, self.blocks)
         self.heads = {
             name: m.heads
@@ -244,6 +248,10 @@ class Pretraining(TrainingTask):
         a, t = self.cfg.drop_image, self.cfg.drop_image + self.cfg.drop_text
         both = (u >= t) & (u < t + self.cfg.drop_both)
         return (u < a) | both, ((u >= a) & (u < t)) | both
+
+    def _read(self, processor_name: str) -> bool:
+        """Whether the attention-map loss reads this layer's attention (a cross-attention of the chosen blocks)."""
+        return processor_name.endswith("attn2.processor") and processor_name.split(".attentions")[0] in self.blocks
 
     def loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         vae, device = self.base.pipe.vae, self.base.device
