@@ -27,6 +27,12 @@ if TYPE_CHECKING:
     from limner.models.loading import Base
 
 ADAPTER_MANIFEST = "adapter.json"
+CURVE_POINTS = 500  # an adapter.json keeps at most about this many points of the loss curve
+
+
+def thin_curve(curve: list) -> list:
+    """The loss curve an adapter.json keeps: about CURVE_POINTS evenly spaced points, always the last one."""
+    return curve[:: max(1, len(curve) // CURVE_POINTS)][:-1] + curve[-1:]
 
 
 def write_adapter_manifest(out: Path, method: str, base: Base, **fields: Any) -> dict:
@@ -148,13 +154,30 @@ class AdapterMethod(Method):
         world = base.is_world or Path(base.path).resolve() == WORLD_BASE.resolve()
         return self.shipped_adapter({}) if world else None
 
+    # the official checkpoint a user may give with --adapter instead of a limner folder (named in the error when no
+    # adapter is found); methods that set it check such a file in `check_official_adapter`
+    official_adapter: ClassVar[str | None] = None
+
+    def check_official_adapter(self, path: Path) -> None:
+        """An official checkpoint given as the adapter: its files there and readable (raises a LimnerError)."""
+        read_adapter_manifest(path)
+
     def adapter_for(self, base: Base, adapter: str | Path | None) -> Path:
-        folder = Path(adapter) if adapter is not None else self.default_adapter(base)
+        folder = Path(adapter).expanduser() if adapter is not None else self.default_adapter(base)
+        if folder is None and self.official_adapter is not None:
+            raise LimnerError(
+                f"{self.name} needs a pretrained adapter for this base ({base.path}): pretrain one with `limner "
+                f"pretrain --method {self.name} --data world --out DIR`, or give {self.official_adapter} with "
+                "--adapter FILE"
+            )
         if folder is None:
             raise LimnerError(
                 f"{self.name} needs a pretrained adapter for this base: pass --set adapter=DIR (a folder that "
                 f"`limner pretrain --method {self.name}` wrote, or the method's official files)"
             )
+        if self.official_adapter is not None and not (folder.is_dir() and (folder / ADAPTER_MANIFEST).is_file()):
+            self.check_official_adapter(folder)
+            return folder
         manifest = read_adapter_manifest(folder)
         if manifest.get("method") != self.name:
             raise LimnerError(f"adapter {folder} is a {manifest.get('method')} adapter, not {self.name}'s")

@@ -82,6 +82,7 @@ from limner.methods.adapter import (
     encoded_with,
     read_adapter_manifest,
     read_reference_files,
+    thin_curve,
     write_adapter_manifest,
     write_concept_manifest,
     write_references,
@@ -247,7 +248,6 @@ class IPAdapterSettings:
 
 # adapter.json keeps about this many points of the loss curve (a shipped adapter's manifest stays small);
 # train_log.csv beside it has every step
-CURVE_POINTS = 500
 
 
 def pretrain_defaults() -> TrainConfig:
@@ -790,7 +790,7 @@ class IPAdapter(AdapterMethod):
                 steps=log.steps,
                 seconds=round(log.seconds, 2),
                 wall_seconds=round(time.perf_counter() - t0, 2),
-                curve=log.curve[:: max(1, len(log.curve) // CURVE_POINTS)][:-1] + log.curve[-1:],
+                curve=thin_curve(log.curve),
                 settings=asdict(cfg),
                 train=asdict(train_cfg),
                 num_processes=log.num_processes,

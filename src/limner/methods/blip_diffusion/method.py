@@ -51,6 +51,7 @@ from limner.methods.adapter import (
     encoded_concept_manifest,
     encoded_with,
     read_adapter_manifest,
+    thin_curve,
     write_adapter_manifest,
     write_concept_manifest,
     write_references,
@@ -86,7 +87,6 @@ EMBEDS = "ctx_embeddings.safetensors"
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 LORA_NAME = "blip_diffusion"
 MIN_SUBJECT_PIXELS = 16  # a mask with fewer pixels than this shows no subject
-CURVE_POINTS = 500
 
 
 @dataclass
@@ -597,7 +597,7 @@ class BlipDiffusion(AdapterMethod):
                     steps={k: v.steps for k, v in logs.items()},
                     seconds={k: round(v.seconds, 2) for k, v in logs.items()},
                     wall_seconds=round(time.perf_counter() - t0, 2),
-                    curve={k: _thin(v.curve) for k, v in logs.items()},
+                    curve={k: thin_curve(v.curve) for k, v in logs.items()},
                     settings=asdict(cfg),
                     train=asdict(train_cfg),
                 )
@@ -839,7 +839,3 @@ def _fingerprint(folder: Path) -> str:
     from limner.models.loading import fingerprint
 
     return fingerprint(Path(folder))
-
-
-def _thin(curve: list[dict]) -> list[dict]:
-    return curve[:: max(1, len(curve) // CURVE_POINTS)][:-1] + curve[-1:]

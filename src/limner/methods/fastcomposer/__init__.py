@@ -42,11 +42,13 @@ from limner.errors import LimnerError
 from limner.io import disk_guard, pickle_opt_in, written_atomically
 from limner.methods.adapter import (
     ADAPTER_MANIFEST,
+    CURVE_POINTS,
     AdapterMethod,
     encoded_concept_manifest,
     encoded_with,
     read_adapter_manifest,
     read_reference_files,
+    thin_curve,
     write_adapter_manifest,
     write_concept_manifest,
     write_references,
@@ -80,7 +82,6 @@ if TYPE_CHECKING:
 
 EMBEDS = "subject_embeds.safetensors"
 IMAGE_ENCODER = "image_encoder"
-CURVE_POINTS = 500
 MIN_REFERENCE_SIDE = 8
 FLAT = 4  # a reference whose pixels all lie within this many levels of each other shows no subject
 
@@ -195,6 +196,7 @@ class FastComposer(AdapterMethod):
     """Subjects fused into the text at their nouns, attention localized to each (Xiao et al., 2023)."""
 
     name = "fastcomposer"
+    official_adapter = "the official pytorch_model.bin (an SD 1.5 base, --allow-pickle)"
     family = "encoder"
     capabilities = Capabilities(needs_adapter=True, reads_masks=True)
     config_cls = FastComposerSettings
@@ -283,7 +285,7 @@ class FastComposer(AdapterMethod):
                 steps=log.steps,
                 seconds=round(log.seconds, 2),
                 wall_seconds=round(time.perf_counter() - t0, 2),
-                curve=log.curve[:: max(1, len(log.curve) // CURVE_POINTS)][:-1] + log.curve[-1:],
+                curve=thin_curve(log.curve),
                 loss_terms=[{k: (round(v, 5) if isinstance(v, float) else v) for k, v in t.items()} for t in terms],
                 settings=asdict(cfg),
                 train=asdict(train_cfg),
@@ -292,19 +294,8 @@ class FastComposer(AdapterMethod):
 
     # ---- adapters ----------------------------------------------------------------------------------------------
 
-    def adapter_for(self, base: Base, adapter: str | Path | None) -> Path:
-        """A limner adapter folder (checked as FastComposer's and this base's), or the official checkpoint."""
-        path = Path(adapter).expanduser() if adapter is not None else self.default_adapter(base)
-        if path is None:
-            raise LimnerError(
-                f"fastcomposer needs a pretrained adapter for this base ({base.path}): pretrain one with `limner "
-                "pretrain --method fastcomposer --data world --out DIR`, or give the official pytorch_model.bin (an "
-                "SD 1.5 base, --allow-pickle) with --adapter FILE"
-            )
-        if path.is_dir() and (path / ADAPTER_MANIFEST).is_file():
-            return super().adapter_for(base, path)
+    def check_official_adapter(self, path: Path) -> None:
         weights_path(path)
-        return path
 
     # ---- encoding ----------------------------------------------------------------------------------------------
 

@@ -56,6 +56,7 @@ from limner.methods.adapter import (
     encoded_with,
     read_adapter_manifest,
     read_reference_files,
+    thin_curve,
     write_adapter_manifest,
     write_concept_manifest,
     write_references,
@@ -83,7 +84,6 @@ if TYPE_CHECKING:
 EMBEDS = "face_embeds.safetensors"
 OFFICIAL_RESAMPLER_DIM = 1280  # the official Resampler's width (20 heads of 64)
 WORLD_RESAMPLER_DIM = 128  # the world's: half its cross-attention width (2 heads), to keep the adapter small
-CURVE_POINTS = 500
 
 
 @dataclass
@@ -223,7 +223,7 @@ class InstantID(AdapterMethod):
                     steps=log.steps,
                     seconds=round(log.seconds, 2),
                     wall_seconds=round(time.perf_counter() - t0, 2),
-                    curve=log.curve[:: max(1, len(log.curve) // CURVE_POINTS)][:-1] + log.curve[-1:],
+                    curve=thin_curve(log.curve),
                     settings=asdict(cfg),
                     train=asdict(train_cfg),
                     num_processes=log.num_processes,

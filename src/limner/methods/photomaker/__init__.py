@@ -34,10 +34,12 @@ from limner.errors import LimnerError
 from limner.io import disk_guard, pickle_opt_in, written_atomically
 from limner.methods.adapter import (
     ADAPTER_MANIFEST,
+    CURVE_POINTS,
     AdapterMethod,
     encoded_concept_manifest,
     encoded_with,
     read_reference_files,
+    thin_curve,
     write_adapter_manifest,
     write_concept_manifest,
     write_references,
@@ -80,7 +82,6 @@ IMAGE_ENCODER = "image_encoder"
 FEATURE_EXTRACTOR = "feature_extractor"
 # ID images a concept of each variant takes: the paper stacks 1 to 4 (v2's 2 tokens an image fill the same room)
 MAX_REFERENCES = {"v1": 4, "v2": 4}
-CURVE_POINTS = 500
 
 
 @dataclass
@@ -250,6 +251,7 @@ class PhotoMaker(AdapterMethod):
     """A person from 1-4 photos: one fused class-token copy per photo (Li et al., 2024)."""
 
     name = "photomaker"
+    official_adapter = "the official photomaker-v1.bin (an SDXL base, --allow-pickle)"
     family = "identity"
     capabilities = Capabilities(needs_adapter=True, needs_faces=True)
     config_cls = PhotoMakerSettings
@@ -312,7 +314,7 @@ class PhotoMaker(AdapterMethod):
                     steps=log.steps,
                     seconds=round(log.seconds, 2),
                     wall_seconds=round(time.perf_counter() - t0, 2),
-                    curve=log.curve[:: max(1, len(log.curve) // CURVE_POINTS)][:-1] + log.curve[-1:],
+                    curve=thin_curve(log.curve),
                     loss_terms=terms,
                     settings=asdict(cfg),
                     train=asdict(train_cfg),
@@ -346,19 +348,8 @@ class PhotoMaker(AdapterMethod):
 
     # ---- adapters ----------------------------------------------------------------------------------------------
 
-    def adapter_for(self, base: Base, adapter: str | Path | None) -> Path:
-        """A limner adapter folder (checked as PhotoMaker's and this base's), or an official file / folder."""
-        path = Path(adapter).expanduser() if adapter is not None else self.default_adapter(base)
-        if path is None:
-            raise LimnerError(
-                f"photomaker needs a pretrained adapter for this base ({base.path}): pretrain one with `limner "
-                "pretrain --method photomaker --data world --out DIR`, or give the official photomaker-v1.bin "
-                "(an SDXL base, --allow-pickle) with --adapter FILE"
-            )
-        if path.is_dir() and (path / ADAPTER_MANIFEST).is_file():
-            return super().adapter_for(base, path)
+    def check_official_adapter(self, path: Path) -> None:
         weights_path(path)
-        return path
 
     # ---- encoding ----------------------------------------------------------------------------------------------
 

@@ -41,11 +41,13 @@ from limner.errors import LimnerError
 from limner.io import disk_guard, pickle_opt_in, written_atomically
 from limner.methods.adapter import (
     ADAPTER_MANIFEST,
+    CURVE_POINTS,
     AdapterMethod,
     encoded_concept_manifest,
     encoded_with,
     read_adapter_manifest,
     read_reference_files,
+    thin_curve,
     write_adapter_manifest,
     write_concept_manifest,
     write_references,
@@ -63,7 +65,6 @@ if TYPE_CHECKING:
 CHARACTERS = "characters.safetensors"
 IMAGE_ENCODER = "image_encoder"
 MAX_PER_PICTURE = 2  # the official pipeline draws one or two characters
-CURVE_POINTS = 500
 
 
 @dataclass
@@ -162,6 +163,7 @@ class StoryMaker(AdapterMethod):
     """Characters' faces and bodies as image tokens, each bound to its own region (Zhou et al., 2024)."""
 
     name = "storymaker"
+    official_adapter = "the official mask.bin (an SDXL base, --allow-pickle)"
     family = "identity"
     capabilities = Capabilities(needs_adapter=True, needs_faces=True)
     config_cls = StoryMakerSettings
@@ -265,7 +267,7 @@ class StoryMaker(AdapterMethod):
                 steps=log.steps,
                 seconds=round(log.seconds, 2),
                 wall_seconds=round(time.perf_counter() - t0, 2),
-                curve=log.curve[:: max(1, len(log.curve) // CURVE_POINTS)][:-1] + log.curve[-1:],
+                curve=thin_curve(log.curve),
                 loss_terms=[{k: (round(v, 5) if isinstance(v, float) else v) for k, v in t.items()} for t in terms],
                 settings=asdict(cfg),
                 train=asdict(train_cfg),
@@ -274,21 +276,10 @@ class StoryMaker(AdapterMethod):
 
     # ---- adapters ----------------------------------------------------------------------------------------------
 
-    def adapter_for(self, base: Base, adapter: str | Path | None) -> Path:
-        """A limner adapter folder (checked as StoryMaker's and this base's), or the official checkpoint."""
+    def check_official_adapter(self, path: Path) -> None:
         from limner.methods.storymaker.weights import weights_path
 
-        path = Path(adapter).expanduser() if adapter is not None else self.default_adapter(base)
-        if path is None:
-            raise LimnerError(
-                f"storymaker needs a pretrained adapter for this base ({base.path}): pretrain one with `limner "
-                "pretrain --method storymaker --data world --out DIR`, or give the official mask.bin (an SDXL base, "
-                "--allow-pickle) with --adapter FILE"
-            )
-        if path.is_dir() and (path / ADAPTER_MANIFEST).is_file():
-            return super().adapter_for(base, path)
         weights_path(path)
-        return path
 
     # ---- encoding ----------------------------------------------------------------------------------------------
 
