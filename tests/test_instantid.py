@@ -335,6 +335,31 @@ def test_generate_cli_draws_with_a_pose_image_and_names_a_reference_without_a_fa
     assert r.exit_code == 2 and "--pose-image" in r.output
 
 
+def test_generate_cli_sets_the_identitynet_scale(adapter, tiny_base, portraits, tmp_path):
+    """--controlnet-scale: 0 draws the Image Adapter alone (another picture than the default 0.8), the default
+    written out draws the default's picture, and it is refused where nothing steers with a ControlNet."""
+    ref = tmp_path / "ref.png"
+    Image.fromarray(portraits[0]).save(ref)
+    common = ["--image", str(ref), "--method", "instantid", "--adapter", str(adapter), "--base", str(tiny_base),
+              "-n", "1", "--steps", "2"]  # fmt: skip
+    runner = CliRunner()
+
+    def drawn(*extra: str) -> np.ndarray:
+        out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
+        r = runner.invoke(app, ["generate", "a portrait of a person", *common, "--out", str(out), *extra])
+        assert r.exit_code == 0, r.output
+        return np.asarray(Image.open(next(out.glob("*-00.png"))))
+
+    default = drawn()
+    assert np.array_equal(drawn("--controlnet-scale", "0.8"), default)
+    assert not np.array_equal(drawn("--controlnet-scale", "0"), default)
+    r = runner.invoke(app, ["generate", "a person", "--base", str(tiny_base), "--controlnet-scale", "0.5", "-n", "1",
+                            "--steps", "1", "--out", str(tmp_path / "none")])  # fmt: skip
+    assert r.exit_code == 2 and "--controlnet-scale" in r.output and "instantid" in r.output
+    r = runner.invoke(app, ["generate", "a person", *common, "--controlnet-scale", "-1", "--out", str(tmp_path / "n")])
+    assert r.exit_code == 2 and "--controlnet-scale -1" in r.output
+
+
 def test_a_controlnet_runs_in_an_sdxl_generation_too(tiny_sdxl):
     """The same hook on SDXL's UNet: the ControlNet gets the pooled text and time ids it conditions on."""
     base = load_base(str(tiny_sdxl), device="cpu")

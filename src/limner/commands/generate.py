@@ -26,6 +26,7 @@ from limner.errors import LimnerError
 from limner.progress import task_bar
 
 SCALE = "scale"  # the per-call setting --ip-scale sets (an AdapterMethod's call_settings)
+CONTROLNET_SCALE = "controlnet_scale"  # the one --controlnet-scale sets (InstantID's IdentityNet)
 # One model load at a time in a process: `limner app` runs several generations in threads, and loading is not
 # thread-safe in the libraries (transformers builds each model on the meta device through process-wide state, so a
 # second load at the same moment failed with "Unsupported device type 'meta'"; diffusers' lazy imports raced too).
@@ -86,6 +87,18 @@ def set_image_scale(applied, base, scale: float) -> None:
     for method, concepts in applied.groups:
         if isinstance(method, AdapterMethod) and SCALE in method.call_settings:
             method.set_call_settings(base, concepts, {SCALE: scale})
+
+
+def set_controlnet_scale(applied, base, scale: float) -> None:
+    """--controlnet-scale: the ControlNet scale of every installed concept that steers with one, for this call."""
+    groups = [(m, c) for m, c in applied.groups if CONTROLNET_SCALE in getattr(m, "call_settings", ())]
+    if not groups:
+        raise LimnerError(
+            "--controlnet-scale sets the ControlNet scale of a method that steers with one (instantid's "
+            "IdentityNet), and no concept or --image given has one"
+        )
+    for method, concepts in groups:
+        method.set_call_settings(base, concepts, {CONTROLNET_SCALE: scale})
 
 
 @command
@@ -150,6 +163,14 @@ def generate(
             "(0: image off; about 0.5 lets the text steer too). Default: each concept's own.",
         ),
     ] = None,
+    controlnet_scale: Annotated[
+        Optional[float],
+        typer.Option(
+            "--controlnet-scale",
+            help="The ControlNet scale of concepts that steer with one (instantid's IdentityNet, 0.8 by default), "
+            "for this call (0: off, no extra pass). Default: each concept's own.",
+        ),
+    ] = None,
     layout_steps: Annotated[
         Optional[int],
         typer.Option(
@@ -189,6 +210,8 @@ def generate(
         raise LimnerError("--layout-steps does not work with --regions yet; draw without one of them")
     if ip_scale is not None and ip_scale < 0:
         raise LimnerError(f"--ip-scale {ip_scale}: an image scale must be 0 or more (0 switches the image off)")
+    if controlnet_scale is not None and controlnet_scale < 0:
+        raise LimnerError(f"--controlnet-scale {controlnet_scale}: must be 0 or more (0 switches the ControlNet off)")
     encoder = check_image_options(image or [], method, adapter, ip_scale, concept or [])
     if pose_image is not None and not hasattr(encoder.default_config() if encoder else None, "pose_image"):
         raise LimnerError("--pose-image sets the pose of --image references for a method that takes one (instantid)")
@@ -237,6 +260,8 @@ def generate(
             echo_notes(caught)
             if ip_scale is not None:
                 set_image_scale(applied, b, ip_scale)
+            if controlnet_scale is not None:
+                set_controlnet_scale(applied, b, controlnet_scale)
             prepare_output(out)
             conditioning = applied.condition(prompt, steps, layout_steps)
         for spec in embedding or []:
