@@ -191,8 +191,8 @@ def test_folder_without_qformer_is_a_clear_error(base, adapter, tmp_path):
 
 def test_short_pretrain_lowers_each_loss_term(base, tmp_path):
     """A few steps on one fixed batch: ITC and ITG (stage 1) and the denoising loss (stage 2) each go down."""
-    from limner.adapters.lora import add_lora
-    from limner.methods.blip_diffusion.method import BlipDiffusionSettings, _remove_lora, stage2_batches
+    from limner.adapters.lora import add_lora, remove_named_lora
+    from limner.methods.blip_diffusion.method import BlipDiffusionSettings, stage2_batches
     from limner.methods.blip_diffusion.qformer import blip2_config  # noqa: F401 - the sizes below are its
 
     torch.manual_seed(0)
@@ -241,7 +241,7 @@ def test_short_pretrain_lowers_each_loss_term(base, tmp_path):
         )
         assert denoise() < first
     finally:
-        _remove_lora(unet, "default")
+        remove_named_lora(unet, "default")
 
 
 class _Fixed:

@@ -1,10 +1,13 @@
 """Low-rank adapters (LoRA) through peft: adding them to a model, the kohya file layout, and
-switching named adapters per region window. DreamBooth LoRA uses them today; PhotoMaker, StoryMaker
-and the UNet deltas of BLIP-Diffusion and FastComposer will ship as LoRAs too."""
+switching named adapters per region window (DreamBooth LoRA), and a method's own named LoRA (PhotoMaker,
+StoryMaker, FastComposer, BLIP-Diffusion) installed beside other LoRA concepts and removed without disturbing them."""
 
 from __future__ import annotations
 
 import re
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -96,20 +99,25 @@ def adapters_per_window(unet: torch.nn.Module, adapters: list[str], weights: lis
     return use_window
 
 
-# ---- one named LoRA on a model (PhotoMaker's "photomaker"): added, read, loaded with checks, removed --------------
+# ---- a named LoRA (PhotoMaker's "photomaker", StoryMaker's, FastComposer's, BLIP-Diffusion's) beside others -------
+#
+# A method's own LoRA joins whatever LoRAs the model already runs (a DreamBooth LoRA concept composed beside it):
+# peft's model-level calls would not let it. add_adapter and load_lora_adapter make the new adapter the *only*
+# active one, set_adapters activates exactly the names given, and delete_adapters, when it empties a layer's active
+# set, activates the first remaining adapter instead of the set that was there before. So the active set is kept
+# here, per layer, and each call only adds or takes away its own name.
 
 
-def add_named_lora(model: torch.nn.Module, name: str, rank: int, alpha: float, targets: list[str]) -> list:
-    """A LoRA adapter called `name` on the model's `targets` (gaussian init, as diffusers' scripts); its parameters.
-    A model already carrying one of that name is refused (one adapter of a kind at a time)."""
+def add_named_lora(model: torch.nn.Module, name: str, rank: int, alpha: float, targets: list[str] | str) -> list:
+    """A LoRA adapter called `name` on the model's `targets` (gaussian init, as diffusers' scripts), active at weight
+    1 beside the adapters already active; its parameters. A model already carrying one of that name is refused (one
+    adapter of a kind at a time)."""
     from peft import LoraConfig
 
-    from limner.errors import LimnerError
-
-    if name in (getattr(model, "peft_config", None) or {}):
-        raise LimnerError(f"this model already carries a LoRA named {name!r}; apply one such adapter at a time")
+    refuse_second(model, name)
     config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
-    model.add_adapter(config, adapter_name=name)
+    with joining_the_active(model, name):
+        model.add_adapter(config, adapter_name=name)
     return [p for n, p in model.named_parameters() if f"lora_A.{name}" in n or f"lora_B.{name}" in n]
 
 
@@ -121,11 +129,16 @@ def named_lora_state(model: torch.nn.Module, name: str) -> dict[str, torch.Tenso
 
 
 def load_named_lora(
-    model: torch.nn.Module, name: str, state: dict[str, torch.Tensor], rank: int, alpha: float, targets: list[str]
+    model: torch.nn.Module,
+    name: str,
+    state: dict[str, torch.Tensor],
+    rank: int,
+    alpha: float,
+    targets: list[str] | str,
 ) -> list[str]:
-    """Adds the adapter and loads `state` (peft's names) into it. Returns what is wrong, [] when nothing is: LoRA
-    modules left without weights (their lora_B would stay zero, the adapter silently off there) or weights for
-    modules the model lacks; the adapter is removed again if anything is."""
+    """Adds the adapter (active beside the others) and loads `state` (peft's names) into it. Returns what is wrong,
+    [] when nothing is: LoRA modules left without weights (their lora_B would stay zero, the adapter silently off
+    there) or weights for modules the model lacks; the adapter is removed again if anything is."""
     from peft import set_peft_model_state_dict
 
     add_named_lora(model, name, rank, alpha, targets)
@@ -139,13 +152,81 @@ def load_named_lora(
     return problems
 
 
+def load_diffusers_lora(unet: torch.nn.Module, name: str, state: dict[str, torch.Tensor]) -> None:
+    """A LoRA in diffusers' file layout (`unet.` + its keys, rank and alpha read from them by diffusers' own loader)
+    added as adapter `name`, active at weight 1 beside the adapters already active."""
+    refuse_second(unet, name)
+    with joining_the_active(unet, name):
+        unet.load_lora_adapter(state, prefix="unet", adapter_name=name)
+
+
+def activate_named_lora(model: torch.nn.Module, name: str, weight: float = 1.0) -> None:
+    """Adapter `name` active at `weight` (the factor on its alpha / rank, as diffusers' set_adapters), every other
+    adapter left active or not, at its weight, as it was."""
+    for layer in tuner_layers(model):
+        active = list(layer.active_adapters)
+        if name not in active:
+            set_active(layer, [*active, name])
+        layer.set_scale(name, weight)
+
+
 def remove_named_lora(model: torch.nn.Module, name: str) -> None:
-    """The adapter gone; where it was the model's only one, peft's wrapper layers too (the state dict's names as
-    before)."""
+    """The adapter gone and the other adapters active as they were; layers left with no adapter lose peft's wrapper
+    (the state dict's names as before the adapter came), and where it was the model's only one, peft's bookkeeping
+    goes too."""
     adapters = getattr(model, "peft_config", None) or {}
     if name not in adapters:
         return
     if len(adapters) == 1:
         model.unload_lora()
-    else:
+        return
+    keep = {layer: [a for a in layer.active_adapters if a != name] for layer in tuner_layers(model)}
+    with warnings.catch_warnings():  # peft's note that it picked a stand-in adapter: the set is put back below
+        warnings.simplefilter("ignore")
         model.delete_adapters(name)
+    for layer, active in keep.items():
+        set_active(layer, active)
+    unwrap_empty_layers(model)
+
+
+def refuse_second(model: torch.nn.Module, name: str) -> None:
+    from limner.errors import LimnerError
+
+    if name in (getattr(model, "peft_config", None) or {}):
+        raise LimnerError(f"this model already carries a LoRA named {name!r}; apply one such adapter at a time")
+
+
+def tuner_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+@contextmanager
+def joining_the_active(model: torch.nn.Module, name: str) -> Iterator[None]:
+    """Around a peft/diffusers call that adds adapter `name` and makes it the only active one: afterwards each layer
+    runs what it ran before plus `name` (a layer new to peft: the model's previous set plus `name`)."""
+    before = {layer: list(layer.active_adapters) for layer in tuner_layers(model)}
+    everywhere = list(dict.fromkeys(a for active in before.values() for a in active))
+    yield
+    for layer in tuner_layers(model):
+        set_active(layer, [*before.get(layer, everywhere), name])
+
+
+def set_active(layer: torch.nn.Module, active: list[str]) -> None:
+    """The layer's active adapters, its parameters' requires_grad untouched (peft's set_adapter would make the
+    active ones trainable and freeze the rest: a training's adapter or a caller's choice undone)."""
+    flags = [(p, p.requires_grad) for p in layer.parameters()]
+    layer.set_adapter(active)
+    for p, flag in flags:
+        p.requires_grad_(flag)
+
+
+def unwrap_empty_layers(model: torch.nn.Module) -> None:
+    """peft's wrapper taken off every layer that no longer carries any adapter (delete_adapters leaves them)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, BaseTunerLayer) and not any(getattr(child, a) for a in child.adapter_layer_names):
+                setattr(parent, child_name, child.get_base_layer())

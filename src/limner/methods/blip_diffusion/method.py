@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from limner.adapters.lora import load_diffusers_lora, remove_named_lora
 from limner.concepts import read_manifest
 from limner.errors import LimnerError
 from limner.images import to_unit_range
@@ -483,11 +484,11 @@ def save_unet_lora(state: dict[str, torch.Tensor], folder: Path) -> None:
 
 
 def load_unet_lora(pipe, folder: Path, name: str) -> None:
-    """The LoRA file into the UNet alone, as adapter `name` (diffusers' loader, without the text encoder's pass,
-    which has nothing to load and says so)."""
+    """The LoRA file into the UNet alone, as adapter `name` beside any LoRA already active there (diffusers' loader,
+    without the text encoder's pass, which has nothing to load and says so)."""
     from safetensors.torch import load_file
 
-    pipe.unet.load_lora_adapter(load_file(str(Path(folder) / formats.LORA_FILE)), prefix="unet", adapter_name=name)
+    load_diffusers_lora(pipe.unet, name, load_file(str(Path(folder) / formats.LORA_FILE)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -583,7 +584,7 @@ class BlipDiffusion(AdapterMethod):
             logs["stage2"].terms = task2.terms
             lora = unet_lora_state(unet)
         finally:
-            _remove_lora(unet, "default")
+            remove_named_lora(unet, "default")
         if is_main_process():
             with disk_guard(f"the adapter in {out}"):
                 formats.save_adapter_encoder(encoder.cpu(), out)
@@ -738,13 +739,13 @@ class BlipDiffusion(AdapterMethod):
         if own:
             child(Path(concept), own, f"concept {concept}'s unet_lora")
             load_unet_lora(pipe, Path(concept), name)
-            return lambda: _remove_lora(pipe.unet, name)
+            return lambda: remove_named_lora(pipe.unet, name)
         if formats.is_pipeline_folder(adapter):
             if Path(adapter).resolve() == Path(base.path).resolve():  # loaded as the base: already in place
                 return lambda: None
             return _swap_in_pipeline_weights(pipe, adapter)
         load_unet_lora(pipe, adapter, name)
-        return lambda: _remove_lora(pipe.unet, name)
+        return lambda: remove_named_lora(pipe.unet, name)
 
     def install(self, base: Base, concepts: list[Path], regions: list[str] | None = None) -> Installation:
         if len(concepts) != 1:
@@ -801,18 +802,6 @@ class _Cycle:
     def __iter__(self):
         while True:
             yield from self.samples
-
-
-def _remove_lora(unet: nn.Module, name: str) -> None:
-    """Adapter `name` out of the UNet; the last one out takes peft's wrappers with it, so the UNet's modules and
-    state-dict keys are the base's own again (delete_adapters alone leaves `*.base_layer.*` behind)."""
-    config = getattr(unet, "peft_config", None) or {}
-    if name not in config:
-        return
-    if set(config) == {name}:
-        unet.unload_lora()
-    else:
-        unet.delete_adapters(name)
 
 
 def _swap_in_pipeline_weights(pipe, folder: Path):

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from limner.adapters.lora import remove_named_lora
 from limner.concepts import read_manifest
 from limner.errors import LimnerError
 from limner.io import disk_guard, pickle_opt_in, written_atomically
@@ -63,13 +64,13 @@ from limner.methods.fastcomposer.prompts import (
     without_triggers,
 )
 from limner.methods.fastcomposer.weights import (
+    LORA_NAME,
     WEIGHTS,
     check_complete,
     is_lora,
     load_into,
     load_unet_lora,
     read_weights,
-    remove_unet_lora,
     save_weights,
     weights_path,
 )
@@ -408,7 +409,7 @@ class FastComposer(AdapterMethod):
             if is_lora(weights["unet"]):
                 lora = read_adapter_manifest(adapter)["lora"]
                 load_unet_lora(pipe.unet, weights["unet"], lora, adapter)
-                installation.undo.append(lambda: remove_unet_lora(pipe.unet))
+                installation.undo.append(lambda: remove_named_lora(pipe.unet, LORA_NAME))
             else:  # the official checkpoint: its whole UNet and text encoder, the base's put back on uninstall
                 for part in ("unet", "text_encoder"):
                     module = getattr(pipe, part)

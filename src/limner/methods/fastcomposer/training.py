@@ -32,10 +32,11 @@ from torch import nn
 
 from limner.adapters import FuseMLP
 from limner.adapters.attention_maps import capture_cross_attention, middle_cross_attention_blocks
+from limner.adapters.lora import add_named_lora, named_lora_state, remove_named_lora
 from limner.errors import LimnerError
 from limner.images import to_unit_range
 from limner.methods.fastcomposer.prompts import tokenize_with_triggers, with_triggers
-from limner.methods.fastcomposer.weights import LORA_NAME, add_unet_lora, remove_unet_lora, unet_lora_state
+from limner.methods.fastcomposer.weights import LORA_NAME
 from limner.training import TrainingTask, noise_scheduler
 from limner.training.data import fit_square
 from limner.training.losses import denoising_loss
@@ -147,7 +148,7 @@ class Pretraining(TrainingTask):
             m.requires_grad_(False)
         with torch.random.fork_rng(devices=[]):  # the new weights follow the run's seed
             torch.manual_seed(train_cfg.seed)
-            self.lora = add_unet_lora(self.unet, cfg.lora_rank, cfg.lora_rank, LORA_TARGETS)
+            self.lora = add_named_lora(self.unet, LORA_NAME, cfg.lora_rank, cfg.lora_rank, LORA_TARGETS)
             width = int(pipe.text_encoder.config.hidden_size)
             self.fuse = FuseMLP(width, int(encoder.model.config.projection_dim)).to(base.device)
         self.layers = trainable_layer_names(encoder.model, cfg.image_encoder_trainable_layers)
@@ -163,7 +164,7 @@ class Pretraining(TrainingTask):
     def close(self) -> None:
         """The base as it was: no capturing processors, no LoRA, nothing trainable."""
         self.capture.release()
-        remove_unet_lora(self.unet)
+        remove_named_lora(self.unet, LORA_NAME)
         for m in (self.unet, self.encoder.model):
             m.requires_grad_(False)
 
@@ -178,7 +179,7 @@ class Pretraining(TrainingTask):
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The official prefixes: unet.* (LoRA), postfuse_module.*, image_encoder.* (the trained layers)."""
-        state = {f"unet.{k}": v.detach().clone() for k, v in unet_lora_state(self.unet).items()}
+        state = {f"unet.{k}": v.detach().clone() for k, v in named_lora_state(self.unet, LORA_NAME).items()}
         state |= {f"postfuse_module.{k}": v.detach().clone() for k, v in self.fuse.state_dict().items()}
         own = self.encoder.model.state_dict()
         state |= {f"image_encoder.{k}": own[k].detach().clone() for k in own if _in(k, self.layers)}

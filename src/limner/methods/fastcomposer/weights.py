@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from limner.adapters.lora import load_named_lora
 from limner.errors import LimnerError
 from limner.io import PICKLE_SUFFIXES, read_tensors, written_atomically
 
@@ -104,53 +105,12 @@ def load_into(module: nn.Module, state: dict[str, torch.Tensor], what: str, wher
     module.load_state_dict(state, strict=False)
 
 
-def add_unet_lora(unet: nn.Module, rank: int, alpha: float, targets: list[str]) -> list[nn.Parameter]:
-    """A LoRA named `fastcomposer` on the UNet's `targets` (gaussian init, as diffusers' scripts); its parameters."""
-    from peft import LoraConfig
-
-    if LORA_NAME in (getattr(unet, "peft_config", None) or {}):
-        raise LimnerError("this UNet already carries a FastComposer LoRA; apply one FastComposer adapter at a time")
-    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
-    unet.add_adapter(config, adapter_name=LORA_NAME)
-    return [p for n, p in unet.named_parameters() if f"lora_A.{LORA_NAME}" in n or f"lora_B.{LORA_NAME}" in n]
-
-
-def unet_lora_state(unet: nn.Module) -> dict[str, torch.Tensor]:
-    from peft import get_peft_model_state_dict
-
-    return get_peft_model_state_dict(unet, adapter_name=LORA_NAME)
-
-
 def load_unet_lora(unet: nn.Module, state: dict[str, torch.Tensor], lora: dict, where: Path | str) -> None:
-    from peft import set_peft_model_state_dict
-
-    add_unet_lora(unet, int(lora["rank"]), float(lora["alpha"]), list(lora["targets"]))
-    result = set_peft_model_state_dict(unet, state, adapter_name=LORA_NAME)
-    unexpected = getattr(result, "unexpected_keys", None) or []
-    # a LoRA module left without its weights keeps lora_B at zero: the adapter would silently do nothing there
-    missing = [k for k in getattr(result, "missing_keys", None) or [] if "lora_" in k and LORA_NAME in k]
-    if missing:
-        remove_unet_lora(unet)
-        raise LimnerError(
-            f"FastComposer adapter {where}: LoRA weights missing for {len(missing)} tensors, e.g. {missing[:4]}"
-        )
-    if unexpected:
-        remove_unet_lora(unet)
-        raise LimnerError(
-            f"FastComposer adapter {where}: LoRA weights for modules this UNet lacks, e.g. {unexpected[:4]}"
-        )
-
-
-def remove_unet_lora(unet: nn.Module) -> None:
-    """The LoRA gone; where it was the UNet's only adapter, peft's wrapper layers too (the state dict's names as
-    before, so an official checkpoint still loads by key)."""
-    adapters = getattr(unet, "peft_config", None) or {}
-    if LORA_NAME not in adapters:
-        return
-    if len(adapters) == 1:
-        unet.unload_lora()
-    else:
-        unet.delete_adapters(LORA_NAME)
+    """limner's adapter's UNet LoRA (peft's names; rank, alpha, targets as adapter.json records them) into the UNet
+    beside any LoRA already there; an adapter whose weights do not fit is refused, naming it, the UNet untouched."""
+    problems = load_named_lora(unet, LORA_NAME, state, int(lora["rank"]), float(lora["alpha"]), list(lora["targets"]))
+    if problems:
+        raise LimnerError(f"FastComposer adapter {where}: {'; '.join(problems)}")
 
 
 def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:

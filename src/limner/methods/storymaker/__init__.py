@@ -414,7 +414,8 @@ class StoryMaker(AdapterMethod):
         """The concepts' adapter (they must share one): its LoRA, image keys and values, and projection; at most
         two characters over all concepts, in the order given."""
         from limner.adapters import install_ip_attention, load_ip_state_dict, remove_ip_attention, set_ip_scale
-        from limner.methods.storymaker.weights import LORA_NAME, ip_entries, load_lora, remove_lora
+        from limner.adapters.lora import activate_named_lora, remove_named_lora
+        from limner.methods.storymaker.weights import LORA_NAME, ip_entries, load_lora
 
         if regions:
             raise LimnerError("storymaker places its characters from one prompt; draw without --regions")
@@ -442,7 +443,7 @@ class StoryMaker(AdapterMethod):
         installation = Installation()
         try:
             load_lora(unet, weights["ip_adapter"], adapter)
-            installation.undo.append(lambda: remove_lora(unet))
+            installation.undo.append(lambda: remove_named_lora(unet, LORA_NAME))
             install_ip_attention(unet, num_tokens=(1 + MAX_CHARACTERS) * 20)
             installation.undo.append(lambda: remove_ip_attention(unet))
             load_ip_state_dict(unet, {"ip_adapter": ip_entries(weights["ip_adapter"])})
@@ -456,7 +457,7 @@ class StoryMaker(AdapterMethod):
 
             installation.undo.append(restore)
             set_ip_scale(unet, float(config.get("scale", 0.8)))
-            unet.set_adapters([LORA_NAME], weights=[float(config.get("lora_scale", 0.8))])
+            activate_named_lora(unet, LORA_NAME, float(config.get("lora_scale", 0.8)))
         except BaseException:
             installation.uninstall()
             raise
@@ -466,6 +467,7 @@ class StoryMaker(AdapterMethod):
 
     def set_call_settings(self, base: Base, concepts: list[Path], settings: dict[str, Any]) -> None:
         from limner.adapters import set_ip_scale
+        from limner.adapters.lora import activate_named_lora
         from limner.methods.storymaker.weights import LORA_NAME
 
         super().set_call_settings(base, concepts, settings)
@@ -473,7 +475,7 @@ class StoryMaker(AdapterMethod):
         if "scale" in settings:
             set_ip_scale(base.pipe.unet, float(checked.scale))
         if "lora_scale" in settings:
-            base.pipe.unet.set_adapters([LORA_NAME], weights=[float(checked.lora_scale)])
+            activate_named_lora(base.pipe.unet, LORA_NAME, float(checked.lora_scale))
 
     @torch.no_grad()
     def condition(self, base: Base, concepts: list[Path], prompt: str) -> dict[str, Any]:

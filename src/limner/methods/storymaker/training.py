@@ -32,11 +32,12 @@ from torch import nn
 
 from limner.adapters import install_ip_attention, ip_attention_parameters, remove_ip_attention, with_image_tokens
 from limner.adapters.attention_maps import middle_cross_attention_blocks
+from limner.adapters.lora import remove_named_lora
 from limner.data.sample import square_mask
 from limner.images import to_unit_range
 from limner.methods.storymaker.characters import character_pictures, squeezed
 from limner.methods.storymaker.projection import CHARACTER_TOKENS, StoryMakerProjection
-from limner.methods.storymaker.weights import add_lora, lora_official_state, remove_lora
+from limner.methods.storymaker.weights import LORA_NAME, add_lora, lora_official_state
 from limner.training import TrainingTask, noise_scheduler
 from limner.training.data import fit_square
 
@@ -212,7 +213,7 @@ class Pretraining(TrainingTask):
         """The base as it was: no capture, no IP attention, no LoRA, its own processors, nothing trainable."""
         self.capture.release()
         remove_ip_attention(self.unet)
-        remove_lora(self.unet)
+        remove_named_lora(self.unet, LORA_NAME)
         self.unet.set_attn_processor(self.processors)
         self.unet.requires_grad_(False)
 

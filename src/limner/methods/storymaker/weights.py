@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from limner.adapters.lora import add_named_lora, load_named_lora, remove_named_lora
 from limner.errors import LimnerError
 from limner.io import PICKLE_SUFFIXES, read_tensors, written_atomically
 
@@ -94,24 +95,12 @@ def processor_index(unet: nn.Module) -> dict[str, int]:
 
 def add_lora(unet: nn.Module, rank: int) -> list[nn.Parameter]:
     """The LoRA on every attention's to_q, to_k, to_v, to_out (attn1 and attn2), scale 1; its parameters."""
-    from peft import LoraConfig
-
-    if LORA_NAME in (getattr(unet, "peft_config", None) or {}):
-        raise LimnerError("this UNet already carries a StoryMaker LoRA; install one StoryMaker adapter at a time")
-    targets = [rf".*\.attn[12]\.{re.escape(t)}$" for t in LORA_TARGETS]
-    config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules="|".join(targets))
-    unet.add_adapter(config, adapter_name=LORA_NAME)
-    return [p for n, p in unet.named_parameters() if f"lora_A.{LORA_NAME}" in n or f"lora_B.{LORA_NAME}" in n]
+    return add_named_lora(unet, LORA_NAME, rank, rank, lora_targets())
 
 
-def remove_lora(unet: nn.Module) -> None:
-    adapters = getattr(unet, "peft_config", None) or {}
-    if LORA_NAME not in adapters:
-        return
-    if len(adapters) == 1:
-        unet.unload_lora()
-    else:
-        unet.delete_adapters(LORA_NAME)
+def lora_targets() -> str:
+    """peft's target pattern: to_q, to_k, to_v, to_out of attn1 and attn2, as the official processors."""
+    return "|".join(rf".*\.attn[12]\.{re.escape(t)}$" for t in LORA_TARGETS)
 
 
 def lora_official_state(unet: nn.Module) -> dict[str, torch.Tensor]:
@@ -132,8 +121,6 @@ def lora_official_state(unet: nn.Module) -> dict[str, torch.Tensor]:
 def load_lora(unet: nn.Module, ip_adapter: dict[str, torch.Tensor], where: Path | str) -> None:
     """Adds the LoRA (its rank read from the file) and loads the official `{i}.to_*_lora.*` weights; every
     module's pair must be there."""
-    from peft import set_peft_model_state_dict
-
     names = {i: module for module, i in processor_index(unet).items()}
     lora = {k: v for k, v in ip_adapter.items() if _OFFICIAL_KEY.fullmatch(k)}
     rank = int(next(v for k, v in lora.items() if k.endswith("down.weight")).shape[0])
@@ -144,15 +131,12 @@ def load_lora(unet: nn.Module, ip_adapter: dict[str, torch.Tensor], where: Path 
         if int(i) not in names:
             raise LimnerError(f"StoryMaker adapter {where}: LoRA for attention {i}, which this UNet lacks")
         state[f"{names[int(i)]}.{back[proj]}.lora_{'A' if part == 'down' else 'B'}.weight"] = value
-    add_lora(unet, rank)
-    result = set_peft_model_state_dict(unet, state, adapter_name=LORA_NAME)
-    missing = [k for k in getattr(result, "missing_keys", None) or [] if "lora_" in k and LORA_NAME in k]
-    if missing or len(state) != 2 * len(LORA_TARGETS) * len(names):
-        remove_lora(unet)
-        raise LimnerError(
-            f"StoryMaker adapter {where}: LoRA weights missing for {max(len(missing), 1)} tensors (e.g. "
-            f"{missing[:2]}); it was made for another base"
-        )
+    problems = load_named_lora(unet, LORA_NAME, state, rank, rank, lora_targets())
+    if not problems and len(state) != 2 * len(LORA_TARGETS) * len(names):
+        remove_named_lora(unet, LORA_NAME)
+        problems = [f"LoRA weights for {len(state) // 2} of the UNet's {len(LORA_TARGETS) * len(names)} projections"]
+    if problems:
+        raise LimnerError(f"StoryMaker adapter {where}: {'; '.join(problems)}; it was made for another base")
 
 
 def ip_entries(ip_adapter: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
