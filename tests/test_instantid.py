@@ -379,27 +379,26 @@ def test_a_controlnet_runs_in_an_sdxl_generation_too(tiny_sdxl):
 
 
 def test_the_shipped_world_adapter_is_the_official_layout_in_fp16_and_records_its_run():
-    """The world adapter limner ships: the Image Adapter and the IdentityNet in fp16, diffusers loads the
-    IdentityNet, and adapter.json records what `limner pretrain --from` runs again. Its size is what a ControlNet
-    copy of the world UNet's encoder costs (16.2 MB) plus the adapter (3.1 MB): over the 14 MB planned (see
-    docs/world-bench-identities/instantid.md)."""
+    """The world adapter limner ships: the Image Adapter in fp16 in the official layout, the IdentityNet stored as
+    a delta against the world UNet (fp16, 10.4 of the full 16.2 MB; tests/test_controlnet_delta.py) that limner
+    materialises, and adapter.json records what `limner pretrain --from` runs again."""
     import json
 
-    from diffusers import ControlNetModel
     from safetensors import safe_open
 
+    from limner.adapters.controlnet import DELTA_WEIGHTS, load_controlnet
     from limner.models.loading import ASSETS
 
     folder = ASSETS / "world" / "adapters" / "instantid"
     files = [p for p in folder.rglob("*") if p.is_file()]
-    assert sum(p.stat().st_size for p in files) < 20 * 2**20 and not any("checkpoints" in p.parts for p in files)
+    assert sum(p.stat().st_size for p in files) < 14 * 2**20 and not any("checkpoints" in p.parts for p in files)
     with safe_open(str(folder / WEIGHTS), "pt") as f:
         assert all(f.get_slice(k).get_dtype() == "F16" for k in f.keys())
         assert {k.split(".")[0] for k in f.keys()} == {"image_proj", "ip_adapter"}
-    with safe_open(str(folder / CONTROLNET / "diffusion_pytorch_model.safetensors"), "pt") as f:
+    with safe_open(str(folder / CONTROLNET / DELTA_WEIGHTS), "pt") as f:
         assert all(f.get_slice(k).get_dtype() == "F16" for k in f.keys())
     world = load_base(device="cpu")
-    net = ControlNetModel.from_pretrained(folder / CONTROLNET)
+    net = load_controlnet(folder / CONTROLNET, world.pipe.unet)
     assert net.config.block_out_channels == world.pipe.unet.config.block_out_channels
     manifest = json.loads((folder / "adapter.json").read_text())
     assert manifest["method"] == "instantid" and manifest["base_fingerprint"] == world.fingerprint

@@ -2,6 +2,8 @@
 
 BLIP-Diffusion: diffusers' `BlipDiffusionPipeline` folder (model_index.json, qformer/, text_encoder/ as
 ContextCLIPTextModel, image_processor/, unet/ with the stage-2 delta merged, vae/, tokenizer/, scheduler/).
+InstantID: the official adapter layout (ip-adapter.safetensors, ControlNetModel/ with full weights) that the community
+InstantID pipeline and `ControlNetModel.from_pretrained` read, beside the user's own base.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ def exporters() -> list[str]:
 @command
 def export_cmd(
     method: Annotated[
-        str, typer.Option("--method", help="The method whose adapter to export (today: BLIP-Diffusion's).")
+        str, typer.Option("--method", help="The method whose adapter to export (blip_diffusion, instantid).")
     ],
     out: Annotated[Path, typer.Option("--out", help="A new folder for the exported pipeline.")],
     adapter: Annotated[

@@ -248,6 +248,28 @@ class InstantID(AdapterMethod):
         adapter_files(path)  # the weight file and the IdentityNet folder are there
         return path
 
+    def export(self, base: Base, adapter: str | Path | None, out: Path) -> Path:
+        """The adapter in the official InstantID layout for other libraries (the community pipeline,
+        `ControlNetModel.from_pretrained`): ip-adapter.safetensors and ControlNetModel/ with its full weights, an
+        IdentityNet stored as a delta against the base's UNet (as the shipped world adapter) materialised on it;
+        adapter.json kept, so limner reads the folder too."""
+        import shutil
+
+        from limner.adapters.controlnet import load_controlnet
+
+        adapter, out = self.adapter_for(base, adapter), Path(out)
+        weights_path, controlnet_path = adapter_files(adapter)
+        out.mkdir(parents=True, exist_ok=True)
+        with disk_guard(f"the InstantID export in {out}"):
+            if weights_path.suffix == ".safetensors":
+                shutil.copyfile(weights_path, out / WEIGHTS)
+            else:  # the official pickled file, read under --allow-pickle, written as safetensors
+                save_adapter_weights(_flat(read_adapter_weights(weights_path, pickle_opt_in())), out / WEIGHTS)
+            save_controlnet(load_controlnet(controlnet_path, base.pipe.unet), out / CONTROLNET)
+            if (adapter / ADAPTER_MANIFEST).is_file():
+                shutil.copyfile(adapter / ADAPTER_MANIFEST, out / ADAPTER_MANIFEST)
+        return out
+
     def personalize(self, base: Base, subject: Any, out: Path, *, score: Any = None, **overrides: Any) -> Path:
         with_settings(InstantIDSettings(), {k: v for k, v in overrides.items() if k != "adapter"}, self.name)
         return super().personalize(base, subject, out, score=score, **overrides)  # settings fail before any work
@@ -402,6 +424,11 @@ class InstantID(AdapterMethod):
 
     def prompt(self, template: str, concept: Path) -> str:
         return template.format(read_manifest(concept)["class_noun"])
+
+
+def _flat(weights: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """{"image_proj": {...}, "ip_adapter": {...}} as the flat `image_proj.*` / `ip_adapter.*` entries."""
+    return {f"{part}.{key}": value for part, entries in weights.items() for key, value in entries.items()}
 
 
 def _open_data(data: Any, base: Base, cfg: InstantIDSettings, train_cfg: TrainConfig) -> Any:

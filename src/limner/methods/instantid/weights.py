@@ -10,14 +10,24 @@
 
 An adapter folder limner writes holds both, and `adapter.json`. An official download is either that folder (with
 `ip-adapter.bin` or `.safetensors`) or the weight file with `ControlNetModel/` beside it.
+
+`compact_adapter` stores an adapter's IdentityNet as a delta against its base's UNet (limner.adapters.controlnet's
+`save_controlnet_delta`): how the world adapter is shipped, within the asset budget. limner loads either form; `limner
+export --method instantid` writes the full one back for other libraries.
 """
 
 from __future__ import annotations
 
+import hashlib
+import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from limner.errors import LimnerError
-from limner.io import PICKLE_SUFFIXES
+from limner.io import PICKLE_SUFFIXES, write_json_atomic
+
+if TYPE_CHECKING:
+    from limner.models.loading import Base
 
 WEIGHTS = "ip-adapter.safetensors"
 OFFICIAL_WEIGHTS = ("ip-adapter.safetensors", "ip-adapter.bin")
@@ -55,4 +65,39 @@ def adapter_files(adapter: Path, controlnet: str | Path | None = None) -> tuple[
     return weights, net
 
 
-__all__ = ["CONTROLNET", "OFFICIAL_WEIGHTS", "WEIGHTS", "adapter_files"]
+def compact_adapter(
+    base: Base, source: str | Path, out: str | Path, rank: int | None = None, energy: float | None = None
+) -> Path:
+    """A copy of the adapter folder `source` (what `limner pretrain --method instantid` wrote, its IdentityNet in
+    full) in `out`, the IdentityNet stored as a delta against `base`'s UNet, each copied matrix's change truncated
+    to `rank` or to the rank keeping `energy` of it. adapter.json records how (`identitynet_delta`: rank, energy,
+    the ranks taken, the UNet's fingerprint, the sha256 of the full weights it came from), so it can be made
+    again."""
+    from limner.adapters.controlnet import DELTA_WEIGHTS, load_controlnet, save_controlnet_delta
+    from limner.methods.adapter import ADAPTER_MANIFEST, read_adapter_manifest
+
+    source, out = Path(source), Path(out)
+    weights, net = adapter_files(source)
+    full = net / "diffusion_pytorch_model.safetensors"
+    if not full.is_file():
+        raise LimnerError(f"{net} holds no full IdentityNet (diffusion_pytorch_model.safetensors) to compact")
+    manifest = read_adapter_manifest(source)
+    source_sha256 = hashlib.sha256(full.read_bytes()).hexdigest()  # before `out` may replace it
+    controlnet = load_controlnet(net, base.pipe.unet)
+    out.mkdir(parents=True, exist_ok=True)
+    if weights.resolve() != (out / weights.name).resolve():
+        shutil.copyfile(weights, out / weights.name)
+    recorded = save_controlnet_delta(controlnet, base.pipe.unet, out / CONTROLNET, rank=rank, energy=energy)
+    manifest["identitynet_delta"] = {
+        "file": f"{CONTROLNET}/{DELTA_WEIGHTS}",
+        "rank": rank,
+        "energy": energy,
+        "ranks": recorded["ranks"],
+        "unet_fingerprint": recorded["unet_fingerprint"],
+        "source_sha256": source_sha256,
+    }
+    write_json_atomic(out / ADAPTER_MANIFEST, manifest)
+    return out
+
+
+__all__ = ["CONTROLNET", "OFFICIAL_WEIGHTS", "WEIGHTS", "adapter_files", "compact_adapter"]
