@@ -177,3 +177,5 @@ def test_the_shipped_instantid_identitynet_is_a_delta_on_the_world_unet_and_expo
     exported = get_method("instantid").export(world, None, tmp_path / "export")
     plain = ControlNetModel.from_pretrained(exported / CONTROLNET)
     assert _relative(_residuals(plain), residuals) < 2e-3  # the same IdentityNet, up to fp16
+    exported_manifest = json.loads((exported / "adapter.json").read_text())
+    assert "identitynet_delta" not in exported_manifest and "identitynet_materialised_from" in exported_manifest

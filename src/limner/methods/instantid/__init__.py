@@ -48,7 +48,7 @@ from limner.adapters.controlnet import (
 )
 from limner.concepts import read_manifest
 from limner.errors import LimnerError
-from limner.io import disk_guard, pickle_opt_in, written_atomically
+from limner.io import disk_guard, pickle_opt_in, write_json_atomic, written_atomically
 from limner.methods.adapter import (
     ADAPTER_MANIFEST,
     AdapterMethod,
@@ -267,7 +267,11 @@ class InstantID(AdapterMethod):
                 save_adapter_weights(_flat(read_adapter_weights(weights_path, pickle_opt_in())), out / WEIGHTS)
             save_controlnet(load_controlnet(controlnet_path, base.pipe.unet), out / CONTROLNET)
             if (adapter / ADAPTER_MANIFEST).is_file():
-                shutil.copyfile(adapter / ADAPTER_MANIFEST, out / ADAPTER_MANIFEST)
+                manifest = read_adapter_manifest(adapter)
+                # the IdentityNet is full again: its delta's record (with the full weights' sha256) becomes history
+                if "identitynet_delta" in manifest:
+                    manifest["identitynet_materialised_from"] = manifest.pop("identitynet_delta")
+                write_json_atomic(out / ADAPTER_MANIFEST, manifest)
         return out
 
     def personalize(self, base: Base, subject: Any, out: Path, *, score: Any = None, **overrides: Any) -> Path:
