@@ -102,6 +102,11 @@ def test_load_controlnet_materialises_a_delta_on_its_unet_and_still_reads_a_diff
     from_delta, from_full = load_controlnet(tmp_path / "delta", unet), load_controlnet(tmp_path / "full", unet)
     assert not from_delta.training and not any(p.requires_grad for p in from_delta.parameters())
     assert _relative(_residuals(from_delta), _residuals(from_full)) < 2e-3
+    # the same UNet loaded in another precision is the same UNet (the ControlNet follows its dtype)
+    import copy
+
+    half = load_controlnet(tmp_path / "delta", copy.deepcopy(unet).to(torch.bfloat16))
+    assert next(half.parameters()).dtype == torch.bfloat16
 
 
 def test_a_delta_on_another_unet_is_refused_naming_the_folder(unet, tmp_path):
@@ -171,6 +176,8 @@ def test_the_shipped_instantid_identitynet_is_a_delta_on_the_world_unet_and_expo
     manifest = json.loads((folder / "adapter.json").read_text())
     assert is_controlnet_delta(folder / CONTROLNET)
     assert set(manifest["identitynet_delta"]) >= {"rank", "energy", "source_sha256", "unet_fingerprint"}
+    with safe_open(str(folder / CONTROLNET / DELTA_WEIGHTS), "pt") as f:
+        assert f.metadata()["unet_fingerprint"] == manifest["identitynet_delta"]["unet_fingerprint"]
     net = load_controlnet(folder / CONTROLNET, world.pipe.unet)
     residuals = _residuals(net)
     assert all(torch.isfinite(r).all() for r in residuals) and any(r.abs().max() > 0 for r in residuals)

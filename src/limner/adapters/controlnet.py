@@ -269,14 +269,15 @@ _UP, _DOWN = ".delta_up", ".delta_down"  # a copied matrix's change, up @ down, 
 
 
 def unet_fingerprint(unet: nn.Module, names: list[str]) -> str:
-    """A hash of the UNet tensors `names` (names, shapes and fp16 values): what a delta was taken against. fp16, so
-    the same UNet loaded in fp32 or fp16, on any device, reads the same."""
+    """A hash of the UNet tensors `names` (names, shapes and values rounded to bfloat16): what a delta was taken
+    against. Rounded, so the same UNet loaded in fp32, fp16 or bf16, on any device, reads the same; any other UNet
+    (another base, a fine-tune) moves far more than bfloat16's rounding."""
     import hashlib
 
     state = unet.state_dict()
     digest = hashlib.sha256()
     for name in sorted(names):
-        tensor = state[name].detach().to("cpu", torch.float16).contiguous()
+        tensor = state[name].detach().to("cpu", torch.bfloat16).contiguous()
         digest.update(f"{name}{tuple(tensor.shape)}".encode())
         digest.update(tensor.view(torch.int16).numpy().tobytes())
     return digest.hexdigest()[:16]
