@@ -17,11 +17,12 @@ reference's keypoints, or another picture's (`pose_image`, `limner generate --po
 embeddings are averaged; the unconditional ID input is a zero embedding.
 
 Files (limner.methods.instantid.weights): an adapter folder holds `ip-adapter.safetensors` (the official
-ip-adapter.bin's entries, flat, fp16), `ControlNetModel/` (diffusers' layout, fp16) and `adapter.json`; the
-official download (ip-adapter.bin, read with allow_pickle only, and ControlNetModel/) is read as it is. A concept
-folder holds the face embeddings (`face_embeds.safetensors`, diffusers' ip_adapter_image_embeds for the
-Resampler), the pose (keypoints in `limner.json`, drawn at the size of each generation), the references, and the
-adapter by path and fingerprint.
+ip-adapter.bin's entries, flat, fp16), `ControlNetModel/` (diffusers' layout, fp16; the shipped world adapter's
+stored as a delta against the world UNet, materialised at load, written out in full by `export`) and
+`adapter.json`; the official download (ip-adapter.bin, read with allow_pickle only, and ControlNetModel/) is read
+as it is. A concept folder holds the face embeddings (`face_embeds.safetensors`, diffusers'
+ip_adapter_image_embeds for the Resampler), the pose (keypoints in `limner.json`, drawn at the size of each
+generation), the references, and the adapter by path and fingerprint.
 """
 
 from __future__ import annotations
