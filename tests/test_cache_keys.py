@@ -94,3 +94,25 @@ def test_settings_given_that_equal_a_default_are_the_same_run():
     assert settings_with(lora, {"min_snr_gamma": 5})["train"]["min_snr_gamma"] == 5.0
     assert isinstance(settings_with(lora, {"min_snr_gamma": 5})["train"]["min_snr_gamma"], float)
     assert settings_with(ti, {"learning_rate": 5e-3, "num_vectors": 4}) == default_settings(ti)
+
+
+def test_two_adapters_encoding_the_same_embeddings_do_not_share_generated_images(tmp_path):
+    """An encoder concept holds the image encoder's embeddings, which two adapters over one encoder share: the
+    adapter that draws them must be in the key of the images drawn, or a second adapter reads the first's."""
+    import json
+
+    from limner.evaluation.cache import concept_fingerprint
+
+    def concept(name: str, **manifest) -> str:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "embeds.bin").write_bytes(b"the same embeddings")
+        fields = {"method": "ip_adapter", "subject": "duo_ball", "base_fingerprint": "b", "steps": 0} | manifest
+        (folder / "limner.json").write_text(json.dumps(fields))
+        return concept_fingerprint(folder)
+
+    a, b = concept("a", adapter_fingerprint="aaaa"), concept("b", adapter_fingerprint="bbbb")
+    assert a != b
+    assert concept("c", adapter_fingerprint="aaaa") == a
+    # a tuning concept has no adapter: its key is what it was before adapters existed
+    assert concept("d") == concept("e") != a

@@ -135,6 +135,10 @@ def concept_fingerprint(concept: Path) -> str:
 
     m = read_manifest(concept)
     stable = {k: m.get(k) for k in ("method", "subject", "base_fingerprint", "config", "steps", "tokens")}
+    if m.get("adapter_fingerprint"):
+        # an encoder concept draws through its adapter: two adapters over the same image encoder encode the same
+        # embeddings, and must not share images (kept out of the key when absent, so tuning caches stay valid)
+        stable["adapter_fingerprint"] = m["adapter_fingerprint"]
     return digest([stable, fingerprint(Path(concept), skip=("limner.json", "README.md", "train_log.csv"))])
 
 
