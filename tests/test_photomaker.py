@@ -218,8 +218,9 @@ def official_checkpoint(unet, hidden=64, widths=(32, 32), rank=4, seed=0) -> dic
         "vision_model.embeddings.position_embedding.weight": rand((image // patch) ** 2 + 1, hidden),
         "vision_model.embeddings.position_ids": torch.arange((image // patch) ** 2 + 1)[None],  # older transformers
         "visual_projection.weight": rand(widths[0], hidden),
-        "visual_projection_2.weight": rand(widths[1], hidden),
     }
+    if len(widths) == 2:  # one projection per text encoder: SDXL's two, the world's one
+        enc["visual_projection_2.weight"] = rand(widths[1], hidden)
     for norm in ("pre_layrnorm", "post_layernorm"):
         enc |= {f"vision_model.{norm}.weight": torch.ones(hidden), f"vision_model.{norm}.bias": rand(hidden)}
     for i in range(layers):
@@ -327,3 +328,137 @@ def test_the_shipped_world_adapter_is_within_budget_and_in_the_official_layout(w
     assert manifest["base_fingerprint"] == world.fingerprint and manifest["variant"] == "v1"
     assert manifest["data"] | {"subjects": "characters", "pair": "view", "clothes": "vary"} == manifest["data"]
     assert get_method("photomaker").adapter_for(world, None) == folder  # the world's default
+
+
+# ---- v2: the face embedding through a perceiver, 2 tokens an image -------------------------------------------------
+
+
+def official_v2_checkpoint(unet, face_width: int, widths=(256,), hidden=64, depth=4, seed=1) -> dict:
+    """photomaker-v2.bin's layout (TencentARC/PhotoMaker's PhotoMakerIDEncoder_CLIPInsightfaceExtendtoken): v1's
+    keys and `qformer_perceiver.*`, shaped for this base (official: face 512, fused 2048, tower 1024; 128-wide
+    heads, so to_q is fused x fused), random values."""
+    official = official_checkpoint(unet, hidden=hidden, widths=widths, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g) * 0.05
+
+    d, f, q = sum(widths), face_width, "qformer_perceiver."
+    enc = {
+        f"{q}token_proj.0.weight": rand(4 * f, f),
+        f"{q}token_proj.0.bias": rand(4 * f),
+        f"{q}token_proj.2.weight": rand(2 * d, 4 * f),
+        f"{q}token_proj.2.bias": rand(2 * d),
+        f"{q}token_norm.weight": torch.ones(d),
+        f"{q}token_norm.bias": rand(d),
+    }
+    r = f"{q}perceiver_resampler."
+    enc |= {f"{r}proj_in.weight": rand(d, hidden), f"{r}proj_in.bias": rand(d)}
+    enc |= {f"{r}proj_out.weight": rand(d, d), f"{r}proj_out.bias": rand(d)}
+    enc |= {f"{r}norm_out.weight": torch.ones(d), f"{r}norm_out.bias": rand(d)}
+    for i in range(depth):
+        a, ff = f"{r}layers.{i}.0.", f"{r}layers.{i}.1."
+        for norm in ("norm1", "norm2"):
+            enc |= {f"{a}{norm}.weight": torch.ones(d), f"{a}{norm}.bias": rand(d)}
+        enc |= {f"{a}to_q.weight": rand(d, d), f"{a}to_kv.weight": rand(2 * d, d), f"{a}to_out.weight": rand(d, d)}
+        enc |= {f"{ff}0.weight": torch.ones(d), f"{ff}0.bias": rand(d)}
+        enc |= {f"{ff}1.weight": rand(4 * d, d), f"{ff}3.weight": rand(d, 4 * d)}
+    official["id_encoder"] |= enc
+    return official
+
+
+@pytest.fixture(scope="module")
+def official_v2(world, tmp_path_factory):
+    """The official v2 layout for the world base, pickled and as its safetensors conversion."""
+    from limner.encoders.faces import WorldFaceAnalysis
+
+    folder = tmp_path_factory.mktemp("photomaker-v2")
+    official = official_v2_checkpoint(world.pipe.unet, WorldFaceAnalysis().embedding_dim)
+    torch.save(official, folder / "photomaker-v2.bin")
+    flat = {f"{part}.{k}": v for part, state in official.items() for k, v in state.items()}
+    save_file(flat, str(folder / "photomaker-v2.safetensors"))
+    return folder, official
+
+
+def test_the_official_v2_checkpoint_runs_on_the_world_two_tokens_an_image(world, official_v2, tmp_path):
+    folder, official = official_v2
+    method, ada = get_method("photomaker"), person("ada", 2)
+    with pytest.raises(LimnerError, match="pickle"):
+        method.personalize(world, ada, tmp_path / "refused", adapter=folder / "photomaker-v2.bin")
+    pickled = method.personalize(world, ada, tmp_path / "c", adapter=folder / "photomaker-v2.bin", allow_pickle=True)
+    concept = method.personalize(world, ada, tmp_path / "c2", adapter=folder / "photomaker-v2.safetensors")
+    embeds = load_file(str(concept / EMBEDS))["id_embeds"]
+    assert embeds.shape == (2, 2, 256) and torch.equal(embeds, load_file(str(pickled / EMBEDS))["id_embeds"])
+    assert not torch.allclose(embeds[0, 0], embeds[0, 1])  # two tokens, each its own
+    assert json.loads((concept / "limner.json").read_text())["variant"] == "v2"
+
+    plain = generate(world, GenerationSettings(PROMPT.replace(" img", ""), num_images=1, steps=3)).images[0]
+    with apply_concepts(world, [concept]) as applied:
+        conditioning = applied.condition(PROMPT, 3)
+        fused = conditioning.pipe_kwargs["prompt_embeds"][0]
+        drawn = generate(world, GenerationSettings(PROMPT, num_images=1, steps=3), conditioning=conditioning).images[0]
+    ids, positions = stacked_token_ids(world.pipe.tokenizer, PROMPT, 4)
+    with torch.no_grad():
+        text = world.pipe.text_encoder(torch.tensor([ids]))[0][0]
+    changed = (fused - text).abs().amax(-1) > 1e-4
+    assert changed.nonzero().flatten().tolist() == positions  # "woman" 2 images x 2 tokens, nothing else
+    assert not np.array_equal(np.asarray(plain), np.asarray(drawn))
+
+
+def test_v2_reads_each_reference_face_embedding_from_the_face_analysis(world, official_v2, tmp_path, monkeypatch):
+    """At encode time the identity embedding is the analyser's (the world's, or --faces DIR's), never ground truth:
+    an analyser that hands out another embedding for the same faces changes v2's tokens, and not v1's."""
+    import dataclasses
+
+    import limner.encoders.faces as faces
+    from limner.encoders.faces import WorldFaceAnalysis
+
+    folder, _ = official_v2
+    calls = []
+
+    class Flipped(WorldFaceAnalysis):
+        def analyse(self, images):
+            calls.append(len(images))
+            found = super().analyse(images)
+            return [[dataclasses.replace(f, embedding=-f.embedding) for f in fs] for fs in found]
+
+    method, ada = get_method("photomaker"), person("ada", 2)
+    adapter = folder / "photomaker-v2.safetensors"
+    normal = load_file(str(method.personalize(world, ada, tmp_path / "a", adapter=adapter) / EMBEDS))["id_embeds"]
+    monkeypatch.setattr(faces, "face_analysis", lambda folder, device="cpu": Flipped())
+    flipped = load_file(str(method.personalize(world, ada, tmp_path / "b", adapter=adapter) / EMBEDS))["id_embeds"]
+    assert calls == [2] and not torch.allclose(normal, flipped, atol=1e-3)
+
+
+def test_v2_files_that_do_not_fit_are_refused(world, official_v2, tmp_path):
+    folder, official = official_v2
+    method, ada = get_method("photomaker"), person("ada", 1)
+    v2 = folder / "photomaker-v2.safetensors"
+    with pytest.raises(LimnerError, match="variant=v1, but .*photomaker-v2.safetensors is a PhotoMaker v2"):
+        method.personalize(world, ada, tmp_path / "c", adapter=v2, variant="v1")
+    with pytest.raises(LimnerError, match="variant 'v3'"):
+        method.personalize(world, ada, tmp_path / "c", adapter=v2, variant="v3")
+    cut = {k: v for k, v in official["id_encoder"].items() if ".layers.3." not in k}  # a perceiver layer short
+    torch.save({"id_encoder": cut, "lora_weights": official["lora_weights"]}, tmp_path / "cut.bin")
+    with pytest.raises(LimnerError, match="cut.bin: its id_encoder misses .*qformer_perceiver"):
+        method.personalize(world, ada, tmp_path / "c", adapter=tmp_path / "cut.bin", allow_pickle=True)
+    arcface = official_v2_checkpoint(world.pipe.unet, 512)  # made for insightface's 512-d ArcFace embedding
+    torch.save(arcface, tmp_path / "arcface.bin")
+    with pytest.raises(LimnerError, match="reads 512-wide face embeddings; the face analysis gives 128-wide"):
+        method.personalize(world, ada, tmp_path / "c", adapter=tmp_path / "arcface.bin", allow_pickle=True)
+    sdxl = official_v2_checkpoint(world.pipe.unet, 128, widths=(1024, 1024))
+    torch.save(sdxl, tmp_path / "sdxl.bin")
+    with pytest.raises(LimnerError, match="fuses into 2048-wide text embeddings, this base's are 256.*another base"):
+        method.personalize(world, ada, tmp_path / "c", adapter=tmp_path / "sdxl.bin", allow_pickle=True)
+
+
+def test_v2_pretrains_its_perceiver_and_writes_the_official_v2_layout(world, tmp_path):
+    method = get_method("photomaker")
+    out = method.pretrain(world, "world", tmp_path / "v2", max_steps=2, batch_size=2, checkpoint_every=0, variant="v2")
+    flat = load_file(str(out / WEIGHTS))
+    assert "id_encoder.qformer_perceiver.perceiver_resampler.layers.3.0.to_kv.weight" in flat
+    assert flat["id_encoder.qformer_perceiver.token_proj.0.weight"].shape == (4 * 128, 128)  # the world's faces
+    manifest = json.loads((out / "adapter.json").read_text())
+    assert manifest["variant"] == "v2" and "qformer_perceiver." in manifest["trained"]
+    concept = method.personalize(world, person("eve", 1), tmp_path / "eve", adapter=out)
+    assert load_file(str(concept / EMBEDS))["id_embeds"].shape == (1, 2, 256)

@@ -6,6 +6,11 @@ per text encoder: limner.methods.photomaker.id_encoder); the class token is repe
 copy fused with one image's embedding (the shared fuse MLP, limner.adapters.fuse); the UNet, carrying PhotoMaker's
 LoRA on every attention projection, denoises from that.
 
+v2 (`--set variant=v2`, or read off an official file's keys) describes each reference by its face's identity
+embedding (the face analysis's: insightface's ArcFace with --faces DIR, the world's own otherwise) read through a
+perceiver over the CLIP tower's patch tokens, two tokens an image: the class token is repeated twice per reference
+(limner.methods.photomaker.id_encoder_v2).
+
     pretrain   the LoRA, the ID encoder's last layers, projections and fuse module on the world's people (several
                views of each: other context, pose, scale, clothes), masked diffusion loss with p 0.5, 10% null
                text (limner.methods.photomaker.training); `limner pretrain --method photomaker --data world`
@@ -15,8 +20,9 @@ LoRA on every attention projection, denoises from that.
                the one trigger, each taking a share of the stack set by its `weight`
 
 Files: an adapter folder holds `photomaker.safetensors` in the official layout (limner.methods.photomaker.weights)
-and `adapter.json`; the official `photomaker-v1.bin` is read with allow_pickle, its safetensors conversion without.
-A concept folder holds `id_embeds.safetensors` (one row per reference), the face crops and `limner.json`.
+and `adapter.json`; the official `photomaker-v1.bin` / `-v2.bin` is read with allow_pickle, its safetensors conversion
+without. A concept folder holds `id_embeds.safetensors` (one row per reference; v2: [references, 2, width]), the face
+crops and `limner.json`.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ from limner.methods.photomaker.id_encoder import (
     text_widths,
     vision_config_from_state,
 )
+from limner.methods.photomaker.id_encoder_v2 import IDEncoderV2, face_width_of
 from limner.methods.photomaker.prompts import (
     TRIGGER,
     count_triggers,
@@ -59,7 +66,7 @@ from limner.methods.photomaker.prompts import (
     stacked_token_ids,
     without_triggers,
 )
-from limner.methods.photomaker.references import id_crops, reference_names, warn_notes
+from limner.methods.photomaker.references import id_faces, reference_names, warn_notes
 from limner.methods.photomaker.weights import (
     LORA_NAME,
     WEIGHTS,
@@ -84,8 +91,16 @@ FEATURE_EXTRACTOR = "feature_extractor"
 MAX_REFERENCES = {"v1": 4, "v2": 4}
 
 
+VARIANTS = ("v1", "v2")
+
+
 @dataclass
 class PhotoMakerSettings:
+    variant: str | None = setting(
+        None,
+        "v1 (the ID image's CLIP embedding) or v2 (its face embedding through a perceiver, 2 tokens an image); "
+        "pretrain: which to train (None: v1); encode: the adapter's (None: read off its keys)",
+    )
     merge_ratio: float = setting(
         0.2,
         "start_merge_step as a share of the steps: steps i <= int(ratio x steps) draw from the prompt without its "
@@ -106,7 +121,9 @@ class PhotoMakerSettings:
         None, "pretrain: a CLIPVisionModelWithProjection folder to start the ID encoder from; default: the base's"
     )
     allow_pickle: bool = setting(
-        False, "read the official pickled photomaker-v1.bin (torch.load with weights_only=True); only files you trust"
+        False,
+        "read the official pickled photomaker-v1.bin / -v2.bin (torch.load with weights_only=True); only files you "
+        "trust",
     )
     max_references: int = setting(4, "pretrain: a training sample stacks 1 to N views of its person", at_least=1)
     mask_loss_prob: float = setting(0.5, "pretrain: share of steps whose loss counts only inside the person's mask")
@@ -115,6 +132,8 @@ class PhotoMakerSettings:
     lora_rank: int = setting(32, "pretrain: rank of the UNet's LoRA (the official model card: 64 on SDXL)", at_least=1)
 
     def __post_init__(self) -> None:
+        if self.variant is not None and self.variant not in VARIANTS:
+            raise LimnerError(f"variant {self.variant!r}: PhotoMaker has {' and '.join(VARIANTS)}")
         if not 0 <= self.merge_ratio < 1:
             raise LimnerError(f"merge_ratio {self.merge_ratio} must be in [0, 1): the share of text-only steps")
         if not self.trigger or not self.trigger.isalnum():
@@ -217,10 +236,14 @@ def build_id_encoder(base: Base, adapter: Path, state: dict[str, torch.Tensor], 
             f"{sum(widths)} ({' + '.join(map(str, widths))}): it was made for another base (the official files are "
             "for SDXL: 768 + 1280)"
         )
-    encoder = IDEncoder(vision_config_of(adapter, state, where), widths)
+    config = vision_config_of(adapter, state, where)
+    if variant_of(state) == "v2":
+        encoder: IDEncoder = IDEncoderV2(config, widths, face_width_of(state, where))
+    else:
+        encoder = IDEncoder(config, widths)
     own = encoder.state_dict()
     missing = sorted(set(own) - set(state))
-    unknown = sorted(k for k in set(state) - set(own) if not k.startswith("qformer_perceiver."))
+    unknown = sorted(set(state) - set(own))
     bad = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
     if missing or unknown or bad:
         what = (
@@ -238,11 +261,14 @@ def build_id_encoder(base: Base, adapter: Path, state: dict[str, torch.Tensor], 
 
 
 def processor_for(base: Base, adapter: Path | None, encoder: IDEncoder):
-    """The ID images' preprocessing: the adapter's feature extractor, else the base's, else CLIP's standard."""
+    """The ID images' preprocessing: the adapter's feature extractor, else the base's, else CLIP's standard; one
+    that crops to another size than the tower reads is passed over (the world's 64 px for a 224 px tower)."""
     size = int(encoder.vision_config.image_size)
     for place in ([Path(adapter)] if adapter is not None and Path(adapter).is_dir() else []) + [Path(base.path)]:
         if (place / FEATURE_EXTRACTOR / "preprocessor_config.json").is_file():
-            return id_processor(size, place / FEATURE_EXTRACTOR)
+            processor = id_processor(size, place / FEATURE_EXTRACTOR)
+            if int(processor.crop_size["height"]) == size:
+                return processor
     return id_processor(size, None)
 
 
@@ -251,7 +277,7 @@ class PhotoMaker(AdapterMethod):
     """A person from 1-4 photos: one fused class-token copy per photo (Li et al., 2024)."""
 
     name = "photomaker"
-    official_adapter = "the official photomaker-v1.bin (an SDXL base, --allow-pickle)"
+    official_adapter = "the official photomaker-v1.bin or photomaker-v2.bin (an SDXL base, --allow-pickle)"
     family = "identity"
     capabilities = Capabilities(needs_adapter=True, needs_faces=True)
     config_cls = PhotoMakerSettings
@@ -277,16 +303,22 @@ class PhotoMaker(AdapterMethod):
         clip_folder = find_image_encoder(base, None, cfg.image_encoder)
         from transformers import CLIPVisionConfig
 
+        variant = cfg.variant or "v1"
+        analysis = face_analysis(cfg.faces)
+        vision = CLIPVisionConfig.from_pretrained(clip_folder)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(train_cfg.seed)
-            encoder = IDEncoder(CLIPVisionConfig.from_pretrained(clip_folder), text_widths(base.pipe))
+            if variant == "v2":  # the face embedding's width is the analyser's (512 for insightface's ArcFace)
+                encoder = IDEncoderV2(vision, text_widths(base.pipe), int(analysis.embedding_dim))
+            else:
+                encoder = IDEncoder(vision, text_widths(base.pipe))
         encoder.load_from_clip(clip_folder)
         encoder = encoder.to(base.device)
         processor = processor_for(base, None, encoder)
         task = Pretraining(base, encoder, cfg, train_cfg)
         t0 = time.perf_counter()
         try:
-            batches = IDBatches(stream, base, face_analysis(cfg.faces), processor, cfg, train_cfg.batch_size)
+            batches = IDBatches(stream, base, analysis, processor, cfg, train_cfg.batch_size, encoder.tokens_per_image)
             log = train(task, batches, train_cfg, out, self.name, data=stream)
             lora = {k.partition(".")[2]: v for k, v in task.trainable_state().items() if k.startswith("unet.")}
         finally:
@@ -300,7 +332,7 @@ class PhotoMaker(AdapterMethod):
                     out,
                     self.name,
                     base,
-                    variant="v1",
+                    variant=variant,
                     vision_config={k: getattr(encoder.vision_config, k) for k in VISION_KEYS},
                     image_encoder_start=str(clip_folder),
                     lora={
@@ -395,19 +427,26 @@ class PhotoMaker(AdapterMethod):
         adapter, out = Path(adapter), Path(out)
         weights = read_weights(adapter, cfg.allow_pickle or pickle_opt_in())
         variant = variant_of(weights["id_encoder"])
-        if variant != "v1":
+        if cfg.variant is not None and cfg.variant != variant:
             raise LimnerError(
-                f"{weights_path(adapter)} is a PhotoMaker {variant} checkpoint (its ID encoder reads a face embedding "
-                "through a perceiver); limner runs v1 checkpoints so far: give photomaker-v1.bin"
+                f"variant={cfg.variant}, but {weights_path(adapter)} is a PhotoMaker {variant} checkpoint (v2's ID "
+                "encoder has qformer_perceiver.*, v1's none): leave variant out or give the other file"
             )
         images, names, notes = stackable_references(subject, variant, cfg.num_references, given_as)
-        crops, found = id_crops(images, names, face_analysis(cfg.faces), cfg.crop_scale)
+        crops, faces, found = id_faces(images, names, face_analysis(cfg.faces), cfg.crop_scale)
         notes += found
         warn_notes(notes)
         encoder = build_id_encoder(base, adapter, weights["id_encoder"], weights_path(adapter))
         pixels = pixels_of(processor_for(base, adapter, encoder), crops).to(base.device)
-        with torch.no_grad():
-            embeds = encoder.embed(pixels).float().cpu()
+        id_embeds = torch.stack(faces).to(base.device) if variant == "v2" else None
+        if id_embeds is not None and id_embeds.shape[1] != encoder.id_embeddings_dim:
+            raise LimnerError(
+                f"PhotoMaker v2 adapter {weights_path(adapter)} reads {encoder.id_embeddings_dim}-wide face "
+                f"embeddings; the face analysis gives {id_embeds.shape[1]}-wide ones: use the analyser it was made "
+                "with (--faces DIR: insightface's antelopev2 for the official file; none: the world's)"
+            )
+        with torch.no_grad():  # v1: [N, d], one per image; v2: [N, 2, d], two tokens an image
+            embeds = encoder.embed(pixels, id_embeds).float().cpu()
         fields = {"variant": variant, "notes": notes, "given_as": given_as}
         return self._write_concept(base, adapter, subject, crops, embeds, fields, cfg, out, t0)
 
@@ -497,7 +536,9 @@ class PhotoMaker(AdapterMethod):
             return {}  # a prompt that names no person draws none, as a tuning concept's token left out of a prompt
         embeds = [load_file(str(Path(c) / EMBEDS))["id_embeds"] for c in concepts]
         shares = stack_shares([len(e) for e in embeds], [float(m["config"].get("weight", 1.0)) for m in manifests])
+        # whole images share the stack (a v2 image's 2 tokens stay together), then every token takes a copy
         stacked = torch.cat([e[torch.arange(n) % len(e)] for e, n in zip(embeds, shares)])
+        stacked = stacked.reshape(-1, stacked.shape[-1])
         return self.fused_prompt(base, prompt, stacked, trigger)
 
     def fused_prompt(self, base: Base, prompt: str, stacked: torch.Tensor, trigger: str) -> dict[str, torch.Tensor]:

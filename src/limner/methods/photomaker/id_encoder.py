@@ -53,8 +53,11 @@ class IDEncoder(nn.Module):
         extra = [self.visual_projection_2] if hasattr(self, "visual_projection_2") else []
         return [self.visual_projection, *extra]
 
-    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[N, 3, S, S] ID images -> [N, sum of text widths]: each image's ID embedding e_i."""
+    tokens_per_image = 1  # class-token copies an ID image fills (v2: 2)
+
+    def embed(self, pixels: torch.Tensor, id_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """[N, 3, S, S] ID images -> [N, sum of text widths]: each image's ID embedding e_i (v1 reads no face
+        embedding: `id_embeds` is v2's)."""
         pooled = self.vision_model(pixel_values=pixels).pooler_output
         return torch.cat([p(pooled) for p in self.projections], dim=-1)
 
@@ -64,13 +67,16 @@ class IDEncoder(nn.Module):
         prompt_embeds: torch.Tensor | None = None,
         rows: torch.Tensor | None = None,
         tokens: torch.Tensor | None = None,
+        id_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The ID embeddings of `pixels`; with `prompt_embeds` [B, L, d], those embeddings with position
-        (rows[i], tokens[i]) replaced by the fusion of that class-token copy and image i (as the official
-        forward(id_pixel_values, prompt_embeds, class_tokens_mask))."""
-        embeds = self.embed(pixels)
+        (rows[j], tokens[j]) replaced by the fusion of that class-token copy and ID token j (image j for v1; image
+        j // 2, its token j % 2 for v2), as the official forward(id_pixel_values, prompt_embeds, class_tokens_mask,
+        id_embeds)."""
+        embeds = self.embed(pixels, id_embeds)
         if prompt_embeds is None:
             return embeds
+        embeds = embeds.reshape(-1, embeds.shape[-1])
         fused = self.fuse_module(prompt_embeds[rows, tokens], embeds)
         return prompt_embeds.index_put((rows, tokens), fused.to(prompt_embeds.dtype))
 

@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from limner.encoders.faces import FaceAnalysis, reference_face
 from limner.errors import LimnerError
@@ -54,6 +55,15 @@ def id_crops(
 ) -> tuple[list[np.ndarray | None], list[str]]:
     """Each picture's face crop, and notes for pictures with several faces (the largest taken). strict: a picture
     with no face is an error naming it (encoding); otherwise its crop is None (training skips it)."""
+    crops, _, notes = id_faces(images, names, analysis, scale, strict)
+    return crops, notes
+
+
+def id_faces(
+    images: list[np.ndarray], names: list[str], analysis: FaceAnalysis, scale: float, strict: bool = True
+) -> tuple[list[np.ndarray | None], list[torch.Tensor | None], list[str]]:
+    """id_crops with the face's identity embedding beside each crop (PhotoMaker v2 reads both), from the same face:
+    the largest the analysis found (None beside a None crop)."""
     for image, name in zip(images, names):
         a = np.asarray(image)
         if a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8:
@@ -61,16 +71,19 @@ def id_crops(
         if min(a.shape[:2]) < MIN_SIDE:
             raise LimnerError(f"{name} is {a.shape[1]}x{a.shape[0]} px; give a photo of the person's face")
     crops: list[np.ndarray | None] = []
+    embeddings: list[torch.Tensor | None] = []
     notes: list[str] = []
     for image, faces, name in zip(images, analysis.analyse(list(images)), names):
         if not faces and not strict:
             crops.append(None)
+            embeddings.append(None)
             continue
         face, note = reference_face(faces, name)
         if note:
             notes.append(note)
         crops.append(face_square(np.asarray(image), face.box, scale))
-    return crops, notes
+        embeddings.append(face.embedding.float())
+    return crops, embeddings, notes
 
 
 def warn_notes(notes: list[str]) -> None:

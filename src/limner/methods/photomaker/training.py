@@ -4,9 +4,10 @@ Each sample is a picture of one person, its caption with the trigger written aft
 `max_references` other pictures of that person (other context, pose, scale and clothes: the world's identity
 stream, `limner.data.open_stream("world", pair="view", subjects="characters", clothes="vary")`, with further views
 from `more_views`). Each reference's face crop (found by the face analysis, as at encode time) goes through the ID
-encoder; the class token, repeated once per reference, takes one fused embedding each; the UNet (a LoRA on every
+encoder (v2: with the face's identity embedding from the same analysis); the class token, repeated once per
+reference (v2: twice), takes one fused embedding each; the UNet (a LoRA on every
 attention projection) denoises the picture from that. What trains: the LoRA, the image encoder's last layers, the
-projections and the fuse module.
+projections (v1) or the face perceiver (v2), and the fuse module.
 
     L = || eps - eps_theta(z_t, t, s*) ||^2,   inside the person's mask with probability 0.5 (the masked
                                                diffusion loss: the background of a training picture is not part
@@ -30,7 +31,7 @@ from limner.errors import LimnerError
 from limner.images import to_unit_range
 from limner.methods.photomaker.id_encoder import pixels_of
 from limner.methods.photomaker.prompts import stacked_token_ids
-from limner.methods.photomaker.references import id_crops
+from limner.methods.photomaker.references import id_faces
 from limner.methods.photomaker.weights import LORA_NAME, LORA_TARGETS
 from limner.training import TrainingTask, noise_scheduler
 from limner.training.conditioning import PromptEncoder
@@ -60,9 +61,10 @@ class IDBatches:
     sample), their face crops preprocessed for the ID encoder, captions with the trigger, the class token stacked
     once per reference. Unconditioned samples (probability `uncondition_prob`) have an empty caption and no ID."""
 
-    def __init__(self, stream: Any, base, analysis, processor, cfg, batch_size: int):
+    def __init__(self, stream: Any, base, analysis, processor, cfg, batch_size: int, tokens_per_image: int = 1):
         self.stream, self.base, self.analysis, self.processor = stream, base, analysis, processor
         self.cfg, self.batch_size = cfg, batch_size
+        self.tokens_per_image = tokens_per_image  # class-token copies a reference fills: v1 1, v2 2
         self.prompts = PromptEncoder(base.pipe, base.resolution)
         self.iterator = None  # made at the first batch: after the loop has put a resumed stream back where it was
         self.skipped: dict[str, int] = {}
@@ -88,7 +90,7 @@ class IDBatches:
         if self.iterator is None:
             self.iterator = iter(self.stream)
         resolution, trigger = self.base.resolution, self.cfg.trigger
-        images, ids, masks, crops, rows, tokens = [], [], [], [], [], []
+        images, ids, masks, crops, faces, rows, tokens = [], [], [], [], [], [], []
         while len(images) < self.batch_size:
             k = getattr(self.stream, "k", 0)
             sample = next(self.iterator)
@@ -97,18 +99,19 @@ class IDBatches:
             noun = class_of(sample)
             caption = None if uncond or noun is None else with_trigger(sample.text, noun, trigger)
             if uncond:
-                sample_ids, positions, found = self.prompts.tokenize([""]), [], []
+                sample_ids, positions, found, embeddings = self.prompts.tokenize([""]), [], [], []
             else:
                 if caption is None:
                     self._skip("caption names no class word")
                     continue
                 refs = self._references(sample, k, count)
-                found = [c for c in id_crops(refs, [""] * len(refs), self.analysis, self.cfg.crop_scale, False)[0]]
+                found, embeddings, _ = id_faces(refs, [""] * len(refs), self.analysis, self.cfg.crop_scale, False)
+                embeddings = [e for e in embeddings if e is not None]
                 found = [c for c in found if c is not None]
                 if not found:
                     self._skip("no face found in the references")
                     continue
-                sample_ids, positions = self._stacked(caption, len(found))
+                sample_ids, positions = self._stacked(caption, len(found) * self.tokens_per_image)
             self.in_a_row = 0
             b = len(images)
             images.append(fit_square(np.asarray(sample.image), resolution))
@@ -116,12 +119,14 @@ class IDBatches:
             mask = sample.mask if sample.mask is not None else np.ones(np.asarray(sample.image).shape[:2], bool)
             masks.append(mask if mask.shape == (resolution,) * 2 else square_mask(mask, resolution))
             crops += found
+            faces += embeddings
             rows += [b] * len(positions)
             tokens += positions
         return {
             "images": to_unit_range(np.stack(images)),
             "input_ids": torch.cat(ids),
             "pixels": pixels_of(self.processor, crops) if crops else None,
+            "id_embeds": torch.stack(faces) if faces and self.tokens_per_image > 1 else None,
             "rows": torch.tensor(rows, dtype=torch.long),
             "tokens": torch.tensor(tokens, dtype=torch.long),
             "mask": torch.from_numpy(np.stack(masks))[:, None].float(),
@@ -203,7 +208,9 @@ class Pretraining(TrainingTask):
         if batch["pixels"] is not None:
             pixels = batch["pixels"].to(device, next(self.id_encoder.parameters()).dtype)
             rows, tokens = batch["rows"].to(device), batch["tokens"].to(device)
-            cond = self.wrapped["id_encoder"](pixels, text, rows, tokens)
+            id_embeds = batch.get("id_embeds")
+            id_embeds = id_embeds.to(device) if id_embeds is not None else None
+            cond = self.wrapped["id_encoder"](pixels, text, rows, tokens, id_embeds)
         else:  # every sample of the batch unconditioned
             cond = text
         masked = torch.rand(1, generator=generator).item() < self.cfg.mask_loss_prob
