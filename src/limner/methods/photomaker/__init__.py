@@ -443,7 +443,8 @@ class PhotoMaker(AdapterMethod):
             raise LimnerError(
                 f"PhotoMaker v2 adapter {weights_path(adapter)} reads {encoder.id_embeddings_dim}-wide face "
                 f"embeddings; the face analysis gives {id_embeds.shape[1]}-wide ones: use the analyser it was made "
-                "with (--faces DIR: insightface's antelopev2 for the official file; none: the world's)"
+                "with (--faces DIR: an insightface pack for the official file, whose scripts use insightface's "
+                "default buffalo_l; none: the world's analyser)"
             )
         with torch.no_grad():  # v1: [N, d], one per image; v2: [N, 2, d], two tokens an image
             embeds = encoder.embed(pixels, id_embeds).float().cpu()
