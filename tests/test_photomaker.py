@@ -462,3 +462,18 @@ def test_v2_pretrains_its_perceiver_and_writes_the_official_v2_layout(world, tmp
     assert manifest["variant"] == "v2" and "qformer_perceiver." in manifest["trained"]
     concept = method.personalize(world, person("eve", 1), tmp_path / "eve", adapter=out)
     assert load_file(str(concept / EMBEDS))["id_embeds"].shape == (1, 2, 256)
+
+
+def test_v2_identity_mixing_shares_whole_images_of_two_tokens(world, official_v2, tmp_path):
+    """Weight 2:1 over one photo each: each person keeps their image's two tokens (shared by tokens, ada would
+    take 3 of 4 copies, one of them half an image)."""
+    folder, _ = official_v2
+    method, adapter = get_method("photomaker"), folder / "photomaker-v2.safetensors"
+    ada = method.personalize(world, person("ada", 1), tmp_path / "ada", adapter=adapter, weight=2.0)
+    eve = method.personalize(world, person("eve", 1), tmp_path / "eve", adapter=adapter)
+    a, e = (load_file(str(c / EMBEDS))["id_embeds"] for c in (ada, eve))
+    with apply_concepts(world, [ada, eve]) as applied:
+        installed = applied.groups[0][0]
+        mixed = installed.condition(world, [ada, eve], PROMPT)["prompt_embeds"]
+        stack = torch.cat([a[0], e[0]])  # [4, d]: ada's two tokens, then eve's
+        assert torch.equal(mixed, installed.fused_prompt(world, PROMPT, stack, "img")["prompt_embeds"])
