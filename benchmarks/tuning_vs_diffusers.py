@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "src"))
 SUBJECT = "spot_dog"
 CLASS_NOUN = "dog"
 SHORT, LONG = 50, 250  # steps of the two timing runs
-REPEATS = 2  # the long timing run twice, alternating tools; the faster of the two counts
+REPEATS = 2  # each timing run twice (--repeats), alternating tools; the fastest of each kind counts
 BATCH, RES = 4, 64
 METHODS = ("textual_inversion", "dreambooth", "dreambooth_lora", "custom_diffusion")
 SCRIPTS = {
@@ -426,6 +426,7 @@ def main() -> None:
         "keep the recorded fidelity rows as they are (for a change that leaves what limner learns bit for bit the "
         "same: benchmarks/behaviour_fingerprint.py)",
     )
+    ap.add_argument("--repeats", type=int, default=REPEATS, help="runs of each identical-settings timing, per tool")
     ap.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     refs = args.work / "references"
@@ -461,8 +462,9 @@ def main() -> None:
 
     for method in args.methods:
         work = args.work / method
-        for rep in range(REPEATS):
-            for steps in (SHORT, LONG) if rep == 0 else (LONG,):
+        for rep in range(args.repeats):
+            # both lengths every time: one slow short run alone moved a ratio by ~0.3
+            for steps in (SHORT, LONG):
                 lim, dif = same_settings_args(method, steps)
                 for tool, cmd in (
                     ("limner", limner_cmd(method, str(refs), work / f"limner-{steps}", *lim)),
@@ -693,7 +695,7 @@ def report(results: dict, out: Path) -> None:
         )
     note = (
         f"\nWorld base `{results.get('base_fingerprint', 'unrecorded')}`, subject `{SUBJECT}`; identical settings: batch {BATCH}, {RES} px, constant LR, s/step = (wall({LONG} steps) - "
-        f"wall({SHORT} steps)) / {LONG - SHORT}, each wall time the fastest of its runs (2-3). Recipes: diffusers' README settings at {RES} px; limner's defaults. Fidelity: "
+        f"wall({SHORT} steps)) / {LONG - SHORT}, each wall time the fastest of its runs. Recipes: diffusers' README settings at {RES} px; limner's defaults. Fidelity: "
         f"world-bench subject fidelity of the finished artifact (16 prompts x {SCORE_IMAGES} images, `limner eval`). Wall time: the whole "
         "training process, class images included. Peak memory: the largest max RSS of the training process over the "
         "identical-settings runs started from a small parent process (* where only runs under an earlier version of this script, "
