@@ -52,6 +52,7 @@ from torch import nn
 
 from limner.errors import LimnerError
 from limner.io import pickle_opt_in
+from limner.models.saving import diffusers_quiet
 
 if TYPE_CHECKING:
     from diffusers import ControlNetModel, UNet2DConditionModel
@@ -251,9 +252,19 @@ def save_controlnet(controlnet: nn.Module, folder: str | Path, dtype: torch.dtyp
     """The ControlNet in diffusers' layout (safetensors, `dtype`), written beside `folder` and renamed into place, so
     an interrupted write leaves no folder that passes for a ControlNet."""
     folder = Path(folder)
+    tmp = _fresh_tmp(folder)
+    _moved(copy.deepcopy(controlnet), "cpu", dtype).save_pretrained(tmp, safe_serialization=True)
+    _swap_in(tmp, folder)
+
+
+def _fresh_tmp(folder: Path) -> Path:
+    """The empty side folder a ControlNet folder is written into before `_swap_in` renames it into place."""
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    _moved(copy.deepcopy(controlnet), "cpu", dtype).save_pretrained(tmp, safe_serialization=True)
+    return tmp
+
+
+def _swap_in(tmp: Path, folder: Path) -> None:
     if folder.exists():
         shutil.rmtree(folder)
     tmp.rename(folder)
@@ -354,17 +365,14 @@ def save_controlnet_delta(
 
     folder = Path(folder)
     tensors, metadata = controlnet_delta(getattr(controlnet, "module", controlnet), unet, rank, energy)
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = _fresh_tmp(folder)
     tmp.mkdir(parents=True)
     getattr(controlnet, "module", controlnet).save_config(tmp)
     config = json.loads((tmp / "config.json").read_text())
     config.pop("_name_or_path", None)  # where it was read from: a local path, no part of the model
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     save_file(tensors, str(tmp / DELTA_WEIGHTS), metadata=metadata)
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
+    _swap_in(tmp, folder)
     return metadata
 
 
@@ -406,11 +414,8 @@ def materialise_controlnet(folder: str | Path, unet: UNet2DConditionModel) -> Co
             f"{metadata.get('unet_fingerprint')}, this base's {found}): use it with the base it was made from, or "
             "give a full ControlNet folder (diffusers' layout)"
         )
-    _silenced = _quiet_diffusers()
-    try:
+    with diffusers_quiet():
         controlnet = ControlNetModel.from_config(config)
-    finally:
-        _silenced()
     state = {}
     for name, current in controlnet.state_dict().items():
         if name in stored:
@@ -425,16 +430,6 @@ def materialise_controlnet(folder: str | Path, unet: UNet2DConditionModel) -> Co
         raise LimnerError(f"{path} holds {sorted(extra)[0]}, which {config.get('_class_name')} has not")
     controlnet.load_state_dict(state)
     return controlnet
-
-
-def _quiet_diffusers() -> Callable[[], None]:
-    """diffusers' info-level notes off while a ControlNet is built; returns the function that restores them."""
-    import logging
-
-    log = logging.getLogger("diffusers")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    return lambda: log.setLevel(level)
 
 
 # ---------------------------------------------------------------------------------------------------------------
