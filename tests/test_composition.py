@@ -4,6 +4,7 @@ Diffusion concepts together, and each concept acting only in the regions whose p
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,3 +152,43 @@ def test_generate_composes_concepts_per_region_from_the_command_line(tiny_base, 
     )
     r = generate("a sks ball", full, full, out="o3", regions=False)
     assert r.exit_code == 2 and "replaces the whole UNet" in r.output
+
+
+def test_a_users_own_lora_keeps_acting_at_its_weight_beside_lora_concepts_and_their_regions(tiny_base, tmp_path):
+    """A LoRA the user loaded into the pipeline (at weight 0.5) is neither reset to 1 nor switched off by a LoRA
+    concept installed beside it, in any region's window, nor when the concept is taken away."""
+    from limner.conditioning import apply_concepts
+    from limner.methods.dreambooth import LORA_FILE
+
+    train = TrainConfig(max_steps=3, batch_size=2, learning_rate=5e-2, checkpoint_every=0)
+    mine, concept = (
+        lora_concept(tiny_base, tmp_path / n, n, w, o, train)
+        for n, w, o in [("blob", "sks", "ball"), ("cube", "zwx", "box")]
+    )
+    g = torch.Generator().manual_seed(0)
+    x, t, text = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([500]), torch.randn(1, 77, 32, generator=g)
+
+    def with_mine(*also: tuple[Path, str]):
+        base = load_base(str(tiny_base), device="cpu")
+        for folder, name in [(mine, "mine"), *also]:
+            base.pipe.load_lora_weights(str(folder), weight_name=LORA_FILE, adapter_name=name)
+        base.pipe.set_adapters(["mine", *(n for _, n in also)], [0.5, *(1.0 for _ in also)])
+        return base
+
+    def unet_output(base) -> torch.Tensor:
+        with torch.no_grad():
+            return base.pipe.unet(x, t, encoder_hidden_states=text).sample
+
+    mine_alone, mine_and_concept = unet_output(with_mine()), unet_output(with_mine((concept, "other")))
+    assert (mine_and_concept - mine_alone).abs().max() > 1e-4
+    base = with_mine()
+    with apply_concepts(base, [concept]):
+        assert torch.allclose(unet_output(base), mine_and_concept, atol=1e-5), "the user's weight kept"
+    assert torch.allclose(unet_output(base), mine_alone, atol=1e-5), "the user's LoRA as it was"
+    with apply_concepts(base, [concept], ["a zwx box", "a tree"]) as applied:
+        use_window = applied.condition("", 2).before_window
+        for i, want in enumerate((mine_and_concept, mine_alone)):
+            use_window(i)
+            assert torch.allclose(unet_output(base), want, atol=1e-5), f"window {i}"
+        use_window(None)
+        assert torch.allclose(unet_output(base), mine_and_concept, atol=1e-5)

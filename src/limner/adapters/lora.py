@@ -84,17 +84,23 @@ def to_kohya(diffusers_state: dict[str, torch.Tensor], alpha: float) -> dict[str
 
 
 def adapters_per_window(unet: torch.nn.Module, adapters: list[str], weights: list[list[float]]) -> WindowHook:
-    """A hook that gives adapter j weight `weights[i][j]` in window i, and every adapter weight 1 again
-    with None. Only the UNet's adapters switch: the regions' text is encoded once, before denoising."""
-    everywhere = [1.0] * len(adapters)
-    active = everywhere
+    """A hook that gives adapter j `weights[i][j]` times its weight in window i, and with None the weights it had
+    when the first window began. Only these adapters' scales change: every other adapter (a user's own LoRA, another
+    method's) stays active at its weight. Only the UNet's adapters switch: the regions' text is encoded once, before
+    denoising."""
+    start: dict[tuple[torch.nn.Module, str], float] | None = None  # (layer, adapter) -> scale before window 0
 
     def use_window(i: int | None) -> None:
-        nonlocal active
-        want = everywhere if i is None else weights[i]
-        if want != active:
-            unet.set_adapters(adapters, weights=want)
-            active = want
+        nonlocal start
+        if start is None:
+            if i is None:
+                return
+            layers = tuner_layers(unet)
+            start = {(layer, a): layer.scaling[a] for layer in layers for a in adapters if a in layer.scaling}
+        for (layer, adapter), scale in start.items():
+            layer.scaling[adapter] = scale if i is None else scale * weights[i][adapters.index(adapter)]
+        if i is None:
+            start = None
 
     return use_window
 
@@ -180,13 +186,21 @@ def remove_named_lora(model: torch.nn.Module, name: str) -> None:
     if len(adapters) == 1:
         model.unload_lora()
         return
-    keep = {layer: [a for a in layer.active_adapters if a != name] for layer in tuner_layers(model)}
+    with others_kept_active(model, [name]):
+        model.delete_adapters(name)
+    unwrap_empty_layers(model)
+
+
+@contextmanager
+def others_kept_active(model: torch.nn.Module, leaving: list[str]) -> Iterator[None]:
+    """Around a peft/diffusers call that deletes the adapters `leaving`: afterwards each layer runs what it ran before
+    less those (where a layer's active set empties, peft would activate a stand-in adapter that was off there)."""
+    keep = {layer: [a for a in layer.active_adapters if a not in leaving] for layer in tuner_layers(model)}
     with warnings.catch_warnings():  # peft's note that it picked a stand-in adapter: the set is put back below
         warnings.simplefilter("ignore")
-        model.delete_adapters(name)
+        yield
     for layer, active in keep.items():
         set_active(layer, active)
-    unwrap_empty_layers(model)
 
 
 def refuse_second(model: torch.nn.Module, name: str) -> None:

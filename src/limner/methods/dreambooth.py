@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,7 +26,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from limner.adapters.lora import adapters_per_window, add_lora, text_encoder_lora_problem, to_kohya
+from limner.adapters.lora import (
+    adapters_per_window,
+    add_lora,
+    joining_the_active,
+    others_kept_active,
+    text_encoder_lora_problem,
+    to_kohya,
+)
 from limner.concepts import read_manifest
 from limner.errors import LimnerError
 from limner.io import cache_dir, check_safetensors, check_weight_files, child, written_atomically
@@ -50,6 +58,7 @@ PIPELINE_DIR = "pipeline"
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 PRIOR_MODES = ("none", "class_images", "frozen")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # the pipeline attributes a text-encoder LoRA goes into
 
 
 def default_train_config(lora: bool) -> TrainConfig:
@@ -458,11 +467,17 @@ class DreamBooth(TuningMethod):
         if not loras:
             return installation
         names = [adapter_name(c, m) for c, m in loras]
-        for (concept, _), name in zip(loras, names):
-            # diffusers' own loader, with an adapter name per concept so several LoRAs compose
+        for (concept, m), name in zip(loras, names):
+            # diffusers' own loader, with an adapter name per concept so several LoRAs compose; it makes the new
+            # adapter the only active one, so each model joins it to the adapters it ran (at their weights)
             check_safetensors(Path(concept) / LORA_FILE)  # a damaged file named, not a traceback from the loader
-            base.pipe.load_lora_weights(str(concept), weight_name=LORA_FILE, adapter_name=name)
-        base.pipe.set_adapters(list(dict.fromkeys(base.pipe.get_active_adapters() + names)))
+            models = [base.pipe.unet]
+            if m.get("config", {}).get("train_text_encoder"):
+                models += [te for n in TEXT_ENCODERS if (te := getattr(base.pipe, n, None)) is not None]
+            with ExitStack() as joining:
+                for model in models:
+                    joining.enter_context(joining_the_active(model, name))
+                base.pipe.load_lora_weights(str(concept), weight_name=LORA_FILE, adapter_name=name)
         installation.undo.append(lambda: remove_adapters(base.pipe, names))
         if regions:
             # each LoRA acts in the UNet only in the windows whose prompt names its identifier, so one
@@ -490,7 +505,7 @@ def install_full(base: Base, concept: Path, manifest: dict) -> Callable[[], None
 
     pipe = base.pipe
     names = ["unet"] + (
-        [n for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None]
+        [n for n in TEXT_ENCODERS if getattr(pipe, n, None) is not None]
         if manifest["config"].get("train_text_encoder")
         else []
     )
@@ -512,7 +527,8 @@ def install_full(base: Base, concept: Path, manifest: dict) -> Callable[[], None
 
 def remove_adapters(pipe: Any, names: list[str]) -> None:
     """Deletes the named LoRA adapters; once none is left, peft's wrappers go too, so the base runs as it did."""
-    pipe.delete_adapters(names)
+    with others_kept_active(pipe.unet, names):  # a user's own LoRA stays active at its weight
+        pipe.delete_adapters(names)
     if not any(pipe.get_list_adapters().values()):
         pipe.unload_lora_weights()
 
