@@ -73,7 +73,10 @@ class Method(ABC):
     def personalize(
         self, base: Base, subject: Subject | list[Subject], out: Path, *, score: Score | None = None, **overrides: Any
     ) -> Path:
-        """Writes a concept folder for the subject (several, where `capabilities.joint`); returns it."""
+        """Writes a concept folder for the subject (several, where `capabilities.joint`); returns it.
+
+        A tuning method trains on `base` itself (new tokens, LoRA adapters, a fine-tuned UNet stay in it): load
+        a fresh base to draw with the concept, as `limner train`, `eval` and `demo` do."""
 
     @abstractmethod
     def install(self, base: Base, concepts: list[Path], regions: list[str] | None = None) -> Installation:
