@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from limner.encoders import FaceAnalysis, FaceEmbedder, InsightFaceEmbedder, OnnxFaceAnalysis, WorldFaceAnalysis
-from limner.encoders.faces import reference_face
+from limner.encoders.faces import identity_input, reference_face
 from limner.encoders.faces.align import ARCFACE_TEMPLATE, arcface_template, similarity_transform, warp_affine
 from limner.encoders.faces.scrfd import (
     SCRFD_LAYOUTS,
@@ -221,6 +221,10 @@ def test_runner_finds_aligns_and_embeds_every_face_and_the_embedder_takes_the_la
         assert face.crop.shape == (112, 112, 3) and face.mask is None and face.score > 0.99
         expected = _arcface_weight() @ ((face.crop.astype(np.float64) - 127.5) / 127.5).mean((0, 1))
         np.testing.assert_allclose(face.embedding.numpy(), expected / np.linalg.norm(expected), atol=1e-5)
+        # the recogniser's raw output (insightface's `embedding`, what official InstantID and PhotoMaker v2 feed)
+        assert face.raw_norm == pytest.approx(np.linalg.norm(expected), rel=1e-4)
+        np.testing.assert_allclose(identity_input(face, None).numpy(), expected, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(identity_input(face, 3.0).numpy(), 3 * face.embedding.numpy(), rtol=1e-6)
     # the crop is the face aligned onto ArcFace's template: the red square's middle fills its middle
     assert (big.crop[45:70, 45:70] == (255, 0, 0)).all() and big.crop[0, 0].tolist() == [0, 0, 0]
     embedder = InsightFaceEmbedder(models)

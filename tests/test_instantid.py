@@ -422,3 +422,39 @@ def test_a_pickled_controlnet_folder_loads_only_with_allow_pickle(tiny_base, tmp
         load_controlnet(folder, unet)
     with pickles_allowed(True):
         assert load_controlnet(folder, unet) is not None
+
+
+def test_an_official_adapter_reads_the_raw_face_embedding_and_limners_the_norm_it_recorded(
+    adapter, tiny_base, portraits, tmp_path, monkeypatch
+):
+    """Official InstantID feeds insightface's raw `embedding` (norm ~20-30, the recogniser's own), and limner's
+    adapters the unit embedding at the norm their manifest records: with an analyser that knows the raw norm, the
+    official file's concept holds the raw embedding, limner's the same as before."""
+    import dataclasses
+
+    import limner.encoders.faces as faces
+    from limner.encoders.faces import WorldFaceAnalysis
+
+    state = load_file(str(adapter / WEIGHTS))
+    official = tmp_path / "InstantID"
+    official.mkdir()
+    save_file(state, str(official / "ip-adapter.safetensors"))
+    shutil.copytree(adapter / CONTROLNET, official / CONTROLNET)
+    method, base = get_method("instantid"), load_base(str(tiny_base), device="cpu")
+
+    def embedding(folder, out) -> torch.Tensor:
+        concept = method.personalize(base, subject(portraits[:2]), tmp_path / out, adapter=folder)
+        return load_file(str(concept / EMBEDS))["image_embeds"].flatten()
+
+    units = torch.stack([fs[0].embedding for fs in WorldFaceAnalysis().analyse(portraits[:2])])
+    ours_before, width = embedding(adapter, "ours-before"), face_analysis(None).embedding_dim
+    # the world's analyser gives no raw norm: sqrt(width), about a 512-d ArcFace's
+    assert torch.allclose(embedding(official, "official-before"), float(width) ** 0.5 * units.mean(0), atol=1e-5)
+
+    class KnowsRawNorm(WorldFaceAnalysis):
+        def analyse(self, images):
+            return [[dataclasses.replace(f, raw_norm=7.0) for f in fs] for fs in super().analyse(images)]
+
+    monkeypatch.setattr(faces, "face_analysis", lambda folder, device="cpu": KnowsRawNorm())
+    assert torch.allclose(embedding(official, "official"), 7.0 * units.mean(0), atol=1e-5)
+    assert torch.equal(embedding(adapter, "ours"), ours_before)

@@ -430,6 +430,33 @@ def test_v2_reads_each_reference_face_embedding_from_the_face_analysis(world, of
     assert calls == [2] and not torch.allclose(normal, flipped, atol=1e-3)
 
 
+def test_the_official_v2_file_reads_the_raw_face_embedding_as_its_scripts_feed_it(
+    world, official_v2, tmp_path, monkeypatch
+):
+    """photomaker-v2.bin was trained on insightface's raw `embedding` (the official scripts feed faces[0]['embedding'],
+    norm ~20-30): the recogniser's own norm where the analyser gives it, sqrt(width) where it does not."""
+    import dataclasses
+
+    import limner.encoders.faces as faces
+    from limner.encoders.faces import WorldFaceAnalysis
+
+    folder, _ = official_v2
+    method, ada = get_method("photomaker"), person("ada", 2)
+
+    def embeds(norm: float | None, out: str) -> torch.Tensor:
+        class WithNorm(WorldFaceAnalysis):
+            def analyse(self, images):
+                return [[dataclasses.replace(f, raw_norm=norm) for f in fs] for fs in super().analyse(images)]
+
+        monkeypatch.setattr(faces, "face_analysis", lambda folder, device="cpu": WithNorm())
+        concept = method.personalize(world, ada, tmp_path / out, adapter=folder / "photomaker-v2.safetensors")
+        return load_file(str(concept / EMBEDS))["id_embeds"]
+
+    width = WorldFaceAnalysis().embedding_dim
+    unknown, same, other = embeds(None, "a"), embeds(float(width) ** 0.5, "b"), embeds(3.0, "c")
+    assert torch.allclose(unknown, same, atol=1e-5) and not torch.allclose(unknown, other, atol=1e-3)
+
+
 def test_v2_files_that_do_not_fit_are_refused(world, official_v2, tmp_path):
     folder, official = official_v2
     method, ada = get_method("photomaker"), person("ada", 1)

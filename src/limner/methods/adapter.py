@@ -41,6 +41,12 @@ def write_adapter_manifest(out: Path, method: str, base: Base, **fields: Any) ->
     return manifest
 
 
+def made_by_limner(adapter: Path) -> bool:
+    """Whether `adapter` is a folder `limner pretrain` wrote (its adapter.json beside the weights), not a method's
+    official download (a file, or a folder of the official files)."""
+    return Path(adapter).is_dir() and (Path(adapter) / ADAPTER_MANIFEST).is_file()
+
+
 def read_adapter_manifest(folder: Path) -> dict:
     path = Path(folder) / ADAPTER_MANIFEST
     if not path.exists():
@@ -175,7 +181,7 @@ class AdapterMethod(Method):
                 f"{self.name} needs a pretrained adapter for this base: pass --set adapter=DIR (a folder that "
                 f"`limner pretrain --method {self.name}` wrote, or the method's official files)"
             )
-        if self.official_adapter is not None and not (folder.is_dir() and (folder / ADAPTER_MANIFEST).is_file()):
+        if self.official_adapter is not None and not made_by_limner(folder):
             self.check_official_adapter(folder)
             return folder
         manifest = read_adapter_manifest(folder)

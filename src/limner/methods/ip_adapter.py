@@ -80,6 +80,7 @@ from limner.methods.adapter import (
     AdapterMethod,
     encoded_concept_manifest,
     encoded_with,
+    made_by_limner,
     read_adapter_manifest,
     read_reference_files,
     thin_curve,
@@ -829,7 +830,7 @@ class IPAdapter(AdapterMethod):
                 "image_encoder/ beside it), and pass it with --adapter DIR|FILE (limner generate, train and demo; "
                 f"--method {self.name}:adapter=DIR in limner eval and bench)"
             )
-        if path.is_dir() and (path / ADAPTER_MANIFEST).is_file():
+        if made_by_limner(path):
             return super().adapter_for(base, path)
         weights_file(path)  # exists, and is (or holds) one weight file
         return path

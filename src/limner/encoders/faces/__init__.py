@@ -19,7 +19,14 @@ from pathlib import Path
 
 import torch
 
-from limner.encoders.faces.base import Face, FaceAnalysis, FaceEmbeddings, largest_face, reference_face
+from limner.encoders.faces.base import (
+    Face,
+    FaceAnalysis,
+    FaceEmbeddings,
+    identity_input,
+    largest_face,
+    reference_face,
+)
 from limner.encoders.faces.onnx_models import InsightFaceEmbedder, OnnxFaceAnalysis
 from limner.encoders.faces.world import WorldFaceAnalysis
 from limner.images import ImageLike, at_64px
@@ -56,6 +63,7 @@ __all__ = [
     "WorldFaceAnalysis",
     "WorldFaceEmbedder",
     "face_analysis",
+    "identity_input",
     "largest_face",
     "reference_face",
 ]

@@ -3,6 +3,7 @@ per picture."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -23,6 +24,9 @@ class Face:
     mask: np.ndarray | None = None  # [H, W] bool where the person is; None where the backend does not segment
     crop: np.ndarray | None = None  # uint8 [S, S, 3] RGB: the face aligned onto the backend's keypoint template
     score: float = 1.0  # the detector's confidence
+    # the recogniser's own norm of the embedding (insightface's `embedding` is embedding x raw_norm, what official
+    # InstantID and PhotoMaker v2 feed their adapters); None where the backend gives only the unit vector
+    raw_norm: float | None = None
 
     @property
     def area(self) -> float:
@@ -40,6 +44,17 @@ class FaceAnalysis(Protocol):
     def analyse(self, images: list[ImageLike]) -> list[list[Face]]:
         """Per picture, every face found (an empty list where none is)."""
         ...
+
+
+def identity_input(face: Face, norm: float | None) -> torch.Tensor:
+    """The identity embedding as an adapter reads it: the unit embedding times `norm`, what a limner adapter was
+    pretrained on (its manifest records the norm); with norm None, what the official checkpoints were trained on,
+    insightface's raw embedding, whose norm the backend gives (sqrt of the width, about a 512-d ArcFace's ~22,
+    where it gives none)."""
+    unit = face.embedding.float()
+    if norm is None:
+        norm = face.raw_norm if face.raw_norm is not None else math.sqrt(unit.numel())
+    return unit * norm
 
 
 def largest_face(faces: list[Face]) -> Face | None:

@@ -141,22 +141,30 @@ class OnnxFaceAnalysis(FaceEmbeddings):
         outputs = self.detector.run(None, inputs)
         found = decode(outputs, self.layout, canvas.shape[:2], scale, self.threshold, self.nms_threshold)
         crops = [align(image, kps, self.template, self.crop_size)[0] for kps in found.keypoints]
-        embeddings = self.embed_crops(crops)
+        raw = self.raw_embeddings(crops)
         return [
-            Face(box=box, keypoints=kps, embedding=emb, crop=crop, score=float(score))
-            for box, kps, score, crop, emb in zip(found.boxes, found.keypoints, found.scores, crops, embeddings)
+            Face(box=b, keypoints=k, embedding=unit(emb), raw_norm=float(emb.norm()), crop=c, score=float(score))
+            for b, k, score, c, emb in zip(found.boxes, found.keypoints, found.scores, crops, raw)
         ]
 
     def embed_crops(self, crops: list[np.ndarray]) -> list[torch.Tensor]:
-        """ArcFace's L2-normalised embedding of each aligned RGB crop, one crop per run (some exports fix the
-        batch at 1)."""
+        """ArcFace's L2-normalised embedding of each aligned RGB crop."""
+        return [unit(emb) for emb in self.raw_embeddings(crops)]
+
+    def raw_embeddings(self, crops: list[np.ndarray]) -> list[torch.Tensor]:
+        """What the recogniser outputs for each aligned RGB crop (insightface's `embedding`, before its
+        `normed_embedding`), one crop per run (some exports fix the batch at 1)."""
         name = self.recognizer.get_inputs()[0].name
         out = []
         for crop in crops:
             blob = ((crop.astype(np.float32) - self.mean) / self.std).transpose(2, 0, 1)[None]
-            emb = torch.from_numpy(np.asarray(self.recognizer.run(None, {name: blob})[0], np.float32).reshape(-1))
-            out.append(emb / emb.norm().clamp_min(1e-12))
+            output = self.recognizer.run(None, {name: blob})[0]
+            out.append(torch.from_numpy(np.asarray(output, np.float32).reshape(-1)))
         return out
+
+
+def unit(embedding: torch.Tensor) -> torch.Tensor:
+    return embedding / embedding.norm().clamp_min(1e-12)
 
 
 class InsightFaceEmbedder(OnnxFaceAnalysis):

@@ -55,6 +55,7 @@ from limner.methods.adapter import (
     AdapterMethod,
     encoded_concept_manifest,
     encoded_with,
+    made_by_limner,
     read_adapter_manifest,
     read_reference_files,
     thin_curve,
@@ -149,14 +150,13 @@ def pretrain_defaults() -> TrainConfig:
     return TrainConfig(max_steps=1000, batch_size=8, learning_rate=1e-4, weight_decay=0.01, checkpoint_every=250)
 
 
-def embedding_norm(adapter_manifest: dict | None, width: int) -> float:
-    """The norm of the face embedding the adapter's Resampler reads. The official code feeds insightface's raw
-    embedding (norm about 20-25 for antelopev2's 512-d); limner's faces are unit vectors, so they are scaled back to
-    sqrt(width) (22.6 for 512-d), which also keeps the embedding above the Resampler's input bias as it starts to
-    train. An adapter limner pretrained records its norm (one pretrained before the setting existed read unit
-    vectors); an official download is fed at sqrt(width)."""
+def embedding_norm(adapter_manifest: dict | None) -> float | None:
+    """The norm of the face embedding the adapter's Resampler reads (see encoders.faces.identity_input). An adapter
+    limner pretrained records the norm it gave the unit embeddings (one pretrained before the setting existed read
+    unit vectors); an official download (no manifest) reads insightface's raw embedding, as the official code feeds
+    it: None."""
     if adapter_manifest is None:
-        return math.sqrt(width)
+        return None
     return float(adapter_manifest.get("embedding_norm", 1.0))
 
 
@@ -244,7 +244,7 @@ class InstantID(AdapterMethod):
                 "(ip-adapter.bin and ControlNetModel/, for SDXL) and pass the folder with --adapter DIR (with "
                 "--allow-pickle for the .bin)"
             )
-        if path.is_dir() and (path / ADAPTER_MANIFEST).is_file():
+        if made_by_limner(path):
             return super().adapter_for(base, path)
         adapter_files(path)  # the weight file and the IdentityNet folder are there
         return path
@@ -286,7 +286,7 @@ class InstantID(AdapterMethod):
         `pose_image`, written into a concept folder: seconds, no training."""
         from diffusers import ControlNetModel
 
-        from limner.encoders.faces import face_analysis, reference_face
+        from limner.encoders.faces import face_analysis, identity_input, reference_face
 
         t0 = time.perf_counter()
         cfg = with_settings(InstantIDSettings(), settings, self.name)
@@ -313,9 +313,9 @@ class InstantID(AdapterMethod):
                 notes.append(note)
                 warnings.warn(note, stacklevel=2)
             found.append(face)
-        embedding = torch.stack([f.embedding.float() for f in found]).mean(0)  # several references averaged
-        manifest = read_adapter_manifest(adapter) if (adapter / ADAPTER_MANIFEST).is_file() else None
-        embedding = embedding * embedding_norm(manifest, int(faces.embedding_dim))
+        manifest = read_adapter_manifest(adapter) if made_by_limner(adapter) else None
+        norm = embedding_norm(manifest)
+        embedding = torch.stack([identity_input(f, norm) for f in found]).mean(0)  # several references averaged
         if cfg.pose_image is not None:
             pose_picture = read_reference_files([cfg.pose_image])[0]
             pose = pose_from(pose_picture, faces, f"pose image {cfg.pose_image}")

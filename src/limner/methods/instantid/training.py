@@ -32,7 +32,7 @@ from limner.adapters.controlnet import (
     image_token_context,
     install_controlnet,
 )
-from limner.encoders.faces import FaceAnalysis, largest_face
+from limner.encoders.faces import FaceAnalysis, identity_input, largest_face
 from limner.errors import LimnerError
 from limner.images import to_unit_range
 from limner.methods.instantid.pose import fit_points
@@ -210,7 +210,7 @@ def batches(
             images.append(image)
             prompts.append(sample.text)
             kps.append(draw_kps(base.resolution, base.resolution, points, *kps_style))
-            embeddings.append(face.embedding.float() * embedding_norm)
+            embeddings.append(identity_input(face, embedding_norm))
         return {
             "images": to_unit_range(np.stack(images)),
             "prompts": prompts,

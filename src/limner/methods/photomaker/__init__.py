@@ -44,6 +44,7 @@ from limner.methods.adapter import (
     AdapterMethod,
     encoded_concept_manifest,
     encoded_with,
+    made_by_limner,
     read_reference_files,
     thin_curve,
     write_adapter_manifest,
@@ -433,7 +434,10 @@ class PhotoMaker(AdapterMethod):
                 "encoder has qformer_perceiver.*, v1's none): leave variant out or give the other file"
             )
         images, names, notes = stackable_references(subject, variant, cfg.num_references, given_as)
-        crops, faces, found = id_faces(images, names, face_analysis(cfg.faces), cfg.crop_scale)
+        # limner's adapters were pretrained on unit face embeddings, the official photomaker-v2.bin on insightface's
+        # raw ones (its scripts feed faces[0]['embedding']): a file without limner's manifest is an official download
+        norm = 1.0 if made_by_limner(adapter) else None
+        crops, faces, found = id_faces(images, names, face_analysis(cfg.faces), cfg.crop_scale, norm=norm)
         notes += found
         warn_notes(notes)
         encoder = build_id_encoder(base, adapter, weights["id_encoder"], weights_path(adapter))

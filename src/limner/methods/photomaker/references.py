@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from limner.encoders.faces import FaceAnalysis, reference_face
+from limner.encoders.faces import FaceAnalysis, identity_input, reference_face
 from limner.errors import LimnerError
 from limner.io import IMAGE_SUFFIXES
 from limner.subject import Subject
@@ -60,10 +60,16 @@ def id_crops(
 
 
 def id_faces(
-    images: list[np.ndarray], names: list[str], analysis: FaceAnalysis, scale: float, strict: bool = True
+    images: list[np.ndarray],
+    names: list[str],
+    analysis: FaceAnalysis,
+    scale: float,
+    strict: bool = True,
+    norm: float | None = 1.0,
 ) -> tuple[list[np.ndarray | None], list[torch.Tensor | None], list[str]]:
     """id_crops with the face's identity embedding beside each crop (PhotoMaker v2 reads both), from the same face:
-    the largest the analysis found (None beside a None crop)."""
+    the largest the analysis found (None beside a None crop). The embedding has norm `norm`, or is the recogniser's
+    raw one with None (the official v2 checkpoint's input: encoders.faces.identity_input)."""
     for image, name in zip(images, names):
         a = np.asarray(image)
         if a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8:
@@ -82,7 +88,7 @@ def id_faces(
         if note:
             notes.append(note)
         crops.append(face_square(np.asarray(image), face.box, scale))
-        embeddings.append(face.embedding.float())
+        embeddings.append(identity_input(face, norm))
     return crops, embeddings, notes
 
 
