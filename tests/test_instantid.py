@@ -458,3 +458,26 @@ def test_an_official_adapter_reads_the_raw_face_embedding_and_limners_the_norm_i
     monkeypatch.setattr(faces, "face_analysis", lambda folder, device="cpu": KnowsRawNorm())
     assert torch.allclose(embedding(official, "official"), 7.0 * units.mean(0), atol=1e-5)
     assert torch.equal(embedding(adapter, "ours"), ours_before)
+
+
+def test_an_identitynet_outside_the_adapter_is_fingerprinted_with_the_concept(adapter, tiny_base, portraits, tmp_path):
+    """`--set controlnet=DIR`: the concept records the IdentityNet it was encoded with; drawing with it after that
+    folder changed is an error, and eval's cache keys the two folders apart."""
+    external = tmp_path / "identitynet"
+    shutil.copytree(adapter / CONTROLNET, external)
+    method, base = get_method("instantid"), load_base(str(tiny_base), device="cpu")
+    concept = method.personalize(
+        base, subject(portraits[:1]), tmp_path / "c", adapter=adapter, controlnet=str(external)
+    )
+    with apply_concepts(base, [concept]) as applied:
+        draw(base, conditioning=applied.condition("a portrait of a person", 2))
+    before = method.key_inputs({"adapter": adapter, "controlnet": str(external)})
+    (weights,) = external.glob("*.safetensors")
+    state = load_file(str(weights))
+    name = next(iter(state))
+    state[name] = state[name] + 1
+    save_file(state, str(weights))
+    with pytest.raises(LimnerError, match="IdentityNet .* changed since concept"):
+        apply_concepts(base, [concept])
+    assert method.key_inputs({"adapter": adapter, "controlnet": str(external)}) != before
+    assert method.key_inputs({"adapter": adapter}) == {k: v for k, v in before.items() if k != "identitynet"}

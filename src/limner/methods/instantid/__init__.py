@@ -53,6 +53,7 @@ from limner.io import disk_guard, pickle_opt_in, write_json_atomic, written_atom
 from limner.methods.adapter import (
     ADAPTER_MANIFEST,
     AdapterMethod,
+    adapter_fingerprint,
     encoded_concept_manifest,
     encoded_with,
     made_by_limner,
@@ -169,6 +170,12 @@ class InstantID(AdapterMethod):
     capabilities = Capabilities(needs_adapter=True, needs_faces=True)
     config_cls = InstantIDSettings
     call_settings = ("scale", "controlnet_scale")
+
+    def key_inputs(self, overrides: dict) -> dict:
+        inputs = super().key_inputs(overrides)
+        if overrides.get("controlnet"):  # an IdentityNet outside the adapter folder
+            inputs["identitynet"] = adapter_fingerprint(Path(overrides["controlnet"]).expanduser())
+        return inputs
 
     # ---- pretraining -------------------------------------------------------------------------------------------
 
@@ -364,6 +371,9 @@ class InstantID(AdapterMethod):
                 pose=pose,
                 notes=notes,
                 example_prompt=f"a portrait of a {subject.class_noun} on the beach",
+                # the IdentityNet may sit outside the adapter (--set controlnet=DIR, or ControlNetModel/ beside an
+                # official file), where the adapter's fingerprint does not see it
+                identitynet_fingerprint=adapter_fingerprint(adapter_files(adapter, cfg.controlnet)[1]),
             )
             write_concept_manifest(out, manifest)
         return out
@@ -380,6 +390,12 @@ class InstantID(AdapterMethod):
             adapter = encoded_with(concept, manifest)
             config = manifest.get("config", {})
             weights_path, controlnet_path = adapter_files(adapter, config.get("controlnet"))
+            recorded, now = manifest.get("identitynet_fingerprint"), adapter_fingerprint(controlnet_path)
+            if recorded not in (None, now):
+                raise LimnerError(
+                    f"the IdentityNet {controlnet_path} changed since concept {concept} was encoded with it "
+                    f"(fingerprint {recorded}, now {now}); encode it again"
+                )
             weights = read_adapter_weights(weights_path, pickle_opt_in())  # this call's --allow-pickle
             check_fits(unet, weights, weights_path)
             projections.append(load_projection(weights, weights_path))
