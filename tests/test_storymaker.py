@@ -19,7 +19,7 @@ from limner.errors import LimnerError
 from limner.generation import GenerationSettings, generate
 from limner.images import write_png
 from limner.methods import Subject, get_method
-from limner.methods.storymaker import CHARACTERS
+from limner.methods.storymaker import CHARACTERS, WEIGHTS
 from limner.methods.storymaker.data import StoryStream
 from limner.methods.storymaker.projection import (
     CHARACTER_TOKENS,
@@ -262,3 +262,19 @@ def test_the_shipped_world_adapter_is_fp16_official_under_7_mb_and_the_default(b
     manifest = __import__("json").loads((folder / "adapter.json").read_text())
     assert manifest["base_fingerprint"] == base.fingerprint and manifest["data"]["clothes"] == "same"
     assert get_method("storymaker").adapter_for(base, None) == folder
+
+
+def test_pretraining_can_start_from_an_adapters_weights(base, adapter, tmp_path):
+    """`--set init=DIR` continues from an adapter (as diffusers' --pretrained_ip_adapter_path): one step at a
+    vanishing learning rate leaves its weights as they were, where a fresh start does not; an adapter of another
+    shape is refused naming it."""
+    method = get_method("storymaker")
+    start = load_file(str(adapter / WEIGHTS))
+    still = {**QUICK, "learning_rate": 1e-12, "lr_warmup_steps": 0, "seed": 5}
+    continued = load_file(str(method.pretrain(base, "world", tmp_path / "c", init=str(adapter), **still) / WEIGHTS))
+    fresh = load_file(str(method.pretrain(base, "world", tmp_path / "f", **still) / WEIGHTS))
+    assert continued.keys() == start.keys()
+    assert all(torch.allclose(continued[k].float(), start[k].float(), atol=1e-3) for k in start)
+    assert not all(torch.allclose(fresh[k].float(), start[k].float(), atol=1e-3) for k in start)
+    with pytest.raises(LimnerError, match="init=.*lora_rank"):
+        method.pretrain(base, "world", tmp_path / "r", init=str(adapter), lora_rank=4, **still)

@@ -89,6 +89,12 @@ class StoryMakerSettings:
     drop_face: float = setting(0.1, "pretrain: share of characters whose face tokens are zeroed (official 0.1)")
     drop_body: float = setting(0.1, "pretrain: share of characters whose body tokens are zeroed (official 0.1)")
     two_share: float = setting(0.25, "pretrain: share of batches showing two characters side by side")
+    init: str | None = setting(
+        None,
+        "pretrain: start from this adapter's weights (a folder limner pretrained, or the official mask.bin with "
+        "allow_pickle) rather than fresh ones, as diffusers' --pretrained_ip_adapter_path; a resumed run continues "
+        "from its checkpoint",
+    )
 
     def __post_init__(self) -> None:
         for name in ("scale", "lora_scale", "mask_loss_weight", "attention_loss_weight"):
@@ -139,6 +145,13 @@ def _projection(weights: dict, unet: nn.Module, where: Path) -> StoryMakerProjec
     """The adapter's projection, its shape read from the weights (checked against the UNet)."""
     from limner.methods.storymaker.projection import load_official_state
 
+    projection = StoryMakerProjection(projection_shape(weights, unet, where))
+    load_official_state(projection, weights["image_proj"], str(where))
+    return projection.eval()
+
+
+def projection_shape(weights: dict, unet: nn.Module, where: Path) -> ProjectionShape:
+    """The projection's shape, read from an adapter's weights and checked against the UNet."""
     proj = weights["image_proj"]
     cross = int(proj["bg_embed"].shape[-1])
     if cross != int(unet.config.cross_attention_dim):
@@ -146,16 +159,13 @@ def _projection(weights: dict, unet: nn.Module, where: Path) -> StoryMakerProjec
             f"StoryMaker adapter {where} has tokens of width {cross}, this base's cross-attention is "
             f"{unet.config.cross_attention_dim} wide: it was made for another base"
         )
-    shape = ProjectionShape(
+    return ProjectionShape(
         id_dim=int(proj["proj.0.weight"].shape[1]),
         clip_dim=int(proj["perceiver_resampler.proj_in.weight"].shape[1]),
         cross_dim=cross,
         face_depth=len({k.split(".")[2] for k in proj if k.startswith("perceiver_resampler.layers.")}),
         resampler_dim=int(proj["resample.proj_in.weight"].shape[0]),
     )
-    projection = StoryMakerProjection(shape)
-    load_official_state(projection, proj, str(where))
-    return projection.eval()
 
 
 @register
@@ -196,7 +206,10 @@ class StoryMaker(AdapterMethod):
             face_depth=int(cfg.face_depth),
             resampler_dim=int(cfg.resampler_dim),
         )
+        start = self._starting_weights(base, cfg, shape)
         task = Pretraining(base, encoder, shape, cfg, train_cfg)
+        if start is not None:
+            task.start_from(start, cfg.init)
         t0 = time.perf_counter()
         try:
             size = int(encoder.model.config.image_size)
@@ -212,6 +225,25 @@ class StoryMaker(AdapterMethod):
             if batches.skipped:
                 _note(f"{batches.skipped} samples skipped in pretraining: no face found in a reference")
         return out
+
+    @staticmethod
+    def _starting_weights(base: Base, cfg: StoryMakerSettings, shape: ProjectionShape) -> dict | None:
+        """With `init`, the adapter's weights to start from, checked to be the shape these settings train."""
+        if cfg.init is None:
+            return None
+        from limner.methods.storymaker.weights import lora_peft_state
+
+        where = Path(cfg.init).expanduser()
+        weights = read_weights(where, cfg.allow_pickle or pickle_opt_in())
+        found = projection_shape(weights, base.pipe.unet, where)
+        _, rank = lora_peft_state(base.pipe.unet, weights["ip_adapter"], where)
+        if found != shape or rank != cfg.lora_rank:
+            raise LimnerError(
+                f"init={where}: its projection is {found} with LoRA rank {rank}, these settings train {shape} with "
+                f"rank {cfg.lora_rank}; set face_depth, resampler_dim and lora_rank as it was pretrained (its "
+                "adapter.json records them), and the face analyser and image encoder it read"
+            )
+        return weights
 
     @staticmethod
     def _open_data(data: Any, base: Base, cfg: StoryMakerSettings, train_cfg) -> Any:

@@ -37,7 +37,7 @@ from limner.data.sample import square_mask
 from limner.images import to_unit_range
 from limner.methods.storymaker.characters import character_pictures, squeezed
 from limner.methods.storymaker.projection import CHARACTER_TOKENS, StoryMakerProjection
-from limner.methods.storymaker.weights import LORA_NAME, add_lora, lora_official_state
+from limner.methods.storymaker.weights import LORA_NAME, add_lora, ip_entries, lora_official_state, lora_peft_state
 from limner.training import TrainingTask, noise_scheduler
 from limner.training.data import fit_square
 
@@ -239,6 +239,19 @@ class Pretraining(TrainingTask):
         self.projection.load_state_dict(
             {k.removeprefix("projection."): v for k, v in state.items() if k.startswith("projection.")}
         )
+
+    def start_from(self, weights: dict[str, dict[str, torch.Tensor]], where: str) -> None:
+        """An adapter's weights (official layout, its shape checked by the caller) as the starting point instead of
+        fresh ones: the LoRA, the image keys and values, the projection."""
+        from peft import set_peft_model_state_dict
+
+        from limner.adapters import load_ip_state_dict
+        from limner.methods.storymaker.projection import load_official_state
+
+        state, _ = lora_peft_state(self.unet, weights["ip_adapter"], where)
+        set_peft_model_state_dict(self.unet, state, adapter_name=LORA_NAME)
+        load_ip_state_dict(self.unet, {"ip_adapter": ip_entries(weights["ip_adapter"])})
+        load_official_state(self.projection, weights["image_proj"], str(where))
 
     def official_lora(self) -> dict[str, torch.Tensor]:
         return lora_official_state(self.unet)

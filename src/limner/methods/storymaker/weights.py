@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from limner.adapters.lora import add_named_lora, load_named_lora, remove_named_lora
+from limner.adapters.lora import add_named_lora, load_named_lora
 from limner.errors import LimnerError
 from limner.io import PICKLE_SUFFIXES, read_tensors, written_atomically
 
@@ -121,9 +121,22 @@ def lora_official_state(unet: nn.Module) -> dict[str, torch.Tensor]:
 def load_lora(unet: nn.Module, ip_adapter: dict[str, torch.Tensor], where: Path | str) -> None:
     """Adds the LoRA (its rank read from the file) and loads the official `{i}.to_*_lora.*` weights; every
     module's pair must be there."""
+    state, rank = lora_peft_state(unet, ip_adapter, where)
+    problems = load_named_lora(unet, LORA_NAME, state, rank, rank, lora_targets())
+    if problems:
+        raise LimnerError(f"StoryMaker adapter {where}: {'; '.join(problems)}; it was made for another base")
+
+
+def lora_peft_state(
+    unet: nn.Module, ip_adapter: dict[str, torch.Tensor], where: Path | str
+) -> tuple[dict[str, torch.Tensor], int]:
+    """The official `{i}.to_*_lora.*` weights under peft's names for this UNet, and their rank; a file without a
+    pair for every attention projection is refused."""
     names = {i: module for module, i in processor_index(unet).items()}
     lora = {k: v for k, v in ip_adapter.items() if _OFFICIAL_KEY.fullmatch(k)}
-    rank = int(next(v for k, v in lora.items() if k.endswith("down.weight")).shape[0])
+    downs = [v for k, v in lora.items() if k.endswith("down.weight")]
+    if not downs:
+        raise LimnerError(f"StoryMaker adapter {where} holds no LoRA weights (ip_adapter.{{i}}.to_q_lora.down...)")
     back = {v: k for k, v in _OFFICIAL_PROJ.items()}
     state = {}
     for key, value in lora.items():
@@ -131,12 +144,12 @@ def load_lora(unet: nn.Module, ip_adapter: dict[str, torch.Tensor], where: Path 
         if int(i) not in names:
             raise LimnerError(f"StoryMaker adapter {where}: LoRA for attention {i}, which this UNet lacks")
         state[f"{names[int(i)]}.{back[proj]}.lora_{'A' if part == 'down' else 'B'}.weight"] = value
-    problems = load_named_lora(unet, LORA_NAME, state, rank, rank, lora_targets())
-    if not problems and len(state) != 2 * len(LORA_TARGETS) * len(names):
-        remove_named_lora(unet, LORA_NAME)
-        problems = [f"LoRA weights for {len(state) // 2} of the UNet's {len(LORA_TARGETS) * len(names)} projections"]
-    if problems:
-        raise LimnerError(f"StoryMaker adapter {where}: {'; '.join(problems)}; it was made for another base")
+    if len(state) != 2 * len(LORA_TARGETS) * len(names):
+        raise LimnerError(
+            f"StoryMaker adapter {where}: LoRA weights for {len(state) // 2} of the UNet's "
+            f"{len(LORA_TARGETS) * len(names)} projections; it was made for another base"
+        )
+    return state, int(downs[0].shape[0])
 
 
 def ip_entries(ip_adapter: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
