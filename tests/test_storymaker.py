@@ -271,7 +271,10 @@ def test_pretraining_can_start_from_an_adapters_weights(base, adapter, tmp_path)
     method = get_method("storymaker")
     start = load_file(str(adapter / WEIGHTS))
     still = {**QUICK, "learning_rate": 1e-12, "lr_warmup_steps": 0, "seed": 5}
-    continued = load_file(str(method.pretrain(base, "world", tmp_path / "c", init=str(adapter), **still) / WEIGHTS))
+    folder = method.pretrain(base, "world", tmp_path / "c", init=str(adapter), **still)
+    continued = load_file(str(folder / WEIGHTS))
+    record = __import__("json").loads((folder / "adapter.json").read_text())["started_from"]
+    assert record["path"] == str(adapter) and record["steps"] == 1 and record["started_from"] is None
     fresh = load_file(str(method.pretrain(base, "world", tmp_path / "f", **still) / WEIGHTS))
     assert continued.keys() == start.keys()
     assert all(torch.allclose(continued[k].float(), start[k].float(), atol=1e-3) for k in start)

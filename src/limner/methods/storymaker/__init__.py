@@ -150,6 +150,23 @@ def _projection(weights: dict, unet: nn.Module, where: Path) -> StoryMakerProjec
     return projection.eval()
 
 
+def started_from(init: str | None) -> dict | None:
+    """What a continued pretraining started from, for its adapter.json: the adapter by fingerprint, and where that
+    was itself pretrained by limner, its steps, times, seed and settings, and what it started from in turn (so the
+    record names every stage that made the weights); an official file: its path and fingerprint."""
+    if init is None:
+        return None
+    from limner.methods.adapter import adapter_fingerprint, made_by_limner, read_adapter_manifest
+
+    where = Path(init).expanduser()
+    record = {"path": str(where), "fingerprint": adapter_fingerprint(where)}
+    if made_by_limner(where):
+        manifest = read_adapter_manifest(where)
+        kept = ("steps", "seconds", "wall_seconds", "settings", "train", "started_from")
+        record |= {k: manifest.get(k) for k in kept}
+    return record
+
+
 def projection_shape(weights: dict, unet: nn.Module, where: Path) -> ProjectionShape:
     """The projection's shape, read from an adapter's weights and checked against the UNet."""
     proj = weights["image_proj"]
@@ -304,6 +321,7 @@ class StoryMaker(AdapterMethod):
                 settings=asdict(cfg),
                 train=asdict(train_cfg),
                 num_processes=log.num_processes,
+                started_from=started_from(cfg.init),
             )
 
     # ---- adapters ----------------------------------------------------------------------------------------------
