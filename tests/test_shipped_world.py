@@ -178,3 +178,17 @@ def test_the_shipped_adapter_draws_the_subject_more_than_the_adapter_off(tmp_pat
     record = run_demo(tmp_path / "demo", method_name="ip_adapter", images_per_prompt=2, device="cpu")
     on, off = (record["scores"][k]["subject_fidelity"] for k in ("personalized", "base_class_prompt"))
     assert record["encoded"] and on > off + 0.1, (on, off)
+
+
+def test_an_identity_methods_demo_draws_a_held_out_person_more_like_them_than_the_base(tmp_path):
+    """`limner demo --method storymaker` with no --subject personalizes a held-out person (not the object the other
+    methods default to), and the shipped adapter's portraits read nearer that person than the base's; an object
+    subject for an identity method is refused naming the people; a `world:` prefix is taken as written."""
+    from limner.demo import run_demo
+    from limner.errors import LimnerError
+
+    record = run_demo(tmp_path / "demo", method_name="storymaker", images_per_prompt=2, device="cpu")
+    on, off = (record["scores"][k]["subject_fidelity"] for k in ("personalized", "base_class_prompt"))
+    assert record["subject"] == "ada" and on > off + 0.05, (on, off)
+    with pytest.raises(LimnerError, match="storymaker personalizes a person; .*ada, ben"):
+        run_demo(tmp_path / "object", subject_name="world:duo_ball", method_name="storymaker", device="cpu")

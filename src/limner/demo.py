@@ -19,6 +19,7 @@ from limner.io import write_json_atomic
 # (docs/world-bench/results.md), for half its default 300 steps (duo_ball: subject fidelity 0.999 against
 # 0.975 at 300, in 139 s of training against 325 s on a slow 2-core machine: within the demo's 5 minutes)
 DEFAULT_METHOD, DEFAULT_METHOD_STEPS = "dreambooth", 150
+DEFAULT_SUBJECT, DEFAULT_PERSON = "duo_ball", "ada"  # an identity method's demo draws a held-out person
 
 
 def label_strip(text: str, width: int, height: int = 14) -> Image.Image:
@@ -46,7 +47,7 @@ def new_contexts(subject, n: int = 4) -> list:
 
 def run_demo(
     out: Path,
-    subject_name: str = "duo_ball",
+    subject_name: str | None = None,
     method_name: str = DEFAULT_METHOD,
     steps: int | None = None,
     images_per_prompt: int = 2,
@@ -67,8 +68,17 @@ def run_demo(
     from limner.models.loading import WORLD_PROBES, load_base
     from limner.world.probes import Probes
 
-    (subject,) = world_subjects(f"world:{subject_name}")
     method = get_method(method_name)
+    person = method.family == "identity"
+    subject_name = (subject_name or (DEFAULT_PERSON if person else DEFAULT_SUBJECT)).removeprefix("world:")
+    (subject,) = world_subjects(f"world:{subject_name}")
+    if person and subject.kind != "identity":
+        from limner.world.heldout import IDENTITIES
+
+        raise LimnerError(
+            f"--subject {subject_name}: {method_name} personalizes a person; give one of the held-out people "
+            f"({', '.join(h.name for h in IDENTITIES)})"
+        )
     overrides: dict = {}
     train_cfg = method.default_train_config()
     if train_cfg is not None:  # checked (--steps 0 refused) before the base loads

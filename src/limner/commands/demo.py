@@ -14,8 +14,13 @@ from limner.commands.options import DeviceOpt, command, echo_notes, output_folde
 @command
 def demo_cmd(
     subject: Annotated[
-        str, typer.Option("--subject", help="A held-out world subject (see `limner world subjects`).")
-    ] = "duo_ball",
+        Optional[str],
+        typer.Option(
+            "--subject",
+            help="A held-out world subject (see `limner world subjects`; default duo_ball, or the person ada for an "
+            "identity method).",
+        ),
+    ] = None,
     method: Annotated[
         Optional[str], typer.Option("--method", help="Default: the best fidelity per minute on the world bench.")
     ] = None,
