@@ -4,6 +4,7 @@ identity mixing, and the references a user can get wrong."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -253,17 +254,28 @@ def official_checkpoint(unet, hidden=64, widths=(32, 32), rank=4, seed=0) -> dic
     return {"id_encoder": enc, "lora_weights": lora}
 
 
+def save_official(official: dict, stem: Path) -> None:
+    """The checkpoint as the official pickled `STEM.bin` and as its safetensors conversion `STEM.safetensors`
+    ({"id_encoder": ..., "lora_weights": ...} flattened to `id_encoder.*` / `lora_weights.*`)."""
+    torch.save(official, stem.with_suffix(".bin"))
+    flat = {f"{part}.{k}": v for part, state in official.items() for k, v in state.items()}
+    save_file(flat, str(stem.with_suffix(".safetensors")))
+
+
+def encoded_from_both(base, stem: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """ada's concept from `STEM.bin` (refused without allow_pickle, read with it) and from `STEM.safetensors`."""
+    method, ada = get_method("photomaker"), person("ada", 2)
+    with pytest.raises(LimnerError, match="pickle"):
+        method.personalize(base, ada, tmp_path / "refused", adapter=stem.with_suffix(".bin"))
+    pickled = method.personalize(base, ada, tmp_path / "c", adapter=stem.with_suffix(".bin"), allow_pickle=True)
+    return pickled, method.personalize(base, ada, tmp_path / "c2", adapter=stem.with_suffix(".safetensors"))
+
+
 def test_the_official_checkpoint_runs_on_an_sdxl_folder(tiny_sdxl, world, tmp_path):
     base = load_base(str(tiny_sdxl), device="cpu")
     official = official_checkpoint(base.pipe.unet)
-    torch.save(official, tmp_path / "photomaker-v1.bin")
-    flat = {f"{part}.{k}": v for part, state in official.items() for k, v in state.items()}
-    save_file(flat, str(tmp_path / "photomaker-v1.safetensors"))
-    method, ada = get_method("photomaker"), person("ada", 2)
-    with pytest.raises(LimnerError, match="pickle"):
-        method.personalize(base, ada, tmp_path / "refused", adapter=tmp_path / "photomaker-v1.bin")
-    concept = method.personalize(base, ada, tmp_path / "c", adapter=tmp_path / "photomaker-v1.bin", allow_pickle=True)
-    from_safetensors = method.personalize(base, ada, tmp_path / "c2", adapter=tmp_path / "photomaker-v1.safetensors")
+    save_official(official, tmp_path / "photomaker-v1")
+    concept, from_safetensors = encoded_from_both(base, tmp_path / "photomaker-v1", tmp_path)
     embeds = load_file(str(concept / EMBEDS))["id_embeds"]
     assert embeds.shape == (2, 64) and torch.equal(embeds, load_file(str(from_safetensors / EMBEDS))["id_embeds"])
 
@@ -374,19 +386,13 @@ def official_v2(world, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("photomaker-v2")
     official = official_v2_checkpoint(world.pipe.unet, WorldFaceAnalysis().embedding_dim)
-    torch.save(official, folder / "photomaker-v2.bin")
-    flat = {f"{part}.{k}": v for part, state in official.items() for k, v in state.items()}
-    save_file(flat, str(folder / "photomaker-v2.safetensors"))
+    save_official(official, folder / "photomaker-v2")
     return folder, official
 
 
 def test_the_official_v2_checkpoint_runs_on_the_world_two_tokens_an_image(world, official_v2, tmp_path):
     folder, official = official_v2
-    method, ada = get_method("photomaker"), person("ada", 2)
-    with pytest.raises(LimnerError, match="pickle"):
-        method.personalize(world, ada, tmp_path / "refused", adapter=folder / "photomaker-v2.bin")
-    pickled = method.personalize(world, ada, tmp_path / "c", adapter=folder / "photomaker-v2.bin", allow_pickle=True)
-    concept = method.personalize(world, ada, tmp_path / "c2", adapter=folder / "photomaker-v2.safetensors")
+    pickled, concept = encoded_from_both(world, folder / "photomaker-v2", tmp_path)
     embeds = load_file(str(concept / EMBEDS))["id_embeds"]
     assert embeds.shape == (2, 2, 256) and torch.equal(embeds, load_file(str(pickled / EMBEDS))["id_embeds"])
     assert not torch.allclose(embeds[0, 0], embeds[0, 1])  # two tokens, each its own

@@ -329,7 +329,9 @@ class InstantID(AdapterMethod):
         else:
             h, w = np.asarray(images[0]).shape[:2]
             pose = pose_of(found[0].keypoints, w, h, str(sources[0]))
-        return self._write_concept(base, adapter, subject, out, cfg, images, embedding, pose, notes, t0)
+        return self._write_concept(
+            base, adapter, controlnet_path, subject, out, cfg, images, embedding, pose, notes, t0
+        )
 
     def concept_from_files(
         self,
@@ -350,7 +352,7 @@ class InstantID(AdapterMethod):
         )
         return self.personalize(base, subject, Path(out), adapter=adapter, **settings)
 
-    def _write_concept(self, base, adapter, subject, out, cfg, images, embedding, pose, notes, t0) -> Path:
+    def _write_concept(self, base, adapter, controlnet, subject, out, cfg, images, embedding, pose, notes, t0) -> Path:
         from safetensors.torch import save_file
 
         out.mkdir(parents=True, exist_ok=True)
@@ -373,7 +375,7 @@ class InstantID(AdapterMethod):
                 example_prompt=f"a portrait of a {subject.class_noun} on the beach",
                 # the IdentityNet may sit outside the adapter (--set controlnet=DIR, or ControlNetModel/ beside an
                 # official file), where the adapter's fingerprint does not see it
-                identitynet_fingerprint=adapter_fingerprint(adapter_files(adapter, cfg.controlnet)[1]),
+                identitynet_fingerprint=adapter_fingerprint(controlnet),
             )
             write_concept_manifest(out, manifest)
         return out
@@ -390,8 +392,8 @@ class InstantID(AdapterMethod):
             adapter = encoded_with(concept, manifest)
             config = manifest.get("config", {})
             weights_path, controlnet_path = adapter_files(adapter, config.get("controlnet"))
-            recorded, now = manifest.get("identitynet_fingerprint"), adapter_fingerprint(controlnet_path)
-            if recorded not in (None, now):
+            recorded = manifest.get("identitynet_fingerprint")  # None: encoded before concepts recorded it
+            if recorded is not None and recorded != (now := adapter_fingerprint(controlnet_path)):
                 raise LimnerError(
                     f"the IdentityNet {controlnet_path} changed since concept {concept} was encoded with it "
                     f"(fingerprint {recorded}, now {now}); encode it again"

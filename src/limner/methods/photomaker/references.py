@@ -50,15 +50,6 @@ def reference_names(subject: Subject) -> list[str]:
     return [f"subject {subject.name}, reference {i}" for i in range(len(subject.images))]
 
 
-def id_crops(
-    images: list[np.ndarray], names: list[str], analysis: FaceAnalysis, scale: float, strict: bool = True
-) -> tuple[list[np.ndarray | None], list[str]]:
-    """Each picture's face crop, and notes for pictures with several faces (the largest taken). strict: a picture
-    with no face is an error naming it (encoding); otherwise its crop is None (training skips it)."""
-    crops, _, notes = id_faces(images, names, analysis, scale, strict)
-    return crops, notes
-
-
 def id_faces(
     images: list[np.ndarray],
     names: list[str],
@@ -67,9 +58,10 @@ def id_faces(
     strict: bool = True,
     norm: float | None = 1.0,
 ) -> tuple[list[np.ndarray | None], list[torch.Tensor | None], list[str]]:
-    """id_crops with the face's identity embedding beside each crop (PhotoMaker v2 reads both), from the same face:
-    the largest the analysis found (None beside a None crop). The embedding has norm `norm`, or is the recogniser's
-    raw one with None (the official v2 checkpoint's input: encoders.faces.identity_input)."""
+    """Each picture's face crop and that face's identity embedding (PhotoMaker v2 reads both; the largest face the
+    analysis found), and notes for pictures with several faces. strict: a picture with no face is an error naming it
+    (encoding); otherwise its crop and embedding are None (training skips it). The embedding has norm `norm`, or is
+    the recogniser's raw one with None (the official v2 checkpoint's input: encoders.faces.identity_input)."""
     for image, name in zip(images, names):
         a = np.asarray(image)
         if a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8:
