@@ -12,10 +12,15 @@ blending  4 pairs of people, each in its own shirt colour, both references given
           picture with fewer than two faces fails). Clothes per half: the attribute probe on each half (the other half
           grey) reads that person's shirt colour. Given several adapters (with and without the attention-map loss),
           each is measured on the same prompts and seeds; renders of the pairs give the readings' ceiling.
+pose      each person's reference portrait, then 3 full-figure skeletons of that person (three places and arm poses,
+          drawn from renders by limner.world.pose) as `pose_image` with the world pose ControlNet: "a CLASS CONTEXT",
+          n seeds each, with the skeleton and without it (same prompts and seeds). Per picture the world analyser's
+          largest face: its eyes' and nose's mean against the skeleton's (pixels; the share within 4 px), its identity
+          cosine to the reference's face, and whether the probe reads the reference's shirt colour.
 overhead  encode seconds per person (the concept's own timing, adapter loaded each time), and generation latency with
           one character against the bare base: one process, the two alternating, the fastest of 6 batches of 4.
 
-    python benchmarks/storymaker_claims.py clothes|blending|overhead [ADAPTER ...] [--n 2] [--json OUT]
+    python benchmarks/storymaker_claims.py clothes|blending|pose|overhead [ADAPTER ...] [--n 2] [--json OUT]
 """
 
 from __future__ import annotations
@@ -142,6 +147,57 @@ def blending(base, adapters: list[str], n: int) -> dict:
     }
 
 
+POSE_PLACES = ((0.3, (20.0, 60.0)), (0.5, (120.0, 120.0)), (0.7, (60.0, 150.0)))
+POSE_CONTEXTS = ["beach", "city", "snow"]
+
+
+def pose(base, adapters: list[str], n: int) -> dict:
+    from limner.images import write_png
+    from limner.world.pose import pose_picture, skeletons_of
+
+    method, probes, analyser = get_method("storymaker"), Probes(WORLD_PROBES), face_analysis(None)
+    stats = {f"{a} {mode}": {"error": [], "found": [], "identity": [], "shirt": []} for a in adapters for mode in "+-"}
+    side = base.resolution
+    for k, h in enumerate(IDENTITIES):
+        reference = portrait(k, SHIRTS[k])
+        reference_id = analyser.analyse([reference])[0][0].embedding
+        for p, ((x, arms), context) in enumerate(zip(POSE_PLACES, POSE_CONTEXTS)):
+            spec = CharacterSpec(
+                cls=h.cls, identity=h.identity, shirt_colour=SHIRTS[k], framing="full", x=x, arm_angles=arms
+            )
+            (skeleton,) = skeletons_of(render(Scene(context, [spec], variant=1 + p, caption="x")).entities)
+            folder = Path(tempfile.mkdtemp())
+            write_png(pose_picture([skeleton], side), folder / "skeleton.png")
+            want = skeleton[[0, 14, 15]].mean(0) * side / 64  # nose and eyes, 64 px render -> the base's pixels
+            prompt = f"a {h.cls} {vocab.CONTEXTS[context]}"
+            for a in adapters:
+                person = Subject(h.name, h.cls, [reference])
+                for mode, extra in (("+", {"pose_image": str(folder / "skeleton.png")}), ("-", {})):
+                    concept = method.personalize(base, person, folder / f"{mode}{len(a)}", adapter=a, **extra)
+                    images = draw(base, prompt, n, 100 * k + p, concept)
+                    row = stats[f"{a} {mode}"]
+                    row["shirt"] += [r == SHIRTS[k] for r in colours(probes, images)]
+                    for image in images:
+                        faces = analyser.analyse([image])[0]
+                        row["found"].append(bool(faces))
+                        if faces:
+                            face = max(faces, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
+                            row["error"].append(float(np.linalg.norm(face.keypoints[:3].mean(0) - want)))
+                            row["identity"].append(float(face.embedding @ reference_id))
+    out = {}
+    for name, row in stats.items():
+        errors = np.array(row["error"])
+        out[name] = {
+            "pictures": len(row["found"]),
+            "faces_found": round(float(np.mean(row["found"])), 3),
+            "face_error_px": round(float(errors.mean()), 2),
+            "within_4px": round(float((errors <= 4).mean()), 3),
+            "identity_cosine": round(float(np.mean(row["identity"])), 3),
+            "shirt_kept": round(float(np.mean(row["shirt"])), 3),
+        }
+    return out
+
+
 def overhead(base, adapters: list[str], n: int) -> dict:
     method = get_method("storymaker")
     adapter = adapters[0] if adapters else None
@@ -176,7 +232,7 @@ def overhead(base, adapters: list[str], n: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("claim", choices=("clothes", "blending", "overhead"))
+    parser.add_argument("claim", choices=("clothes", "blending", "pose", "overhead"))
     parser.add_argument("adapters", nargs="*")
     parser.add_argument("--n", type=int, default=2)
     parser.add_argument("--json", type=Path)
@@ -184,7 +240,8 @@ def main() -> None:
     torch.set_grad_enabled(False)
     base = load_base(None)
     adapters = args.adapters or [str(get_method("storymaker").adapter_for(base, None))]
-    result = {"clothes": clothes, "blending": blending, "overhead": overhead}[args.claim](base, adapters, args.n)
+    claims = {"clothes": clothes, "blending": blending, "pose": pose, "overhead": overhead}
+    result = claims[args.claim](base, adapters, args.n)
     print(json.dumps(result, indent=1))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

@@ -6,6 +6,8 @@ are added to the frozen UNet's skip connections, steered by a condition image.
                            added, so a new ControlNet changes nothing until it trains (InstantID's IdentityNet,
                            StoryMaker's pose ControlNet)
     draw_kps               the 5 face keypoints drawn as InstantID's official code draws them (its condition image)
+    draw_pose              people's body keypoints drawn as an OpenPose skeleton (the condition image of an OpenPose
+                           ControlNet, StoryMaker's pose decoupling)
     ControlSignal          one ControlNet with its condition image, its scale and the cross-attention context it
                            reads (the text, or an adapter's image tokens: InstantID's IdentityNet reads the ID
                            tokens only)
@@ -57,6 +59,8 @@ from limner.models.saving import diffusers_quiet
 if TYPE_CHECKING:
     from diffusers import ControlNetModel, UNet2DConditionModel
 
+    from limner.models.loading import Base
+
 # InstantID's keypoint drawing (its pipeline's draw_kps): one colour per keypoint (RGB), in the detector's order
 # (the two eyes, the nose tip, the two mouth corners); a limb from each of the other points to the nose, coloured
 # as its first point, drawn as a filled ellipse of half-width `stickwidth` and then dimmed to 60%; then a filled
@@ -68,6 +72,29 @@ KPS_RADIUS = 10
 KPS_OFFICIAL_SIDE = 1024
 LIMB_DIM = 0.6
 
+# OpenPose's body format (the COCO 18 points that OpenPose ControlNets read). "right" is the person's right, which
+# is the picture's left when they face us. Limb k and point k share the k-th colour of a hue wheel; limbs are drawn
+# as filled ellipses (half-width `stickwidth`) dimmed to 60%, then a filled circle on every point seen. The official
+# sizes (4 px sticks and circles) are for ~512 px pictures.
+OPENPOSE_POINTS = (
+    "nose", "neck",
+    "right_shoulder", "right_elbow", "right_wrist", "left_shoulder", "left_elbow", "left_wrist",
+    "right_hip", "right_knee", "right_ankle", "left_hip", "left_knee", "left_ankle",
+    "right_eye", "left_eye", "right_ear", "left_ear",
+)  # fmt: skip
+OPENPOSE_LIMBS = (
+    (1, 2), (1, 5), (2, 3), (3, 4), (5, 6), (6, 7), (1, 8), (8, 9), (9, 10),
+    (1, 11), (11, 12), (12, 13), (1, 0), (0, 14), (14, 16), (0, 15), (15, 17),
+)  # fmt: skip
+OPENPOSE_COLOURS = (
+    (255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0), (170, 255, 0), (85, 255, 0), (0, 255, 0),
+    (0, 255, 85), (0, 255, 170), (0, 255, 255), (0, 170, 255), (0, 85, 255), (0, 0, 255), (85, 0, 255),
+    (170, 0, 255), (255, 0, 255), (255, 0, 170), (255, 0, 85),
+)  # fmt: skip
+OPENPOSE_STICKWIDTH = 4
+OPENPOSE_RADIUS = 4
+OPENPOSE_OFFICIAL_SIDE = 512
+
 # attribute on the UNet: the installed signals and the hook that runs them
 _SIGNALS = "_limner_control_signals"
 _HOOK = "_limner_control_hook"
@@ -78,12 +105,22 @@ _HOOK = "_limner_control_hook"
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _style(side: int, official: tuple[int, int], official_side: int) -> tuple[int, int]:
+    """(stickwidth, radius) in proportion to a picture of `side` pixels below the official size, at least 1 px."""
+    ratio = min(1.0, side / official_side)
+    return max(1, round(official[0] * ratio)), max(1, round(official[1] * ratio))
+
+
 def kps_style(side: int) -> tuple[int, int]:
     """(stickwidth, radius) for pictures of `side` pixels: the official sizes at SDXL's 1024 px, in proportion
     below it, at least 1 px (a 64 px world picture gets 1 and 1: the official 10 px circles would cover its
     whole face)."""
-    ratio = min(1.0, side / KPS_OFFICIAL_SIDE)
-    return max(1, round(KPS_STICKWIDTH * ratio)), max(1, round(KPS_RADIUS * ratio))
+    return _style(side, (KPS_STICKWIDTH, KPS_RADIUS), KPS_OFFICIAL_SIDE)
+
+
+def pose_style(side: int) -> tuple[int, int]:
+    """(stickwidth, radius) of an OpenPose skeleton in pictures of `side` pixels (the official 4 and 4 at 512 px)."""
+    return _style(side, (OPENPOSE_STICKWIDTH, OPENPOSE_RADIUS), OPENPOSE_OFFICIAL_SIDE)
 
 
 def _ellipse_polygon(centre: tuple[int, int], axes: tuple[int, int], angle: int) -> list[tuple[int, int]]:
@@ -96,6 +133,45 @@ def _ellipse_polygon(centre: tuple[int, int], axes: tuple[int, int], angle: int)
     return list(dict.fromkeys(zip(np.rint(x).astype(int).tolist(), np.rint(y).astype(int).tolist())))
 
 
+def _draw_skeleton(
+    width: int,
+    height: int,
+    skeletons: list[np.ndarray],
+    limbs: tuple[tuple[int, int], ...],
+    limb_colours: list[tuple[int, int, int]],
+    point_colours: tuple[tuple[int, int, int], ...],
+    stickwidth: int,
+    radius: int,
+) -> np.ndarray:
+    """Skeletons ([points, 2] each, NaN where a point is not seen) on black: every limb whose two points are seen
+    as a filled ellipse dimmed to 60%, then a filled circle on every point seen. uint8 [height, width, 3]."""
+    from PIL import Image, ImageDraw
+
+    limb_layer = Image.new("RGB", (width, height))
+    pen = ImageDraw.Draw(limb_layer)
+    for points in skeletons:
+        for (a, b), colour in zip(limbs, limb_colours):
+            (x0, y0), (x1, y1) = points[a], points[b]
+            if np.isnan([x0, y0, x1, y1]).any():
+                continue
+            length = math.hypot(x0 - x1, y0 - y1)
+            angle = int(math.degrees(math.atan2(y0 - y1, x0 - x1)))
+            centre = (int((x0 + x1) / 2), int((y0 + y1) / 2))
+            outline = _ellipse_polygon(centre, (int(length / 2), stickwidth), angle)
+            if len(outline) > 2:
+                pen.polygon(outline, fill=colour)
+            else:  # a limb shorter than a pixel
+                pen.point(outline, fill=colour)
+    out = Image.fromarray((np.asarray(limb_layer, dtype=np.float64) * LIMB_DIM).astype(np.uint8))
+    pen = ImageDraw.Draw(out)
+    for points in skeletons:
+        for (x, y), colour in zip(points, point_colours):
+            if not np.isnan([x, y]).any():
+                x, y = int(x), int(y)
+                pen.ellipse((x - radius, y - radius, x + radius, y + radius), fill=colour)
+    return np.asarray(out)
+
+
 def draw_kps(
     width: int,
     height: int,
@@ -105,33 +181,37 @@ def draw_kps(
 ) -> np.ndarray:
     """The 5 face keypoints ([5, 2] x, y in this picture's pixels) drawn on black as InstantID's condition image:
     uint8 [height, width, 3]. stickwidth, radius: the official 4 and 10 px, or `kps_style`'s for small pictures
-    when None."""
-    from PIL import Image, ImageDraw
-
+    when None. Each limb to the nose takes its first point's colour."""
     kps = np.asarray(keypoints, dtype=np.float64)
     if kps.shape != (len(KPS_COLOURS), 2):
         raise ValueError(f"draw_kps takes {len(KPS_COLOURS)} (x, y) keypoints, got shape {kps.shape}")
     style = kps_style(min(width, height))
     stickwidth = style[0] if stickwidth is None else stickwidth
     radius = style[1] if radius is None else radius
-    limbs = Image.new("RGB", (width, height))
-    pen = ImageDraw.Draw(limbs)
-    for a, b in KPS_LIMBS:
-        (x0, y0), (x1, y1) = kps[a], kps[b]
-        length = math.hypot(x0 - x1, y0 - y1)
-        angle = int(math.degrees(math.atan2(y0 - y1, x0 - x1)))
-        centre = (int((x0 + x1) / 2), int((y0 + y1) / 2))
-        outline = _ellipse_polygon(centre, (int(length / 2), stickwidth), angle)
-        if len(outline) > 2:
-            pen.polygon(outline, fill=KPS_COLOURS[a])
-        else:  # a limb shorter than a pixel
-            pen.point(outline, fill=KPS_COLOURS[a])
-    out = Image.fromarray((np.asarray(limbs, dtype=np.float64) * LIMB_DIM).astype(np.uint8))
-    pen = ImageDraw.Draw(out)
-    for (x, y), colour in zip(kps, KPS_COLOURS):
-        x, y = int(x), int(y)
-        pen.ellipse((x - radius, y - radius, x + radius, y + radius), fill=colour)
-    return np.asarray(out)
+    limb_colours = [KPS_COLOURS[a] for a, _ in KPS_LIMBS]
+    return _draw_skeleton(width, height, [kps], KPS_LIMBS, limb_colours, KPS_COLOURS, stickwidth, radius)
+
+
+def draw_pose(
+    width: int,
+    height: int,
+    people: np.ndarray | list[np.ndarray],
+    stickwidth: int | None = None,
+    radius: int | None = None,
+) -> np.ndarray:
+    """People's body keypoints in OpenPose's 18-point order (OPENPOSE_POINTS; [people, 18, 2] x, y in this picture's
+    pixels, NaN where a point is not seen) drawn on black as an OpenPose ControlNet's condition image: uint8
+    [height, width, 3]. stickwidth, radius: the official 4 px each, or `pose_style`'s for small pictures."""
+    skeletons = [np.asarray(p, dtype=np.float64) for p in people]
+    for p in skeletons:
+        if p.shape != (len(OPENPOSE_POINTS), 2):
+            raise ValueError(f"draw_pose takes {len(OPENPOSE_POINTS)} (x, y) points a person, got shape {p.shape}")
+    style = pose_style(min(width, height))
+    stickwidth = style[0] if stickwidth is None else stickwidth
+    radius = style[1] if radius is None else radius
+    return _draw_skeleton(
+        width, height, skeletons, OPENPOSE_LIMBS, list(OPENPOSE_COLOURS), OPENPOSE_COLOURS, stickwidth, radius
+    )
 
 
 def condition_tensor(pictures: np.ndarray | list[np.ndarray]) -> torch.Tensor:
@@ -187,6 +267,12 @@ _MATCHING = (
     "addition_embed_type",
     "projection_class_embeddings_input_dim",
 )
+
+
+def condition_side(base: Base, controlnet: nn.Module) -> int:
+    """The side of the condition image the ControlNet reads at the base's resolution (the latents' side times its
+    downsampling): skeletons are drawn there, sharper than a smaller drawing resized."""
+    return base.resolution // int(base.pipe.vae_scale_factor) * downsampling(controlnet)
 
 
 def check_controlnet_fits(controlnet: nn.Module | dict, unet: UNet2DConditionModel, where: str | Path) -> None:
@@ -279,13 +365,24 @@ DELTA_FORMAT = "limner-controlnet-delta/1"
 _UP, _DOWN = ".delta_up", ".delta_down"  # a copied matrix's change, up @ down, reshaped to the tensor
 
 
+def _own_state(unet: nn.Module) -> dict[str, torch.Tensor]:
+    """The UNet's own tensors by their plain names, whatever LoRA adapters peft has wrapped around its layers (a
+    LoRA concept installed: `to_k.base_layer.weight` is `to_k.weight`, the lora_ tensors are not the UNet's)."""
+    state = {}
+    for name, tensor in unet.state_dict().items():
+        if ".lora_" in name or "lora_magnitude" in name:
+            continue
+        state[name.replace(".base_layer.", ".")] = tensor
+    return state
+
+
 def unet_fingerprint(unet: nn.Module, names: list[str]) -> str:
     """A hash of the UNet tensors `names` (names, shapes and values rounded to bfloat16): what a delta was taken
     against. Rounded, so the same UNet loaded in fp32, fp16 or bf16, on any device, reads the same; any other UNet
     (another base, a fine-tune) moves far more than bfloat16's rounding."""
     import hashlib
 
-    state = unet.state_dict()
+    state = _own_state(unet)
     digest = hashlib.sha256()
     for name in sorted(names):
         tensor = state[name].detach().to("cpu", torch.bfloat16).contiguous()
@@ -323,7 +420,7 @@ def controlnet_delta(
     if energy is not None and not 0 < energy <= 1:
         raise ValueError(f"energy must be in (0, 1], got {energy}")
     mine = {k: v.detach().float().cpu() for k, v in controlnet.state_dict().items()}
-    theirs = unet.state_dict()
+    theirs = _own_state(unet)
     tensors, against, ranks = {}, [], []
     for name, weight in mine.items():
         base = theirs.get(name)
@@ -405,7 +502,7 @@ def materialise_controlnet(folder: str | Path, unet: UNet2DConditionModel) -> Co
     if metadata.get("format") != DELTA_FORMAT:
         raise LimnerError(f"{path} is not a ControlNet delta limner wrote (format {metadata.get('format')!r})")
     against = sorted(k[: -len(_UP)] for k in stored if k.endswith(_UP))
-    theirs = unet.state_dict()
+    theirs = _own_state(unet)
     missing = [k for k in against if k not in theirs]
     found = f"lacks {missing[0]}" if missing else unet_fingerprint(unet, against)
     if found != metadata.get("unet_fingerprint"):
@@ -571,18 +668,22 @@ __all__ = [
     "DELTA_WEIGHTS",
     "KPS_COLOURS",
     "KPS_LIMBS",
+    "OPENPOSE_POINTS",
     "ControlSignal",
     "check_controlnet_fits",
+    "condition_side",
     "condition_tensor",
     "controlnet_delta",
     "controlnet_from_unet",
     "downsampling",
     "draw_kps",
+    "draw_pose",
     "image_token_context",
     "install_controlnet",
     "installed_signals",
     "is_controlnet_delta",
     "kps_style",
+    "pose_style",
     "load_controlnet",
     "materialise_controlnet",
     "save_controlnet",

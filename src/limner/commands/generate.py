@@ -95,7 +95,7 @@ def set_controlnet_scale(applied, base, scale: float) -> None:
     if not groups:
         raise LimnerError(
             "--controlnet-scale sets the ControlNet scale of a method that steers with one (instantid's "
-            "IdentityNet), and no concept or --image given has one"
+            "IdentityNet, storymaker's pose ControlNet), and no concept or --image given has one"
         )
     for method, concepts in groups:
         method.set_call_settings(base, concepts, {CONTROLNET_SCALE: scale})
@@ -185,8 +185,9 @@ def generate(
         Optional[Path],
         typer.Option(
             "--pose-image",
-            help="For --image with a method that takes a pose (instantid): a picture whose face's keypoints set "
-            "the pose drawn (default: the first reference's).",
+            help="For --image with a method that takes a pose: instantid, a picture whose face's keypoints set "
+            "the pose drawn (default: the first reference's); storymaker, an OpenPose skeleton picture (default: "
+            "no pose).",
         ),
     ] = None,
     base: BaseOpt = None,
@@ -214,7 +215,9 @@ def generate(
         raise LimnerError(f"--controlnet-scale {controlnet_scale}: must be 0 or more (0 switches the ControlNet off)")
     encoder = check_image_options(image or [], method, adapter, ip_scale, concept or [])
     if pose_image is not None and not hasattr(encoder.default_config() if encoder else None, "pose_image"):
-        raise LimnerError("--pose-image sets the pose of --image references for a method that takes one (instantid)")
+        raise LimnerError(
+            "--pose-image sets the pose of --image references for a method that takes one (instantid, storymaker)"
+        )
     settings = GenerationSettings(
         prompt=prompt,
         negative_prompt=negative,

@@ -142,3 +142,41 @@ def world_faces(
     write_json_atomic(folder / "faces.json", record | {"metrics": metrics})
     typer.echo(json.dumps(metrics, indent=2))
     typer.echo(f"face detector and its readings written to {folder}/")
+
+
+@world_app.command("pose")
+def world_pose(
+    out: Annotated[
+        Optional[Path],
+        typer.Option("--out", help="Folder to write the pose ControlNet to. Default: the package's assets."),
+    ] = None,
+    work: Annotated[Path, typer.Option("--work", help="Folder for checkpoints (resumable).")] = Path(
+        ".limner-build/pose"
+    ),
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Training steps (default 2000).")] = None,
+    measure_only: Annotated[
+        bool, typer.Option("--measure-only", help="Measure the ControlNet in --out without training it.")
+    ] = False,
+    n: Annotated[int, typer.Option("-n", help="Pictures generated to measure how well the pose is followed.")] = 24,
+    device: DeviceOpt = "auto",
+    quick: Annotated[bool, typer.Option("--quick", help="A tiny run to try the pipeline; not for shipping.")] = False,
+) -> None:
+    """Train the world's OpenPose ControlNet (StoryMaker's pose decoupling) on renders' body keypoints, then
+    measure how closely generations follow a requested skeleton."""
+    from limner.io import write_json_atomic
+    from limner.models.loading import load_base
+    from limner.world.pose import RECORD, WORLD_POSE, PoseBuildConfig, measure_pose, read_record, train_pose_controlnet
+
+    if quick and out is None:
+        fail("--quick trains a toy ControlNet that must not replace the shipped one: give --out DIR")
+    folder = out or WORLD_POSE
+    base = load_base(None, device=device)
+    if not measure_only:
+        cfg = PoseBuildConfig.quick() if quick else PoseBuildConfig()
+        if steps is not None:
+            cfg.steps = steps
+        command(train_pose_controlnet)(base, folder, work, cfg)
+    metrics = command(measure_pose)(base, folder, n=2 if quick else n, steps=4 if quick else 25)
+    record = read_record(folder) | {"measured": metrics}
+    write_json_atomic(folder / RECORD, record)
+    typer.echo(json.dumps(metrics, indent=2))

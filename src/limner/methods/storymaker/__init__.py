@@ -21,7 +21,11 @@ Files: an adapter folder holds `storymaker.safetensors` in the official key layo
 `ip_adapter.{i}.to_k_ip.weight`, `ip_adapter.{i}.to_q_lora.down.weight`, ...; limner.methods.storymaker.weights)
 and `adapter.json`; the official `mask.bin` is read with allow_pickle. A concept folder holds
 `characters.safetensors` (per character: id_embeds, face_tokens, body_tokens), the pictures the encoders read, and
-`limner.json`. Not done: the pose ControlNet of the paper's pose decoupling.
+`limner.json`; with a pose, `pose.png` (the skeleton picture) and the pose ControlNet by path and fingerprint.
+
+Pose decoupling: `--set pose_controlnet=DIR|world` pretrains beside a frozen OpenPose ControlNet fed each target's
+skeleton; at generation `--pose-image SKELETON.png` draws the characters where the skeleton stands, through that
+ControlNet (the world's, `limner world pose`, on the world base), and without one the pose is the prompt's.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ if TYPE_CHECKING:
     from limner.models.loading import Base
 
 CHARACTERS = "characters.safetensors"
+POSE_PICTURE = "pose.png"
 IMAGE_ENCODER = "image_encoder"
 MAX_PER_PICTURE = 2  # the official pipeline draws one or two characters
 
@@ -89,6 +94,18 @@ class StoryMakerSettings:
     drop_face: float = setting(0.1, "pretrain: share of characters whose face tokens are zeroed (official 0.1)")
     drop_body: float = setting(0.1, "pretrain: share of characters whose body tokens are zeroed (official 0.1)")
     two_share: float = setting(0.25, "pretrain: share of batches showing two characters side by side")
+    pose_controlnet: str | None = setting(
+        None,
+        "an OpenPose ControlNet folder (diffusers layout; 'world': the world's, limner world pose): pretraining "
+        "trains beside it on each target's skeleton (the paper's pose decoupling), generation draws with it where a "
+        "pose_image is given (default there: the world's on the world base)",
+    )
+    pose_image: str | None = setting(
+        None, "an OpenPose skeleton picture (--pose-image) setting where the characters stand; None: no pose"
+    )
+    controlnet_scale: float = setting(
+        1.0, "the pose ControlNet's scale with a pose_image (controlnet_conditioning_scale; diffusers' default 1.0)"
+    )
     init: str | None = setting(
         None,
         "pretrain: start from this adapter's weights (a folder limner pretrained, or the official mask.bin with "
@@ -97,7 +114,7 @@ class StoryMakerSettings:
     )
 
     def __post_init__(self) -> None:
-        for name in ("scale", "lora_scale", "mask_loss_weight", "attention_loss_weight"):
+        for name in ("scale", "lora_scale", "mask_loss_weight", "attention_loss_weight", "controlnet_scale"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise LimnerError(f"{name} must be a number, 0 or more, got {value!r}")
@@ -167,6 +184,69 @@ def started_from(init: str | None) -> dict | None:
     return record
 
 
+def pose_controlnet_folder(base: Base, given: str | None, what: str) -> Path | None:
+    """The pose ControlNet's folder: `given` ('world': the world's, which only fits the world base), or None."""
+    if given is None:
+        return None
+    if given != "world":
+        folder = Path(given).expanduser()
+        if not folder.is_dir():
+            raise LimnerError(f"{what}={given}: no such folder; give an OpenPose ControlNet in diffusers' layout")
+        return folder
+    from limner.world.pose import WORLD_POSE
+
+    if not base.is_world:
+        raise LimnerError(
+            f"{what}=world is the world base's pose ControlNet; for {base.path} give an OpenPose ControlNet made "
+            "for it (a diffusers folder, e.g. lllyasviel's control_v11p_sd15_openpose for SD 1.5)"
+        )
+    if not WORLD_POSE.is_dir():
+        raise LimnerError(f"the world's pose ControlNet is missing ({WORLD_POSE}); make it with `limner world pose`")
+    return WORLD_POSE
+
+
+def _pose_controlnet(base: Base, folder: Path | None) -> nn.Module | None:
+    from limner.adapters.controlnet import load_controlnet
+
+    return None if folder is None else load_controlnet(folder, base.pipe.unet)
+
+
+def pose_picture(path: str | Path) -> np.ndarray:
+    """An OpenPose skeleton picture as uint8 RGB; one with nothing drawn on it is an error naming it."""
+    picture = read_reference_files([path])[0]
+    if int(picture.max()) < 32:
+        raise LimnerError(
+            f"pose image {path} is black: give an OpenPose skeleton picture (the coloured limbs on black that an "
+            "OpenPose ControlNet reads)"
+        )
+    return picture
+
+
+def install_pose(unet: nn.Module, concept: Path, manifest: dict, name: str) -> Any:
+    """The concept's pose ControlNet, reading its skeleton picture (cover-fitted to the size drawn) and the text;
+    returns the function that takes it out."""
+    from PIL import Image, ImageOps
+
+    from limner.adapters.controlnet import ControlSignal, condition_tensor, install_controlnet, load_controlnet
+    from limner.methods.adapter import adapter_fingerprint
+
+    pose = manifest["pose"]
+    folder = Path(pose["controlnet"])
+    if not folder.is_dir() or adapter_fingerprint(folder) != pose["controlnet_fingerprint"]:
+        raise LimnerError(
+            f"the pose ControlNet {folder} is missing or changed since concept {concept} was encoded with it; "
+            "encode the concept again"
+        )
+    with Image.open(concept / pose["picture"]) as im:
+        picture = im.convert("RGB")
+
+    def drawn(height: int, width: int) -> torch.Tensor:
+        return condition_tensor(np.asarray(ImageOps.fit(picture, (width, height), Image.Resampling.BILINEAR)))
+
+    scale = float(manifest.get("config", {}).get("controlnet_scale", 1.0))
+    return install_controlnet(unet, ControlSignal(load_controlnet(folder, unet), drawn, scale, name=name))
+
+
 def projection_shape(weights: dict, unet: nn.Module, where: Path) -> ProjectionShape:
     """The projection's shape, read from an adapter's weights and checked against the UNet."""
     proj = weights["image_proj"]
@@ -194,7 +274,7 @@ class StoryMaker(AdapterMethod):
     family = "identity"
     capabilities = Capabilities(needs_adapter=True, needs_faces=True)
     config_cls = StoryMakerSettings
-    call_settings = ("scale", "lora_scale")
+    call_settings = ("scale", "lora_scale", "controlnet_scale")
 
     def __init__(self) -> None:
         self._installed: dict | None = None
@@ -204,6 +284,7 @@ class StoryMaker(AdapterMethod):
     def pretrain(self, base: Base, data: Any, out: Path, **settings: Any) -> Path:
         """Pretrains on the world's characters (data "world", or a stream of StorySample); writes the adapter."""
         from limner.adapters import ip_state_dict
+        from limner.adapters.controlnet import condition_side
         from limner.encoders.faces import face_analysis
         from limner.methods.storymaker.projection import official_state
         from limner.methods.storymaker.training import Pretraining, StoryBatches
@@ -224,13 +305,16 @@ class StoryMaker(AdapterMethod):
             resampler_dim=int(cfg.resampler_dim),
         )
         start = self._starting_weights(base, cfg, shape)
-        task = Pretraining(base, encoder, shape, cfg, train_cfg)
+        pose_folder = pose_controlnet_folder(base, cfg.pose_controlnet, "pose_controlnet")
+        pose_controlnet = _pose_controlnet(base, pose_folder)
+        task = Pretraining(base, encoder, shape, cfg, train_cfg, pose_controlnet=pose_controlnet)
         if start is not None:
             task.start_from(start, cfg.init)
         t0 = time.perf_counter()
         try:
             size = int(encoder.model.config.image_size)
-            batches = StoryBatches(stream, base, analyser, size, train_cfg.batch_size)
+            pose_side = None if pose_controlnet is None else condition_side(base, pose_controlnet)
+            batches = StoryBatches(stream, base, analyser, size, train_cfg.batch_size, pose_side)
             log = train(task, batches, train_cfg, out, self.name, data=stream)
             ip = {f"ip_adapter.{k.removeprefix('ip_adapter.')}": v for k, v in ip_state_dict(base.pipe.unet).items()}
             lora = {f"ip_adapter.{k}": v for k, v in task.official_lora().items()}
@@ -238,7 +322,9 @@ class StoryMaker(AdapterMethod):
         finally:
             task.close()
         if is_main_process():
-            self._write_adapter(base, out, cfg, train_cfg, task, shape, state, encoder, analyser, stream, log, t0)
+            self._write_adapter(
+                base, out, cfg, train_cfg, task, shape, state, encoder, analyser, stream, log, t0, pose_folder
+            )
             if batches.skipped:
                 _note(f"{batches.skipped} samples skipped in pretraining: no face found in a reference")
         return out
@@ -285,9 +371,12 @@ class StoryMaker(AdapterMethod):
             two_share=cfg.two_share,
         )
 
-    def _write_adapter(self, base, out, cfg, train_cfg, task, shape, state, encoder, analyser, stream, log, t0):
+    def _write_adapter(
+        self, base, out, cfg, train_cfg, task, shape, state, encoder, analyser, stream, log, t0, pose_folder
+    ):
         import shutil
 
+        from limner.methods.adapter import adapter_fingerprint
         from limner.methods.ip_adapter import encoder_fingerprint
         from limner.methods.storymaker.weights import save_weights
 
@@ -322,6 +411,9 @@ class StoryMaker(AdapterMethod):
                 train=asdict(train_cfg),
                 num_processes=log.num_processes,
                 started_from=started_from(cfg.init),
+                pose_controlnet=None
+                if pose_folder is None
+                else {"path": str(pose_folder), "fingerprint": adapter_fingerprint(pose_folder)},
             )
 
     # ---- adapters ----------------------------------------------------------------------------------------------
@@ -427,14 +519,22 @@ class StoryMaker(AdapterMethod):
             # the unconditional input as pretraining drops an image: zero pixels through the encoder, zero identity
             "negative_tokens": encoder.unconditional(body_pixels[:1], "plus").float(),
         }
-        return self._write_concept(base, adapter, subjects, chars, tensors, cfg, out, t0, given_as)
+        pose = None
+        if cfg.pose_image is not None:
+            picture = pose_picture(cfg.pose_image)
+            folder = pose_controlnet_folder(base, cfg.pose_controlnet or "world", "pose_controlnet")
+            pose = {"picture": picture, "source": str(cfg.pose_image), "controlnet": folder}
+        return self._write_concept(base, adapter, subjects, chars, tensors, cfg, out, t0, given_as, pose)
 
-    def _write_concept(self, base, adapter, subjects, chars, tensors, cfg, out, t0, given_as) -> Path:
+    def _write_concept(self, base, adapter, subjects, chars, tensors, cfg, out, t0, given_as, pose) -> Path:
         from safetensors.torch import save_file
+
+        from limner.methods.adapter import adapter_fingerprint
 
         out.mkdir(parents=True, exist_ok=True)
         with disk_guard(f"the concept in {out}"):
             pictures = {f"{k:02d}-character": c.cutout for k, c in enumerate(chars)}
+            pictures |= {POSE_PICTURE.removesuffix(".png"): pose["picture"]} if pose else {}
             write_references(out, pictures | {f"{k:02d}-face": c.face_crop for k, c in enumerate(chars)})
             with written_atomically(out / CHARACTERS) as tmp:
                 save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, str(tmp))
@@ -454,6 +554,14 @@ class StoryMaker(AdapterMethod):
                 notes=[c.note for c in chars if c.note],
                 masks_from=[c.mask_from for c in chars],
                 example_prompt=" and ".join(f"a {n}" for n in nouns) + " on the grass",
+                pose=None
+                if pose is None
+                else {
+                    "picture": f"references/{POSE_PICTURE}",
+                    "source": pose["source"],
+                    "controlnet": str(pose["controlnet"].resolve()),
+                    "controlnet_fingerprint": adapter_fingerprint(pose["controlnet"]),
+                },
             )
             write_concept_manifest(out, manifest)
         return out
@@ -508,6 +616,9 @@ class StoryMaker(AdapterMethod):
             installation.undo.append(restore)
             set_ip_scale(unet, float(config.get("scale", 0.8)))
             activate_named_lora(unet, LORA_NAME, float(config.get("lora_scale", 0.8)))
+            for concept, manifest in zip(concepts, manifests):
+                if manifest.get("pose"):
+                    installation.undo.append(install_pose(unet, Path(concept), manifest, self.name))
         except BaseException:
             installation.uninstall()
             raise
@@ -526,6 +637,12 @@ class StoryMaker(AdapterMethod):
             set_ip_scale(base.pipe.unet, float(checked.scale))
         if "lora_scale" in settings:
             activate_named_lora(base.pipe.unet, LORA_NAME, float(checked.lora_scale))
+        if "controlnet_scale" in settings:
+            from limner.adapters.controlnet import installed_signals
+
+            for signal in installed_signals(base.pipe.unet):
+                if signal.name == self.name:
+                    signal.scale = float(checked.controlnet_scale)
 
     @torch.no_grad()
     def condition(self, base: Base, concepts: list[Path], prompt: str) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from limner.data import open_stream
 from limner.data.world import WorldSubject, draw_subject, render_view
 from limner.errors import LimnerError
 from limner.world import vocab
+from limner.world.pose import openpose_points, skeletons_of
 from limner.world.render import CharacterSpec, Scene, render
 from limner.world.scenes import caption_for
 
@@ -39,6 +40,7 @@ class StorySample:
     masks: list[np.ndarray]  # per character, its visible mask in the target (from the renderer: training only)
     reference_masks: list[np.ndarray]  # per character, its mask in its reference view
     subjects: list[str]
+    poses: list[np.ndarray] | None = None  # per character, its OpenPose points [18, 2] in the target's pixels
 
 
 class StoryStream:
@@ -75,7 +77,8 @@ class StoryStream:
         if self.two_characters(k):
             return self._pair(k)
         s = self.single.sample(k)
-        return StorySample(s.image, s.text, s.references, [s.mask], s.reference_masks, [s.subject])
+        pose = openpose_points(s.face_keypoints, s.body_keypoints or {})
+        return StorySample(s.image, s.text, s.references, [s.mask], s.reference_masks, [s.subject], [pose])
 
     def _pair(self, k: int) -> StorySample:
         """Two characters side by side (full figures), each with a reference view of its own, same shirt."""
@@ -105,7 +108,10 @@ class StoryStream:
         scene.caption = caption_for(scene, rng, looks=False)
         drawn = render(scene)
         masks = [e.mask for e in drawn.entities]
-        return StorySample(drawn.image, drawn.caption, references, masks, reference_masks, [s.key() for s in subjects])
+        keys = [s.key() for s in subjects]
+        return StorySample(
+            drawn.image, drawn.caption, references, masks, reference_masks, keys, skeletons_of(drawn.entities)
+        )
 
     def next_batch(self) -> list[StorySample]:
         """The samples of the next batch (all one kind), from the next batch boundary on."""

@@ -18,7 +18,10 @@ characters from blending. Drops (official): text 0.2, image 0.05, both 0.05 (a d
 and zero pixels, as the official script), and inside the projection each character's face tokens and body
 tokens 0.1 each.
 
-Pose decoupling (the paper trains with a pose ControlNet on the target's skeleton) is not done here.
+Pose decoupling (`pose_controlnet`): a frozen OpenPose ControlNet reads the target's skeleton (its characters' body
+keypoints drawn by limner.adapters.controlnet.draw_pose) and the caption, and adds its residuals to the UNet's
+every call, so where the characters stand comes from the skeleton and the image tokens need not carry the pose of
+their reference; at generation a skeleton is optional.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from torch import nn
 
 from limner.adapters import install_ip_attention, ip_attention_parameters, remove_ip_attention, with_image_tokens
 from limner.adapters.attention_maps import middle_cross_attention_blocks
+from limner.adapters.controlnet import ControlSignal, condition_tensor, draw_pose, install_controlnet
 from limner.adapters.lora import remove_named_lora
 from limner.data.sample import square_mask
 from limner.images import to_unit_range
@@ -46,9 +50,9 @@ class StoryBatches:
     """next_batch for the trainer: a batch of samples of one kind (one or two characters), each character read
     from its reference by the face analyser (a reference where no face is found is skipped and counted)."""
 
-    def __init__(self, stream: Any, base, analyser, encoder_size: int, batch_size: int):
+    def __init__(self, stream: Any, base, analyser, encoder_size: int, batch_size: int, pose_side: int | None = None):
         self.stream, self.base, self.analyser = stream, base, analyser
-        self.size, self.batch_size = encoder_size, batch_size
+        self.size, self.batch_size, self.pose_side = encoder_size, batch_size, pose_side
         self.iterator = None
         self.skipped = 0
 
@@ -71,7 +75,7 @@ class StoryBatches:
         from limner.errors import LimnerError
 
         resolution = self.base.resolution
-        images, prompts, masks, ids, crops, cutouts, places = [], [], [], [], [], [], []
+        images, prompts, masks, ids, crops, cutouts, places, skeletons = [], [], [], [], [], [], [], []
         while not images:  # a batch whose every reference shows no face is drawn again
             for sample in self._samples():
                 names = [f"reference of {s}" for s in sample.subjects]
@@ -82,6 +86,8 @@ class StoryBatches:
                     continue
                 images.append(fit_square(np.asarray(sample.image), resolution))
                 prompts.append(sample.text)
+                if self.pose_side:
+                    skeletons.append(_skeleton_picture(sample, self.pose_side))
                 masks.append(np.stack([_fit(m, resolution) for m in sample.masks]))
                 for place, c in enumerate(chars):
                     ids.append(c.id_embed)
@@ -96,11 +102,23 @@ class StoryBatches:
             "faces": squeezed(crops, self.size),
             "bodies": squeezed(cutouts, self.size),
             "places": torch.tensor(places, dtype=torch.long),
-        }
+        } | ({"poses": condition_tensor(skeletons)} if self.pose_side else {})
 
 
 def _fit(mask: np.ndarray, resolution: int) -> np.ndarray:
     return mask if mask.shape == (resolution, resolution) else square_mask(mask, resolution)
+
+
+def _skeleton_picture(sample: Any, side: int) -> np.ndarray:
+    """The target's characters' skeletons as fitted with the target, drawn `side` pixels wide (the pose ControlNet's
+    condition image)."""
+    from limner.errors import LimnerError
+    from limner.methods.instantid.pose import fit_points
+
+    if getattr(sample, "poses", None) is None:
+        raise LimnerError("pose_controlnet needs each sample's body keypoints; this data gives none (the world's do)")
+    h, w = np.asarray(sample.image).shape[:2]
+    return draw_pose(side, side, [fit_points(p, (w, h), side, side) for p in sample.poses])
 
 
 class ImageAttentionCapture:
@@ -171,7 +189,7 @@ class Pretraining(TrainingTask):
     """The trained parts and the paper's losses (see the module docstring). `terms` keeps each step's
     denoising and attention-map losses."""
 
-    def __init__(self, base, encoder, shape, cfg, train_cfg):
+    def __init__(self, base, encoder, shape, cfg, train_cfg, pose_controlnet: nn.Module | None = None):
         from diffusers.models.attention_processor import AttnProcessor
 
         from limner.training.conditioning import PromptEncoder
@@ -208,9 +226,16 @@ class Pretraining(TrainingTask):
         self.prompts = PromptEncoder(pipe, base.resolution)
         self.scheduler = noise_scheduler(pipe)
         self.terms: list[dict[str, float]] = []
+        self.pose = None  # the pose ControlNet's signal: frozen, fed each batch's skeletons
+        self._remove_pose = lambda: None
+        if pose_controlnet is not None:
+            pose_controlnet = pose_controlnet.to(base.device).eval().requires_grad_(False)
+            self.pose = ControlSignal(pose_controlnet, torch.zeros(1, 3, 8, 8), scale=1.0, name="pose")
+            self._remove_pose = install_controlnet(self.unet, self.pose)
 
     def close(self) -> None:
         """The base as it was: no capture, no IP attention, no LoRA, its own processors, nothing trainable."""
+        self._remove_pose()
         self.capture.release()
         remove_ip_attention(self.unet)
         remove_named_lora(self.unet, LORA_NAME)
@@ -221,7 +246,8 @@ class Pretraining(TrainingTask):
         return {"unet": self.unet, "projection": self.projection}
 
     def frozen_modules(self) -> dict[str, nn.Module]:
-        return {"vae": self.base.pipe.vae, "image_encoder": self.encoder.model, **self.prompts.text_encoders()}
+        frozen = {"vae": self.base.pipe.vae, "image_encoder": self.encoder.model, **self.prompts.text_encoders()}
+        return frozen | ({"pose_controlnet": self.pose.controlnet} if self.pose is not None else {})
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [*self.lora, *self.ip_params, *self.projection.parameters()]
@@ -270,6 +296,8 @@ class Pretraining(TrainingTask):
     def loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         vae, device = self.base.pipe.vae, self.base.device
         b, n = batch["masks"].shape[:2]
+        if self.pose is not None:
+            self.pose.image = batch["poses"].to(device)
         drop_image, drop_text = self._drops(b, generator)
         keep = (~drop_image).repeat_interleave(n).float().to(device)  # per character
         with torch.no_grad():
