@@ -239,13 +239,20 @@ def _moved(module: nn.Module, *args: Any) -> nn.Module:
         log.setLevel(level)
 
 
-def controlnet_from_unet(unet: UNet2DConditionModel, conditioning_channels: int = 3) -> ControlNetModel:
+def controlnet_from_unet(
+    unet: UNet2DConditionModel,
+    conditioning_channels: int = 3,
+    embedding_channels: tuple[int, ...] = (16, 32, 96, 256),
+) -> ControlNetModel:
     """A new ControlNet for `unet`: its encoder's weights copied, zero convolutions added (diffusers' from_unet),
-    on the UNet's device and dtype."""
+    on the UNet's device and dtype. `embedding_channels`: the condition encoder's widths, each after the first
+    halving the picture (diffusers' four: 8x, as SD's VAE)."""
     from diffusers import ControlNetModel
 
     param = next(unet.parameters())
-    controlnet = ControlNetModel.from_unet(unet, conditioning_channels=conditioning_channels)
+    controlnet = ControlNetModel.from_unet(
+        unet, conditioning_channels=conditioning_channels, conditioning_embedding_out_channels=embedding_channels
+    )
     return _moved(controlnet, param.device, param.dtype)
 
 
