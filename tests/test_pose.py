@@ -99,8 +99,8 @@ def test_world_characters_points_are_in_openposes_order_the_persons_right_on_the
 
 def test_the_world_pose_controlnet_trains_and_is_stored_as_a_delta_measured_with_and_without(pose_controlnet):
     files = {p.name for p in pose_controlnet.iterdir()}
-    assert {"config.json", "controlnet_delta.safetensors", "pose.json"} <= files
-    record = json.loads((pose_controlnet / "pose.json").read_text())
+    assert {"config.json", "controlnet_delta.safetensors", "build.json"} <= files
+    record = json.loads((pose_controlnet / "build.json").read_text())
     assert record["steps"] == 4 and record["delta"]["energy"] == record["settings"]["energy"] == 0.8
     assert set(record["measured"]) == {"with", "without"} and record["measured"]["without"]["scale"] == 0.0
 
@@ -167,7 +167,11 @@ def test_a_black_pose_image_or_a_changed_controlnet_is_a_clear_error(base, adapt
         pose_image=str(skeleton),
         pose_controlnet=str(moved),
     )
-    (moved / "pose.json").write_text("{}")
+    (moved / "build.json").write_text("{}")  # a record of how it was made: no change to the ControlNet
+    with apply_concepts(base, [concept]):
+        assert installed_signals(base.pipe.unet)
+    config = json.loads((moved / "config.json").read_text())
+    (moved / "config.json").write_text(json.dumps(config | {"conditioning_scale_note": 1}))
     with pytest.raises(LimnerError, match="pose ControlNet .*changed since concept"):
         with apply_concepts(base, [concept]):
             pass
@@ -181,7 +185,7 @@ def test_a_black_pose_image_or_a_changed_controlnet_is_a_clear_error(base, adapt
 
 
 def test_the_shipped_world_pose_controlnet_is_small_fp16_and_reads_the_skeleton(base):
-    """assets/world/pose_controlnet: a delta against the world UNet in fp16 under 4 MB with pose.json saying how it was
+    """assets/world/pose_controlnet: a delta against the world UNet in fp16 under 4 MB, build.json saying how it was
     made; on fresh renders it predicts the noise better under their own skeletons than under each other's."""
     import torch
     from safetensors import safe_open

@@ -12,7 +12,7 @@ held-out identities never appear.
                       picture's left, which is the person's right when they face us)
     PoseControlNet    the training task
     train_pose_controlnet  trains (resumable from `work`), then stores the ControlNet as a delta against the world
-                      UNet (as the shipped IdentityNet) with `pose.json` recording how it was made
+                      UNet (as the shipped IdentityNet) with `build.json` recording how it was made
     measure_pose      how well generations follow a requested skeleton: the world face analyser's face centre
                       against the skeleton's eyes and nose, with and without the ControlNet
 """
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from limner.models.loading import Base
 
 WORLD_POSE = ASSETS / "world" / "pose_controlnet"
-RECORD = "pose.json"
+RECORD = "build.json"  # how it was made, as the world base's build.json: not part of its fingerprint
 
 # the renderer's names (picture left/right) -> OpenPose's (the person's right is the picture's left)
 _BODY_NAMES = {
@@ -204,7 +204,7 @@ def pose_batches(batch_size: int, resolution: int, side: int):
 
 def train_pose_controlnet(base: Base, out: Path, work: Path, cfg: PoseBuildConfig) -> dict:
     """Trains the world's OpenPose ControlNet (resumable from `work`); writes it to `out` as a delta against the
-    base's UNet, with pose.json (settings, time, loss curve); the full ControlNet stays in `work`/full."""
+    base's UNet, with build.json (settings, time, loss curve); the full ControlNet stays in `work`/full."""
     from limner.adapters.controlnet import save_controlnet, save_controlnet_delta
     from limner.io import write_json_atomic
     from limner.methods.adapter import thin_curve

@@ -228,11 +228,11 @@ def install_pose(unet: nn.Module, concept: Path, manifest: dict, name: str) -> A
     from PIL import Image, ImageOps
 
     from limner.adapters.controlnet import ControlSignal, condition_tensor, install_controlnet, load_controlnet
-    from limner.methods.adapter import adapter_fingerprint
+    from limner.models.loading import fingerprint
 
     pose = manifest["pose"]
     folder = Path(pose["controlnet"])
-    if not folder.is_dir() or adapter_fingerprint(folder) != pose["controlnet_fingerprint"]:
+    if not folder.is_dir() or fingerprint(folder) != pose["controlnet_fingerprint"]:
         raise LimnerError(
             f"the pose ControlNet {folder} is missing or changed since concept {concept} was encoded with it; "
             "encode the concept again"
@@ -376,9 +376,9 @@ class StoryMaker(AdapterMethod):
     ):
         import shutil
 
-        from limner.methods.adapter import adapter_fingerprint
         from limner.methods.ip_adapter import encoder_fingerprint
         from limner.methods.storymaker.weights import save_weights
+        from limner.models.loading import fingerprint
 
         terms = task.terms[:: max(1, len(task.terms) // CURVE_POINTS)]
         own = encoder.folder.resolve() == (Path(base.path) / IMAGE_ENCODER).resolve()
@@ -411,9 +411,9 @@ class StoryMaker(AdapterMethod):
                 train=asdict(train_cfg),
                 num_processes=log.num_processes,
                 started_from=started_from(cfg.init),
-                pose_controlnet=None
+                pose_controlnet=None  # as given ("world": the shipped one), and by fingerprint
                 if pose_folder is None
-                else {"path": str(pose_folder), "fingerprint": adapter_fingerprint(pose_folder)},
+                else {"path": cfg.pose_controlnet, "fingerprint": fingerprint(pose_folder)},
             )
 
     # ---- adapters ----------------------------------------------------------------------------------------------
@@ -529,7 +529,7 @@ class StoryMaker(AdapterMethod):
     def _write_concept(self, base, adapter, subjects, chars, tensors, cfg, out, t0, given_as, pose) -> Path:
         from safetensors.torch import save_file
 
-        from limner.methods.adapter import adapter_fingerprint
+        from limner.models.loading import fingerprint
 
         out.mkdir(parents=True, exist_ok=True)
         with disk_guard(f"the concept in {out}"):
@@ -560,7 +560,7 @@ class StoryMaker(AdapterMethod):
                     "picture": f"references/{POSE_PICTURE}",
                     "source": pose["source"],
                     "controlnet": str(pose["controlnet"].resolve()),
-                    "controlnet_fingerprint": adapter_fingerprint(pose["controlnet"]),
+                    "controlnet_fingerprint": fingerprint(pose["controlnet"]),
                 },
             )
             write_concept_manifest(out, manifest)
