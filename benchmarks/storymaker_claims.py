@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 
 from limner.conditioning import apply_concepts
-from limner.encoders.faces import face_analysis
+from limner.encoders.faces import face_analysis, largest_face
 from limner.generation import GenerationSettings, generate
 from limner.methods import Subject, get_method
 from limner.models.loading import WORLD_PROBES, load_base
@@ -157,7 +158,7 @@ def pose(base, adapters: list[str], n: int) -> dict:
 
     method, probes, analyser = get_method("storymaker"), Probes(WORLD_PROBES), face_analysis(None)
     stats = {f"{a} {mode}": {"error": [], "found": [], "identity": [], "shirt": []} for a in adapters for mode in "+-"}
-    side = base.resolution
+    side, scratch = base.resolution, tempfile.mkdtemp()
     for k, h in enumerate(IDENTITIES):
         reference = portrait(k, SHIRTS[k])
         reference_id = analyser.analyse([reference])[0][0].embedding
@@ -166,33 +167,34 @@ def pose(base, adapters: list[str], n: int) -> dict:
                 cls=h.cls, identity=h.identity, shirt_colour=SHIRTS[k], framing="full", x=x, arm_angles=arms
             )
             (skeleton,) = skeletons_of(render(Scene(context, [spec], variant=1 + p, caption="x")).entities)
-            folder = Path(tempfile.mkdtemp())
+            folder = Path(tempfile.mkdtemp(dir=scratch))
             write_png(pose_picture([skeleton], side), folder / "skeleton.png")
             want = skeleton[[0, 14, 15]].mean(0) * side / 64  # nose and eyes, 64 px render -> the base's pixels
             prompt = f"a {h.cls} {vocab.CONTEXTS[context]}"
-            for a in adapters:
+            for i, a in enumerate(adapters):
                 person = Subject(h.name, h.cls, [reference])
                 for mode, extra in (("+", {"pose_image": str(folder / "skeleton.png")}), ("-", {})):
-                    concept = method.personalize(base, person, folder / f"{mode}{len(a)}", adapter=a, **extra)
+                    concept = method.personalize(base, person, folder / f"{mode}{i}", adapter=a, **extra)
                     images = draw(base, prompt, n, 100 * k + p, concept)
                     row = stats[f"{a} {mode}"]
                     row["shirt"] += [r == SHIRTS[k] for r in colours(probes, images)]
                     for image in images:
-                        faces = analyser.analyse([image])[0]
-                        row["found"].append(bool(faces))
-                        if faces:
-                            face = max(faces, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
+                        face = largest_face(analyser.analyse([image])[0])
+                        row["found"].append(face is not None)
+                        if face is not None:
                             row["error"].append(float(np.linalg.norm(face.keypoints[:3].mean(0) - want)))
                             row["identity"].append(float(face.embedding @ reference_id))
+    shutil.rmtree(scratch)
     out = {}
     for name, row in stats.items():
         errors = np.array(row["error"])
+        found = len(errors) > 0
         out[name] = {
             "pictures": len(row["found"]),
             "faces_found": round(float(np.mean(row["found"])), 3),
-            "face_error_px": round(float(errors.mean()), 2),
-            "within_4px": round(float((errors <= 4).mean()), 3),
-            "identity_cosine": round(float(np.mean(row["identity"])), 3),
+            "face_error_px": round(float(errors.mean()), 2) if found else None,
+            "within_4px": round(float((errors <= 4).mean()), 3) if found else None,
+            "identity_cosine": round(float(np.mean(row["identity"])), 3) if found else None,
             "shirt_kept": round(float(np.mean(row["shirt"])), 3),
         }
     return out

@@ -115,7 +115,7 @@ def test_storymaker_pretrains_beside_a_pose_controlnet_fed_each_targets_skeleton
     # same seed, data and weights: only the ControlNet's residuals differ, and with them the loss
     assert posed_record["loss_terms"][0]["denoise"] != plain_record["loss_terms"][0]["denoise"]
     assert not installed_signals(base.pipe.unet)  # the ControlNet taken out again
-    with pytest.raises(LimnerError, match="pose_controlnet=.*no such folder"):
+    with pytest.raises(LimnerError, match="pose_controlnet: .*none is no folder"):
         method.pretrain(base, "world", tmp_path / "x", pose_controlnet=str(tmp_path / "none"), **QUICK)
 
 
@@ -219,3 +219,59 @@ def test_the_shipped_world_pose_controlnet_is_small_fp16_and_reads_the_skeleton(
                 remove()
 
         assert error(batch["poses"]) < 0.97 * error(batch["poses"].roll(1, 0))
+
+
+def test_generate_draws_a_storymaker_character_on_a_skeleton_from_the_command_line(adapter, tmp_path):
+    """`limner generate --method storymaker --image REF --pose-image SKELETON`: the world's pose ControlNet by default;
+    --controlnet-scale 0 draws what no skeleton draws; --controlnet-scale without a skeleton is refused."""
+    reference = render(Scene("grass", [CharacterSpec("woman", IDENTITIES[0].identity, "red")], variant=1, caption="x"))
+    ref, skeleton = tmp_path / "ref.png", tmp_path / "skeleton.png"
+    write_png(reference.image, ref)
+    standing = render(Scene("beach", [full_figure(x=0.7)], variant=2, caption="x"))
+    write_png(pose_picture(skeletons_of(standing.entities), 64), skeleton)
+    common = ["generate", "a woman on the beach", "--method", "storymaker", "--image", str(ref), "--adapter"]
+    common += [str(adapter), "-n", "1", "--steps", "3", "--seed", "1"]
+
+    def run(name: str, *extra: str):
+        result = CliRunner().invoke(app, [*common, *extra, "--out", str(tmp_path / name)])
+        return result, (np.asarray(__import__("PIL.Image").Image.open(next((tmp_path / name).glob("*.png")))))
+
+    (posed, with_pose), (off, scaled_off), (plain, without) = (
+        run("posed", "--pose-image", str(skeleton)),
+        run("off", "--pose-image", str(skeleton), "--controlnet-scale", "0"),
+        run("plain"),
+    )
+    assert posed.exit_code == off.exit_code == plain.exit_code == 0, posed.output + off.output + plain.output
+    assert not np.array_equal(with_pose, without) and np.array_equal(scaled_off, without)
+    refused = CliRunner().invoke(app, [*common, "--controlnet-scale", "0.5", "--out", str(tmp_path / "r")])
+    assert refused.exit_code == 2 and "no concept given holds a pose" in refused.output
+
+
+def test_two_posed_concepts_are_refused_and_world_pose_keeps_a_users_folder(base, adapter, pose_controlnet, tmp_path):
+    method = get_method("storymaker")
+    skeleton = tmp_path / "skeleton.png"
+    standing = render(Scene("beach", [full_figure()], variant=2, caption="x"))
+    write_png(pose_picture(skeletons_of(standing.entities), 64), skeleton)
+    concepts = []
+    for k in range(2):
+        spec = CharacterSpec("woman", IDENTITIES[k].identity, "red")
+        person = render(Scene("grass", [spec], variant=1, caption="x"))
+        concepts.append(
+            method.personalize(
+                base,
+                Subject(f"p{k}", "woman", [person.image]),
+                tmp_path / f"c{k}",
+                adapter=adapter,
+                pose_image=str(skeleton),
+                pose_controlnet=str(pose_controlnet),
+            )
+        )
+    with pytest.raises(LimnerError, match="one skeleton a picture"):
+        with apply_concepts(base, concepts):
+            pass
+    assert not installed_signals(base.pipe.unet)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    result = CliRunner().invoke(app, ["world", "pose", "--quick", "--out", str(mine), "--work", str(tmp_path / "w")])
+    assert result.exit_code == 2 and "other files" in result.output and (mine / "notes.txt").read_text() == "keep me"

@@ -377,7 +377,7 @@ def _own_state(unet: nn.Module) -> dict[str, torch.Tensor]:
     LoRA concept installed: `to_k.base_layer.weight` is `to_k.weight`, the lora_ tensors are not the UNet's)."""
     state = {}
     for name, tensor in unet.state_dict().items():
-        if ".lora_" in name or "lora_magnitude" in name:
+        if ".lora_" in name:
             continue
         state[name.replace(".base_layer.", ".")] = tensor
     return state
@@ -690,9 +690,9 @@ __all__ = [
     "installed_signals",
     "is_controlnet_delta",
     "kps_style",
-    "pose_style",
     "load_controlnet",
     "materialise_controlnet",
+    "pose_style",
     "save_controlnet",
     "save_controlnet_delta",
     "text_context",

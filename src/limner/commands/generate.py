@@ -26,7 +26,7 @@ from limner.errors import LimnerError
 from limner.progress import task_bar
 
 SCALE = "scale"  # the per-call setting --ip-scale sets (an AdapterMethod's call_settings)
-CONTROLNET_SCALE = "controlnet_scale"  # the one --controlnet-scale sets (InstantID's IdentityNet)
+CONTROLNET_SCALE = "controlnet_scale"  # the one --controlnet-scale sets (InstantID's IdentityNet, StoryMaker's pose)
 # One model load at a time in a process: `limner app` runs several generations in threads, and loading is not
 # thread-safe in the libraries (transformers builds each model on the meta device through process-wide state, so a
 # second load at the same moment failed with "Unsupported device type 'meta'"; diffusers' lazy imports raced too).
@@ -186,8 +186,8 @@ def generate(
         typer.Option(
             "--pose-image",
             help="For --image with a method that takes a pose: instantid, a picture whose face's keypoints set "
-            "the pose drawn (default: the first reference's); storymaker, an OpenPose skeleton picture (default: "
-            "no pose).",
+            "the pose drawn (default: the first reference's); storymaker, an OpenPose skeleton picture drawn through "
+            "its adapter's pose ControlNet, the world's on the world base (default: no pose).",
         ),
     ] = None,
     base: BaseOpt = None,

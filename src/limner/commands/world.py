@@ -169,7 +169,14 @@ def world_pose(
 
     if quick and out is None:
         fail("--quick trains a toy ControlNet that must not replace the shipped one: give --out DIR")
-    folder = out or WORLD_POSE
+    folder = (out or WORLD_POSE).resolve()
+    if folder.exists() and not folder.is_dir():
+        fail(f"--out {folder} is a file; give a folder")
+    holds_one = (folder / "config.json").is_file() and (folder / RECORD).is_file()
+    if measure_only and not holds_one:
+        fail(f"--out {folder} holds no pose ControlNet limner world pose made (config.json and {RECORD})")
+    if not measure_only and folder.is_dir() and any(folder.iterdir()) and not holds_one:
+        fail(f"--out {folder} is a folder with other files; the ControlNet replaces its folder: give a new one")
     base = load_base(None, device=device)
     if not measure_only:
         cfg = PoseBuildConfig.quick() if quick else PoseBuildConfig()

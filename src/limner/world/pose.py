@@ -145,10 +145,10 @@ class PoseControlNet(TrainingTask):
         if controlnet is None:
             controlnet = new_pose_controlnet(pipe.unet)
         self.controlnet = controlnet.float().train().requires_grad_(True)
-        self.signal = ControlSignal(self.controlnet, torch.zeros(1, 3, 8, 8), scale=1.0, name="world pose")
-        self.remove_signal = install_controlnet(pipe.unet, self.signal)
         self.prompts = PromptEncoder(pipe, base.resolution)
         self.scheduler = noise_scheduler(pipe)
+        self.signal = ControlSignal(self.controlnet, torch.zeros(1, 3, 8, 8), scale=1.0, name="world pose")
+        self.remove_signal = install_controlnet(pipe.unet, self.signal)  # last: nothing after it can fail
 
     def close(self) -> None:
         self.remove_signal()
@@ -223,8 +223,8 @@ def train_pose_controlnet(base: Base, out: Path, work: Path, cfg: PoseBuildConfi
         resume="latest",
     )
     task = PoseControlNet(base)
-    side = condition_side(base, task.controlnet)
     try:
+        side = condition_side(base, task.controlnet)
         log = train(task, pose_batches(cfg.batch, base.resolution, side), settings, work / "pose_controlnet", "pose")
     finally:
         task.close()

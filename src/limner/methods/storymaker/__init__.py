@@ -191,14 +191,15 @@ def pose_controlnet_folder(base: Base, given: str | None, what: str) -> Path | N
     if given != "world":
         folder = Path(given).expanduser()
         if not folder.is_dir():
-            raise LimnerError(f"{what}={given}: no such folder; give an OpenPose ControlNet in diffusers' layout")
+            raise LimnerError(f"{what}: {given} is no folder; give an OpenPose ControlNet in diffusers' layout")
         return folder
     from limner.world.pose import WORLD_POSE
 
     if not base.is_world:
         raise LimnerError(
-            f"{what}=world is the world base's pose ControlNet; for {base.path} give an OpenPose ControlNet made "
-            "for it (a diffusers folder, e.g. lllyasviel's control_v11p_sd15_openpose for SD 1.5)"
+            f"{what}: the world's pose ControlNet draws on the world base only; for {base.path} give an OpenPose "
+            "ControlNet made for it (a diffusers folder, e.g. lllyasviel's control_v11p_sd15_openpose for SD 1.5) "
+            "with --set pose_controlnet=DIR (limner train --method storymaker ... --set pose_image=SKELETON.png)"
         )
     if not WORLD_POSE.is_dir():
         raise LimnerError(f"the world's pose ControlNet is missing ({WORLD_POSE}); make it with `limner world pose`")
@@ -211,8 +212,11 @@ def _pose_controlnet(base: Base, folder: Path | None) -> nn.Module | None:
     return None if folder is None else load_controlnet(folder, base.pipe.unet)
 
 
-def pose_picture(path: str | Path) -> np.ndarray:
-    """An OpenPose skeleton picture as uint8 RGB; one with nothing drawn on it is an error naming it."""
+def read_pose_picture(path: str | Path) -> np.ndarray:
+    """An OpenPose skeleton picture as uint8 RGB; a missing one, or one with nothing drawn on it, is an error
+    naming it."""
+    if not Path(path).is_file():
+        raise LimnerError(f"pose image {path} does not exist; give an OpenPose skeleton picture")
     picture = read_reference_files([path])[0]
     if int(picture.max()) < 32:
         raise LimnerError(
@@ -228,16 +232,21 @@ def install_pose(unet: nn.Module, concept: Path, manifest: dict, name: str) -> A
     from PIL import Image, ImageOps
 
     from limner.adapters.controlnet import ControlSignal, condition_tensor, install_controlnet, load_controlnet
+    from limner.io import child
     from limner.models.loading import fingerprint
+    from limner.world.pose import WORLD_POSE
 
     pose = manifest["pose"]
-    folder = Path(pose["controlnet"])
+    folder = WORLD_POSE if pose["controlnet"] == "world" else Path(pose["controlnet"])
     if not folder.is_dir() or fingerprint(folder) != pose["controlnet_fingerprint"]:
         raise LimnerError(
             f"the pose ControlNet {folder} is missing or changed since concept {concept} was encoded with it; "
             "encode the concept again"
         )
-    with Image.open(concept / pose["picture"]) as im:
+    path = child(child(concept, "references", "a folder"), POSE_PICTURE, "a pose picture")  # never the manifest's
+    if not path.is_file():
+        raise LimnerError(f"concept {concept} lost its pose picture ({path}); encode the concept again")
+    with Image.open(path) as im:
         picture = im.convert("RGB")
 
     def drawn(height: int, width: int) -> torch.Tensor:
@@ -308,10 +317,10 @@ class StoryMaker(AdapterMethod):
         pose_folder = pose_controlnet_folder(base, cfg.pose_controlnet, "pose_controlnet")
         pose_controlnet = _pose_controlnet(base, pose_folder)
         task = Pretraining(base, encoder, shape, cfg, train_cfg, pose_controlnet=pose_controlnet)
-        if start is not None:
-            task.start_from(start, cfg.init)
         t0 = time.perf_counter()
         try:
+            if start is not None:
+                task.start_from(start, cfg.init)
             size = int(encoder.model.config.image_size)
             pose_side = None if pose_controlnet is None else condition_side(base, pose_controlnet)
             batches = StoryBatches(stream, base, analyser, size, train_cfg.batch_size, pose_side)
@@ -521,9 +530,10 @@ class StoryMaker(AdapterMethod):
         }
         pose = None
         if cfg.pose_image is not None:
-            picture = pose_picture(cfg.pose_image)
-            folder = pose_controlnet_folder(base, cfg.pose_controlnet or "world", "pose_controlnet")
-            pose = {"picture": picture, "source": str(cfg.pose_image), "controlnet": folder}
+            picture = read_pose_picture(cfg.pose_image)
+            given = cfg.pose_controlnet or (manifest.get("pose_controlnet") or {}).get("path") or "world"
+            folder = pose_controlnet_folder(base, given, "the pose ControlNet for pose_image (--pose-image)")
+            pose = {"picture": picture, "source": str(cfg.pose_image), "given": given, "controlnet": folder}
         return self._write_concept(base, adapter, subjects, chars, tensors, cfg, out, t0, given_as, pose)
 
     def _write_concept(self, base, adapter, subjects, chars, tensors, cfg, out, t0, given_as, pose) -> Path:
@@ -559,7 +569,8 @@ class StoryMaker(AdapterMethod):
                 else {
                     "picture": f"references/{POSE_PICTURE}",
                     "source": pose["source"],
-                    "controlnet": str(pose["controlnet"].resolve()),
+                    # as given ("world" resolves to this install's), so the concept moves with the package
+                    "controlnet": pose["given"] if pose["given"] == "world" else str(pose["controlnet"].resolve()),
                     "controlnet_fingerprint": fingerprint(pose["controlnet"]),
                 },
             )
@@ -616,9 +627,14 @@ class StoryMaker(AdapterMethod):
             installation.undo.append(restore)
             set_ip_scale(unet, float(config.get("scale", 0.8)))
             activate_named_lora(unet, LORA_NAME, float(config.get("lora_scale", 0.8)))
-            for concept, manifest in zip(concepts, manifests):
-                if manifest.get("pose"):
-                    installation.undo.append(install_pose(unet, Path(concept), manifest, self.name))
+            posed = [(Path(c), m) for c, m in zip(concepts, manifests) if m.get("pose")]
+            if len(posed) > 1:  # two skeleton pictures would sum, each at full strength
+                raise LimnerError(
+                    f"storymaker draws one skeleton a picture; concepts {posed[0][0]} and {posed[1][0]} each hold "
+                    "one: encode the characters together with one --pose-image"
+                )
+            for concept, manifest in posed:
+                installation.undo.append(install_pose(unet, concept, manifest, self.name))
         except BaseException:
             installation.uninstall()
             raise
@@ -640,9 +656,14 @@ class StoryMaker(AdapterMethod):
         if "controlnet_scale" in settings:
             from limner.adapters.controlnet import installed_signals
 
-            for signal in installed_signals(base.pipe.unet):
-                if signal.name == self.name:
-                    signal.scale = float(checked.controlnet_scale)
+            mine = [s for s in installed_signals(base.pipe.unet) if s.name == self.name]
+            if not mine:
+                raise LimnerError(
+                    "controlnet_scale (--controlnet-scale) scales storymaker's pose ControlNet, and no concept given "
+                    "holds a pose: give --pose-image"
+                )
+            for signal in mine:
+                signal.scale = float(checked.controlnet_scale)
 
     @torch.no_grad()
     def condition(self, base: Base, concepts: list[Path], prompt: str) -> dict[str, Any]:
