@@ -8,7 +8,7 @@ everything in it, the most specific name winning) and checks every import agains
 2. world data: limner.world, limner.world.vocab, limner.world.render, limner.world.scenes, limner.world.heldout,
    limner.world.bench
 3. models and encoders: limner.models.*, limner.world.stack, limner.encoders.*, limner.world.probes, limner.data.*
-4. machinery: limner.regions, limner.generation, limner.training.*, limner.adapters.*
+4. machinery: limner.regions, limner.generation, limner.training.*, limner.adapters.*, limner.world.pose
 5. concepts and methods: limner.subject, limner.concepts, limner.methods.*
 6. conditioning: limner.conditioning
 7. tools: limner.evaluation.*, limner.demo, limner.world.check, limner.world.build, limner.world.stages,

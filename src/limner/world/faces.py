@@ -37,7 +37,7 @@ from limner.world import vocab
 from limner.world.bench import IDENTITIES, heldout_identity_keys, identity_character
 from limner.world.probes import degrade, lose_detail, to_input
 from limner.world.render import Render, Scene, render
-from limner.world.scenes import random_character, random_object
+from limner.world.scenes import random_character, training_scene
 from limner.world.stages import WholeModelTask
 
 MAX_FACES = 2  # a world picture shows at most two characters
@@ -85,32 +85,6 @@ def faces_of(r: Render) -> np.ndarray:
 def character_mask(r: Render) -> np.ndarray:
     masks = [e.mask for e in r.entities if e.kind == "character"]
     return np.any(masks, axis=0) if masks else np.zeros(r.image.shape[:2], bool)
-
-
-def training_scene(rng: np.random.Generator) -> Scene:
-    """A scene as the base model saw them: one character (portrait or full figure), two side by side, a
-    character beside an object, or objects only (no face). Held-out identities never appear."""
-    exclude = set(heldout_identity_keys())
-    kind = rng.choice(["portrait", "full", "two", "with_object", "objects"], p=[0.35, 0.25, 0.15, 0.1, 0.15])
-    if kind in ("portrait", "full"):
-        entities = [random_character(rng, 0.5, str(kind), exclude)]
-    elif kind == "two":
-        entities = [
-            random_character(rng, 0.28, "full", exclude, 0.85),
-            random_character(rng, 0.72, "full", exclude, 0.85),
-        ]
-    elif kind == "with_object":
-        c, o = random_character(rng, 0.0, "full", exclude, 0.9), random_object(rng, 0.0, (0.14, 0.2))
-        left, right = (o, c) if rng.random() < 0.5 else (c, o)
-        left.x, right.x = 0.27 + rng.uniform(-0.04, 0.04), 0.73 + rng.uniform(-0.04, 0.04)
-        entities = [left, right]
-    else:
-        entities = (
-            [random_object(rng, 0.5)]
-            if rng.random() < 0.5
-            else [random_object(rng, 0.27, (0.15, 0.22)), random_object(rng, 0.73, (0.15, 0.22))]
-        )
-    return Scene(str(rng.choice(list(vocab.CONTEXTS))), entities, variant=int(rng.integers(2**31)))
 
 
 def make_training_set(n: int, seed: int) -> dict[str, np.ndarray]:

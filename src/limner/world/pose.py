@@ -185,7 +185,7 @@ def pose_batches(batch_size: int, resolution: int, side: int):
     skeletons drawn `side` pixels wide; every scene drawn from the loop's generator (so a resumed run draws what it
     would have)."""
     from limner.training.data import fit_square
-    from limner.world.faces import training_scene
+    from limner.world.scenes import training_scene
 
     def next_batch(generator: torch.Generator) -> dict:
         images, prompts, poses = [], [], []
@@ -207,7 +207,6 @@ def train_pose_controlnet(base: Base, out: Path, work: Path, cfg: PoseBuildConfi
     base's UNet, with build.json (settings, time, loss curve); the full ControlNet stays in `work`/full."""
     from limner.adapters.controlnet import save_controlnet, save_controlnet_delta
     from limner.io import write_json_atomic
-    from limner.methods.adapter import thin_curve
 
     start = time.time()
     settings = TrainConfig(
@@ -236,7 +235,7 @@ def train_pose_controlnet(base: Base, out: Path, work: Path, cfg: PoseBuildConfi
         "settings": asdict(cfg),
         "steps": log.steps,
         "seconds": round(time.time() - start, 1),
-        "curve": thin_curve(log.curve),
+        "curve": log.curve[:: max(1, len(log.curve) // 200)] + log.curve[-1:],  # ~200 points and the last
         "delta": {"energy": cfg.energy, "ranks": delta["ranks"], "unet_fingerprint": delta["unet_fingerprint"]},
     }
     write_json_atomic(out / RECORD, record)
