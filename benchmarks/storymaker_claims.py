@@ -154,7 +154,7 @@ POSE_CONTEXTS = ["beach", "city", "snow"]
 
 def pose(base, adapters: list[str], n: int) -> dict:
     from limner.images import write_png
-    from limner.world.pose import pose_picture, skeletons_of
+    from limner.world.pose import head_error, pose_picture, skeletons_of
 
     method, probes, analyser = get_method("storymaker"), Probes(WORLD_PROBES), face_analysis(None)
     stats = {f"{a} {mode}": {"error": [], "found": [], "identity": [], "shirt": []} for a in adapters for mode in "+-"}
@@ -169,7 +169,6 @@ def pose(base, adapters: list[str], n: int) -> dict:
             (skeleton,) = skeletons_of(render(Scene(context, [spec], variant=1 + p, caption="x")).entities)
             folder = Path(tempfile.mkdtemp(dir=scratch))
             write_png(pose_picture([skeleton], side), folder / "skeleton.png")
-            want = skeleton[[0, 14, 15]].mean(0) * side / 64  # nose and eyes, 64 px render -> the base's pixels
             prompt = f"a {h.cls} {vocab.CONTEXTS[context]}"
             for i, a in enumerate(adapters):
                 person = Subject(h.name, h.cls, [reference])
@@ -182,7 +181,7 @@ def pose(base, adapters: list[str], n: int) -> dict:
                         face = largest_face(analyser.analyse([image])[0])
                         row["found"].append(face is not None)
                         if face is not None:
-                            row["error"].append(float(np.linalg.norm(face.keypoints[:3].mean(0) - want)))
+                            row["error"].append(head_error(face.keypoints, skeleton, side))
                             row["identity"].append(float(face.embedding @ reference_id))
     shutil.rmtree(scratch)
     out = {}

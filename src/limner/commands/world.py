@@ -169,6 +169,10 @@ def world_pose(
 
     if quick and out is None:
         fail("--quick trains a toy ControlNet that must not replace the shipped one: give --out DIR")
+    if steps is not None and steps < 1:
+        fail(f"--steps {steps}: give at least 1 training step")
+    if n < 1:
+        fail(f"-n {n}: give at least 1 picture to measure with")
     folder = (out or WORLD_POSE).resolve()
     if folder.exists() and not folder.is_dir():
         fail(f"--out {folder} is a file; give a folder")

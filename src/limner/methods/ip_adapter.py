@@ -93,7 +93,7 @@ from limner.methods.registry import register
 from limner.methods.settings import setting, with_settings
 from limner.subject import Subject
 from limner.training import TrainConfig, TrainingTask, is_main_process, noise_scheduler, split_train_settings, train
-from limner.training.data import fit_square
+from limner.training.data import fit_square, sample_latents
 from limner.training.losses import denoising_loss
 
 if TYPE_CHECKING:
@@ -615,8 +615,7 @@ class _Pretraining(TrainingTask):
         vae = self.base.pipe.vae
         drop_image, drop_text = official_drops(len(batch["prompts"]), self.cfg, generator)
         with torch.no_grad():
-            x = batch["images"].to(vae.device, vae.dtype)
-            latents = vae.encode(x).latent_dist.sample(generator) * float(vae.config.scaling_factor)
+            latents = sample_latents(vae, batch["images"], generator)
             pixels = batch["pixels"].to(self.encoder.device, self.encoder.dtype)
             keep = (~drop_image).to(pixels.device)
             if self.cfg.variant == "plain":  # a zero embedding, as tutorial_train_ip-adapter.py

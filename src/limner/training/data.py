@@ -24,6 +24,14 @@ def fit_square(image: np.ndarray, resolution: int) -> np.ndarray:
     return np.asarray(im.crop((left, top, left + resolution, top + resolution)))
 
 
+def fit_points(keypoints: np.ndarray, size: tuple[int, int], width: int, height: int) -> np.ndarray:
+    """Points of a picture of `size` (w, h) in a width x height picture made from it by resizing it to cover that
+    shape and cropping the centre (what fit_square does for a square)."""
+    w, h = size
+    s = max(width / w, height / h)
+    return np.asarray(keypoints, dtype=float) * s - np.array([(w * s - width) / 2, (h * s - height) / 2])
+
+
 def subject_loss_weights(
     subject, resolution: int, latent_size: int, flip: bool, background_weight: float
 ) -> torch.Tensor:
@@ -80,6 +88,13 @@ class LatentCache:
     def sample(self, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         eps = torch.randn(self.mean[idx].shape, generator=generator)
         return (self.mean[idx] + self.std[idx] * eps) * self.scaling
+
+
+@torch.no_grad()
+def sample_latents(vae, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A batch of pictures in [-1, 1] as the UNet's latents: one draw from the VAE's posterior, scaled."""
+    posterior = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
+    return posterior.sample(generator) * float(vae.config.scaling_factor)
 
 
 @torch.no_grad()

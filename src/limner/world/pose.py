@@ -41,6 +41,7 @@ from limner.adapters.controlnet import (
 from limner.images import to_unit_range
 from limner.models.loading import ASSETS
 from limner.training import TrainConfig, TrainingTask, noise_scheduler, train
+from limner.training.data import fit_square, sample_latents
 from limner.training.losses import denoising_loss
 from limner.world.render import SIZE, EntityTruth, render
 from limner.world.scenes import caption_for
@@ -94,6 +95,13 @@ def pose_picture(skeletons: list[np.ndarray], side: int) -> np.ndarray:
     return draw_pose(side, side, [s * side / SIZE for s in skeletons])
 
 
+def head_error(face_keypoints: np.ndarray, skeleton: np.ndarray, side: int) -> float:
+    """Pixels between a found face's eyes and nose (their mean; the face analyser's first 3 keypoints) and the
+    skeleton's (OpenPose points in 64-px render pixels), in a picture `side` pixels wide."""
+    want = np.asarray(skeleton)[[0, 14, 15]].mean(0) * side / SIZE
+    return float(np.linalg.norm(np.asarray(face_keypoints)[:3].mean(0) - want))
+
+
 @dataclass
 class PoseBuildConfig:
     steps: int = 2000
@@ -135,16 +143,14 @@ class PoseControlNet(TrainingTask):
     """A ControlNet copied from the base's UNet learns the denoising loss under its skeleton condition; the rest of
     the base is frozen."""
 
-    def __init__(self, base: Base, controlnet: nn.Module | None = None):
+    def __init__(self, base: Base):
         from limner.training.conditioning import PromptEncoder
 
         self.base = base
         pipe = base.pipe
         for m in (pipe.unet, pipe.vae, pipe.text_encoder):
             m.requires_grad_(False)
-        if controlnet is None:
-            controlnet = new_pose_controlnet(pipe.unet)
-        self.controlnet = controlnet.float().train().requires_grad_(True)
+        self.controlnet = new_pose_controlnet(pipe.unet).float().train().requires_grad_(True)
         self.prompts = PromptEncoder(pipe, base.resolution)
         self.scheduler = noise_scheduler(pipe)
         self.signal = ControlSignal(self.controlnet, torch.zeros(1, 3, 8, 8), scale=1.0, name="world pose")
@@ -174,8 +180,7 @@ class PoseControlNet(TrainingTask):
         self.signal.controlnet = self.wrapped.get("controlnet", self.controlnet)
         self.signal.image = batch["poses"].to(self.base.device)
         with torch.no_grad():
-            x = batch["images"].to(vae.device, vae.dtype)
-            latents = vae.encode(x).latent_dist.sample(generator) * float(vae.config.scaling_factor)
+            latents = sample_latents(vae, batch["images"], generator)
             cond, kwargs = self.prompts.encode_frozen(batch["prompts"])
         return denoising_loss(self.base.pipe.unet, self.scheduler, latents, cond, generator, **kwargs)
 
@@ -184,7 +189,6 @@ def pose_batches(batch_size: int, resolution: int, side: int):
     """next_batch: renders of the face analyser's training scenes at the base's resolution, their captions and their
     skeletons drawn `side` pixels wide; every scene drawn from the loop's generator (so a resumed run draws what it
     would have)."""
-    from limner.training.data import fit_square
     from limner.world.scenes import training_scene
 
     def next_batch(generator: torch.Generator) -> dict:
@@ -282,9 +286,7 @@ def measure_pose(base: Base, folder: Path, n: int = 24, seed: int = 0, scale: fl
             if face is None:
                 continue
             found += 1
-            want = skeleton[[0, 14, 15]].mean(0) * base.resolution / SIZE  # nose and eyes, in the picture's pixels
-            got = np.asarray(face.keypoints)[:3].mean(0)
-            errors.append(float(np.linalg.norm(got - want)))
+            errors.append(head_error(face.keypoints, skeleton, base.resolution))
         errs = np.array(errors)
         out[label] = {
             "scale": s,

@@ -78,7 +78,7 @@ from limner.methods.registry import register
 from limner.methods.settings import recipe_setting, setting, with_settings
 from limner.subject import Subject
 from limner.training import TrainConfig, TrainingTask, is_main_process, noise_scheduler, split_train_settings, train
-from limner.training.data import fit_square
+from limner.training.data import fit_square, sample_latents
 from limner.training.losses import denoising_loss
 
 if TYPE_CHECKING:
@@ -374,8 +374,7 @@ class Stage2(TrainingTask):
     def loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         vae = self.base.pipe.vae
         with torch.no_grad():
-            x = batch["images"].to(vae.device, vae.dtype)
-            latents = vae.encode(x).latent_dist.sample(generator) * float(vae.config.scaling_factor)
+            latents = sample_latents(vae, batch["images"], generator)
         cond = self.conditioning(batch, generator)
         loss = denoising_loss(self.wrapped["unet"], self.scheduler, latents, cond.to(latents.dtype), generator)
         self.terms["denoise"].append(round(float(loss.detach()), 5))

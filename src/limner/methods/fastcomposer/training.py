@@ -38,7 +38,7 @@ from limner.images import to_unit_range
 from limner.methods.fastcomposer.prompts import tokenize_with_triggers, with_triggers
 from limner.methods.fastcomposer.weights import LORA_NAME
 from limner.training import TrainingTask, noise_scheduler
-from limner.training.data import fit_square
+from limner.training.data import fit_square, sample_latents
 from limner.training.losses import denoising_loss
 
 # the UNet's LoRA: every attention projection and feed-forward layer of its transformer blocks
@@ -200,8 +200,7 @@ class Pretraining(TrainingTask):
         pipe, device = self.base.pipe, self.base.device
         vae, text_encoder = pipe.vae, pipe.text_encoder
         with torch.no_grad():
-            x = batch["images"].to(device, vae.dtype)
-            latents = vae.encode(x).latent_dist.sample(generator) * float(vae.config.scaling_factor)
+            latents = sample_latents(vae, batch["images"], generator)
             text = text_encoder(batch["input_ids"].to(device))[0].float()
         rows, tokens = batch["rows"].to(device), batch["tokens"].to(device)
         if batch["pixels"] is not None:
@@ -226,7 +225,7 @@ class Pretraining(TrainingTask):
         loss = denoise
         terms = {"denoise": float(denoise.detach()), "masked": masked}
         if len(rows) and self.cfg.localization_weight:
-            localization = localization_loss(maps, batch["subject_masks"].to(device), rows, tokens, len(x))
+            localization = localization_loss(maps, batch["subject_masks"].to(device), rows, tokens, len(latents))
             loss = loss + self.cfg.localization_weight * localization
             terms["localization"] = float(localization.detach())
         self.terms.append(terms)

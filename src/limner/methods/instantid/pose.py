@@ -13,6 +13,7 @@ import torch
 
 from limner.adapters.controlnet import condition_tensor, draw_kps
 from limner.errors import LimnerError
+from limner.training.data import fit_points
 
 MIN_POSE_SIDE = 16  # pixels: a smaller picture has no face to find keypoints on
 
@@ -40,14 +41,6 @@ def pose_of(keypoints: np.ndarray, width: int, height: int, where: str) -> dict:
     return {"source": where, "size": [int(width), int(height)], "keypoints": kps}
 
 
-def fit_points(keypoints: np.ndarray, size: tuple[int, int], width: int, height: int) -> np.ndarray:
-    """Points of a picture of `size` (w, h) in a width x height picture made from it by resizing it to cover that
-    shape and cropping the centre (what limner.training.data.fit_square does for a square)."""
-    w, h = size
-    s = max(width / w, height / h)
-    return np.asarray(keypoints, dtype=float) * s - np.array([(w * s - width) / 2, (h * s - height) / 2])
-
-
 def fitted_keypoints(pose: dict, width: int, height: int) -> np.ndarray:
     """The pose's keypoints in a width x height picture. A face the crop cuts off is an error: the pose picture's
     shape does not fit the picture asked."""
@@ -71,4 +64,4 @@ def kps_drawer(pose: dict, style: tuple[int | None, int | None] = (None, None)):
     return draw
 
 
-__all__ = ["MIN_POSE_SIDE", "fit_points", "fitted_keypoints", "kps_drawer", "pose_from", "pose_of"]
+__all__ = ["MIN_POSE_SIDE", "fitted_keypoints", "kps_drawer", "pose_from", "pose_of"]

@@ -35,10 +35,9 @@ from limner.adapters.controlnet import (
 from limner.encoders.faces import FaceAnalysis, identity_input, largest_face
 from limner.errors import LimnerError
 from limner.images import to_unit_range
-from limner.methods.instantid.pose import fit_points
 from limner.methods.ip_adapter import attach, detach, load_projection
 from limner.training import TrainConfig, TrainingTask, noise_scheduler
-from limner.training.data import fit_square
+from limner.training.data import fit_points, fit_square, sample_latents
 from limner.training.losses import denoising_loss
 
 if TYPE_CHECKING:
@@ -127,8 +126,7 @@ class IdentityPretraining(TrainingTask):
         self.signal.controlnet = self.wrapped.get("controlnet", self.controlnet)
         self.signal.image = batch["kps"].to(self.base.device)
         with torch.no_grad():
-            x = batch["images"].to(vae.device, vae.dtype)
-            latents = vae.encode(x).latent_dist.sample(generator) * float(vae.config.scaling_factor)
+            latents = sample_latents(vae, batch["images"], generator)
             cond, kwargs = self.prompts.encode_frozen(batch["prompts"])
         faces = batch["faces"].to(self.base.device).unsqueeze(1)  # [B, 1 token, d]
         added = kwargs.get("added_cond_kwargs", {}) | {"image_embeds": [faces.unsqueeze(1)]}  # [B, 1 image, 1, d]

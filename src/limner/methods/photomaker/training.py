@@ -35,7 +35,7 @@ from limner.methods.photomaker.references import id_faces
 from limner.methods.photomaker.weights import LORA_NAME, LORA_TARGETS
 from limner.training import TrainingTask, noise_scheduler
 from limner.training.conditioning import PromptEncoder
-from limner.training.data import fit_square
+from limner.training.data import fit_square, sample_latents
 from limner.training.losses import denoising_loss
 
 MAX_SKIPPED_IN_A_ROW = 64  # data where faces are this rare is the wrong data (or the wrong face analysis)
@@ -201,8 +201,7 @@ class Pretraining(TrainingTask):
         pipe, device = self.base.pipe, self.base.device
         vae = pipe.vae
         with torch.no_grad():
-            x = batch["images"].to(device, vae.dtype)
-            latents = vae.encode(x).latent_dist.sample(generator) * float(vae.config.scaling_factor)
+            latents = sample_latents(vae, batch["images"], generator)
             text, unet_kwargs = self.prompts.encode(batch["input_ids"])
         text = text.float()
         if batch["pixels"] is not None:

@@ -206,12 +206,6 @@ def pose_controlnet_folder(base: Base, given: str | None, what: str) -> Path | N
     return WORLD_POSE
 
 
-def _pose_controlnet(base: Base, folder: Path | None) -> nn.Module | None:
-    from limner.adapters.controlnet import load_controlnet
-
-    return None if folder is None else load_controlnet(folder, base.pipe.unet)
-
-
 def read_pose_picture(path: str | Path) -> np.ndarray:
     """An OpenPose skeleton picture as uint8 RGB; a missing one, or one with nothing drawn on it, is an error
     naming it."""
@@ -226,7 +220,7 @@ def read_pose_picture(path: str | Path) -> np.ndarray:
     return picture
 
 
-def install_pose(unet: nn.Module, concept: Path, manifest: dict, name: str) -> Any:
+def install_pose(base: Base, concept: Path, manifest: dict, name: str) -> Any:
     """The concept's pose ControlNet, reading its skeleton picture (cover-fitted to the size drawn) and the text;
     returns the function that takes it out."""
     from PIL import Image, ImageOps
@@ -234,13 +228,12 @@ def install_pose(unet: nn.Module, concept: Path, manifest: dict, name: str) -> A
     from limner.adapters.controlnet import ControlSignal, condition_tensor, install_controlnet, load_controlnet
     from limner.io import child
     from limner.models.loading import fingerprint
-    from limner.world.pose import WORLD_POSE
 
-    pose = manifest["pose"]
-    folder = WORLD_POSE if pose["controlnet"] == "world" else Path(pose["controlnet"])
-    if not folder.is_dir() or fingerprint(folder) != pose["controlnet_fingerprint"]:
+    pose, unet = manifest["pose"], base.pipe.unet
+    folder = pose_controlnet_folder(base, pose["controlnet"], f"the pose ControlNet of concept {concept}")
+    if fingerprint(folder) != pose["controlnet_fingerprint"]:
         raise LimnerError(
-            f"the pose ControlNet {folder} is missing or changed since concept {concept} was encoded with it; "
+            f"the pose ControlNet {folder} changed since concept {concept} was encoded with it; "
             "encode the concept again"
         )
     path = child(child(concept, "references", "a folder"), POSE_PICTURE, "a pose picture")  # never the manifest's
@@ -293,7 +286,7 @@ class StoryMaker(AdapterMethod):
     def pretrain(self, base: Base, data: Any, out: Path, **settings: Any) -> Path:
         """Pretrains on the world's characters (data "world", or a stream of StorySample); writes the adapter."""
         from limner.adapters import ip_state_dict
-        from limner.adapters.controlnet import condition_side
+        from limner.adapters.controlnet import condition_side, load_controlnet
         from limner.encoders.faces import face_analysis
         from limner.methods.storymaker.projection import official_state
         from limner.methods.storymaker.training import Pretraining, StoryBatches
@@ -315,7 +308,7 @@ class StoryMaker(AdapterMethod):
         )
         start = self._starting_weights(base, cfg, shape)
         pose_folder = pose_controlnet_folder(base, cfg.pose_controlnet, "pose_controlnet")
-        pose_controlnet = _pose_controlnet(base, pose_folder)
+        pose_controlnet = None if pose_folder is None else load_controlnet(pose_folder, base.pipe.unet)
         task = Pretraining(base, encoder, shape, cfg, train_cfg, pose_controlnet=pose_controlnet)
         t0 = time.perf_counter()
         try:
@@ -634,7 +627,7 @@ class StoryMaker(AdapterMethod):
                     "one: encode the characters together with one --pose-image"
                 )
             for concept, manifest in posed:
-                installation.undo.append(install_pose(unet, concept, manifest, self.name))
+                installation.undo.append(install_pose(base, concept, manifest, self.name))
         except BaseException:
             installation.uninstall()
             raise

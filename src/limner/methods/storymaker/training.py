@@ -43,7 +43,7 @@ from limner.methods.storymaker.characters import character_pictures, squeezed
 from limner.methods.storymaker.projection import CHARACTER_TOKENS, StoryMakerProjection
 from limner.methods.storymaker.weights import LORA_NAME, add_lora, ip_entries, lora_official_state, lora_peft_state
 from limner.training import TrainingTask, noise_scheduler
-from limner.training.data import fit_square
+from limner.training.data import fit_points, fit_square, sample_latents
 
 
 class StoryBatches:
@@ -113,7 +113,6 @@ def _skeleton_picture(sample: Any, side: int) -> np.ndarray:
     """The target's characters' skeletons as fitted with the target, drawn `side` pixels wide (the pose ControlNet's
     condition image)."""
     from limner.errors import LimnerError
-    from limner.methods.instantid.pose import fit_points
 
     if getattr(sample, "poses", None) is None:
         raise LimnerError("pose_controlnet needs each sample's body keypoints; this data gives none (the world's do)")
@@ -301,8 +300,7 @@ class Pretraining(TrainingTask):
         drop_image, drop_text = self._drops(b, generator)
         keep = (~drop_image).repeat_interleave(n).float().to(device)  # per character
         with torch.no_grad():
-            x = batch["images"].to(device, vae.dtype)
-            latents = vae.encode(x).latent_dist.sample(generator) * float(vae.config.scaling_factor)
+            latents = sample_latents(vae, batch["images"], generator)
             faces = self.encoder.pixels(batch["faces"]) * keep.view(-1, 1, 1, 1).to(self.encoder.dtype)
             bodies = self.encoder.pixels(batch["bodies"]) * keep.view(-1, 1, 1, 1).to(self.encoder.dtype)
             face_tokens = self.encoder.features(faces, "plus").float()
