@@ -1,0 +1,267 @@
+"""Is the world's image encoder what holds IP-Adapter back on the world bench? A subject encoder trained to tell one
+subject from another across views, measured beside the base's CLIP image tower.
+
+IP-Adapter reads references through a CLIP image encoder far stronger than the text CLIP of the model it serves
+(OpenCLIP ViT-H/14 for SD 1.5). The world's CLIP image tower was trained 500 steps on captions, before the world
+had its two-tone instances. This script trains that tower on with a contrastive loss between two views of one
+subject (another context, pose and scale; each cut out on grey, as IP-Adapter's references are) against every
+other subject of the batch, among them a sibling that differs from it in one look (the emblem, its colour, the
+split or the second colour). It learns from which views show the same subject, nothing else (no attribute label,
+no probe); the bench's held-out subjects never appear (the world stream's `draw_subject`, and a sibling near a
+held-out subject is refused). Then it measures what each encoder's pooled embedding (plain IP-Adapter's input)
+carries on cut-out views of fresh instances: a linear probe of each look, how often a view's nearest other view
+is its own, and its own rather than its sibling's.
+
+    python benchmarks/ip_adapter_encoder.py --out /tmp/views [--steps 800] [--emblem-share 0.25]
+    limner pretrain --method ip_adapter --data world --set image_encoder=/tmp/views/image_encoder ...
+
+The trained encoder lands in OUT/image_encoder (fp16, the CLIP vision layout, with the base's feature_extractor
+beside it: `--set image_encoder=` reads it) and the numbers in OUT/result.json; ip_adapter_encoder/ keeps the
+numbers of the runs in benchmarks/README.md (not the weights).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from limner.data.world import WorldSubject, draw_subject, draw_view
+from limner.errors import LimnerError
+from limner.images import cut_out
+from limner.io import write_json_atomic
+from limner.models.loading import WORLD_BASE
+from limner.training import TrainConfig, TrainingTask, train
+from limner.world import vocab
+from limner.world.render import SPLITS
+from limner.world.scenes import near_heldout_subject
+
+IMAGE_ENCODER, FEATURE_EXTRACTOR = "image_encoder", "feature_extractor"
+LOOKS = ("cls", "colour_a", "colour_b", "split", "emblem", "emblem_colour")
+
+
+@dataclass
+class ViewsBuildConfig:
+    steps: int = 800
+    families: int = 48  # subjects a batch (each instance with a sibling), two views each
+    lr: float = 1e-4
+    temperature: float = 0.07
+    emblem_share: float = 0.25  # of siblings that differ in the emblem; the rest split the other three looks evenly
+    seed: int = 0
+    checkpoint_every: int = 100
+
+
+def sibling(rng: np.random.Generator, subject: WorldSubject, emblem_share: float = 0.25) -> WorldSubject:
+    """The instance with one look changed (emblem, emblem colour, split or second colour), never one near a
+    held-out subject: the negative that only that look tells apart."""
+    s = subject.instance
+    others = (1 - emblem_share) / 3
+    while True:
+        look = str(
+            rng.choice(["emblem", "emblem_colour", "split", "colour_b"], p=[emblem_share, others, others, others])
+        )
+        if look == "emblem":
+            new = replace(s, emblem=str(rng.choice([e for e in vocab.EMBLEMS if e != s.emblem])))
+        elif look == "split":
+            new = replace(s, split=next(x for x in SPLITS if x != s.split))
+        else:
+            taken = {s.colour_a, s.colour_b, s.emblem_colour}
+            new = replace(s, **{look: str(rng.choice([c for c in vocab.COLOURS if c not in taken]))})
+        if not near_heldout_subject(new):
+            return replace(subject, instance=new)
+
+
+def view_pairs(
+    rng: np.random.Generator, families: int, emblem_share: float = 0.25
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Two cut-out views [N, 64, 64, 3] of each subject of `families` families (an instance and its sibling, or
+    one plain object or character), and each subject's family [N]."""
+    first, second, family = [], [], []
+    for f in range(families):
+        subject = draw_subject(rng)
+        for s in [subject, sibling(rng, subject, emblem_share)] if subject.kind == "instance" else [subject]:
+            for views in (first, second):
+                image, _, mask = draw_view(rng, s)
+                views.append(cut_out(image, mask))
+            family.append(f)
+    return np.stack(first), np.stack(second), np.array(family)
+
+
+class ViewContrast(TrainingTask):
+    """Symmetric InfoNCE between the pooled embeddings of two views of each subject in the batch."""
+
+    def __init__(self, model: nn.Module, temperature: float):
+        self.model, self.temperature = model.float().train().requires_grad_(True), temperature
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"image_encoder": self.model}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.model.parameters())
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state)
+
+    def loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        model = self.wrapped.get("image_encoder", self.model)
+        a, b = (F.normalize(model(pixel_values=batch[k]).image_embeds, dim=-1) for k in ("first", "second"))
+        logits = a @ b.T / self.temperature
+        labels = torch.arange(len(a), device=a.device)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def _normaliser(folder: Path):
+    """uint8 [N, 64, 64, 3] -> the encoder's pixel values, as its feature extractor gives them at its own size."""
+    config = json.loads((Path(folder) / FEATURE_EXTRACTOR / "preprocessor_config.json").read_text())
+    mean = torch.tensor(config["image_mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(config["image_std"]).view(1, 3, 1, 1)
+    return lambda images: (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - mean) / std
+
+
+def view_batches(cfg: ViewsBuildConfig, pixels):
+    def next_batch(generator: torch.Generator) -> dict:
+        rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        first, second, _ = view_pairs(rng, cfg.families, cfg.emblem_share)
+        swap = torch.rand(len(first), generator=generator).numpy() < 0.5  # neither side is always "the reference"
+        return {
+            "first": pixels(np.where(swap[:, None, None, None], second, first)),
+            "second": pixels(np.where(swap[:, None, None, None], first, second)),
+        }
+
+    return next_batch
+
+
+def train_views(start: Path, out: Path, work: Path, cfg: ViewsBuildConfig) -> dict:
+    """Trains the encoder in `start`/image_encoder (the world base's CLIP image tower) on view pairs (resumable
+    from `work`); writes it to `out` in fp16 with `start`'s feature extractor and build.json."""
+    from transformers import CLIPVisionModelWithProjection
+
+    t0 = time.time()
+    model = CLIPVisionModelWithProjection.from_pretrained(Path(start) / IMAGE_ENCODER, local_files_only=True)
+    settings = TrainConfig(
+        max_steps=cfg.steps,
+        batch_size=cfg.families,
+        learning_rate=cfg.lr,
+        weight_decay=0.01,
+        lr_schedule="cosine",
+        lr_warmup_steps=min(50, cfg.steps // 10),
+        seed=cfg.seed,
+        checkpoint_every=cfg.checkpoint_every,
+        keep_checkpoints=1,
+        resume="latest",
+    )
+    task = ViewContrast(model, cfg.temperature)
+    log = train(task, view_batches(cfg, _normaliser(start)), settings, work / "view_encoder", "views")
+    model = task.model.eval().requires_grad_(False)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (IMAGE_ENCODER, FEATURE_EXTRACTOR):  # each under a temporary name, then renamed over the old one
+        tmp = out / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        if name == IMAGE_ENCODER:
+            model.half().save_pretrained(tmp)
+            model.float()
+        else:
+            shutil.copytree(Path(start) / FEATURE_EXTRACTOR, tmp)
+        shutil.rmtree(out / name, ignore_errors=True)
+        tmp.rename(out / name)
+    return {
+        "started_from": "the world base's image_encoder",
+        "settings": asdict(cfg),
+        "steps": log.steps,
+        "seconds": round(time.time() - t0, 1),
+        "curve": log.curve[:: max(1, len(log.curve) // 100)] + log.curve[-1:],  # ~100 points and the last
+    }
+
+
+@torch.no_grad()
+def _embed(model: nn.Module, pixels, images: np.ndarray) -> torch.Tensor:
+    chunks = [images[i : i + 250] for i in range(0, len(images), 250)]
+    return torch.cat([model(pixel_values=pixels(chunk)).image_embeds for chunk in chunks])
+
+
+def _linear_probe(train_x: torch.Tensor, train_y: list, test_x: torch.Tensor, test_y: list) -> float:
+    """Held-out accuracy of a softmax regression (features standardised on the training half)."""
+    classes = sorted(set(train_y) | set(test_y))
+    ty, vy = (torch.tensor([classes.index(c) for c in y]) for y in (train_y, test_y))
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-5
+    tx, vx = (train_x - mean) / std, (test_x - mean) / std
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(tx.shape[1], len(classes), generator=g) * 0.01).requires_grad_(True)
+    b = torch.zeros(len(classes), requires_grad=True)
+    opt = torch.optim.Adam([w, b], lr=1e-2)
+    for _ in range(300):
+        opt.zero_grad()
+        (F.cross_entropy(tx @ w + b, ty) + 1e-3 * w.pow(2).sum()).backward()
+        opt.step()
+    return float(((vx @ w + b).argmax(-1) == vy).float().mean())
+
+
+def measure_views(folder: Path, n: int = 1500, seed: int = 12345) -> dict:
+    """What the encoder in `folder`/image_encoder carries, on cut-out views of fresh subjects: a linear probe's
+    accuracy for each look of an instance (trained on n instances, tested on n // 3 others), and, on a fresh set
+    of families, how often a view's nearest other view is its own (among all) and its own rather than its
+    sibling's."""
+    from transformers import CLIPVisionModelWithProjection
+
+    folder = Path(folder)
+    if not (folder / IMAGE_ENCODER / "config.json").is_file():
+        raise LimnerError(f"{folder} holds no {IMAGE_ENCODER}/config.json: give a folder this script wrote (or the base)")
+    model = CLIPVisionModelWithProjection.from_pretrained(folder / IMAGE_ENCODER, local_files_only=True)
+    model = model.float().eval()
+    pixels = _normaliser(folder)
+    rng = np.random.default_rng(seed)
+    views, looks = [], {k: [] for k in LOOKS}
+    while len(views) < n + n // 3:
+        subject = draw_subject(rng)
+        if subject.kind == "instance":
+            image, _, mask = draw_view(rng, subject)
+            views.append(cut_out(image, mask))
+            for k in LOOKS:
+                looks[k].append(getattr(subject.instance, k))
+    x = _embed(model, pixels, np.stack(views))
+    probe = {k: round(_linear_probe(x[:n], v[:n], x[n:], v[n:]), 3) for k, v in looks.items()}
+    chance = {k: round(1 / len(set(v)), 3) for k, v in looks.items()}
+    first, second, family = view_pairs(rng, max(20, n // 5))
+    a, b = (F.normalize(_embed(model, pixels, v), dim=-1) for v in (first, second))
+    sim = a @ b.T
+    own = sim.diagonal()
+    pairs = [i for i in range(len(family) - 1) if family[i] == family[i + 1]]  # an instance and its sibling
+    beside = [float(own[i] > sim[i, i + 1]) for i in pairs] + [float(own[i + 1] > sim[i + 1, i]) for i in pairs]
+    return {
+        "linear_probe": probe,
+        "chance": chance,
+        "view_top1": round(float((sim.argmax(1) == torch.arange(len(a))).float().mean()), 3),
+        "views": len(a),
+        "own_view_over_sibling": round(float(np.mean(beside)), 3) if beside else None,
+    }
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder for the encoder and result.json")
+    parser.add_argument("--work", type=Path, default=None, help="checkpoints (resumable); default OUT/work")
+    parser.add_argument("--steps", type=int, default=ViewsBuildConfig.steps)
+    parser.add_argument("--emblem-share", type=float, default=ViewsBuildConfig.emblem_share)
+    parser.add_argument("-n", type=int, default=1500, help="instances the linear probes learn from")
+    args = parser.parse_args()
+    cfg = ViewsBuildConfig(steps=args.steps, emblem_share=args.emblem_share)
+    record = train_views(WORLD_BASE, args.out, args.work or args.out / "work", cfg)
+    record["measured"] = {"encoder": measure_views(args.out, args.n), "base": measure_views(WORLD_BASE, args.n)}
+    write_json_atomic(args.out / "result.json", record)
+    print(json.dumps(record["measured"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
