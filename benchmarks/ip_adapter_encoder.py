@@ -215,7 +215,9 @@ def measure_views(folder: Path, n: int = 1500, seed: int = 12345) -> dict:
 
     folder = Path(folder)
     if not (folder / IMAGE_ENCODER / "config.json").is_file():
-        raise LimnerError(f"{folder} holds no {IMAGE_ENCODER}/config.json: give a folder this script wrote (or the base)")
+        raise LimnerError(
+            f"{folder} holds no {IMAGE_ENCODER}/config.json: give a folder this script wrote (or the base)"
+        )
     model = CLIPVisionModelWithProjection.from_pretrained(folder / IMAGE_ENCODER, local_files_only=True)
     model = model.float().eval()
     pixels = _normaliser(folder)
