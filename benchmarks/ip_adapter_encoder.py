@@ -143,7 +143,7 @@ def view_batches(cfg: ViewsBuildConfig, pixels):
 
 def train_views(start: Path, out: Path, work: Path, cfg: ViewsBuildConfig) -> dict:
     """Trains the encoder in `start`/image_encoder (the world base's CLIP image tower) on view pairs (resumable
-    from `work`); writes it to `out` in fp16 with `start`'s feature extractor and build.json."""
+    from `work`); writes it to `out` in fp16 with `start`'s feature extractor; returns what was run."""
     from transformers import CLIPVisionModelWithProjection
 
     t0 = time.time()
