@@ -37,13 +37,13 @@ from limner.data.world import WorldSubject, draw_subject, draw_view
 from limner.errors import LimnerError
 from limner.images import cut_out
 from limner.io import write_json_atomic
+from limner.methods.ip_adapter import FEATURE_EXTRACTOR, IMAGE_ENCODER, ImageEncoder
 from limner.models.loading import WORLD_BASE
 from limner.training import TrainConfig, TrainingTask, train
 from limner.world import vocab
 from limner.world.render import SPLITS
 from limner.world.scenes import near_heldout_subject
 
-IMAGE_ENCODER, FEATURE_EXTRACTOR = "image_encoder", "feature_extractor"
 LOOKS = ("cls", "colour_a", "colour_b", "split", "emblem", "emblem_colour")
 
 
@@ -120,34 +120,35 @@ class ViewContrast(TrainingTask):
         return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
-def _normaliser(folder: Path):
-    """uint8 [N, 64, 64, 3] -> the encoder's pixel values, as its feature extractor gives them at its own size."""
-    config = json.loads((Path(folder) / FEATURE_EXTRACTOR / "preprocessor_config.json").read_text())
-    mean = torch.tensor(config["image_mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(config["image_std"]).view(1, 3, 1, 1)
-    return lambda images: (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - mean) / std
+def view_batches(cfg: ViewsBuildConfig, encoder: ImageEncoder):
+    """next_batch: view pairs as the encoder's pixel values, preprocessed as IP-Adapter preprocesses references."""
 
-
-def view_batches(cfg: ViewsBuildConfig, pixels):
     def next_batch(generator: torch.Generator) -> dict:
         rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
         first, second, _ = view_pairs(rng, cfg.families, cfg.emblem_share)
         swap = torch.rand(len(first), generator=generator).numpy() < 0.5  # neither side is always "the reference"
         return {
-            "first": pixels(np.where(swap[:, None, None, None], second, first)),
-            "second": pixels(np.where(swap[:, None, None, None], first, second)),
+            "first": encoder.pixels(list(np.where(swap[:, None, None, None], second, first))),
+            "second": encoder.pixels(list(np.where(swap[:, None, None, None], first, second))),
         }
 
     return next_batch
 
 
+def _replace_folder(folder: Path, write) -> None:
+    """write(tmp) fills a temporary folder, which then takes `folder`'s place: never half a folder there."""
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
 def train_views(start: Path, out: Path, work: Path, cfg: ViewsBuildConfig) -> dict:
     """Trains the encoder in `start`/image_encoder (the world base's CLIP image tower) on view pairs (resumable
     from `work`); writes it to `out` in fp16 with `start`'s feature extractor; returns what was run."""
-    from transformers import CLIPVisionModelWithProjection
-
     t0 = time.time()
-    model = CLIPVisionModelWithProjection.from_pretrained(Path(start) / IMAGE_ENCODER, local_files_only=True)
+    encoder = ImageEncoder(Path(start) / IMAGE_ENCODER)
     settings = TrainConfig(
         max_steps=cfg.steps,
         batch_size=cfg.families,
@@ -160,20 +161,11 @@ def train_views(start: Path, out: Path, work: Path, cfg: ViewsBuildConfig) -> di
         keep_checkpoints=1,
         resume="latest",
     )
-    task = ViewContrast(model, cfg.temperature)
-    log = train(task, view_batches(cfg, _normaliser(start)), settings, work / "view_encoder", "views")
-    model = task.model.eval().requires_grad_(False)
+    task = ViewContrast(encoder.model, cfg.temperature)
+    log = train(task, view_batches(cfg, encoder), settings, work / "view_encoder", "views")
     out.mkdir(parents=True, exist_ok=True)
-    for name in (IMAGE_ENCODER, FEATURE_EXTRACTOR):  # each under a temporary name, then renamed over the old one
-        tmp = out / f".{name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        if name == IMAGE_ENCODER:
-            model.half().save_pretrained(tmp)
-            model.float()
-        else:
-            shutil.copytree(Path(start) / FEATURE_EXTRACTOR, tmp)
-        shutil.rmtree(out / name, ignore_errors=True)
-        tmp.rename(out / name)
+    _replace_folder(out / IMAGE_ENCODER, task.model.eval().half().save_pretrained)
+    _replace_folder(out / FEATURE_EXTRACTOR, lambda tmp: shutil.copytree(Path(start) / FEATURE_EXTRACTOR, tmp))
     return {
         "started_from": "the world base's image_encoder",
         "settings": asdict(cfg),
@@ -183,10 +175,10 @@ def train_views(start: Path, out: Path, work: Path, cfg: ViewsBuildConfig) -> di
     }
 
 
-@torch.no_grad()
-def _embed(model: nn.Module, pixels, images: np.ndarray) -> torch.Tensor:
-    chunks = [images[i : i + 250] for i in range(0, len(images), 250)]
-    return torch.cat([model(pixel_values=pixels(chunk)).image_embeds for chunk in chunks])
+def _embed(encoder: ImageEncoder, images: np.ndarray) -> torch.Tensor:
+    """The pooled embeddings plain IP-Adapter reads, 250 pictures at a time."""
+    chunks = [list(images[i : i + 250]) for i in range(0, len(images), 250)]
+    return torch.cat([encoder.features(encoder.pixels(chunk), "plain") for chunk in chunks])
 
 
 def _linear_probe(train_x: torch.Tensor, train_y: list, test_x: torch.Tensor, test_y: list) -> float:
@@ -211,16 +203,12 @@ def measure_views(folder: Path, n: int = 1500, seed: int = 12345) -> dict:
     accuracy for each look of an instance (trained on n instances, tested on n // 3 others), and, on a fresh set
     of families, how often a view's nearest other view is its own (among all) and its own rather than its
     sibling's."""
-    from transformers import CLIPVisionModelWithProjection
-
     folder = Path(folder)
     if not (folder / IMAGE_ENCODER / "config.json").is_file():
         raise LimnerError(
             f"{folder} holds no {IMAGE_ENCODER}/config.json: give a folder this script wrote (or the base)"
         )
-    model = CLIPVisionModelWithProjection.from_pretrained(folder / IMAGE_ENCODER, local_files_only=True)
-    model = model.float().eval()
-    pixels = _normaliser(folder)
+    encoder = ImageEncoder(folder / IMAGE_ENCODER)
     rng = np.random.default_rng(seed)
     views, looks = [], {k: [] for k in LOOKS}
     while len(views) < n + n // 3:
@@ -230,11 +218,11 @@ def measure_views(folder: Path, n: int = 1500, seed: int = 12345) -> dict:
             views.append(cut_out(image, mask))
             for k in LOOKS:
                 looks[k].append(getattr(subject.instance, k))
-    x = _embed(model, pixels, np.stack(views))
+    x = _embed(encoder, np.stack(views))
     probe = {k: round(_linear_probe(x[:n], v[:n], x[n:], v[n:]), 3) for k, v in looks.items()}
     chance = {k: round(1 / len(set(v)), 3) for k, v in looks.items()}
     first, second, family = view_pairs(rng, max(20, n // 5))
-    a, b = (F.normalize(_embed(model, pixels, v), dim=-1) for v in (first, second))
+    a, b = (F.normalize(_embed(encoder, v), dim=-1) for v in (first, second))
     sim = a @ b.T
     own = sim.diagonal()
     pairs = [i for i in range(len(family) - 1) if family[i] == family[i + 1]]  # an instance and its sibling
@@ -258,6 +246,8 @@ def main() -> None:
     parser.add_argument("--emblem-share", type=float, default=ViewsBuildConfig.emblem_share)
     parser.add_argument("-n", type=int, default=1500, help="instances the linear probes learn from")
     args = parser.parse_args()
+    if args.steps < 1 or not 0 <= args.emblem_share <= 1 or args.n < 30:
+        parser.error("--steps must be at least 1, --emblem-share between 0 and 1, -n at least 30")
     cfg = ViewsBuildConfig(steps=args.steps, emblem_share=args.emblem_share)
     record = train_views(WORLD_BASE, args.out, args.work or args.out / "work", cfg)
     record["measured"] = {"encoder": measure_views(args.out, args.n), "base": measure_views(WORLD_BASE, args.n)}

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from limner.generation import GenerationSettings, generate
+from limner.images import at_64px
 from limner.models.loading import WORLD_PROBES, load_base
 from limner.world.bench import SUBJECTS, object_prompts
 from limner.world.probes import Probes
@@ -44,7 +45,7 @@ def main() -> None:
             for prompt in object_prompts()[: args.prompts]:
                 text = prompt.template.format(phrase)
                 drawn = generate(base, GenerationSettings(text, num_images=args.n, seed=0)).images
-                images += [np.asarray(im.convert("RGB").resize((64, 64))) for im in drawn]
+                images += list(at_64px(drawn))
             p, names = probes.subject_probabilities(np.stack(images))
             row[form] = round(float(p[:, names.index(s.name)].mean()), 3)
         rows[s.name] = row
