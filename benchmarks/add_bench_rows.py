@@ -21,8 +21,11 @@ SAME = ("settings", "base_fingerprint", "encoders")
 
 
 def unset_dropped(value):
-    """A settings dict without its unset (None) entries: a setting added since, left unset, draws as before."""
-    return {k: v for k, v in value.items() if v is not None} if isinstance(value, dict) else value
+    """A settings dict without its unset (None) entries (a setting added since, left unset, draws as before) and
+    without the layout steps, which every row records for itself."""
+    if not isinstance(value, dict):
+        return value
+    return {k: v for k, v in value.items() if v is not None and k != "layout_steps"}
 
 
 def published_image(report: Path, src: str) -> str:

@@ -343,6 +343,28 @@ def test_concept_draws_through_conditioning_and_uninstalls(base, adapter, tmp_pa
     assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_layout_steps_draw_from_the_words_first(base, adapter, tmp_path):
+    """limner's default draws the first fifth of the steps from the prompt's words alone, then the subject
+    embeddings; the paper's generation (layout_fraction=0) has them in every step; `--layout-steps` sets the
+    count for a BLIP concept, whose prompt names it in no word."""
+    method = get_method("blip_diffusion")
+    ours = method.personalize(base, _subject(), tmp_path / "ours", adapter=adapter)
+    paper = method.personalize(base, _subject(), tmp_path / "paper", adapter=adapter, layout_fraction=0.0)
+    prompt = "a ball on the beach"
+    with apply_concepts(base, [ours]) as applied:
+        conditioning = applied.condition(prompt, 10)
+        assert (conditioning.layout_prompt, conditioning.layout_steps) == (prompt, 2)
+        assert applied.condition(prompt, 10, layout_steps=0).layout_steps == 0
+        s = GenerationSettings(prompt=prompt, steps=4, num_images=1, seed=0)
+        laid_out = np.asarray(generate(base, s, conditioning=applied.condition(prompt, 4, 3)).images[0])
+        direct = np.asarray(generate(base, s, conditioning=applied.condition(prompt, 4, 0)).images[0])
+    assert np.abs(laid_out.astype(float) - direct).mean() > 0.5
+    with apply_concepts(base, [paper]) as applied:
+        assert applied.condition(prompt, 10).layout_steps == 0
+    with pytest.raises(LimnerError, match="layout_fraction"):
+        method.personalize(base, _subject(), tmp_path / "bad", adapter=adapter, layout_fraction=1.0)
+
+
 # ---- bad input -------------------------------------------------------------------------------------------------
 
 
@@ -410,6 +432,7 @@ def test_the_papers_fine_tune_is_one_switch_away():
     method = get_method("blip_diffusion")
     paper = with_settings(BlipDiffusionSettings(), with_recipe(method, {"recipe": "paper"}), method.name)
     assert (paper.finetune_steps, paper.finetune_learning_rate, paper.finetune_batch_size) == (40, 5e-6, 3)
+    assert paper.layout_fraction == 0.0  # the subject embeddings in every step
     assert with_settings(BlipDiffusionSettings(), {}, method.name).finetune_learning_rate != 5e-6
     assert with_recipe(method, {"recipe": "paper", "finetune_steps": 10})["finetune_steps"] == 10
     with pytest.raises(LimnerError, match="limner, paper"):

@@ -144,16 +144,18 @@ def layout_prompt(
 ) -> tuple[str | None, int]:
     """The prompt with each concept's token replaced by its class noun, and how many denoising steps follow
     it before the prompt itself takes over: `layout_steps`, or else the largest default among the methods of
-    the concepts the prompt names. (None, 0) where nothing applies."""
-    layout, wanted = prompt, 0
+    the concepts acting on the prompt (those it names, and those that act on every prompt). (None, 0) where
+    nothing applies."""
+    layout, wanted, acting = prompt, 0, False
     for manifest, method in zip(manifests, methods):
         words = method.class_prompt(layout, manifest)
-        if words == layout:  # the prompt names this concept in no words of its own (or an earlier one took them)
+        # the prompt names this concept in no words of its own (or an earlier one took them)
+        if words == layout and not method.acts_on_every_prompt:
             continue
-        layout = words
+        layout, acting = words, True
         wanted = max(wanted, method.layout_steps(steps, manifest))
     if layout_steps is not None:
-        if layout_steps and layout == prompt:
+        if layout_steps and not acting:
             raise LimnerError(
                 "--layout-steps: the prompt names no applied concept's token, so there is no class prompt to lay out "
                 "from"

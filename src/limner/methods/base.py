@@ -68,6 +68,9 @@ class Method(ABC):
     # share of the denoising steps drawn, by default, from the prompt with the class noun in place of the
     # concept's token before the concept's own prompt takes over
     layout_fraction: ClassVar[float] = 0.0
+    # its concepts act on every prompt through the prompt embeddings, named by no word of it (BLIP-Diffusion's
+    # subject embeddings): their layout steps draw from the prompt's words alone
+    acts_on_every_prompt: ClassVar[bool] = False
 
     @abstractmethod
     def personalize(
