@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from limner.io import write_text_atomic
+
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 # (report, row, label, family)
@@ -73,7 +75,7 @@ def write_table(rows: list[dict], path: Path) -> None:
             f"| {r['label']} | {r['family']} | {r['subject']:.3f} | {r['prompt']:.3f} | {r['images']} | "
             f"{r['layout_steps'] or ''} | [{r['report']}]({r['report']}/results.md) |"
         )
-    path.write_text("\n".join(lines) + "\n\n" + NOTE + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n\n" + NOTE + "\n")
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -13,13 +13,13 @@ appeared in the base's training; each look did.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 
 from limner.generation import GenerationSettings, generate
 from limner.images import at_64px
+from limner.io import write_json_atomic
 from limner.models.loading import WORLD_PROBES, load_base
 from limner.world.bench import SUBJECTS, object_prompts
 from limner.world.probes import Probes
@@ -36,6 +36,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=4, help="the bench's first K prompts of each subject")
     parser.add_argument("-n", type=int, default=2, help="images per prompt")
     args = parser.parse_args()
+    if not 1 <= args.prompts <= len(object_prompts()) or args.n < 1:
+        parser.error(f"--prompts must be between 1 and {len(object_prompts())}, -n at least 1")
     base, probes = load_base(None, device="cpu"), Probes(WORLD_PROBES)
     rows = {}
     for s in SUBJECTS:
@@ -53,8 +55,9 @@ def main() -> None:
     mean = {form: round(float(np.mean([r[form] for r in rows.values()])), 3) for form in next(iter(rows.values()))}
     print("mean", mean)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"prompts": args.prompts, "images_per_prompt": args.n, "mean": mean, "per_subject": rows}
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    write_json_atomic(
+        args.out, {"prompts": args.prompts, "images_per_prompt": args.n, "mean": mean, "per_subject": rows}
+    )
 
 
 if __name__ == "__main__":

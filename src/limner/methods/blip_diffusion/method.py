@@ -514,7 +514,7 @@ class BlipDiffusion(AdapterMethod):
     config_cls = BlipDiffusionSettings
     # the subject embeddings outweigh the words around them: the first fifth of the steps from the words alone
     # keeps the accessories and colours a prompt asks for (0.650 -> 0.788 prompt fidelity, docs/world-bench-blip)
-    layout_fraction = 0.2
+    layout_fraction = BlipDiffusionSettings.layout_fraction  # the setting's default, one number
     acts_on_every_prompt = True
 
     # ---- the subject encoder of an adapter ---------------------------------------------------------------------
