@@ -12,7 +12,7 @@ held-out subject is refused). Then it measures what each encoder's pooled embedd
 carries on cut-out views of fresh instances: a linear probe of each look, how often a view's nearest other view
 is its own, and its own rather than its sibling's.
 
-    python benchmarks/ip_adapter_encoder.py --out /tmp/views [--steps 800] [--emblem-share 0.25]
+    python benchmarks/ip_adapter_encoder.py --out /tmp/views [--steps 800] [--emblem-share 0.25] [--crop]
     limner pretrain --method ip_adapter --data world --set image_encoder=/tmp/views/image_encoder ...
 
 The trained encoder lands in OUT/image_encoder (fp16, the CLIP vision layout, with the base's feature_extractor
@@ -35,7 +35,7 @@ from torch import nn
 
 from limner.data.world import WorldSubject, draw_subject, draw_view
 from limner.errors import LimnerError
-from limner.images import cut_out
+from limner.images import crop_to_subject, cut_out
 from limner.io import write_json_atomic
 from limner.methods.ip_adapter import FEATURE_EXTRACTOR, IMAGE_ENCODER, ImageEncoder
 from limner.models.loading import WORLD_BASE
@@ -54,6 +54,7 @@ class ViewsBuildConfig:
     lr: float = 1e-4
     temperature: float = 0.07
     emblem_share: float = 0.25  # of siblings that differ in the emblem; the rest split the other three looks evenly
+    crop: bool = False  # each cut-out view cropped to the subject's box (IP-Adapter's pair=crop), as it will read them
     seed: int = 0
     checkpoint_every: int = 100
 
@@ -78,8 +79,13 @@ def sibling(rng: np.random.Generator, subject: WorldSubject, emblem_share: float
             return replace(subject, instance=new)
 
 
+def reference_view(image: np.ndarray, mask: np.ndarray, crop: bool) -> np.ndarray:
+    """A view as IP-Adapter reads it as a reference: cut out on grey, and cropped to the subject with pair=crop."""
+    return crop_to_subject(image, mask) if crop else cut_out(image, mask)
+
+
 def view_pairs(
-    rng: np.random.Generator, families: int, emblem_share: float = 0.25
+    rng: np.random.Generator, families: int, emblem_share: float = 0.25, crop: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Two cut-out views [N, 64, 64, 3] of each subject of `families` families (an instance and its sibling, or
     one plain object or character), and each subject's family [N]."""
@@ -89,7 +95,7 @@ def view_pairs(
         for s in [subject, sibling(rng, subject, emblem_share)] if subject.kind == "instance" else [subject]:
             for views in (first, second):
                 image, _, mask = draw_view(rng, s)
-                views.append(cut_out(image, mask))
+                views.append(reference_view(image, mask, crop))
             family.append(f)
     return np.stack(first), np.stack(second), np.array(family)
 
@@ -125,7 +131,7 @@ def view_batches(cfg: ViewsBuildConfig, encoder: ImageEncoder):
 
     def next_batch(generator: torch.Generator) -> dict:
         rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
-        first, second, _ = view_pairs(rng, cfg.families, cfg.emblem_share)
+        first, second, _ = view_pairs(rng, cfg.families, cfg.emblem_share, cfg.crop)
         swap = torch.rand(len(first), generator=generator).numpy() < 0.5  # neither side is always "the reference"
         return {
             "first": encoder.pixels(list(np.where(swap[:, None, None, None], second, first))),
@@ -198,7 +204,7 @@ def _linear_probe(train_x: torch.Tensor, train_y: list, test_x: torch.Tensor, te
     return float(((vx @ w + b).argmax(-1) == vy).float().mean())
 
 
-def measure_views(folder: Path, n: int = 1500, seed: int = 12345) -> dict:
+def measure_views(folder: Path, n: int = 1500, seed: int = 12345, crop: bool = False) -> dict:
     """What the encoder in `folder`/image_encoder carries, on cut-out views of fresh subjects: a linear probe's
     accuracy for each look of an instance (trained on n instances, tested on n // 3 others), and, on a fresh set
     of families, how often a view's nearest other view is its own (among all) and its own rather than its
@@ -215,13 +221,13 @@ def measure_views(folder: Path, n: int = 1500, seed: int = 12345) -> dict:
         subject = draw_subject(rng)
         if subject.kind == "instance":
             image, _, mask = draw_view(rng, subject)
-            views.append(cut_out(image, mask))
+            views.append(reference_view(image, mask, crop))
             for k in LOOKS:
                 looks[k].append(getattr(subject.instance, k))
     x = _embed(encoder, np.stack(views))
     probe = {k: round(_linear_probe(x[:n], v[:n], x[n:], v[n:]), 3) for k, v in looks.items()}
     chance = {k: round(1 / len(set(v)), 3) for k, v in looks.items()}
-    first, second, family = view_pairs(rng, max(20, n // 5))
+    first, second, family = view_pairs(rng, max(20, n // 5), crop=crop)
     a, b = (F.normalize(_embed(encoder, v), dim=-1) for v in (first, second))
     sim = a @ b.T
     own = sim.diagonal()
@@ -245,12 +251,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=ViewsBuildConfig.steps)
     parser.add_argument("--emblem-share", type=float, default=ViewsBuildConfig.emblem_share)
     parser.add_argument("-n", type=int, default=1500, help="instances the linear probes learn from")
+    parser.add_argument("--crop", action="store_true", help="views cropped to the subject (IP-Adapter's pair=crop)")
     args = parser.parse_args()
     if args.steps < 1 or not 0 <= args.emblem_share <= 1 or args.n < 30:
         parser.error("--steps must be at least 1, --emblem-share between 0 and 1, -n at least 30")
-    cfg = ViewsBuildConfig(steps=args.steps, emblem_share=args.emblem_share)
+    cfg = ViewsBuildConfig(steps=args.steps, emblem_share=args.emblem_share, crop=args.crop)
     record = train_views(WORLD_BASE, args.out, args.work or args.out / "work", cfg)
-    record["measured"] = {"encoder": measure_views(args.out, args.n), "base": measure_views(WORLD_BASE, args.n)}
+    record["measured"] = {
+        "encoder": measure_views(args.out, args.n, crop=args.crop),
+        "base": measure_views(WORLD_BASE, args.n, crop=args.crop),
+    }
     write_json_atomic(args.out / "result.json", record)
     print(json.dumps(record["measured"], indent=2))
 

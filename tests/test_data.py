@@ -190,6 +190,39 @@ def test_world_view_pairing_shows_another_view_on_grey():
     assert big.image.shape == big.references[0].shape == (96, 96, 3) and big.mask.shape == (96, 96)
 
 
+def test_world_crop_pairing_fills_the_frame_with_the_subject():
+    """pair=crop: the same targets and the same other view as pair=view, cropped to the subject's box, so the
+    subject's marks take more of the encoder's pixels."""
+    view_pair, crop_pair = (
+        take(open_stream("world", seed=5, pair="view"), 8),
+        take(open_stream("world", seed=5, pair="crop"), 8),
+    )
+    grey = [[(s.references[0] == BACKGROUND_GREY).all(-1).mean() for s in pairs] for pairs in (view_pair, crop_pair)]
+    for a, b, g_view, g_crop in zip(view_pair, crop_pair, *grey):
+        assert a.subject == b.subject and np.array_equal(a.image, b.image) and b.references[0].shape == a.image.shape
+        assert g_crop < g_view, "less background, a larger subject"
+    assert 1 - np.mean(grey[1]) > 1.4 * (1 - np.mean(grey[0])), "the subject's area grows by half or more"
+    with pytest.raises(LimnerError, match="pair='crop' is for objects"):
+        open_stream("world", pair="crop", subjects="characters")
+    with pytest.raises(LimnerError, match="pair='crop' with data"):
+        open_stream("world-does-not-exist", pair="crop")
+
+
+def test_crop_to_subject_magnifies_a_small_subject():
+    from limner.images import crop_to_subject
+
+    image = np.zeros((64, 64, 3), np.uint8)
+    mask = np.zeros((64, 64), bool)
+    mask[40:52, 2:14] = True  # a 12 px subject near the edge: its box with margins reaches past the picture
+    image[mask] = 200
+    image[45:47, 7:9] = 30  # a 2 px mark
+    out = crop_to_subject(image, mask)
+    dark = (out < 80).all(-1)  # the mark, resampled bicubically
+    assert out.shape == image.shape and dark.sum() >= 40, "the 4 px of the mark now cover 40 or more"
+    assert abs(int(out[16, 48, 0]) - 200) <= 8 and abs(int(out[0, 0, 0]) - BACKGROUND_GREY) <= 2
+    assert np.array_equal(crop_to_subject(image, np.zeros_like(mask)), np.full_like(image, BACKGROUND_GREY))
+
+
 def test_world_class_captions_leave_the_looks_to_the_image(tmp_path):
     full, bare = take(open_stream("world", seed=3), 40), take(open_stream("world", seed=3, captions="class"), 40)
     looks = set(vocab.COLOURS) | set(vocab.PATTERNS) - {"plain"}

@@ -195,10 +195,11 @@ def test_num_references_encodes_only_the_first_ones(ip_base, adapters, tmp_path)
 
 def test_references_are_cut_out_where_the_adapter_learned_on_cut_outs(ip_base, adapters, tmp_path):
     """A pair=view adapter saw its subjects on grey: its references are encoded the same way where the subject
-    has masks (mask_references=None follows the adapter), and either choice can be forced."""
+    has masks (mask_references=None follows the adapter), and either choice can be forced; a pair=crop adapter's
+    are also cropped to the subject."""
     from PIL import Image
 
-    from limner.images import BACKGROUND_GREY
+    from limner.images import BACKGROUND_GREY, crop_to_subject
 
     base, method = load_base(str(ip_base), device="cpu"), get_method("ip_adapter")
     masks = [np.zeros(im.shape[:2], bool) for im in references(2)]
@@ -224,6 +225,13 @@ def test_references_are_cut_out_where_the_adapter_learned_on_cut_outs(ip_base, a
     assert not cut and np.array_equal(ref, references(2)[0]), "the paper's pairing: the whole picture"
     assert encoded(adapters["plain"], "forced", mask_references=True)[1]
     assert not encoded(view, "unmasked", mask_references=False)[1]
+    crop = tmp_path / "crop-adapter"  # pair=crop: its conditions were cut out and cropped to the subject
+    shutil.copytree(view, crop)
+    manifest["settings"]["pair"] = "crop"
+    (crop / "adapter.json").write_text(json.dumps(manifest))
+    ref, cut = encoded(crop, "crop")
+    assert cut and np.array_equal(ref, crop_to_subject(references(2)[0], masks[0]))
+    assert (ref == BACKGROUND_GREY).all(-1).mean() < 0.5 * (~masks[0]).mean(), "the subject fills the frame"
 
 
 def test_finetune_trains_the_concepts_own_adapter_which_diffusers_loads(ip_base, adapters, tmp_path):

@@ -43,6 +43,27 @@ def cut_out(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.where(mask[..., None], image, np.uint8(BACKGROUND_GREY)).astype(np.uint8)
 
 
+def crop_to_subject(image: np.ndarray, mask: np.ndarray, margin: float = 0.1) -> np.ndarray:
+    """The subject cut out on grey, then its square box (with `margin` of its side on each edge) resized back to
+    the picture's size: the subject fills the frame, so a small encoder's patches see its small marks (a
+    subject a third of a 64 px picture wide brings its 3-5 px emblem to 8-12 px). An empty mask: the cut-out."""
+    picture = cut_out(image, mask)
+    mask = np.asarray(mask).astype(bool)
+    if mask.shape != picture.shape[:2]:
+        mask = np.asarray(Image.fromarray(mask).resize(picture.shape[1::-1], Image.NEAREST))
+    if not mask.any():
+        return picture
+    h, w = picture.shape[:2]
+    ys, xs = np.nonzero(mask)
+    side = int(max(ys.max() + 1 - ys.min(), xs.max() + 1 - xs.min()) * (1 + 2 * margin)) + 1
+    top, left = (ys.min() + ys.max() + 1) // 2 - side // 2, (xs.min() + xs.max() + 1) // 2 - side // 2
+    canvas = np.full((side, side, 3), BACKGROUND_GREY, np.uint8)  # the box may reach past the picture's edges
+    y0, x0 = max(top, 0), max(left, 0)
+    y1, x1 = min(top + side, h), min(left + side, w)
+    canvas[y0 - top : y1 - top, x0 - left : x1 - left] = picture[y0:y1, x0:x1]
+    return np.asarray(Image.fromarray(canvas).resize((w, h), Image.BICUBIC))
+
+
 def write_png(array: np.ndarray, path: Path) -> None:
     """A uint8 picture written as a PNG under a temporary name, then renamed: never half a file at `path`."""
     from limner.io import written_atomically

@@ -24,7 +24,6 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from limner.data.sample import PAIRS
 from limner.data.world import WorldSubject, _entity, draw_subject, draw_view
 from limner.errors import LimnerError
 from limner.world import vocab
@@ -114,8 +113,8 @@ class MultiSubjectWorldStream:
         max_subjects: int = MAX_SUBJECTS,
         pair: str = "view",
     ):
-        if pair not in PAIRS:
-            raise LimnerError(f"pair={pair!r}: use one of {', '.join(PAIRS)}")
+        if pair not in ("self", "view"):  # each subject's crop is cut to its box already: no "crop" pairing here
+            raise LimnerError(f"pair={pair!r}: use self or view")
         if not 1 <= max_subjects <= MAX_SUBJECTS:
             raise LimnerError(f"max_subjects={max_subjects}: the world stream draws 1 to {MAX_SUBJECTS} a scene")
         self.seed, self.rank, self.world_size, self.pair = seed, rank, world_size, pair

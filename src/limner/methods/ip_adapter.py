@@ -66,7 +66,7 @@ from limner.adapters import (
 )
 from limner.concepts import read_manifest
 from limner.errors import LimnerError
-from limner.images import cut_out, to_pil, to_unit_range
+from limner.images import crop_to_subject, cut_out, to_pil, to_unit_range
 from limner.io import (
     PICKLE_SUFFIXES,
     child,
@@ -180,14 +180,15 @@ class IPAdapterSettings:
     mask_references: bool | None = setting(
         None,
         "encode each reference cut out on grey where the subject has masks (None: as the adapter was pretrained, "
-        "cut out for pair=view); the paper encodes the whole picture, whose background can outweigh the subject",
+        "cut out for pair=view or crop, and cropped to the subject for crop); the paper encodes the whole picture, "
+        "whose background can outweigh the subject",
         added=True,
     )
     pair: str | None = setting(
         None,
-        "pretrain: what each sample is conditioned on: self (the target image itself, as the paper) or view (another "
-        "view of the same subject, cut out on grey; the world stream only). None: view on the world stream, self on "
-        "your own data",
+        "pretrain: what each sample is conditioned on: self (the target image itself, as the paper), view (another "
+        "view of the same subject, cut out on grey; the world stream only) or crop (that view cropped to the "
+        "subject's box, so a small encoder sees its marks). None: view on the world stream, self on your own data",
     )
 
     finetune_steps: int = setting(
@@ -638,6 +639,18 @@ class _Pretraining(TrainingTask):
         )
 
 
+def _as_pretrained(images: list, subject: Subject, masked: bool | None, manifest: dict) -> tuple[list, bool]:
+    """The references as the adapter's pairing showed its conditions (`masked` None), or as `masked` asks: cut out
+    on grey (pair=view), also cropped to the subject (pair=crop), or whole. Masks are needed to cut anything
+    out; the second value (was anything cut out) goes on the concept's card."""
+    pair = manifest.get("settings", {}).get("pair")
+    masked = pair in ("view", "crop") if masked is None else masked
+    if not (masked and subject.masks):
+        return images, False
+    cut = crop_to_subject if pair == "crop" else cut_out
+    return [cut(im, m) for im, m in zip(images, subject.masks)], True
+
+
 def _open_data(data: Any, base: Base, cfg: IPAdapterSettings, train_cfg: TrainConfig) -> Any:
     """A data stream: given (anything iterable over samples), or opened from a spec by limner.data."""
     if not isinstance(data, (str, Path)):
@@ -854,12 +867,7 @@ class IPAdapter(AdapterMethod):
         adapter, out = Path(adapter), Path(out)
         images = _check_references(subject.images[: cfg.num_references], f"subject {subject.name}")
         manifest = read_adapter_manifest(adapter) if (adapter / ADAPTER_MANIFEST).is_file() else {}
-        masked = cfg.mask_references
-        if masked is None:
-            masked = manifest.get("settings", {}).get("pair") == "view"
-        cfg.mask_references = bool(masked and subject.masks)  # the concept's card records what was encoded
-        if cfg.mask_references:
-            images = [cut_out(im, m) for im, m in zip(images, subject.masks)]
+        images, cfg.mask_references = _as_pretrained(images, subject, cfg.mask_references, manifest)
         weights = read_adapter_weights(adapter, cfg.allow_pickle)
         encoder_folder = find_image_encoder(base, adapter, cfg.image_encoder)
         wanted = manifest.get("image_encoder_fingerprint")
