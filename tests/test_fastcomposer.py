@@ -190,6 +190,27 @@ def test_the_adapter_is_the_official_prefixes_with_a_unet_lora_and_small(adapter
     assert {"denoise", "localization"} <= set(manifest["loss_terms"][0])
 
 
+def test_init_continues_from_an_adapter_and_records_it(base, adapter, tmp_path):
+    """init=ADAPTER: pretraining starts from its weights (at learning rate 0 they come out unchanged) and the new
+    adapter.json names it by fingerprint; an adapter of another LoRA rank is refused before any step."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from limner.methods.adapter import adapter_fingerprint
+
+    method = get_method("fastcomposer")
+    settings = {**QUICK, "max_steps": 1, "learning_rate": 0.0}
+    continued = method.pretrain(base, "world", tmp_path / "continued", init=str(adapter), **settings)
+    start, end = (load_file(str(a / "fastcomposer.safetensors")) for a in (adapter, continued))
+    assert start.keys() == end.keys() and all(torch.equal(start[k], end[k]) for k in start)
+    assert any(v.abs().sum() > 0 for k, v in start.items() if ".lora_B." in k), "a trained start, not zeros"
+    record = json.loads((continued / "adapter.json").read_text())["started_from"]
+    assert record["fingerprint"] == adapter_fingerprint(adapter) and record["steps"] == QUICK["max_steps"]
+    with pytest.raises(LimnerError, match="does not fit these settings .*lora_rank"):
+        method.pretrain(base, "world", tmp_path / "other-rank", init=str(adapter), lora_rank=4, **QUICK)
+
+
 # ---- the official checkpoint ------------------------------------------------------------------------------------
 
 

@@ -250,3 +250,18 @@ class AdapterMethod(Method):
         # no adapter named: the shipped one, so a concept encoded with it is not reused once it is pretrained again
         adapter = overrides.get("adapter") or self.shipped_adapter(overrides)
         return {"adapter": adapter_fingerprint(Path(adapter))} if adapter is not None else {}
+
+
+def started_from(init: str | None) -> dict | None:
+    """What a continued pretraining started from, for its adapter.json: the adapter by fingerprint, and where that
+    was itself pretrained by limner, its steps, times, seed and settings, and what it started from in turn (so the
+    record names every stage that made the weights); an official file: its path and fingerprint."""
+    if init is None:
+        return None
+    where = Path(init).expanduser()
+    record = {"path": str(where), "fingerprint": adapter_fingerprint(where)}
+    if made_by_limner(where):
+        manifest = read_adapter_manifest(where)
+        kept = ("steps", "seconds", "wall_seconds", "settings", "train", "started_from")
+        record |= {k: manifest.get(k) for k in kept}
+    return record

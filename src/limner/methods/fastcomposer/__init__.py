@@ -49,6 +49,7 @@ from limner.methods.adapter import (
     encoded_with,
     read_adapter_manifest,
     read_reference_files,
+    started_from,
     thin_curve,
     write_adapter_manifest,
     write_concept_manifest,
@@ -118,6 +119,13 @@ class FastComposerSettings:
         None,
         "pretrain on the world: self (each subject cropped from the target, as the paper) or view (from another view "
         "of it drawn alone). None: view",
+    )
+    init: str | None = setting(
+        None,
+        "pretrain: start from this adapter's weights (a folder limner pretrained, with the same lora_rank and "
+        "trained encoder layers) rather than fresh ones, to train a shipped adapter on; a resumed run continues "
+        "from its checkpoint",
+        added=True,
     )
 
     def __post_init__(self) -> None:
@@ -225,6 +233,8 @@ class FastComposer(AdapterMethod):
         task = Pretraining(base, encoder, cfg, train_cfg)
         t0 = time.perf_counter()
         try:
+            if cfg.init is not None:
+                task.load_trainable_state(self._starting_state(cfg, task))
             batches = SubjectBatches(
                 stream, base, lambda crops: encoder.pixels(crops).cpu(), cfg, train_cfg.batch_size
             )
@@ -235,6 +245,28 @@ class FastComposer(AdapterMethod):
         if is_main_process():
             self._write_adapter(base, out, cfg, train_cfg, task, state, encoder, stream, log, t0)
         return out
+
+    @staticmethod
+    def _starting_state(cfg: FastComposerSettings, task) -> dict[str, torch.Tensor]:
+        """`init`'s weights, in fp32, checked to be exactly what these settings train (every key, every shape)."""
+        from limner.io import read_tensors
+
+        where = Path(cfg.init).expanduser()
+        path = weights_path(where)
+        if path.suffix != ".safetensors":
+            raise LimnerError(f"init={where}: start from an adapter limner pretrained (its {WEIGHTS})")
+        given = read_tensors(path, False)
+        wanted = task.trainable_state()
+        missing, unknown = sorted(set(wanted) - set(given)), sorted(set(given) - set(wanted))
+        reshaped = sorted(k for k in set(wanted) & set(given) if given[k].shape != wanted[k].shape)
+        if missing or unknown or reshaped:
+            first = (missing or unknown or reshaped)[:3]
+            raise LimnerError(
+                f"init={where} does not fit these settings ({len(missing)} weights missing, {len(unknown)} "
+                f"unknown, {len(reshaped)} of another shape, e.g. {', '.join(first)}); set lora_rank and "
+                "image_encoder_trainable_layers as it was pretrained (its adapter.json records them)"
+            )
+        return {k: v.float() for k, v in given.items()}
 
     @staticmethod
     def _open_data(data: Any, base: Base, cfg: FastComposerSettings, train_cfg) -> Any:
@@ -291,6 +323,7 @@ class FastComposer(AdapterMethod):
                 settings=asdict(cfg),
                 train=asdict(train_cfg),
                 num_processes=log.num_processes,
+                started_from=started_from(cfg.init),
             )
 
     # ---- adapters ----------------------------------------------------------------------------------------------

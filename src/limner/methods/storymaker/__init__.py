@@ -51,6 +51,7 @@ from limner.methods.adapter import (
     encoded_with,
     read_adapter_manifest,
     read_reference_files,
+    started_from,
     thin_curve,
     write_adapter_manifest,
     write_concept_manifest,
@@ -165,23 +166,6 @@ def _projection(weights: dict, unet: nn.Module, where: Path) -> StoryMakerProjec
     projection = StoryMakerProjection(projection_shape(weights, unet, where))
     load_official_state(projection, weights["image_proj"], str(where))
     return projection.eval()
-
-
-def started_from(init: str | None) -> dict | None:
-    """What a continued pretraining started from, for its adapter.json: the adapter by fingerprint, and where that
-    was itself pretrained by limner, its steps, times, seed and settings, and what it started from in turn (so the
-    record names every stage that made the weights); an official file: its path and fingerprint."""
-    if init is None:
-        return None
-    from limner.methods.adapter import adapter_fingerprint, made_by_limner, read_adapter_manifest
-
-    where = Path(init).expanduser()
-    record = {"path": str(where), "fingerprint": adapter_fingerprint(where)}
-    if made_by_limner(where):
-        manifest = read_adapter_manifest(where)
-        kept = ("steps", "seconds", "wall_seconds", "settings", "train", "started_from")
-        record |= {k: manifest.get(k) for k in kept}
-    return record
 
 
 def pose_controlnet_folder(base: Base, given: str | None, what: str) -> Path | None:
