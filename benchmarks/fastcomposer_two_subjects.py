@@ -8,7 +8,13 @@ its own; blending is the probability the probe gives the *other* subject of the 
 rows frame the numbers: `render` (the two subjects rendered side by side: what a perfect model would draw) and
 `base` (the base from the same prompt without triggers: the classes, no subject).
 
+With --characters the pairs are the bench's held-out people ("a woman <|image|> on the left and a man <|image|> on
+the right"), each half read by the world's identity embedder: recognised means the half's embedding is nearest
+(by cosine) to its own person's among the 8 people's references (mean of their 5 reference embeddings); the
+`own` and `other` columns are then those cosines, not probabilities.
+
     python benchmarks/fastcomposer_two_subjects.py --out docs/world-bench-fastcomposer [--adapter DIR] [-n 4]
+    python benchmarks/fastcomposer_two_subjects.py --characters --out DIR [--adapter DIR] [-n 4]
 """
 
 from __future__ import annotations
@@ -25,44 +31,70 @@ import torch
 from PIL import Image
 
 from limner.conditioning import apply_concepts
+from limner.data.multi_subject import CHARACTER_SCALES
 from limner.generation import GenerationSettings, generate
 from limner.methods import get_method
 from limner.models.loading import load_base
 from limner.world import vocab
-from limner.world.bench import SUBJECTS, subject_object
-from limner.world.probes import Probes
+from limner.world.bench import IDENTITIES, SUBJECTS, subject_object
+from limner.world.probes import Probes, embed_identity
 from limner.world.render import Scene, render
+from limner.world.scenes import random_character
 
 TRIGGER = "<|image|>"
 CONTEXTS = ("beach", "snow", "grass", "city")
 # (left x0, right x0), top, side: squares around where "on the left" / "on the right" put a subject in 64 px
 WINDOWS, TOP, SIDE = (0, 28), 20, 36
+# two full-figure people: a square around each head and shirt, where the identity embedder reads renders best
+PEOPLE_WINDOWS = (4, 36), 0, 24
 
 
-def pairs(n: int) -> list[tuple]:
-    """n pairs of bench subjects of different classes, each subject in at most two pairs."""
+def pairs(n: int, characters: bool = False) -> list[tuple]:
+    """n pairs of bench subjects of different classes (people: any two), each subject in at most two pairs."""
     out, used = [], {}
-    for i, a in enumerate(SUBJECTS):
-        for b in SUBJECTS[i + 1 :]:
-            if a.cls != b.cls and used.get(a.name, 0) < 2 and used.get(b.name, 0) < 2 and len(out) < n:
+    pool = IDENTITIES if characters else SUBJECTS
+    for i, a in enumerate(pool):
+        for b in pool[i + 1 :]:
+            apart = characters or a.cls != b.cls
+            if apart and used.get(a.name, 0) < 2 and used.get(b.name, 0) < 2 and len(out) < n:
                 out.append((a, b))
                 used[a.name], used[b.name] = used.get(a.name, 0) + 1, used.get(b.name, 0) + 1
     return out
 
 
-def halves(image: np.ndarray) -> list[np.ndarray]:
+def halves(image: np.ndarray, windows=(WINDOWS, TOP, SIDE)) -> list[np.ndarray]:
     """The left and right subject windows, each scaled to 64 px."""
+    xs, top, side = windows
     return [
-        np.asarray(Image.fromarray(image[TOP : TOP + SIDE, x : x + SIDE]).resize((64, 64), Image.BICUBIC))
-        for x in WINDOWS
+        np.asarray(Image.fromarray(image[top : top + side, x : x + side]).resize((64, 64), Image.BICUBIC)) for x in xs
     ]
 
 
-def read(probes: Probes, images: list[np.ndarray], pair: tuple) -> dict:
-    """Per image: each half's probability of its own subject and of the other one, and whether both are recognised."""
-    windows = np.stack([w for im in images for w in halves(im)])
+class IdentityReader:
+    """Each half's cosine to every bench person's mean reference embedding (the world's identity embedder). Two
+    full figures in 64 px are too small for it to name one person among 8 (renders: both halves in 0.21), so a half
+    is recognised when it is nearer its own person than the pair's other one (renders: both halves in 0.5)."""
+
+    windows, pairwise = PEOPLE_WINDOWS, True
+
+    def __init__(self, probes: Probes, subjects: dict):
+        self.net = probes.net("identity")
+        self.names = list(subjects)
+        means = [embed_identity(self.net, np.stack(subjects[n].images)).float().mean(0) for n in self.names]
+        self.references = torch.nn.functional.normalize(torch.stack(means), dim=-1)
+
+    def subject_probabilities(self, windows: np.ndarray) -> tuple[torch.Tensor, list[str]]:
+        embeddings = torch.nn.functional.normalize(embed_identity(self.net, windows).float(), dim=-1)
+        return embeddings @ self.references.T, self.names
+
+
+def read(probes, images: list[np.ndarray], pair: tuple) -> dict:
+    """Per image: each half's probability (people: cosine) of its own subject and of the other one, and whether both
+    are recognised (each half's most likely subject is its own)."""
+    windows = np.stack([w for im in images for w in halves(im, getattr(probes, "windows", (WINDOWS, TOP, SIDE)))])
     probs, names = probes.subject_probabilities(windows)
     own = [names.index(pair[0].name), names.index(pair[1].name)]
+    candidates = own if getattr(probes, "pairwise", False) else list(range(len(names)))
     rows = []
     for k in range(len(images)):
         left, right = probs[2 * k], probs[2 * k + 1]
@@ -70,8 +102,8 @@ def read(probes: Probes, images: list[np.ndarray], pair: tuple) -> dict:
             {
                 "own": [float(left[own[0]]), float(right[own[1]])],
                 "other": [float(left[own[1]]), float(right[own[0]])],
-                "both": bool(int(left.argmax()) == own[0] and int(right.argmax()) == own[1]),
-                "either": bool(int(left.argmax()) == own[0] or int(right.argmax()) == own[1]),
+                "both": bool(_best(left, candidates) == own[0] and _best(right, candidates) == own[1]),
+                "either": bool(_best(left, candidates) == own[0] or _best(right, candidates) == own[1]),
             }
         )
     return {
@@ -83,12 +115,23 @@ def read(probes: Probes, images: list[np.ndarray], pair: tuple) -> dict:
     }
 
 
-def rendered(pair: tuple, context: str, n: int, seed: int) -> list[np.ndarray]:
-    """The two subjects drawn by the world's renderer, left and right, as the base saw two objects."""
+def _best(scores: torch.Tensor, candidates: list[int]) -> int:
+    return candidates[int(scores[candidates].argmax())]
+
+
+def rendered(pair: tuple, context: str, n: int, seed: int, characters: bool = False) -> list[np.ndarray]:
+    """The two subjects drawn by the world's renderer, left and right, as the base saw two objects (or two people,
+    full figures as the pretraining scenes place two)."""
     images = []
     for k in range(n):
         rng = np.random.default_rng([seed, k, 99])
-        entities = [subject_object(s, rng, x=x, scale=(0.15, 0.22)) for s, x in zip(pair, (0.27, 0.73))]
+        if characters:
+            entities = [
+                random_character(rng, x, "full", set(), CHARACTER_SCALES[2], identity=b.identity, cls=b.cls)
+                for b, x in zip(pair, (0.25, 0.75))
+            ]
+        else:
+            entities = [subject_object(s, rng, x=x, scale=(0.15, 0.22)) for s, x in zip(pair, (0.27, 0.73))]
         images.append(render(Scene(context, entities, variant=int(rng.integers(2**31)))).image)
     return images
 
@@ -102,6 +145,7 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=0.7)
     parser.add_argument("--references", type=int, default=1, help="references per subject")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--characters", action="store_true", help="pairs of the bench's people, not its objects")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -111,7 +155,8 @@ def main() -> None:
     probes = Probes(Path(base.path).parent / "probes")
     method = get_method("fastcomposer")
     adapter = method.adapter_for(base, args.adapter)
-    subjects = {s.name: s for s in world_subjects("world:objects")}
+    subjects = {s.name: s for s in world_subjects("world:identities" if args.characters else "world:objects")}
+    reader = IdentityReader(probes, subjects) if args.characters else probes
     results: dict = {"settings": vars(args) | {"out": str(args.out), "adapter": str(adapter)}, "pairs": []}
     grid = []
     t0 = time.perf_counter()
@@ -121,7 +166,7 @@ def main() -> None:
             concepts[name] = method.personalize(
                 base, subject, Path(tmp) / name, adapter=adapter, num_references=args.references, alpha=args.alpha
             )
-        for i, pair in enumerate(pairs(args.pairs)):
+        for i, pair in enumerate(pairs(args.pairs, args.characters)):
             context = CONTEXTS[i % len(CONTEXTS)]
             where = vocab.CONTEXTS[context]
             prompt = f"a {pair[0].cls} {TRIGGER} on the left and a {pair[1].cls} {TRIGGER} on the right {where}"
@@ -136,9 +181,9 @@ def main() -> None:
             row = {
                 "subjects": [pair[0].name, pair[1].name],
                 "prompt": prompt,
-                "fastcomposer": read(probes, drawn, pair),
-                "base": read(probes, base_images, pair),
-                "render": read(probes, rendered(pair, context, args.images, args.seed), pair),
+                "fastcomposer": read(reader, drawn, pair),
+                "base": read(reader, base_images, pair),
+                "render": read(reader, rendered(pair, context, args.images, args.seed, args.characters), pair),
             }
             results["pairs"].append(row)
             grid.append(np.concatenate(drawn, axis=1))
@@ -153,7 +198,9 @@ def main() -> None:
         (64 * args.images * 2, 64 * len(grid) * 2), Image.NEAREST
     ).save(args.out / "two_subjects.png")
     lines = [
-        "| row | both subjects recognised | at least one | P(own subject) per half | P(other subject) per half |",
+        "| row | both subjects recognised | at least one | P(own subject) per half | P(other subject) per half |"
+        if not args.characters
+        else "| row | both people nearer their own | at least one | cosine to own person | cosine to the other |",
         "|---|---|---|---|---|",
     ]
     for r in rows:
