@@ -23,7 +23,6 @@ numbers of the runs in benchmarks/README.md (not the weights).
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -36,7 +35,7 @@ from torch import nn
 from limner.data.world import WorldSubject, draw_subject, draw_view
 from limner.errors import LimnerError
 from limner.images import crop_to_subject, cut_out
-from limner.io import write_json_atomic
+from limner.io import copy_folder, replace_folder, write_json_atomic
 from limner.methods.ip_adapter import FEATURE_EXTRACTOR, IMAGE_ENCODER, ImageEncoder
 from limner.models.loading import WORLD_BASE
 from limner.training import TrainConfig, TrainingTask, train
@@ -141,15 +140,6 @@ def view_batches(cfg: ViewsBuildConfig, encoder: ImageEncoder):
     return next_batch
 
 
-def _replace_folder(folder: Path, write) -> None:
-    """write(tmp) fills a temporary folder, which then takes `folder`'s place: never half a folder there."""
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-
-
 def train_views(start: Path, out: Path, work: Path, cfg: ViewsBuildConfig) -> dict:
     """Trains the encoder in `start`/image_encoder (the world base's CLIP image tower) on view pairs (resumable
     from `work`); writes it to `out` in fp16 with `start`'s feature extractor; returns what was run."""
@@ -170,8 +160,8 @@ def train_views(start: Path, out: Path, work: Path, cfg: ViewsBuildConfig) -> di
     task = ViewContrast(encoder.model, cfg.temperature)
     log = train(task, view_batches(cfg, encoder), settings, work / "view_encoder", "views")
     out.mkdir(parents=True, exist_ok=True)
-    _replace_folder(out / IMAGE_ENCODER, task.model.eval().half().save_pretrained)
-    _replace_folder(out / FEATURE_EXTRACTOR, lambda tmp: shutil.copytree(Path(start) / FEATURE_EXTRACTOR, tmp))
+    replace_folder(out / IMAGE_ENCODER, task.model.eval().half().save_pretrained)
+    copy_folder(Path(start) / FEATURE_EXTRACTOR, out / FEATURE_EXTRACTOR)
     return {
         "started_from": "the world base's image_encoder",
         "settings": asdict(cfg),

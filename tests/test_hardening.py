@@ -332,3 +332,28 @@ def test_a_prompt_is_told_honestly_in_one_line(tmp_path):
     assert any("BREAK" in line and "--regions" in line for line in notes)
     said = [line for line in r.output.splitlines() if line.strip() and not line.startswith("generate:")]
     assert len(said) == 3, said  # the two notes and where the images went, beside limner's one progress bar
+
+
+def test_a_folder_is_replaced_whole_or_not_at_all(tmp_path):
+    """replace_folder: a write that fails leaves the old folder as it was and no temporary folder behind; one that
+    succeeds leaves only the new contents."""
+    from limner.io import copy_folder, replace_folder
+
+    folder = tmp_path / "encoder"
+    folder.mkdir()
+    (folder / "old.txt").write_text("old")
+
+    def half_then_fail(tmp) -> None:
+        tmp.mkdir()
+        (tmp / "half.txt").write_text("half")
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone"):
+        replace_folder(folder, half_then_fail)
+    assert [p.name for p in tmp_path.iterdir()] == ["encoder"] and [p.name for p in folder.iterdir()] == ["old.txt"]
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "new.txt").write_text("new")
+    copy_folder(source, folder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["encoder", "source"]
+    assert [p.name for p in folder.iterdir()] == ["new.txt"]

@@ -7,7 +7,8 @@ from __future__ import annotations
 import errno
 import json
 import os
-from collections.abc import Iterator
+import shutil
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -46,6 +47,26 @@ def written_atomically(path: Path):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def replace_folder(folder: Path, write: Callable[[Path], object]) -> None:
+    """`write(tmp)` fills a temporary folder beside `folder` (tmp does not exist yet), which then takes `folder`'s
+    place: a reader never finds half a folder there, and a failed write leaves `folder` as it was."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def copy_folder(source: Path, folder: Path) -> None:
+    """`source` copied to `folder` through replace_folder."""
+    replace_folder(folder, lambda tmp: shutil.copytree(source, tmp))
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -41,7 +41,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from limner.errors import LimnerError
-from limner.io import pickle_opt_in
+from limner.io import pickle_opt_in, replace_folder
 from limner.models.saving import diffusers_quiet
 
 if TYPE_CHECKING:
@@ -344,23 +343,8 @@ def load_controlnet(folder: str | Path, unet: UNet2DConditionModel) -> ControlNe
 def save_controlnet(controlnet: nn.Module, folder: str | Path, dtype: torch.dtype = torch.float16) -> None:
     """The ControlNet in diffusers' layout (safetensors, `dtype`), written beside `folder` and renamed into place, so
     an interrupted write leaves no folder that passes for a ControlNet."""
-    folder = Path(folder)
-    tmp = _fresh_tmp(folder)
-    _moved(copy.deepcopy(controlnet), "cpu", dtype).save_pretrained(tmp, safe_serialization=True)
-    _swap_in(tmp, folder)
-
-
-def _fresh_tmp(folder: Path) -> Path:
-    """The empty side folder a ControlNet folder is written into before `_swap_in` renames it into place."""
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    return tmp
-
-
-def _swap_in(tmp: Path, folder: Path) -> None:
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
+    moved = _moved(copy.deepcopy(controlnet), "cpu", dtype)
+    replace_folder(Path(folder), lambda tmp: moved.save_pretrained(tmp, safe_serialization=True))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -467,16 +451,17 @@ def save_controlnet_delta(
     controlnet_delta.safetensors written beside `folder` and renamed into place. Returns the file's metadata."""
     from safetensors.torch import save_file
 
-    folder = Path(folder)
     tensors, metadata = controlnet_delta(getattr(controlnet, "module", controlnet), unet, rank, energy)
-    tmp = _fresh_tmp(folder)
-    tmp.mkdir(parents=True)
-    getattr(controlnet, "module", controlnet).save_config(tmp)
-    config = json.loads((tmp / "config.json").read_text())
-    config.pop("_name_or_path", None)  # where it was read from: a local path, no part of the model
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    save_file(tensors, str(tmp / DELTA_WEIGHTS), metadata=metadata)
-    _swap_in(tmp, folder)
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir(parents=True)
+        getattr(controlnet, "module", controlnet).save_config(tmp)
+        config = json.loads((tmp / "config.json").read_text())
+        config.pop("_name_or_path", None)  # where it was read from: a local path, no part of the model
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        save_file(tensors, str(tmp / DELTA_WEIGHTS), metadata=metadata)
+
+    replace_folder(Path(folder), write)
     return metadata
 
 

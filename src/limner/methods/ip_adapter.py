@@ -40,7 +40,6 @@ Public functions for the command line: `IPAdapter.pretrain`, `IPAdapter.encode`,
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -70,6 +69,7 @@ from limner.images import crop_to_subject, cut_out, to_pil, to_unit_range
 from limner.io import (
     PICKLE_SUFFIXES,
     child,
+    copy_folder,
     disk_guard,
     pickle_opt_in,
     read_tensors,
@@ -785,10 +785,7 @@ class IPAdapter(AdapterMethod):
                 for name, source in ((IMAGE_ENCODER, encoder_folder), (FEATURE_EXTRACTOR, None)):
                     source = Path(source or Path(encoder_folder).parent / FEATURE_EXTRACTOR)
                     if source.is_dir() and not (out / name).exists():
-                        tmp = out / f".{name}.tmp"
-                        shutil.rmtree(tmp, ignore_errors=True)
-                        shutil.copytree(source, tmp)
-                        tmp.rename(out / name)
+                        copy_folder(source, out / name)
             save_adapter_weights(state, out / WEIGHTS)
             write_adapter_manifest(
                 out,

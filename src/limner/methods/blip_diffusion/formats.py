@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from limner.errors import LimnerError
-from limner.io import disk_guard, write_json_atomic, written_atomically
+from limner.io import disk_guard, replace_folder, write_json_atomic, written_atomically
 from limner.methods.blip_diffusion.qformer import (
     SubjectEncoder,
     blip2_config,
@@ -128,11 +128,7 @@ def save_adapter_encoder(encoder: SubjectEncoder, out: Path) -> None:
     with written_atomically(out / QFORMER_WEIGHTS) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
     write_json_atomic(out / QFORMER_CONFIG, encoder.config.to_dict() | {"tokenizer": None})
-    tmp = out / f".{QFORMER_TOKENIZER}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_bert_tokenizer(encoder.tokenizer, tmp)
-    shutil.rmtree(out / QFORMER_TOKENIZER, ignore_errors=True)
-    tmp.rename(out / QFORMER_TOKENIZER)
+    replace_folder(out / QFORMER_TOKENIZER, lambda tmp: save_bert_tokenizer(encoder.tokenizer, tmp))
 
 
 def load_adapter_encoder(adapter: Path, image_encoder: Path) -> SubjectEncoder:

@@ -28,7 +28,6 @@ subject's several references into one concept.
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,7 +39,7 @@ import torch
 from limner.adapters.lora import remove_named_lora
 from limner.concepts import read_manifest
 from limner.errors import LimnerError
-from limner.io import disk_guard, pickle_opt_in, written_atomically
+from limner.io import copy_folder, disk_guard, pickle_opt_in, written_atomically
 from limner.methods.adapter import (
     ADAPTER_MANIFEST,
     CURVE_POINTS,
@@ -299,10 +298,7 @@ class FastComposer(AdapterMethod):
         own = encoder.folder.resolve() == (Path(base.path) / IMAGE_ENCODER).resolve()
         with disk_guard(f"the adapter in {out}"):
             if not own and not (out / IMAGE_ENCODER).exists():  # an encoder the base lacks travels with the adapter
-                tmp = out / f".{IMAGE_ENCODER}.tmp"
-                shutil.rmtree(tmp, ignore_errors=True)
-                shutil.copytree(encoder.folder, tmp)
-                tmp.rename(out / IMAGE_ENCODER)
+                copy_folder(encoder.folder, out / IMAGE_ENCODER)
             save_weights(state, out / WEIGHTS)
             describe = getattr(stream, "describe", None)
             write_adapter_manifest(

@@ -42,7 +42,7 @@ from torch import nn
 
 from limner.concepts import read_manifest
 from limner.errors import LimnerError
-from limner.io import disk_guard, pickle_opt_in, written_atomically
+from limner.io import copy_folder, disk_guard, pickle_opt_in, written_atomically
 from limner.methods.adapter import (
     ADAPTER_MANIFEST,
     CURVE_POINTS,
@@ -360,8 +360,6 @@ class StoryMaker(AdapterMethod):
     def _write_adapter(
         self, base, out, cfg, train_cfg, task, shape, state, encoder, analyser, stream, log, t0, pose_folder
     ):
-        import shutil
-
         from limner.methods.ip_adapter import encoder_fingerprint
         from limner.methods.storymaker.weights import save_weights
         from limner.models.loading import fingerprint
@@ -371,10 +369,7 @@ class StoryMaker(AdapterMethod):
         describe = getattr(stream, "describe", None)
         with disk_guard(f"the adapter in {out}"):
             if not own and not (out / IMAGE_ENCODER).exists():  # an encoder the base lacks travels with it
-                tmp = out / f".{IMAGE_ENCODER}.tmp"
-                shutil.rmtree(tmp, ignore_errors=True)
-                shutil.copytree(encoder.folder, tmp)
-                tmp.rename(out / IMAGE_ENCODER)
+                copy_folder(encoder.folder, out / IMAGE_ENCODER)
             save_weights(state, out / WEIGHTS)
             write_adapter_manifest(
                 out,
