@@ -35,14 +35,13 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
-import time
-from contextlib import nullcontext
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+
+from timed_processes import PAUSER, run  # noqa: E402  (benchmarks/ is the script's folder)
 
 TUNING_RESULTS = ROOT / "benchmarks" / "results" / "results.json"
 TUTORIALS = "examples/research_projects/ip_adapter"
@@ -84,72 +83,6 @@ IP_ADAPTER_PATCHES = [
 # --------------------------------------------------------------------------------------------
 # Running one process
 # --------------------------------------------------------------------------------------------
-
-
-class Pauser:
-    """SIGSTOP the processes matching a pattern for the length of a timed run, SIGCONT them after it (always)."""
-
-    def __init__(self, pattern: str | None):
-        self.pattern, self.seconds, self.pids = pattern, 0.0, []
-
-    def __enter__(self):
-        if self.pattern:
-            found = subprocess.run(["pgrep", "-f", self.pattern], capture_output=True, text=True).stdout.split()
-            mine = ancestors()  # this process and those that started it may name the pattern in their arguments
-            self.pids = [int(p) for p in found if int(p) not in mine]
-            for pid in self.pids:
-                try:
-                    os.kill(pid, signal.SIGSTOP)
-                except ProcessLookupError:
-                    pass
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        for pid in self.pids:
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
-        if self.pids:
-            self.seconds += time.perf_counter() - self.t0
-        self.pids = []
-
-
-PAUSER = Pauser(None)
-
-
-def ancestors() -> set[int]:
-    pids, pid = set(), os.getpid()
-    while pid > 1:
-        pids.add(pid)
-        try:
-            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            break
-    return pids
-
-
-def run(cmd: list[str], log: Path, env: dict, timed: bool = True) -> dict:
-    """Wall seconds and peak RSS (MiB) of one process; its output goes to `log`."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as f:
-        f.write(" ".join(cmd) + "\n\n")
-        f.flush()
-        with PAUSER if timed else nullcontext():
-            t0 = time.perf_counter()
-            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-            try:
-                _, status, usage = os.wait4(proc.pid, 0)
-            except BaseException:  # interrupted: the child goes too
-                proc.kill()
-                proc.wait()
-                raise
-            wall = time.perf_counter() - t0
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        raise SystemExit(f"{Path(cmd[1]).name if len(cmd) > 1 else cmd[0]} failed (exit {code}); see {log}")
-    return {"seconds": round(wall, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "small_parent": True}
 
 
 def environment(work: Path, site: Path | None = None) -> dict:
@@ -401,8 +334,7 @@ def main() -> None:
         raise SystemExit(
             "give --diffusers (a diffusers checkout) and --site (ip_adapter and einops: see the docstring)"
         )
-    global PAUSER
-    PAUSER = Pauser(args.pause)
+    PAUSER.pattern = args.pause
     # a SIGTERM ends the benchmark through the finally clauses, so nothing stays stopped
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     env = environment(args.work)

@@ -332,7 +332,7 @@ def test_bad_input_gets_clear_errors(base, adapter, tmp_path):
 
 def test_the_shipped_world_adapter_is_small_fp16_and_recorded():
     """assets/world/adapters/fastcomposer: the official prefixes in fp16 under 8 MB, and adapter.json saying what
-    made it (scripts/pretrain_fastcomposer.sh reproduces it)."""
+    made it, both stages (scripts/pretrain_fastcomposer.sh reproduces it)."""
     import json
 
     from limner.methods.fastcomposer.weights import read_weights
@@ -344,7 +344,8 @@ def test_the_shipped_world_adapter_is_small_fp16_and_recorded():
     assert all(v.dtype == torch.float16 for part in parts.values() for v in part.values())
     manifest = json.loads((folder / "adapter.json").read_text())
     assert manifest["method"] == "fastcomposer" and manifest["data"]["kind"] == "world"
-    assert manifest["steps"] == manifest["train"]["max_steps"] == 2400
+    assert manifest["steps"] == manifest["train"]["max_steps"] == 5000 and manifest["train"]["lr_schedule"] == "cosine"
+    assert manifest["started_from"]["steps"] == 2400, "stage 2 of the script, continued from stage 1's 2400 steps"
     assert manifest["lora"]["rank"] == 32 and manifest["settings"]["localization_weight"] == 1e-3
 
 
