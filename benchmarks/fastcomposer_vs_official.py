@@ -73,7 +73,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from timed_processes import PAUSER, run  # noqa: E402  (benchmarks/ is the script's folder)
+from timed_processes import PAUSER, run, write_results  # noqa: E402  (benchmarks/ is the script's folder)
 
 PACKAGE = "fastcomposer"  # the official package, copied into WORK/official/
 OFFICIAL_FILES = ("__init__.py", "train.py", "model.py", "data.py", "transforms.py", "utils.py")
@@ -659,13 +659,7 @@ def report(results: dict, out: Path) -> None:
         "Command: `/work/bench-venv/bin/python benchmarks/fastcomposer_vs_official.py --official PATH` (the venv in "
         "the script's docstring).",
     ]
-    (out / "results.md").write_text("\n".join(lines + note) + "\n")
-    path = out / "results.json"
-    if path.exists():
-        data = json.loads(path.read_text())
-        data["summary"] = summary
-        path.write_text(json.dumps(data, indent=1))
-    print((out / "results.md").read_text())
+    write_results(out, lines + note, summary)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from timed_processes import PAUSER, run  # noqa: E402  (benchmarks/ is the script's folder)
+from timed_processes import PAUSER, run, write_results  # noqa: E402  (benchmarks/ is the script's folder)
 
 TUNING_RESULTS = ROOT / "benchmarks" / "results" / "results.json"
 TUTORIALS = "examples/research_projects/ip_adapter"
@@ -541,13 +541,7 @@ def report(results: dict, out: Path) -> None:
         "Command: `python benchmarks/ip_adapter_vs_diffusers.py --diffusers PATH --site DIR --adapter ADAPTER` "
         "(torch 2.14.1 + torchvision 0.29.1 venv, diffusers 0.42.1, ip-adapter 0.1.0 + einops in DIR).",
     ]
-    (out / "results.md").write_text("\n".join(lines + note) + "\n")
-    results_summary = out / "results.json"
-    if results_summary.exists():
-        data = json.loads(results_summary.read_text())
-        data["summary"] = summary
-        results_summary.write_text(json.dumps(data, indent=1))
-    print((out / "results.md").read_text())
+    write_results(out, lines + note, summary)
 
 
 def fastest_gen(results: dict, side: str) -> float:

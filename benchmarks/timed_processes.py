@@ -9,6 +9,7 @@ length of each timed run when asked (`--pause PATTERN`).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -83,3 +84,14 @@ def run(cmd: list[str], log: Path, env: dict, timed: bool = True) -> dict:
     if code != 0:
         raise SystemExit(f"{Path(cmd[1]).name if len(cmd) > 1 else cmd[0]} failed (exit {code}); see {log}")
     return {"seconds": round(wall, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "small_parent": True}
+
+
+def write_results(out: Path, lines: list[str], summary: dict) -> None:
+    """results.md from `lines`, and `summary` added to results.json (written by the runs), then the page printed."""
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    path = out / "results.json"
+    if path.exists():
+        data = json.loads(path.read_text())
+        data["summary"] = summary
+        path.write_text(json.dumps(data, indent=1))
+    print((out / "results.md").read_text())
