@@ -113,6 +113,17 @@ def test_eval_cache_keys_read_each_setting_as_its_type():
     assert keys[0] == keys[1] and keys[0]["train"]["learning_rate"] == 0.001
 
 
+def test_a_json_setting_keeps_its_commas_in_a_method_spec():
+    """`limner eval --method 'ip_adapter:scale={"down": 1.5, "up": 3.0},references=concat'`: per-block scales
+    are one setting, not three broken ones."""
+    from limner.evaluation.rows import Row
+
+    config = dict(Row.parse('ip_adapter:scale={"down": 1.5, "up": {"block_1": [2.0, 3.0]}},references=concat').config)
+    assert config == {"scale": '{"down": 1.5, "up": {"block_1": [2.0, 3.0]}}', "references": "concat"}
+    with pytest.raises(LimnerError, match="key=value"):
+        Row.parse("ip_adapter:scale=2.0,concat")
+
+
 @pytest.mark.parametrize(
     ("method", "extra", "named"),
     [

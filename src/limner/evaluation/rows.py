@@ -9,7 +9,7 @@ from pathlib import Path
 from limner.errors import LimnerError
 from limner.evaluation.subjects import EvalSubject
 from limner.generation import SCHEDULERS
-from limner.methods import get_method, parse_setting
+from limner.methods import get_method, parse_setting, split_settings
 from limner.values import bounds, parse_fields
 
 LOWER, UPPER = "lower-bound", "upper-bound"
@@ -52,7 +52,7 @@ class Row:
         if spec in (LOWER, UPPER):
             return cls(spec)
         method, _, settings = spec.partition(":")
-        config = [parse_setting(item, f"--method {spec}") for item in filter(None, settings.split(","))]
+        config = [parse_setting(item, f"--method {spec}") for item in split_settings(settings)]
         return cls(spec, method=method, config=tuple(config))
 
     @classmethod

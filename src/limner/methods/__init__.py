@@ -9,7 +9,7 @@
 
 from limner.methods.base import FAMILIES, Capabilities, Conditioning, Installation, Method, WindowHook, install_key
 from limner.methods.registry import REGISTRY, get_method, method_names, register
-from limner.methods.settings import added_setting, parse_setting, setting, with_settings
+from limner.methods.settings import added_setting, parse_setting, setting, split_settings, with_settings
 from limner.subject import Subject
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "install_key",
     "method_names",
     "parse_setting",
+    "split_settings",
     "register",
     "setting",
     "with_settings",

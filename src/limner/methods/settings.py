@@ -64,6 +64,19 @@ def with_recipe(method: Any, overrides: dict, num_subjects: int = 1) -> dict:
     return recipes[name] | overrides
 
 
+def split_settings(text: str) -> list[str]:
+    """'a=1,b={"up": 2, "down": 1}' -> ['a=1', 'b={"up": 2, "down": 1}']: split at the commas outside brackets,
+    so a setting whose value is JSON (IP-Adapter's per-block scales) can sit in a `--method M:k=v,...` spec."""
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += (char in "{[") - (char in "}]")
+        if char == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return [item for item in items if item.strip()]
+
+
 def parse_setting(item: str, where: str) -> tuple[str, object]:
     """'key=value' -> (key, value), the value read as int, float or bool where it is exactly one ("4", "0.5",
     "true"); any other text stays text ("1e-3", "no", "08"), for the setting's declared type to read
