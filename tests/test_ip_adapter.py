@@ -353,6 +353,26 @@ def test_the_official_drops_are_one_draw_per_sample():
     assert abs(both - 0.05) < 0.004
 
 
+def test_init_continues_from_an_adapter_and_records_it(ip_base, adapters, tmp_path):
+    """init=ADAPTER: pretraining starts from its weights (at learning rate 0 they come out unchanged, up to fp16)
+    and the new adapter.json names it by fingerprint; an adapter of another variant is refused before any step."""
+    from limner.methods.adapter import adapter_fingerprint
+
+    method, plain = get_method("ip_adapter"), adapters["plain"]
+    settings = {**QUICK, "max_steps": 1, "learning_rate": 0.0}
+    continued = method.pretrain(
+        load_base(str(ip_base), device="cpu"), ToyStream(), tmp_path / "on", init=str(plain), **settings
+    )
+    start, end = load_file(str(plain / WEIGHTS)), load_file(str(continued / WEIGHTS))
+    assert start.keys() == end.keys() and all(torch.equal(start[k], end[k]) for k in start)
+    record = json.loads((continued / "adapter.json").read_text())["started_from"]
+    assert record["fingerprint"] == adapter_fingerprint(plain) and record["steps"] == QUICK["max_steps"]
+    with pytest.raises(LimnerError, match="is a plus adapter .* these settings train plain"):
+        method.pretrain(
+            load_base(str(ip_base), device="cpu"), ToyStream(), tmp_path / "x", init=str(adapters["plus"]), **QUICK
+        )
+
+
 def test_pretraining_on_the_world_stream_resumes_exactly(ip_base, tmp_path):
     """The world stream through limner.data; the loop restores its position with the rest of the checkpoint.
     On the world, the pairing and captions default to what its bench measured best: view, class captions."""

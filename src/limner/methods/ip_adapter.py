@@ -83,6 +83,7 @@ from limner.methods.adapter import (
     made_by_limner,
     read_adapter_manifest,
     read_reference_files,
+    started_from,
     thin_curve,
     write_adapter_manifest,
     write_concept_manifest,
@@ -189,6 +190,14 @@ class IPAdapterSettings:
         "pretrain: what each sample is conditioned on: self (the target image itself, as the paper), view (another "
         "view of the same subject, cut out on grey; the world stream only) or crop (that view cropped to the "
         "subject's box, so a small encoder sees its marks). None: view on the world stream, self on your own data",
+    )
+
+    init: str | None = setting(
+        None,
+        "pretrain: start from this adapter's weights (a folder limner pretrained, or an official file, of this "
+        "variant and token count) rather than fresh ones, e.g. to cool a shipped adapter's rate down; a resumed run "
+        "continues from its checkpoint",
+        added=True,
     )
 
     finetune_steps: int = setting(
@@ -762,7 +771,8 @@ class IPAdapter(AdapterMethod):
         encoder_folder = find_image_encoder(base, None, cfg.image_encoder)
         encoder = ImageEncoder(encoder_folder, base.device)
         stream = _open_data(data, base, cfg, train_cfg)
-        task = _Pretraining(base, encoder, cfg, train_cfg)
+        start = None if cfg.init is None else self._starting_weights(base, encoder, cfg)
+        task = _Pretraining(base, encoder, cfg, train_cfg, weights=start)
         t0 = time.perf_counter()
         try:
             # the loop keeps the stream's position in every checkpoint, and restores it on resume
@@ -776,6 +786,23 @@ class IPAdapter(AdapterMethod):
         if is_main_process():
             self._write_adapter(base, out, cfg, train_cfg, state, encoder_folder, stream, log, t0)
         return out
+
+    def _starting_weights(self, base: Base, encoder: ImageEncoder, cfg: IPAdapterSettings) -> dict:
+        """`init`'s weights, checked to fit this base, encoder, variant and token count."""
+        where = Path(cfg.init).expanduser()
+        weights = read_adapter_weights(where, cfg.allow_pickle)
+        variant = check_fits(
+            base.pipe.unet, weights, where, encoder.width(detect_variant(weights["image_proj"], where))
+        )
+        projection = load_projection(weights, where)
+        latents = getattr(projection, "latents", None)  # plus: the Resampler's queries
+        tokens = latents.shape[1] if latents is not None else getattr(projection, "num_image_text_embeds", None)
+        if variant != cfg.variant or tokens != cfg.tokens:
+            raise LimnerError(
+                f"init={where} is a {variant} adapter with {tokens} image tokens; these settings train {cfg.variant} "
+                f"with {cfg.tokens} (set variant and num_tokens as it was pretrained)"
+            )
+        return {part: {k: v.float() for k, v in state.items()} for part, state in weights.items()}
 
     def _write_adapter(self, base, out, cfg, train_cfg, state, encoder_folder, stream, log, t0) -> None:
 
@@ -804,6 +831,7 @@ class IPAdapter(AdapterMethod):
                 settings=asdict(cfg),
                 train=asdict(train_cfg),
                 num_processes=log.num_processes,
+                started_from=started_from(cfg.init),
             )
 
     # ---- encoding ----------------------------------------------------------------------------------------------
