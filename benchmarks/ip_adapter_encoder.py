@@ -41,7 +41,7 @@ from limner.models.loading import WORLD_BASE
 from limner.training import TrainConfig, TrainingTask, train
 from limner.world import vocab
 from limner.world.render import SPLITS
-from limner.world.scenes import near_heldout_subject
+from limner.world.scenes import near_heldout_subject, with_article
 
 LOOKS = ("cls", "colour_a", "colour_b", "split", "emblem", "emblem_colour")
 
@@ -54,6 +54,9 @@ class ViewsBuildConfig:
     temperature: float = 0.07
     emblem_share: float = 0.25  # of siblings that differ in the emblem; the rest split the other three looks evenly
     crop: bool = False  # each cut-out view cropped to the subject's box (IP-Adapter's pair=crop), as it will read them
+    loss: str = (
+        "views"  # views: two views of a subject against the batch; captions: each view against its looks' words
+    )
     seed: int = 0
     checkpoint_every: int = 100
 
@@ -125,6 +128,56 @@ class ViewContrast(TrainingTask):
         return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
+def looks_caption(subject: WorldSubject) -> str:
+    """An instance's looks in the world's caption words, no context (a reference is cut out): 'a red and white
+    ball with a blue heart' (the split has no word: siblings that differ in it share a caption)."""
+    s = subject.instance
+    return f"{with_article(f'{s.colour_a} and {s.colour_b} {s.cls}')} with {with_article(f'{s.emblem_colour} {s.emblem}')}"
+
+
+class CaptionContrast(ViewContrast):
+    """CLIP's loss with the text side frozen: each view's pooled embedding against the world CLIP's embedding of
+    its looks' caption, over the batch (identical captions are positives for each other, as the world's CLIP stage
+    trained), so the image embedding stays in the space of the words the base was trained on."""
+
+    def loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        model = self.wrapped.get("image_encoder", self.model)
+        image = F.normalize(model(pixel_values=batch["views"]).image_embeds, dim=-1)
+        logits = image @ batch["texts"].T / self.temperature
+        same = (batch["caption_ids"][:, None] == batch["caption_ids"][None, :]).float()
+        target = same / same.sum(1, keepdim=True)
+        return (
+            torch.sum(-target * logits.log_softmax(1), 1) + torch.sum(-target * logits.log_softmax(0).T, 1)
+        ).mean() / 2
+
+
+def caption_batches(cfg: ViewsBuildConfig, encoder: ImageEncoder):
+    """next_batch: one view of each instance and its sibling, with the frozen world CLIP's embedding of its caption."""
+    from limner.encoders.clip import WorldCLIP
+
+    clip = WorldCLIP(WORLD_BASE)
+
+    def next_batch(generator: torch.Generator) -> dict:
+        rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        views, captions = [], []
+        while len(views) < 2 * cfg.families:
+            subject = draw_subject(rng)
+            if subject.kind != "instance":
+                continue
+            for s in (subject, sibling(rng, subject, cfg.emblem_share)):
+                image, _, mask = draw_view(rng, s)
+                views.append(reference_view(image, mask, cfg.crop))
+                captions.append(looks_caption(s))
+        names = sorted(set(captions))
+        return {
+            "views": encoder.pixels(views),
+            "texts": clip.texts(names)[[names.index(c) for c in captions]],
+            "caption_ids": torch.tensor([names.index(c) for c in captions]),
+        }
+
+    return next_batch
+
+
 def view_batches(cfg: ViewsBuildConfig, encoder: ImageEncoder):
     """next_batch: view pairs as the encoder's pixel values, preprocessed as IP-Adapter preprocesses references."""
 
@@ -157,8 +210,10 @@ def train_views(start: Path, out: Path, work: Path, cfg: ViewsBuildConfig) -> di
         keep_checkpoints=1,
         resume="latest",
     )
-    task = ViewContrast(encoder.model, cfg.temperature)
-    log = train(task, view_batches(cfg, encoder), settings, work / "view_encoder", "views")
+    captions = cfg.loss == "captions"
+    task = (CaptionContrast if captions else ViewContrast)(encoder.model, cfg.temperature)
+    batches = (caption_batches if captions else view_batches)(cfg, encoder)
+    log = train(task, batches, settings, work / f"{cfg.loss}_encoder", cfg.loss)
     out.mkdir(parents=True, exist_ok=True)
     replace_folder(out / IMAGE_ENCODER, task.model.eval().half().save_pretrained)
     copy_folder(Path(start) / FEATURE_EXTRACTOR, out / FEATURE_EXTRACTOR)
@@ -242,10 +297,13 @@ def main() -> None:
     parser.add_argument("--emblem-share", type=float, default=ViewsBuildConfig.emblem_share)
     parser.add_argument("-n", type=int, default=1500, help="instances the linear probes learn from")
     parser.add_argument("--crop", action="store_true", help="views cropped to the subject (IP-Adapter's pair=crop)")
+    parser.add_argument(
+        "--loss", choices=("views", "captions"), default="views", help="what a view is pulled towards (see the config)"
+    )
     args = parser.parse_args()
     if args.steps < 1 or not 0 <= args.emblem_share <= 1 or args.n < 30:
         parser.error("--steps must be at least 1, --emblem-share between 0 and 1, -n at least 30")
-    cfg = ViewsBuildConfig(steps=args.steps, emblem_share=args.emblem_share, crop=args.crop)
+    cfg = ViewsBuildConfig(steps=args.steps, emblem_share=args.emblem_share, crop=args.crop, loss=args.loss)
     record = train_views(WORLD_BASE, args.out, args.work or args.out / "work", cfg)
     record["measured"] = {
         "encoder": measure_views(args.out, args.n, crop=args.crop),
