@@ -213,7 +213,9 @@ def train_views(start: Path, out: Path, work: Path, cfg: ViewsBuildConfig) -> di
     captions = cfg.loss == "captions"
     task = (CaptionContrast if captions else ViewContrast)(encoder.model, cfg.temperature)
     batches = (caption_batches if captions else view_batches)(cfg, encoder)
-    log = train(task, batches, settings, work / f"{cfg.loss}_encoder", cfg.loss)
+    log = train(
+        task, batches, settings, work / ("view_encoder" if cfg.loss == "views" else "captions_encoder"), cfg.loss
+    )
     out.mkdir(parents=True, exist_ok=True)
     replace_folder(out / IMAGE_ENCODER, task.model.eval().half().save_pretrained)
     copy_folder(Path(start) / FEATURE_EXTRACTOR, out / FEATURE_EXTRACTOR)

@@ -120,8 +120,12 @@ def test_a_json_setting_keeps_its_commas_in_a_method_spec():
 
     config = dict(Row.parse('ip_adapter:scale={"down": 1.5, "up": {"block_1": [2.0, 3.0]}},references=concat').config)
     assert config == {"scale": '{"down": 1.5, "up": {"block_1": [2.0, 3.0]}}', "references": "concat"}
+    assert dict(Row.parse('ip_adapter:scale={"a,}": [1, 2]},variant=plus').config)["variant"] == "plus"
     with pytest.raises(LimnerError, match="key=value"):
         Row.parse("ip_adapter:scale=2.0,concat")
+    for unbalanced in ('scale={"down": 1.5,references=concat', "scale=],variant=plus", 'scale={"up": "1}'):
+        with pytest.raises(LimnerError, match="unbalanced"):
+            Row.parse(f"ip_adapter:{unbalanced}")
 
 
 @pytest.mark.parametrize(

@@ -355,7 +355,8 @@ def test_the_official_drops_are_one_draw_per_sample():
 
 def test_init_continues_from_an_adapter_and_records_it(ip_base, adapters, tmp_path):
     """init=ADAPTER: pretraining starts from its weights (at learning rate 0 they come out unchanged, up to fp16)
-    and the new adapter.json names it by fingerprint; an adapter of another variant is refused before any step."""
+    and the new adapter.json names it by fingerprint; an adapter of another variant, or the output folder itself,
+    is refused before any step."""
     from limner.methods.adapter import adapter_fingerprint
 
     method, plain = get_method("ip_adapter"), adapters["plain"]
@@ -371,6 +372,9 @@ def test_init_continues_from_an_adapter_and_records_it(ip_base, adapters, tmp_pa
         method.pretrain(
             load_base(str(ip_base), device="cpu"), ToyStream(), tmp_path / "x", init=str(adapters["plus"]), **QUICK
         )
+    with pytest.raises(LimnerError, match="lies in --out"):  # the run would write over the weights it names
+        method.pretrain(load_base(str(ip_base), device="cpu"), ToyStream(), continued, init=str(continued), **QUICK)
+    assert not (tmp_path / "x").exists()
 
 
 def test_pretraining_on_the_world_stream_resumes_exactly(ip_base, tmp_path):

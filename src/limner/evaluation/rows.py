@@ -52,7 +52,7 @@ class Row:
         if spec in (LOWER, UPPER):
             return cls(spec)
         method, _, settings = spec.partition(":")
-        config = [parse_setting(item, f"--method {spec}") for item in split_settings(settings)]
+        config = [parse_setting(item, f"--method {spec}") for item in split_settings(settings, f"--method {spec}")]
         return cls(spec, method=method, config=tuple(config))
 
     @classmethod

@@ -252,13 +252,17 @@ class AdapterMethod(Method):
         return {"adapter": adapter_fingerprint(Path(adapter))} if adapter is not None else {}
 
 
-def started_from(init: str | None) -> dict | None:
-    """What a continued pretraining started from, for its adapter.json: the adapter by fingerprint, and where that
-    was itself pretrained by limner, its steps, times, seed and settings, and what it started from in turn (so the
-    record names every stage that made the weights); an official file: its path and fingerprint."""
+def started_from(init: str | None, out: Path) -> dict | None:
+    """What a continued pretraining into `out` starts from, for its adapter.json: the adapter by fingerprint, and
+    where that was itself pretrained by limner, its steps, times, seed and settings, and what it started from in turn
+    (so the record names every stage that made the weights); an official file: its path and fingerprint. Taken
+    before the first step, as the weights it names are then; `init` may not be `out` itself, whose weights the
+    run replaces."""
     if init is None:
         return None
     where = Path(init).expanduser()
+    if where.resolve() == Path(out).resolve() or Path(out).resolve() in where.resolve().parents:
+        raise LimnerError(f"init={init} lies in --out {out}, which this run writes over; give another --out")
     record = {"path": str(where), "fingerprint": adapter_fingerprint(where)}
     if made_by_limner(where):
         manifest = read_adapter_manifest(where)

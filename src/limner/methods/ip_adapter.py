@@ -771,6 +771,7 @@ class IPAdapter(AdapterMethod):
         encoder_folder = find_image_encoder(base, None, cfg.image_encoder)
         encoder = ImageEncoder(encoder_folder, base.device)
         stream = _open_data(data, base, cfg, train_cfg)
+        origin = started_from(cfg.init, out)
         start = None if cfg.init is None else self._starting_weights(base, encoder, cfg)
         task = _Pretraining(base, encoder, cfg, train_cfg, weights=start)
         t0 = time.perf_counter()
@@ -784,7 +785,7 @@ class IPAdapter(AdapterMethod):
             detach(base.pipe.unet)
             base.pipe.unet.requires_grad_(False)
         if is_main_process():
-            self._write_adapter(base, out, cfg, train_cfg, state, encoder_folder, stream, log, t0)
+            self._write_adapter(base, out, cfg, train_cfg, state, encoder_folder, stream, log, t0, origin)
         return out
 
     def _starting_weights(self, base: Base, encoder: ImageEncoder, cfg: IPAdapterSettings) -> dict:
@@ -802,9 +803,14 @@ class IPAdapter(AdapterMethod):
                 f"init={where} is a {variant} adapter with {tokens} image tokens; these settings train {cfg.variant} "
                 f"with {cfg.tokens} (set variant and num_tokens as it was pretrained)"
             )
+        if latents is not None and latents.shape[-1] != cfg.resampler_dim:
+            raise LimnerError(
+                f"init={where}: its Resampler is {latents.shape[-1]} wide, these settings train {cfg.resampler_dim} "
+                f"(set resampler_dim={latents.shape[-1]})"
+            )
         return {part: {k: v.float() for k, v in state.items()} for part, state in weights.items()}
 
-    def _write_adapter(self, base, out, cfg, train_cfg, state, encoder_folder, stream, log, t0) -> None:
+    def _write_adapter(self, base, out, cfg, train_cfg, state, encoder_folder, stream, log, t0, origin) -> None:
 
         own = Path(encoder_folder).resolve() == (Path(base.path) / IMAGE_ENCODER).resolve()
         with disk_guard(f"the adapter in {out}"):
@@ -831,7 +837,7 @@ class IPAdapter(AdapterMethod):
                 settings=asdict(cfg),
                 train=asdict(train_cfg),
                 num_processes=log.num_processes,
-                started_from=started_from(cfg.init),
+                started_from=origin,
             )
 
     # ---- encoding ----------------------------------------------------------------------------------------------

@@ -64,15 +64,22 @@ def with_recipe(method: Any, overrides: dict, num_subjects: int = 1) -> dict:
     return recipes[name] | overrides
 
 
-def split_settings(text: str) -> list[str]:
-    """'a=1,b={"up": 2, "down": 1}' -> ['a=1', 'b={"up": 2, "down": 1}']: split at the commas outside brackets,
-    so a setting whose value is JSON (IP-Adapter's per-block scales) can sit in a `--method M:k=v,...` spec."""
-    items, depth, start = [], 0, 0
+def split_settings(text: str, where: str = "--method") -> list[str]:
+    """'a=1,b={"up": 2, "down": 1}' -> ['a=1', 'b={"up": 2, "down": 1}']: split at the commas outside brackets and
+    quotes, so a setting whose value is JSON (IP-Adapter's per-block scales) can sit in a `--method M:k=v,...` spec."""
+    items, depth, quoted, start = [], 0, False, 0
     for i, char in enumerate(text):
-        depth += (char in "{[") - (char in "}]")
-        if char == "," and depth == 0:
-            items.append(text[start:i])
-            start = i + 1
+        if char == '"':
+            quoted = not quoted
+        elif not quoted:
+            depth += (char in "{[") - (char in "}]")
+            if depth < 0:
+                break
+            if char == "," and depth == 0:
+                items.append(text[start:i])
+                start = i + 1
+    if depth or quoted:
+        raise LimnerError(f"{where}: unbalanced brackets or quotes in {text!r}")
     items.append(text[start:])
     return [item for item in items if item.strip()]
 

@@ -227,6 +227,7 @@ class FastComposer(AdapterMethod):
         train_cfg, rest = split_train_settings(train_cfg, settings)
         cfg = with_settings(FastComposerSettings(), rest, self.name)
         cfg.pair = cfg.pair or "view"
+        origin = started_from(cfg.init, out)
         stream = self._open_data(data, base, cfg, train_cfg)
         encoder = subject_encoder(base, None, None, cfg.image_encoder, "the base")
         task = Pretraining(base, encoder, cfg, train_cfg)
@@ -242,7 +243,7 @@ class FastComposer(AdapterMethod):
         finally:
             task.close()
         if is_main_process():
-            self._write_adapter(base, out, cfg, train_cfg, task, state, encoder, stream, log, t0)
+            self._write_adapter(base, out, cfg, train_cfg, task, state, encoder, stream, log, t0, origin)
         return out
 
     @staticmethod
@@ -290,7 +291,7 @@ class FastComposer(AdapterMethod):
             pair=cfg.pair,
         )
 
-    def _write_adapter(self, base, out, cfg, train_cfg, task, state, encoder, stream, log, t0) -> None:
+    def _write_adapter(self, base, out, cfg, train_cfg, task, state, encoder, stream, log, t0, origin) -> None:
         from limner.methods.fastcomposer.training import LORA_TARGETS
         from limner.methods.ip_adapter import encoder_fingerprint
 
@@ -319,7 +320,7 @@ class FastComposer(AdapterMethod):
                 settings=asdict(cfg),
                 train=asdict(train_cfg),
                 num_processes=log.num_processes,
-                started_from=started_from(cfg.init),
+                started_from=origin,
             )
 
     # ---- adapters ----------------------------------------------------------------------------------------------

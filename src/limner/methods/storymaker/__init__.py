@@ -291,6 +291,7 @@ class StoryMaker(AdapterMethod):
             resampler_dim=int(cfg.resampler_dim),
         )
         start = self._starting_weights(base, cfg, shape)
+        origin = started_from(cfg.init, out)
         pose_folder = pose_controlnet_folder(base, cfg.pose_controlnet, "pose_controlnet")
         pose_controlnet = None if pose_folder is None else load_controlnet(pose_folder, base.pipe.unet)
         task = Pretraining(base, encoder, shape, cfg, train_cfg, pose_controlnet=pose_controlnet)
@@ -309,7 +310,7 @@ class StoryMaker(AdapterMethod):
             task.close()
         if is_main_process():
             self._write_adapter(
-                base, out, cfg, train_cfg, task, shape, state, encoder, analyser, stream, log, t0, pose_folder
+                base, out, cfg, train_cfg, task, shape, state, encoder, analyser, stream, log, t0, pose_folder, origin
             )
             if batches.skipped:
                 _note(f"{batches.skipped} samples skipped in pretraining: no face found in a reference")
@@ -358,7 +359,7 @@ class StoryMaker(AdapterMethod):
         )
 
     def _write_adapter(
-        self, base, out, cfg, train_cfg, task, shape, state, encoder, analyser, stream, log, t0, pose_folder
+        self, base, out, cfg, train_cfg, task, shape, state, encoder, analyser, stream, log, t0, pose_folder, origin
     ):
         from limner.methods.ip_adapter import encoder_fingerprint
         from limner.methods.storymaker.weights import save_weights
@@ -391,7 +392,7 @@ class StoryMaker(AdapterMethod):
                 settings=asdict(cfg),
                 train=asdict(train_cfg),
                 num_processes=log.num_processes,
-                started_from=started_from(cfg.init),
+                started_from=origin,
                 pose_controlnet=None  # as given ("world": the shipped one), and by fingerprint
                 if pose_folder is None
                 else {"path": cfg.pose_controlnet, "fingerprint": fingerprint(pose_folder)},
