@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Pretrains the world's FastComposer adapter into DIR (default .limner-pretrain/fastcomposer) in two stages, as the
+# Pretrains the world's FastComposer adapter into DIR (default .limner-pretrain/fastcomposer) in three stages, as the
 # shipped one (src/limner/assets/world/adapters/fastcomposer/: this folder's fastcomposer.safetensors and
 # adapter.json) was made on the 2-core machine:
 #   stage 1, DIR-stage1: 2400 steps of batch 8 on world scenes of 1 to 4 subjects, AdamW 1e-4 constant after 100
@@ -7,10 +7,12 @@
 #     and drops are the method's defaults (localization weight 1e-3 on the middle 5 cross-attention blocks, masked
 #     denoising with p 0.5, unconditioning 0.1); the UNet learns a rank-32 LoRA, the image encoder its last 2
 #     layers, the fuse MLP from scratch. This was the first shipped adapter (subject fidelity 0.172).
-#   stage 2, DIR: 5000 more steps from stage 1's weights (--set init=) on fresh samples (seed 1), the rate cooled
-#     from 1e-4 to 0 on a cosine, both threads (38 minutes).
+#   stage 2, DIR-stage2: 5000 more steps from stage 1's weights (--set init=) on fresh samples (seed 1), the rate
+#     cooled from 1e-4 to 0 on a cosine, both threads (38 minutes; shipped 2026-12-07, subject fidelity 0.256).
+#   stage 3, DIR: 5000 more steps from stage 2's weights, seed 2, the same cosine from 1e-4 again (40 minutes on both
+#     cores; shipped 2026-12-07, subject fidelity 0.306).
 # Resumable: after an interruption, run it again and each stage continues from its last checkpoint (every 250
-# steps), its data stream where it was; a finished stage 1 is not run again.
+# steps), its data stream where it was; a finished stage is not run again.
 set -euo pipefail
 out=${1:-.limner-pretrain/fastcomposer}
 common=(--method fastcomposer --data world --batch-size 8 --lr 1e-4 --set checkpoint_every=250
@@ -18,5 +20,8 @@ common=(--method fastcomposer --data world --batch-size 8 --lr 1e-4 --set checkp
 if [ ! -f "$out-stage1/adapter.json" ]; then
     OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE limner pretrain "${common[@]}" --out "$out-stage1" --steps 2400 --seed 0
 fi
-limner pretrain "${common[@]}" --out "$out" --steps 5000 --seed 1 --set lr_schedule=cosine \
-    --set init="$out-stage1"
+if [ ! -f "$out-stage2/adapter.json" ]; then
+    limner pretrain "${common[@]}" --out "$out-stage2" --steps 5000 --seed 1 --set lr_schedule=cosine \
+        --set init="$out-stage1"
+fi
+limner pretrain "${common[@]}" --out "$out" --steps 5000 --seed 2 --set lr_schedule=cosine --set init="$out-stage2"
