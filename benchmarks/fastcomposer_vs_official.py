@@ -68,12 +68,13 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from timed_processes import PAUSER, run, write_results  # noqa: E402  (benchmarks/ is the script's folder)
+from timed_processes import PAUSER, measure_once, run, write_results  # noqa: E402  (benchmarks/ is the script's folder)
 
 PACKAGE = "fastcomposer"  # the official package, copied into WORK/official/
 OFFICIAL_FILES = ("__init__.py", "train.py", "model.py", "data.py", "transforms.py", "utils.py")
@@ -526,12 +527,7 @@ def main() -> None:
     results |= {k: prepared[k] for k in keep} | {"base_fingerprint": prepared["fingerprint"], "plan": plan}
     base = Path(prepared["base"])
 
-    def once(key: str, fn):
-        if key not in results:
-            results[key] = fn()
-            results_path.write_text(json.dumps(results, indent=1))
-            print(key, results[key], f"(paused others {PAUSER.seconds:.0f} s so far)", flush=True)
-        return results[key]
+    once = partial(measure_once, results, results_path)  # each measurement saved as it is made
 
     def timed(tool: str, steps: int, rep: int, teardown: bool = True) -> dict:
         out = args.work / "runs" / f"{tool}-{steps}"

@@ -155,7 +155,13 @@ def caption_batches(cfg: ViewsBuildConfig, encoder: ImageEncoder):
     """next_batch: one view of each instance and its sibling, with the frozen world CLIP's embedding of its caption."""
     from limner.encoders.clip import WorldCLIP
 
-    clip = WorldCLIP(WORLD_BASE)
+    clip, embedded = WorldCLIP(WORLD_BASE), {}  # the text side is frozen: each caption is encoded once
+
+    def texts(captions: list[str]) -> torch.Tensor:
+        new = sorted(set(captions) - set(embedded))
+        if new:
+            embedded.update(zip(new, clip.texts(new)))
+        return torch.stack([embedded[c] for c in captions])
 
     def next_batch(generator: torch.Generator) -> dict:
         rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
@@ -171,7 +177,7 @@ def caption_batches(cfg: ViewsBuildConfig, encoder: ImageEncoder):
         names = sorted(set(captions))
         return {
             "views": encoder.pixels(views),
-            "texts": clip.texts(names)[[names.index(c) for c in captions]],
+            "texts": texts(captions),
             "caption_ids": torch.tensor([names.index(c) for c in captions]),
         }
 

@@ -36,12 +36,13 @@ import re
 import shutil
 import signal
 import sys
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from timed_processes import PAUSER, run, write_results  # noqa: E402  (benchmarks/ is the script's folder)
+from timed_processes import PAUSER, measure_once, run, write_results  # noqa: E402  (benchmarks/ is the script's folder)
 
 TUNING_RESULTS = ROOT / "benchmarks" / "results" / "results.json"
 TUTORIALS = "examples/research_projects/ip_adapter"
@@ -363,12 +364,7 @@ def main() -> None:
     results["threads"] = args.threads
     base = Path(prepared["base"])
 
-    def once(key: str, fn):
-        if key not in results:
-            results[key] = fn()
-            results_path.write_text(json.dumps(results, indent=1))
-            print(key, results[key], f"(paused others {PAUSER.seconds:.0f} s so far)", flush=True)
-        return results[key]
+    once = partial(measure_once, results, results_path)  # each measurement saved as it is made
 
     try:
         for variant in VARIANTS:

@@ -14,8 +14,10 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]  # the commands run from the repository root
 
@@ -84,6 +86,16 @@ def run(cmd: list[str], log: Path, env: dict, timed: bool = True) -> dict:
     if code != 0:
         raise SystemExit(f"{Path(cmd[1]).name if len(cmd) > 1 else cmd[0]} failed (exit {code}); see {log}")
     return {"seconds": round(wall, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "small_parent": True}
+
+
+def measure_once(results: dict, path: Path, key: str, fn: Callable[[], Any]) -> Any:
+    """results[key], measured by fn() only where missing and then saved to `path` at once, so an interrupted
+    benchmark resumes with what it had measured."""
+    if key not in results:
+        results[key] = fn()
+        path.write_text(json.dumps(results, indent=1))
+        print(key, results[key], f"(paused others {PAUSER.seconds:.0f} s so far)", flush=True)
+    return results[key]
 
 
 def write_results(out: Path, lines: list[str], summary: dict) -> None:

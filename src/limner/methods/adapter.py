@@ -261,7 +261,7 @@ def started_from(init: str | None, out: Path) -> dict | None:
     if init is None:
         return None
     where = Path(init).expanduser()
-    if where.resolve() == Path(out).resolve() or Path(out).resolve() in where.resolve().parents:
+    if where.resolve().is_relative_to(Path(out).resolve()):
         raise LimnerError(f"init={init} lies in --out {out}, which this run writes over; give another --out")
     record = {"path": str(where), "fingerprint": adapter_fingerprint(where)}
     if made_by_limner(where):

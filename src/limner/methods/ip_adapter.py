@@ -768,11 +768,11 @@ class IPAdapter(AdapterMethod):
         world = isinstance(data, str) and data == "world"
         cfg.pair = cfg.pair or ("view" if world else "self")
         cfg.captions = cfg.captions or ("class" if world else "full")
+        origin = started_from(cfg.init, out)
         encoder_folder = find_image_encoder(base, None, cfg.image_encoder)
         encoder = ImageEncoder(encoder_folder, base.device)
-        stream = _open_data(data, base, cfg, train_cfg)
-        origin = started_from(cfg.init, out)
         start = None if cfg.init is None else self._starting_weights(base, encoder, cfg)
+        stream = _open_data(data, base, cfg, train_cfg)
         task = _Pretraining(base, encoder, cfg, train_cfg, weights=start)
         t0 = time.perf_counter()
         try:
