@@ -14,6 +14,7 @@ the right"), each half read by the world's identity embedder: recognised means t
 `own` and `other` columns are then those cosines, not probabilities.
 
     python benchmarks/fastcomposer_two_subjects.py --out docs/world-bench-fastcomposer [--adapter DIR] [-n 4]
+        [--subject-scale 2]
     python benchmarks/fastcomposer_two_subjects.py --characters --out DIR [--adapter DIR] [-n 4]
 """
 
@@ -143,6 +144,7 @@ def main() -> None:
     parser.add_argument("-n", "--images", type=int, default=4, help="images per pair")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--alpha", type=float, default=0.7)
+    parser.add_argument("--subject-scale", type=float, default=1.0, help="limner's subject_scale (1: the paper's)")
     parser.add_argument("--references", type=int, default=1, help="references per subject")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--characters", action="store_true", help="pairs of the bench's people, not its objects")
@@ -164,7 +166,13 @@ def main() -> None:
         concepts = {}
         for name, subject in subjects.items():
             concepts[name] = method.personalize(
-                base, subject, Path(tmp) / name, adapter=adapter, num_references=args.references, alpha=args.alpha
+                base,
+                subject,
+                Path(tmp) / name,
+                adapter=adapter,
+                num_references=args.references,
+                alpha=args.alpha,
+                subject_scale=args.subject_scale,
             )
         for i, pair in enumerate(pairs(args.pairs, args.characters)):
             context = CONTEXTS[i % len(CONTEXTS)]

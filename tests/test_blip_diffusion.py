@@ -273,6 +273,30 @@ def test_adapter_folder_is_small_and_recorded(adapter):
     assert not any(k.startswith("visual_encoder.") for k in weights)  # the base's own, by fingerprint
 
 
+def test_init_continues_stage_2_from_an_adapter_and_records_it(base, adapter, tmp_path):
+    """init=ADAPTER: stage 1 is skipped and stage 2 starts from its Q-Former and UNet LoRA (at learning rate 0 they
+    come out unchanged); the new adapter.json names it; a LoRA of another rank is refused, naming lora_rank."""
+    from helpers import ToyStream
+    from safetensors.torch import load_file
+
+    from limner.methods.adapter import adapter_fingerprint
+
+    method, data = get_method("blip_diffusion"), _MaskedStream(ToyStream(n=6))
+    settings = {**QUICK, "max_steps": 1, "learning_rate": 0.0}
+    continued = method.pretrain(base, data, tmp_path / "continued", init=str(adapter), **settings)
+    for name in (formats.QFORMER_WEIGHTS, formats.LORA_FILE):
+        start, end = (load_file(str(a / name)) for a in (adapter, continued))
+        assert start.keys() == end.keys() and all(torch.equal(start[k], end[k]) for k in start), name
+    lora = load_file(str(adapter / formats.LORA_FILE))
+    assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k or "lora.up" in k), "a trained start"
+    manifest = json.loads((continued / "adapter.json").read_text())
+    assert manifest["steps"] == {"stage2": 1}
+    assert manifest["started_from"]["fingerprint"] == adapter_fingerprint(adapter)
+    assert manifest["started_from"]["steps"] == {"stage1": 2, "stage2": 2}
+    with pytest.raises(LimnerError, match="lora_rank"):
+        method.pretrain(base, data, tmp_path / "other-rank", init=str(adapter), lora_rank=4, **QUICK)
+
+
 # ---- use: zero-shot, fine-tuned, generation --------------------------------------------------------------------
 
 
@@ -397,7 +421,12 @@ def test_shipped_world_adapter_is_small_and_encodes():
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     assert size < 10e6
     manifest = json.loads((folder / "adapter.json").read_text())
-    assert manifest["method"] == "blip_diffusion" and set(manifest["steps"]) == {"stage1", "stage2"}
+    assert manifest["method"] == "blip_diffusion"
+    steps, record = [], manifest  # the adapter's own run, then each it continued from (`init`), to the first
+    while record:
+        steps.append(record["steps"])
+        record = record.get("started_from")
+    assert steps == [{"stage2": 4000}, {"stage2": 4000}, {"stage1": 1000, "stage2": 1800}]
     world = load_base(None)
     encoder, prep = method.load_encoder(world, folder)
     from limner.world.bench import SUBJECTS, subject_references

@@ -282,6 +282,25 @@ def test_two_subjects_from_one_prompt_through_conditioning(base, adapter, tmp_pa
     assert not getattr(base.pipe.unet, "peft_config", None)  # uninstalled
 
 
+def test_subject_scale_pushes_each_subject_token_from_its_word(base, adapter, tmp_path):
+    """limner's subject_scale: 0 leaves the words alone, 1 is the paper's fused token, 2 lies twice as far from the
+    word; no other token moves."""
+    method = get_method("fastcomposer")
+    subjects = world_subjects(2)
+    embeds = {}
+    for scale in (0.0, 1.0, 2.0):
+        concept = method.encode(base, adapter, subjects, tmp_path / f"s{scale}", subject_scale=scale)
+        installation = method.install(base, [concept])
+        try:
+            embeds[scale] = method.condition(base, [concept], TWO)["prompt_embeds"].float()
+        finally:
+            installation.uninstall()
+    _, positions = tokenize_with_triggers(base.pipe.tokenizer, TWO)
+    moved = (embeds[1.0] - embeds[0.0]).abs().amax(-1)[0]
+    assert sorted(torch.nonzero(moved > 1e-6).flatten().tolist()) == positions
+    assert torch.allclose(embeds[2.0] - embeds[0.0], 2 * (embeds[1.0] - embeds[0.0]), atol=1e-4)
+
+
 def test_generate_draws_two_subjects_from_two_image_files(base, adapter, tmp_path):
     import json
 

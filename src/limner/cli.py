@@ -75,13 +75,18 @@ def options(
 def quiet_libraries() -> None:
     """A user sees limner's progress bars and results. diffusers and transformers draw a bar for every
     pipeline they load ("Loading pipeline components", "Loading weights") and write ("Writing model
-    shards"), and log notices that concern their own internals: those stay off unless --verbose."""
+    shards"), and log notices that concern their own internals: those stay off unless --verbose. peft warns
+    whenever a second LoRA joins a model, which limner does on purpose (concepts together, a continued
+    pretraining reading its start)."""
+    import warnings
+
     import diffusers.utils.logging as diffusers_logging
     import transformers.utils.logging as transformers_logging
 
     for library in (diffusers_logging, transformers_logging):
         library.disable_progress_bar()
         library.set_verbosity_error()
+    warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute in the model")
 
 
 def quiet_torchvision_fallback() -> None:

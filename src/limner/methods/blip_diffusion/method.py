@@ -52,6 +52,7 @@ from limner.methods.adapter import (
     encoded_concept_manifest,
     encoded_with,
     read_adapter_manifest,
+    started_from,
     thin_curve,
     write_adapter_manifest,
     write_concept_manifest,
@@ -130,6 +131,12 @@ class BlipDiffusionSettings:
         None,
         "pretrain, stage 2 on the world: class (no colours or emblem: the subject embeddings must carry the "
         "looks) or full; None: class on the world, your data's captions otherwise",
+    )
+    init: str | None = setting(
+        None,
+        "pretrain: continue stage 2 from this adapter's Q-Former and UNet LoRA (a folder limner pretrained, with the "
+        "same lora_rank and Q-Former size); stage 1 is then skipped. A resumed run continues from its checkpoint",
+        added=True,
     )
 
     def __post_init__(self) -> None:
@@ -491,6 +498,28 @@ def save_unet_lora(state: dict[str, torch.Tensor], folder: Path) -> None:
         save_file(half, str(tmp), metadata={"format": "pt"})
 
 
+def copy_unet_lora(pipe, folder: Path, into: str) -> None:
+    """The LoRA file's weights copied into the UNet's adapter `into` (same rank: a continued pretraining trains on
+    them), read by diffusers' own loader as a passing adapter so that its key conversion is the one used."""
+    passing = "init"
+    load_unet_lora(pipe, folder, passing)
+    try:
+        named = dict(pipe.unet.named_parameters())
+        with torch.no_grad():
+            for name, given in named.items():
+                if f".{passing}." not in name:
+                    continue
+                target = named[name.replace(f".{passing}.", f".{into}.")]
+                if target.shape != given.shape:
+                    raise LimnerError(
+                        f"the LoRA in {folder} has {name.split('.')[-3]} of shape {tuple(given.shape)}, this run "
+                        f"{tuple(target.shape)}: set lora_rank as it was pretrained (its adapter.json records it)"
+                    )
+                target.copy_(given)
+    finally:
+        remove_named_lora(pipe.unet, passing)
+
+
 def load_unet_lora(pipe, folder: Path, name: str) -> None:
     """The LoRA file into the UNet alone, as adapter `name` beside any LoRA already active there (diffusers' loader,
     without the text encoder's pass, which has nothing to load and says so)."""
@@ -553,18 +582,12 @@ class BlipDiffusion(AdapterMethod):
         image_encoder = (
             Path(cfg.image_encoder).expanduser() if cfg.image_encoder else Path(base.path) / "image_encoder"
         )
-        tokenizer = build_bert_tokenizer(world_words())
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(train_cfg.seed)
-            encoder = formats.new_subject_encoder(
-                image_encoder,
-                tokenizer,
-                num_hidden_layers=cfg.qformer_layers,
-                intermediate_size=cfg.qformer_intermediate,
-                hidden_size=int(base.pipe.text_encoder.config.hidden_size),
-                max_text_positions=32,
-            )
-            heads = Stage1Heads(encoder.config.qformer_config.hidden_size)
+        origin = started_from(cfg.init, out)
+        if cfg.init is not None:
+            encoder, heads = self._starting_encoder(cfg, image_encoder), None
+            cfg.stage1_steps = 0  # the Q-Former has learned its representation: only stage 2 goes on
+        else:
+            encoder, heads = self._new_encoder(cfg, base, image_encoder, train_cfg.seed)
         encoder = encoder.to(base.device)
         prep = ImagePrep.for_encoder(encoder, image_encoder.parent / "feature_extractor")
         t0 = time.perf_counter()
@@ -589,6 +612,8 @@ class BlipDiffusion(AdapterMethod):
         stream2 = _open_data(data, base, train_cfg.seed + 1, cfg.captions)
         try:
             add_lora(unet, cfg.lora_rank, cfg.lora_rank, UNET_TARGETS)
+            if cfg.init is not None:
+                copy_unet_lora(base.pipe, Path(cfg.init).expanduser(), into="default")
             task2 = Stage2(base, encoder, cfg)
             data2 = stream2 if callable(getattr(stream2, "state_dict", None)) else None
             batches = stage2_batches(stream2, prep, base.resolution, train_cfg.batch_size)
@@ -613,8 +638,44 @@ class BlipDiffusion(AdapterMethod):
                     curve={k: thin_curve(v.curve) for k, v in logs.items()},
                     settings=asdict(cfg),
                     train=asdict(train_cfg),
+                    started_from=origin,
                 )
         return out
+
+    @staticmethod
+    def _new_encoder(cfg: BlipDiffusionSettings, base: Base, image_encoder: Path, seed: int):
+        """A fresh Q-Former over the frozen image encoder, and stage 1's heads, drawn from `seed`."""
+        tokenizer = build_bert_tokenizer(world_words())
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            encoder = formats.new_subject_encoder(
+                image_encoder,
+                tokenizer,
+                num_hidden_layers=cfg.qformer_layers,
+                intermediate_size=cfg.qformer_intermediate,
+                hidden_size=int(base.pipe.text_encoder.config.hidden_size),
+                max_text_positions=32,
+            )
+            heads = Stage1Heads(encoder.config.qformer_config.hidden_size)
+        return encoder, heads
+
+    @staticmethod
+    def _starting_encoder(cfg: BlipDiffusionSettings, image_encoder: Path) -> SubjectEncoder:
+        """`init`'s Q-Former, checked to be the size these settings train."""
+        where = Path(cfg.init).expanduser()
+        if formats.is_pipeline_folder(where) or not (where / ADAPTER_MANIFEST).is_file():
+            raise LimnerError(f"init={where}: start from an adapter folder limner pretrained (with its adapter.json)")
+        wanted, found = read_adapter_manifest(where).get("image_encoder_fingerprint"), _fingerprint(image_encoder)
+        if wanted and wanted != found:
+            raise LimnerError(f"init={where} was pretrained over image encoder {wanted}, {image_encoder} is {found}")
+        encoder = formats.load_adapter_encoder(where, image_encoder)
+        qformer = encoder.config.qformer_config
+        if (qformer.num_hidden_layers, qformer.intermediate_size) != (cfg.qformer_layers, cfg.qformer_intermediate):
+            raise LimnerError(
+                f"init={where} has a Q-Former of {qformer.num_hidden_layers} layers, feed-forward "
+                f"{qformer.intermediate_size}; set qformer_layers and qformer_intermediate to those"
+            )
+        return encoder
 
     # ---- diffusers' folder ------------------------------------------------------------------------------------
 

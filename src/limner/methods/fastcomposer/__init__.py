@@ -97,6 +97,13 @@ class FastComposerSettings:
     trigger: str = setting(
         TRIGGER, "the word written after each subject's noun ('a dog <|image|> on the beach'): the official token"
     )
+    subject_scale: float = setting(
+        1.0,
+        "limner's: how far each subject's fused token is pushed from its word (text + scale * (fused - text)); 1 is "
+        "the paper's, above 1 trades prompt fidelity for the subject as IP-Adapter's scale does",
+        added=True,
+        at_least=0.0,
+    )
     num_references: int | None = setting(None, "use only each subject's first N references (None: all, averaged)")
     image_encoder: str | None = setting(
         None, "a CLIPVisionModelWithProjection folder (its config; weights from the adapter); default: the base's"
@@ -454,7 +461,11 @@ class FastComposer(AdapterMethod):
             installation.uninstall()
             raise
         param = next(pipe.unet.parameters())
-        self._installed = {"fuse": fuse.to(param.device, torch.float32).eval(), "trigger": config.get("trigger")}
+        self._installed = {
+            "fuse": fuse.to(param.device, torch.float32).eval(),
+            "trigger": config.get("trigger"),
+            "subject_scale": float(config.get("subject_scale", 1.0)),
+        }
         installation.undo.append(lambda: setattr(self, "_installed", None))
         return installation
 
@@ -480,6 +491,7 @@ class FastComposer(AdapterMethod):
         with torch.no_grad():
             text = pipe.text_encoder(torch.tensor([ids], device=device))[0].float()
             fused = fuse.fuse_at(text, embeds[None].to(text), [positions])
+            fused = text + self._installed["subject_scale"] * (fused - text)
         return {"prompt_embeds": fused.to(pipe.unet.dtype)}
 
     def class_prompt(self, prompt: str, manifest: dict) -> str:
