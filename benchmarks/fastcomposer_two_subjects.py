@@ -6,7 +6,9 @@ its references. The world's subject probe reads each half of every image (a squa
 the subject, scaled to the probe's 64 px): both recognised means each half's most likely subject among the 12 is
 its own; blending is the probability the probe gives the *other* subject of the pair in a half. Two reference
 rows frame the numbers: `render` (the two subjects rendered side by side: what a perfect model would draw) and
-`base` (the base from the same prompt without triggers: the classes, no subject).
+`base` (the base from the same prompt without triggers: the classes, no subject). With --right-first the prompt
+names the right-hand subject first; the row `by_naming_order` then reads the first-named subject on the left, to
+tell whether the model placed the subjects by the words or by the order they are named in.
 
 With --characters the pairs are the bench's held-out people ("a woman <|image|> on the left and a man <|image|> on
 the right"), each half read by the world's identity embedder: recognised means the half's embedding is nearest
@@ -14,7 +16,7 @@ the right"), each half read by the world's identity embedder: recognised means t
 `own` and `other` columns are then those cosines, not probabilities.
 
     python benchmarks/fastcomposer_two_subjects.py --out docs/world-bench-fastcomposer [--adapter DIR] [-n 4]
-        [--subject-scale 2]
+        [--subject-scale 2] [--right-first]
     python benchmarks/fastcomposer_two_subjects.py --characters --out DIR [--adapter DIR] [-n 4]
 """
 
@@ -145,6 +147,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--alpha", type=float, default=0.7)
     parser.add_argument("--subject-scale", type=float, default=1.0, help="limner's subject_scale (1: the paper's)")
+    parser.add_argument(
+        "--right-first",
+        action="store_true",
+        help="name the right-hand subject first ('a box <|image|> on the right and a ball <|image|> on the left')",
+    )
     parser.add_argument("--references", type=int, default=1, help="references per subject")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--characters", action="store_true", help="pairs of the bench's people, not its objects")
@@ -178,9 +185,13 @@ def main() -> None:
             context = CONTEXTS[i % len(CONTEXTS)]
             where = vocab.CONTEXTS[context]
             prompt = f"a {pair[0].cls} {TRIGGER} on the left and a {pair[1].cls} {TRIGGER} on the right {where}"
+            named = list(pair)
+            if args.right_first:  # the same placement asked with the right-hand subject named first
+                prompt = f"a {pair[1].cls} {TRIGGER} on the right and a {pair[0].cls} {TRIGGER} on the left {where}"
+                named = named[::-1]
             plain = prompt.replace(f" {TRIGGER}", "")
             settings = GenerationSettings(prompt=prompt, num_images=args.images, seed=args.seed, steps=args.steps)
-            with apply_concepts(base, [concepts[pair[0].name], concepts[pair[1].name]]) as applied:
+            with apply_concepts(base, [concepts[n.name] for n in named]) as applied:
                 drawn = [
                     np.asarray(im)
                     for im in generate(base, settings, None, applied.condition(prompt, args.steps)).images
@@ -190,13 +201,14 @@ def main() -> None:
                 "subjects": [pair[0].name, pair[1].name],
                 "prompt": prompt,
                 "fastcomposer": read(reader, drawn, pair),
+                "by_naming_order": read(reader, drawn, tuple(named)),  # the first-named subject read on the left
                 "base": read(reader, base_images, pair),
                 "render": read(reader, rendered(pair, context, args.images, args.seed, args.characters), pair),
             }
             results["pairs"].append(row)
             grid.append(np.concatenate(drawn, axis=1))
             print(f"{pair[0].name} + {pair[1].name}: both recognised {row['fastcomposer']['both_recognised']:.2f}")
-    rows = ("render", "fastcomposer", "base")
+    rows = ("render", "fastcomposer", *(("by_naming_order",) if args.right_first else ()), "base")
     keys = ("both_recognised", "one_recognised", "own_probability", "other_probability")
     results["mean"] = {r: {k: float(np.mean([p[r][k] for p in results["pairs"]])) for k in keys} for r in rows}
     results["seconds"] = round(time.perf_counter() - t0, 1)
