@@ -201,10 +201,11 @@ def main() -> None:
                 "subjects": [pair[0].name, pair[1].name],
                 "prompt": prompt,
                 "fastcomposer": read(reader, drawn, pair),
-                "by_naming_order": read(reader, drawn, tuple(named)),  # the first-named subject read on the left
                 "base": read(reader, base_images, pair),
                 "render": read(reader, rendered(pair, context, args.images, args.seed, args.characters), pair),
             }
+            if args.right_first:
+                row["by_naming_order"] = read(reader, drawn, tuple(named))  # the first-named subject on the left
             results["pairs"].append(row)
             grid.append(np.concatenate(drawn, axis=1))
             print(f"{pair[0].name} + {pair[1].name}: both recognised {row['fastcomposer']['both_recognised']:.2f}")

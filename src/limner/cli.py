@@ -76,8 +76,7 @@ def quiet_libraries() -> None:
     """A user sees limner's progress bars and results. diffusers and transformers draw a bar for every
     pipeline they load ("Loading pipeline components", "Loading weights") and write ("Writing model
     shards"), and log notices that concern their own internals: those stay off unless --verbose. peft warns
-    whenever a second LoRA joins a model, which limner does on purpose (concepts together, a continued
-    pretraining reading its start)."""
+    whenever a second LoRA joins a model, which limner does on purpose (LoRA concepts drawn together)."""
     import warnings
 
     import diffusers.utils.logging as diffusers_logging

@@ -498,26 +498,26 @@ def save_unet_lora(state: dict[str, torch.Tensor], folder: Path) -> None:
         save_file(half, str(tmp), metadata={"format": "pt"})
 
 
-def copy_unet_lora(pipe, folder: Path, into: str) -> None:
-    """The LoRA file's weights copied into the UNet's adapter `into` (same rank: a continued pretraining trains on
-    them), read by diffusers' own loader as a passing adapter so that its key conversion is the one used."""
-    passing = "init"
-    load_unet_lora(pipe, folder, passing)
-    try:
-        named = dict(pipe.unet.named_parameters())
-        with torch.no_grad():
-            for name, given in named.items():
-                if f".{passing}." not in name:
-                    continue
-                target = named[name.replace(f".{passing}.", f".{into}.")]
-                if target.shape != given.shape:
-                    raise LimnerError(
-                        f"the LoRA in {folder} has {name.split('.')[-3]} of shape {tuple(given.shape)}, this run "
-                        f"{tuple(target.shape)}: set lora_rank as it was pretrained (its adapter.json records it)"
-                    )
-                target.copy_(given)
-    finally:
-        remove_named_lora(pipe.unet, passing)
+def copy_unet_lora(unet: nn.Module, folder: Path, adapter_name: str = "default") -> None:
+    """The LoRA file's weights into the UNet's adapter `adapter_name`, which must have its keys and shapes (a
+    continued pretraining trains on from them): the file's keys are the ones unet_lora_state() writes."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    given = {k.removeprefix("unet."): v for k, v in load_file(str(Path(folder) / formats.LORA_FILE)).items()}
+    wanted = unet_lora_state(unet, adapter_name)
+    unfit = sorted(
+        k
+        for k in wanted.keys() | given.keys()
+        if k not in given or k not in wanted or given[k].shape != wanted[k].shape
+    )
+    if unfit:
+        raise LimnerError(
+            f"the LoRA in {folder} does not fit this run ({len(unfit)} weights missing or of another shape, e.g. "
+            f"{unfit[0]}): set lora_rank as it was pretrained (its adapter.json records it)"
+        )
+    set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(given), adapter_name=adapter_name)
 
 
 def load_unet_lora(pipe, folder: Path, name: str) -> None:
@@ -557,13 +557,7 @@ class BlipDiffusion(AdapterMethod):
             manifest = read_adapter_manifest(adapter)
             given = manifest.get("settings", {}).get("image_encoder")
             image_encoder = Path(given) if given else Path(base.path) / "image_encoder"
-            wanted = manifest.get("image_encoder_fingerprint")
-            if wanted and wanted != _fingerprint(image_encoder):
-                raise LimnerError(
-                    f"adapter {adapter} was pretrained over image encoder {wanted}, but the base's {image_encoder} is "
-                    f"{_fingerprint(image_encoder)}; pretrain one for this base"
-                )
-            encoder = formats.load_adapter_encoder(adapter, image_encoder)
+            encoder = _adapter_encoder(adapter, image_encoder)
             prep = ImagePrep.for_encoder(encoder, image_encoder.parent / "feature_extractor")
         return encoder.to(base.device).eval(), prep
 
@@ -613,7 +607,7 @@ class BlipDiffusion(AdapterMethod):
         try:
             add_lora(unet, cfg.lora_rank, cfg.lora_rank, UNET_TARGETS)
             if cfg.init is not None:
-                copy_unet_lora(base.pipe, Path(cfg.init).expanduser(), into="default")
+                copy_unet_lora(unet, Path(cfg.init).expanduser())
             task2 = Stage2(base, encoder, cfg)
             data2 = stream2 if callable(getattr(stream2, "state_dict", None)) else None
             batches = stage2_batches(stream2, prep, base.resolution, train_cfg.batch_size)
@@ -665,10 +659,7 @@ class BlipDiffusion(AdapterMethod):
         where = Path(cfg.init).expanduser()
         if formats.is_pipeline_folder(where) or not (where / ADAPTER_MANIFEST).is_file():
             raise LimnerError(f"init={where}: start from an adapter folder limner pretrained (with its adapter.json)")
-        wanted, found = read_adapter_manifest(where).get("image_encoder_fingerprint"), _fingerprint(image_encoder)
-        if wanted and wanted != found:
-            raise LimnerError(f"init={where} was pretrained over image encoder {wanted}, {image_encoder} is {found}")
-        encoder = formats.load_adapter_encoder(where, image_encoder)
+        encoder = _adapter_encoder(where, image_encoder)
         qformer = encoder.config.qformer_config
         if (qformer.num_hidden_layers, qformer.intermediate_size) != (cfg.qformer_layers, cfg.qformer_intermediate):
             raise LimnerError(
@@ -903,6 +894,17 @@ def _swap_in_pipeline_weights(pipe, folder: Path):
             module.load_state_dict(state)
 
     return restore
+
+
+def _adapter_encoder(adapter: Path, image_encoder: Path) -> SubjectEncoder:
+    """The adapter's Q-Former over `image_encoder`, which must be the one it was pretrained over."""
+    wanted, found = read_adapter_manifest(adapter).get("image_encoder_fingerprint"), _fingerprint(image_encoder)
+    if wanted and wanted != found:
+        raise LimnerError(
+            f"adapter {adapter} was pretrained over image encoder {wanted}, but {image_encoder} is {found}; pretrain "
+            "one for this image encoder"
+        )
+    return formats.load_adapter_encoder(adapter, image_encoder)
 
 
 def _fingerprint(folder: Path) -> str:
