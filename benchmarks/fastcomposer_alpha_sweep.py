@@ -22,7 +22,12 @@ from PIL import Image
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-MEASURES = {"subject_fidelity": "subject fidelity", "prompt_fidelity": "prompt fidelity", "clip_t": "CLIP-T"}
+MEASURES = {
+    "subject_fidelity": "subject fidelity",
+    "prompt_fidelity": "prompt fidelity",
+    "class_accuracy": "class accuracy (the form kept)",
+    "clip_t": "CLIP-T",
+}
 DEFAULTS = {"alpha": 0.7, "subject_scale": 1.0}  # a row that does not name the setting draws at its default
 LABELS = {
     "alpha": "alpha (share of steps with the subject fused in)",
@@ -41,10 +46,15 @@ def sweep(results: dict, setting: str = "alpha") -> list[tuple[float, str, dict]
     return sorted(points, key=lambda p: p[0])
 
 
+def measured(points: list[tuple[float, str, dict]]) -> dict[str, str]:
+    """The measures every row has (reports from before class accuracy was read lack it)."""
+    return {k: label for k, label in MEASURES.items() if all(k in row["mean"] for _, _, row in points)}
+
+
 def plot(points: list[tuple[float, str, dict]], setting: str, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     values = [v for v, _, _ in points]
-    for key, label in MEASURES.items():
+    for key, label in measured(points).items():
         ax.plot(values, [row["mean"][key] for _, _, row in points], marker="o", label=label)
     ax.set_xlabel(LABELS[setting])
     ax.set_ylim(0, 1.1)
@@ -81,7 +91,10 @@ def main() -> None:
     if args.grid:
         grid(points, args.subjects, args.grid)
     for value, _, row in points:
-        print(f"{args.setting} {value:.2f}: " + ", ".join(f"{lb} {row['mean'][k]:.3f}" for k, lb in MEASURES.items()))
+        print(
+            f"{args.setting} {value:.2f}: "
+            + ", ".join(f"{lb} {row['mean'][k]:.3f}" for k, lb in measured(points).items())
+        )
 
 
 if __name__ == "__main__":

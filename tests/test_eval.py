@@ -17,7 +17,7 @@ from limner.cli import app
 from limner.encoders import CLIPEncoder, DINOEncoder
 from limner.errors import LimnerError
 from limner.evaluation.metrics import diversity, mean_similarity_to_references, text_alignment
-from limner.evaluation.subjects import dreambench_prompts, load_subjects
+from limner.evaluation.subjects import dreambench_prompts, load_subjects, world_subjects
 
 runner = CliRunner()
 
@@ -210,6 +210,7 @@ def test_world_bench_bounds_cache_and_report(tmp_path):
         "renders of the subject are the subject; the class prompt is not"
     )
     assert upper["prompt_fidelity"] >= 0.9
+    assert 0 <= upper["class_accuracy"] <= 1 and 0 <= lower["class_accuracy"] <= 1, "objects' form is read too"
     for key in ("clip_i", "clip_t", "diversity", "face_sim", "language_drift"):
         assert key in lower
     assert results["cache"]["misses"] > 0
@@ -234,6 +235,18 @@ def test_world_bench_bounds_cache_and_report(tmp_path):
     assert (tmp_path / "report" / "fidelity.png").exists() and "| lower-bound |" in (
         tmp_path / "report" / "results.md"
     ).read_text()
+
+
+def test_class_accuracy_reads_the_drawn_form_not_the_looks():
+    from limner.evaluation.scoring import Encoders, drawn_as_class
+    from limner.models.loading import WORLD_PROBES
+    from limner.world.probes import Probes
+
+    enc = Encoders(clip=None, probes=Probes(WORLD_PROBES))
+    dog = world_subjects("world:spot_dog")[0]
+    images = [Image.fromarray(a) for a in dog.images]
+    assert np.mean(drawn_as_class(images, "dog", enc)) >= 0.8
+    assert not any(drawn_as_class(images, "ball", enc)), "a dog in a ball's colours is still no ball"
 
 
 def test_image_modes_are_converted_faithfully(tmp_path):

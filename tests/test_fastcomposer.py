@@ -351,7 +351,7 @@ def test_bad_input_gets_clear_errors(base, adapter, tmp_path):
 
 def test_the_shipped_world_adapter_is_small_fp16_and_recorded():
     """assets/world/adapters/fastcomposer: the official prefixes in fp16 under 8 MB, and adapter.json saying what
-    made it, all three stages (scripts/pretrain_fastcomposer.sh reproduces it)."""
+    made it, all four stages (scripts/pretrain_fastcomposer.sh reproduces it)."""
     import json
 
     from limner.methods.fastcomposer.weights import read_weights
@@ -363,10 +363,14 @@ def test_the_shipped_world_adapter_is_small_fp16_and_recorded():
     assert all(v.dtype == torch.float16 for part in parts.values() for v in part.values())
     manifest = json.loads((folder / "adapter.json").read_text())
     assert manifest["method"] == "fastcomposer" and manifest["data"]["kind"] == "world"
-    assert manifest["steps"] == manifest["train"]["max_steps"] == 5000 and manifest["train"]["lr_schedule"] == "cosine"
-    stages = [manifest["steps"], manifest["started_from"]["steps"], manifest["started_from"]["started_from"]["steps"]]
-    assert stages == [5000, 5000, 2400], "stage 3 of the script, from stage 2's 5000 steps, from stage 1's 2400"
-    assert [manifest["train"]["seed"], manifest["started_from"]["train"]["seed"]] == [2, 1], "fresh samples each stage"
+    assert manifest["steps"] == manifest["train"]["max_steps"] == 7000 and manifest["train"]["lr_schedule"] == "cosine"
+    stages, seeds, record = [], [], manifest
+    while record is not None:
+        stages.append(record["steps"])
+        seeds.append(record["train"]["seed"])
+        record = record.get("started_from")
+    assert stages == [7000, 5000, 5000, 2400], "stage 4 of the script, from stages 3, 2 and 1"
+    assert seeds == [3, 2, 1, 0], "fresh samples each stage"
     assert manifest["lora"]["rank"] == 32 and manifest["settings"]["localization_weight"] == 1e-3
 
 

@@ -13,6 +13,7 @@ from limner.evaluation.rows import FIDELITY_THRESHOLD, LOWER, UPPER
 COLUMNS = [
     ("subject_fidelity", "subject fidelity", "is it this subject? (subject probe or identity cosine)", False),
     ("prompt_fidelity", "prompt fidelity", "share of the asked context / colour / accessory read back", False),
+    ("class_accuracy", "class acc.", "the subject's images still read as its class (its form kept)", False),
     ("language_drift", "language drift", "subject fidelity of the class prompt alone: the concept leaking", True),
     ("class_prompt_accuracy", "class-prompt class acc.", "the class prompt alone still draws the class", False),
     ("dino", "DINO", "DINO similarity to the references", False),

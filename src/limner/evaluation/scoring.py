@@ -103,14 +103,22 @@ def score_subject(subject: EvalSubject, images: dict[str, list[Path]], enc: Enco
             fid, pf = world_measures(subject, prompts[text], ims, enc)
             add("subject_fidelity", fid)
             add("prompt_fidelity", pf)
+            if subject.kind == "object":
+                add("class_accuracy", drawn_as_class(ims, subject.class_noun, enc))
     if enc.probes is not None and subject.world is not None and "__drift__" in images:
         drift_ims = load_rgb(images["__drift__"])
         fid, _ = world_measures(subject, None, drift_ims, enc)
         add("language_drift", fid)
-        cls = enc.probes.predict("attributes", at_64px(drift_ims))["class"].argmax(-1)
-        labels = enc.probes.labels("attributes", "class")
-        add("class_prompt_accuracy", [labels[int(c)] == subject.class_noun for c in cls])
+        add("class_prompt_accuracy", drawn_as_class(drift_ims, subject.class_noun, enc))
     return {k: nan_mean(v) for k, v in acc.items() if v}
+
+
+def drawn_as_class(images: list[Image.Image], class_noun: str, enc: Encoders) -> list[bool]:
+    """Whether each image is read as `class_noun` by the attributes probe's class head: the subject's form, which
+    the subject probe (trained to tell subjects apart by their looks) does not weigh on its own."""
+    cls = enc.probes.predict("attributes", at_64px(images))["class"].argmax(-1)
+    labels = enc.probes.labels("attributes", "class")
+    return [labels[int(c)] == class_noun for c in cls]
 
 
 def world_measures(subject: EvalSubject, prompt: BenchPrompt | None, images: list[Image.Image], enc: Encoders):
