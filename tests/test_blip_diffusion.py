@@ -426,7 +426,7 @@ def test_shipped_world_adapter_is_small_and_encodes():
     while record:
         steps.append(record["steps"])
         record = record.get("started_from")
-    assert steps == [{"stage2": 4000}, {"stage2": 4000}, {"stage1": 1000, "stage2": 1800}]
+    assert steps == [{"stage2": 4000}] * 3 + [{"stage1": 1000, "stage2": 1800}]
     world = load_base(None)
     encoder, prep = method.load_encoder(world, folder)
     from limner.world.bench import SUBJECTS, subject_references
