@@ -83,7 +83,7 @@ def main() -> None:
     ap.add_argument("results", type=Path)
     ap.add_argument("--setting", choices=sorted(DEFAULTS), default="alpha")
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--grid", type=Path, default=None, help="also draw the rows' images here (PNG)")
+    ap.add_argument("--grid", type=Path, default=None, help="also draw the rows' images here (.jpg or .png)")
     ap.add_argument("--subjects", nargs="+", default=["duo_ball", "ring_box", "moon_vase", "spot_dog"])
     args = ap.parse_args()
     points = sweep(json.loads(args.results.read_text()), args.setting)

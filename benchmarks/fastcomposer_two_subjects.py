@@ -184,11 +184,11 @@ def main() -> None:
         for i, pair in enumerate(pairs(args.pairs, args.characters)):
             context = CONTEXTS[i % len(CONTEXTS)]
             where = vocab.CONTEXTS[context]
-            prompt = f"a {pair[0].cls} {TRIGGER} on the left and a {pair[1].cls} {TRIGGER} on the right {where}"
-            named = list(pair)
+            sides = [(pair[0], "left"), (pair[1], "right")]
             if args.right_first:  # the same placement asked with the right-hand subject named first
-                prompt = f"a {pair[1].cls} {TRIGGER} on the right and a {pair[0].cls} {TRIGGER} on the left {where}"
-                named = named[::-1]
+                sides.reverse()
+            prompt = " and ".join(f"a {s.cls} {TRIGGER} on the {side}" for s, side in sides) + f" {where}"
+            named = [s for s, _ in sides]
             plain = prompt.replace(f" {TRIGGER}", "")
             settings = GenerationSettings(prompt=prompt, num_images=args.images, seed=args.seed, steps=args.steps)
             with apply_concepts(base, [concepts[n.name] for n in named]) as applied:

@@ -192,3 +192,12 @@ def pretraining_folder(folder, n=4, size=24):
         lines.append(json.dumps({"file_name": f"{i}.png", "text": f"a photo of a ball {i}"}))
     (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return folder
+
+
+def lineage(manifest: dict) -> list[dict]:
+    """An adapter's own record, then each one it was continued from (`init`'s `started_from`), back to the first."""
+    records = []
+    while manifest:
+        records.append(manifest)
+        manifest = manifest.get("started_from")
+    return records

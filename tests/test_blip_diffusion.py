@@ -422,10 +422,9 @@ def test_shipped_world_adapter_is_small_and_encodes():
     assert size < 10e6
     manifest = json.loads((folder / "adapter.json").read_text())
     assert manifest["method"] == "blip_diffusion"
-    steps, record = [], manifest  # the adapter's own run, then each it continued from (`init`), to the first
-    while record:
-        steps.append(record["steps"])
-        record = record.get("started_from")
+    from helpers import lineage
+
+    steps = [record["steps"] for record in lineage(manifest)]
     assert steps == [{"stage2": 4000}] * 3 + [{"stage1": 1000, "stage2": 1800}]
     world = load_base(None)
     encoder, prep = method.load_encoder(world, folder)

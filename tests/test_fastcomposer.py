@@ -364,11 +364,10 @@ def test_the_shipped_world_adapter_is_small_fp16_and_recorded():
     manifest = json.loads((folder / "adapter.json").read_text())
     assert manifest["method"] == "fastcomposer" and manifest["data"]["kind"] == "world"
     assert manifest["steps"] == manifest["train"]["max_steps"] == 7000 and manifest["train"]["lr_schedule"] == "cosine"
-    stages, seeds, record = [], [], manifest
-    while record is not None:
-        stages.append(record["steps"])
-        seeds.append(record["train"]["seed"])
-        record = record.get("started_from")
+    from helpers import lineage
+
+    stages = [record["steps"] for record in lineage(manifest)]
+    seeds = [record["train"]["seed"] for record in lineage(manifest)]
     assert stages == [7000, 5000, 5000, 2400], "stage 4 of the script, from stages 3, 2 and 1"
     assert seeds == [3, 2, 1, 0], "fresh samples each stage"
     assert manifest["lora"]["rank"] == 32 and manifest["settings"]["localization_weight"] == 1e-3

@@ -116,9 +116,7 @@ def score_subject(subject: EvalSubject, images: dict[str, list[Path]], enc: Enco
 def drawn_as_class(images: list[Image.Image], class_noun: str, enc: Encoders) -> list[bool]:
     """Whether each image is read as `class_noun` by the attributes probe's class head: the subject's form, which
     the subject probe (trained to tell subjects apart by their looks) does not weigh on its own."""
-    cls = enc.probes.predict("attributes", at_64px(images))["class"].argmax(-1)
-    labels = enc.probes.labels("attributes", "class")
-    return [labels[int(c)] == class_noun for c in cls]
+    return [drawn == class_noun for drawn in enc.probes.read("attributes", at_64px(images))["class"]]
 
 
 def world_measures(subject: EvalSubject, prompt: BenchPrompt | None, images: list[Image.Image], enc: Encoders):

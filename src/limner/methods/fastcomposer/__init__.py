@@ -491,7 +491,9 @@ class FastComposer(AdapterMethod):
         with torch.no_grad():
             text = pipe.text_encoder(torch.tensor([ids], device=device))[0].float()
             fused = fuse.fuse_at(text, embeds[None].to(text), [positions])
-            fused = text + self._installed["subject_scale"] * (fused - text)
+            scale = self._installed["subject_scale"]
+            if scale != 1.0:  # 1 is the paper's fused token itself
+                fused = text + scale * (fused - text)
         return {"prompt_embeds": fused.to(pipe.unet.dtype)}
 
     def class_prompt(self, prompt: str, manifest: dict) -> str:
