@@ -18,6 +18,7 @@ from limner.encoders import CLIPEncoder, DINOEncoder
 from limner.errors import LimnerError
 from limner.evaluation.metrics import diversity, mean_similarity_to_references, text_alignment
 from limner.evaluation.subjects import dreambench_prompts, load_subjects, world_subjects
+from limner.world import vocab
 
 runner = CliRunner()
 
@@ -235,6 +236,28 @@ def test_world_bench_bounds_cache_and_report(tmp_path):
     assert (tmp_path / "report" / "fidelity.png").exists() and "| lower-bound |" in (
         tmp_path / "report" / "results.md"
     ).read_text()
+
+
+def test_described_row_tells_the_subject_in_words(tmp_path):
+    from limner.world.bench import described_prompt, object_prompts, subject_by_name
+
+    duo, prompts = subject_by_name("duo_ball"), object_prompts()
+    told = [described_prompt(duo, p) for p in prompts]
+    assert told[0] == "a red and white ball with a blue heart on the beach"
+    assert "a red ball with a blue heart on the grass" in told, "a colour the prompt asks for replaces the body's"
+    assert all(t.endswith(vocab.CONTEXTS[p.context]) for t, p in zip(told, prompts))
+    args = ["eval", "--subjects", "world:duo_ball", "--prompts", "1", "-n", "1", "--steps", "4"]
+    args += ["--method", "described", "--cache", str(tmp_path / "cache"), "--device", "cpu"]
+    r = runner.invoke(app, [*args, "--out", str(tmp_path / "report")])
+    assert r.exit_code == 0, r.output
+    rows = json.loads((tmp_path / "report" / "results.json").read_text())["rows"]
+    lower, described = rows["lower-bound"], rows["described"]
+    assert "language_drift" not in described["mean"], "words for the subject have no class-prompt drift to read"
+    (first,) = lower["images"]["duo_ball"]["a ball on the beach"]
+    (told_image,) = described["images"]["duo_ball"]["a ball on the beach"]
+    assert Path(first).read_bytes() != Path(told_image).read_bytes(), "the same seed, other words, another image"
+    r = runner.invoke(app, [*args[:2], "world:ada", *args[3:], "--no-bounds", "--out", str(tmp_path / "ada")])
+    assert r.exit_code == 2 and "world:objects" in r.output and not (tmp_path / "ada").exists()
 
 
 def test_class_accuracy_reads_the_drawn_form_not_the_looks():

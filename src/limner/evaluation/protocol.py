@@ -5,6 +5,9 @@ with fixed seeds (each image cached under a key of everything that affects it), 
 On the world two reference rows give every score a scale:
 - lower-bound: the base model given only the class noun ("a ball on the beach");
 - upper-bound: fresh renders of the subject itself in what the prompt asks.
+A third, asked for by name (`--method described`), reads how far words alone reach:
+- described: the base model given the subject told in its training captions' words ("a red and white ball
+  with a blue heart on the beach"): what an encoder method's image has to add beyond them.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from limner.evaluation.cache import (
 )
 from limner.evaluation.cache_keys import digest
 from limner.evaluation.rows import (
+    DESCRIBED,
     FIDELITY_THRESHOLD,
     LOWER,
     UPPER,
@@ -48,7 +52,7 @@ from limner.evaluation.scoring import (
     world_measures,
 )
 from limner.evaluation.subjects import EvalSubject
-from limner.world.bench import BenchPrompt
+from limner.world.bench import BenchPrompt, described_prompt
 
 
 def render_upper_bound(subject: EvalSubject, prompt: BenchPrompt, seed: int) -> Image.Image:
@@ -103,6 +107,11 @@ def row_images(
             ]
             progress.advance(len(keys))
         return out
+    if row.name == DESCRIBED and (subject.kind != "object" or subject.world is None):
+        raise LimnerError(
+            f"the {DESCRIBED} row needs the world's object subjects (--subjects world:objects): it tells the "
+            f"subject in the words the world's captions use, which {subject.name} has none of"
+        )
     key = {"base": handle.fingerprint, "precision": handle.precision, "row": row.method or row.name}
     applied: list[AppliedConcepts] = []
     prepare = None
@@ -121,10 +130,13 @@ def row_images(
     try:
         for p in prompts:
             class_text = class_prompt(p.template, subject)
-            text = class_text if row.method is None else concept_prompt(concept, p.template)
+            if row.name == DESCRIBED:
+                text = described_prompt(subject.world, p)
+            else:
+                text = class_text if row.method is None else concept_prompt(concept, p.template)
             out[class_text] = generate_cached(handle, cache, text, settings, key, prepare, class_text, layout_steps)
-        # language drift: the class prompt alone, with the concept installed
-        out["__drift__"] = generate_cached(handle, cache, f"a {subject.class_noun}", settings, key, prepare)
+        if row.name != DESCRIBED:  # language drift: the class prompt alone, with the concept installed
+            out["__drift__"] = generate_cached(handle, cache, f"a {subject.class_noun}", settings, key, prepare)
     finally:
         for a in applied:
             a.uninstall()  # the next concept starts from the base as it was
@@ -134,7 +146,7 @@ def row_images(
 def planned_images(row: Row, subject: EvalSubject, settings: EvalSettings) -> int:
     """The images a row draws (or finds in the cache) for a subject: the progress bar's share of it."""
     prompts = len(subject.prompts[: settings.max_prompts] if settings.max_prompts else subject.prompts)
-    drift = 0 if row.name == UPPER else 1  # the class prompt alone, with the concept installed
+    drift = 0 if row.name in (UPPER, DESCRIBED) else 1  # the class prompt alone, with the concept installed
     return (prompts + drift) * settings.images_per_prompt
 
 
@@ -221,6 +233,7 @@ def run_eval(
 
 # the protocol's public names, wherever they live
 __all__ = [
+    "DESCRIBED",
     "FIDELITY_THRESHOLD",
     "LOWER",
     "UPPER",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from limner.evaluation.protocol import FIDELITY_THRESHOLD, LOWER, UPPER
+from limner.evaluation.protocol import DESCRIBED, FIDELITY_THRESHOLD, LOWER, UPPER
 from limner.evaluation.results_table import SORT_SCRIPT, TABLE_STYLE, html_table, markdown, results_table
 from limner.io import write_text_atomic
 
@@ -30,7 +30,7 @@ PAPER_DREAMBENCH = {
 def markdown_table(results: dict) -> str:
     notes = ["", settings_note(results)]
     if results["world"]:
-        notes.append(world_note())
+        notes.append(world_note(results))
     else:
         notes += ["", PAPERS_NOTE, "", "| paper | DINO | CLIP-I | CLIP-T |", "|---|---|---|---|"]
         notes += ["| " + " | ".join(row) + " |" for row in paper_rows()]
@@ -59,12 +59,18 @@ def settings_note(results: dict) -> str:
     )
 
 
-def world_note() -> str:
+def world_note(results: dict) -> str:
     """What the world's rows and columns mean."""
+    described = (
+        f" `{DESCRIBED}`: the base model given the subject told in words (its colours, emblem and the emblem's "
+        "colour, as the world's captions name them)."
+        if DESCRIBED in results["rows"]
+        else ""
+    )
     return (
         f"`{LOWER}`: the base model given only the class noun; `{UPPER}`: fresh renders of the subject doing what "
-        "the prompt asks. Subject fidelity: the subject probe's probability of the right subject among the 12 "
-        "held-out subjects (objects) or "
+        f"the prompt asks.{described} Subject fidelity: the subject probe's probability of the right subject among "
+        "the 12 held-out subjects (objects) or "
         "identity-embedding cosine (characters). Prompt fidelity: share of the asked context / colour / accessory "
         "the attribute probe reads back. Language drift: subject fidelity of images from the class prompt alone "
         "(lower is better). Diversity: mean pairwise CLIP distance across seeds."
@@ -233,7 +239,7 @@ def results_html(results: dict) -> list[str]:
         note_html(settings_note(results)),
     ]
     if results["world"]:
-        parts.append(note_html(world_note()))
+        parts.append(note_html(world_note(results)))
     else:
         cells = ["".join(f"<td>{html.escape(c)}</td>" for c in row) for row in paper_rows()]
         parts += [

@@ -7,7 +7,7 @@ import html
 import math
 from dataclasses import dataclass
 
-from limner.evaluation.rows import FIDELITY_THRESHOLD, LOWER, UPPER
+from limner.evaluation.rows import DESCRIBED, FIDELITY_THRESHOLD, LOWER, UPPER
 
 # (key, header, what it measures, whether lower is better), in display order; a column appears when any row has it
 COLUMNS = [
@@ -30,7 +30,7 @@ TIME_HELP = (
     "reached it / all); ranked by the subjects that reached it, then by seconds"
 )
 MISSED_WEIGHT_S = 1e6  # in a time cell's rank, each share of subjects that never reached fidelity outweighs any time
-REFERENCES = (LOWER, UPPER)  # the scale every score is read against, not contenders for the best value
+REFERENCES = (LOWER, UPPER, DESCRIBED)  # the scale every score is read against, not contenders for the best value
 
 
 @dataclass(frozen=True)

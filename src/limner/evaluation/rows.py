@@ -13,6 +13,7 @@ from limner.methods import get_method, parse_setting, split_settings
 from limner.values import bounds, parse_fields
 
 LOWER, UPPER = "lower-bound", "upper-bound"
+DESCRIBED = "described"  # the base given the subject told in words (world objects): how far words alone reach
 FIDELITY_THRESHOLD = 0.5  # "time to reach subject fidelity 0.5" in reports and bench
 
 
@@ -48,8 +49,8 @@ class Row:
 
     @classmethod
     def parse(cls, spec: str) -> Row:
-        """'lower-bound', 'upper-bound', 'METHOD' or 'METHOD:key=value,key=value'."""
-        if spec in (LOWER, UPPER):
+        """'lower-bound', 'upper-bound', 'described', 'METHOD' or 'METHOD:key=value,key=value'."""
+        if spec in (LOWER, UPPER, DESCRIBED):
             return cls(spec)
         method, _, settings = spec.partition(":")
         config = [parse_setting(item, f"--method {spec}") for item in split_settings(settings, f"--method {spec}")]

@@ -17,7 +17,7 @@ import numpy as np
 from limner.world import vocab
 from limner.world.heldout import IDENTITIES, SUBJECTS, BenchIdentity, heldout_identity_keys
 from limner.world.render import CharacterSpec, ObjectSpec, Render, Scene, Subject, render
-from limner.world.scenes import random_character
+from limner.world.scenes import random_character, with_article
 
 # the held-out data live in heldout.py (scenes.py needs them too); importable from here as before
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "SUBJECTS",
     "BenchIdentity",
     "BenchPrompt",
+    "described_prompt",
     "heldout_identity_keys",
     "identity_by_name",
     "identity_character",
@@ -118,6 +119,19 @@ class BenchPrompt:
     context: str | None = None  # the context the prompt asks for, if any
     colour: str | None = None  # the colour the prompt asks for (property change), if any
     accessory: str | None = None
+
+
+def described_prompt(subject: Subject, prompt: BenchPrompt) -> str:
+    """The prompt with the subject told in the words the base was trained on ('a red and white ball with a
+    blue heart on the beach'): its two colours (or the one the prompt asks for), its emblem and the emblem's
+    colour, then the accessory and context, in the order of the world's own captions. Which way the colours
+    split has no words in those captions, so this is as much of the subject as words can give the base."""
+    colours = prompt.colour or f"{subject.colour_a} and {subject.colour_b}"
+    emblem = with_article(f"{subject.emblem_colour} {subject.emblem}")
+    phrase = with_article(f"{colours} {subject.cls}") + " with " + emblem
+    if prompt.accessory:
+        phrase += f" with a {prompt.accessory}"
+    return f"{phrase} {vocab.CONTEXTS[prompt.context]}" if prompt.context else phrase
 
 
 def object_prompts() -> list[BenchPrompt]:
