@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Pretrains the world's FastComposer adapter into DIR (default .limner-pretrain/fastcomposer) in four stages, as the
+# Pretrains the world's FastComposer adapter into DIR (default .limner-pretrain/fastcomposer) in seven stages, as the
 # shipped one (src/limner/assets/world/adapters/fastcomposer/: this folder's fastcomposer.safetensors and
 # adapter.json) was made on the 2-core machine:
 #   stage 1, DIR-stage1: 2400 steps of batch 8 on world scenes of 1 to 4 subjects, AdamW 1e-4 constant after 100
@@ -11,23 +11,37 @@
 #     cooled from 1e-4 to 0 on a cosine, both threads (38 minutes; shipped 2026-12-07, subject fidelity 0.256).
 #   stage 3, DIR-stage3: 5000 more steps from stage 2's weights, seed 2, the same cosine from 1e-4 again (40 minutes
 #     on both cores; shipped 2026-12-07, subject fidelity 0.306).
-#   stage 4, DIR: 7000 more steps from stage 3's weights, seed 3, the same cosine (52 minutes on both cores; shipped
-#     2026-12-07, session 13: subject fidelity 0.309, language drift halved, two subjects recognised in 5 of 48).
+#   stage 4, DIR-stage4: 7000 more steps from stage 3's weights, seed 3, the same cosine (52 minutes on both cores;
+#     shipped 2026-12-07, session 13: subject fidelity 0.309, language drift halved, two subjects recognised in 5 of 48).
+#   Stages 1-4 drew each subject's crop from another view of it (pair=view, then the default); from stage 5 on, from
+#   the target image itself, as the paper (pair=self, now the default), which lifted stage 4's plateau:
+#   stage 5, DIR-stage5: 5000 more steps from stage 4's weights, seed 4, the same cosine (31 minutes on both cores;
+#     session 14: subject fidelity 0.374).
+#   stage 6, DIR-stage6: 5000 more from stage 5's, seed 5 (31 minutes; subject fidelity 0.409).
+#   stage 7, DIR: 5000 more from stage 6's, seed 6 (31 minutes; shipped 2026-12-07, session 14).
 # Resumable: after an interruption, run it again and each stage continues from its last checkpoint (every 250
 # steps), its data stream where it was; a finished stage is not run again.
 set -euo pipefail
 out=${1:-.limner-pretrain/fastcomposer}
 common=(--method fastcomposer --data world --batch-size 8 --lr 1e-4 --set checkpoint_every=250
         --set lr_warmup_steps=100 --resume latest)
+view=(--set pair=view)
 if [ ! -f "$out-stage1/adapter.json" ]; then
-    OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE limner pretrain "${common[@]}" --out "$out-stage1" --steps 2400 --seed 0
+    OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE limner pretrain "${common[@]}" "${view[@]}" --out "$out-stage1" \
+        --steps 2400 --seed 0
 fi
-if [ ! -f "$out-stage2/adapter.json" ]; then
-    limner pretrain "${common[@]}" --out "$out-stage2" --steps 5000 --seed 1 --set lr_schedule=cosine \
-        --set init="$out-stage1"
-fi
-if [ ! -f "$out-stage3/adapter.json" ]; then
-    limner pretrain "${common[@]}" --out "$out-stage3" --steps 5000 --seed 2 --set lr_schedule=cosine \
-        --set init="$out-stage2"
-fi
-limner pretrain "${common[@]}" --out "$out" --steps 7000 --seed 3 --set lr_schedule=cosine --set init="$out-stage3"
+# stage N (2 to 6) continues stage N-1 on a cosine: continue_stage N STEPS SEED [SETTINGS...]
+continue_stage() {
+    local n=$1 steps=$2 seed=$3
+    shift 3
+    if [ ! -f "$out-stage$n/adapter.json" ]; then
+        limner pretrain "${common[@]}" "$@" --out "$out-stage$n" --steps "$steps" --seed "$seed" \
+            --set lr_schedule=cosine --set init="$out-stage$((n - 1))"
+    fi
+}
+continue_stage 2 5000 1 "${view[@]}"
+continue_stage 3 5000 2 "${view[@]}"
+continue_stage 4 7000 3 "${view[@]}"
+continue_stage 5 5000 4
+continue_stage 6 5000 5
+limner pretrain "${common[@]}" --out "$out" --steps 5000 --seed 6 --set lr_schedule=cosine --set init="$out-stage6"

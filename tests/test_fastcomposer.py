@@ -363,13 +363,15 @@ def test_the_shipped_world_adapter_is_small_fp16_and_recorded():
     assert all(v.dtype == torch.float16 for part in parts.values() for v in part.values())
     manifest = json.loads((folder / "adapter.json").read_text())
     assert manifest["method"] == "fastcomposer" and manifest["data"]["kind"] == "world"
-    assert manifest["steps"] == manifest["train"]["max_steps"] == 7000 and manifest["train"]["lr_schedule"] == "cosine"
+    assert manifest["steps"] == manifest["train"]["max_steps"] == 5000 and manifest["train"]["lr_schedule"] == "cosine"
     from helpers import lineage
 
     stages = [record["steps"] for record in lineage(manifest)]
     seeds = [record["train"]["seed"] for record in lineage(manifest)]
-    assert stages == [7000, 5000, 5000, 2400], "stage 4 of the script, from stages 3, 2 and 1"
-    assert seeds == [3, 2, 1, 0], "fresh samples each stage"
+    pairs = [record["settings"]["pair"] for record in lineage(manifest)]
+    assert stages == [5000, 5000, 5000, 7000, 5000, 5000, 2400], "stage 7 of the script, from stages 6 to 1"
+    assert seeds == [6, 5, 4, 3, 2, 1, 0], "fresh samples each stage"
+    assert pairs == ["self"] * 3 + ["view"] * 4, "the paper's pairing from stage 5 on"
     assert manifest["lora"]["rank"] == 32 and manifest["settings"]["localization_weight"] == 1e-3
 
 

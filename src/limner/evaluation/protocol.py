@@ -107,11 +107,6 @@ def row_images(
             ]
             progress.advance(len(keys))
         return out
-    if row.name == DESCRIBED and (subject.kind != "object" or subject.world is None):
-        raise LimnerError(
-            f"the {DESCRIBED} row needs the world's object subjects (--subjects world:objects): it tells the "
-            f"subject in the words the world's captions use, which {subject.name} has none of"
-        )
     key = {"base": handle.fingerprint, "precision": handle.precision, "row": row.method or row.name}
     applied: list[AppliedConcepts] = []
     prepare = None

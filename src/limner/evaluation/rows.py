@@ -67,6 +67,12 @@ class Row:
 
     def subjects(self, subjects: list[EvalSubject]) -> list[EvalSubject]:
         """A concept folder belongs to one subject: the one its manifest names (or the only one given)."""
+        untold = [s.name for s in subjects if s.kind != "object" or s.world is None]
+        if self.name == DESCRIBED and untold:
+            raise LimnerError(
+                f"--method {DESCRIBED} tells a subject in the words the world's captions use for objects, which "
+                f"{', '.join(untold)} cannot be told in: pass --subjects world:objects (or world object names)"
+            )
         if self.concept is None:
             return subjects
         from limner.concepts import read_manifest

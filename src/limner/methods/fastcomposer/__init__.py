@@ -124,7 +124,7 @@ class FastComposerSettings:
     pair: str | None = setting(
         None,
         "pretrain on the world: self (each subject cropped from the target, as the paper) or view (from another view "
-        "of it drawn alone). None: view",
+        "of it drawn alone; limner's, measured behind self). None: self",
     )
     init: str | None = setting(
         None,
@@ -233,7 +233,7 @@ class FastComposer(AdapterMethod):
         train_cfg = settings.pop("train", None) or pretrain_defaults()
         train_cfg, rest = split_train_settings(train_cfg, settings)
         cfg = with_settings(FastComposerSettings(), rest, self.name)
-        cfg.pair = cfg.pair or "view"
+        cfg.pair = cfg.pair or "self"  # the paper's: ahead of view from scratch and past view's plateau
         origin = started_from(cfg.init, out)
         stream = self._open_data(data, base, cfg, train_cfg)
         encoder = subject_encoder(base, None, None, cfg.image_encoder, "the base")
