@@ -369,9 +369,9 @@ def test_the_shipped_world_adapter_is_small_fp16_and_recorded():
     stages = [record["steps"] for record in lineage(manifest)]
     seeds = [record["train"]["seed"] for record in lineage(manifest)]
     pairs = [record["settings"]["pair"] for record in lineage(manifest)]
-    assert stages == [5000, 5000, 5000, 7000, 5000, 5000, 2400], "stage 7 of the script, from stages 6 to 1"
-    assert seeds == [6, 5, 4, 3, 2, 1, 0], "fresh samples each stage"
-    assert pairs == ["self"] * 3 + ["view"] * 4, "the paper's pairing from stage 5 on"
+    assert stages == [5000, 5000, 7000, 5000, 5000, 2400], "stage 6 of the script, from stages 5 to 1"
+    assert seeds == [5, 4, 3, 2, 1, 0], "fresh samples each stage"
+    assert pairs == ["self"] * 2 + ["view"] * 4, "the paper's pairing from stage 5 on"
     assert manifest["lora"]["rank"] == 32 and manifest["settings"]["localization_weight"] == 1e-3
 
 
