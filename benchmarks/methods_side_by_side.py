@@ -18,6 +18,7 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 ROWS = [
     ("world-bench-ip", "lower-bound", "lower bound (base, class noun)", "bound"),
     ("world-bench-ip", "upper-bound", "upper bound (renders)", "bound"),
+    ("world-bench-ip/described", "described", "base, subject told in words", "bound"),
     ("world-bench", "textual_inversion", "Textual Inversion, no layout steps", "tuning"),
     ("world-bench-ti", "textual_inversion", "Textual Inversion (limner's default)", "tuning"),
     ("world-bench", "custom_diffusion (all of attn2: limner's default)", "Custom Diffusion", "tuning"),
@@ -41,7 +42,9 @@ NOTE = (
     "tuning methods' reports drew 4 images a prompt, the encoder methods' 2 (seeds 0-1 of the same 0-3): one "
     "protocol, half the images. Written by benchmarks/methods_side_by_side.py from the reports linked."
 )
-LABEL_LEFT = {"Textual Inversion, no layout steps", "BLIP-Diffusion, 40-step fine-tune"}  # where labels would collide
+# where labels would collide: to the left of the point, below it
+LABEL_LEFT = {"Textual Inversion, no layout steps", "BLIP-Diffusion, 40-step fine-tune"}
+LABEL_BELOW = {"Textual Inversion, no layout steps", "FastComposer"}
 MARKERS = {"bound": "s", "tuning": "o", "zero-shot": "^", "fine-tuned": "D"}
 
 
@@ -89,12 +92,12 @@ def plot(rows: list[dict], path: Path) -> None:
         mine = [r for r in rows if r["family"] == family]
         ax.scatter([r["prompt"] for r in mine], [r["subject"] for r in mine], marker=marker, s=50, label=family)
         for r in mine:
-            left = r["label"] in LABEL_LEFT
+            left, below = r["label"] in LABEL_LEFT, r["label"] in LABEL_BELOW
             ax.annotate(
                 r["label"],
                 (r["prompt"], r["subject"]),
                 textcoords="offset points",
-                xytext=(-5, 3) if left else (5, 3),
+                xytext=(-5 if left else 5, -10 if below else 3),
                 ha="right" if left else "left",
                 fontsize=7,
             )
