@@ -130,7 +130,7 @@ def row_images(
             else:
                 text = class_text if row.method is None else concept_prompt(concept, p.template)
             out[class_text] = generate_cached(handle, cache, text, settings, key, prepare, class_text, layout_steps)
-        if row.name != DESCRIBED:  # language drift: the class prompt alone, with the concept installed
+        if row.draws_drift:  # language drift: the class prompt alone, with the concept installed
             out["__drift__"] = generate_cached(handle, cache, f"a {subject.class_noun}", settings, key, prepare)
     finally:
         for a in applied:
@@ -141,8 +141,7 @@ def row_images(
 def planned_images(row: Row, subject: EvalSubject, settings: EvalSettings) -> int:
     """The images a row draws (or finds in the cache) for a subject: the progress bar's share of it."""
     prompts = len(subject.prompts[: settings.max_prompts] if settings.max_prompts else subject.prompts)
-    drift = 0 if row.name in (UPPER, DESCRIBED) else 1  # the class prompt alone, with the concept installed
-    return (prompts + drift) * settings.images_per_prompt
+    return (prompts + row.draws_drift) * settings.images_per_prompt
 
 
 def run_subject(

@@ -65,10 +65,15 @@ class Row:
             raise LimnerError(f"--concept {folder}: limner.json names no method")
         return cls(f"{manifest['method']}:{folder.name}", method=manifest["method"], concept=folder)
 
+    @property
+    def draws_drift(self) -> bool:
+        """Whether the row also draws the class prompt alone (language drift): not the renders, nor the words."""
+        return self.name not in (UPPER, DESCRIBED)
+
     def subjects(self, subjects: list[EvalSubject]) -> list[EvalSubject]:
         """A concept folder belongs to one subject: the one its manifest names (or the only one given)."""
-        untold = [s.name for s in subjects if s.kind != "object" or s.world is None]
-        if self.name == DESCRIBED and untold:
+        untold = [s.name for s in subjects if s.kind != "object" or s.world is None] if self.name == DESCRIBED else []
+        if untold:
             raise LimnerError(
                 f"--method {DESCRIBED} tells a subject in the words the world's captions use for objects, which "
                 f"{', '.join(untold)} cannot be told in: pass --subjects world:objects (or world object names)"

@@ -10,14 +10,14 @@ of a subject are the same on every machine.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from limner.world import vocab
 from limner.world.heldout import IDENTITIES, SUBJECTS, BenchIdentity, heldout_identity_keys
 from limner.world.render import CharacterSpec, ObjectSpec, Render, Scene, Subject, render
-from limner.world.scenes import random_character, with_article
+from limner.world.scenes import object_phrase, random_character
 
 # the held-out data live in heldout.py (scenes.py needs them too); importable from here as before
 __all__ = [
@@ -126,11 +126,9 @@ def described_prompt(subject: Subject, prompt: BenchPrompt) -> str:
     blue heart on the beach'): its two colours (or the one the prompt asks for), its emblem and the emblem's
     colour, then the accessory and context, in the order of the world's own captions. Which way the colours
     split has no words in those captions, so this is as much of the subject as words can give the base."""
-    colours = prompt.colour or f"{subject.colour_a} and {subject.colour_b}"
-    emblem = with_article(f"{subject.emblem_colour} {subject.emblem}")
-    phrase = with_article(f"{colours} {subject.cls}") + " with " + emblem
-    if prompt.accessory:
-        phrase += f" with a {prompt.accessory}"
+    if prompt.colour:  # recoloured all over, as the upper bound renders it
+        subject = replace(subject, colour_a=prompt.colour, colour_b=prompt.colour)
+    phrase = object_phrase(ObjectSpec(subject.cls, subject.colour_a, accessory=prompt.accessory, subject=subject))
     return f"{phrase} {vocab.CONTEXTS[prompt.context]}" if prompt.context else phrase
 
 

@@ -60,7 +60,8 @@ def object_phrase(o: ObjectSpec, name: str | None = None, colour: bool = True, p
     if colour and o.subject is None:
         words.append(o.colour)
     if colour and instance:
-        words += [o.subject.colour_a, "and", o.subject.colour_b] if pattern else [o.subject.colour_a]
+        two_tone = pattern and o.subject.colour_b != o.subject.colour_a  # one colour all over: named once
+        words += [o.subject.colour_a, "and", o.subject.colour_b] if two_tone else [o.subject.colour_a]
     if pattern and o.subject is None and o.pattern != "plain":
         words.append(o.pattern)
     words.append(name or o.cls)
