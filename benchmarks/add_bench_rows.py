@@ -6,6 +6,9 @@ is gone), so their paths are pointed there first. A newer run must share the rep
 and subjects: rows drawn any other way would not compare, and the script refuses them.
 
     python benchmarks/add_bench_rows.py docs/world-bench /work/bench-out/*/results.json
+
+When a new adapter ships, the rows its predecessor drew keep their numbers under another name (`--rename
+'ip_adapter=>ip_adapter, stage 1'`) or go (`--rename 'ip_adapter:scale=3.0=>'`), and the new rows take the names.
 """
 
 from __future__ import annotations
@@ -49,6 +52,15 @@ def repoint(report: Path, results: dict) -> dict:
     return results
 
 
+def renamed(rows: dict, items: list[str]) -> dict:
+    """`rows` with each 'OLD=>NEW' of `items` applied in order, in their order; an empty NEW drops the row."""
+    for old, _, new in (item.partition("=>") for item in items):
+        if old not in rows:
+            raise SystemExit(f"no row named {old!r} to rename; the rows are: {', '.join(rows)}")
+        rows = {new if name == old else name: row for name, row in rows.items() if name != old or new}
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("report", type=Path, help="the published report folder (its results.json is read)")
@@ -56,8 +68,16 @@ def main() -> None:
     ap.add_argument("--html-prompts", type=int, default=2, help="prompts per subject on the page (the report's 2)")
     ap.add_argument("--html-images", type=int, default=2, help="images per prompt on the page (the report's 2)")
     ap.add_argument("--label", action="append", default=[], help="'OLD=>NEW': show row OLD under the name NEW")
+    ap.add_argument(
+        "--rename",
+        action="append",
+        default=[],
+        help="'OLD=>NEW': keep the published row OLD as NEW before the new rows are added (a newer row of the same "
+        "name then stands beside it, e.g. after a new adapter ships); 'OLD=>' drops it",
+    )
     args = ap.parse_args()
     results = repoint(args.report, json.loads((args.report / "results.json").read_text()))
+    results["rows"] = renamed(results["rows"], args.rename)
     subjects = [s["name"] for s in results["subjects"]]
     for path in args.runs:
         run = json.loads(path.read_text())
@@ -66,8 +86,7 @@ def main() -> None:
             raise SystemExit(f"{path}: {', '.join(differ) or 'subjects'} differ from {args.report}'s; not added")
         results["rows"].update(run["rows"])
         print(f"{path}: {', '.join(run['rows'])}")
-    for old, _, new in (item.partition("=>") for item in args.label):
-        results["rows"] = {new if name == old else name: row for name, row in results["rows"].items()}
+    results["rows"] = renamed(results["rows"], args.label)
     write_report(results, args.report, args.html_prompts, args.html_images)
 
 

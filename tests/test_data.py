@@ -208,6 +208,21 @@ def test_world_crop_pairing_fills_the_frame_with_the_subject():
         open_stream("world-does-not-exist", pair="crop")
 
 
+def test_world_cut_pairing_is_the_target_itself_on_grey():
+    """pair=cut: the same targets as pair=self, conditioned on the target with its background painted out by its
+    own mask (FastComposer's pairing), so the subject's pixels are exactly the target's."""
+    self_pair, cut_pair = take(open_stream("world", seed=5), 8), take(open_stream("world", seed=5, pair="cut"), 8)
+    for a, b in zip(self_pair, cut_pair):
+        assert a.subject == b.subject and np.array_equal(a.image, b.image), "the same targets either way"
+        ref = b.references[0]
+        assert np.array_equal(ref[b.mask], b.image[b.mask]), "the subject as the target shows it"
+        assert (ref[~b.mask] == BACKGROUND_GREY).all(), "everything else grey"
+    with pytest.raises(LimnerError, match="pair='cut' is for objects"):
+        open_stream("world", pair="cut", subjects="characters")
+    with pytest.raises(LimnerError, match="pair='cut' with data"):
+        open_stream("world-does-not-exist", pair="cut")
+
+
 def test_crop_to_subject_magnifies_a_small_subject():
     from limner.images import crop_to_subject
 

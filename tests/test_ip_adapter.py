@@ -194,9 +194,9 @@ def test_num_references_encodes_only_the_first_ones(ip_base, adapters, tmp_path)
 
 
 def test_references_are_cut_out_where_the_adapter_learned_on_cut_outs(ip_base, adapters, tmp_path):
-    """A pair=view adapter saw its subjects on grey: its references are encoded the same way where the subject
-    has masks (mask_references=None follows the adapter), and either choice can be forced; a pair=crop adapter's
-    are also cropped to the subject."""
+    """A pair=view or pair=cut adapter saw its subjects on grey: its references are encoded the same way where the
+    subject has masks (mask_references=None follows the adapter), and either choice can be forced; a pair=crop
+    adapter's are also cropped to the subject."""
     from PIL import Image
 
     from limner.images import BACKGROUND_GREY, crop_to_subject
@@ -221,6 +221,11 @@ def test_references_are_cut_out_where_the_adapter_learned_on_cut_outs(ip_base, a
     assert (
         cut and (ref[~masks[0]] == BACKGROUND_GREY).all() and np.array_equal(ref[masks[0]], references(2)[0][masks[0]])
     )
+    cut_pair = tmp_path / "cut-adapter"  # pair=cut: its conditions were the targets cut out, so are the references
+    shutil.copytree(view, cut_pair)
+    manifest["settings"]["pair"] = "cut"
+    (cut_pair / "adapter.json").write_text(json.dumps(manifest))
+    assert np.array_equal(encoded(cut_pair, "cut")[0], ref)
     ref, cut = encoded(adapters["plain"], "self")
     assert not cut and np.array_equal(ref, references(2)[0]), "the paper's pairing: the whole picture"
     assert encoded(adapters["plain"], "forced", mask_references=True)[1]

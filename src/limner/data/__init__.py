@@ -30,9 +30,10 @@ def open_stream(
     clothes: str = "vary",
 ) -> SampleStream:
     """The stream `spec` names: "world", or a path (see limner.data.sources for the formats). Real data
-    offer one view of each image and the captions they come with: pair="view" and captions="class" are the
-    world's alone. subjects="characters" (with clothes="vary"|"same" for the second view) is the world's
-    identity stream; on real data the identity methods keep the images where a face is found."""
+    offer one view of each image, no mask, and the captions they come with: pair="view", "crop" or "cut" and
+    captions="class" are the world's alone. subjects="characters" (with clothes="vary"|"same" for the second
+    view) is the world's identity stream; on real data the identity methods keep the images where a face is
+    found."""
     check_stream_args(spec, seed, rank, world_size, resolution, pair, captions)
     if spec == "world":
         return WorldStream(
@@ -47,7 +48,8 @@ def open_stream(
         )
     if pair != "self":
         raise LimnerError(
-            f"pair={pair!r} with data {spec}: a second view of each subject exists only in the world stream; use "
+            f"pair={pair!r} with data {spec}: a second view of each subject, or its mask, exists only in the world "
+            "stream; use "
             "pair=self (condition on the target image itself, as the IP-Adapter paper does) on your own data"
         )
     if captions != "full":

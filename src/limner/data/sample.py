@@ -3,9 +3,10 @@
 A `Sample` is one training example of an encoder method: a target image with its caption, and the image(s)
 the method conditions on. The paper's IP-Adapter conditions on the target itself (`references == [image]`);
 a world stream with `pair="view"` conditions on another view of the same subject instead, which real data
-cannot offer (`pair="crop"`: that view cropped to the subject, so it fills the frame). A `SampleStream` is
-endless and resumable: the shared training loop saves its `state_dict()` in each checkpoint, so a resumed run
-reads exactly the samples the uninterrupted run would have read.
+cannot offer (`pair="crop"`: that view cropped to the subject, so it fills the frame), or with `pair="cut"` on the
+target itself, its background cut out by the subject's mask (as FastComposer pairs its subject crops).
+A `SampleStream` is endless and resumable: the shared training loop saves its `state_dict()` in each checkpoint,
+so a resumed run reads exactly the samples the uninterrupted run would have read.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from PIL import Image
 
 from limner.errors import LimnerError
 
-PAIRS = ("self", "view", "crop")
+PAIRS = ("self", "view", "crop", "cut")
 # the world stream's captions: full (the subject's looks named, as the base was trained) or class (class noun,
 # accessory and context only: the looks left to the image prompt, as a bench prompt leaves them)
 CAPTIONS = ("full", "class")
@@ -30,7 +31,8 @@ MIN_SIDE = 16  # pixels: an image smaller than this on either side is skipped, n
 class Sample:
     image: np.ndarray  # H x W x 3 uint8: the target image
     text: str  # its caption
-    references: list[np.ndarray]  # the conditioning image(s): [image] for pair="self", another view for "view"/"crop"
+    # the conditioning image(s): [image] for pair="self", another view for "view"/"crop", the image cut out for "cut"
+    references: list[np.ndarray]
     mask: np.ndarray | None = None  # H x W bool subject mask of the target, where known
     subject: str | None = None  # a subject id (world: its key), None for real data
     # the identity methods' world stream (subjects="characters") fills these from the renderer

@@ -4,7 +4,8 @@ Each sample is one subject (a two-tone object instance with an emblem, a plain o
 its own face) in one view; with `pair="view"` its reference is a second view of the same subject (another
 context, pose and scale) with the background painted grey, so the encoder must carry the subject and not
 the scene; `pair="crop"` also crops that cut-out to the subject's square box, so the subject fills the frame
-and a small image encoder sees its emblem (limner.images.crop_to_subject). The bench's held-out subjects never
+and a small image encoder sees its emblem (limner.images.crop_to_subject); `pair="cut"` paints the target's own
+background grey instead (one view, the pose and scale the target has). The bench's held-out subjects never
 appear, nor anything near them: instances come from `scenes.random_instance`, which already refuses anything
 `near_heldout_subject`, and faces one factor or less away from a held-out identity are refused here (stricter
 than the base's training data, which only leaves out the identities themselves), so the bench measures
@@ -175,8 +176,10 @@ class WorldStream:
             raise LimnerError(f"subjects={subjects!r} for the world stream: use one of {', '.join(STREAM_SUBJECTS)}")
         if clothes not in CLOTHES:
             raise LimnerError(f"clothes={clothes!r} for the world stream: use one of {', '.join(CLOTHES)}")
-        if pair == "crop" and subjects == "characters":
-            raise LimnerError("pair='crop' is for objects; the identity stream's second view stays whole (pair=view)")
+        if pair in ("crop", "cut") and subjects == "characters":
+            raise LimnerError(
+                f"pair={pair!r} is for objects; the identity stream's second view stays whole (pair=view)"
+            )
         self.seed, self.rank, self.world_size, self.resolution, self.pair = seed, rank, world_size, resolution, pair
         self.captions, self.subjects, self.clothes = captions, subjects, clothes
         self.k = 0  # the next sample of this rank
@@ -197,6 +200,8 @@ class WorldStream:
         if self.pair in ("view", "crop"):
             other, _, other_mask = draw_view(np.random.default_rng([self.seed, g, 2]), subject)
             reference = self._fit((crop_to_subject if self.pair == "crop" else cut_out)(other, other_mask))
+        elif self.pair == "cut":
+            reference = self._fit(cut_out(image, mask))
         image = self._fit(image)
         mask = mask if self.resolution == SIZE else square_mask(mask, self.resolution)
         return Sample(

@@ -181,15 +181,17 @@ class IPAdapterSettings:
     mask_references: bool | None = setting(
         None,
         "encode each reference cut out on grey where the subject has masks (None: as the adapter was pretrained, "
-        "cut out for pair=view or crop, and cropped to the subject for crop); the paper encodes the whole picture, "
+        "cut out for pair=view, crop or cut, and cropped to the subject for crop); the paper encodes the whole "
+        "picture, "
         "whose background can outweigh the subject",
         added=True,
     )
     pair: str | None = setting(
         None,
         "pretrain: what each sample is conditioned on: self (the target image itself, as the paper), view (another "
-        "view of the same subject, cut out on grey; the world stream only) or crop (that view cropped to the "
-        "subject's box, so a small encoder sees its marks). None: view on the world stream, self on your own data",
+        "view of the same subject, cut out on grey; the world stream only), crop (that view cropped to the "
+        "subject's box, so a small encoder sees its marks) or cut (the target itself cut out on grey, as FastComposer "
+        "pairs its subject crops; the world stream only). None: cut on the world stream, self on your own data",
     )
 
     init: str | None = setting(
@@ -650,10 +652,10 @@ class _Pretraining(TrainingTask):
 
 def _as_pretrained(images: list, subject: Subject, masked: bool | None, manifest: dict) -> tuple[list, bool]:
     """The references as the adapter's pairing showed its conditions (`masked` None), or as `masked` asks: cut out
-    on grey (pair=view), also cropped to the subject (pair=crop), or whole. Masks are needed to cut anything
+    on grey (pair=view or cut), also cropped to the subject (pair=crop), or whole. Masks are needed to cut anything
     out; the second value (was anything cut out) goes on the concept's card."""
     pair = manifest.get("settings", {}).get("pair")
-    masked = pair in ("view", "crop") if masked is None else masked
+    masked = pair in ("view", "crop", "cut") if masked is None else masked
     if not (masked and subject.masks):
         return images, False
     cut = crop_to_subject if pair == "crop" else cut_out
@@ -766,7 +768,7 @@ class IPAdapter(AdapterMethod):
         # the world's pairing and captions, measured on its bench (docs/README.md); real data has one view and
         # its own captions. The adapter's manifest records what was used, and encoding follows it.
         world = isinstance(data, str) and data == "world"
-        cfg.pair = cfg.pair or ("view" if world else "self")
+        cfg.pair = cfg.pair or ("cut" if world else "self")
         cfg.captions = cfg.captions or ("class" if world else "full")
         origin = started_from(cfg.init, out)
         encoder_folder = find_image_encoder(base, None, cfg.image_encoder)
