@@ -384,7 +384,7 @@ def test_init_continues_from_an_adapter_and_records_it(ip_base, adapters, tmp_pa
 
 def test_pretraining_on_the_world_stream_resumes_exactly(ip_base, tmp_path):
     """The world stream through limner.data; the loop restores its position with the rest of the checkpoint.
-    On the world, the pairing and captions default to what its bench measured best: view, class captions."""
+    On the world, the pairing and captions default to what its bench measured best: cut, class captions."""
     method = get_method("ip_adapter")
     settings = {**QUICK, "max_steps": 3, "batch_size": 1, "checkpoint_every": 1}
     whole = method.pretrain(load_base(str(ip_base), device="cpu"), "world", tmp_path / "whole", **settings)
@@ -394,9 +394,9 @@ def test_pretraining_on_the_world_stream_resumes_exactly(ip_base, tmp_path):
     a, b = load_file(str(whole / WEIGHTS)), load_file(str(part / WEIGHTS))
     assert all(torch.equal(a[k], b[k]) for k in a)
     manifest = json.loads((whole / "adapter.json").read_text())
-    assert manifest["data"]["kind"] == "world" and manifest["data"]["pair"] == "view"
+    assert manifest["data"]["kind"] == "world" and manifest["data"]["pair"] == "cut"
     assert manifest["data"]["captions"] == manifest["settings"]["captions"] == "class"
-    assert manifest["settings"]["pair"] == "view" and manifest["image_encoder"].endswith("image_encoder")
+    assert manifest["settings"]["pair"] == "cut" and manifest["image_encoder"].endswith("image_encoder")
 
 
 # ---------------------------------------------------------------------------------------------------------------
