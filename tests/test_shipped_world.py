@@ -170,9 +170,12 @@ def test_shipped_world_adapters_are_small_fp16_and_reproducible(variant):
     assert manifest["data"]["kind"] == "world"
     from helpers import lineage
 
-    # scripts/pretrain_world_adapters.sh: plus in one stage of another view each; plain continued on the target cut out
+    # scripts/pretrain_world_adapters.sh: each first on another view, then continued on the target cut out
     stages = [(r["steps"], r["settings"]["pair"], r["train"]["seed"]) for r in lineage(manifest)]
-    assert stages == {"plain": [(1500, "cut", 7), (5000, "view", 0)], "plus": [(4000, "view", 0)]}[variant]
+    assert (
+        stages
+        == {"plain": [(1500, "cut", 7), (5000, "view", 0)], "plus": [(1500, "cut", 7), (4000, "view", 0)]}[variant]
+    )
 
 
 def test_the_shipped_adapter_draws_the_subject_more_than_the_adapter_off(tmp_path):
