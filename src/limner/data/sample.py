@@ -21,6 +21,7 @@ from PIL import Image
 from limner.errors import LimnerError
 
 PAIRS = ("self", "view", "crop", "cut")
+CUT_OUT_PAIRS = ("view", "crop", "cut")  # pairings whose condition shows the subject on grey, not its scene
 # the world stream's captions: full (the subject's looks named, as the base was trained) or class (class noun,
 # accessory and context only: the looks left to the image prompt, as a bench prompt leaves them)
 CAPTIONS = ("full", "class")

@@ -64,6 +64,7 @@ from limner.adapters import (
     set_ip_scale,
 )
 from limner.concepts import read_manifest
+from limner.data.sample import CUT_OUT_PAIRS
 from limner.errors import LimnerError
 from limner.images import crop_to_subject, cut_out, to_pil, to_unit_range
 from limner.io import (
@@ -182,8 +183,7 @@ class IPAdapterSettings:
         None,
         "encode each reference cut out on grey where the subject has masks (None: as the adapter was pretrained, "
         "cut out for pair=view, crop or cut, and cropped to the subject for crop); the paper encodes the whole "
-        "picture, "
-        "whose background can outweigh the subject",
+        "picture, whose background can outweigh the subject",
         added=True,
     )
     pair: str | None = setting(
@@ -655,7 +655,7 @@ def _as_pretrained(images: list, subject: Subject, masked: bool | None, manifest
     on grey (pair=view or cut), also cropped to the subject (pair=crop), or whole. Masks are needed to cut anything
     out; the second value (was anything cut out) goes on the concept's card."""
     pair = manifest.get("settings", {}).get("pair")
-    masked = pair in ("view", "crop", "cut") if masked is None else masked
+    masked = pair in CUT_OUT_PAIRS if masked is None else masked
     if not (masked and subject.masks):
         return images, False
     cut = crop_to_subject if pair == "crop" else cut_out
