@@ -6,7 +6,9 @@ its references. The world's subject probe reads each half of every image (a squa
 the subject, scaled to the probe's 64 px): both recognised means each half's most likely subject among the 12 is
 its own; blending is the probability the probe gives the *other* subject of the pair in a half. Two reference
 rows frame the numbers: `render` (the two subjects rendered side by side: what a perfect model would draw) and
-`base` (the base from the same prompt without triggers: the classes, no subject). With --right-first the prompt
+`base` (the base from the same prompt without triggers: the classes, no subject), and for objects `described`
+(the base told both subjects' looks in its captions' words, "a red and white ball with a blue heart on the left
+and ...": how far words alone reach with two subjects, as the evaluation's `described` row for one). With --right-first the prompt
 names the right-hand subject first; the row `by_naming_order` then reads the first-named subject on the left, to
 tell whether the model placed the subjects by the words or by the order they are named in.
 
@@ -41,8 +43,8 @@ from limner.models.loading import load_base
 from limner.world import vocab
 from limner.world.bench import IDENTITIES, SUBJECTS, subject_object
 from limner.world.probes import Probes, embed_identity
-from limner.world.render import Scene, render
-from limner.world.scenes import random_character
+from limner.world.render import ObjectSpec, Scene, render
+from limner.world.scenes import object_phrase, random_character
 
 TRIGGER = "<|image|>"
 CONTEXTS = ("beach", "snow", "grass", "city")
@@ -122,6 +124,11 @@ def _best(scores: torch.Tensor, candidates: list[int]) -> int:
     return candidates[int(scores[candidates].argmax())]
 
 
+def described(subject) -> str:
+    """The subject in the words of the base's captions ('a red and white ball with a blue heart')."""
+    return object_phrase(ObjectSpec(subject.cls, subject.colour_a, subject=subject))
+
+
 def rendered(pair: tuple, context: str, n: int, seed: int, characters: bool = False) -> list[np.ndarray]:
     """The two subjects drawn by the world's renderer, left and right, as the base saw two objects (or two people,
     full figures as the pretraining scenes place two)."""
@@ -197,11 +204,15 @@ def main() -> None:
                     for im in generate(base, settings, None, applied.condition(prompt, args.steps)).images
                 ]
             base_images = [np.asarray(im) for im in generate(base, replace(settings, prompt=plain)).images]
+            if not args.characters:
+                told = " and ".join(f"{described(s)} on the {side}" for s, side in sides) + f" {where}"
+                told_images = [np.asarray(im) for im in generate(base, replace(settings, prompt=told)).images]
             row = {
                 "subjects": [pair[0].name, pair[1].name],
                 "prompt": prompt,
                 "fastcomposer": read(reader, drawn, pair),
                 "base": read(reader, base_images, pair),
+                **({} if args.characters else {"described": read(reader, told_images, pair)}),
                 "render": read(reader, rendered(pair, context, args.images, args.seed, args.characters), pair),
             }
             if args.right_first:
@@ -210,6 +221,7 @@ def main() -> None:
             grid.append(np.concatenate(drawn, axis=1))
             print(f"{pair[0].name} + {pair[1].name}: both recognised {row['fastcomposer']['both_recognised']:.2f}")
     rows = ("render", "fastcomposer", *(("by_naming_order",) if args.right_first else ()), "base")
+    rows += () if args.characters else ("described",)
     keys = ("both_recognised", "one_recognised", "own_probability", "other_probability")
     results["mean"] = {r: {k: float(np.mean([p[r][k] for p in results["pairs"]])) for k in keys} for r in rows}
     results["seconds"] = round(time.perf_counter() - t0, 1)

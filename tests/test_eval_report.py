@@ -110,3 +110,15 @@ def test_markdown_table_ranks_nothing_and_reads_as_before(tmp_path: Path):
     assert "Reported in the papers on DreamBench" in markdown_table(real)
     page = write_report(real, tmp_path / "real")["html"].read_text()
     assert "<table class='papers'>" in page and json.loads((tmp_path / "real" / "results.json").read_text())
+
+
+def test_training_curves_are_drawn_only_where_something_trained_per_subject(tmp_path: Path):
+    zero_shot = results()
+    encoded = {"concepts": {"duo_ball": {"seconds": 0.2}}}  # encoded from references: no training curve
+    zero_shot["rows"]["ip_adapter"] = zero_shot["rows"].pop("dreambooth") | encoded
+    written = write_report(zero_shot, tmp_path / "encoder")
+    assert "training_curves" not in written and not (tmp_path / "encoder" / "training_curves.png").exists()
+    tuned = results()
+    curve = [{"step": s, "seconds": s * 0.5, "loss": 0.2 - s / 1000} for s in range(1, 41)]
+    tuned["rows"]["dreambooth"]["concepts"] = {"duo_ball": {"curve": curve}}
+    assert (tmp_path / "tuned" / "training_curves.png") == write_report(tuned, tmp_path / "tuned")["training_curves"]
