@@ -29,6 +29,7 @@ ROWS = [
     ("world-bench-ip", "ip_adapter:scale=2.0", "IP-Adapter plain, scale 2", "zero-shot"),
     ("world-bench-blip/prompts-16", "blip_diffusion", "BLIP-Diffusion", "zero-shot"),
     ("world-bench-fastcomposer", "fastcomposer", "FastComposer", "zero-shot"),
+    ("world-bench-fastcomposer", "fastcomposer:subject_scale=2", "FastComposer, subject_scale 2", "zero-shot"),
     ("world-bench-ip", "ip_adapter:finetune_steps=100", "IP-Adapter plain, 100-step fine-tune", "fine-tuned"),
     (
         "world-bench-blip/prompts-16",
@@ -43,8 +44,13 @@ NOTE = (
     "protocol, half the images. Written by benchmarks/methods_side_by_side.py from the reports linked."
 )
 # where labels would collide: to the left of the point, below it
-LABEL_LEFT = {"Textual Inversion, no layout steps", "BLIP-Diffusion, 40-step fine-tune"}
-LABEL_BELOW = {"Textual Inversion, no layout steps", "FastComposer"}
+LABEL_LEFT = {
+    "Textual Inversion, no layout steps",
+    "BLIP-Diffusion, 40-step fine-tune",
+    "FastComposer, subject_scale 2",
+    "IP-Adapter plus",
+}
+LABEL_BELOW = {"Textual Inversion, no layout steps", "FastComposer", "IP-Adapter plus"}
 MARKERS = {"bound": "s", "tuning": "o", "zero-shot": "^", "fine-tuned": "D"}
 
 
