@@ -41,10 +41,10 @@ from limner.generation import GenerationSettings, generate
 from limner.methods import get_method
 from limner.models.loading import load_base
 from limner.world import vocab
-from limner.world.bench import IDENTITIES, SUBJECTS, subject_object
+from limner.world.bench import IDENTITIES, SUBJECTS, BenchPrompt, described_prompt, subject_object
 from limner.world.probes import Probes, embed_identity
-from limner.world.render import ObjectSpec, Scene, render
-from limner.world.scenes import object_phrase, random_character
+from limner.world.render import Scene, render
+from limner.world.scenes import random_character
 
 TRIGGER = "<|image|>"
 CONTEXTS = ("beach", "snow", "grass", "city")
@@ -124,11 +124,6 @@ def _best(scores: torch.Tensor, candidates: list[int]) -> int:
     return candidates[int(scores[candidates].argmax())]
 
 
-def described(subject) -> str:
-    """The subject in the words of the base's captions ('a red and white ball with a blue heart')."""
-    return object_phrase(ObjectSpec(subject.cls, subject.colour_a, subject=subject))
-
-
 def rendered(pair: tuple, context: str, n: int, seed: int, characters: bool = False) -> list[np.ndarray]:
     """The two subjects drawn by the world's renderer, left and right, as the base saw two objects (or two people,
     full figures as the pretraining scenes place two)."""
@@ -204,17 +199,19 @@ def main() -> None:
                     for im in generate(base, settings, None, applied.condition(prompt, args.steps)).images
                 ]
             base_images = [np.asarray(im) for im in generate(base, replace(settings, prompt=plain)).images]
-            if not args.characters:
-                told = " and ".join(f"{described(s)} on the {side}" for s, side in sides) + f" {where}"
-                told_images = [np.asarray(im) for im in generate(base, replace(settings, prompt=told)).images]
             row = {
                 "subjects": [pair[0].name, pair[1].name],
                 "prompt": prompt,
                 "fastcomposer": read(reader, drawn, pair),
                 "base": read(reader, base_images, pair),
-                **({} if args.characters else {"described": read(reader, told_images, pair)}),
                 "render": read(reader, rendered(pair, context, args.images, args.seed, args.characters), pair),
             }
+            if not args.characters:  # each subject in the words of the base's captions, as the eval's described row
+                words = BenchPrompt("{}", "described")
+                told = " and ".join(f"{described_prompt(s, words)} on the {side}" for s, side in sides) + f" {where}"
+                row["described"] = read(
+                    reader, [np.asarray(im) for im in generate(base, replace(settings, prompt=told)).images], pair
+                )
             if args.right_first:
                 row["by_naming_order"] = read(reader, drawn, tuple(named))  # the first-named subject on the left
             results["pairs"].append(row)

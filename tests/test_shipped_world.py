@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import lineage
 
 from limner.models.loading import WORLD_BASE, WORLD_PROBES, load_base
 from limner.world.probes import SPECS, evaluate_probe, load_probe
@@ -168,8 +169,6 @@ def test_shipped_world_adapters_are_small_fp16_and_reproducible(variant):
     manifest = json.loads((folder / "adapter.json").read_text())
     assert manifest["variant"] == variant and manifest["base_fingerprint"] == load_base(device="cpu").fingerprint
     assert manifest["data"]["kind"] == "world"
-    from helpers import lineage
-
     # scripts/pretrain_world_adapters.sh: each first on another view, then continued on the target cut out
     stages = [(r["steps"], r["settings"]["pair"], r["train"]["seed"]) for r in lineage(manifest)]
     assert (

@@ -49,8 +49,8 @@ def open_stream(
     if pair != "self":
         raise LimnerError(
             f"pair={pair!r} with data {spec}: a second view of each subject, or its mask, exists only in the world "
-            "stream; use "
-            "pair=self (condition on the target image itself, as the IP-Adapter paper does) on your own data"
+            "stream; use pair=self (condition on the target image itself, as the IP-Adapter paper does) on your own "
+            "data"
         )
     if captions != "full":
         raise LimnerError(

@@ -122,8 +122,11 @@ def plot_training_curves(results: dict, path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = {name: list(r.get("concepts", {}).values()) for name, r in results["rows"].items() if r.get("concepts")}
-    runs = {name: metas for name, metas in runs.items() if any(m.get("curve") for m in metas)}
+    runs = {
+        name: list(r["concepts"].values())
+        for name, r in results["rows"].items()
+        if any(m.get("curve") for m in r.get("concepts", {}).values())
+    }
     if not runs:  # nothing trained per subject (an encoder method's zero-shot rows): no empty plot
         return None
     fig, (ax_loss, ax_fid) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
