@@ -11,6 +11,9 @@ rows frame the numbers: `render` (the two subjects rendered side by side: what a
 and ...": how far words alone reach with two subjects, as the evaluation's `described` row for one). With --right-first the prompt
 names the right-hand subject first; the row `by_naming_order` then reads the first-named subject on the left, to
 tell whether the model placed the subjects by the words or by the order they are named in.
+The `context` column is prompt fidelity: the share of images whose context (beach, snow, ...) the world's
+attributes probe reads as asked. --subject-boxes columns draws with limner's box attention (each subject's token
+confined to its half: limner.adapters.box_attention), not the paper's method.
 
 With --characters the pairs are the bench's held-out people ("a woman <|image|> on the left and a man <|image|> on
 the right"), each half read by the world's identity embedder: recognised means the half's embedding is nearest
@@ -18,7 +21,7 @@ the right"), each half read by the world's identity embedder: recognised means t
 `own` and `other` columns are then those cosines, not probabilities.
 
     python benchmarks/fastcomposer_two_subjects.py --out docs/world-bench-fastcomposer [--adapter DIR] [-n 4]
-        [--subject-scale 2] [--right-first]
+        [--subject-scale 2] [--subject-boxes columns] [--right-first]
     python benchmarks/fastcomposer_two_subjects.py --characters --out DIR [--adapter DIR] [-n 4]
 """
 
@@ -124,6 +127,11 @@ def _best(scores: torch.Tensor, candidates: list[int]) -> int:
     return candidates[int(scores[candidates].argmax())]
 
 
+def context_share(probes: Probes, images: list[np.ndarray], context: str) -> float:
+    """The share of images whose context the world's attributes probe reads as the prompt's (prompt fidelity)."""
+    return float(np.mean([c == context for c in probes.read_attributes(np.stack(images), ("context",))["context"]]))
+
+
 def rendered(pair: tuple, context: str, n: int, seed: int, characters: bool = False) -> list[np.ndarray]:
     """The two subjects drawn by the world's renderer, left and right, as the base saw two objects (or two people,
     full figures as the pretraining scenes place two)."""
@@ -155,6 +163,14 @@ def main() -> None:
         help="name the right-hand subject first ('a box <|image|> on the right and a ball <|image|> on the left')",
     )
     parser.add_argument("--references", type=int, default=1, help="references per subject")
+    parser.add_argument(
+        "--subject-boxes",
+        default=None,
+        help="limner's box attention: 'columns' (each subject its half; None: the paper's)",
+    )
+    parser.add_argument(
+        "--box-boost", type=float, default=6.0, help="with --subject-boxes, the logit added inside a box"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--characters", action="store_true", help="pairs of the bench's people, not its objects")
     parser.add_argument("--out", type=Path, required=True)
@@ -182,6 +198,8 @@ def main() -> None:
                 num_references=args.references,
                 alpha=args.alpha,
                 subject_scale=args.subject_scale,
+                subject_boxes=args.subject_boxes,
+                box_boost=args.box_boost,
             )
         for i, pair in enumerate(pairs(args.pairs, args.characters)):
             context = CONTEXTS[i % len(CONTEXTS)]
@@ -198,28 +216,29 @@ def main() -> None:
                     np.asarray(im)
                     for im in generate(base, settings, None, applied.condition(prompt, args.steps)).images
                 ]
-            base_images = [np.asarray(im) for im in generate(base, replace(settings, prompt=plain)).images]
-            row = {
-                "subjects": [pair[0].name, pair[1].name],
-                "prompt": prompt,
-                "fastcomposer": read(reader, drawn, pair),
-                "base": read(reader, base_images, pair),
-                "render": read(reader, rendered(pair, context, args.images, args.seed, args.characters), pair),
+            images = {
+                "fastcomposer": drawn,
+                "base": [np.asarray(im) for im in generate(base, replace(settings, prompt=plain)).images],
+                "render": rendered(pair, context, args.images, args.seed, args.characters),
             }
             if not args.characters:  # each subject in the words of the base's captions, as the eval's described row
                 words = BenchPrompt("{}", "described")
                 told = " and ".join(f"{described_prompt(s, words)} on the {side}" for s, side in sides) + f" {where}"
-                row["described"] = read(
-                    reader, [np.asarray(im) for im in generate(base, replace(settings, prompt=told)).images], pair
-                )
+                images["described"] = [np.asarray(im) for im in generate(base, replace(settings, prompt=told)).images]
+            row = {"subjects": [pair[0].name, pair[1].name], "prompt": prompt}
+            for name, drawn_here in images.items():
+                row[name] = read(reader, drawn_here, pair) | {"context": context_share(probes, drawn_here, context)}
             if args.right_first:
-                row["by_naming_order"] = read(reader, drawn, tuple(named))  # the first-named subject on the left
+                # the first-named subject on the left
+                row["by_naming_order"] = read(reader, drawn, tuple(named)) | {
+                    "context": row["fastcomposer"]["context"]
+                }
             results["pairs"].append(row)
             grid.append(np.concatenate(drawn, axis=1))
             print(f"{pair[0].name} + {pair[1].name}: both recognised {row['fastcomposer']['both_recognised']:.2f}")
     rows = ("render", "fastcomposer", *(("by_naming_order",) if args.right_first else ()), "base")
     rows += () if args.characters else ("described",)
-    keys = ("both_recognised", "one_recognised", "own_probability", "other_probability")
+    keys = ("both_recognised", "one_recognised", "own_probability", "other_probability", "context")
     results["mean"] = {r: {k: float(np.mean([p[r][k] for p in results["pairs"]])) for k in keys} for r in rows}
     results["seconds"] = round(time.perf_counter() - t0, 1)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -228,15 +247,16 @@ def main() -> None:
         (64 * args.images * 2, 64 * len(grid) * 2), Image.NEAREST
     ).save(args.out / "two_subjects.png")
     lines = [
-        "| row | both subjects recognised | at least one | P(own subject) per half | P(other subject) per half |"
+        "| row | both subjects recognised | at least one | P(own subject) per half | P(other subject) per half | context |"
         if not args.characters
-        else "| row | both people nearer their own | at least one | cosine to own person | cosine to the other |",
-        "|---|---|---|---|---|",
+        else "| row | both people nearer their own | at least one | cosine to own person | cosine to the other | context |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
         m = results["mean"][r]
         lines.append(
-            f"| {r} | {m['both_recognised']:.2f} | {m['one_recognised']:.2f} | {m['own_probability']:.3f} | {m['other_probability']:.3f} |"
+            f"| {r} | {m['both_recognised']:.2f} | {m['one_recognised']:.2f} | {m['own_probability']:.3f} | "
+            f"{m['other_probability']:.3f} | {m['context']:.2f} |"
         )
     (args.out / "two_subjects.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

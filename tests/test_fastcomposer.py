@@ -301,6 +301,29 @@ def test_subject_scale_pushes_each_subject_token_from_its_word(base, adapter, tm
     assert torch.allclose(embeds[2.0] - embeds[0.0], 2 * (embeds[1.0] - embeds[0.0]), atol=1e-4)
 
 
+def test_subject_boxes_change_the_drawing_and_leave_the_unet_as_it_was(base, adapter, tmp_path):
+    """limner's subject_boxes: box attention is on while the concepts are installed (a different image from the same
+    seed), off after; a prompt whose subjects the boxes do not match, or a malformed box, is a clear error."""
+    method = get_method("fastcomposer")
+    subjects = world_subjects(2)
+    settings = GenerationSettings(prompt=TWO, num_images=1, steps=4)
+    processors = {n: type(p) for n, p in base.pipe.unet.attn_processors.items()}
+    drawn = {}
+    for boxes in (None, "columns"):
+        concept = method.encode(base, adapter, subjects, tmp_path / str(boxes), subject_boxes=boxes)
+        with apply_concepts(base, [concept]) as applied:
+            drawn[boxes] = np.asarray(generate(base, settings, conditioning=applied.condition(TWO, 4)).images[0])
+    assert not np.array_equal(drawn[None], drawn["columns"])
+    assert {n: type(p) for n, p in base.pipe.unet.attn_processors.items()} == processors
+    one_box = method.encode(base, adapter, subjects, tmp_path / "one", subject_boxes="0,0,0.5,1")
+    with pytest.raises(LimnerError, match="gives 1 boxes for 2 subjects"):
+        with apply_concepts(base, [one_box]) as applied:
+            applied.condition(TWO, 4)
+    assert {n: type(p) for n, p in base.pipe.unet.attn_processors.items()} == processors
+    with pytest.raises(LimnerError, match="is not a box"):
+        method.encode(base, adapter, subjects, tmp_path / "bad", subject_boxes="left,right")
+
+
 def test_generate_draws_two_subjects_from_two_image_files(base, adapter, tmp_path):
     import json
 

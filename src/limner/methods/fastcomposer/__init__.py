@@ -13,6 +13,8 @@ image from one prompt, one reference each, with no training per subject: the k-t
     generate   delayed subject conditioning: the first (1 - alpha) of the steps from the text-only prompt (the
                triggers removed), the rest with the subjects fused in (alpha 0.7; limner.generation switches the
                prompt embeddings at that step, as it does for every method's layout steps)
+    boxes      limner's `subject_boxes`, not the paper's: each subject's token seen only inside its box of the image
+               and boosted there (limner.adapters.box_attention), so that neither of two subjects takes the picture
 
 Files: an adapter folder holds `fastcomposer.safetensors` (fp16, official prefixes, the UNet's delta as a LoRA:
 limner.methods.fastcomposer.weights) and `adapter.json`; the official `pytorch_model.bin` is read too (with
@@ -36,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from limner.adapters.box_attention import BoxAttention, parse_boxes
 from limner.adapters.lora import remove_named_lora
 from limner.concepts import read_manifest
 from limner.errors import LimnerError
@@ -104,6 +107,19 @@ class FastComposerSettings:
         added=True,
         at_least=0.0,
     )
+    subject_boxes: str | None = setting(
+        None,
+        "limner's: confine each subject's token to a box of the image, boosted inside it (box attention, "
+        "limner.adapters.box_attention): 'columns' (the subjects left to right in the order of their triggers, in "
+        "equal bands) or 'x0,y0,x1,y1;...' in fractions of the image, one box per subject; None: the paper's",
+        added=True,
+    )
+    box_boost: float = setting(
+        6.0,
+        "limner's: with subject_boxes, the logit added to a subject's token inside its box",
+        added=True,
+        at_least=0.0,
+    )
     num_references: int | None = setting(None, "use only each subject's first N references (None: all, averaged)")
     image_encoder: str | None = setting(
         None, "a CLIPVisionModelWithProjection folder (its config; weights from the adapter); default: the base's"
@@ -147,6 +163,8 @@ class FastComposerSettings:
                 raise LimnerError(f"{name} {getattr(self, name)} must be between 0 and 1")
         if self.pair not in (None, "self", "view"):
             raise LimnerError(f"pair {self.pair!r}: use self or view")
+        if self.subject_boxes is not None:
+            parse_boxes(self.subject_boxes)  # a malformed box fails here, before any work
         if self.num_references is not None and self.num_references < 1:
             raise LimnerError(f"num_references must be at least 1, got {self.num_references}")
 
@@ -465,8 +483,14 @@ class FastComposer(AdapterMethod):
             "fuse": fuse.to(param.device, torch.float32).eval(),
             "trigger": config.get("trigger"),
             "subject_scale": float(config.get("subject_scale", 1.0)),
+            "subject_boxes": config.get("subject_boxes"),
+            "box_boost": float(config.get("box_boost", FastComposerSettings().box_boost)),
+            "box_attention": None,
         }
         installation.undo.append(lambda: setattr(self, "_installed", None))
+        if self._installed["subject_boxes"]:
+            boxes = self._installed["box_attention"] = BoxAttention(pipe)
+            installation.undo.append(boxes.remove)
         return installation
 
     def condition(self, base: Base, concepts: list[Path], prompt: str) -> dict[str, Any]:
@@ -479,6 +503,9 @@ class FastComposer(AdapterMethod):
         trigger = self._installed["trigger"] or TRIGGER
         embeds = torch.cat([load_file(str(Path(c) / EMBEDS))["subject_embeds"] for c in concepts])
         triggers = count_triggers(prompt, trigger)
+        boxes = self._installed["box_attention"]
+        if boxes is not None:
+            boxes.clear()  # set again below for a prompt that names its subjects
         if not triggers and all(read_manifest(c).get("given_as") != "files" for c in concepts):
             # a prompt that names no subject draws none, as a tuning concept's token left out of a prompt (eval's
             # language-drift prompt); references given with the prompt itself must be named in it
@@ -486,6 +513,10 @@ class FastComposer(AdapterMethod):
         check_subject_count(prompt, triggers, len(embeds), trigger)
         pipe = base.pipe
         ids, positions = tokenize_with_triggers(pipe.tokenizer, prompt, trigger)
+        if boxes is not None:  # the same positions hold the nouns in the text-only steps' prompt
+            boxes.set(
+                positions, parse_boxes(self._installed["subject_boxes"], len(positions)), self._installed["box_boost"]
+            )
         device = pipe.text_encoder.device
         fuse = self._installed["fuse"]
         with torch.no_grad():
