@@ -346,6 +346,15 @@ def test_generate_draws_two_subjects_from_two_image_files(base, adapter, tmp_pat
     assert one.exit_code == 2 and "2 subjects" in one.output and "1 trigger" in one.output
     none = CliRunner().invoke(app, [*args[:1], "a ball and a dog on the beach", *args[2:]])
     assert none.exit_code == 2 and "no trigger <|image|>" in none.output
+    # --set gives the method's settings to the references encoded on the fly: box attention draws another image
+    boxed = CliRunner().invoke(
+        app, [*args[:-6], "--out", str(tmp_path / "boxed"), *args[-4:], "--set", "subject_boxes=columns"]
+    )
+    assert boxed.exit_code == 0, boxed.output
+    drawn = [np.asarray(Image.open(next((tmp_path / d).glob("*-00.png")))) for d in ("out", "boxed")]
+    assert not np.array_equal(*drawn)
+    unused = CliRunner().invoke(app, ["generate", "a ball", "--set", "subject_scale=2", "--out", str(tmp_path / "x")])
+    assert unused.exit_code == 2 and "--set is for --image" in unused.output
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------------

@@ -155,6 +155,14 @@ def generate(
             "the one limner ships for the world base.",
         ),
     ] = None,
+    setting: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--set",
+            help="For --image: a setting of --method KEY=VALUE (repeatable), as `limner train --set`, e.g. --set "
+            "subject_scale=2 --set subject_boxes=columns for fastcomposer (see `limner methods METHOD`).",
+        ),
+    ] = None,
     ip_scale: Annotated[
         Optional[float],
         typer.Option(
@@ -197,6 +205,7 @@ def generate(
 ) -> None:
     """Generate images from a prompt (on the world base unless --base is given)."""
     from limner.generation import GenerationSettings, check_settings, generate, prepare_output
+    from limner.methods.settings import parse_setting
     from limner.methods.textual_inversion import load_embedding_spec
     from limner.models.loading import load_base
     from limner.regions import split_regions
@@ -214,6 +223,12 @@ def generate(
     if controlnet_scale is not None and controlnet_scale < 0:
         raise LimnerError(f"--controlnet-scale {controlnet_scale}: must be 0 or more (0 switches the ControlNet off)")
     encoder = check_image_options(image or [], method, adapter, ip_scale, concept or [])
+    if setting and encoder is None:
+        raise LimnerError(
+            "--set is for --image (a setting of the method that encodes it); a concept folder carries the settings "
+            "it was made with: give them to `limner train --set` instead"
+        )
+    method_settings = dict(parse_setting(item, "--set") for item in setting or [])
     if pose_image is not None and not hasattr(encoder.default_config() if encoder else None, "pose_image"):
         raise LimnerError(
             "--pose-image sets the pose of --image references for a method that takes one (instantid, storymaker)"
@@ -251,6 +266,7 @@ def generate(
                             **({"allow_pickle": True} if allow_pickle else {}),
                             **faces_setting(encoder, faces),
                             **({"pose_image": str(pose_image)} if pose_image is not None else {}),
+                            **method_settings,
                         )
                     )
                 echo_notes(caught)  # which face of a reference was taken
