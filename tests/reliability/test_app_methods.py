@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from limner.app.db import DONE, FINISHED
+from limner.app.db import DONE, FAILED, FINISHED
 from limner.app.jobs import JobQueue
 from limner.app.tasks import GENERATE, TRAIN
 
@@ -94,3 +94,9 @@ def test_generate_takes_reference_images(queue, tmp_path, report):
     )
     assert job.state == DONE and all(Path(p).exists() for p in job.result["images"]), job.error
     assert command is None or ("--method ip_adapter" in command and command.count("--image") == 2)
+    # the encoder's settings reach it (`--set`): a scale it takes draws, a setting it lacks fails the job by name
+    scaled = finished(queue, queue.submit(GENERATE, params | {"settings": ["scale=0.5"]}))
+    unknown = finished(queue, queue.submit(GENERATE, params | {"settings": ["nonsense=1"]}))
+    assert scaled.state == DONE, scaled.error
+    assert unknown.state == FAILED and "no setting 'nonsense'" in unknown.error
+    assert command is None or "--set scale=0.5" in generate_command(params | {"settings": ["scale=0.5"]})

@@ -204,6 +204,7 @@ def generate_into(out: Path, params: dict[str, Any], base: str | None, prompt: s
         # reference images of the subject, encoded on the fly by an encoder method (`--image`, `--method`)
         image=[Path(p) for p in params.get("images", [])] or None,
         method=params.get("method") if params.get("images") else None,
+        setting=params.get("settings") if params.get("images") else None,
         layout_steps=params.get("layout_steps"),
         base=base,
     )

@@ -21,6 +21,7 @@ from limner.app.db import FINISHED, RUNNING, Job
 from limner.app.jobs import RESUMABLE, JobQueue
 from limner.app.tasks import COMPARE, EVAL, GENERATE, TRAIN
 from limner.errors import LimnerError
+from limner.methods.settings import parse_setting
 
 # settings the page sets through fields of its own (steps) or by its buttons (resume)
 OWN_TRAINER_FIELDS = ("max_steps", "resume")
@@ -118,6 +119,8 @@ def generate_command(params: dict[str, Any]) -> str:
         args += ["--method", params["method"]]
         for image in params["images"]:
             args += ["--image", image]
+        for item in params.get("settings", []):
+            args += ["--set", item]
     return shlex.join(args)
 
 
@@ -344,6 +347,11 @@ def build(queue: JobQueue) -> gr.Blocks:
                                 label="encoder method for the references",
                                 elem_id="g-encoder",
                             )
+                        g_encoder_settings = gr.Textbox(
+                            label="encoder settings for the references: KEY=VALUE, one a line (e.g. subject_scale=2)",
+                            lines=1,
+                            elem_id="g-encoder-settings",
+                        )
                         g_prompt = gr.Textbox(label="prompt", value="a red ball on the beach", elem_id="g-prompt")
                         use_tokens = gr.Button("Add the concepts' tokens to the prompt", size="sm")
                         g_negative = gr.Textbox(label="negative prompt")
@@ -373,7 +381,21 @@ def build(queue: JobQueue) -> gr.Blocks:
                 use_tokens.click(prompt_with_tokens, [g_prompt, g_concepts], [g_prompt])
 
                 def submit_generate(
-                    prompt, negative, seed, steps_, guidance, n, scheduler, h, w, regions, layout, cs, refs, encoder
+                    prompt,
+                    negative,
+                    seed,
+                    steps_,
+                    guidance,
+                    n,
+                    scheduler,
+                    h,
+                    w,
+                    regions,
+                    layout,
+                    cs,
+                    refs,
+                    encoder,
+                    sets,
                 ):
                     if not prompt.strip():
                         return "**error:** write a prompt"
@@ -402,6 +424,16 @@ def build(queue: JobQueue) -> gr.Blocks:
                         "concepts": list(cs or []),
                         **({"images": images, "method": encoder} if images else {}),
                     }
+                    settings = [line.strip() for line in (sets or "").splitlines() if line.strip()]
+                    if settings and not images:
+                        return "**error:** encoder settings are for reference images: add some, or clear the settings"
+                    try:
+                        for item in settings:
+                            parse_setting(item, "encoder settings")
+                    except LimnerError as e:
+                        return f"**error:** {e}"
+                    if settings:
+                        params["settings"] = settings
                     params["command"] = generate_command(params)
                     try:
                         job_id = queue.submit(GENERATE, params)
@@ -413,7 +445,7 @@ def build(queue: JobQueue) -> gr.Blocks:
                 g_go.click(
                     submit_generate,
                     [g_prompt, g_negative, g_seed, g_steps, g_guidance, g_n, g_scheduler, g_height, g_width]
-                    + [g_regions, g_layout, g_concepts, g_refs, g_encoder],
+                    + [g_regions, g_layout, g_concepts, g_refs, g_encoder, g_encoder_settings],
                     [g_note],
                 )
 
