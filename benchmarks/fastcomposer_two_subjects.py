@@ -12,7 +12,7 @@ and ...": how far words alone reach with two subjects, as the evaluation's `desc
 names the right-hand subject first; the row `by_naming_order` then reads the first-named subject on the left, to
 tell whether the model placed the subjects by the words or by the order they are named in.
 The `context` column is prompt fidelity: the share of images whose context (beach, snow, ...) the world's
-attributes probe reads as asked; `class per half`, the share of halves whose class it reads as that subject's. --subject-boxes columns draws with limner's box attention (each subject's token
+attributes probe reads as asked. --subject-boxes columns draws with limner's box attention (each subject's token
 confined to its half: limner.adapters.box_attention), not the paper's method.
 
 With --characters the pairs are the bench's held-out people ("a woman <|image|> on the left and a man <|image|> on
@@ -132,13 +132,6 @@ def context_share(probes: Probes, images: list[np.ndarray], context: str) -> flo
     return float(np.mean([c == context for c in probes.read_attributes(np.stack(images), ("context",))["context"]]))
 
 
-def class_share(probes: Probes, images: list[np.ndarray], pair: tuple) -> float:
-    """The share of halves whose class the attributes probe reads as that half's subject's (the form kept)."""
-    windows = np.stack([w for im in images for w in halves(im)])
-    read_as = probes.read_attributes(windows, ("class",))["class"]
-    return float(np.mean([c == pair[k % 2].cls for k, c in enumerate(read_as)]))
-
-
 def rendered(pair: tuple, context: str, n: int, seed: int, characters: bool = False) -> list[np.ndarray]:
     """The two subjects drawn by the world's renderer, left and right, as the base saw two objects (or two people,
     full figures as the pretraining scenes place two)."""
@@ -235,22 +228,18 @@ def main() -> None:
             row = {"subjects": [pair[0].name, pair[1].name], "prompt": prompt}
             for name, drawn_here in images.items():
                 row[name] = read(reader, drawn_here, pair) | {"context": context_share(probes, drawn_here, context)}
-                if not args.characters:
-                    row[name]["class"] = class_share(probes, drawn_here, pair)
             if args.right_first:
                 # the first-named subject on the left
-                order = tuple(named)
-                row["by_naming_order"] = read(reader, drawn, order) | {
-                    "context": row["fastcomposer"]["context"],
-                    "class": class_share(probes, drawn, order),
+                # the first-named subject on the left
+                row["by_naming_order"] = read(reader, drawn, tuple(named)) | {
+                    "context": row["fastcomposer"]["context"]
                 }
             results["pairs"].append(row)
             grid.append(np.concatenate(drawn, axis=1))
             print(f"{pair[0].name} + {pair[1].name}: both recognised {row['fastcomposer']['both_recognised']:.2f}")
     rows = ("render", "fastcomposer", *(("by_naming_order",) if args.right_first else ()), "base")
     rows += () if args.characters else ("described",)
-    keys = ("both_recognised", "one_recognised", "own_probability", "other_probability", "context", "class")
-    keys = tuple(k for k in keys if k in results["pairs"][0]["fastcomposer"])
+    keys = ("both_recognised", "one_recognised", "own_probability", "other_probability", "context")
     results["mean"] = {r: {k: float(np.mean([p[r][k] for p in results["pairs"]])) for k in keys} for r in rows}
     results["seconds"] = round(time.perf_counter() - t0, 1)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -259,17 +248,16 @@ def main() -> None:
         (64 * args.images * 2, 64 * len(grid) * 2), Image.NEAREST
     ).save(args.out / "two_subjects.png")
     lines = [
-        "| row | both subjects recognised | at least one | P(own subject) per half | P(other subject) per half | context "
-        "| class per half |"
+        "| row | both subjects recognised | at least one | P(own subject) per half | P(other subject) per half | context |"
         if not args.characters
         else "| row | both people nearer their own | at least one | cosine to own person | cosine to the other | context |",
-        "|---|---|---|---|---|---|" + ("" if args.characters else "---|"),
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
         m = results["mean"][r]
         lines.append(
             f"| {r} | {m['both_recognised']:.2f} | {m['one_recognised']:.2f} | {m['own_probability']:.3f} | "
-            f"{m['other_probability']:.3f} | {m['context']:.2f} |" + (f" {m['class']:.2f} |" if "class" in m else "")
+            f"{m['other_probability']:.3f} | {m['context']:.2f} |"
         )
     (args.out / "two_subjects.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
