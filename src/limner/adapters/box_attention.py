@@ -120,14 +120,14 @@ class BoxAttention:
         """[batch, pixels, length] logits for one layer's call, or None with no boxes set."""
         if not self.positions or self.latent is None:
             return None
-        key = (batch, pixels, length, like.dtype, like.device)
+        # diffusers' pipelines put the unconditional rows first under classifier-free guidance: boxes act on the
+        # conditional ones, where the subjects' tokens are
+        guided = bool(getattr(self.pipe, "do_classifier_free_guidance", False)) and batch % 2 == 0
+        key = (batch, pixels, length, guided, like.dtype, like.device)
         if key not in self._cache:
             height, width = layer_grid(pixels, self.latent)
             bias = box_bias(self.positions, self.boxes, height, width, length, self.boost)
             full = torch.zeros(batch, pixels, length)
-            # diffusers' pipelines put the unconditional rows first under classifier-free guidance: boxes act on
-            # the conditional ones, where the subjects' tokens are
-            guided = bool(getattr(self.pipe, "do_classifier_free_guidance", False)) and batch % 2 == 0
             full[batch // 2 if guided else 0 :] = bias
             self._cache[key] = full.to(like.device, like.dtype)
         return self._cache[key]
