@@ -353,6 +353,9 @@ def test_generate_draws_two_subjects_from_two_image_files(base, adapter, tmp_pat
     assert boxed.exit_code == 0, boxed.output
     drawn = [np.asarray(Image.open(next((tmp_path / d).glob("*-00.png")))) for d in ("out", "boxed")]
     assert not np.array_equal(*drawn)
+    record = json.loads(next((tmp_path / "boxed").glob("*.json")).read_text())  # the record says what drew it
+    assert [c["method"] for c in record["concepts"]] == ["fastcomposer"]
+    assert record["concepts"][0]["config"]["subject_boxes"] == "columns"
     unused = CliRunner().invoke(app, ["generate", "a ball", "--set", "subject_scale=2", "--out", str(tmp_path / "x")])
     assert unused.exit_code == 2 and "--set is for --image" in unused.output
 

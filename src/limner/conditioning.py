@@ -69,7 +69,14 @@ class AppliedConcepts:
             pipe_kwargs=kwargs,
             before_window=chain(hooks) if hooks else None,
             region_concepts=self.region_concepts(),
+            concepts=self.recorded(),
         )
+
+    def recorded(self) -> list[dict]:
+        """For the record: each concept's folder, method, adapter and the settings it was made with, so that an
+        image says what drew it (also for references encoded on the fly into a folder that is gone after)."""
+        keys = ("method", "adapter", "config")
+        return [{"folder": str(f)} | {k: m[k] for k in keys if k in m} for f, m, _ in self.ordered()]
 
     def region_concepts(self) -> list[list[str]] | None:
         """For the record: per region, the concepts acting in it (a concept that replaces the UNet acts in all)."""

@@ -69,6 +69,9 @@ class Conditioning:
     pipe_kwargs: dict[str, Any] = field(default_factory=dict)
     before_window: WindowHook | None = None  # regional prompts: switches each window's weights
     region_concepts: list[list[str]] | None = None  # for the record: the concepts acting in each region
+    concepts: list[dict] | None = (
+        None  # for the record: each concept's folder, method and the settings it was made with
+    )
 
 
 @dataclass
@@ -205,7 +208,7 @@ def generate(
     `conditioning` is what applied concepts add (limner.conditioning): layout steps, per-call pipeline
     arguments, the per-window hook of regional prompts. Extra keyword arguments go to the pipeline call."""
     # 1. Check inputs
-    region_concepts = None
+    region_concepts = concepts = None
     if conditioning is not None:
         if conditioning.layout_steps:
             s = replace(s, layout_prompt=conditioning.layout_prompt, layout_steps=conditioning.layout_steps)
@@ -213,6 +216,7 @@ def generate(
         if conditioning.before_window is not None:
             pipe_kwargs["before_window"] = conditioning.before_window
         region_concepts = conditioning.region_concepts
+        concepts = conditioning.concepts
     height, width = check_settings(base, s)
     prepare_output(out)
     pipe = base.pipe
@@ -270,6 +274,8 @@ def generate(
         "timings": {"total_s": round(seconds, 3), "per_image_s": round(seconds / s.num_images, 4)},
         "warnings": warnings_seen,
     }
+    if concepts:
+        record["concepts"] = concepts
     if s.regions:
         record["regions"] = [{"prompt": p, "left": x, "width": base.resolution} for p, x in zip(prompts, lefts)]
         for region, names in zip(record["regions"], region_concepts or []):

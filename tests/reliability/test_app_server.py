@@ -98,8 +98,8 @@ async def call(client, url: str, api: str, *data) -> object:
 
 def generate_args(prompt: str, seed: int) -> list:
     # the Generate page's inputs: prompt, negative, seed, steps, guidance, images, scheduler, height, width, regions,
-    # layout steps, concepts, reference images, the encoder method that reads them
-    return [prompt, "", seed, 2, 5.0, 1, "ddim", None, None, False, None, [], None, None]
+    # layout steps, concepts, reference images, the encoder method that reads them and its settings
+    return [prompt, "", seed, 2, 5.0, 1, "ddim", None, None, False, None, [], None, None, ""]
 
 
 async def until_finished(client, url: str, job_id: int, timeout: float = 240) -> dict:
