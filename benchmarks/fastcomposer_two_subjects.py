@@ -155,6 +155,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=6)
     parser.add_argument("-n", "--images", type=int, default=4, help="images per pair")
     parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--alpha", type=float, default=0.7)
     parser.add_argument("--subject-scale", type=float, default=1.0, help="limner's subject_scale (1: the paper's)")
     parser.add_argument(
@@ -210,7 +211,9 @@ def main() -> None:
             prompt = " and ".join(f"a {s.cls} {TRIGGER} on the {side}" for s, side in sides) + f" {where}"
             named = [s for s, _ in sides]
             plain = prompt.replace(f" {TRIGGER}", "")
-            settings = GenerationSettings(prompt=prompt, num_images=args.images, seed=args.seed, steps=args.steps)
+            settings = GenerationSettings(
+                prompt=prompt, num_images=args.images, seed=args.seed, steps=args.steps, guidance_scale=args.guidance
+            )
             with apply_concepts(base, [concepts[n.name] for n in named]) as applied:
                 drawn = [
                     np.asarray(im)
