@@ -9,13 +9,20 @@ without its causal mask on transformers 5 (the same cost). Rounds alternate betw
 load from other processes hits both alike.
 
     python benchmarks/blip_diffusion_step.py --steps 10 --rounds 3 --batch-size 8 --out benchmarks/blip_diffusion
+    python benchmarks/blip_diffusion_step.py --memory --steps 10 --batch-size 8 --out benchmarks/blip_diffusion
+
+--memory runs each side alone in a child process of its own (the same setup, then its steps) and reads the child's
+peak resident memory (ru_maxrss): what training adds to the loaded models, activations and optimizer state.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -29,7 +36,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--memory", action="store_true", help="peak memory of each side, each in a process of its own")
+    parser.add_argument("--side", choices=("limner", "official"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory:
+        return peak_memory(args)
     torch.set_num_threads(1)
 
     from diffusers.pipelines.deprecated.blip_diffusion import ContextCLIPTextModel
@@ -102,6 +113,20 @@ def main() -> None:
         seconds = [row["seconds"] for row in log.curve]
         return [b - a for a, b in zip([0.0, *seconds[:-1]], seconds)]
 
+    if args.side:  # one side alone, for --memory: its steps, then this process's peak resident memory
+        folder = Path("/tmp/limner-blip-step")
+        if args.side == "limner":  # the trainer writes its checkpoint at the last step
+            times = limner_run(args.steps, folder / "alone")
+        else:  # and LAVIS's runner its own (the trained weights and the optimizer's state) after training
+            times = official(args.steps)
+            trained = {
+                n: p for n, p in [*encoder.named_parameters(), *pipe.unet.named_parameters()] if p.requires_grad
+            }
+            folder.mkdir(parents=True, exist_ok=True)
+            torch.save({"model": trained, "optimizer": optimizer.state_dict()}, folder / "official.pth")
+        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps({"side": args.side, "median_s": statistics.median(times[1:]), "peak_rss_mib": peak_mib}))
+        return None
     official(2)  # warm-up, both
     results = {"limner": [], "official": []}
     tmp = Path("/tmp/limner-blip-step")
@@ -115,6 +140,30 @@ def main() -> None:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "step.json").write_text(json.dumps(summary, indent=2))
+
+
+def peak_memory(args: argparse.Namespace) -> None:
+    """Each side in a child process of its own, the same setup and steps; their peak resident memory."""
+    summary = {}
+    for side in ("limner", "official"):
+        command = [
+            sys.executable,
+            __file__,
+            "--side",
+            side,
+            "--steps",
+            str(args.steps),
+            "--batch-size",
+            str(args.batch_size),
+        ]
+        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        summary[side] = json.loads(out.strip().splitlines()[-1])
+    summary["memory_ratio"] = round(summary["limner"]["peak_rss_mib"] / summary["official"]["peak_rss_mib"], 3)
+    summary["batch_size"] = args.batch_size
+    print(json.dumps(summary, indent=2))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "memory.json").write_text(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

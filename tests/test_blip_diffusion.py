@@ -252,6 +252,30 @@ class _Fixed:
         return iter(self.samples)
 
 
+def test_checkpoints_hold_the_trained_encoder_weights_not_the_frozen_image_encoder(base):
+    """A checkpoint's subject encoder state leaves out the frozen image encoder (the base's) and loads back into a
+    fresh encoder; a checkpoint that still holds it loads too; one missing a trained weight is a clear error."""
+    from limner.methods.blip_diffusion.method import encoder_state, load_encoder_state
+
+    def small_encoder(seed: int):
+        torch.manual_seed(seed)
+        return formats.new_subject_encoder(
+            base.path / "image_encoder", build_bert_tokenizer(world_words()), num_hidden_layers=1, hidden_size=32
+        )
+
+    trained, fresh = small_encoder(0), small_encoder(1)
+    state = encoder_state(trained)
+    assert state and not any(k.startswith("qformer.visual_encoder.") for k in state)
+    load_encoder_state(fresh, state)
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in trained.state_dict().items())
+    old = {f"qformer.{k}": v for k, v in trained.state_dict().items()}  # as checkpoints before held it
+    load_encoder_state(small_encoder(2), old)
+    lacking = dict(state)
+    lacking.pop(next(k for k in state if "query_tokens" in k or "layer" in k))
+    with pytest.raises(LimnerError, match="missing"):
+        load_encoder_state(small_encoder(3), lacking)
+
+
 def _samples(subject, texts):
     from types import SimpleNamespace
 

@@ -267,6 +267,29 @@ def check_references(subject: Subject, count: int | None) -> list[np.ndarray]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+FROZEN_IMAGE_ENCODER = "visual_encoder."  # the base's image encoder inside the subject encoder: never trained
+
+
+def encoder_state(encoder: SubjectEncoder) -> dict[str, torch.Tensor]:
+    """The subject encoder's weights for a checkpoint: all but its frozen image encoder's (the base's, 12 MiB of
+    the world's 23 that every checkpoint and its in-memory copy would otherwise repeat)."""
+    state = encoder.state_dict()
+    return {f"qformer.{k}": v.detach().clone() for k, v in state.items() if not k.startswith(FROZEN_IMAGE_ENCODER)}
+
+
+def load_encoder_state(encoder: SubjectEncoder, state: dict[str, torch.Tensor]) -> None:
+    """A checkpoint's subject encoder weights back in place (checkpoints that still hold the frozen image encoder's
+    load too); anything else missing or unknown is an error naming the first keys."""
+    weights = {k.removeprefix("qformer."): v for k, v in state.items() if k.startswith("qformer.")}
+    missing, unexpected = encoder.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if not k.startswith(FROZEN_IMAGE_ENCODER)]
+    if missing or unexpected:
+        raise LimnerError(
+            f"the checkpoint's subject encoder does not fit this one: missing {missing[:4]}, unexpected "
+            f"{unexpected[:4]}; resume with the settings the run was started with"
+        )
+
+
 class Stage1(TrainingTask):
     """BLIP-2's multimodal representation learning: ITC + ITG; the image encoder frozen."""
 
@@ -286,12 +309,12 @@ class Stage1(TrainingTask):
         return self.params
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {f"qformer.{k}": v.detach().clone() for k, v in self.encoder.state_dict().items()} | {
+        return encoder_state(self.encoder) | {
             f"heads.{k}": v.detach().clone() for k, v in self.heads.state_dict().items()
         }
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.encoder.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("qformer.")})
+        load_encoder_state(self.encoder, state)
         self.heads.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("heads.")})
 
     def loss_terms(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -346,7 +369,7 @@ class Stage2(TrainingTask):
         state = {f"unet.{k}": v for k, v in state.items()}
         if self.ctx_cache is not None:
             return state | {"ctx_cache": self.ctx_cache.detach().clone()}
-        return state | {f"qformer.{k}": v.detach().clone() for k, v in self.encoder.state_dict().items()}
+        return state | encoder_state(self.encoder)
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         named = dict(self.base.pipe.unet.named_parameters())
@@ -357,7 +380,7 @@ class Stage2(TrainingTask):
                 elif k == "ctx_cache":
                     self.ctx_cache.copy_(v)
         if self.ctx_cache is None:
-            self.encoder.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("qformer.")})
+            load_encoder_state(self.encoder, state)
 
     def conditioning(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         """The context-aware text embeddings of the batch's captions, the subject embeddings dropped for
