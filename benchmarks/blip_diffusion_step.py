@@ -135,11 +135,7 @@ def main() -> None:
         results["official"] += official(args.steps)[1:]
     summary = {k: {"median_s": round(statistics.median(v), 4), "steps": len(v)} for k, v in results.items()}
     summary["ratio"] = round(summary["limner"]["median_s"] / summary["official"]["median_s"], 3)
-    summary["batch_size"] = args.batch_size
-    print(json.dumps(summary, indent=2))
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "step.json").write_text(json.dumps(summary, indent=2))
+    report(summary, args, "step.json")
 
 
 def peak_memory(args: argparse.Namespace) -> None:
@@ -159,11 +155,15 @@ def peak_memory(args: argparse.Namespace) -> None:
         out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         summary[side] = json.loads(out.strip().splitlines()[-1])
     summary["memory_ratio"] = round(summary["limner"]["peak_rss_mib"] / summary["official"]["peak_rss_mib"], 3)
+    report(summary, args, "memory.json")
+
+
+def report(summary: dict, args: argparse.Namespace, name: str) -> None:
     summary["batch_size"] = args.batch_size
     print(json.dumps(summary, indent=2))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "memory.json").write_text(json.dumps(summary, indent=2))
+        (args.out / name).write_text(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":
