@@ -42,6 +42,7 @@ from limner.conditioning import apply_concepts
 from limner.data.multi_subject import CHARACTER_SCALES
 from limner.generation import GenerationSettings, generate
 from limner.methods import get_method
+from limner.methods.fastcomposer import FastComposerSettings
 from limner.models.loading import load_base
 from limner.world import vocab
 from limner.world.bench import IDENTITIES, SUBJECTS, BenchPrompt, described_prompt, subject_object
@@ -170,7 +171,10 @@ def main() -> None:
         help="limner's box attention: 'columns' (each subject its half; None: the paper's)",
     )
     parser.add_argument(
-        "--box-boost", type=float, default=6.0, help="with --subject-boxes, the logit added inside a box"
+        "--box-boost",
+        type=float,
+        default=FastComposerSettings().box_boost,
+        help="with --subject-boxes, the logit added inside a box",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--characters", action="store_true", help="pairs of the bench's people, not its objects")
@@ -231,12 +235,9 @@ def main() -> None:
             row = {"subjects": [pair[0].name, pair[1].name], "prompt": prompt}
             for name, drawn_here in images.items():
                 row[name] = read(reader, drawn_here, pair) | {"context": context_share(probes, drawn_here, context)}
-            if args.right_first:
-                # the first-named subject on the left
-                # the first-named subject on the left
-                row["by_naming_order"] = read(reader, drawn, tuple(named)) | {
-                    "context": row["fastcomposer"]["context"]
-                }
+            if args.right_first:  # the same images read with the first-named subject on the left
+                by_order = read(reader, drawn, tuple(named))
+                row["by_naming_order"] = by_order | {"context": row["fastcomposer"]["context"]}
             results["pairs"].append(row)
             grid.append(np.concatenate(drawn, axis=1))
             print(f"{pair[0].name} + {pair[1].name}: both recognised {row['fastcomposer']['both_recognised']:.2f}")

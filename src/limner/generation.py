@@ -69,9 +69,8 @@ class Conditioning:
     pipe_kwargs: dict[str, Any] = field(default_factory=dict)
     before_window: WindowHook | None = None  # regional prompts: switches each window's weights
     region_concepts: list[list[str]] | None = None  # for the record: the concepts acting in each region
-    concepts: list[dict] | None = (
-        None  # for the record: each concept's folder, method and the settings it was made with
-    )
+    # for the record: each concept's folder, method, adapter and the settings it was made with
+    concepts: list[dict] | None = None
 
 
 @dataclass
